@@ -1,0 +1,106 @@
+"""Turns an engine's generations into the step's `RolloutBatch`, and splits it into token-budgeted micro-batches.
+
+Micro-batches are packed by padded token count (rows sorted by length, so little padding), not by a fixed
+number of sequences: long completions get small micro-batches, short ones large (verl's use_dynamic_bsz). The
+loss weights are computed once for the whole batch (trainer/loss.py), so packing never changes the math.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.types import Generations, RolloutBatch
+
+
+def build_batch(prompt_ids: list[list[int]], prompts: list, gens: Generations, n: int, pad_id: int,
+                decode, conversational: bool, mask_truncated: bool) -> RolloutBatch:
+    """Rows are prompt-major: prompt i's completions are rows i*n .. i*n+n-1."""
+    rows = len(gens.completion_ids)
+    p_len = max(len(p) for p in prompt_ids)
+    c_len = max(1, max(len(c) for c in gens.completion_ids))
+    p_ids = torch.full((rows, p_len), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((rows, p_len), dtype=torch.long)
+    c_ids = torch.full((rows, c_len), pad_id, dtype=torch.long)
+    c_valid = torch.zeros((rows, c_len), dtype=torch.long)
+    s_logps = torch.zeros((rows, c_len)) if gens.logprobs is not None else None
+    for r in range(rows):
+        p, c = prompt_ids[r // n], gens.completion_ids[r]
+        p_ids[r, p_len - len(p):] = torch.tensor(p, dtype=torch.long)
+        p_mask[r, p_len - len(p):] = 1
+        if c:
+            c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+            c_valid[r, :len(c)] = 1
+            if s_logps is not None:
+                s_logps[r, :len(c)] = torch.tensor(gens.logprobs[r][:len(c)], dtype=torch.float32)
+    truncated = torch.tensor(gens.truncated, dtype=torch.bool)
+    c_mask = c_valid.clone()
+    if mask_truncated:
+        c_mask[truncated] = 0
+    texts = decode(gens.completion_ids)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    return RolloutBatch(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_valid=c_valid,
+                        completion_mask=c_mask, sampler_logps=s_logps, truncated=truncated,
+                        prompts=[prompts[r // n] for r in range(rows)], completions=completions)
+
+
+def pack(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Group row indices into micro-batches whose padded size (rows x longest row) fits the token budget.
+
+    Rows are taken longest first; a row longer than the budget gets a micro-batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def fixed_chunks(n: int, size: int) -> list[list[int]]:
+    """Fixed micro-batches of `size` rows in batch order (for comparison with `pack`)."""
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+@dataclass
+class MicroBatch:
+    rows: torch.Tensor  # indices into the step's batch
+    input_ids: torch.Tensor  # [b, p + c] trimmed to this micro-batch's longest prompt and completion
+    attention_mask: torch.Tensor
+    completion_ids: torch.Tensor  # [b, c]
+    completion_valid: torch.Tensor
+    c_len: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def micro_batch(batch: RolloutBatch, rows: list[int], device) -> MicroBatch:
+    idx = torch.tensor(rows, dtype=torch.long)
+    p_mask = batch.prompt_mask[idx]
+    p_keep = int(p_mask.sum(1).max())
+    c_valid = batch.completion_valid[idx]
+    c_keep = max(1, int(c_valid.sum(1).max()))
+    p_ids = batch.prompt_ids[idx][:, -p_keep:]
+    c_ids = batch.completion_ids[idx][:, :c_keep]
+    c_valid = c_valid[:, :c_keep]
+    input_ids = torch.cat([p_ids, c_ids], 1).to(device)
+    mask = torch.cat([p_mask[:, -p_keep:], c_valid], 1).to(device)
+    return MicroBatch(idx, input_ids, mask, c_ids.to(device), c_valid.to(device), c_keep)
+
+
+def take(t: torch.Tensor | None, mb: MicroBatch, device) -> torch.Tensor | None:
+    """Rows of a per-batch [B, C] (or [B]) tensor for a micro-batch, trimmed to its completion width."""
+    if t is None:
+        return None
+    t = t[mb.rows]
+    if t.dim() == 2 and t.size(1) > 1:
+        t = t[:, :mb.c_len]
+    return t.to(device)

@@ -1,0 +1,131 @@
+"""Checkpoints: the LoRA adapter in peft format, optimizer, scheduler, RNG and step, written atomically.
+
+A checkpoint is built in a hidden temporary directory, every file fsync'ed, then renamed into place: a crash at
+any moment leaves either the previous set of checkpoints or the new one, never a partial one. `latest()` only
+sees renamed directories whose manifest lists files of the recorded sizes. It never touches the base model.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.errors import UserError
+
+PREFIX = "step-"
+MANIFEST = "manifest.json"
+
+
+def ckpt_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> Path:
+    """Write checkpoint `step` (the number of completed steps) atomically; prune to the newest `keep`."""
+    root = ckpt_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)  # adapter_model.safetensors + adapter_config.json
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+        for p in tmp.iterdir():
+            _fsync(p)
+        _fsync(tmp)
+        if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest(run_dir)
+        kept = f"the previous checkpoint {prev.name} is intact" if prev else "no earlier checkpoint exists"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError("checkpoint", f"disk full while writing {final.name} ({kept})",
+                            f"free space on {root} and rerun with --resume") from None
+        raise UserError("checkpoint", f"cannot write {final.name}: {e} ({kept})",
+                        f"check that {root} is writable and rerun with --resume") from None
+    for old in complete(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = ckpt_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and _valid(p))
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = complete(run_dir)
+    return found[-1] if found else None
+
+
+def _valid(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def load(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter, optimizer, scheduler and RNG from a checkpoint directory; returns its state.json."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not _valid(path):
+        raise UserError("--resume", f"{path} is not a complete checkpoint (missing or truncated files)",
+                        "resume from another checkpoint in the run's checkpoints/ directory, or start a new run")
+    try:
+        weights = load_file(str(path / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"unexpected adapter keys {result.unexpected_keys[:3]}")
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return json.loads((path / "state.json").read_text())
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError("--resume", f"cannot load {path}: {e.__class__.__name__}: {str(e)[:200]}",
+                        "the checkpoint is corrupt or from another recipe; resume from an earlier one or start anew"
+                        ) from None
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,271 @@
+"""The GRPO loop: rollout -> rewards -> advantages -> loss -> optimizer step -> sync -> checkpoint, one step per call.
+
+`grpo_step` is the whole algorithm on one screen; everything it calls is named for what it does. Setup, resume,
+signals and the outer loop live in `run`. This module decides no memory knob: it reads them from the Plan.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint, distributed
+from trainer.batch import build_batch, micro_batch, pack, take
+from trainer.data import PromptSet, load_prompts
+from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
+from trainer.metrics import MemorySampler, MetricsLogger, line
+from trainer.policy import Policy, completion_logprobs, load_policy
+from trainer.rewards import combine, load_rewards, score
+from trainer.rollout import make_engine
+from trainer.types import RolloutBatch, Sampling
+
+
+@dataclass
+class State:
+    recipe: object
+    plan: object
+    policy: Policy
+    engine: object
+    prompts: PromptSet
+    rewards: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    world: distributed.World
+    loss_cfg: LossConfig
+    times: dict = field(default_factory=lambda: defaultdict(float))
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        if self.policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times[name] += time.perf_counter() - t0
+
+
+def grpo_step(s: State, step: int) -> dict:
+    r, g, plan = s.recipe, s.recipe.grpo, s.plan
+    s.times.clear()
+    # 1. Rollout: G completions for each of this rank's prompts, from the current adapter.
+    n = plan.prompts_per_step
+    worst = step == 0 and r.train.worst_case_first_step
+    order = s.prompts.longest(n * s.world.size) if worst else s.prompts.indices(step, n * s.world.size,
+                                                                                   r.train.seed, r.data.shuffle)
+    idx = order[s.world.rank * n:(s.world.rank + 1) * n]
+    sampling = Sampling(n=g.num_generations, max_tokens=g.max_completion_length, temperature=g.temperature,
+                        top_p=g.top_p, top_k=g.top_k, seed=r.train.seed * 1_000_003 + step * 1009 + s.world.rank,
+                        ignore_eos=worst)
+    with s.timed("rollout"):
+        s.engine.acquire()
+        gens = s.engine.generate([s.prompts.prompt_ids[i] for i in idx], sampling)
+        s.engine.release()
+    batch = build_batch([s.prompts.prompt_ids[i] for i in idx], [s.prompts.prompts[i] for i in idx], gens,
+                        g.num_generations, s.policy.tokenizer.pad_token_id, _decoder(s.policy.tokenizer),
+                        s.prompts.conversational, g.mask_truncated_completions)
+    # 2. Rewards and group-relative advantages.
+    with s.timed("reward"):
+        columns = {c: [v[i] for i in idx for _ in range(g.num_generations)] for c, v in s.prompts.columns.items()}
+        batch.rewards, failures = score(s.rewards, batch.prompts, batch.completions, columns)
+        batch.reward = combine(batch.rewards, s.rewards)
+        batch.advantages = group_advantages(batch.reward, g.num_generations, g.scale_rewards)
+    # 3. Loss weights from global counts; micro-batches packed by tokens; reference / old log-probs if needed.
+    counts = distributed.all_reduce_sum(torch.tensor([float(batch.completion_mask.sum()), float(len(batch))]), s.world)
+    weights = token_weights(batch.completion_mask, s.loss_cfg, total_tokens=counts[0], num_sequences=int(counts[1]))
+    groups = pack(batch.seq_lengths.tolist(), plan.micro_batch_tokens)
+    with s.timed("recompute"):
+        if g.beta != 0.0:
+            with s.policy.reference():
+                batch.ref_logps = logprobs_pass(s, batch, groups)
+        if g.num_iterations > 1:
+            batch.old_logps = logprobs_pass(s, batch, groups)
+    # 4. Policy-gradient update(s): backward over micro-batches, then one optimizer step per iteration.
+    stats: dict = defaultdict(float)
+    for it in range(g.num_iterations):
+        with s.timed("train"):
+            for rows in groups:
+                mb = micro_batch(batch, rows, s.policy.device)
+                logps, ent = completion_logprobs(s.policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
+                                                 mb.completion_valid, g.temperature, plan.token_chunk,
+                                                 plan.vocab_chunk, entropy=it == 0)
+                mask, sampler = take(batch.completion_mask, mb, logps.device), take(batch.sampler_logps, mb, logps.device)
+                isr = None
+                if g.vllm_importance_sampling_correction and sampler is not None:
+                    old = take(batch.old_logps, mb, logps.device)
+                    isr = sampler_is_ratio(logps.detach() if old is None else old, sampler, mask,
+                                           g.vllm_importance_sampling_mode, g.vllm_importance_sampling_clip_max)
+                loss, st = policy_loss(logps, take(batch.advantages, mb, logps.device), mask,
+                                       take(weights, mb, logps.device), s.loss_cfg, take(batch.old_logps, mb, logps.device),
+                                       take(batch.ref_logps, mb, logps.device), isr)
+                loss.backward()
+                if it == 0:
+                    _accumulate(stats, st, loss, logps, ent, sampler, mb)
+        with s.timed("optimizer"):
+            grad_norm = optimizer_step(s)
+    # 5. Weight sync: the engine samples the next step from the updated adapter.
+    with s.timed("sync"):
+        sync_stats = s.engine.sync(s.policy)
+    return _metrics(s, step, batch, stats, grad_norm, failures, sync_stats)
+
+
+@torch.no_grad()
+def logprobs_pass(s: State, batch: RolloutBatch, groups: list[list[int]]) -> torch.Tensor:
+    """Per-token log-probs of the whole batch without gradient (old policy, or reference inside `reference()`)."""
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+    for rows in groups:
+        mb = micro_batch(batch, rows, s.policy.device)
+        logps, _ = completion_logprobs(s.policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
+                                       mb.completion_valid, s.recipe.grpo.temperature, s.plan.token_chunk,
+                                       s.plan.vocab_chunk)
+        out[mb.rows, :mb.c_len] = logps.float().cpu()
+    return out
+
+
+def optimizer_step(s: State) -> float:
+    """Sum gradients over ranks, clip, step; a non-finite gradient skips the update (returns NaN)."""
+    params = s.policy.trainable_parameters()
+    distributed.sum_gradients(params, s.world)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, s.recipe.train.max_grad_norm or float("inf")))
+    if math.isfinite(norm):
+        s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _accumulate(stats, st, loss, logps, ent, sampler, mb) -> None:
+    for k, v in st.items():
+        stats[k] += float(v)
+    stats["loss"] += float(loss.detach())
+    valid = mb.completion_valid.bool()
+    if ent is not None:
+        stats["entropy_sum"] += float(ent[valid].sum())
+    if sampler is not None and valid.any():
+        gap = (logps.detach() - sampler).abs()[valid]
+        stats["gap_sum"] += float(gap.sum())
+        stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
+    stats["valid_tokens"] += float(valid.sum())
+    stats["padded_tokens"] += mb.padded_tokens
+    stats["real_tokens"] += mb.real_tokens
+    stats["micro_batches"] += 1
+
+
+def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: float, failures: dict,
+             sync_stats: dict) -> dict:
+    lengths = batch.completion_valid.sum(1).float()
+    tok = max(st["tokens"], 1.0)
+    m = {"step": step + 1, "loss": st["loss"], "reward_mean": float(batch.reward.mean()),
+         "reward_std": float(batch.reward.std()) if len(batch) > 1 else 0.0,
+         "completion_length_mean": float(lengths.mean()), "completion_length_max": float(lengths.max()),
+         "truncated_frac": float(batch.truncated.float().mean()), "grad_norm": grad_norm,
+         "entropy": st["entropy_sum"] / max(st["valid_tokens"], 1.0), "clip_ratio_low": st["clip_low_sum"] / tok,
+         "clip_ratio_high": st["clip_high_sum"] / tok, "clip_ratio_region": st["clip_region_sum"] / tok,
+         "lr": s.scheduler.get_last_lr()[0], "micro_batches": st["micro_batches"],
+         "padding_frac": 1 - st["real_tokens"] / max(st["padded_tokens"], 1.0)}
+    for j, rf in enumerate(s.rewards):
+        col = batch.rewards[:, j]
+        m[f"rewards/{rf.name}/mean"] = float(torch.nanmean(col))
+        m[f"rewards/{rf.name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
+    for name, count in failures.items():
+        m[f"rewards/{name}/failures"] = count
+    if "kl_sum" in st:
+        m["kl"] = st["kl_sum"] / tok
+    if st["valid_tokens"] and "gap_sum" in st:
+        m["logp_gap_mean"], m["logp_gap_max"] = st["gap_sum"] / st["valid_tokens"], st["gap_max"]
+    for k, v in s.times.items():
+        m[f"time_{k}_s"] = v
+    m["time_step_s"] = sum(s.times.values())
+    m["tokens_per_s"] = float(lengths.sum()) / max(s.times["rollout"], 1e-9)
+    m.update({f"sync_{k}": v for k, v in sync_stats.items()})
+    return m
+
+
+def _decoder(tokenizer):
+    return lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def make_optimizer(policy: Policy, t) -> tuple[torch.optim.Optimizer, object]:
+    from transformers import get_scheduler
+
+    params = policy.trainable_parameters()
+    if t.optim == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                weight_decay=t.weight_decay)
+    return opt, get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=t.warmup_steps,
+                              num_training_steps=t.max_steps)
+
+
+class _Stop:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook kernel thread)
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+
+def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None) -> int:
+    """Train to recipe.train.max_steps; returns the process exit code."""
+    torch.manual_seed(recipe.train.seed)
+    policy = load_policy(recipe, plan)
+    prompts = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
+    rewards = load_rewards(recipe)
+    optimizer, scheduler = make_optimizer(policy, recipe.train)
+    start = 0
+    if resume is not None:
+        start = checkpoint.load(resume, policy.model, optimizer, scheduler)["step"]
+    engine = make_engine(recipe, plan, policy)
+    engine.sync(policy)
+    s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
+              LossConfig.from_grpo(recipe.grpo))
+    logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
+    sampler, stop, bad = MemorySampler(), _Stop(), 0
+    code, step = 0, start
+    save = lambda k: checkpoint.save(run_dir, k, policy.model, optimizer, scheduler,  # noqa: E731
+                                     {"recipe": recipe.name}, recipe.checkpoint.save_total_limit) if world.main else None
+    from trainer.console import Progress
+
+    with Progress(console, recipe.train.max_steps, start, enabled=world.main) as progress:
+        for step in range(start, recipe.train.max_steps):
+            m = grpo_step(s, step)
+            m["peak_memory_gb"] = sampler.take_peak() / 1e9
+            logger.log(m)
+            progress.update(m, line(m))
+            bad = bad + 1 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) else 0
+            if bad >= recipe.train.max_nonfinite_steps:
+                progress.note(f"stopping: {bad} consecutive steps with non-finite loss or gradient; "
+                              f"the last checkpoint is kept")
+                code = EXIT_NONFINITE
+                break
+            done = step + 1
+            if done % recipe.checkpoint.save_steps == 0 or stop.signal is not None:
+                save(done)
+            if stop.signal is not None:
+                progress.note(f"signal {stop.signal}: checkpoint step {done} written; resume with --resume")
+                code = EXIT_PREEMPTED
+                break
+        else:
+            if recipe.checkpoint.save_final and recipe.train.max_steps > start:
+                save(recipe.train.max_steps)
+    sampler.close()
+    engine.close()
+    logger.close()
+    distributed.barrier(world)
+    return code

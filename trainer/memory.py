@@ -1,0 +1,169 @@
+"""Byte formulas for every component of a GRPO + LoRA run; the planner sums them. Pure arithmetic, no torch.
+
+Constants marked "measured" come from H100 runs (bench/results/planner.json, docs/benchmarks.md); the rest are
+counted from tensor shapes. Peaks are per phase: the rollout phase (vLLM or HF generate) and the train phase
+(recompute + backward + optimizer); memory held across both (weights, LoRA states, CUDA graphs, a KV pool that
+is not released) is counted in each.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GB = 1e9
+MiB = 2 ** 20
+CUDA_CONTEXT = 530 * MiB  # measured: nvidia-smi of a process that initialised torch + cuBLAS on H100
+VLLM_NON_TORCH = 225 * MiB  # measured: vLLM's non-torch allocations (NCCL, cuBLAS workspaces)
+GRAPH_BASE, GRAPH_PER_SIZE = 90 * MiB, 16 * MiB  # measured: LoRA + bnb graphs, 0.20 GiB for [1, 2, 4, 8]
+ALLOC_SLACK = 0.08  # caching-allocator fragmentation on dynamic memory
+KV_BLOCK = 16  # vLLM's default block size (tokens)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    max_position: int
+
+    @classmethod
+    def from_config(cls, c: dict) -> "ModelDims":
+        c = c.get("text_config", c)
+        h, heads = c["hidden_size"], c["num_attention_heads"]
+        return cls(hidden=h, layers=c["num_hidden_layers"], heads=heads,
+                   kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or h // heads,
+                   intermediate=c["intermediate_size"], vocab=c["vocab_size"],
+                   tied=bool(c.get("tie_word_embeddings", False)),
+                   max_position=c.get("max_position_embeddings", 1 << 30))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear layer of one decoder layer, by peft module name."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(o * i for o, i in self.linears().values())
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def lora_params(self, r: int, targets) -> int:
+        names = self.linears() if targets == "all-linear" else {k: v for k, v in self.linears().items()
+                                                                if k in set(targets)}
+        return self.layers * sum(r * (o + i) for o, i in names.values())
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass(frozen=True)
+class Context:
+    dims: ModelDims
+    dtype_bytes: int
+    quantized: bool
+    lora_r: int
+    lora_targets: object
+    optim: str
+    cuda: bool
+    engine: str
+    max_len: int
+    gen: int  # completions per step on this process
+    prompt_len: int
+    completion_len: int
+    ref_pass: bool
+
+
+def kv_pool_bytes(dims: ModelDims, seqs: int, max_len: int) -> int:
+    """A KV pool holding `seqs` full-length sequences (whole blocks), plus one spare block per sequence."""
+    blocks = seqs * (math.ceil(max_len / KV_BLOCK) + 1)
+    return blocks * KV_BLOCK * dims.kv_bytes_per_token()
+
+
+def base_bytes(ctx: Context, vllm_layout: bool) -> int:
+    """The frozen base: 4-bit linear layers (+ absmax) and bf16 embeddings, norms and biases."""
+    d, n = ctx.dims, ctx.dims.linear_params
+    if ctx.quantized:
+        # vLLM's in-flight bnb: fp32 absmax per 64 weights. HF double quant: uint8 absmax + fp32 per 256 blocks.
+        linear = n // 2 + (n // 64 * 4 if vllm_layout else n // 64 + n // 64 // 256 * 4)
+    else:
+        linear = n * ctx.dtype_bytes
+    small = d.layers * (2 * d.hidden + d.heads * d.head_dim + 2 * d.kv_heads * d.head_dim) + d.hidden
+    return linear + (d.embed_params + small) * ctx.dtype_bytes
+
+
+def layer_activation_bytes(ctx: Context, tokens: int) -> int:
+    """Live activations of one decoder layer's forward+backward for `tokens` tokens (sdpa/flash attention)."""
+    d = ctx.dims
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    per_token = 4 * d.hidden + 2 * q + 2 * kv + 4 * d.intermediate  # norms, qkv, attn out, gate/up/act/down in
+    lora = 7 * ctx.lora_r * 4  # fp32 LoRA intermediates
+    return tokens * (per_token * ctx.dtype_bytes + lora)
+
+
+def dequant_scratch(ctx: Context) -> int:
+    """bitsandbytes dequantises the largest weight for each matmul (twice in backward)."""
+    if not ctx.quantized:
+        return 0
+    return 2 * max(o * i for o, i in ctx.dims.linears().values()) * ctx.dtype_bytes
+
+
+def train_phase(ctx: Context, k: dict) -> dict[str, int]:
+    d, t = ctx.dims, k["micro_batch_tokens"]
+    if k["gradient_checkpointing"]:
+        acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t)
+    else:
+        acts = d.layers * layer_activation_bytes(ctx, t)
+    tile = k["token_chunk"] * k["vocab_chunk"] * max(ctx.dtype_bytes, 2)
+    logits = 2 * tile + k["token_chunk"] * d.hidden * 4 + t * d.hidden * (ctx.dtype_bytes + 4)
+    batch = ctx.gen * ctx.max_len * 8 * 6  # ids, masks and logprob tensors of the step on the device
+    return {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch}
+
+
+def rollout_phase(ctx: Context, k: dict) -> dict[str, int]:
+    d = ctx.dims
+    if ctx.engine == "vllm":
+        t = k["max_num_batched_tokens"]
+        acts = t * (2 * d.hidden + (d.heads + 2 * d.kv_heads) * d.head_dim + 3 * d.intermediate) * 2
+        sampler = k["max_num_seqs"] * d.vocab * 4 * 3  # fp32 logits, probs, logprobs of one decode step
+        return {"vllm_activations": acts + sampler}
+    # HF generate: a DynamicCache for the batch plus a few fp32 [batch, vocab] score tensors per step
+    bs = k["hf_batch_size"]
+    cache = bs * ctx.max_len * d.kv_bytes_per_token(ctx.dtype_bytes)
+    step = bs * d.vocab * 4 * 4 + layer_activation_bytes(ctx, bs * ctx.prompt_len) + dequant_scratch(ctx)
+    return {"hf_kv_cache": cache, "hf_generate": step}
+
+
+def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
+    """All components in bytes, and the peak of each phase."""
+    d = ctx.dims
+    vllm = ctx.engine == "vllm"
+    lora = d.lora_params(ctx.lora_r, ctx.lora_targets)
+    states = 4 + 4 + (2 if ctx.optim == "adamw_8bit" else 8)  # fp32 param, grad, Adam moments
+    static = {"cuda_context": CUDA_CONTEXT if ctx.cuda else 0,
+              "base_weights": base_bytes(ctx, vllm_layout=vllm),
+              "lora_and_optimizer": lora * states}
+    if vllm:
+        static["vllm_non_torch"] = VLLM_NON_TORCH
+        static["vllm_lora_slots"] = lora * 2
+        static["cuda_graphs"] = 0 if k["enforce_eager"] else GRAPH_BASE + GRAPH_PER_SIZE * len(
+            k["cudagraph_capture_sizes"])
+        if k["weight_format"] == "bf16_mirror":
+            static["bf16_mirror"] = d.linear_params * 2
+    kv = {"vllm_kv_cache": k["kv_cache_memory_bytes"]} if vllm else {}
+    roll, train = rollout_phase(ctx, k), train_phase(ctx, k)
+    comps = {**static, **kv, **roll, **train}
+    base = sum(static.values())
+    slack = lambda dyn: int(dyn * ALLOC_SLACK)  # noqa: E731
+    roll_dyn = sum(roll.values()) + sum(kv.values())
+    train_dyn = sum(train.values()) + (0 if k["kv_release"] else sum(kv.values()))
+    phases = {"rollout": base + roll_dyn + slack(roll_dyn), "train": base + train_dyn + slack(train_dyn)}
+    comps["allocator_slack"] = max(slack(roll_dyn), slack(train_dyn))
+    return comps, phases

@@ -1,0 +1,153 @@
+"""Metrics: a JSONL line per step in the run dir, a rich progress bar and log line, wandb, PNG plots at the end.
+
+wandb runs offline when no API key is configured (its files stay in the run dir for `wandb sync`). Only rank 0
+writes. A background sampler records the peak device memory (used memory of the GPU as nvidia-smi reports it,
+or the process's RSS on CPU) between calls to `peak()`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from trainer.errors import UserError
+
+
+class MemorySampler:
+    """Samples device memory every `interval` seconds in a daemon thread; `take_peak()` returns and resets."""
+
+    def __init__(self, interval: float = 0.1):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self._peak = 0
+        self._stop = threading.Event()
+        self.interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def used(self) -> int:
+        if self.cuda:
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            return total - free
+        return psutil.Process().memory_info().rss
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._peak = max(self._peak, self.used())
+            except Exception:  # the device may be going away at exit
+                pass
+            time.sleep(self.interval)
+
+    def take_peak(self) -> int:
+        peak, self._peak = max(self._peak, self.used()), 0
+        return peak
+
+    def close(self):
+        self._stop.set()
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, recipe, rank: int = 0, resume_step: int = 0):
+        self.run_dir, self.rank, self.recipe = Path(run_dir), rank, recipe
+        self.path = self.run_dir / "metrics.jsonl"
+        self.history: list[dict] = []
+        self.wandb = None
+        if rank != 0:
+            return
+        if self.path.exists():  # on resume, keep the lines of steps that the checkpoint covers
+            keep = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.history = [m for m in keep if m.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
+        self._file = self.path.open("a")
+        self._start_wandb()
+
+    def _start_wandb(self):
+        want = self.recipe.logging.wandb
+        if want is False:
+            return
+        try:
+            import wandb
+        except ImportError:
+            if want is True:
+                raise UserError("logging.wandb", "wandb is not installed", "pip install wandb, or set wandb: false")
+            return
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+        try:
+            self.wandb = wandb.init(project=self.recipe.logging.wandb_project, name=self.recipe.name, mode=mode,
+                                    dir=str(self.run_dir), config=self.recipe.model_dump(), reinit="finish_previous")
+        except Exception as e:  # never let logging kill a training run
+            print(f"wandb disabled: {e.__class__.__name__}: {e}")
+
+    def log(self, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        self.history.append(metrics)
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.recipe.logging.plots and self.history:
+            plot(self.history, self.run_dir / "plots")
+
+
+def line(m: dict) -> str:
+    parts = [f"step {m['step']:>4}", f"reward {m['reward_mean']:+.3f}±{m['reward_std']:.3f}",
+             f"loss {m['loss']:+.4f}", f"len {m['completion_length_mean']:.0f}"]
+    if "kl" in m:
+        parts.append(f"kl {m['kl']:.4f}")
+    if "logp_gap_mean" in m:
+        parts.append(f"gap {m['logp_gap_mean']:.4f}")
+    parts += [f"{m['time_step_s']:.2f}s (roll {m['time_rollout_s']:.2f})", f"{m['tokens_per_s']:.0f} tok/s"]
+    if m.get("peak_memory_gb"):
+        parts.append(f"peak {m['peak_memory_gb']:.2f}GB")
+    return " | ".join(parts)
+
+
+PLOTS = {"reward": ["reward_mean"], "loss": ["loss"], "kl": ["kl"], "completion_length": ["completion_length_mean"],
+         "step_time": ["time_step_s", "time_rollout_s", "time_train_s"], "logp_gap": ["logp_gap_mean"],
+         "peak_memory": ["peak_memory_gb"]}
+
+
+def plot(history: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, keys in PLOTS.items():
+        series = {k: [(m["step"], m[k]) for m in history if isinstance(m.get(k), (int, float))] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

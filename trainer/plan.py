@@ -1,0 +1,198 @@
+"""The VRAM planner: a pure function (model config, recipe, budget, device) -> Plan, decided before any weight loads.
+
+Every component of the run is counted in bytes (trainer/memory.py holds the formulas); the planner fills each
+knob the user left free so the peak fits the budget, keeps every knob the user fixed, and refuses a recipe that
+cannot fit with a UserError naming the smallest budget that would and the knob to change. Other stages obey the
+Plan and never re-derive a number it holds.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trainer import memory
+from trainer.errors import UserError
+from trainer.memory import GB, ModelDims
+
+BUDGET_PRESETS = {"t4-15gb": 15.0, "24gb": 24.0, "a100-40gb": 40.0, "h100-80gb": 80.0}
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cpu" | "cuda"
+    name: str = "cpu"
+    total_bytes: int = 0
+    free_bytes: int = 0
+    bf16: bool = True
+    world_size: int = 1
+
+    @classmethod
+    def detect(cls, world_size: int = 1) -> "Device":
+        import torch
+
+        if not torch.cuda.is_available():
+            return cls("cpu", world_size=world_size)
+        free, total = torch.cuda.mem_get_info()
+        return cls("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported(), world_size)
+
+
+@dataclass
+class Plan:
+    device: str
+    device_name: str
+    compute_dtype: str
+    quantized: bool
+    rollout_engine: str
+    gradient_checkpointing: bool
+    generation_batch_size: int  # completions per step on this process
+    prompts_per_step: int  # on this process
+    micro_batch_tokens: int  # padded tokens per forward/backward micro-batch
+    token_chunk: int  # logits tile rows
+    vocab_chunk: int  # logits tile columns
+    hf_batch_size: int
+    max_model_len: int
+    # vLLM (ignored by the HF engine)
+    weight_format: str = "shared_nf4"
+    kv_cache_memory_bytes: int = 0
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    enforce_eager: bool = False
+    cudagraph_capture_sizes: list[int] = field(default_factory=list)
+    kv_release: bool = False
+    sync: str = "inplace"
+    # accounting
+    budget_bytes: int | None = None
+    components: dict[str, int] = field(default_factory=dict)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    peak_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def read_model_config(path: Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def budget_bytes(recipe, device: Device) -> int | None:
+    v = recipe.budget.vram_gb
+    if v is None:
+        return None
+    if v == "auto":
+        if device.kind != "cuda":
+            return None
+        return int(device.free_bytes - recipe.budget.margin_gb * GB)
+    return int(float(v) * GB)
+
+
+def make_plan(config: dict, recipe, device: Device) -> Plan:
+    """Decide every free knob; raise UserError when no choice fits the budget."""
+    dims = ModelDims.from_config(config)
+    g, r, t = recipe.grpo, recipe.rollout, recipe.train
+    notes: list[str] = []
+    if r.engine == "vllm" and device.kind != "cuda":
+        raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible",
+                        "use rollout.engine: hf on this machine, or run on a GPU")
+    if device.kind == "cuda":
+        dtype = {"auto": "bfloat16" if device.bf16 else "float16"}.get(recipe.model.dtype, recipe.model.dtype)
+        if dtype == "bfloat16" and not device.bf16:
+            raise UserError("model.dtype", f"{device.name} has no bfloat16 support", "set model.dtype: float16 (or auto)")
+    else:
+        dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
+    quantized = recipe.model.load_in_4bit and _bnb_available()
+    if recipe.model.load_in_4bit and not quantized:
+        notes.append("bitsandbytes is not importable: the base is loaded unquantized")
+    elif quantized and device.kind == "cpu":
+        notes.append("CPU: nf4 base through bitsandbytes' CPU kernels (exact dequant + matmul)")
+
+    gen = t.generation_batch_size // device.world_size
+    if gen * device.world_size != t.generation_batch_size or gen % g.num_generations:
+        raise UserError("train.generation_batch_size", f"{t.generation_batch_size} completions do not split into "
+                        f"{device.world_size} processes of whole groups of {g.num_generations}",
+                        "make it a multiple of num_generations x number of processes")
+    max_len = recipe.data.max_prompt_length + g.max_completion_length
+    if max_len > dims.max_position:
+        raise UserError("grpo.max_completion_length", f"prompt ({recipe.data.max_prompt_length}) + completion "
+                        f"({g.max_completion_length}) = {max_len} tokens exceeds the model's context "
+                        f"({dims.max_position})", "lower grpo.max_completion_length or data.max_prompt_length")
+    budget = budget_bytes(recipe, device)
+    ctx = memory.Context(dims=dims, dtype_bytes=2 if dtype != "float32" else 4, quantized=quantized,
+                         lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules, optim=t.optim,
+                         cuda=device.kind == "cuda", engine=r.engine, max_len=max_len, gen=gen,
+                         prompt_len=recipe.data.max_prompt_length, completion_len=g.max_completion_length,
+                         ref_pass=g.beta != 0.0)
+    candidates = _candidates(recipe, ctx, device)
+    fitting = [c for c in candidates if budget is None or c["peak"] <= budget]
+    if not fitting:
+        cheapest = min(candidates, key=lambda c: c["peak"])
+        need = cheapest["peak"] / GB
+        raise UserError("budget.vram_gb", f"the run needs at least {need:.2f} GB with the cheapest settings "
+                        f"(micro-batch of {cheapest['micro_batch_tokens']} tokens, checkpointing on, KV released "
+                        f"between phases); the budget is {budget / GB:.2f} GB",
+                        f"set budget.vram_gb: {math.ceil(need * 10) / 10}, or lower "
+                        f"train.generation_batch_size / grpo.max_completion_length")
+    best = max(fitting, key=lambda c: c["score"])
+    plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
+                rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
+                max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
+                **{k: v for k, v in best.items() if k not in ("peak", "score")})
+    if device.kind == "cpu":
+        plan.notes.append("CPU: memory is reported, not budgeted")
+    return plan
+
+
+def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
+    """Every combination of free knobs, each with its components, peak and a speed score."""
+    r, t, cpu = recipe.rollout, recipe.train, device.kind == "cpu"
+    step_tokens = ctx.gen * ctx.max_len
+    fixed_mbt = t.micro_batch_tokens or (t.per_device_train_batch_size * ctx.max_len
+                                         if t.per_device_train_batch_size else None)
+    mbts = [fixed_mbt] if fixed_mbt else sorted({min(step_tokens, ctx.max_len * k) for k in (1, 2, 4, 8, 16, 32, 64)})
+    gcs = [recipe.model.gradient_checkpointing] if recipe.model.gradient_checkpointing is not None else (
+        [False] if cpu else [True, False])
+    vllm = r.engine == "vllm"
+    formats = [r.weight_format] if r.weight_format else (["shared_nf4", "bf16_mirror"] if vllm else ["shared_nf4"])
+    releases = [r.kv_release] if r.kv_release is not None else ([True, False] if vllm else [False])
+    eager = r.enforce_eager if r.enforce_eager is not None else False
+    seqs = r.max_num_seqs or ctx.gen
+    sizes = r.cudagraph_capture_sizes or ([] if eager else _pow2_upto(seqs))
+    kv = r.kv_cache_memory_bytes or memory.kv_pool_bytes(ctx.dims, seqs, ctx.max_len)
+    batched = r.max_num_batched_tokens or max(ctx.max_len, min(2048, ctx.gen * ctx.prompt_len))
+    hf_bs = r.hf_batch_size or ctx.gen
+    out = []
+    for mbt in mbts:
+        for gc in gcs:
+            for fmt in formats:
+                for rel in releases:
+                    knobs = dict(micro_batch_tokens=int(mbt), gradient_checkpointing=gc, weight_format=fmt,
+                                 kv_release=rel, token_chunk=min(4096, int(mbt)), vocab_chunk=min(ctx.dims.vocab, 8192 if cpu else 32768),
+                                 hf_batch_size=hf_bs, kv_cache_memory_bytes=kv if vllm else 0,
+                                 max_num_seqs=seqs if vllm else 0, max_num_batched_tokens=batched if vllm else 0,
+                                 enforce_eager=eager, cudagraph_capture_sizes=sizes if vllm else [])
+                    comps, phases = memory.components(ctx, knobs)
+                    peak = max(phases.values())
+                    # Prefer: fewer micro-batches, no recompute, bf16 mirror at small batch, KV kept.
+                    score = (-math.ceil(step_tokens / mbt) * (1.35 if gc else 1.0)
+                             - (0.5 if rel else 0) + (1.0 if fmt == "bf16_mirror" and seqs <= 32 else 0))
+                    out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
+                                    score=score))
+    return out
+
+
+def _pow2_upto(n: int) -> list[int]:
+    sizes, k = [], 1
+    while k < n:
+        sizes.append(k)
+        k *= 2
+    return sizes + [n]
+
+
+def _bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+        return True
+    except Exception:
+        return False

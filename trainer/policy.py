@@ -1,0 +1,195 @@
+"""The policy: a frozen (4-bit nf4) base with trainable LoRA adapters, and its per-token log-probabilities.
+
+The reference policy for the KL term is the same model with the adapter disabled: no second copy of the base.
+Log-probabilities go through TRL's `ChunkedLogProbFunction`, which projects hidden states onto the vocabulary in
+tiles and never materialises the [batch, seq, vocab] logits (on CUDA it folds tiles with a Triton kernel).
+This module never decides memory knobs: chunk sizes and checkpointing come from the Plan.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # peft.PeftModel
+    tokenizer: object
+    device: torch.device
+    compute_dtype: torch.dtype
+    quantized: bool
+    path: Path  # checkpoint directory of the base model
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.model.get_base_model().model
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.get_base_model().get_output_embeddings().weight
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def reference(self):
+        """Context in which the model is the reference policy: the base with the adapter disabled."""
+        return self.model.disable_adapter()
+
+
+def resolve_model_path(model_section) -> Path:
+    """A local directory with config.json for the recipe's model (a shape is built on first use)."""
+    if model_section.shape:
+        from trainer.shapes import model_dir
+
+        return model_dir(model_section.shape, model_section.seed)
+    p = Path(model_section.name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError("model.name", f"{p} has no config.json", "point at a Hugging Face checkpoint directory")
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_section.name, revision=model_section.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # network, auth, missing repo: all fixable by the user
+        raise UserError("model.name", f"cannot fetch {model_section.name!r} from the Hugging Face hub ({e.__class__.__name__})",
+                        "check the name and your network, or download it and give the local path") from None
+
+
+def read_config(model_section) -> dict:
+    """The model's config.json as a dict, without loading (or, for a shape, building) any weights."""
+    import json
+
+    if model_section.shape:
+        from trainer.shapes import config_dict
+
+        return config_dict(model_section.shape)
+    p = Path(model_section.name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError("model.name", f"{p} has no config.json", "point at a Hugging Face checkpoint directory")
+        return json.loads((p / "config.json").read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model_section.name, "config.json",
+                                               revision=model_section.revision)).read_text())
+    except Exception as e:
+        raise UserError("model.name", f"cannot fetch the config of {model_section.name!r} from the Hugging Face hub "
+                        f"({e.__class__.__name__})", "check the name and your network, or give a local path") from None
+
+
+def load_policy(recipe, plan) -> Policy:
+    """Load the base (4-bit when the plan says so), attach LoRA, set gradient checkpointing as planned."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = resolve_model_path(recipe.model)
+    device = torch.device(plan.device)
+    dtype = getattr(torch, plan.compute_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict = dict(dtype=dtype, device_map={"": device}, trust_remote_code=recipe.model.trust_remote_code)
+    if plan.quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=recipe.model.bnb_4bit_quant_type, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=recipe.model.bnb_4bit_use_double_quant, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device.type == "cpu":
+        keep_cpu_4bit_trainable(model)
+
+    target = recipe.lora.target_modules
+    check_target_modules(model, target)
+    lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
+                      target_modules=target, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return Policy(model, tokenizer, device, dtype, plan.quantized, path)
+
+
+def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes 0.50 repacks a CPU Linear4bit's weight into an AVX512-BF16 inference layout on its first
+    eval-mode forward (our HF rollouts) and then cannot run it with autograd ("a view of a leaf Variable ... in-place
+    operation" in matmul_4bit). Turning that repacking off keeps one layout for sampling and training."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
+def check_target_modules(model: torch.nn.Module, target) -> None:
+    if target == "all-linear" or isinstance(target, str):
+        return
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+    missing = [t for t in target if t not in names]
+    if missing:
+        raise UserError("lora.target_modules", f"{missing} not found in the model",
+                        f"use 'all-linear' or names from: {', '.join(sorted(names - {'lm_head'}))}")
+
+
+def _is_linear(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_ids: torch.Tensor, completion_valid: torch.Tensor, temperature: float,
+                        token_chunk: int, vocab_chunk: int, entropy: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and optionally entropy) of each completion token under logits / temperature.
+
+    input_ids = [prompt (left-padded) | completion (right-padded)], shape [B, P + C]. Returns [B, C] tensors with
+    zeros where `completion_valid` is 0. Peak extra memory: one [token_chunk, vocab_chunk] logits tile.
+    """
+    from trl.kernels import ChunkedLogProbFunction
+
+    c = completion_ids.size(1)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = policy.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+    hidden = hidden[:, -c - 1:-1]  # the position before each completion token predicts it
+    valid = completion_valid.bool()
+    h, targets = hidden[valid], completion_ids[valid]
+    weight = policy.lm_head_weight
+    outs, ents = [], []
+    for s in range(0, h.size(0), token_chunk):
+        want = ("entropy",) if entropy else ()
+        lp, ent, *_ = ChunkedLogProbFunction.apply(h[s:s + token_chunk], weight, None, targets[s:s + token_chunk],
+                                                   temperature, vocab_chunk, None, 1.0, want)
+        outs.append(lp)
+        ents.append(ent)
+    flat = torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.zeros(valid.shape, dtype=torch.float32, device=flat.device).masked_scatter(valid, flat)
+    ent_out = None
+    if entropy and outs:
+        ent_out = torch.zeros(valid.shape, dtype=torch.float32, device=flat.device).masked_scatter(
+            valid, torch.cat(ents).detach())
+    return logps, ent_out
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Dropout off and KV cache on while sampling with the training model; restores training mode after."""
+    was_training = model.training
+    model.eval()
+    cfg = model.get_base_model().config
+    old = cfg.use_cache
+    cfg.use_cache = True
+    try:
+        yield
+    finally:
+        cfg.use_cache = old
+        model.train(was_training)

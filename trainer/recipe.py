@@ -1,0 +1,297 @@
+"""The recipe: a YAML file validated into typed sections; it states what the user wants and never computes memory.
+
+Field names follow TRL's GRPOConfig where the concept is the same (num_generations, max_completion_length, beta,
+epsilon, epsilon_high, loss_type, temperature, scale_rewards, importance_sampling_level, learning_rate, ...), so a
+TRL user can move a config over by copying lines. Knobs that the VRAM planner may choose default to ``None``
+("planner decides"); a value the user sets is never overridden.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str | None = None  # hub id or local directory of a causal LM (bf16/fp16/fp32 checkpoint)
+    shape: str | None = None  # random init from a named shape (see trainer/shapes.py), tokenizer trained locally
+    seed: int = 0  # init seed for `shape`
+    load_in_4bit: bool = True  # nf4 via bitsandbytes (CPU or CUDA)
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # compute dtype; auto picks per device
+    gradient_checkpointing: bool | None = None  # None: the planner decides
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.shape is None):
+            raise ValueError("set exactly one of model.name (hub id or path) and model.shape (random init)")
+        return self
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    lora_alpha: float = 32
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class DataSection(Section):
+    dataset: str  # hub name, or a local .jsonl/.json/.parquet/.csv file (relative to the recipe file)
+    subset: str | None = None  # hub config name, e.g. "main" for gsm8k
+    split: str = "train"
+    prompt_column: str = "prompt"  # text, or a list of chat messages
+    prompt_template: str | None = None  # e.g. "Solve: {question}"; columns in braces
+    system_prompt: str | None = None
+    chat_template: bool | None = None  # None: use the tokenizer's chat template when it has one
+    max_prompt_length: int = Field(512, ge=1)  # longer prompts are truncated from the left
+    shuffle: bool = True
+
+
+class RewardSection(Section):
+    function: str  # "package.module:function" or "path/to/file.py:function" (relative to the recipe file)
+    weight: float = 1.0
+    kwargs: dict[str, Any] = {}
+    name: str | None = None
+    on_error: Literal["raise", "zero"] = "raise"  # zero: a raising call scores 0 and is counted in the metrics
+
+
+class GRPOSection(Section):
+    num_generations: int = Field(8, ge=2)
+    max_completion_length: int = Field(256, ge=1)
+    beta: float = Field(0.0, ge=0)
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: float | None = None  # None: same as epsilon
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # "sequence" = GSPO
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False
+    num_iterations: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    # Correction for the sampler/trainer mismatch (vLLM logprobs vs recomputed ones); TRL's names and modes.
+    vllm_importance_sampling_correction: bool = False
+    vllm_importance_sampling_mode: Literal[
+        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
+    vllm_importance_sampling_clip_max: float = 3.0
+
+
+class RolloutSection(Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    # vLLM only; None lets the planner choose.
+    weight_format: Literal["shared_nf4", "bf16_mirror"] | None = None
+    sync: Literal["inplace", "add_lora"] = "inplace"
+    kv_release: bool | None = None  # free the KV pool while the trainer steps
+    kv_cache_memory_bytes: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool | None = None
+    cudagraph_capture_sizes: list[int] | None = None
+    # HF generate: sequences generated at once (None: the planner decides).
+    hf_batch_size: int | None = None
+
+
+class BudgetSection(Section):
+    vram_gb: float | Literal["auto"] | None = None  # None: no budget (CPU, or plan for the whole card)
+    margin_gb: float = 0.5  # kept free by `auto`
+
+
+class TrainSection(Section):
+    max_steps: int = Field(100, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    generation_batch_size: int | None = None  # completions per optimizer step (all processes)
+    per_device_train_batch_size: int | None = None  # completions per micro-batch (None: planner)
+    micro_batch_tokens: int | None = None  # token budget per micro-batch (None: planner)
+    gradient_accumulation_steps: int | None = None  # TRL-style alternative to generation_batch_size
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
+    seed: int = 0
+    output_dir: str | None = None  # default: runs/<recipe file stem>
+    worst_case_first_step: bool = True  # first step at the longest prompts and full completion length
+    max_nonfinite_steps: int = Field(5, ge=1)  # stop after this many consecutive NaN/inf steps (each is skipped)
+
+
+class LoggingSection(Section):
+    wandb: bool | Literal["auto"] = "auto"  # auto: on when wandb is installed; offline without an API key
+    wandb_project: str = "trainer"
+    plots: bool = True
+    print_completions: int = 0  # show this many completions every log line
+
+
+class CheckpointSection(Section):
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    save_final: bool = True
+
+
+class Recipe(Section):
+    name: str | None = None
+    description: str | None = None
+    model: ModelSection
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    rewards: list[RewardSection] = Field(min_length=1)
+    grpo: GRPOSection = GRPOSection()
+    rollout: RolloutSection = RolloutSection()
+    budget: BudgetSection = BudgetSection()
+    train: TrainSection = TrainSection()
+    logging: LoggingSection = LoggingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    success: dict[str, float] = {}  # e.g. {"min_last10_reward": 0.5}: what the recipe promises (checked by tests)
+    base_dir: str = "."  # set by the loader: where relative paths in the recipe are resolved
+
+    @model_validator(mode="after")
+    def _batch(self):
+        t, g = self.train, self.grpo.num_generations
+        if t.generation_batch_size is None:
+            if t.per_device_train_batch_size and t.gradient_accumulation_steps:
+                t.generation_batch_size = t.per_device_train_batch_size * t.gradient_accumulation_steps
+            else:
+                t.generation_batch_size = g
+        if t.generation_batch_size % g:
+            raise ValueError(f"train.generation_batch_size ({t.generation_batch_size}) must be a multiple of "
+                             f"grpo.num_generations ({g})")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        """A path from the recipe, relative to the recipe's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `include:` presets and `--set key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("recipe", f"file not found: {path}", "pass the path of a recipe YAML, e.g. recipes/tiny-cpu.yaml")
+    raw = _read_yaml(path)
+    raw = _apply_includes(raw, path.parent, seen=[path.resolve()])
+    for item in overrides:
+        _apply_override(raw, item)
+    raw.setdefault("base_dir", str(path.parent.resolve()))
+    raw.setdefault("name", path.stem)
+    return validate(raw)
+
+
+def validate(raw: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _user_error(e, raw) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(str(path), f"YAML syntax error{where}: {problem}", "fix the YAML at that position") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(str(path), "the top level must be a mapping of sections (model:, data:, ...)",
+                        "see recipes/tiny-cpu.yaml for the layout")
+    return data
+
+
+def _apply_includes(raw: dict, base: Path, seen: list[Path]) -> dict:
+    includes = raw.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        candidates = [base / inc, PROJECT_ROOT / inc, PROJECT_ROOT / "configs" / inc]
+        candidates += [c.with_suffix(".yaml") for c in candidates if c.suffix != ".yaml"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise UserError("include", f"preset not found: {inc}",
+                            "give a path relative to the recipe or to configs/, e.g. budgets/t4-15gb")
+        if found.resolve() in seen:
+            raise UserError("include", f"include cycle through {found}", "remove the circular include")
+        sub = _apply_includes(_read_yaml(found), found.parent, seen + [found.resolve()])
+        merged = _deep_merge(merged, sub)
+    return _deep_merge(merged, raw)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError("--set", f"expected key=value, got {item!r}", "write e.g. --set grpo.beta=0.04")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.setdefault(p, {}), dict):
+            raise UserError(f"--set {key}", f"{p} is not a section", "override a field inside a section")
+        node = node[p]
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid field names of the model that sits at `loc` (the location of an unknown key)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return [f for f in model.model_fields if f != "base_dir"] if isinstance(model, type) else []
+
+
+def _user_error(e: ValidationError, raw: dict) -> UserError:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        return UserError(field, "unknown key", hint)
+    if err["type"] == "missing":
+        return UserError(field, "required but missing", f"add '{loc[-1]}:' to the recipe")
+    value = err.get("input")
+    shown = repr(value)[:80]
+    problem = err["msg"].replace("Value error, ", "")
+    more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return UserError(field, f"{problem}; got {shown}{more}", "correct the value in the recipe or with --set")
