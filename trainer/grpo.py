@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from collections import defaultdict
@@ -213,6 +214,8 @@ class _Stop:
 
     def __init__(self):
         self.signal = None
+        # Test hook: deliver SIGUSR1 to ourselves after this step (exercises the real handler deterministically).
+        self.test_step = int(os.environ.get("TRAINER_TEST_SIGNAL_AFTER_STEP", "0"))
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook kernel thread)
                 signal.signal(sig, self._handle)
@@ -255,6 +258,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
                 code = EXIT_NONFINITE
                 break
             done = step + 1
+            if stop.test_step == done:
+                os.kill(os.getpid(), signal.SIGUSR1)
             if done % recipe.checkpoint.save_steps == 0 or stop.signal is not None:
                 save(done)
             if stop.signal is not None:

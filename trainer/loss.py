@@ -24,13 +24,14 @@ class LossConfig:
     max_completion_length: int = 256
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    use_bias_correction_kl: bool = True
 
     @classmethod
     def from_grpo(cls, g) -> "LossConfig":
         return cls(loss_type=g.loss_type, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
                    importance_sampling_level=g.importance_sampling_level,
                    max_completion_length=g.max_completion_length, sapo_temperature_pos=g.sapo_temperature_pos,
-                   sapo_temperature_neg=g.sapo_temperature_neg)
+                   sapo_temperature_neg=g.sapo_temperature_neg, use_bias_correction_kl=g.use_bias_correction_kl)
 
     @property
     def eps_high(self) -> float:
@@ -86,6 +87,8 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
     if cfg.beta != 0.0:
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1
+        if cfg.use_bias_correction_kl:  # TRL's default: the unbiased reverse-KL gradient (DeepSeek-V3.2)
+            kl = kl * coef_1
         per_token = per_token + cfg.beta * kl
     per_token = per_token.expand_as(mask)
     loss = (per_token * mask * weights).sum()

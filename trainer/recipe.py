@@ -73,6 +73,7 @@ class GRPOSection(Section):
     num_generations: int = Field(8, ge=2)
     max_completion_length: int = Field(256, ge=1)
     beta: float = Field(0.0, ge=0)
+    use_bias_correction_kl: bool = True  # TRL's default: the KL term times the importance ratio
     epsilon: float = Field(0.2, gt=0)
     epsilon_high: float | None = None  # None: same as epsilon
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"] = "dapo"

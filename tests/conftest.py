@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random-init Qwen2 models and tokenizers built in seconds, no hub."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Keep built shapes in one per-session cache unless the caller set TRAINER_CACHE."""
+    if "TRAINER_CACHE" not in os.environ:
+        os.environ["TRAINER_CACHE"] = str(tmp_path_factory.mktemp("trainer-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_cache) -> Path:
+    from trainer.shapes import model_dir
+
+    return model_dir("tiny", 0)
+
+
+def tiny_qwen2(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 0, dtype=torch.float32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
+                      tie_word_embeddings=True, initializer_range=0.1)
+    return Qwen2ForCausalLM(cfg).to(dtype)
+
+
+def run_train(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
+    """Run the `train` entry point in a subprocess, as users do."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
