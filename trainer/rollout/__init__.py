@@ -15,6 +15,10 @@ from trainer.types import Generations, Sampling
 class RolloutEngine(Protocol):
     name: str
 
+    def attach(self, policy) -> None:
+        """Called once the policy is built (vLLM: mirror weights, register the adapter, map LoRA slots)."""
+        ...
+
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Generations: ...
 
     def sync(self, policy) -> dict[str, float]:
@@ -30,11 +34,12 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(recipe, plan, policy) -> RolloutEngine:
+def make_engine(recipe, plan, model_path) -> RolloutEngine:
+    """Built before the policy: a vLLM engine loads the base that the policy then shares."""
     if plan.rollout_engine == "vllm":
         from trainer.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(recipe, plan, policy)
+        return VLLMEngine(recipe, plan, model_path)
     from trainer.rollout.hf import HFEngine
 
-    return HFEngine(policy, batch_size=plan.hf_batch_size)
+    return HFEngine(batch_size=plan.hf_batch_size)

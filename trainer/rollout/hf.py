@@ -37,8 +37,11 @@ class _SampledLogprobs(LogitsProcessor):
 class HFEngine:
     name = "hf"
 
-    def __init__(self, policy: Policy, batch_size: int):
-        self.policy, self.batch_size = policy, batch_size
+    def __init__(self, batch_size: int):
+        self.policy, self.batch_size = None, batch_size
+
+    def attach(self, policy: Policy) -> None:
+        self.policy = policy
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Generations:

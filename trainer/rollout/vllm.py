@@ -1,0 +1,165 @@
+"""Colocated vLLM backend: vLLM runs in the trainer's process on the same GPU and samples with the current LoRA.
+
+The Plan sizes it in bytes (kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, CUDA-graph sizes),
+never as a fraction of the card. The base is loaded once, by vLLM (4-bit in flight for `shared_nf4`, bf16 for
+`bf16_mirror`); the trainer's policy is then built on top of it (trainer/sync.py). Between rollouts the KV pool
+alone can be handed back to CUDA for the trainer (vLLM's own sleep would also offload the shared weights).
+vllm is imported lazily: a recipe that asks for it without vllm installed or without CUDA gets a UserError.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.errors import UserError
+from trainer.types import Generations, Sampling
+
+log = logging.getLogger(__name__)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+LORA_ID = 1
+
+
+def import_vllm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must live in this process
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise UserError("rollout.engine", "VLLM_ENABLE_V1_MULTIPROCESSING is set to "
+                        f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']}: the colocated engine must run in-process",
+                        "unset it or set it to 0")
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        raise UserError("rollout.engine", f"vllm is not installed ({e})",
+                        'pip install "grpo-lora-trainer[vllm]" (vllm>=0.24,<0.27), or use rollout.engine: hf') from None
+    if not torch.cuda.is_available() and not current_platform.is_cpu():
+        raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible", "use rollout.engine: hf")
+    from trainer.rollout import vllm_internals as vi
+
+    if not any(vllm.__version__.startswith(v) for v in vi.SUPPORTED):
+        raise UserError("rollout.engine", f"vllm {vllm.__version__} is not supported (tested {vi.TESTED})",
+                        'pip install "vllm>=0.24,<0.27"')
+    return vllm
+
+
+def engine_kwargs(recipe, plan, path: Path) -> dict:
+    """Arguments of vllm.LLM, all from the Plan: KV in bytes, no fraction of the card."""
+    rank = next(r for r in LORA_RANKS if r >= recipe.lora.r)
+    kw = dict(model=str(path), tokenizer=str(path), dtype=plan.compute_dtype,
+              enable_lora=True, max_lora_rank=rank, max_loras=1, max_cpu_loras=1,
+              kv_cache_memory_bytes=int(plan.kv_cache_memory_bytes), max_num_seqs=plan.max_num_seqs,
+              max_model_len=plan.max_model_len, max_num_batched_tokens=plan.max_num_batched_tokens,
+              enable_sleep_mode=plan.kv_release, logprobs_mode="processed_logprobs", seed=recipe.train.seed,
+              trust_remote_code=recipe.model.trust_remote_code,
+              # vLLM still refuses to start when free memory < total x this fraction; it does not size anything
+              gpu_memory_utilization=0.05)
+    if plan.weight_format == "shared_nf4":
+        kw["quantization"] = "bitsandbytes"
+    if plan.enforce_eager:
+        kw["enforce_eager"] = True
+    else:
+        # Full CUDA graphs for the decode batch sizes actually used, without torch.compile (saves ~40 s of start).
+        kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                    "cudagraph_capture_sizes": list(plan.cudagraph_capture_sizes)}
+    return kw
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, recipe, plan, path: Path):
+        vllm = import_vllm()
+        from trainer.rollout import vllm_internals as vi
+
+        self.vllm, self.recipe, self.plan, self.vi, self.path = vllm, recipe, plan, vi, path
+        self.shm = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"trainer-{os.getpid()}"
+        self.llm = self.vmodel = self.request = self.lora_sync = self.file_sync = None
+        self.kv_released = False
+        self.startup_s = 0.0
+        if plan.weight_format == "shared_nf4":  # vLLM loads (and quantises) the base; the policy shares it
+            self._start(path)
+
+    def _start(self, path: Path) -> None:
+        t0 = time.perf_counter()
+        self.llm = self.vllm.LLM(**engine_kwargs(self.recipe, self.plan, path))
+        self.startup_s = time.perf_counter() - t0
+        self.vmodel = self.vi.model(self.llm)
+
+    def attach(self, policy) -> None:
+        """Called once the policy exists: start vLLM on the mirror if any, register the adapter, map its slots."""
+        from vllm.lora.request import LoRARequest
+
+        from trainer import sync
+
+        if self.llm is None:  # bf16_mirror: vLLM loads the trainer's dequantised weights, then shares embeddings
+            mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
+            self._start(mirror)
+            sync.share_non_linear(policy.model.get_base_model(), self.vmodel)
+            shutil.rmtree(mirror, ignore_errors=True)
+        path = self.shm / "v0"
+        policy.model.save_pretrained(str(path), safe_serialization=True)
+        self.request = LoRARequest("policy", LORA_ID, str(path))
+        self.llm.llm_engine.add_lora(self.request)
+        self.llm.llm_engine.pin_lora(LORA_ID)
+        if LORA_ID not in list(self.vi.lora_manager(self.llm).lora_index_to_id):
+            self._generate_raw([[policy.tokenizer.eos_token_id or 0]], 1, ignore_eos=True)  # activates the slot
+        if self.plan.sync == "inplace":
+            self.lora_sync = sync.LoraSync(policy.model, self.vi.lora_slots(self.llm, LORA_ID))
+        else:
+            self.file_sync = sync.AdapterFileSync(self.shm)
+
+    def sync(self, policy) -> dict[str, float]:
+        if self.lora_sync is not None:
+            ms = self.lora_sync.push()
+        else:
+            ms, self.request = self.file_sync.push(policy.model, self.llm)
+        if not self.kv_released:
+            self.llm.reset_prefix_cache()  # cached prompt KV was computed with the previous adapter
+        return {"ms": ms}
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Generations:
+        caps = sampling.max_tokens_per_prompt or [sampling.max_tokens] * len(prompt_ids)
+        outs = self._generate_raw(prompt_ids, sampling.n, caps=caps, sampling=sampling)
+        ids, lps, truncated = [], [], []
+        for o in outs:
+            c = o.outputs[0]
+            toks = list(c.token_ids)
+            ids.append(toks)
+            lps.append([step[t].logprob for t, step in zip(toks, c.logprobs)] if c.logprobs else [0.0] * len(toks))
+            truncated.append(c.finish_reason == "length")
+        return Generations(ids, lps, truncated)
+
+    def _generate_raw(self, prompt_ids, n, caps=None, sampling: Sampling | None = None, ignore_eos=False):
+        from vllm import SamplingParams
+
+        if self.kv_released:
+            raise RuntimeError("generate() while the KV pool is released: call acquire() first")
+        s = sampling or Sampling(n=n, max_tokens=1, ignore_eos=ignore_eos)
+        caps = caps or [s.max_tokens] * len(prompt_ids)
+        prompts, params = [], []
+        for i, ids in enumerate(prompt_ids):
+            for j in range(n):
+                prompts.append({"prompt_token_ids": list(ids)})
+                params.append(SamplingParams(
+                    n=1, max_tokens=caps[i], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
+                    seed=None if s.seed is None else s.seed + i * n + j, logprobs=0, ignore_eos=s.ignore_eos,
+                    detokenize=False))
+        return self.llm.generate(prompts, params, lora_request=self.request, use_tqdm=False)
+
+    def release(self) -> None:
+        if self.plan.kv_release and not self.kv_released:
+            self.vi.release_kv(self.llm)
+            self.kv_released = True
+
+    def acquire(self) -> None:
+        if self.kv_released:
+            self.vi.restore_kv(self.llm)
+            self.kv_released = False
+
+    def close(self) -> None:
+        self.acquire()  # vLLM frees its pool at exit; it must be mapped then
+        shutil.rmtree(self.shm, ignore_errors=True)

