@@ -6,6 +6,7 @@ signals and the outer loop live in `run`. This module decides no memory knob: it
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -230,6 +231,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, engine)
     engine.attach(policy)
+    if world.main:
+        (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
     prompts = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
     rewards = load_rewards(recipe)
     optimizer, scheduler = make_optimizer(policy, recipe.train)

@@ -190,22 +190,25 @@ def _has(model: torch.nn.Module, name: str) -> bool:
 
 
 class AdapterFileSync:
-    """Fallback: save the adapter to /dev/shm as a new version and load it with add_lora (~0.1 s for 74 MB)."""
+    """Fallback: save the adapter to /dev/shm as a new version and load it with add_lora (~0.1 s for 74 MB).
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.version = 0
+    Each version gets a new id and name (so vLLM's prefix cache, keyed by name, never serves stale KV); the
+    previous version is removed.
+    """
+
+    def __init__(self, root: Path, current_id: int):
+        self.root, self.current = root, current_id
 
     def push(self, policy_model, llm) -> tuple[float, object]:
         from vllm.lora.request import LoRARequest
 
         t0 = time.perf_counter()
-        self.version += 1
-        path = self.root / f"v{self.version}"
+        new = self.current + 1
+        path = self.root / f"v{new}"
         policy_model.save_pretrained(str(path), safe_serialization=True)
-        req = LoRARequest(f"policy-v{self.version}", self.version, str(path))
+        req = LoRARequest(f"policy-v{new}", new, str(path))
         llm.llm_engine.add_lora(req)
-        if self.version > 1:
-            llm.llm_engine.remove_lora(self.version - 1)
-            shutil.rmtree(self.root / f"v{self.version - 1}", ignore_errors=True)
+        llm.llm_engine.remove_lora(self.current)
+        shutil.rmtree(self.root / f"v{self.current}", ignore_errors=True)
+        self.current = new
         return (time.perf_counter() - t0) * 1000, req

@@ -39,6 +39,7 @@ class HFEngine:
 
     def __init__(self, batch_size: int):
         self.policy, self.batch_size = None, batch_size
+        self.info = {"engine": "hf", "base_copies": 1}
 
     def attach(self, policy: Policy) -> None:
         self.policy = policy

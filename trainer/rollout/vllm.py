@@ -95,6 +95,7 @@ class VLLMEngine:
 
         from trainer import sync
 
+        self.info = {"vllm": self.vi.version(), "weight_format": self.plan.weight_format}
         if self.llm is None:  # bf16_mirror: vLLM loads the trainer's dequantised weights, then shares embeddings
             mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
             self._start(mirror)
@@ -104,13 +105,17 @@ class VLLMEngine:
         policy.model.save_pretrained(str(path), safe_serialization=True)
         self.request = LoRARequest("policy", LORA_ID, str(path))
         self.llm.llm_engine.add_lora(self.request)
-        self.llm.llm_engine.pin_lora(LORA_ID)
+        if self.plan.sync == "inplace":
+            self.llm.llm_engine.pin_lora(LORA_ID)  # never evicted: its slot is written in place every step
         if LORA_ID not in list(self.vi.lora_manager(self.llm).lora_index_to_id):
             self._generate_raw([[policy.tokenizer.eos_token_id or 0]], 1, ignore_eos=True)  # activates the slot
         if self.plan.sync == "inplace":
             self.lora_sync = sync.LoraSync(policy.model, self.vi.lora_slots(self.llm, LORA_ID))
+            self.info["lora_slot_bytes"] = self.lora_sync.bytes
         else:
-            self.file_sync = sync.AdapterFileSync(self.shm)
+            self.file_sync = sync.AdapterFileSync(self.shm, LORA_ID)
+        copies, outside = sync.count_base_copies(policy.model, self.vmodel)
+        self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8])
 
     def sync(self, policy) -> dict[str, float]:
         if self.lora_sync is not None:

@@ -1,0 +1,153 @@
+"""GPU tests (run on the device machine: pytest -m gpu): the shared 4-bit base is one copy, LoRA-only sync reaches
+vLLM's sampling with a small logprob gap, the KV pool alone is released and restored. Numbers measured here are
+written to $GPU_TESTS_JSON (bench/results/sync.json embeds them)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.gpu
+RESULTS: dict = {}
+
+
+def setup_module():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def teardown_module():
+    path = os.environ.get("GPU_TESTS_JSON")
+    if path:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=2)
+
+
+def used() -> int:
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+@pytest.fixture(scope="module")
+def stack():
+    from trainer.memory import ModelDims, base_bytes, Context
+    from trainer.plan import Device, make_plan
+    from trainer.policy import load_policy, read_config, resolve_model_path
+    from trainer.recipe import load_recipe
+    from trainer.rollout import make_engine
+
+    recipe = load_recipe(ROOT / "bench" / "recipes" / "toy-len-1.5b-vllm.yaml",
+                         ["model.shape=qwen2.5-0.5b", "rollout.cudagraph_capture_sizes=[1,2,4,8,16]"])
+    plan = make_plan(read_config(recipe.model), recipe, Device.detect())
+    path = resolve_model_path(recipe.model)
+    t0 = time.perf_counter()
+    engine = make_engine(recipe, plan, path)
+    RESULTS["engine_startup_s"] = round(time.perf_counter() - t0, 1)
+    torch.cuda.synchronize()
+    before = used()
+    policy = load_policy(recipe, plan, engine)
+    engine.attach(policy)
+    torch.cuda.synchronize()
+    dims = ModelDims.from_config(read_config(recipe.model))
+    ctx = Context(dims, 2, True, 16, "all-linear", "adamw_torch", True, "vllm", 384, 8, 128, 256, False)
+    RESULTS.update(shape="qwen2.5-0.5b", policy_build_added_gb=(used() - before) / 1e9,
+                   second_base_copy_would_cost_gb=base_bytes(ctx, vllm_layout=True) / 1e9, engine_info=engine.info)
+    yield recipe, plan, engine, policy
+    engine.close()
+
+
+def test_trainer_base_is_a_view_of_vllm_weights(stack):
+    from trainer.sync import count_base_copies
+
+    _, _, engine, policy = stack
+    copies, outside = count_base_copies(policy.model, engine.vmodel)
+    RESULTS["base_copies"] = copies
+    assert copies == 1, outside
+    # building the policy on top of vLLM added LoRA and bookkeeping only, far less than a second 4-bit base
+    assert RESULTS["policy_build_added_gb"] < 0.25 * RESULTS["second_base_copy_would_cost_gb"]
+
+
+def _sample(engine, policy, seed=3, n=4, tokens=64):
+    from trainer.types import Sampling
+
+    prompts = [policy.tokenizer("write only digits: river")["input_ids"], policy.tokenizer("hello there")["input_ids"]]
+    return prompts, engine.generate(prompts, Sampling(n=n, max_tokens=tokens, temperature=1.0, seed=seed))
+
+
+def _gap(policy, prompts, gens, n=4):
+    from trainer.batch import build_batch
+    from trainer.policy import completion_logprobs
+
+    b = build_batch(prompts, ["p"] * len(prompts), gens, n, policy.tokenizer.pad_token_id,
+                    lambda ids: ["" for _ in ids], False, False)
+    dev = policy.device
+    with torch.no_grad():
+        lp, _ = completion_logprobs(policy, torch.cat([b.prompt_ids, b.completion_ids], 1).to(dev),
+                                    torch.cat([b.prompt_mask, b.completion_valid], 1).to(dev),
+                                    b.completion_ids.to(dev), b.completion_valid.to(dev), 1.0, 4096, 32768)
+    diff = (lp.cpu() - b.sampler_logps).abs()[b.completion_valid.bool()]
+    return float(diff.mean()), float(diff.max())
+
+
+def _randomize_lora(policy, scale, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.device))
+
+
+def test_inplace_lora_sync_reaches_sampling(stack):
+    _, _, engine, policy = stack
+    prompts, g0 = _sample(engine, policy)
+    RESULTS["gap_zero_lora"] = _gap(policy, prompts, g0)
+    _randomize_lora(policy, 0.02, seed=1)
+    ms = [engine.sync(policy)["ms"] for _ in range(5)]
+    _, g1 = _sample(engine, policy)
+    RESULTS["sync_ms_inplace_0.5b"] = sorted(ms)[2]
+    RESULTS["gap_random_lora"] = _gap(policy, prompts, g1)
+    assert g1.completion_ids != g0.completion_ids
+    assert RESULTS["gap_random_lora"][0] < 0.02, RESULTS["gap_random_lora"]
+    _randomize_lora(policy, 0.0, seed=0)
+    engine.sync(policy)
+    _, g2 = _sample(engine, policy)
+    assert g2.completion_ids == g0.completion_ids  # zero LoRA again: exactly the base samples (same seeds)
+
+
+def test_kv_pool_alone_is_released_and_restored(stack):
+    _, plan, engine, policy = stack
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = used()
+    t0 = time.perf_counter()
+    engine.release()
+    released_s = time.perf_counter() - t0
+    freed = before - used()
+    t0 = time.perf_counter()
+    engine.acquire()
+    restored_s = time.perf_counter() - t0
+    prompts, g = _sample(engine, policy)
+    RESULTS.update(kv_planned_gb=plan.kv_cache_memory_bytes / 1e9, kv_freed_gb=freed / 1e9,
+                   kv_release_s=released_s, kv_restore_s=restored_s, gap_after_restore=_gap(policy, prompts, g))
+    assert freed >= 0.9 * plan.kv_cache_memory_bytes, RESULTS
+    assert RESULTS["gap_after_restore"][0] < 0.02  # weights untouched, generation still exact
+
+
+def test_add_lora_fallback_sync(stack):
+    from trainer.sync import AdapterFileSync
+
+    _, _, engine, policy = stack
+    engine.llm.llm_engine.remove_lora(1)  # last test: drop the pinned in-place adapter to make room
+    fs = AdapterFileSync(engine.shm, 1)
+    ms = []
+    for _ in range(3):
+        t, engine.request = fs.push(policy.model, engine.llm)
+        ms.append(t)
+    prompts, g = _sample(engine, policy)
+    RESULTS["sync_ms_add_lora_0.5b"] = sorted(ms)[1]
+    RESULTS["gap_add_lora"] = _gap(policy, prompts, g)
