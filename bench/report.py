@@ -40,18 +40,19 @@ def hf(run: Path, smi: dict, out: Path) -> dict:
 def sync(run: Path, smi: dict, tests: dict, out: Path) -> dict:
     m = metrics(run)
     plan = json.loads((run / "plan.json").read_text())
+    engine = json.loads((run / "engine.json").read_text())
     gaps = [x["logp_gap_mean"] for x in m]
     first, last = mean(gaps[:50]), mean(gaps[-50:])
     res = {"device": plan["device_name"], "model_shape": "qwen2.5-1.5b", "lora_rank": 16,
            "weight_format": plan["weight_format"], "kv_release": plan["kv_release"],
            "sync_ms_median": statistics.median(x["sync_ms"] for x in m),
-           "base_copies": tests.get("base_copies"), "logp_gap_mean": mean(gaps),
+           "base_copies": engine.get("base_copies"), "logp_gap_mean": mean(gaps),
            "logp_gap_max": max(x["logp_gap_max"] for x in m),
            "logp_gap_mean_last50_over_first50": last / first if first else None, "steps": len(m),
            "reward_first10": mean(x["reward_mean"] for x in m[:10]), "reward_last10": mean(x["reward_mean"] for x in m[-10:]),
            "peak_gb_steps_10_50": window_peak(m, 10, 50), "peak_gb_steps_150_200": window_peak(m, 150, 200),
            "step_s_median": statistics.median(x["time_step_s"] for x in m[1:]),
-           "smi_peak_gb": smi["peak_gb"], "engine_startup_s": tests.get("engine_startup_s"),
+           "smi_peak_gb": smi["peak_gb"], "engine_startup_s": engine.get("startup_s"),
            "time_split_median_s": {k[5:-2]: statistics.median(x[k] for x in m[1:]) for k in m[-1] if k.startswith("time_")},
            "gpu_tests": tests,
            "command": "python bench/smi.py smi_sync.json -- train bench/recipes/toy-len-1.5b-vllm.yaml"}

@@ -41,22 +41,33 @@ class State:
     scheduler: object
     world: distributed.World
     loss_cfg: LossConfig
+    mem: MemorySampler | None = None
     times: dict = field(default_factory=lambda: defaultdict(float))
+    peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
 
     @contextlib.contextmanager
     def timed(self, name: str):
-        if self.policy.device.type == "cuda":
+        cuda = self.policy.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if self.mem is not None:
+            self.mem.take_peak()
         t0 = time.perf_counter()
         yield
-        if self.policy.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
+            self.peaks[f"torch_alloc_{name}"] = max(self.peaks.get(f"torch_alloc_{name}", 0),
+                                                    torch.cuda.max_memory_allocated())
+        if self.mem is not None:
+            self.peaks[f"used_{name}"] = max(self.peaks.get(f"used_{name}", 0), self.mem.take_peak())
         self.times[name] += time.perf_counter() - t0
 
 
 def grpo_step(s: State, step: int) -> dict:
     r, g, plan = s.recipe, s.recipe.grpo, s.plan
     s.times.clear()
+    s.peaks.clear()
     # 1. Rollout: G completions for each of this rank's prompts, from the current adapter.
     n = plan.prompts_per_step
     worst = step == 0 and r.train.worst_case_first_step
@@ -186,6 +197,9 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
         m[f"time_{k}_s"] = v
     m["time_step_s"] = sum(s.times.values())
     m["tokens_per_s"] = float(lengths.sum()) / max(s.times["rollout"], 1e-9)
+    m.update({f"peak_{k}_gb": v / 1e9 for k, v in s.peaks.items()})
+    if s.peaks:
+        m["peak_memory_gb"] = max(v for k, v in s.peaks.items() if k.startswith("used_")) / 1e9
     m.update({f"sync_{k}": v for k, v in sync_stats.items()})
     return m
 
@@ -240,10 +254,11 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     if resume is not None:
         start = checkpoint.load(resume, policy.model, optimizer, scheduler)["step"]
     engine.sync(policy)
+    sampler = MemorySampler()
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
-              LossConfig.from_grpo(recipe.grpo))
+              LossConfig.from_grpo(recipe.grpo), mem=sampler)
     logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
-    sampler, stop, bad = MemorySampler(), _Stop(), 0
+    stop, bad = _Stop(), 0
     code, step = 0, start
     save = lambda k: checkpoint.save(run_dir, k, policy.model, optimizer, scheduler,  # noqa: E731
                                      {"recipe": recipe.name}, recipe.checkpoint.save_total_limit) if world.main else None
@@ -252,7 +267,6 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     with Progress(console, recipe.train.max_steps, start, enabled=world.main) as progress:
         for step in range(start, recipe.train.max_steps):
             m = grpo_step(s, step)
-            m["peak_memory_gb"] = sampler.take_peak() / 1e9
             logger.log(m)
             progress.update(m, line(m))
             bad = bad + 1 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) else 0
