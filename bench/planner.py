@@ -29,7 +29,9 @@ CONFIGS = {
 
 
 def overrides(name: str) -> list[str]:
-    return FREE + CONFIGS[name]
+    import os
+
+    return FREE + CONFIGS[name] + os.environ.get("GPU_SETS", "").split()
 
 
 def predict() -> None:

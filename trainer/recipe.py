@@ -104,6 +104,7 @@ class RolloutSection(Section):
     max_num_batched_tokens: int | None = None
     enforce_eager: bool | None = None
     cudagraph_capture_sizes: list[int] | None = None
+    compile: bool = False  # vLLM's torch.compile (+~40 s start); off: full CUDA graphs of the decode sizes only
     # HF generate: sequences generated at once (None: the planner decides).
     hf_batch_size: int | None = None
 

@@ -61,6 +61,8 @@ def engine_kwargs(recipe, plan, path: Path) -> dict:
         kw["quantization"] = "bitsandbytes"
     if plan.enforce_eager:
         kw["enforce_eager"] = True
+    elif recipe.rollout.compile:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": list(plan.cudagraph_capture_sizes)}
     else:
         # Full CUDA graphs for the decode batch sizes actually used, without torch.compile (saves ~40 s of start).
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
