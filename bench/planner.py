@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-BASE = "bench/recipes/toy-len-1.5b-vllm.yaml"
-FREE = ["rollout.weight_format=", "rollout.kv_release=", "checkpoint.save_final=false", "train.max_steps=6"]
+BASE = "bench/recipes/toy-digits-1.5b-vllm.yaml"
+# data.max_prompt_length = the longest prompt of the data (30 tokens with the chat template), as users should set it
+FREE = ["rollout.weight_format=", "rollout.kv_release=", "checkpoint.save_final=false", "train.max_steps=6",
+        "data.max_prompt_length=30"]
 CONFIGS = {
     "seed-1.5b-7gb": ["budget.vram_gb=7", "grpo.max_completion_length=256", "train.generation_batch_size=8"],
     "0.5b-6gb-16x512": ["model.shape=qwen2.5-0.5b", "budget.vram_gb=6", "grpo.max_completion_length=512",
@@ -23,6 +25,8 @@ CONFIGS = {
                        "rollout.enforce_eager=true", "train.max_steps=3"],
     "0.5b-hf-6gb-32x256": ["model.shape=qwen2.5-0.5b", "rollout.engine=hf", "budget.vram_gb=6",
                            "grpo.max_completion_length=256", "train.generation_batch_size=32"],
+    "1.5b-12gb-16x1024-kvrelease": ["budget.vram_gb=12", "grpo.max_completion_length=1024",
+                                    "train.generation_batch_size=16", "rollout.kv_release=true", "train.max_steps=4"],
     "1.5b-20gb-64x512": ["budget.vram_gb=20", "grpo.max_completion_length=512", "train.generation_batch_size=64",
                          "train.max_steps=4"],
 }

@@ -27,12 +27,14 @@ def window_peak(m, lo, hi):
 def hf(run: Path, smi: dict, out: Path) -> dict:
     m = metrics(run)
     plan = json.loads((run / "plan.json").read_text())
-    res = {"device": plan["device_name"], "model_shape": "qwen2.5-0.5b", "engine": "hf", "quantized": plan["quantized"],
+    shape = json.loads((run / "recipe.json").read_text())["model"]["shape"]
+    res = {"device": plan["device_name"], "model_shape": shape, "engine": "hf", "quantized": plan["quantized"],
            "steps": len(m), "step_s_median": statistics.median(x["time_step_s"] for x in m[1:]),
            "rollout_s_median": statistics.median(x["time_rollout_s"] for x in m[1:]),
-           "peak_gb": smi["peak_gb"], "reward_first5": mean(x["reward_mean"] for x in m[:5]),
+           "peak_gb": smi["peak_gb"], "reward_first5": mean(x["reward_mean"] for x in m[:5]), "learning_rate": json.loads(
+               (run / "recipe.json").read_text())["train"]["learning_rate"],
            "reward_last5": mean(x["reward_mean"] for x in m[-5:]), "rewards": [round(x["reward_mean"], 4) for x in m],
-           "command": "python bench/smi.py smi_hf.json -- train bench/recipes/toy-len-0.5b-hf.yaml"}
+           "command": "python bench/smi.py smi_hf.json -- train bench/recipes/toy-digits-0.5b-hf.yaml"}
     out.write_text(json.dumps(res, indent=2))
     return res
 
@@ -43,7 +45,8 @@ def sync(run: Path, smi: dict, tests: dict, out: Path) -> dict:
     engine = json.loads((run / "engine.json").read_text())
     gaps = [x["logp_gap_mean"] for x in m]
     first, last = mean(gaps[:50]), mean(gaps[-50:])
-    res = {"device": plan["device_name"], "model_shape": "qwen2.5-1.5b", "lora_rank": 16,
+    shape = json.loads((run / "recipe.json").read_text())["model"]["shape"]
+    res = {"device": plan["device_name"], "model_shape": shape, "lora_rank": 16,
            "weight_format": plan["weight_format"], "kv_release": plan["kv_release"],
            "sync_ms_median": statistics.median(x["sync_ms"] for x in m),
            "base_copies": engine.get("base_copies"), "logp_gap_mean": mean(gaps),
@@ -55,7 +58,7 @@ def sync(run: Path, smi: dict, tests: dict, out: Path) -> dict:
            "smi_peak_gb": smi["peak_gb"], "engine_startup_s": engine.get("startup_s"),
            "time_split_median_s": {k[5:-2]: statistics.median(x[k] for x in m[1:]) for k in m[-1] if k.startswith("time_")},
            "gpu_tests": tests,
-           "command": "python bench/smi.py smi_sync.json -- train bench/recipes/toy-len-1.5b-vllm.yaml"}
+           "command": "python bench/smi.py smi_sync.json -- train bench/recipes/toy-digits-1.5b-vllm.yaml"}
     res["peak_growth_frac"] = res["peak_gb_steps_150_200"] / res["peak_gb_steps_10_50"] - 1
     out.write_text(json.dumps(res, indent=2))
     return res

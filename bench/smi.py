@@ -1,6 +1,6 @@
 """Run a command while sampling nvidia-smi's used memory every 0.2 s; write the peak and timeline as JSON.
 
-    python bench/smi.py OUT.json -- train bench/recipes/toy-len-1.5b-vllm.yaml --output-dir runs/x
+    python bench/smi.py OUT.json -- train bench/recipes/toy-digits-1.5b-vllm.yaml --output-dir runs/x
 The peak includes the CUDA context (what nvidia-smi shows), in GB (1e9 bytes), as bench/results/*.json report.
 """
 from __future__ import annotations

@@ -13,13 +13,13 @@ if [[ $what == tests || $what == all ]]; then
   GPU_TESTS_JSON=$OUT/gpu_tests.json python3 -m pytest -m gpu tests/test_gpu.py -x -q -p no:cacheprovider 2>&1 | tail -40 | tee $OUT/gpu_tests.log
 fi
 if [[ $what == hf || $what == all ]]; then
-  python3 bench/smi.py $OUT/smi_hf.json -- python3 -m trainer.cli bench/recipes/toy-len-0.5b-hf.yaml \
+  python3 bench/smi.py $OUT/smi_hf.json -- python3 -m trainer.cli bench/recipes/toy-digits-0.5b-hf.yaml \
     --output-dir /root/runs/hf --overwrite "${SETS[@]}" > $OUT/hf.log 2>&1
   tail -5 $OUT/hf.log
   python3 bench/report.py hf /root/runs/hf $OUT/smi_hf.json $OUT/hf_gpu.json
 fi
 if [[ $what == sync || $what == all ]]; then
-  python3 bench/smi.py $OUT/smi_sync.json -- python3 -m trainer.cli bench/recipes/toy-len-1.5b-vllm.yaml \
+  python3 bench/smi.py $OUT/smi_sync.json -- python3 -m trainer.cli bench/recipes/toy-digits-1.5b-vllm.yaml \
     --output-dir /root/runs/sync --overwrite "${SETS[@]}" ${SYNC_ARGS:-} > $OUT/sync.log 2>&1
   grep -v "INFO" $OUT/sync.log | tail -8
   cp /root/runs/sync/engine.json $OUT/engine_sync.json 2>/dev/null

@@ -41,7 +41,7 @@ def stack():
     from trainer.recipe import load_recipe
     from trainer.rollout import make_engine
 
-    recipe = load_recipe(ROOT / "bench" / "recipes" / "toy-len-1.5b-vllm.yaml",
+    recipe = load_recipe(ROOT / "bench" / "recipes" / "toy-digits-1.5b-vllm.yaml",
                          ["model.shape=qwen2.5-0.5b", "rollout.cudagraph_capture_sizes=[1,2,4,8,16]",
                           *os.environ.get("GPU_SETS", "").split()])
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())

@@ -15,7 +15,12 @@ MiB = 2 ** 20
 CUDA_CONTEXT = 530 * MiB  # measured: nvidia-smi of a process that initialised torch + cuBLAS on H100
 VLLM_NON_TORCH = 225 * MiB  # measured: vLLM's non-torch allocations (NCCL, cuBLAS workspaces)
 GRAPH_BASE, GRAPH_PER_SIZE = 90 * MiB, 16 * MiB  # measured: LoRA + bnb graphs, 0.20 GiB for [1, 2, 4, 8]
-ALLOC_SLACK = 0.08  # caching-allocator fragmentation on dynamic memory
+# Train-phase activations with gradient checkpointing, bytes per token of a micro-batch per (layers x hidden) and
+# per (layers x intermediate): fitted on H100 runs of the 0.5B and 1.5B shapes (bench/results/planner.json,
+# 1.3k-35k tokens per micro-batch, fit within 5%). Counting tensor shapes alone gave 40% too little for the 1.5B.
+CKPT_BYTES_PER_LH, CKPT_BYTES_PER_LI = 2.76, 0.69
+# The caching allocator reserves more than it allocates (blocks of varying sizes across phases); measured:
+SLACK_FIXED, SLACK_FRACTION = 250 * 10**6, 0.17
 KV_BLOCK = 16  # vLLM's default block size (tokens)
 
 
@@ -117,12 +122,17 @@ def dequant_scratch(ctx: Context) -> int:
 
 def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     d, t = ctx.dims, k["micro_batch_tokens"]
-    if k["gradient_checkpointing"]:
+    if k["gradient_checkpointing"] and ctx.cuda:
+        acts = int(t * d.layers * (CKPT_BYTES_PER_LH * d.hidden + CKPT_BYTES_PER_LI * d.intermediate))
+    elif k["gradient_checkpointing"]:
         acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t)
     else:
         acts = d.layers * layer_activation_bytes(ctx, t)
-    tile = k["token_chunk"] * k["vocab_chunk"] * max(ctx.dtype_bytes, 2)
-    logits = 2 * tile + k["token_chunk"] * d.hidden * 4 + t * d.hidden * (ctx.dtype_bytes + 4)
+    # One [rows, vocab_chunk] logits tile at a time; rows = completion tokens of the call, at most token_chunk.
+    # TRL's CPU fold makes ~16 tile-sized temporaries; the CUDA kernel folds in place.
+    rows = min(k["token_chunk"], max(1, t * ctx.completion_len // ctx.max_len))
+    tile = rows * k["vocab_chunk"] * max(ctx.dtype_bytes, 2) * (1 if ctx.cuda else 16)
+    logits = tile + rows * d.hidden * 4
     batch = ctx.gen * ctx.max_len * 8 * 6  # ids, masks and logprob tensors of the step on the device
     return {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch}
 
@@ -161,7 +171,7 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
     roll, train = rollout_phase(ctx, k), train_phase(ctx, k)
     comps = {**static, **kv, **roll, **train}
     base = sum(static.values())
-    slack = lambda dyn: int(dyn * ALLOC_SLACK)  # noqa: E731
+    slack = lambda dyn: int(SLACK_FIXED + SLACK_FRACTION * dyn) if ctx.cuda else 0  # noqa: E731
     roll_dyn = sum(roll.values()) + sum(kv.values())
     train_dyn = sum(train.values()) + (0 if k["kv_release"] else sum(kv.values()))
     phases = {"rollout": base + roll_dyn + slack(roll_dyn), "train": base + train_dyn + slack(train_dyn)}

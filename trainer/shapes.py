@@ -35,6 +35,11 @@ SHAPES: dict[str, dict] = {
                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
                          tie_word_embeddings=True, dtype="bfloat16", tokenizer_vocab=4096),
 }
+# "-toy" variants: the same tensor shapes, but wider embeddings (std 0.1) and zero embedding rows beyond the tokenizer, so the
+# random model samples tokens that decode to text (the rows are 97% of the vocab) and a toy reward is learnable;
+# with the default init the output is near-uniform over 152k ids and no text-level reward moves in 200 steps.
+for _name in ("qwen2.5-0.5b", "qwen2.5-1.5b"):
+    SHAPES[f"{_name}-toy"] = dict(SHAPES[_name], embed_std=0.1, mask_unused_vocab=True)
 
 
 def cache_dir() -> Path:
@@ -106,6 +111,8 @@ def config_dict(shape: str) -> dict:
         raise UserError("model.shape", f"unknown shape {shape!r}", f"use one of: {', '.join(SHAPES)}")
     spec = dict(SHAPES[shape])
     tok_vocab = spec.pop("tokenizer_vocab")
+    spec.pop("mask_unused_vocab", None)
+    spec.pop("embed_std", None)
     spec["torch_dtype"] = spec.pop("dtype")
     spec["vocab_size"] = spec["vocab_size"] or -(-tok_vocab // 64) * 64
     return dict(spec, model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6)
@@ -129,6 +136,12 @@ def build(shape: str, seed: int, out: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(getattr(torch, SHAPES[shape]["dtype"]))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        if SHAPES[shape].get("embed_std"):
+            emb.normal_(0, SHAPES[shape]["embed_std"])
+        if SHAPES[shape].get("mask_unused_vocab"):
+            emb[len(tokenizer):] = 0
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)

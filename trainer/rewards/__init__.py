@@ -77,7 +77,7 @@ def score(funcs: list[RewardFunction], prompts: list, completions: list, columns
     failures: dict[str, int] = {}
     for j, rf in enumerate(funcs):
         try:
-            values = rf.fn(prompts=prompts, completions=completions, **columns, **rf.kwargs)
+            values = rf.fn(prompts=prompts, completions=completions, **{**columns, **rf.kwargs})
         except Exception as e:
             if rf.on_error == "zero":
                 failures[rf.name] = failures.get(rf.name, 0) + n
@@ -97,7 +97,7 @@ def _first_failing(rf: RewardFunction, prompts, completions, columns) -> int | N
     for k in range(len(completions)):
         try:
             rf.fn(prompts=prompts[k:k + 1], completions=completions[k:k + 1],
-                  **{c: v[k:k + 1] for c, v in columns.items()}, **rf.kwargs)
+                  **{**{c: v[k:k + 1] for c, v in columns.items()}, **rf.kwargs})
         except Exception:
             return k
     return None

@@ -1,0 +1,128 @@
+"""The VRAM planner: byte counts of real model configs against hand-computed values, and properties of its
+choices (more budget never plans worse, fixed knobs are kept, infeasible recipes are refused with the minimum)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tests.conftest import ROOT
+from trainer import memory
+from trainer.errors import UserError
+from trainer.memory import ModelDims
+from trainer.plan import Device, make_plan
+from trainer.recipe import load_recipe
+
+H100 = Device("cuda", "NVIDIA H100 80GB HBM3", 85_000_000_000, 84_000_000_000, True)
+MODELS = ROOT / "configs" / "models"
+
+
+def cfg(name: str) -> dict:
+    return json.loads((MODELS / f"{name}.json").read_text())
+
+
+def recipe(overrides=()):
+    return load_recipe(ROOT / "bench" / "recipes" / "toy-digits-1.5b-vllm.yaml",
+                       ["rollout.weight_format=", "rollout.kv_release=", "train.generation_batch_size=8",
+                        "grpo.max_completion_length=256", "data.max_prompt_length=128", *overrides])
+
+
+def test_qwen25_15b_counts_by_hand():
+    d = ModelDims.from_config(cfg("qwen2.5-1.5b-instruct"))
+    per_layer = 2 * 1536 * 1536 + 2 * 256 * 1536 + 3 * 8960 * 1536  # q, o; k, v; gate, up, down
+    assert d.linear_params == 28 * per_layer == 1_310_195_712
+    assert d.embed_params == 151936 * 1536  # tied: one matrix
+    assert d.lora_params(16, "all-linear") == 28 * 16 * (2 * 3072 + 2 * 1792 + 3 * 10496) == 18_464_768
+    assert d.lora_params(16, ["q_proj", "v_proj"]) == 28 * 16 * (3072 + 1792)
+    assert d.kv_bytes_per_token() == 2 * 28 * 2 * 128 * 2 == 28_672  # K and V, layers, kv heads, head dim, bf16
+
+
+def test_untied_and_gqa_models():
+    q7, llama = ModelDims.from_config(cfg("qwen2.5-7b-instruct")), ModelDims.from_config(cfg("llama-3.1-8b-instruct"))
+    assert q7.embed_params == 2 * 152064 * 3584 and q7.kv_bytes_per_token() == 2 * 28 * 4 * 128 * 2
+    assert llama.linear_params == 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
+    assert llama.max_position == 131072 and not llama.tied
+
+
+def test_4bit_base_bytes_by_hand():
+    d = ModelDims.from_config(cfg("qwen2.5-1.5b-instruct"))
+    ctx = memory.Context(d, 2, True, 16, "all-linear", "adamw_torch", True, "vllm", 384, 8, 128, 256, False)
+    n = d.linear_params
+    small = 28 * (2 * 1536 + 1536 + 2 * 256) + 1536  # norms and q/k/v biases
+    assert memory.base_bytes(ctx, vllm_layout=True) == n // 2 + n // 64 * 4 + (151936 * 1536 + small) * 2
+    # HF's double quantisation stores absmax in 8 bits (+ an fp32 per 256 blocks): smaller than vLLM's fp32 absmax
+    assert memory.base_bytes(ctx, vllm_layout=False) < memory.base_bytes(ctx, vllm_layout=True)
+
+
+def test_kv_pool_is_sized_in_bytes_for_the_sequences_not_a_fraction():
+    d = ModelDims.from_config(cfg("qwen2.5-1.5b-instruct"))
+    # 8 sequences of 384 tokens: 24 + 1 spare blocks of 16 tokens each
+    assert memory.kv_pool_bytes(d, 8, 384) == 8 * 25 * 16 * 28_672  # 91.8 MB, where a 0.6 fraction reserves ~10 GB
+
+
+def test_seed_case_fits_seven_gb_with_a_small_kv_pool():
+    plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=7", "data.max_prompt_length=128"]), H100)
+    assert plan.peak_bytes <= 7e9 and plan.kv_cache_memory_bytes < 0.2e9
+    assert plan.max_num_seqs == 8 and plan.cudagraph_capture_sizes == [1, 2, 4, 8]
+
+
+def test_infeasible_budget_states_the_minimum_that_fits():
+    with pytest.raises(UserError) as e:
+        make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=2"]), H100)
+    assert e.value.field == "budget.vram_gb"
+    need = float(e.value.fix.split("budget.vram_gb: ")[1].split(",")[0])
+    plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([f"budget.vram_gb={need}"]), H100)
+    assert plan.peak_bytes <= need * 1e9
+    with pytest.raises(UserError):
+        make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([f"budget.vram_gb={need - 0.15}"]), H100)
+
+
+def test_context_longer_than_the_model_is_refused():
+    with pytest.raises(UserError) as e:
+        make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["grpo.max_completion_length=40000"]), H100)
+    assert e.value.field == "grpo.max_completion_length"
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.floats(5.0, 40.0), extra=st.floats(0.1, 20.0), gen=st.sampled_from([8, 16, 32, 64]),
+       length=st.sampled_from([128, 256, 512]), model=st.sampled_from(["qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct"]))
+def test_more_budget_never_plans_worse_and_never_exceeds(budget, extra, gen, length, model):
+    over = [f"train.generation_batch_size={gen}", f"grpo.max_completion_length={length}"]
+    plans = []
+    for b in (budget, budget + extra):
+        try:
+            plans.append(make_plan(cfg(model), recipe(over + [f"budget.vram_gb={b}"]), H100))
+        except UserError:
+            plans.append(None)
+    small, big = plans
+    if small is not None:
+        assert small.peak_bytes <= budget * 1e9
+        assert big is not None and big.peak_bytes <= (budget + extra) * 1e9
+        assert _speed(big) >= _speed(small)
+
+
+def _speed(plan) -> tuple:
+    """What the planner maximises, recomputed from the plan's knobs: fewer micro-batches, no recompute, ..."""
+    import math
+
+    steps = math.ceil(plan.generation_batch_size * plan.max_model_len / plan.micro_batch_tokens)
+    return (-steps * (1.35 if plan.gradient_checkpointing else 1.0) - (0.5 if plan.kv_release else 0)
+            + (1.0 if plan.weight_format == "bf16_mirror" and plan.max_num_seqs <= 32 else 0))
+
+
+@pytest.mark.parametrize("fixed", [["train.micro_batch_tokens=1024"], ["rollout.weight_format=shared_nf4"],
+                                   ["rollout.kv_release=true"], ["rollout.enforce_eager=true"],
+                                   ["model.gradient_checkpointing=true"], ["rollout.kv_cache_memory_bytes=123456789"]])
+def test_fixed_knobs_are_kept(fixed):
+    plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(fixed + ["budget.vram_gb=30"]), H100)
+    key, value = fixed[0].split("=")
+    field = key.split(".")[1]
+    got = getattr(plan, field)
+    assert str(got).lower() == value.lower()
+
+
+def test_auto_budget_uses_free_memory_minus_margin():
+    plan = make_plan(cfg("qwen2.5-0.5b-instruct"), recipe(["budget.vram_gb=auto", "budget.margin_gb=2"]),
+                     Device("cuda", "x", 16e9, 12e9, True))
+    assert plan.budget_bytes == int(12e9 - 2e9)
