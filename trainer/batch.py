@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.env import to_device
 from trainer.types import Generations, RolloutBatch
 
 
@@ -91,9 +92,9 @@ def micro_batch(batch: RolloutBatch, rows: list[int], device) -> MicroBatch:
     p_ids = batch.prompt_ids[idx][:, -p_keep:]
     c_ids = batch.completion_ids[idx][:, :c_keep]
     c_valid = c_valid[:, :c_keep]
-    input_ids = torch.cat([p_ids, c_ids], 1).to(device)
-    mask = torch.cat([p_mask[:, -p_keep:], c_valid], 1).to(device)
-    return MicroBatch(idx, input_ids, mask, c_ids.to(device), c_valid.to(device), c_keep)
+    input_ids = to_device(torch.cat([p_ids, c_ids], 1), device)
+    mask = to_device(torch.cat([p_mask[:, -p_keep:], c_valid], 1), device)
+    return MicroBatch(idx, input_ids, mask, to_device(c_ids, device), to_device(c_valid, device), c_keep)
 
 
 def take(t: torch.Tensor | None, mb: MicroBatch, device) -> torch.Tensor | None:
@@ -103,4 +104,4 @@ def take(t: torch.Tensor | None, mb: MicroBatch, device) -> torch.Tensor | None:
     t = t[mb.rows]
     if t.dim() == 2 and t.size(1) > 1:
         t = t[:, :mb.c_len]
-    return t.to(device)
+    return to_device(t, device)

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, kee
         for p in tmp.iterdir():
             _fsync(p)
         _fsync(tmp)
+        if os.environ.get("TRAINER_TEST_SLOW_CHECKPOINT"):  # test hook: widen the window before the atomic rename
+            time.sleep(float(os.environ["TRAINER_TEST_SLOW_CHECKPOINT"]))
         if final.exists():  # a re-save of the same step (e.g. the final save after a periodic one)
             shutil.rmtree(final)
         os.rename(tmp, final)

