@@ -9,7 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer.errors import USER_ERROR_EXIT, UserError
+from trainer.errors import EXIT_OOM, USER_ERROR_EXIT, UserError
+from trainer.oom import OutOfMemory
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         console.print(f"[bold red]error[/] {e.message}", highlight=False, soft_wrap=True)
         return USER_ERROR_EXIT
+    except OutOfMemory as e:
+        console.print(f"[bold red]out of memory[/] {e}", highlight=False, soft_wrap=True)
+        return EXIT_OOM
     except KeyboardInterrupt:
         console.print("[yellow]interrupted")
         return 130

@@ -18,7 +18,7 @@ def is_wsl() -> bool:
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host -> device copy; through pinned memory (asynchronous) on CUDA, except under WSL."""
-    if device.type == "cuda" and not is_wsl():
+    if torch.device(device).type == "cuda" and not is_wsl():
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, distributed
-from trainer.batch import build_batch, micro_batch, pack, take
+from trainer import checkpoint, distributed, oom
+from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
@@ -44,11 +44,15 @@ class State:
     mem: MemorySampler | None = None
     times: dict = field(default_factory=lambda: defaultdict(float))
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
+    phase: str = ""
+    step: int = 0
     nan_steps: frozenset = frozenset(int(x) - 1 for x in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").split(",")
                                      if x.strip())
 
     @contextlib.contextmanager
     def timed(self, name: str):
+        self.phase = name
+        oom.test_hook(name, self.step)
         cuda = self.policy.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -68,6 +72,7 @@ class State:
 
 def grpo_step(s: State, step: int) -> dict:
     r, g, plan = s.recipe, s.recipe.grpo, s.plan
+    s.step = step
     s.times.clear()
     s.peaks.clear()
     # 1. Rollout: G completions for each of this rank's prompts, from the current adapter.
@@ -76,9 +81,10 @@ def grpo_step(s: State, step: int) -> dict:
     order = s.prompts.longest(n * s.world.size) if worst else s.prompts.indices(step, n * s.world.size,
                                                                                    r.train.seed, r.data.shuffle)
     idx = order[s.world.rank * n:(s.world.rank + 1) * n]
+    seed = r.train.seed * 1_000_003 + step * 1009 + s.world.rank
     sampling = Sampling(n=g.num_generations, max_tokens=g.max_completion_length, temperature=g.temperature,
-                        top_p=g.top_p, top_k=g.top_k, seed=r.train.seed * 1_000_003 + step * 1009 + s.world.rank,
-                        ignore_eos=worst)
+                        top_p=g.top_p, top_k=g.top_k, seed=seed, ignore_eos=worst,
+                        max_tokens_per_request=None if worst else length_mix(r, n * g.num_generations, seed))
     with s.timed("rollout"):
         s.engine.acquire()
         gens = s.engine.generate([s.prompts.prompt_ids[i] for i in idx], sampling)
@@ -95,7 +101,8 @@ def grpo_step(s: State, step: int) -> dict:
     # 3. Loss weights from global counts; micro-batches packed by tokens; reference / old log-probs if needed.
     counts = distributed.all_reduce_sum(torch.tensor([float(batch.completion_mask.sum()), float(len(batch))]), s.world)
     weights = token_weights(batch.completion_mask, s.loss_cfg, total_tokens=counts[0], num_sequences=int(counts[1]))
-    groups = pack(batch.seq_lengths.tolist(), plan.micro_batch_tokens)
+    groups = (pack(batch.seq_lengths.tolist(), plan.micro_batch_tokens) if plan.micro_batch_seqs is None
+              else fixed_chunks(len(batch), plan.micro_batch_seqs))
     with s.timed("recompute"):
         if g.beta != 0.0:
             with s.policy.reference():
@@ -131,6 +138,18 @@ def grpo_step(s: State, step: int) -> dict:
     with s.timed("sync"):
         sync_stats = s.engine.sync(s.policy)
     return _metrics(s, step, batch, stats, grad_norm, failures, sync_stats)
+
+
+def length_mix(recipe, count: int, seed: int) -> list[int] | None:
+    """Benchmark knob: per-request max_tokens from a log-normal (random-init models never stop on their own)."""
+    mix = recipe.rollout.length_mix
+    if mix is None:
+        return None
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    draws = rng.lognormal(np.log(mix.median), mix.sigma, size=count)
+    return [int(min(recipe.grpo.max_completion_length, max(mix.min_tokens, x))) for x in draws]
 
 
 @torch.no_grad()
@@ -271,7 +290,10 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
 
     with Progress(console, recipe.train.max_steps, start, enabled=world.main) as progress:
         for step in range(start, recipe.train.max_steps):
-            m = grpo_step(s, step)
+            try:
+                m = grpo_step(s, step)
+            except torch.cuda.OutOfMemoryError as e:
+                raise oom.explain(s.phase, step, plan, e) from None
             logger.log(m)
             progress.update(m, line(m))
             bad = bad + 1 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) else 0

@@ -58,6 +58,7 @@ class Plan:
     generation_batch_size: int  # completions per step on this process
     prompts_per_step: int  # on this process
     micro_batch_tokens: int  # padded tokens per forward/backward micro-batch
+    micro_batch_seqs: int | None  # fixed sequences per micro-batch (user-set per_device_train_batch_size) or None
     token_chunk: int  # logits tile rows
     vocab_chunk: int  # logits tile columns
     hf_batch_size: int
@@ -147,7 +148,7 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
                         f"train.generation_batch_size / grpo.max_completion_length")
     best = max(fitting, key=lambda c: c["score"])
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
-                rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
+                rollout_engine=r.engine, generation_batch_size=gen, micro_batch_seqs=t.per_device_train_batch_size, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
                 **{k: v for k, v in best.items() if k not in ("peak", "score")})
     if device.kind == "cpu":

@@ -93,6 +93,13 @@ class GRPOSection(Section):
     vllm_importance_sampling_clip_max: float = 3.0
 
 
+class LengthMix(Section):
+    """Per-completion max_tokens ~ log-normal(median, sigma), clipped to [min_tokens, max_completion_length]."""
+    median: float = Field(gt=0)
+    sigma: float = Field(1.0, ge=0)
+    min_tokens: int = Field(8, ge=1)
+
+
 class RolloutSection(Section):
     engine: Literal["hf", "vllm"] = "hf"
     # vLLM only; None lets the planner choose.
@@ -107,6 +114,7 @@ class RolloutSection(Section):
     compile: bool = False  # vLLM's torch.compile (+~40 s start); off: full CUDA graphs of the decode sizes only
     # HF generate: sequences generated at once (None: the planner decides).
     hf_batch_size: int | None = None
+    length_mix: LengthMix | None = None  # benchmarks only: stop completions at drawn lengths
 
 
 class BudgetSection(Section):

@@ -19,7 +19,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int | None = None
     seed: int | None = None
-    max_tokens_per_prompt: list[int] | None = None  # per-prompt caps (benchmarks of length mixes)
+    max_tokens_per_request: list[int] | None = None  # per-completion caps, prompt-major (length-mix benchmarks)
     ignore_eos: bool = False  # sample every completion to max_tokens (the worst-case first step)
 
 

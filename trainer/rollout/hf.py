@@ -49,7 +49,7 @@ class HFEngine:
         tok = self.policy.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
-        caps = sampling.max_tokens_per_prompt or [sampling.max_tokens] * len(prompt_ids)
+        caps = sampling.max_tokens_per_request or [sampling.max_tokens] * len(rows)
         ids, lps, truncated = [], [], []
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
@@ -63,7 +63,7 @@ class HFEngine:
                     inp[r, width - len(p):] = torch.tensor(p)
                     att[r, width - len(p):] = 1
                 cap = _SampledLogprobs(sampling.temperature)
-                max_new = max(caps[i] for _, i in chunk)
+                max_new = max(caps[s:s + len(chunk)])
                 out = self.policy.model.generate(
                     input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), do_sample=True,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
@@ -71,12 +71,12 @@ class HFEngine:
                     logits_processor=LogitsProcessorList([cap]), use_cache=True)
                 gen = out[:, width:]
                 logp = cap.finish(out)
-                for r, (_, i) in enumerate(chunk):
+                for r in range(len(chunk)):
                     row = gen[r].tolist()
                     n = len(row)
                     if eos in row:
                         n = row.index(eos) + 1
-                    n = min(n, caps[i])
+                    n = min(n, caps[s + r])
                     ids.append(row[:n])
                     lps.append(logp[r, :n].tolist())
                     truncated.append(eos not in row[:n])

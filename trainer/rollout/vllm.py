@@ -134,8 +134,7 @@ class VLLMEngine:
         return {"ms": ms}
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Generations:
-        caps = sampling.max_tokens_per_prompt or [sampling.max_tokens] * len(prompt_ids)
-        outs = self._generate_raw(prompt_ids, sampling.n, caps=caps, sampling=sampling)
+        outs = self._generate_raw(prompt_ids, sampling.n, caps=sampling.max_tokens_per_request, sampling=sampling)
         ids, lps, truncated = [], [], []
         for o in outs:
             c = o.outputs[0]
@@ -151,13 +150,13 @@ class VLLMEngine:
         if self.kv_released:
             raise RuntimeError("generate() while the KV pool is released: call acquire() first")
         s = sampling or Sampling(n=n, max_tokens=1, ignore_eos=ignore_eos)
-        caps = caps or [s.max_tokens] * len(prompt_ids)
+        caps = caps or [s.max_tokens] * (len(prompt_ids) * n)
         prompts, params = [], []
         for i, ids in enumerate(prompt_ids):
             for j in range(n):
                 prompts.append({"prompt_token_ids": list(ids)})
                 params.append(SamplingParams(
-                    n=1, max_tokens=caps[i], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
+                    n=1, max_tokens=caps[i * n + j], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
                     seed=None if s.seed is None else s.seed + i * n + j, logprobs=0, ignore_eos=s.ignore_eos,
                     detokenize=False))
         return self.llm.generate(prompts, params, lora_request=self.request, use_tqdm=False)

@@ -1,0 +1,125 @@
+"""Token-budgeted micro-batches change nothing in the math, cut padding on long-tailed lengths, and an out-of-memory
+in any phase is one message naming the phase and the knob, with exit code 4 and the last checkpoint intact."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_train, tiny_qwen2
+from trainer import checkpoint
+from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
+from trainer.loss import LossConfig, policy_loss, sampler_is_ratio, token_weights
+from trainer.policy import Policy, completion_logprobs
+from trainer.types import Generations
+
+LOSSES = [dict(loss_type=t) for t in ("grpo", "dr_grpo", "dapo", "bnpo", "sapo")] + [
+    dict(loss_type="cispo", epsilon_high=3.0), dict(loss_type="grpo", importance_sampling_level="sequence"),
+    dict(loss_type="dapo", beta=0.05)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_qwen2(vocab=200, hidden=64), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    policy = Policy(model, None, torch.device("cpu"), torch.float32, False, None)
+    # 4 prompts of different lengths x 4 completions with long-tailed lengths (2 .. 40 tokens)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (3, 9, 5, 14)]
+    lengths = [2, 40, 3, 5, 17, 2, 30, 4, 6, 3, 25, 2, 8, 2, 3, 12]
+    comps = [torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths]
+    gens = Generations(comps, [[-1.0] * len(c) for c in comps], [False] * 16)
+    batch = build_batch(prompts, ["p"] * 4, gens, 4, 0, lambda ids: [""] * len(ids), False, False)
+    batch.advantages = torch.randn(16, generator=g)
+    with torch.no_grad():
+        full = micro_batch(batch, list(range(16)), "cpu")
+        lp, _ = completion_logprobs(policy, full.input_ids, full.attention_mask, full.completion_ids,
+                                    full.completion_valid, 1.0, 64, 64)
+    noise = torch.randn(lp.shape, generator=g) * 0.1
+    batch.old_logps = (lp + noise) * batch.completion_valid
+    batch.ref_logps = (lp - noise.flip(0)) * batch.completion_valid
+    batch.sampler_logps = (lp + 0.05 * noise.flip(1)) * batch.completion_valid
+    return policy, batch
+
+
+def _loss_and_grads(policy, batch, cfg, groups):
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    policy.model.zero_grad()
+    weights = token_weights(batch.completion_mask, cfg)
+    total = 0.0
+    for rows in groups:
+        mb = micro_batch(batch, rows, "cpu")
+        lp, _ = completion_logprobs(policy, mb.input_ids, mb.attention_mask, mb.completion_ids, mb.completion_valid,
+                                    1.0, 16, 64)
+        mask = take(batch.completion_mask, mb, "cpu")
+        isr = sampler_is_ratio(lp.detach(), take(batch.sampler_logps, mb, "cpu"), mask, "token_truncate", 3.0)
+        loss, _ = policy_loss(lp, take(batch.advantages, mb, "cpu"), mask, take(weights, mb, "cpu"), cfg,
+                              take(batch.old_logps, mb, "cpu"), take(batch.ref_logps, mb, "cpu"), isr)
+        loss.backward()
+        total += float(loss.detach())
+    return total, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_token_packed_micro_batches_equal_one_big_batch(setup, case):
+    policy, batch = setup
+    cfg = LossConfig(max_completion_length=40, **case)
+    big_loss, big_grads = _loss_and_grads(policy, batch, cfg, [list(range(16))])
+    groups = pack(batch.seq_lengths.tolist(), token_budget=60)
+    assert len(groups) > 4  # really split, unevenly
+    loss, grads = _loss_and_grads(policy, batch, cfg, groups)
+    assert abs(loss - big_loss) < 1e-5
+    for a, b in zip(grads, big_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_pack_covers_every_row_once_within_budget_and_pads_less_than_fixed():
+    lengths = [30, 520, 40, 35, 300, 28, 480, 33, 60, 45, 250, 31, 90, 29, 38, 510]
+    groups = pack(lengths, token_budget=1100)
+    assert sorted(i for g in groups for i in g) == list(range(16))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 1100 or len(g) == 1
+
+    def padded(gs):
+        return sum(len(g) * max(lengths[i] for i in g) for g in gs)
+
+    fixed = fixed_chunks(16, 2)  # 2 sequences: the most a fixed micro-batch can hold at this peak (2 x 520 tokens)
+    assert padded(groups) < 0.8 * padded(fixed) and len(groups) <= len(fixed) // 2
+
+
+PHASES = ["rollout", "recompute", "train", "optimizer", "sync"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_oom_names_the_phase_and_the_knob_and_keeps_the_checkpoint(tmp_path, phase):
+    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run"), "--set", "train.max_steps=5",
+                     "--set", "checkpoint.save_steps=1", "--set", "logging.plots=false"],
+                    env={"TRAINER_TEST_OOM_PHASE": phase, "TRAINER_TEST_OOM_STEP": "3"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 4, text[-3000:]
+    assert "Traceback" not in text
+    from trainer.oom import PHASE_NAMES
+
+    assert f"in the {PHASE_NAMES.get(phase, phase)}" in text and "step 3" in text and "fix: set" in text and "planned" in text
+    want = {"rollout": "rollout.hf_batch_size", "recompute": "train.micro_batch_tokens",
+            "train": "train.micro_batch_tokens", "optimizer": "train.optim", "sync": "budget.vram_gb"}[phase]
+    assert want in text
+    latest = checkpoint.latest(tmp_path / "run")
+    assert latest.name == "step-0000002" and json.loads((latest / "state.json").read_text())["step"] == 2
+
+
+def test_length_mix_draws_per_request_caps():
+    from trainer.grpo import length_mix
+    from trainer.recipe import load_recipe
+    from tests.conftest import ROOT
+
+    r = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.length_mix={median: 6, sigma: 1.0, min_tokens: 2}"])
+    caps = length_mix(r, 200, seed=1)
+    assert len(caps) == 200 and min(caps) >= 2 and max(caps) <= 16 and len(set(caps)) > 5
+    assert caps == length_mix(r, 200, seed=1)

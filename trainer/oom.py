@@ -1,0 +1,60 @@
+"""Out-of-memory, explained: which phase ran out, planned vs allocated memory at that moment, the knob to change.
+
+The loop marks its phases (rollout, reward, recompute, train = forward + backward, optimizer, sync); a CUDA OOM
+in any of them becomes one `OutOfMemory` message with exit code 4 (errors.EXIT_OOM). Nothing is written after
+the OOM, so the last checkpoint stays the last good one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trainer.memory import GB
+
+PHASE_NAMES = {"train": "backward (log-prob forward + backward)", "recompute": "recompute (reference/old log-probs)"}
+
+
+class OutOfMemory(Exception):
+    """A CUDA OOM with the phase and the advice; the CLI prints it and exits with EXIT_OOM."""
+
+
+def test_hook(phase: str, step: int) -> None:
+    """TRAINER_TEST_OOM_PHASE=<phase> [TRAINER_TEST_OOM_STEP=k]: raise a CUDA OOM there (CPU tests use this)."""
+    if os.environ.get("TRAINER_TEST_OOM_PHASE") == phase and int(os.environ.get("TRAINER_TEST_OOM_STEP", "1")) == step + 1:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (TRAINER_TEST_OOM_PHASE)")
+
+
+def knob(phase: str, plan) -> str:
+    """The recipe change that would have avoided an OOM in this phase, with a value to set."""
+    if phase in ("train", "recompute"):
+        advice = f"train.micro_batch_tokens: {max(256, plan.micro_batch_tokens // 2)}"
+        if not plan.gradient_checkpointing:
+            advice += " (or model.gradient_checkpointing: true)"
+        return advice
+    if phase == "rollout":
+        if plan.rollout_engine == "hf":
+            return f"rollout.hf_batch_size: {max(1, plan.hf_batch_size // 2)}"
+        return f"rollout.max_num_batched_tokens: {max(256, plan.max_num_batched_tokens // 2)}"
+    if phase == "optimizer":
+        return "train.optim: adamw_8bit"
+    return "budget.vram_gb: a smaller budget, so the planner leaves more margin"
+
+
+def explain(phase: str, step: int, plan, error: BaseException) -> OutOfMemory:
+    lines = [f"CUDA out of memory in the {PHASE_NAMES.get(phase, phase)} phase of step {step + 1}: {str(error)[:160]}"]
+    planned = plan.phase_peaks.get("rollout" if phase == "rollout" else "train")
+    if planned:
+        lines.append(f"  planned peak for this phase {planned / GB:.2f} GB (budget "
+                     f"{'none' if plan.budget_bytes is None else f'{plan.budget_bytes / GB:.2f} GB'})")
+    if torch.cuda.is_available():
+        stats = torch.cuda.memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        lines.append(f"  now: torch allocated {stats.get('allocated_bytes.all.current', 0) / GB:.2f} GB, reserved "
+                     f"{stats.get('reserved_bytes.all.current', 0) / GB:.2f} GB, peak allocated "
+                     f"{stats.get('allocated_bytes.all.peak', 0) / GB:.2f} GB; device used {(total - free) / GB:.2f} "
+                     f"of {total / GB:.2f} GB")
+    top = sorted(plan.components.items(), key=lambda kv: -kv[1])[:6]
+    lines.append("  planned components: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in top))
+    lines.append(f"  fix: set {knob(phase, plan)}; the last checkpoint is intact (rerun with --resume)")
+    return OutOfMemory("\n".join(lines))
