@@ -28,7 +28,8 @@ def test_hook(phase: str, step: int) -> None:
 def knob(phase: str, plan) -> str:
     """The recipe change that would have avoided an OOM in this phase, with a value to set."""
     if phase in ("train", "recompute"):
-        advice = f"train.micro_batch_tokens: {max(256, plan.micro_batch_tokens // 2)}"
+        tokens = min(plan.micro_batch_tokens, plan.generation_batch_size * plan.max_model_len)
+        advice = f"train.micro_batch_tokens: {max(256, tokens // 2)}"
         if not plan.gradient_checkpointing:
             advice += " (or model.gradient_checkpointing: true)"
         return advice

@@ -153,6 +153,10 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
                 **{k: v for k, v in best.items() if k not in ("peak", "score")})
     if device.kind == "cpu":
         plan.notes.append("CPU: memory is reported, not budgeted")
+    elif budget is None and plan.peak_bytes > device.total_bytes:
+        plan.notes.append(f"WARNING: the plan's peak {plan.peak_bytes / GB:.1f} GB exceeds this GPU's "
+                          f"{device.total_bytes / GB:.1f} GB and no budget is set; set budget.vram_gb: auto to have "
+                          "the planner fit the run (or refuse it) before anything loads")
     return plan
 
 
