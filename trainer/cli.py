@@ -21,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the VRAM plan and exit without loading weights")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint of the run dir (or the given checkpoint dir)")
+                   help="continue from the latest checkpoint of the run dir, or the given checkpoint dir; "
+                        "'auto': continue if a checkpoint exists, else start fresh (for requeued jobs)")
     p.add_argument("--output-dir", help="run directory (default: train.output_dir or runs/<recipe name>)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     return p
@@ -65,7 +66,8 @@ def _main(args, console) -> int:
             console.print(plan_table(plan))
         return 0
     run_dir = Path(args.output_dir or recipe.train.output_dir or Path("runs") / recipe.name)
-    resume = _resume_point(run_dir, args)
+    # rank 0 decides (and may clear the directory); the others take its answer
+    resume = distributed.broadcast_object(_resume_point(run_dir, args) if world.main else None, world)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "plan.json").write_text(plan.to_json())
@@ -83,6 +85,11 @@ def _main(args, console) -> int:
 def _resume_point(run_dir: Path, args) -> Path | None:
     from trainer import checkpoint
 
+    if args.resume == "auto":  # Slurm requeue: continue when a checkpoint exists, else start (over)
+        found = checkpoint.latest(run_dir)
+        if found is None and run_dir.exists():
+            shutil.rmtree(run_dir)
+        return found
     if args.resume is None:
         if run_dir.exists() and any(run_dir.iterdir()):
             if not args.overwrite:

@@ -65,6 +65,15 @@ def gather_objects(obj, world: World) -> list:
     return out
 
 
+def broadcast_object(obj, world: World):
+    """Rank 0's value on every rank."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

@@ -22,7 +22,7 @@ from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
-from trainer.metrics import MemorySampler, MetricsLogger, line
+from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
 from trainer.rewards import combine, load_rewards, score
 from trainer.rollout import make_engine
@@ -81,10 +81,12 @@ def grpo_step(s: State, step: int) -> dict:
     order = s.prompts.longest(n * s.world.size) if worst else s.prompts.indices(step, n * s.world.size,
                                                                                    r.train.seed, r.data.shuffle)
     idx = order[s.world.rank * n:(s.world.rank + 1) * n]
-    seed = r.train.seed * 1_000_003 + step * 1009 + s.world.rank
+    # Seeds and length caps belong to global rows, so N ranks sample exactly what one process would.
+    seed, rows = r.train.seed * 1_000_003 + step * 1009, n * g.num_generations
+    caps = None if worst else length_mix(r, rows * s.world.size, seed)
     sampling = Sampling(n=g.num_generations, max_tokens=g.max_completion_length, temperature=g.temperature,
-                        top_p=g.top_p, top_k=g.top_k, seed=seed, ignore_eos=worst,
-                        max_tokens_per_request=None if worst else length_mix(r, n * g.num_generations, seed))
+                        top_p=g.top_p, top_k=g.top_k, seed=seed, ignore_eos=worst, first_row=s.world.rank * rows,
+                        max_tokens_per_request=caps[s.world.rank * rows:(s.world.rank + 1) * rows] if caps else None)
     with s.timed("rollout"):
         s.engine.acquire()
         gens = s.engine.generate([s.prompts.prompt_ids[i] for i in idx], sampling)
@@ -225,6 +227,8 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     if s.peaks:
         m["peak_memory_gb"] = max(v for k, v in s.peaks.items() if k.startswith("used_")) / 1e9
     m.update({f"sync_{k}": v for k, v in sync_stats.items()})
+    if s.world.size > 1:
+        m["_rewards"] = batch.reward.tolist()
     return m
 
 
@@ -291,7 +295,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     with Progress(console, recipe.train.max_steps, start, enabled=world.main) as progress:
         for step in range(start, recipe.train.max_steps):
             try:
-                m = grpo_step(s, step)
+                m = merge_ranks(distributed.gather_objects(grpo_step(s, step), world))
             except torch.cuda.OutOfMemoryError as e:
                 raise oom.explain(s.phase, step, plan, e) from None
             logger.log(m)
@@ -314,6 +318,9 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
         else:
             if recipe.checkpoint.save_final and recipe.train.max_steps > start:
                 save(recipe.train.max_steps)
+    if os.environ.get("TRAINER_TEST_DUMP_LORA"):  # test hook: each rank's adapter, to compare across ranks
+        torch.save({k: v.detach().cpu() for k, v in policy.model.named_parameters() if v.requires_grad},
+                   Path(os.environ["TRAINER_TEST_DUMP_LORA"]) / f"lora_rank{world.rank}.pt")
     sampler.close()
     engine.close()
     logger.close()

@@ -114,6 +114,35 @@ def _parse(text: str) -> dict | None:
         return None
 
 
+SUM_KEYS = ("loss", "micro_batches")
+
+
+def merge_ranks(per_rank: list[dict]) -> dict:
+    """One step's metrics over data-parallel ranks: losses add up (each rank's loss is its share of the global one),
+    rewards are pooled, times and peaks take the slowest/largest rank, the rest is averaged."""
+    if len(per_rank) == 1:
+        per_rank[0].pop("_rewards", None)
+        return per_rank[0]
+    import statistics
+
+    out = {}
+    for k, v in per_rank[0].items():
+        vals = [m[k] for m in per_rank if isinstance(m.get(k), (int, float))]
+        if not vals or k == "step":
+            out[k] = v
+        elif k in SUM_KEYS:
+            out[k] = sum(vals)
+        elif k.startswith(("time_", "peak_")):
+            out[k] = max(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    rewards = [r for m in per_rank for r in m.get("_rewards", [])]
+    out.pop("_rewards", None)
+    if rewards:
+        out["reward_mean"], out["reward_std"] = statistics.fmean(rewards), statistics.stdev(rewards)
+    return out
+
+
 def line(m: dict) -> str:
     parts = [f"step {m['step']:>4}", f"reward {m['reward_mean']:+.3f}±{m['reward_std']:.3f}",
              f"loss {m['loss']:+.4f}", f"len {m['completion_length_mean']:.0f}"]

@@ -61,7 +61,11 @@ def model_dir(shape: str, seed: int = 0) -> Path:
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
             try:
                 build(shape, seed, tmp)
-                os.replace(tmp, target)
+                try:
+                    os.replace(tmp, target)
+                except OSError:  # another process finished first (seen once under torchrun): use its copy
+                    if not (target / "config.json").is_file():
+                        raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target

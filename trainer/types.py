@@ -18,7 +18,8 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
-    seed: int | None = None
+    seed: int | None = None  # the step's seed; completion row k (global) samples with seed + k
+    first_row: int = 0  # global index of this call's first completion row (data parallel)
     max_tokens_per_request: list[int] | None = None  # per-completion caps, prompt-major (length-mix benchmarks)
     ignore_eos: bool = False  # sample every completion to max_tokens (the worst-case first step)
 

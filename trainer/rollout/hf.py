@@ -51,10 +51,10 @@ class HFEngine:
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
         caps = sampling.max_tokens_per_request or [sampling.max_tokens] * len(rows)
         ids, lps, truncated = [], [], []
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         with eval_mode(self.policy.model):
             for s in range(0, len(rows), self.batch_size):
+                if sampling.seed is not None:  # one RNG stream per chunk, keyed by its first global row
+                    torch.manual_seed(sampling.seed + sampling.first_row + s)
                 chunk = rows[s:s + self.batch_size]
                 width = max(len(p) for p, _ in chunk)
                 inp = torch.full((len(chunk), width), pad, dtype=torch.long)

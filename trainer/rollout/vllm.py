@@ -157,7 +157,7 @@ class VLLMEngine:
                 prompts.append({"prompt_token_ids": list(ids)})
                 params.append(SamplingParams(
                     n=1, max_tokens=caps[i * n + j], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
-                    seed=None if s.seed is None else s.seed + i * n + j, logprobs=0, ignore_eos=s.ignore_eos,
+                    seed=None if s.seed is None else s.seed + s.first_row + i * n + j, logprobs=0, ignore_eos=s.ignore_eos,
                     detokenize=False))
         return self.llm.generate(prompts, params, lora_request=self.request, use_tqdm=False)
 
