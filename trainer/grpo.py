@@ -253,10 +253,12 @@ def make_optimizer(policy: Policy, t) -> tuple[torch.optim.Optimizer, object]:
 
 
 class _Stop:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits with EXIT_PREEMPTED."""
+    """A stop request: SIGTERM / SIGUSR1, or a file named STOP in the run dir (how the Slurm scripts ask every node
+    of a job at once). The loop finishes the step, checkpoints and exits with EXIT_PREEMPTED; all ranks agree."""
 
-    def __init__(self):
+    def __init__(self, run_dir: Path):
         self.signal = None
+        self.file = run_dir / "STOP"
         # Test hook: deliver SIGUSR1 to ourselves after this step (exercises the real handler deterministically).
         self.test_step = int(os.environ.get("TRAINER_TEST_SIGNAL_AFTER_STEP", "0"))
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -265,6 +267,14 @@ class _Stop:
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+    def requested(self, world: distributed.World, done: int) -> str | None:
+        if self.test_step == done:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        mine = f"signal {self.signal}" if self.signal is not None else ("STOP file" if self.file.exists() else None)
+        if world.size > 1 and float(distributed.all_reduce_sum(torch.tensor([float(mine is not None)]), world)[0]):
+            return mine or "another rank's stop request"
+        return mine
 
 
 def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None) -> int:
@@ -286,7 +296,11 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
               LossConfig.from_grpo(recipe.grpo), mem=sampler)
     logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
-    stop, bad = _Stop(), 0
+    stop, bad = _Stop(run_dir), 0
+    if world.main:
+        for stale in (stop.file, run_dir / "preempted"):
+            stale.unlink(missing_ok=True)
+    distributed.barrier(world)
     code, step = 0, start
     save = lambda k: checkpoint.save(run_dir, k, policy.model, optimizer, scheduler,  # noqa: E731
                                      {"recipe": recipe.name}, recipe.checkpoint.save_total_limit) if world.main else None
@@ -307,12 +321,13 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
                 code = EXIT_NONFINITE
                 break
             done = step + 1
-            if stop.test_step == done:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            if done % recipe.checkpoint.save_steps == 0 or stop.signal is not None:
+            why = stop.requested(world, done)
+            if done % recipe.checkpoint.save_steps == 0 or why:
                 save(done)
-            if stop.signal is not None:
-                progress.note(f"signal {stop.signal}: checkpoint step {done} written; resume with --resume")
+            if why:
+                progress.note(f"{why}: checkpoint step {done} written; resume with --resume")
+                if world.main:
+                    (run_dir / "preempted").write_text(f"{done}\n")  # the Slurm script requeues on this
                 code = EXIT_PREEMPTED
                 break
         else:

@@ -1,0 +1,96 @@
+"""The Python entry points behind `train` (also what notebooks call): plan a recipe, run it, summarise the run."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from trainer.errors import UserError
+
+
+def plan(recipe_path, overrides=(), world_size: int = 1):
+    """(recipe, Plan) for a recipe file, before any weight loads."""
+    from trainer.plan import Device, make_plan
+    from trainer.policy import read_config
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    return recipe, make_plan(read_config(recipe.model), recipe, Device.detect(world_size))
+
+
+def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None, overwrite: bool = False,
+          console=None) -> tuple[int, Path]:
+    """Run a recipe to the end (or a stop); returns (exit code, run dir). resume: None, "latest", "auto" or a path."""
+    from rich.console import Console
+
+    from trainer import distributed
+    from trainer.console import plan_table
+    from trainer.grpo import run
+
+    console = console or Console()
+    world = distributed.init()
+    recipe, the_plan = plan(recipe_path, overrides, world.size)
+    run_dir = Path(output_dir or recipe.train.output_dir or Path("runs") / recipe.name)
+    # rank 0 decides (and may clear the directory); the others take its answer
+    start = distributed.broadcast_object(resume_point(run_dir, resume, overwrite) if world.main else None, world)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "plan.json").write_text(the_plan.to_json())
+        (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+        console.print(plan_table(the_plan))
+    code = run(recipe, the_plan, run_dir, world, resume=start, console=console)
+    if world.main:
+        summary(run_dir, the_plan, console)
+    distributed.shutdown(world)
+    return code, run_dir
+
+
+def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    from trainer import checkpoint
+
+    if resume == "auto":  # Slurm requeue: continue when a checkpoint exists, else start (over)
+        found = checkpoint.latest(run_dir)
+        if found is None and run_dir.exists():
+            shutil.rmtree(run_dir)
+        return found
+    if resume is None:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise UserError("output dir", f"{run_dir} already holds a run",
+                                "pass --resume to continue it, --overwrite to start over, or --output-dir elsewhere")
+            shutil.rmtree(run_dir)
+        return None
+    if resume == "latest":
+        found = checkpoint.latest(run_dir)
+        if found is None:
+            raise UserError("--resume", f"no complete checkpoint under {run_dir / 'checkpoints'}",
+                            "start without --resume, or give --output-dir of the run to continue")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError("--resume", f"checkpoint not found: {path}", "give a checkpoints/step-NNNNNNN directory")
+    return path
+
+
+def summary(run_dir: Path, plan, console) -> None:
+    """Predicted vs measured peak, and the reward at the start and end of the run."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if not lines:
+        return
+    first = [m["reward_mean"] for m in lines[:10]]
+    last = [m["reward_mean"] for m in lines[-10:]]
+    summary = {"steps": lines[-1]["step"], "reward_first10": sum(first) / len(first),
+               "reward_last10": sum(last) / len(last), "predicted_peak_gb": plan.peak_bytes / 1e9,
+               "measured_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in lines)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            summary["torch_max_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            summary["torch_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    except Exception:
+        pass
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"mean reward: first 10 steps {summary['reward_first10']:.4f}, last 10 steps "
+                  f"{summary['reward_last10']:.4f} | peak memory predicted {summary['predicted_peak_gb']:.2f} GB, "
+                  f"measured {summary['measured_peak_gb']:.2f} GB | run dir {run_dir}")
