@@ -83,10 +83,6 @@ class Plan:
         return json.dumps(asdict(self), indent=2)
 
 
-def read_model_config(path: Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
-
-
 def budget_bytes(recipe, device: Device) -> int | None:
     v = recipe.budget.vram_gb
     if v is None:

@@ -17,9 +17,6 @@ import torch
 
 from trainer.rollout import vllm_internals as vi
 
-SHARED_NAMES = ("model.embed_tokens.weight", "model.norm.weight")
-LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
-
 
 def build_shared_model(path: Path, vmodel: torch.nn.Module, compute_dtype: torch.dtype, trust_remote_code=False):
     """An HF causal LM whose every base tensor is a view of vLLM's (4-bit packed) weights: no second copy."""

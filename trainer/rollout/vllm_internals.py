@@ -124,12 +124,6 @@ def packed_shards(vmodel: torch.nn.Module) -> dict[str, PackedShard]:
     return out
 
 
-def named_tensors(vmodel: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Non-linear weights (embedding, norms) by their HF names, to be shared with the trainer."""
-    params = dict(vmodel.named_parameters())
-    return {n: params[n].data for n in names if n in params}
-
-
 # ----------------------------------------------------------------------------------------- KV pool release
 
 
