@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -15,13 +16,14 @@ ARGS = ["recipes/tiny-cpu.yaml", "--set", "train.max_steps=4", "--set", "rollout
         "--set", "logging.plots=false"]
 
 
-def train(out, nproc: int, dump=None):
+def train(out, nproc: int, dump=None, extra=()):
     env = {**os.environ, **({"TRAINER_TEST_DUMP_LORA": str(dump)} if dump else {})}
     pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29517"] if nproc > 1 \
         else [sys.executable]
-    res = subprocess.run([*pre, "-m", "trainer.cli", *ARGS, "--output-dir", str(out)], cwd=ROOT, env=env,
+    res = subprocess.run([*pre, "-m", "trainer.cli", *ARGS, *extra, "--output-dir", str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]  # e.g. process groups torn down twice at exit
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
@@ -35,3 +37,18 @@ def test_two_ranks_equal_one_process_and_agree_on_lora(tmp_path):
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(v.abs().sum() > 0 for k, v in r0.items() if "lora_B" in k)  # they trained, and identically
     assert not (tmp_path / "two" / "metrics.jsonl.rank1").exists()  # one process logs
+
+
+def test_two_ranks_with_a_vllm_engine_each(tmp_path):
+    """One colocated vLLM engine per rank (external_launcher, joined to the trainer's process group): the same
+    losses as one process with one engine, equal adapters, and a clean shutdown of vLLM's groups before ours."""
+    if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    extra = ("--set", "rollout.engine=vllm", "--set", "train.max_steps=3")
+    two = train(tmp_path / "two", 2, dump=tmp_path, extra=extra)
+    one = train(tmp_path / "one", 1, extra=extra)
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["reward_mean"] - b["reward_mean"]) < 1e-6, (a, b)
+    r0, r1 = torch.load(tmp_path / "lora_rank0.pt"), torch.load(tmp_path / "lora_rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)

@@ -337,7 +337,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
         torch.save({k: v.detach().cpu() for k, v in policy.model.named_parameters() if v.requires_grad},
                    Path(os.environ["TRAINER_TEST_DUMP_LORA"]) / f"lora_rank{world.rank}.pt")
     sampler.close()
-    engine.close()
     logger.close()
     distributed.barrier(world)
+    engine.close()  # last: under torchrun vLLM's shutdown takes the process groups down with it
     return code

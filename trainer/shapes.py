@@ -148,4 +148,12 @@ def build(shape: str, seed: int, out: Path) -> None:
             emb[len(tokenizer):] = 0
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out, safe_serialization=True)
+    # Not model.save_pretrained: under torchrun transformers writes on rank 0 only, and any rank may build the cache.
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)

@@ -166,3 +166,9 @@ def restore_kv(llm) -> None:
     for t in getattr(runner, "kv_caches", []) or []:
         if isinstance(t, torch.Tensor):
             t.zero_()
+
+
+def shutdown(llm) -> None:
+    """Tear the in-process engine down now. Under torchrun this also destroys the process groups vLLM joined (the
+    default one included), so it must run after the trainer's last collective and before the interpreter exits."""
+    llm.llm_engine.engine_core.shutdown()
