@@ -1,33 +1,42 @@
 """Run a command while sampling nvidia-smi's used memory every 0.2 s; write the peak and timeline as JSON.
 
     python bench/smi.py OUT.json -- train bench/recipes/toy-digits-1.5b-vllm.yaml --output-dir runs/x
-The peak includes the CUDA context (what nvidia-smi shows), in GB (1e9 bytes), as bench/results/*.json report.
+    SMI_GPUS=1 python bench/smi.py OUT.json -- ...      # watch GPU 1 only (nvidia-smi's index); default: all
+The peak includes the CUDA context (what nvidia-smi shows), in GB (1e9 bytes), as bench/results/*.json report;
+per-GPU peaks too. t0_unix is when the command was launched (benchmarks: startup = t0 to the first step's end).
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 
 
-def used_mib() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+def used_mib() -> dict[int, int]:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, timeout=10).stdout
-    return max(int(x) for x in out.split())
+    rows = [line.split(",") for line in out.strip().splitlines()]
+    watch = {int(x) for x in os.environ["SMI_GPUS"].split(",")} if os.environ.get("SMI_GPUS") else None
+    return {int(i): int(m) for i, m in rows if watch is None or int(i) in watch}
 
 
 def main() -> int:
     out, cmd = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     samples: list[tuple[float, int]] = []
+    per_gpu: dict[int, int] = {}
     stop = threading.Event()
     t0 = time.time()
 
     def poll():
         while not stop.is_set():
             try:
-                samples.append((round(time.time() - t0, 2), used_mib()))
+                used = used_mib()
+                samples.append((round(time.time() - t0, 2), max(used.values())))
+                for i, m in used.items():
+                    per_gpu[i] = max(per_gpu.get(i, 0), m)
             except Exception:
                 pass
             time.sleep(0.2)
@@ -39,8 +48,10 @@ def main() -> int:
     th.join()
     peak = max((s[1] for s in samples), default=0)
     with open(out, "w") as f:
-        json.dump({"cmd": cmd, "rc": rc, "wall_s": round(time.time() - t0, 1), "peak_mib": peak,
-                   "peak_gb": round(peak * 2**20 / 1e9, 3), "samples": samples}, f)
+        json.dump({"cmd": cmd, "rc": rc, "t0_unix": t0, "wall_s": round(time.time() - t0, 1), "peak_mib": peak,
+                   "peak_gb": round(peak * 2**20 / 1e9, 3),
+                   "peak_gb_per_gpu": {i: round(m * 2**20 / 1e9, 3) for i, m in sorted(per_gpu.items())},
+                   "samples": samples}, f)
     print(f"smi peak {peak} MiB ({peak * 2**20 / 1e9:.2f} GB), rc {rc}, {time.time() - t0:.0f} s", flush=True)
     return rc
 

@@ -87,9 +87,11 @@ def grpo_step(s: State, step: int) -> dict:
     sampling = Sampling(n=g.num_generations, max_tokens=g.max_completion_length, temperature=g.temperature,
                         top_p=g.top_p, top_k=g.top_k, seed=seed, ignore_eos=worst, first_row=s.world.rank * rows,
                         max_tokens_per_request=caps[s.world.rank * rows:(s.world.rank + 1) * rows] if caps else None)
-    with s.timed("rollout"):
+    with s.timed("kv"):  # the KV pool comes back from the trainer (when the plan releases it)
         s.engine.acquire()
+    with s.timed("rollout"):
         gens = s.engine.generate([s.prompts.prompt_ids[i] for i in idx], sampling)
+    with s.timed("kv"):
         s.engine.release()
     batch = build_batch([s.prompts.prompt_ids[i] for i in idx], [s.prompts.prompts[i] for i in idx], gens,
                         g.num_generations, s.policy.tokenizer.pad_token_id, _decoder(s.policy.tokenizer),
@@ -227,6 +229,7 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     if s.peaks:
         m["peak_memory_gb"] = max(v for k, v in s.peaks.items() if k.startswith("used_")) / 1e9
     m.update({f"sync_{k}": v for k, v in sync_stats.items()})
+    m["unix_time"] = time.time()  # when the step ended (benchmarks: startup = process start to step 1's end)
     if s.world.size > 1:
         m["_rewards"] = batch.reward.tolist()
     return m

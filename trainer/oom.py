@@ -1,6 +1,6 @@
 """Out-of-memory, explained: which phase ran out, planned vs allocated memory at that moment, the knob to change.
 
-The loop marks its phases (rollout, reward, recompute, train = forward + backward, optimizer, sync); a CUDA OOM
+The loop marks its phases (kv, rollout, reward, recompute, train = forward + backward, optimizer, sync); a CUDA OOM
 in any of them becomes one `OutOfMemory` message with exit code 4 (errors.EXIT_OOM). Nothing is written after
 the OOM, so the last checkpoint stays the last good one.
 """
@@ -12,7 +12,8 @@ import torch
 
 from trainer.memory import GB
 
-PHASE_NAMES = {"train": "backward (log-prob forward + backward)", "recompute": "recompute (reference/old log-probs)"}
+PHASE_NAMES = {"train": "backward (log-prob forward + backward)", "recompute": "recompute (reference/old log-probs)",
+               "kv": "KV-pool re-acquire (before the rollout)"}
 
 
 class OutOfMemory(Exception):
@@ -33,6 +34,8 @@ def knob(phase: str, plan) -> str:
         if not plan.gradient_checkpointing:
             advice += " (or model.gradient_checkpointing: true)"
         return advice
+    if phase == "kv":  # the trainer's cache still holds what vLLM's pool needs back
+        return "rollout.kv_release: false (keep the KV pool mapped between phases)"
     if phase == "rollout":
         if plan.rollout_engine == "hf":
             return f"rollout.hf_batch_size: {max(1, plan.hf_batch_size // 2)}"
@@ -44,7 +47,7 @@ def knob(phase: str, plan) -> str:
 
 def explain(phase: str, step: int, plan, error: BaseException) -> OutOfMemory:
     lines = [f"CUDA out of memory in the {PHASE_NAMES.get(phase, phase)} phase of step {step + 1}: {str(error)[:160]}"]
-    planned = plan.phase_peaks.get("rollout" if phase == "rollout" else "train")
+    planned = plan.phase_peaks.get("rollout" if phase in ("rollout", "kv") else "train")
     if planned:
         lines.append(f"  planned peak for this phase {planned / GB:.2f} GB (budget "
                      f"{'none' if plan.budget_bytes is None else f'{plan.budget_bytes / GB:.2f} GB'})")

@@ -1,0 +1,128 @@
+"""Turns the side-by-side runs (bench/vs_peers.py) into bench/results/vs_peers.json and a PNG plot.
+
+    python bench/peers/report.py RAW_DIR OUT.json [PLOT.png]
+vs_peers.json follows ../shared/DESIGN.md: configs[].systems.{trl, unsloth, unsloth_tuned, ours_fast, ours_small}
+each with step_s_median, peak_gb (nvidia-smi, GB = 1e9 bytes), startup_s (launch to the end of step 1) and knob;
+plus the ratios the goals name and, for ours, the per-step breakdown.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+PEERS = ("trl", "unsloth", "unsloth_tuned")
+CONFIGS = {"A": {"completions": 8, "completion_tokens": 256}, "B": {"completions": 64, "completion_tokens": 512}}
+PHASES = ("kv", "rollout", "reward", "recompute", "train", "optimizer", "sync")
+
+
+def collect_ours(rundir: Path, out: Path, system: str, knob: str) -> None:
+    """Our run's metrics in the peers' result format: gaps between step ends, step 1's end, phase medians."""
+    f = rundir / "metrics.jsonl"
+    m = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+    ends = [x["unix_time"] for x in m]
+    d = [b - a for a, b in zip(ends, ends[1:])]
+    plan = json.loads((rundir / "plan.json").read_text()) if (rundir / "plan.json").exists() else {}
+    engine = json.loads((rundir / "engine.json").read_text()) if (rundir / "engine.json").exists() else {}
+    after = m[1:]
+    res = dict(system=system, knob=knob, steps=len(m), step_s=[round(x, 3) for x in d],
+               step_s_median=statistics.median(d) if d else None, first_step_end_unix=ends[0] if ends else None,
+               breakdown_s_median={p: statistics.median(x.get(f"time_{p}_s", 0.0) for x in after) for p in PHASES}
+               if after else {},
+               logp_gap_mean=[x.get("logp_gap_mean") for x in m], completion_length=[x["completion_length_mean"] for x in m],
+               sync_ms_median=statistics.median(x.get("sync_ms", 0.0) for x in after) if after else None,
+               planned_peak_gb=plan.get("peak_bytes", 0) / 1e9, budget_gb=(plan.get("budget_bytes") or 0) / 1e9,
+               plan={k: plan.get(k) for k in ("weight_format", "kv_release", "micro_batch_tokens", "gradient_checkpointing",
+                                              "kv_cache_memory_bytes", "max_num_seqs", "cudagraph_capture_sizes")},
+               engine_startup_s=engine.get("startup_s"), base_copies=engine.get("base_copies"))
+    out.write_text(json.dumps(res, indent=1))
+
+
+def _row(raw: Path, name: str) -> dict | None:
+    res, smi = raw / f"{name}.result.json", raw / f"{name}.smi.json"
+    if not res.exists() or not smi.exists():
+        return None
+    r, s = json.loads(res.read_text()), json.loads(smi.read_text())
+    row = {"step_s_median": r.get("step_s_median"), "peak_gb": s["peak_gb"], "knob": r["knob"],
+           "startup_s": r["first_step_end_unix"] - s["t0_unix"] if r.get("first_step_end_unix") else None,
+           "steps": r["steps"], "step_s": r["step_s"], "rc": s["rc"]}
+    for k in ("breakdown_s_median", "planned_peak_gb", "budget_gb", "plan", "engine_startup_s", "sync_ms_median",
+              "logp_gap_mean", "load_s", "base_copies"):
+        if k in r:
+            row[k] = r[k]
+    return row if row["step_s_median"] else None
+
+
+def _ratios(systems: dict) -> dict:
+    peers = {k: v for k, v in systems.items() if k in PEERS}
+    if not peers:
+        return {}
+    fastest = min(peers, key=lambda k: peers[k]["step_s_median"])
+    lowest = min(peers, key=lambda k: peers[k]["peak_gb"])
+    out = {"fastest_peer": fastest, "lowest_peak_peer": lowest}
+    f, s, u = systems.get("ours_fast"), systems.get("ours_small"), systems.get("unsloth")
+    if f:
+        out["fast_step_over_fastest_peer"] = f["step_s_median"] / peers[fastest]["step_s_median"]
+        out["fast_peak_over_lowest_peer_peak"] = f["peak_gb"] / peers[lowest]["peak_gb"]
+        out["goal_fast"] = out["fast_step_over_fastest_peer"] <= 0.6 and out["fast_peak_over_lowest_peer_peak"] <= 1.0
+    if s:
+        out["small_peak_over_lowest_peer_peak"] = s["peak_gb"] / peers[lowest]["peak_gb"]
+        out["small_step_over_fastest_peer"] = s["step_s_median"] / peers[fastest]["step_s_median"]
+        out["goal_small"] = out["small_peak_over_lowest_peer_peak"] <= 0.5 and out["small_step_over_fastest_peer"] <= 1.0
+    if u and u.get("startup_s"):
+        for k in ("ours_fast", "ours_small"):
+            if systems.get(k) and systems[k].get("startup_s"):
+                out[f"{k}_startup_over_unsloth"] = systems[k]["startup_s"] / u["startup_s"]
+        out["goal_startup"] = all(out.get(f"{k}_startup_over_unsloth", 9) <= 0.5 for k in ("ours_fast", "ours_small"))
+    return out
+
+
+def build(raw: Path, out: Path) -> dict:
+    meta = json.loads((raw / "meta.json").read_text())
+    configs = []
+    for cfg, c in CONFIGS.items():
+        systems = {}
+        for sysname in (*PEERS, "ours_fast", "ours_small"):
+            row = _row(raw, f"{sysname}_{cfg}")
+            if row:
+                systems[sysname] = row
+        configs.append({"name": cfg, **c, "systems": systems, "ratios": _ratios(systems)})
+    res = {"device": meta.get("device"), "command": "python bench/vs_peers.py OUT_DIR 0,1  (after staging; "
+           "bench/peers/report.py RAW OUT.json PLOT.png)", "steps_per_run": meta.get("steps"),
+           "fast_budget_gb": meta.get("fast_budget_gb"), "small_budget_gb": meta.get("small_budget_gb"),
+           "lanes": meta.get("gpus"), "configs": configs}
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def plot(res: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(res["configs"]), figsize=(6 * len(res["configs"]), 4.5))
+    colors = {"trl": "tab:blue", "unsloth": "tab:orange", "unsloth_tuned": "tab:red", "ours_fast": "tab:green",
+              "ours_small": "tab:olive"}
+    for ax, c in zip(axes, res["configs"]):
+        for name, s in c["systems"].items():
+            ax.scatter(s["peak_gb"], s["step_s_median"], s=70, color=colors.get(name, "k"), zorder=3)
+            ax.annotate(f"{name}\n{s['knob'].split('=')[-1]}", (s["peak_gb"], s["step_s_median"]), fontsize=8,
+                        xytext=(5, 4), textcoords="offset points")
+        ax.set_title(f"config {c['name']}: {c['completions']} completions x {c['completion_tokens']} tokens")
+        ax.set_xlabel("peak GPU memory, GB (nvidia-smi)")
+        ax.set_ylabel("median step, s")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"GRPO step time vs peak memory, Qwen2.5-1.5B shape, nf4 + LoRA r16 ({res.get('device')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    result = build(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) > 3:
+        plot(result, Path(sys.argv[3]))
