@@ -58,9 +58,12 @@ def main(out: Path) -> None:
            "recipe": RECIPE, "command": "python bench/multigpu.py OUT_DIR  (one GPU: train RECIPE; two: NCCL_NVLS_ENABLE=0 "
            "torchrun --nproc_per_node 2 -m trainer.cli RECIPE)"}
     for name, gpus, nproc in (("one_gpu", "0", 1), ("two_gpus", "0,1", 2)):
-        for f in RUNS.glob("lora_rank*.pt"):
-            f.unlink()
-        rc, rundir = run(out, name, gpus, nproc)
+        if name in os.environ.get("MG_REUSE", "").split(","):  # summarise an earlier run of this sitting instead
+            rc, rundir = 0, RUNS / f"mg-{name}"
+        else:
+            for f in RUNS.glob("lora_rank*.pt"):
+                f.unlink()
+            rc, rundir = run(out, name, gpus, nproc)
         smi = json.loads((out / f"smi_{name}.json").read_text()) if (out / f"smi_{name}.json").exists() else {}
         res[name] = summary(rc, rundir, smi, nproc)
         if nproc > 1:

@@ -29,9 +29,10 @@ def init() -> World:
         return World()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "gloo"
+        if torch.cuda.is_available():
             torch.cuda.set_device(local)
+            backend = "cpu:gloo,cuda:nccl"  # gradients over NCCL; step counts and metrics are CPU tensors
         dist.init_process_group(backend=backend)
     return World(rank, size, local)
 

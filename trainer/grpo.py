@@ -235,6 +235,23 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     return m
 
 
+@contextlib.contextmanager
+def _profiled(run_dir: Path, step: int, world: distributed.World):
+    """TRAINER_PROFILE_STEP=k: torch.profiler over step k, tables by CPU and by device time in the run dir."""
+    if os.environ.get("TRAINER_PROFILE_STEP") != str(step + 1) or not world.main:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        yield
+    avg = prof.key_averages()
+    by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    (run_dir / f"profile_step{step + 1}.txt").write_text(
+        avg.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n" + avg.table(sort_by=by, row_limit=40))
+
+
 def _decoder(tokenizer):
     return lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -312,7 +329,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     with Progress(console, recipe.train.max_steps, start, enabled=world.main) as progress:
         for step in range(start, recipe.train.max_steps):
             try:
-                m = merge_ranks(distributed.gather_objects(grpo_step(s, step), world))
+                with _profiled(run_dir, step, world):
+                    m = merge_ranks(distributed.gather_objects(grpo_step(s, step), world))
             except torch.cuda.OutOfMemoryError as e:
                 raise oom.explain(s.phase, step, plan, e) from None
             logger.log(m)
