@@ -14,8 +14,10 @@ def metrics(run_dir):
 
 
 def test_tiny_cpu_recipe_learns(tmp_path):
-    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run")])
+    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run")], env={"TRAINER_PROFILE_STEP": "3"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "aten::" in (tmp_path / "run" / "profile_step3.txt").read_text()  # torch.profiler table of step 3 only
+    assert [p.name for p in (tmp_path / "run").glob("profile_step*.txt")] == ["profile_step3.txt"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     threshold = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())["success"]["min_last10_reward"]
     assert "mean reward: first 10 steps" in out.stdout
@@ -24,7 +26,9 @@ def test_tiny_cpu_recipe_learns(tmp_path):
     assert (tmp_path / "run" / "plots" / "reward.png").is_file()
     m = metrics(tmp_path / "run")
     assert {"loss", "reward_std", "clip_ratio_region", "time_rollout_s", "time_train_s", "tokens_per_s",
-            "peak_memory_gb", "rewards/char_class_fraction/mean", "logp_gap_mean"} <= m[0].keys()
+            "peak_memory_gb", "rewards/char_class_fraction/mean", "logp_gap_mean", "time_kv_s"} <= m[0].keys()
+    ends = [x["unix_time"] for x in m]  # step end times: benchmarks take startup and step gaps from them
+    assert all(b > a for a, b in zip(ends, ends[1:]))
     # The HF sampler is the policy; only kernel numerics differ (bitsandbytes decodes one token with a gemv).
     assert max(x["logp_gap_mean"] for x in m) < 0.01
 

@@ -126,3 +126,15 @@ def test_auto_budget_uses_free_memory_minus_margin():
     plan = make_plan(cfg("qwen2.5-0.5b-instruct"), recipe(["budget.vram_gb=auto", "budget.margin_gb=2"]),
                      Device("cuda", "x", 16e9, 12e9, True))
     assert plan.budget_bytes == int(12e9 - 2e9)
+
+
+def test_data_parallel_plans_the_per_gpu_cost_of_distribution():
+    """Measured on 2 GPUs: NCCL buffers of two groups and the peer's context cost ~1.2-1.5 GB per GPU."""
+    from dataclasses import replace
+
+    r = recipe(["train.generation_batch_size=64"])
+    one, two = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100), make_plan(cfg("qwen2.5-1.5b-instruct"), r, replace(H100, world_size=2))
+    assert "distributed" not in one.components and two.components["distributed"] == memory.DISTRIBUTED
+    assert two.generation_batch_size == 32
+    solo_half = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["train.generation_batch_size=32"]), H100)
+    assert two.peak_bytes == solo_half.peak_bytes + memory.DISTRIBUTED

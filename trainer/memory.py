@@ -22,6 +22,10 @@ CKPT_BYTES_PER_LH, CKPT_BYTES_PER_LI = 2.76, 0.69
 # The caching allocator reserves more than it allocates (blocks of varying sizes across phases); measured:
 SLACK_FIXED, SLACK_FRACTION = 250 * 10**6, 0.17
 KV_BLOCK = 16  # vLLM's default block size (tokens)
+# Per GPU under torchrun: NCCL buffers of the trainer's group and of vLLM's world group, and the peer's context.
+# Measured with 2 ranks on 2x H200 (bench/results/multigpu.json: 7.44 GB seen, 5.96 GB planned without it);
+# growth with more ranks is not measured.
+DISTRIBUTED = 1450 * 10**6
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Context:
     prompt_len: int
     completion_len: int
     ref_pass: bool
+    world_size: int = 1
 
 
 def kv_pool_bytes(dims: ModelDims, seqs: int, max_len: int) -> int:
@@ -160,6 +165,8 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
     static = {"cuda_context": CUDA_CONTEXT if ctx.cuda else 0,
               "base_weights": base_bytes(ctx, vllm_layout=vllm),
               "lora_and_optimizer": lora * states}
+    if ctx.cuda and ctx.world_size > 1:
+        static["distributed"] = DISTRIBUTED
     if vllm:
         static["vllm_non_torch"] = VLLM_NON_TORCH
         static["vllm_lora_slots"] = lora * 2

@@ -131,7 +131,7 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
                          lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules, optim=t.optim,
                          cuda=device.kind == "cuda", engine=r.engine, max_len=max_len, gen=gen,
                          prompt_len=recipe.data.max_prompt_length, completion_len=g.max_completion_length,
-                         ref_pass=g.beta != 0.0)
+                         ref_pass=g.beta != 0.0, world_size=device.world_size)
     candidates = _candidates(recipe, ctx, device)
     fitting = [c for c in candidates if budget is None or c["peak"] <= budget]
     if not fitting:

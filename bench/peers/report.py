@@ -108,13 +108,17 @@ def plot(res: dict, png: Path) -> None:
     for ax, c in zip(axes, res["configs"]):
         for name, s in c["systems"].items():
             ax.scatter(s["peak_gb"], s["step_s_median"], s=70, color=colors.get(name, "k"), zorder=3)
-            ax.annotate(f"{name}\n{s['knob'].split('=')[-1]}", (s["peak_gb"], s["step_s_median"]), fontsize=8,
-                        xytext=(5, 4), textcoords="offset points")
+            knob = s["knob"].split("=")[-1]
+            knob = f"budget {knob} GB" if name.startswith("ours") else f"util {knob}"
+            ax.annotate(f"{name}\n{knob}", (s["peak_gb"], s["step_s_median"]), fontsize=8,
+                        xytext=(6, -4), textcoords="offset points", va="top")
         ax.set_title(f"config {c['name']}: {c['completions']} completions x {c['completion_tokens']} tokens")
         ax.set_xlabel("peak GPU memory, GB (nvidia-smi)")
         ax.set_ylabel("median step, s")
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
+        top = max(s["step_s_median"] for s in c["systems"].values()) if c["systems"] else 1
+        right = max(s["peak_gb"] for s in c["systems"].values()) if c["systems"] else 1
+        ax.set_xlim(0, right * 1.25)
+        ax.set_ylim(0, top * 1.15)
         ax.grid(alpha=0.3)
     fig.suptitle(f"GRPO step time vs peak memory, Qwen2.5-1.5B shape, nf4 + LoRA r16 ({res.get('device')})", fontsize=10)
     fig.tight_layout()
