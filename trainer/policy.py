@@ -116,10 +116,6 @@ def load_policy(recipe, plan, engine=None) -> Policy:
                       target_modules=target, task_type="CAUSAL_LM")
     torch.manual_seed(recipe.train.seed)  # LoRA A's init must not depend on what ran before (e.g. building a shape)
     model = get_peft_model(model, lora)
-    if recipe.lora.fused:
-        from trainer import fused_lora
-
-        fused_lora.install(model)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -47,7 +47,6 @@ class LoraSection(Section):
     lora_alpha: float = 32
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
-    fused: bool = True  # one autograd node per LoRA-wrapped 4-bit linear (trainer/fused_lora.py); false: peft's own
 
 
 class DataSection(Section):
