@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.smi import watched  # noqa: E402
+from trainer.metrics import read_metrics  # noqa: E402
 
 BASE = "bench/recipes/toy-digits-1.5b-vllm.yaml"
 TOKENS = 4096  # worst-case padded tokens per micro-batch in both modes
@@ -26,13 +29,10 @@ OOM = ["train.micro_batch_tokens=400000", "model.gradient_checkpointing=false", 
 
 def train(out: Path, name: str, sets: list[str]) -> tuple[int, Path]:
     run = Path("/root/runs") / f"mb-{name}"
-    cmd = [sys.executable, "bench/smi.py", str(out / f"smi_{name}.json"), "--", sys.executable, "-m", "trainer.cli",
-           BASE, "--output-dir", str(run), "--overwrite"]
+    cmd = [sys.executable, "-m", "trainer.cli", BASE, "--output-dir", str(run), "--overwrite"]
     for s in sets:
         cmd += ["--set", s]
-    with open(out / f"{name}.log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-    return rc, run
+    return watched(out / f"smi_{name}.json", out / f"{name}.log", cmd), run
 
 
 def main(out: Path) -> None:
@@ -42,7 +42,7 @@ def main(out: Path) -> None:
            "command": "python bench/microbatch.py OUT_DIR"}
     for mode, sets in MODES.items():
         rc, run = train(out, mode, COMMON + sets)
-        m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        m = read_metrics(run)
         res["device"] = json.loads((run / "plan.json").read_text())["device_name"]
         later = m[1:]  # step 1 runs at worst-case shapes on purpose
         res[mode] = {"rc": rc, "step_s_median": statistics.median(x["time_step_s"] for x in later),

@@ -9,30 +9,28 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.smi import watched  # noqa: E402
+from trainer.metrics import read_metrics  # noqa: E402
 
 RECIPE = os.environ.get("MG_RECIPE", "bench/recipes/multigpu-1.5b.yaml")
 SETS = [x for s in os.environ.get("MG_SETS", "").split() for x in ("--set", s)]  # CPU dry runs of this script
 RUNS = Path(os.environ.get("RUNS", "/root/runs"))
 
 
-def run(out: Path, name: str, gpus: str, nproc: int) -> tuple[int, Path]:
-    rundir = RUNS / f"mg-{name}"
+def run(out: Path, name: str, rundir: Path, gpus: str, nproc: int) -> int:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus, "SMI_GPUS": gpus, "NCCL_NVLS_ENABLE": "0",
            "TRAINER_TEST_DUMP_LORA": str(RUNS)}
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    cmd = [sys.executable, "bench/smi.py", str(out / f"smi_{name}.json"), "--", *launch, "-m", "trainer.cli", RECIPE,
-           "--output-dir", str(rundir), "--overwrite", *SETS]
-    with open(out / f"{name}.log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return rc, rundir
+    cmd = [*launch, "-m", "trainer.cli", RECIPE, "--output-dir", str(rundir), "--overwrite", *SETS]
+    return watched(out / f"smi_{name}.json", out / f"{name}.log", cmd, env)
 
 
 def summary(rc: int, rundir: Path, smi: dict, nproc: int) -> dict:
-    m = [json.loads(x) for x in (rundir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (rundir / "metrics.jsonl").exists() else []
+    m = read_metrics(rundir) if (rundir / "metrics.jsonl").exists() else []
     plan = json.loads((rundir / "plan.json").read_text()) if (rundir / "plan.json").exists() else {}
     after = m[2:] or m  # steps 1-2: worst-case lengths and first-call warm-up
     completions = sum(x["completion_length_mean"] for x in after) * plan.get("generation_batch_size", 0) * nproc
@@ -58,12 +56,11 @@ def main(out: Path) -> None:
            "recipe": RECIPE, "command": "python bench/multigpu.py OUT_DIR  (one GPU: train RECIPE; two: NCCL_NVLS_ENABLE=0 "
            "torchrun --nproc_per_node 2 -m trainer.cli RECIPE)"}
     for name, gpus, nproc in (("one_gpu", "0", 1), ("two_gpus", "0,1", 2)):
-        if name in os.environ.get("MG_REUSE", "").split(","):  # summarise an earlier run of this sitting instead
-            rc, rundir = 0, RUNS / f"mg-{name}"
-        else:
+        rc, rundir = 0, RUNS / f"mg-{name}"
+        if name not in os.environ.get("MG_REUSE", "").split(","):  # else: summarise an earlier run of this sitting
             for f in RUNS.glob("lora_rank*.pt"):
                 f.unlink()
-            rc, rundir = run(out, name, gpus, nproc)
+            rc = run(out, name, rundir, gpus, nproc)
         smi = json.loads((out / f"smi_{name}.json").read_text()) if (out / f"smi_{name}.json").exists() else {}
         res[name] = summary(rc, rundir, smi, nproc)
         if nproc > 1:

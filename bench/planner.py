@@ -7,9 +7,12 @@ compare nvidia-smi's peak (sampled every 0.2 s) with the plan's predicted peak.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.smi import watched  # noqa: E402
+from trainer.metrics import read_metrics  # noqa: E402
 
 BASE = "bench/recipes/toy-digits-1.5b-vllm.yaml"
 # data.max_prompt_length = the longest prompt of the data (30 tokens with the chat template), as users should set it
@@ -58,16 +61,14 @@ def run(out: Path, names: list[str]) -> None:
     for name in names:
         run_dir = Path("/root/runs") / f"plan-{name}"
         smi = out / f"smi_{name}.json"
-        cmd = [sys.executable, "bench/smi.py", str(smi), "--", sys.executable, "-m", "trainer.cli", BASE,
-               "--output-dir", str(run_dir), "--overwrite"]
+        cmd = [sys.executable, "-m", "trainer.cli", BASE, "--output-dir", str(run_dir), "--overwrite"]
         for o in overrides(name):
             cmd += ["--set", o]
-        with open(out / f"{name}.log", "w") as log:
-            subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        watched(smi, out / f"{name}.log", cmd)
         try:
             plan = json.loads((run_dir / "plan.json").read_text())
             s = json.loads(smi.read_text())
-            m = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            m = read_metrics(run_dir)
             row = {"name": name, "budget_gb": plan["budget_bytes"] / 1e9, "predicted_peak_gb": plan["peak_bytes"] / 1e9,
                    "measured_peak_gb": s["peak_gb"], "rc": s["rc"], "predicted_phases_gb":
                    {k: v / 1e9 for k, v in plan["phase_peaks"].items()}, "components_gb":

@@ -10,9 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+from trainer.metrics import read_metrics
 
 
 def mean(xs):
@@ -25,7 +23,7 @@ def window_peak(m, lo, hi):
 
 
 def hf(run: Path, smi: dict, out: Path) -> dict:
-    m = metrics(run)
+    m = read_metrics(run)
     plan = json.loads((run / "plan.json").read_text())
     shape = json.loads((run / "recipe.json").read_text())["model"]["shape"]
     res = {"device": plan["device_name"], "model_shape": shape, "engine": "hf", "quantized": plan["quantized"],
@@ -40,7 +38,7 @@ def hf(run: Path, smi: dict, out: Path) -> dict:
 
 
 def sync(run: Path, smi: dict, tests: dict, out: Path) -> dict:
-    m = metrics(run)
+    m = read_metrics(run)
     plan = json.loads((run / "plan.json").read_text())
     engine = json.loads((run / "engine.json").read_text())
     gaps = [x["logp_gap_mean"] for x in m]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 PERIOD = 0.15  # seconds between samples' starts (the runs of 2026-11-26 slept 0.2 s after each query: ~0.23 s)
@@ -24,6 +25,13 @@ def used_mib() -> dict[int, int]:
     rows = [line.split(",") for line in out.strip().splitlines()]
     watch = {int(x) for x in os.environ["SMI_GPUS"].split(",")} if os.environ.get("SMI_GPUS") else None
     return {int(i): int(m) for i, m in rows if watch is None or int(i) in watch}
+
+
+def watched(smi_json: Path, log: Path, cmd: list[str], env: dict | None = None) -> int:
+    """Run `cmd` under this script (its peaks into smi_json), stdout and stderr into log; returns its exit code."""
+    with open(log, "w") as f:
+        return subprocess.call([sys.executable, str(Path(__file__)), str(smi_json), "--", *cmd], stdout=f,
+                               stderr=subprocess.STDOUT, env=env)
 
 
 def main() -> int:

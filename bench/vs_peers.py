@@ -1,6 +1,6 @@
 """Side by side with TRL and Unsloth (issue 10): each system in its own process on the same model files, prompts,
 reward and LoRA; ours through the same `train` entry users run. Every run is wrapped by bench/smi.py (nvidia-smi
-every 0.2 s on its GPU); startup is launch to the end of the first step; step time is the median gap between step
+every 0.15 s on its GPU); startup is launch to the end of the first step; step time is the median gap between step
 ends after the first step, for every system alike.
 
     python bench/vs_peers.py OUT_DIR [GPUS]     # on the device after staging (and stage-unsloth.sh); GPUS "0" or "0,1"
@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.peers import report  # noqa: E402
+from bench.smi import watched  # noqa: E402
 
 CONFIGS = report.CONFIGS
 # The lowest peer peak per config from the 2026-11-25 sitting (../shared/device/README.md): ours_fast's budget.
@@ -78,9 +79,7 @@ def lane(gpu: str, jobs: list, model: str, raw: Path) -> None:
         cmd, extra = job_cmd(system, cfg, knob, model, raw, name)
         env = {**os.environ, **extra, "CUDA_VISIBLE_DEVICES": gpu, "SMI_GPUS": gpu}
         print(f"[gpu {gpu}] {name}: {' '.join(cmd)}", flush=True)
-        with open(raw / f"{name}.log", "w") as log:
-            rc = subprocess.call([sys.executable, "bench/smi.py", str(raw / f"{name}.smi.json"), "--", *cmd],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        rc = watched(raw / f"{name}.smi.json", raw / f"{name}.log", cmd, env)
         if not system.startswith(("trl", "unsloth")):
             report.collect_ours(RUNS / name, raw / f"{name}.result.json", system, f"budget.vram_gb={knob}")
         print(f"[gpu {gpu}] {name}: rc {rc}", flush=True)

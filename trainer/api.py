@@ -74,7 +74,9 @@ def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | N
 
 def summary(run_dir: Path, plan, console) -> None:
     """Predicted vs measured peak, and the reward at the start and end of the run."""
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from trainer.metrics import read_metrics
+
+    lines = read_metrics(run_dir)
     if not lines:
         return
     first = [m["reward_mean"] for m in lines[:10]]

@@ -23,8 +23,13 @@ class World:
         return self.rank == 0
 
 
+def launched_size() -> int:
+    """Processes in this job as torchrun (or Slurm's srun + torchrun) announces them; 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init() -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_size()
     if size == 1:
         return World()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

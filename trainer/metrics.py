@@ -63,8 +63,7 @@ class MetricsLogger:
         if rank != 0:
             return
         if self.path.exists():  # on resume, keep the lines of steps that the checkpoint covers
-            keep = [m for m in map(_parse, self.path.read_text().splitlines()) if m is not None]
-            self.history = [m for m in keep if m.get("step", 0) <= resume_step]
+            self.history = [m for m in read_metrics(self.run_dir) if m.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
         self._file = self.path.open("a")
         self._start_wandb()
@@ -104,6 +103,11 @@ class MetricsLogger:
             self.wandb.finish()
         if self.recipe.logging.plots and self.history:
             plot(self.history, self.run_dir / "plots")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per step; blank and half-written lines (a killed process) are skipped."""
+    return [m for m in map(_parse, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if m is not None]
 
 
 def _parse(text: str) -> dict | None:

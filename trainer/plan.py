@@ -11,7 +11,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from trainer import memory
 from trainer.errors import UserError
@@ -144,7 +143,8 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
                         f"train.generation_batch_size / grpo.max_completion_length")
     best = max(fitting, key=lambda c: c["score"])
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
-                rollout_engine=r.engine, generation_batch_size=gen, micro_batch_seqs=t.per_device_train_batch_size, prompts_per_step=gen // g.num_generations,
+                rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
+                micro_batch_seqs=t.per_device_train_batch_size,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
                 **{k: v for k, v in best.items() if k not in ("peak", "score")})
     if device.kind == "cpu":

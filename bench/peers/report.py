@@ -19,8 +19,9 @@ PHASES = ("kv", "rollout", "reward", "recompute", "train", "optimizer", "sync")
 
 def collect_ours(rundir: Path, out: Path, system: str, knob: str) -> None:
     """Our run's metrics in the peers' result format: gaps between step ends, step 1's end, phase medians."""
-    f = rundir / "metrics.jsonl"
-    m = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+    from trainer.metrics import read_metrics
+
+    m = read_metrics(rundir) if (rundir / "metrics.jsonl").exists() else []
     ends = [x["unix_time"] for x in m]
     d = [b - a for a, b in zip(ends, ends[1:])]
     plan = json.loads((rundir / "plan.json").read_text()) if (rundir / "plan.json").exists() else {}

@@ -86,7 +86,7 @@ def score(funcs: list[RewardFunction], prompts: list, completions: list, columns
             k = _first_failing(rf, prompts, completions, columns)
             sample = f"completion {k}: {str(completions[k])[:300]!r}" if k is not None else "the batch as a whole"
             raise UserError(f"reward {rf.name}", f"raised {e.__class__.__name__}: {e}\n  offending sample: {sample}",
-                            f"fix the function, or set on_error: zero on this reward to score such completions 0"
+                            "fix the function, or set on_error: zero on this reward to score such completions 0"
                             ) from None
         table[:, j] = _check(rf, values, n)
     return table, failures

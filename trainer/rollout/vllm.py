@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import distributed
 from trainer.errors import UserError
 from trainer.types import Generations, Sampling
 
@@ -64,7 +65,7 @@ def engine_kwargs(recipe, plan, path: Path) -> dict:
               gpu_memory_utilization=0.05)
     if plan.weight_format == "shared_nf4":
         kw["quantization"] = "bitsandbytes"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.launched_size() > 1:
         # torchrun: one engine per rank on its LOCAL_RANK's device, joining the trainer's process group (TP 1 each).
         # The default in-process executor would pick device 0 on every rank.
         kw["distributed_executor_backend"] = "external_launcher"
@@ -178,6 +179,6 @@ class VLLMEngine:
     def close(self) -> None:
         self.acquire()  # vLLM frees its pool at exit; it must be mapped then
         shutil.rmtree(self.shm, ignore_errors=True)
-        if self.llm is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if self.llm is not None and distributed.launched_size() > 1:
             # vLLM's exit hook destroys its groups on top of the trainer's; shut it down first, in order.
             self.vi.shutdown(self.llm)
