@@ -71,6 +71,7 @@ class Plan:
     cudagraph_capture_sizes: list[int] = field(default_factory=list)
     kv_release: bool = False
     sync: str = "inplace"
+    nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     # accounting
     budget_bytes: int | None = None
     components: dict[str, int] = field(default_factory=dict)
@@ -146,6 +147,7 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 micro_batch_seqs=t.per_device_train_batch_size,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
+                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device),
                 **{k: v for k, v in best.items() if k not in ("peak", "score")})
     if device.kind == "cpu":
         plan.notes.append("CPU: memory is reported, not budgeted")
@@ -197,6 +199,17 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
                     out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
                                     score=score))
     return out
+
+
+# Decode batches up to this many rows take the fused nf4 GEMM; larger ones (prefill) keep bitsandbytes' path.
+NF4_GEMM_MAX_ROWS = 64
+
+
+def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:
+    r = recipe.rollout
+    if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or r.nf4_gemm == "bitsandbytes":
+        return 0
+    return NF4_GEMM_MAX_ROWS
 
 
 def _pow2_upto(n: int) -> list[int]:

@@ -112,6 +112,8 @@ class RolloutSection(Section):
     enforce_eager: bool | None = None
     cudagraph_capture_sizes: list[int] | None = None
     compile: bool = False  # vLLM's torch.compile (+~40 s start); off: full CUDA graphs of the decode sizes only
+    # shared_nf4 decode matmuls: our fused nf4 kernel (trainer/kernels/nf4_gemm.py) or bitsandbytes' own path
+    nf4_gemm: Literal["auto", "fused", "bitsandbytes"] = "auto"
     # HF generate: sequences generated at once (None: the planner decides).
     hf_batch_size: int | None = None
     length_mix: LengthMix | None = None  # benchmarks only: stop completions at drawn lengths

@@ -97,6 +97,8 @@ class VLLMEngine:
 
     def _start(self, path: Path) -> None:
         t0 = time.perf_counter()
+        if self.plan.nf4_gemm_max_rows and self.plan.weight_format == "shared_nf4":
+            self.vi.install_nf4_gemm(self.plan.nf4_gemm_max_rows)  # before graph capture: graphs keep this path
         self.llm = self.vllm.LLM(**engine_kwargs(self.recipe, self.plan, path))
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)

@@ -172,3 +172,80 @@ def shutdown(llm) -> None:
     """Tear the in-process engine down now. Under torchrun this also destroys the process groups vLLM joined (the
     default one included), so it must run after the trainer's last collective and before the interpreter exits."""
     llm.llm_engine.engine_core.shutdown()
+
+
+# ----------------------------------------------------------------------------------------- nf4 GEMM for decode
+
+_NF4_OP = None
+
+
+def nf4_shards(weight: torch.Tensor) -> list[tuple]:
+    """(packed bytes, absmax, code, rows, eligible) per shard of a vLLM bnb-packed weight, cached on the weight. Reads
+    the attributes vLLM's loader sets: `bnb_quant_state` {shard: QuantState} and `bnb_shard_offsets` (CPU tensor)."""
+    from trainer.kernels.nf4_gemm import QBLOCK
+
+    cached = getattr(weight, "_trainer_nf4_shards", None)
+    if cached is None:
+        states, offsets = weight.bnb_quant_state, [int(o) for o in weight.bnb_shard_offsets]
+        flat = weight.data.view(-1)
+        cached = []
+        for i in range(len(states)):
+            st = states[i]
+            ok = st.quant_type == "nf4" and not st.nested and st.blocksize == QBLOCK and st.shape[1] % QBLOCK == 0
+            cached.append((flat[offsets[i]:offsets[i + 1]], st.absmax, st.code.to(flat.device), st.shape[0], ok))
+        weight._trainer_nf4_shards = cached
+    return cached
+
+
+def nf4_apply(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """out[:, shard columns] = x @ dequant(shard).T for every shard of a vLLM bnb weight, through the fused kernel.
+    Returns False (nothing written) when a shard is not plain nf4 with blocksize 64: the caller takes bnb's path."""
+    from trainer.kernels.nf4_gemm import nf4_matmul
+
+    parts = nf4_shards(weight)
+    if not all(p[4] for p in parts):
+        return False
+    col = 0
+    for packed, absmax, code, n, _ in parts:
+        nf4_matmul(x, packed, absmax, code, n, out=out[:, col:col + n])
+        col += n
+    return True
+
+
+def install_nf4_gemm(max_rows: int) -> None:
+    """Route vLLM's bitsandbytes 4-bit linear layers through trainer.kernels.nf4_gemm for batches of <= max_rows
+    rows (decode); larger batches (prefill) keep bitsandbytes' own path. Call before the engine starts: CUDA graphs
+    capture whichever path is installed then. vLLM 0.26 calls the module global `apply_bnb_4bit(x, weight, offsets,
+    out)` from BitsAndBytesLinearMethod._apply_4bit_weight; replacing that global is the whole hook."""
+    global _NF4_OP
+    import vllm.model_executor.layers.quantization.bitsandbytes as vb
+
+    if not hasattr(vb, "apply_bnb_4bit") or not hasattr(vb, "_apply_bnb_4bit"):
+        raise _fail("vllm.model_executor.layers.quantization.bitsandbytes.apply_bnb_4bit is missing")
+    if _NF4_OP is None:
+        library_path = vb._apply_bnb_4bit
+
+        failed: set = set()
+
+        @torch.library.custom_op("trainer::apply_nf4", mutates_args=("out",))
+        def apply(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, max_m: int) -> None:
+            key = (x.shape[0], weight.shape[0])
+            if x.shape[0] <= max_m and key not in failed:
+                try:
+                    if nf4_apply(x, weight, out):
+                        return
+                except Exception as e:  # e.g. Triton out of resources on an untested GPU: keep bitsandbytes' path
+                    failed.add(key)
+                    import logging
+
+                    logging.getLogger(__name__).warning("fused nf4 GEMM failed for %s rows x %s bytes (%s); "
+                                                        "bitsandbytes' path is used there", *key, e)
+            library_path(x, weight, offsets, out)
+
+        @apply.register_fake
+        def _(x, weight, offsets, out, max_m):
+            return None
+
+        _NF4_OP = apply
+    op = _NF4_OP
+    vb.apply_bnb_4bit = lambda x, weight, offsets, out: op(x, weight, offsets, out, max_rows)

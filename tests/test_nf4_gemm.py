@@ -1,0 +1,75 @@
+"""The fused nf4 GEMM (trainer/kernels/nf4_gemm.py) computes bitsandbytes' dequantize_4bit + matmul, on the CPU through
+Triton's interpreter. numpy has no bfloat16, so the interpreter runs fp32 and fp16 activations here; bf16 is checked
+against bitsandbytes on the GPU by bench/decode_profile.py before any timing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+CHECK = r"""
+import os, json, torch, bitsandbytes.functional as F
+from trainer.kernels.nf4_gemm import nf4_matmul
+torch.manual_seed(int(os.environ["SEED"]))
+rows = []
+# (M, N, K, config or None): decode sizes, ragged N and M, split-K with atomics, a column slice of a wider output
+for m, n, k, cfg in [(8, 96, 256, None), (1, 64, 128, (16, 64, 64, 1)), (3, 64, 512, (16, 64, 128, 2)),
+                     (20, 130, 192, (32, 64, 64, 1)), (5, 70, 320, (16, 64, 64, 3)), (40, 64, 128, (64, 64, 128, 1))]:
+    for dt in (torch.float32, torch.float16):
+        w = torch.randn(n, k)
+        q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        x = torch.randn(m, k).to(dt)
+        ref = x.double() @ F.dequantize_4bit(q, st).double().T
+        wide = torch.full((m, n + 9), float("nan"), dtype=dt)  # poisoned: every element of the slice must be written
+        nf4_matmul(x, q.view(-1), st.absmax, st.code, n, out=wide[:, 4:4 + n], cfg=cfg)
+        y = wide[:, 4:4 + n].double()
+        rows.append(dict(m=m, n=n, k=k, dtype=str(dt), rel=float((y - ref).norm() / ref.norm()),
+                         untouched=bool(wide[:, :4].isnan().all() and wide[:, 4 + n:].isnan().all())))
+print("ROWS" + json.dumps(rows))
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nf4_gemm_equals_bitsandbytes_dequant_matmul(seed):
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SEED": str(seed), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.stdout.split("ROWS", 1)[1])
+    for r in rows:
+        tol = 1e-6 if r["dtype"] == "torch.float32" else 2e-3  # fp16 rounds each dequantised weight and x
+        assert r["rel"] < tol, r
+        assert r["untouched"], r  # columns outside the output slice are left alone
+
+
+FUSED = r"""
+import json, torch, bitsandbytes.functional as F
+from trainer.rollout.vllm_internals import nf4_apply
+torch.manual_seed(0)
+# A fused qkv weight laid out as vLLM's bnb loader leaves it: the shards' packed bytes back to back in one uint8
+# parameter, one QuantState per shard in `bnb_quant_state`, byte offsets in `bnb_shard_offsets` (a CPU tensor).
+k, rows = 128, (64, 32, 32)
+parts = [F.quantize_4bit(torch.randn(n, k), blocksize=64, quant_type="nf4") for n in rows]
+weight = torch.nn.Parameter(torch.cat([q.view(-1) for q, _ in parts]).view(-1, 1), requires_grad=False)
+weight.bnb_quant_state = {i: st for i, (_, st) in enumerate(parts)}
+weight.bnb_shard_offsets = torch.tensor([0, *torch.tensor([q.numel() for q, _ in parts]).cumsum(0).tolist()])
+x = torch.randn(8, k, dtype=torch.float16)
+out = torch.full((8, sum(rows)), float("nan"), dtype=torch.float16)
+assert nf4_apply(x, weight, out)
+ref = torch.cat([x.double() @ F.dequantize_4bit(q, st).double().T for q, st in parts], dim=1)
+print("REL" + json.dumps(float((out.double() - ref).norm() / ref.norm())))
+"""
+
+
+def test_fused_vllm_weight_shards_land_in_their_columns():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", FUSED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("REL", 1)[1]) < 2e-3
