@@ -150,7 +150,7 @@ def gemm_bench(vmodel) -> list[dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = (x.float() @ w.float().T)
             out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-            nf4_matmul(x, sh.data.view(-1), st.absmax, st.code, n, out=out)
+            nf4_matmul(x, sh.data.view(-1), st.absmax, n, out=out)
             rel = float((out.float() - ref).norm() / ref.norm())
             with torch.no_grad():
                 t_bnb = triton.testing.do_bench(lambda: matmul_4bit(x, sh.data.t(), st), warmup=25, rep=100,
@@ -166,11 +166,11 @@ def gemm_bench(vmodel) -> list[dict]:
                     if key not in alts:
                         try:
                             alts[key] = triton.testing.do_bench(
-                                lambda: nf4_matmul(x, sh.data.view(-1), st.absmax, st.code, n, cfg=cfg), warmup=25,
+                                lambda: nf4_matmul(x, sh.data.view(-1), st.absmax, n, cfg=cfg), warmup=25,
                                 rep=100, return_mode="median")
                         except Exception as e:  # a config past the GPU's shared memory
                             print("config", key, "failed:", str(e)[:120], flush=True)
-            t_def = triton.testing.do_bench(lambda: nf4_matmul(x, sh.data.view(-1), st.absmax, st.code, n),
+            t_def = triton.testing.do_bench(lambda: nf4_matmul(x, sh.data.view(-1), st.absmax, n),
                                             warmup=25, rep=100, return_mode="median")
             nbytes = n * k // 2 + n * k // 16 + m * k * 2 + m * n * 2
             rows.append(dict(module=name, n=n, k=k, m=m, rel_err=rel, bnb_us=round(t_bnb * 1e3, 2),

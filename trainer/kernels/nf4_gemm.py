@@ -4,13 +4,14 @@ Why: at decode batch sizes (M = 1..64 rows) bitsandbytes 0.50 on an H100 mostly 
 in memory and then runs a bf16 matmul (its `gemm_4bit` heuristic prefers that on sm90 for large weights), so every
 decode step writes and re-reads 2 bytes per parameter instead of reading 0.56. This kernel dequantises in registers:
 each program loads a [BLOCK_N, BLOCK_K/2] tile of packed bytes, splits the nibbles (bitsandbytes packs element 2j in
-the high nibble and 2j+1 in the low one), looks both up in the 16-entry nf4 code, scales by the fp32 absmax of
-their 64-element block, rounds to the activation dtype (exactly bitsandbytes' dequantised value) and accumulates
-x_even @ W_hi.T + x_odd @ W_lo.T in fp32. Split-K (fp32 atomics) keeps the GPU busy when N is small.
+the high nibble and 2j+1 in the low one), maps both to their nf4 level in registers, scales by the fp32 absmax of
+their 64-element block, rounds to the activation dtype (exactly bitsandbytes' dequantised value), interleaves them
+back into [BLOCK_N, BLOCK_K] and accumulates x @ W.T in fp32 on the tensor cores. Split-K (fp32 atomics) keeps the
+GPU busy when N is small.
 
 Layout contract (bitsandbytes nf4, blocksize 64, not nested; what vLLM's in-flight bnb quantisation produces):
 W [N, K] row-major, flattened, quantised in blocks of 64 consecutive elements (K % 64 == 0, so no block straddles
-rows); `packed` holds N*K/2 bytes, `absmax` N*K/64 fp32 values, `code` the 16 fp32 nf4 levels.
+rows); `packed` holds N*K/2 bytes, `absmax` N*K/64 fp32 values; the levels are bitsandbytes' NF4 code (`NF4`).
 Tested against bitsandbytes' dequantize_4bit + matmul on the CPU with TRITON_INTERPRET=1
 (tests/test_nf4_gemm.py) and timed against bitsandbytes on the GPU by bench/decode_profile.py.
 """
@@ -26,38 +27,62 @@ QBLOCK = 64  # bitsandbytes' blocksize for nf4 weights (vLLM and HF both use 64)
 NUM_STAGES = 2
 
 
+# The 16 nf4 levels (bitsandbytes' NF4 code, fp32), spelled out so the kernel can select them in registers.
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+
 @triton.jit
-def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def _nf4_level(q):
+    """The nf4 level of 4-bit codes q (int32 in [0, 16)) by a select tree on the code's bits: register-only, where a
+    table lookup would be a memory gather per weight (the first version's gathers were staged through shared memory
+    by Triton's pipeliner and ran 2-4x slower than bitsandbytes)."""
+    b0 = (q & 1) != 0
+    b1 = (q & 2) != 0
+    b2 = (q & 4) != 0
+    b3 = (q & 8) != 0
+    v0 = tl.where(b1, tl.where(b0, -0.39491748809814453, -0.5250730514526367),
+                  tl.where(b0, -0.6961928009986877, -1.0))
+    v1 = tl.where(b1, tl.where(b0, 0.0, -0.09105003625154495),
+                  tl.where(b0, -0.18477343022823334, -0.28444138169288635))
+    v2 = tl.where(b1, tl.where(b0, 0.33791524171829224, 0.24611230194568634),
+                  tl.where(b0, 0.16093020141124725, 0.07958029955625534))
+    v3 = tl.where(b1, tl.where(b0, 1.0, 0.7229568362236023), tl.where(b0, 0.5626170039176941, 0.44070982933044434))
+    return tl.where(b3, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+
+
+@triton.jit
+def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                      ATOMIC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    HALF: tl.constexpr = BLOCK_K // 2
-    GROUPS: tl.constexpr = BLOCK_K // 64
+    G: tl.constexpr = BLOCK_K // 64  # quantisation blocks (64 weights = 32 bytes) per K tile
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, HALF)
-    offs_g = tl.arange(0, GROUPS)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, G)
+    offs_b = tl.arange(0, 32)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    rows = offs_n.to(tl.int64)
+    # packed bytes as [BLOCK_N, G, 32]: one quantisation block per (row, g), so its absmax broadcasts along the last dim
+    w_base = w_ptr + rows[:, None, None] * (K // 2) + (offs_g[None, :, None] * 32 + offs_b[None, None, :])
+    a_base = absmax_ptr + rows[:, None] * (K // 64) + offs_g[None, :]
+    x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2)
-    a_rows = absmax_ptr + offs_n.to(tl.int64)[:, None] * (K // 64)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     for it in range(pid_k, K // BLOCK_K, SPLIT_K):  # split-K: program k takes every SPLIT_K-th tile of K
         k0 = it * BLOCK_K
-        packed = tl.load(w_rows + (k0 // 2 + offs_h)[None, :], mask=n_ok[:, None], other=0)
-        hi = ((packed >> 4) & 0xF).to(tl.int32)
-        lo = (packed & 0xF).to(tl.int32)
-        scale = tl.load(a_rows + (k0 // 64 + offs_g)[None, :], mask=n_ok[:, None], other=0.0)  # [BN, GROUPS]
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, 32)), (BLOCK_N, HALF))
-        w_hi = (tl.load(code_ptr + hi) * scale).to(x_ptr.dtype.element_ty)
-        w_lo = (tl.load(code_ptr + lo) * scale).to(x_ptr.dtype.element_ty)
-        x_even = tl.load(x_rows + (k0 + 2 * offs_h)[None, :], mask=m_ok[:, None], other=0.0)
-        x_odd = tl.load(x_rows + (k0 + 1 + 2 * offs_h)[None, :], mask=m_ok[:, None], other=0.0)
-        acc = tl.dot(x_even, tl.trans(w_hi), acc)
-        acc = tl.dot(x_odd, tl.trans(w_lo), acc)
+        packed = tl.load(w_base + k0 // 2, mask=n_ok[:, None, None], other=0).to(tl.int32)
+        scale = tl.load(a_base + k0 // 64, mask=n_ok[:, None], other=0.0)[:, :, None]
+        # bitsandbytes' dequantised weight: fp32 level x fp32 absmax, rounded to the activation dtype
+        w_hi = (_nf4_level((packed >> 4) & 0xF) * scale).to(x_ptr.dtype.element_ty)  # element 2j
+        w_lo = (_nf4_level(packed & 0xF) * scale).to(x_ptr.dtype.element_ty)  # element 2j + 1
+        w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))  # [row, g, byte, nibble] -> [row, k]
+        x = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
@@ -66,12 +91,12 @@ def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, strid
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int = 64, waves: float = 2.0
+def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int = 32, waves: float = 2.0
            ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an [m, k] x [n, k].T product: enough programs to fill the GPU about
     `waves` times over, split-K only when the N tiles alone cannot (each split keeps >= 2 K tiles)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = 256 if k % 256 == 0 and block_m == 16 else (128 if k % 128 == 0 else 64)  # shared memory: <= ~100 KB
+    block_k = 128 if k % 128 == 0 else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split = 1
     while tiles * split < waves * num_sms and k // block_k >= 4 * split:
@@ -79,8 +104,8 @@ def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int = 64, waves:
     return block_m, block_n, block_k, split
 
 
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int,
-               out: torch.Tensor | None = None, cfg: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, out: torch.Tensor | None = None,
+               cfg: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, rows contiguous) @ dequant(W [n, K]).T -> [M, n] in x's dtype, written into `out` when
     given (it may be a column slice of a wider tensor: its rows are strided, its columns contiguous)."""
     m, k = x.shape
@@ -95,11 +120,11 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     bm, bn, bk, split = cfg or config(m, n, k, _num_sms(x.device))
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
     if split == 1:
-        _nf4_gemm_kernel[grid](x, packed, absmax, code, out, m, n, k, x.stride(0), out.stride(0), BLOCK_M=bm,
+        _nf4_gemm_kernel[grid](x, packed, absmax, out, m, n, k, x.stride(0), out.stride(0), BLOCK_M=bm,
                                BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, ATOMIC=False, num_warps=4, num_stages=NUM_STAGES)
         return out
     acc = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    _nf4_gemm_kernel[grid](x, packed, absmax, code, acc, m, n, k, x.stride(0), acc.stride(0), BLOCK_M=bm,
+    _nf4_gemm_kernel[grid](x, packed, absmax, acc, m, n, k, x.stride(0), acc.stride(0), BLOCK_M=bm,
                            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ATOMIC=True, num_warps=4, num_stages=NUM_STAGES)
     out.copy_(acc)
     return out

@@ -180,9 +180,10 @@ _NF4_OP = None
 
 
 def nf4_shards(weight: torch.Tensor) -> list[tuple]:
-    """(packed bytes, absmax, code, rows, eligible) per shard of a vLLM bnb-packed weight, cached on the weight. Reads
-    the attributes vLLM's loader sets: `bnb_quant_state` {shard: QuantState} and `bnb_shard_offsets` (CPU tensor)."""
-    from trainer.kernels.nf4_gemm import QBLOCK
+    """(packed bytes, absmax, rows, eligible) per shard of a vLLM bnb-packed weight, cached on the weight. Reads the
+    attributes vLLM's loader sets: `bnb_quant_state` {shard: QuantState} and `bnb_shard_offsets` (CPU tensor). A shard
+    is eligible when it is plain nf4 (blocksize 64, not nested) with bitsandbytes' standard NF4 levels."""
+    from trainer.kernels.nf4_gemm import NF4, QBLOCK
 
     cached = getattr(weight, "_trainer_nf4_shards", None)
     if cached is None:
@@ -191,8 +192,9 @@ def nf4_shards(weight: torch.Tensor) -> list[tuple]:
         cached = []
         for i in range(len(states)):
             st = states[i]
-            ok = st.quant_type == "nf4" and not st.nested and st.blocksize == QBLOCK and st.shape[1] % QBLOCK == 0
-            cached.append((flat[offsets[i]:offsets[i + 1]], st.absmax, st.code.to(flat.device), st.shape[0], ok))
+            ok = (st.quant_type == "nf4" and not st.nested and st.blocksize == QBLOCK and st.shape[1] % QBLOCK == 0
+                  and st.code.float().cpu().tolist() == list(NF4))
+            cached.append((flat[offsets[i]:offsets[i + 1]], st.absmax, st.shape[0], ok))
         weight._trainer_nf4_shards = cached
     return cached
 
@@ -203,11 +205,11 @@ def nf4_apply(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
     from trainer.kernels.nf4_gemm import nf4_matmul
 
     parts = nf4_shards(weight)
-    if not all(p[4] for p in parts):
+    if not all(p[3] for p in parts):
         return False
     col = 0
-    for packed, absmax, code, n, _ in parts:
-        nf4_matmul(x, packed, absmax, code, n, out=out[:, col:col + n])
+    for packed, absmax, n, _ in parts:
+        nf4_matmul(x, packed, absmax, n, out=out[:, col:col + n])
         col += n
     return True
 
