@@ -99,16 +99,21 @@ def test_more_budget_never_plans_worse_and_never_exceeds(budget, extra, gen, len
     if small is not None:
         assert small.peak_bytes <= budget * 1e9
         assert big is not None and big.peak_bytes <= (budget + extra) * 1e9
-        assert _speed(big) >= _speed(small)
+        assert _speed(big, model, length) >= _speed(small, model, length)
 
 
-def _speed(plan) -> tuple:
-    """What the planner maximises, recomputed from the plan's knobs: fewer micro-batches, no recompute, ..."""
-    import math
+def _speed(plan, model: str, length: int) -> float:
+    """What the planner maximises: minus its predicted step time (trainer/cost.py), recomputed from the plan's knobs."""
+    from trainer import cost
 
-    steps = math.ceil(plan.generation_batch_size * plan.max_model_len / plan.micro_batch_tokens)
-    return (-steps * (1.35 if plan.gradient_checkpointing else 1.0) - (0.5 if plan.kv_release else 0)
-            + (1.0 if plan.weight_format == "bf16_mirror" and plan.max_num_seqs <= 32 else 0))
+    knobs = {k: getattr(plan, k) for k in ("micro_batch_tokens", "gradient_checkpointing", "weight_format",
+                                           "kv_release", "max_num_seqs")}
+    dims = ModelDims.from_config(cfg(model))
+    got = -cost.step_seconds(dims.linear_params, plan.generation_batch_size, length,
+                             plan.generation_batch_size * plan.max_model_len, knobs, plan.rollout_engine,
+                             plan.compile_layers)
+    assert abs(got + plan.predicted_step_s) < 1e-2
+    return got
 
 
 @pytest.mark.parametrize("fixed", [["train.micro_batch_tokens=1024"], ["rollout.weight_format=shared_nf4"],
@@ -138,3 +143,14 @@ def test_data_parallel_plans_the_per_gpu_cost_of_distribution():
     assert two.generation_batch_size == 32
     solo_half = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["train.generation_batch_size=32"]), H100)
     assert two.peak_bytes == solo_half.peak_bytes + memory.DISTRIBUTED
+
+
+def test_plan_is_sized_for_the_longest_prompt_of_the_data():
+    r = recipe(["budget.vram_gb=30"])  # data.max_prompt_length=128
+    by_field = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100)
+    by_data = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100, max_prompt_tokens=24)
+    assert by_field.max_model_len == 128 + 256 and by_data.max_model_len == 24 + 256
+    assert by_data.kv_cache_memory_bytes < by_field.kv_cache_memory_bytes
+    assert by_data.peak_bytes < by_field.peak_bytes
+    longer = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100, max_prompt_tokens=500)  # truncated to the field
+    assert longer.max_model_len == by_field.max_model_len

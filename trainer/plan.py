@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from trainer import memory
+from trainer import cost, memory
 from trainer.errors import UserError
 from trainer.memory import GB, ModelDims
 
@@ -72,6 +72,8 @@ class Plan:
     kv_release: bool = False
     sync: str = "inplace"
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
+    compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
+    predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     # accounting
     budget_bytes: int | None = None
     components: dict[str, int] = field(default_factory=dict)
@@ -94,8 +96,13 @@ def budget_bytes(recipe, device: Device) -> int | None:
     return int(float(v) * GB)
 
 
-def make_plan(config: dict, recipe, device: Device) -> Plan:
-    """Decide every free knob; raise UserError when no choice fits the budget."""
+def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | None = None) -> Plan:
+    """Decide every free knob; raise UserError when no choice fits the budget.
+
+    max_prompt_tokens: the longest prompt of the data as tokenized (data.PromptSet.max_prompt_tokens), when known.
+    A rollout's prompt side never exceeds it, so sequences, the KV pool and vLLM's max_model_len are sized for it
+    rather than for data.max_prompt_length (24-token prompts under `max_prompt_length: 128` plan 280-token
+    sequences, not 384)."""
     from trainer.env import notes as env_notes
 
     dims = ModelDims.from_config(config)
@@ -121,16 +128,19 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
         raise UserError("train.generation_batch_size", f"{t.generation_batch_size} completions do not split into "
                         f"{device.world_size} processes of whole groups of {g.num_generations}",
                         "make it a multiple of num_generations x number of processes")
-    max_len = recipe.data.max_prompt_length + g.max_completion_length
+    prompt_len = recipe.data.max_prompt_length
+    if max_prompt_tokens is not None:
+        prompt_len = max(1, min(prompt_len, max_prompt_tokens))
+    max_len = prompt_len + g.max_completion_length
     if max_len > dims.max_position:
-        raise UserError("grpo.max_completion_length", f"prompt ({recipe.data.max_prompt_length}) + completion "
+        raise UserError("grpo.max_completion_length", f"prompt ({prompt_len}) + completion "
                         f"({g.max_completion_length}) = {max_len} tokens exceeds the model's context "
                         f"({dims.max_position})", "lower grpo.max_completion_length or data.max_prompt_length")
     budget = budget_bytes(recipe, device)
     ctx = memory.Context(dims=dims, dtype_bytes=2 if dtype != "float32" else 4, quantized=quantized,
                          lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules, optim=t.optim,
                          cuda=device.kind == "cuda", engine=r.engine, max_len=max_len, gen=gen,
-                         prompt_len=recipe.data.max_prompt_length, completion_len=g.max_completion_length,
+                         prompt_len=prompt_len, completion_len=g.max_completion_length,
                          ref_pass=g.beta != 0.0, world_size=device.world_size)
     candidates = _candidates(recipe, ctx, device)
     fitting = [c for c in candidates if budget is None or c["peak"] <= budget]
@@ -147,8 +157,8 @@ def make_plan(config: dict, recipe, device: Device) -> Plan:
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 micro_batch_seqs=t.per_device_train_batch_size,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
-                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device),
-                **{k: v for k, v in best.items() if k not in ("peak", "score")})
+                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
+                predicted_step_s=round(-best["score"], 3), **{k: v for k, v in best.items() if k not in ("peak", "score")})
     if device.kind == "cpu":
         plan.notes.append("CPU: memory is reported, not budgeted")
     elif budget is None and plan.peak_bytes > device.total_bytes:
@@ -193,9 +203,9 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
                                  enforce_eager=eager, cudagraph_capture_sizes=sizes if vllm else [])
                     comps, phases = memory.components(ctx, knobs)
                     peak = max(phases.values())
-                    # Prefer: fewer micro-batches, no recompute, bf16 mirror at small batch, KV kept.
-                    score = (-math.ceil(step_tokens / mbt) * (1.35 if gc else 1.0)
-                             - (0.5 if rel else 0) + (1.0 if fmt == "bf16_mirror" and seqs <= 32 else 0))
+                    # Rank by predicted step time (trainer/cost.py, measured costs): higher score = faster plan.
+                    score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens,
+                                               knobs, r.engine, _compile_layers(recipe, device))
                     out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
                                     score=score))
     return out
@@ -210,6 +220,15 @@ def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:
     if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or r.nf4_gemm == "bitsandbytes":
         return 0
     return NF4_GEMM_MAX_ROWS
+
+
+def _compile_layers(recipe, device: Device) -> bool:
+    """torch.compile of the decoder layers: 1.6x less time per launch-bound micro-batch (bench/results/
+    decode_profile.json, train_speed_probe) for ~17 s of compiling in the first step. Off with HF rollouts, which
+    generate through the same layers (a KV cache that grows each token would recompile them), and on the CPU."""
+    if recipe.train.torch_compile is not None:
+        return recipe.train.torch_compile
+    return device.kind == "cuda" and recipe.rollout.engine == "vllm"
 
 
 def _pow2_upto(n: int) -> list[int]:

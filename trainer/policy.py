@@ -118,6 +118,9 @@ def load_policy(recipe, plan, engine=None) -> Policy:
     model = get_peft_model(model, lora)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path)
 
