@@ -1,21 +1,27 @@
-"""Side by side with TRL and Unsloth (issue 10): each system in its own process on the same model files, prompts,
-reward and LoRA; ours through the same `train` entry users run. Every run is wrapped by bench/smi.py (nvidia-smi
-every 0.15 s on its GPU); startup is launch to the end of the first step; step time is the median gap between step
+"""Side by side with TRL and Unsloth on ONE GPU, one sitting (issues 10 and 15): each system in its own process on
+the same model files, prompts, reward, LoRA and optimizer; ours through the same `train` entry users run, with the
+benchmark recipe at `max_prompt_length: 128` as the peers' scripts set it. Every run is wrapped by bench/smi.py
+(nvidia-smi every 0.15 s); startup is launch to the end of the first step; step time is the median gap between step
 ends after the first step, for every system alike.
 
-    python bench/vs_peers.py OUT_DIR [GPUS]     # on the device after staging (and stage-unsloth.sh); GPUS "0" or "0,1"
-With two GPUs the systems run in two lanes at once (Unsloth on one GPU; TRL, then ours, on the other); each run
-still has its GPU to itself. Writes OUT_DIR/raw/<run>.{log,smi.json,result.json} and OUT_DIR/vs_peers.json
-(bench/peers/report.py builds the table and the plot from them).
+    python bench/vs_peers.py OUT_DIR        # on the device after staging (scripts/device_stage.sh unsloth)
+Order: the peers first, then ours at budgets taken from the peers' peaks measured in this sitting:
+- ours_fast: budget = the lowest peer peak (the goal: step <= 0.6x the fastest peer at a peak <= that);
+- ours_small: budget = half the lowest peer peak (the goal: step <= the fastest peer's at <= half its peak);
+- A/B levers of issue 15 in the same sitting: ours_fast_eager (train.torch_compile=false) and ours_small_bnb
+  (rollout.nf4_gemm=bitsandbytes: vLLM's own bitsandbytes path instead of the fused nf4 GEMM).
+Caches (Triton, inductor, vLLM, Unsloth's compiled cache, __pycache__ of the staged packages) are cleared before
+each system's first run, so its startup is a machine's-first-run (cold) startup. Writes OUT_DIR/raw/<run>.{log,
+smi.json,result.json} and OUT_DIR/vs_peers_h100.json (bench/peers/report.py builds the table and plot from them).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
+import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,21 +29,27 @@ from bench.peers import report  # noqa: E402
 from bench.smi import watched  # noqa: E402
 
 CONFIGS = report.CONFIGS
-# The lowest peer peak per config from the 2026-11-25 sitting (../shared/device/README.md): ours_fast's budget.
-# This sitting's peer peaks are measured alongside, and the goals are checked against those.
-FAST_BUDGET_GB = {"A": 6.6, "B": 14.5}
 PEERS = [("unsloth", "A", 0.1), ("unsloth_tuned", "A", 0.06), ("unsloth", "B", 0.1), ("trl", "A", 0.1), ("trl", "B", 0.1)]
 SITE, UNSLOTH_SITE = os.environ.get("SITE", "/root/site"), os.environ.get("UNSLOTH_SITE", "/root/site_unsloth")
 RUNS = Path(os.environ.get("RUNS", "/root/runs"))
 STEPS = int(os.environ.get("STEPS", "7"))
 H100_MIB = 81559  # memory.total of the H100 80GB HBM3 the peers' utilisations were tuned on
+CACHES = ["~/.triton/cache", "~/.cache/vllm", "/tmp/torchinductor_root", "~/.cache/torch/kernels", "unsloth_compiled_cache"]
 
 
-def util_scale(gpu: str) -> float:
+def util_scale() -> float:
     """Peers size vLLM as a fraction of the card: on a larger card, scale it so they get the H100's bytes."""
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", gpu],
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
                          capture_output=True, text=True).stdout.strip()
     return min(1.0, H100_MIB / float(out)) if out else 1.0
+
+
+def clear_caches() -> None:
+    for c in CACHES:
+        shutil.rmtree(Path(c).expanduser(), ignore_errors=True)
+    for root in (SITE, UNSLOTH_SITE, "."):
+        for d in Path(root).rglob("__pycache__"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def ours_sets(cfg: str) -> list[str]:
@@ -46,19 +58,7 @@ def ours_sets(cfg: str) -> list[str]:
             f"train.max_steps={STEPS}"]
 
 
-def smallest_budget(cfg: str) -> float:
-    """The smallest budget the planner accepts: what its refusal of a 0.1 GB budget names."""
-    cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--plan", "--set", "budget.vram_gb=0.1"]
-    for s in ours_sets(cfg):
-        cmd += ["--set", s]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
-    m = re.search(r"set budget\.vram_gb: ([0-9.]+)", out.stdout.replace("\n", " "))
-    if not m:
-        raise SystemExit(f"no smallest budget in the planner's answer:\n{out.stdout}\n{out.stderr[-2000:]}")
-    return float(m.group(1))
-
-
-def job_cmd(system: str, cfg: str, knob, model: str, raw: Path, name: str) -> tuple[list[str], dict]:
+def job_cmd(system: str, cfg: str, knob, model: str, raw: Path, name: str, extra=()) -> tuple[list[str], dict]:
     c = CONFIGS[cfg]
     env = {"GRPO_BS": str(c["completions"]), "GRPO_LEN": str(c["completion_tokens"]), "STEPS": str(STEPS)}
     if system.startswith("unsloth"):
@@ -68,49 +68,67 @@ def job_cmd(system: str, cfg: str, knob, model: str, raw: Path, name: str) -> tu
         return [sys.executable, "bench/peers/trl_grpo.py", model, str(knob), str(raw / f"{name}.result.json")], env
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(RUNS / name),
            "--overwrite", "--set", f"budget.vram_gb={knob}"]
-    for s in ours_sets(cfg):
+    for s in ours_sets(cfg) + list(extra):
         cmd += ["--set", s]
     return cmd, env
 
 
-def lane(gpu: str, jobs: list, model: str, raw: Path) -> None:
-    for system, cfg, knob in jobs:
-        name = f"{system}_{cfg}"
-        cmd, extra = job_cmd(system, cfg, knob, model, raw, name)
-        env = {**os.environ, **extra, "CUDA_VISIBLE_DEVICES": gpu, "SMI_GPUS": gpu}
-        print(f"[gpu {gpu}] {name}: {' '.join(cmd)}", flush=True)
-        rc = watched(raw / f"{name}.smi.json", raw / f"{name}.log", cmd, env)
-        if not system.startswith(("trl", "unsloth")):
-            report.collect_ours(RUNS / name, raw / f"{name}.result.json", system, f"budget.vram_gb={knob}")
-        print(f"[gpu {gpu}] {name}: rc {rc}", flush=True)
+def run(system: str, cfg: str, knob, model: str, raw: Path, extra=(), label: str | None = None) -> None:
+    name = f"{label or system}_{cfg}"
+    cmd, env_extra = job_cmd(system, cfg, knob, model, raw, name, extra)
+    env = {**os.environ, **env_extra, "CUDA_VISIBLE_DEVICES": "0", "SMI_GPUS": "0"}
+    print(f"{name}: {' '.join(cmd)}", flush=True)
+    rc = watched(raw / f"{name}.smi.json", raw / f"{name}.log", cmd, env)
+    if system.startswith("ours"):
+        report.collect_ours(RUNS / name, raw / f"{name}.result.json", label or system,
+                            f"budget.vram_gb={knob}" + "".join(f" {e}" for e in extra))
+    print(f"{name}: rc {rc}", flush=True)
 
 
-def main(out: Path, gpus: list[str]) -> None:
+def lowest_peer_peak(raw: Path, cfg: str) -> float:
+    peaks = [json.loads((raw / f"{s}_{cfg}.smi.json").read_text())["peak_gb"] for s, c, _ in PEERS
+             if c == cfg and (raw / f"{s}_{cfg}.smi.json").exists()
+             and json.loads((raw / f"{s}_{cfg}.smi.json").read_text())["rc"] == 0]
+    if not peaks:
+        raise SystemExit(f"no peer finished config {cfg}: nothing to set our budgets from")
+    return min(peaks)
+
+
+def main(out: Path) -> None:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     build = subprocess.run([sys.executable, "-c", "from trainer.shapes import model_dir; print(model_dir('qwen2.5-1.5b'))"],
-                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpus[0]})
+                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     model = build.stdout.strip().splitlines()[-1]
-    small = {cfg: smallest_budget(cfg) for cfg in CONFIGS}
-    scale = util_scale(gpus[0])
-    peers = [(system, cfg, round(util * scale, 4)) for system, cfg, util in PEERS]
-    ours = [(f"ours_{op}", cfg, FAST_BUDGET_GB[cfg] if op == "fast" else small[cfg]) for cfg in CONFIGS
-            for op in ("fast", "small")]
-    device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", gpus[0]],
+    scale = util_scale()
+    device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
                             capture_output=True, text=True).stdout.strip()
-    meta = {"device": device, "util_scale_to_h100_bytes": scale, "model": model, "steps": STEPS, "fast_budget_gb": FAST_BUDGET_GB, "small_budget_gb": small, "gpus": gpus}
+    meta = {"device": device, "util_scale_to_h100_bytes": scale, "model": model, "steps": STEPS, "cold_runs": []}
+    first = set()
+    for system, cfg, util in PEERS:
+        family = system.split("_")[0]
+        if family not in first:
+            clear_caches()
+            first.add(family)
+            meta["cold_runs"].append(f"{system}_{cfg}")
+        run(system, cfg, round(util * scale, 4), model, raw)
+    fast = {cfg: math.floor(lowest_peer_peak(raw, cfg) * 10) / 10 for cfg in CONFIGS}
+    small = {cfg: math.floor(lowest_peer_peak(raw, cfg) * 5) / 10 for cfg in CONFIGS}
+    meta.update(fast_budget_gb=fast, small_budget_gb=small)
     (raw / "meta.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(meta), flush=True)
-    jobs = peers + ours
-    lanes = [[j for j in jobs if j[0].startswith("unsloth")], [j for j in jobs if not j[0].startswith("unsloth")]] \
-        if len(gpus) > 1 else [jobs]
-    threads = [threading.Thread(target=lane, args=(g, js, model, raw)) for g, js in zip(gpus, lanes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    report.build(raw, out / "vs_peers.json")
+    clear_caches()
+    meta["cold_runs"].append("ours_fast_A")
+    (raw / "meta.json").write_text(json.dumps(meta, indent=1))
+    for cfg in CONFIGS:
+        run("ours", cfg, fast[cfg], model, raw, label="ours_fast")
+        run("ours", cfg, small[cfg], model, raw, label="ours_small")
+    run("ours", "A", fast["A"], model, raw, extra=["train.torch_compile=false"], label="ours_fast_eager")
+    for cfg in CONFIGS:
+        run("ours", cfg, small[cfg], model, raw, extra=["rollout.nf4_gemm=bitsandbytes"], label="ours_small_bnb")
+    report.build(raw, out / "vs_peers_h100.json", command="python bench/vs_peers.py OUT_DIR  (one GPU, after "
+                 "scripts/device_stage.sh unsloth; bench/peers/report.py RAW OUT.json PLOT.png)")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "0").split(","))
+    main(Path(sys.argv[1]))

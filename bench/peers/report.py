@@ -1,4 +1,4 @@
-"""Turns the side-by-side runs (bench/vs_peers.py) into bench/results/vs_peers.json and a PNG plot.
+"""Turns the side-by-side runs (bench/vs_peers.py) into bench/results/vs_peers_h100.json and a PNG plot.
 
     python bench/peers/report.py RAW_DIR OUT.json [PLOT.png]
 vs_peers.json follows ../shared/DESIGN.md: configs[].systems.{trl, unsloth, unsloth_tuned, ours_fast, ours_small}
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 PEERS = ("trl", "unsloth", "unsloth_tuned")
+OURS = ("ours_fast", "ours_small", "ours_fast_eager", "ours_small_bnb")  # the last two: same-sitting A/B of a lever
+ROLLOUT_GOAL_S = {"A": 0.8, "B": 2.4}  # issue 15: rollout phase with the shared nf4 base
 CONFIGS = {"A": {"completions": 8, "completion_tokens": 256}, "B": {"completions": 64, "completion_tokens": 512}}
 PHASES = ("kv", "rollout", "reward", "recompute", "train", "optimizer", "sync")
 
@@ -76,23 +78,34 @@ def _ratios(systems: dict) -> dict:
             if systems.get(k) and systems[k].get("startup_s"):
                 out[f"{k}_startup_over_unsloth"] = systems[k]["startup_s"] / u["startup_s"]
         out["goal_startup"] = all(out.get(f"{k}_startup_over_unsloth", 9) <= 0.5 for k in ("ours_fast", "ours_small"))
+    for ab, base in (("ours_fast_eager", "ours_fast"), ("ours_small_bnb", "ours_small")):
+        if systems.get(ab) and systems.get(base):
+            out[f"{base}_step_over_{ab}"] = systems[base]["step_s_median"] / systems[ab]["step_s_median"]
+    nf4 = [k for k in ("ours_small", "ours_small_bnb", "ours_fast")
+           if systems.get(k) and (systems[k].get("plan") or {}).get("weight_format") == "shared_nf4"
+           and systems[k].get("breakdown_s_median")]
+    if nf4:
+        out["rollout_shared_nf4_s"] = {k: systems[k]["breakdown_s_median"]["rollout"] for k in nf4}
     return out
 
 
-def build(raw: Path, out: Path) -> dict:
+def build(raw: Path, out: Path, command: str = "python bench/vs_peers.py OUT_DIR") -> dict:
     meta = json.loads((raw / "meta.json").read_text())
     configs = []
     for cfg, c in CONFIGS.items():
         systems = {}
-        for sysname in (*PEERS, "ours_fast", "ours_small"):
+        for sysname in (*PEERS, *OURS):
             row = _row(raw, f"{sysname}_{cfg}")
             if row:
+                row["cold_start"] = f"{sysname}_{cfg}" in meta.get("cold_runs", [])
                 systems[sysname] = row
-        configs.append({"name": cfg, **c, "systems": systems, "ratios": _ratios(systems)})
-    res = {"device": meta.get("device"), "command": "python bench/vs_peers.py OUT_DIR 0,1  (after staging; "
-           "bench/peers/report.py RAW OUT.json PLOT.png)", "steps_per_run": meta.get("steps"),
+        ratios = _ratios(systems)
+        if "rollout_shared_nf4_s" in ratios:
+            ratios["goal_rollout_shared_nf4"] = min(ratios["rollout_shared_nf4_s"].values()) <= ROLLOUT_GOAL_S[cfg]
+        configs.append({"name": cfg, **c, "systems": systems, "ratios": ratios})
+    res = {"device": meta.get("device"), "command": command, "steps_per_run": meta.get("steps"),
            "fast_budget_gb": meta.get("fast_budget_gb"), "small_budget_gb": meta.get("small_budget_gb"),
-           "lanes": meta.get("gpus"), "configs": configs}
+           "cold_runs": meta.get("cold_runs"), "configs": configs}
     out.write_text(json.dumps(res, indent=1))
     return res
 
@@ -105,7 +118,7 @@ def plot(res: dict, png: Path) -> None:
 
     fig, axes = plt.subplots(1, len(res["configs"]), figsize=(6 * len(res["configs"]), 4.5))
     colors = {"trl": "tab:blue", "unsloth": "tab:orange", "unsloth_tuned": "tab:red", "ours_fast": "tab:green",
-              "ours_small": "tab:olive"}
+              "ours_small": "tab:olive", "ours_fast_eager": "tab:gray", "ours_small_bnb": "tab:gray"}
     for ax, c in zip(axes, res["configs"]):
         for name, s in c["systems"].items():
             ax.scatter(s["peak_gb"], s["step_s_median"], s=70, color=colors.get(name, "k"), zorder=3)
