@@ -83,7 +83,8 @@ def summary(run_dir: Path, plan, console) -> None:
     last = [m["reward_mean"] for m in lines[-10:]]
     summary = {"steps": lines[-1]["step"], "reward_first10": sum(first) / len(first),
                "reward_last10": sum(last) / len(last), "predicted_peak_gb": plan.peak_bytes / 1e9,
-               "measured_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in lines)}
+               "measured_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in lines),
+               "adjustments": [a for m in lines for a in m.get("budget/changes", [])]}  # the closed loop's
     try:
         import torch
 

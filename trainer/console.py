@@ -45,6 +45,8 @@ def plan_table(plan) -> Table:
         t.add_row(f"[bold]peak, {phase} phase", f"[bold]{b / GB:.3f}")
     budget = "none" if plan.budget_bytes is None else f"{plan.budget_bytes / GB:.2f}"
     t.add_row("[bold]budget", f"[bold]{budget}")
+    if plan.allocator_cap_bytes is not None:
+        t.add_row(f"torch allocator cap ({plan.allocator_fraction:.4f} of the GPU)", f"{plan.allocator_cap_bytes / GB:.3f}")
     t.caption = (f"engine {plan.rollout_engine}, dtype {plan.compute_dtype}, 4-bit {plan.quantized}, "
                  f"checkpointing {plan.gradient_checkpointing},\nmicro-batch {plan.micro_batch_tokens} tokens, "
                  f"logits tile {plan.token_chunk}x{plan.vocab_chunk}")
