@@ -341,6 +341,43 @@ def test_adapt_speed_needs_the_worst_case_first_step():
     assert "budget.adapt" in e.value.message and "worst_case_first_step" in e.value.message
 
 
+# ---------------------------------------------------------------------------------------------- what a budget buys
+
+
+def test_plan_alternatives_are_the_fastest_and_the_smallest_that_fit_ranked_by_speed():
+    from trainer.plan import _candidates, alternatives
+
+    r, p, _ = setup(["budget.vram_gb=6"])
+    alts = alternatives(CFG, r, p, H100)
+    cands = _candidates(r, plan_context(CFG, r, p, H100), H100)
+    fits = [c for c in cands if c["peak"] <= 6 * GB]
+    assert (alts["candidates"], alts["fitting"]) == (len(cands), len(fits)) and 0 < len(fits) < len(cands)
+    fast, small, best = alts["fastest"], alts["smallest"], alts["fastest_any_budget"]
+    knobs = ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release")
+    assert {k: fast[k] for k in knobs} == {k: getattr(p, k) for k in knobs}  # the plan is the fastest that fits
+    assert fast["rank"] == 1 and fast["peak_bytes"] == p.peak_bytes and fast["fits"]
+    assert small["peak_bytes"] == min(c["peak"] for c in fits) < fast["peak_bytes"]
+    assert small["rank"] == 1 + sum(c["score"] > small["score"] for c in fits) > 1
+    assert not best["fits"] and best["rank"] is None and best["score"] > fast["score"] and best["peak_bytes"] > 6 * GB
+    assert "fastest_any_budget" not in alternatives(CFG, recipe(["budget.vram_gb=80"]), make_plan(
+        CFG, recipe(["budget.vram_gb=80"]), H100), H100)
+
+
+def test_the_plan_command_prints_what_the_budget_buys():
+    args = ["recipes/tiny-cpu.yaml", "--plan", "--set", "budget.vram_gb=0.05"]
+    out = run_train(args + ["--json"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads(out.stdout)
+    alts = plan["alternatives"]
+    assert alts["fastest"]["micro_batch_tokens"] == plan["micro_batch_tokens"] and alts["fastest"]["rank"] == 1
+    assert alts["smallest"]["peak_bytes"] < alts["fastest"]["peak_bytes"] <= 0.05 * GB
+    assert alts["fastest_any_budget"]["peak_bytes"] > 0.05 * GB and not alts["fastest_any_budget"]["fits"]
+    text = run_train(args)
+    assert text.returncode == 0, text.stderr[-3000:]
+    flat = " ".join(text.stdout.split())
+    assert "What 0.05 GB buys" in flat and "fastest (chosen)" in flat and "smallest" in flat and "speed score" in flat
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 

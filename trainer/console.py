@@ -58,3 +58,23 @@ def plan_table(plan) -> Table:
     for n in plan.notes:
         t.caption += f"\n{n}"
     return t
+
+
+def alternatives_table(alts: dict, engine: str) -> Table:
+    """The fastest and the smallest plans that fit the budget (trainer.plan.alternatives), side by side."""
+    budget = "no budget" if alts["budget_bytes"] is None else f"{alts['budget_bytes'] / GB:.2f} GB"
+    t = Table(title=f"What {budget} buys: {alts['fitting']} of {alts['candidates']} plans fit", caption_justify="left")
+    columns = ["plan", "micro-batch", "ckpt"] + (["weights", "KV rel."] if engine == "vllm" else [])
+    for c in columns + ["peak GB", "score", "rank"]:
+        t.add_column(c, justify="left" if c == "plan" else "right")
+    rows = [("fastest (chosen)", alts["fastest"]), ("smallest", alts["smallest"])]
+    if "fastest_any_budget" in alts:
+        rows.append(("fastest, any budget", alts["fastest_any_budget"]))
+    for name, r in rows:
+        knobs = [str(r["micro_batch_tokens"]), "on" if r["gradient_checkpointing"] else "off"]
+        if engine == "vllm":
+            knobs += [r["weight_format"].replace("_", " "), "yes" if r["kv_release"] else "no"]
+        t.add_row(name, *knobs, f"{r['peak_bytes'] / GB:.2f}", f"{r['score']:.2f}", str(r["rank"]) if r["fits"] else "-")
+    t.caption = ("score: the planner's speed score (higher = predicted faster); rank among the plans that fit, "
+                 "1 = fastest")
+    return t

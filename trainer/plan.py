@@ -234,6 +234,28 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
     return out
 
 
+def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
+    """What the budget buys: the fastest candidate that fits, the smallest (least peak), and the fastest at any
+    budget, each with its rank by the planner's speed score among the candidates that fit (1 = fastest)."""
+    ctx = plan_context(config, recipe, plan, device)
+    cands = _candidates(recipe, ctx, device)
+    fits = [c for c in cands if plan.budget_bytes is None or c["peak"] <= plan.budget_bytes]
+
+    def row(c: dict) -> dict:
+        fitting = c in fits
+        rank = 1 + sum(f["score"] > c["score"] for f in fits) if fitting else None
+        return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release")},
+                "peak_bytes": c["peak"], "score": c["score"], "rank": rank, "fits": fitting}
+
+    out = {"candidates": len(cands), "fitting": len(fits), "budget_bytes": plan.budget_bytes,
+           "fastest": row(max(fits, key=lambda c: c["score"])),
+           "smallest": row(min(fits, key=lambda c: (c["peak"], -c["score"])))}
+    best = max(cands, key=lambda c: (c["score"], -c["peak"]))
+    if best not in fits:
+        out["fastest_any_budget"] = row(best)
+    return out
+
+
 def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
     """Every combination of free knobs, each with its components, peak and a speed score."""
     r, t, cpu = recipe.rollout, recipe.train, device.kind == "cpu"
