@@ -1,41 +1,45 @@
-"""The budget kept at run time: a hard cap on torch's allocator, and a closed loop that re-plans the runtime knobs
-from measured per-phase peaks and retries a step once after an out-of-memory; it never invents a knob value, it
-only picks among the planner's own candidates (trainer/plan.py).
+"""The budget kept at run time: a hard cap on torch's allocator, and a closed loop that re-plans the runtime knobs from
+measured per-phase peaks and retries a step once after an out-of-memory; it never invents a knob value, it only
+picks among the planner's own candidates (trainer/plan.py).
 
 Hard cap. `apply_cap` bounds torch's caching allocator to plan.allocator_fraction of the device (the budget minus
 what torch does not allocate: CUDA context, vLLM's non-torch buffers, NCCL) before vLLM or any weight loads, so an
 under-estimate ends in an OutOfMemoryError inside the budget, never in a neighbour's memory on a shared GPU. vLLM is
-sized in bytes inside it (kv_cache_memory_bytes, max_num_batched_tokens, graph sizes). When torch reaches the cap
-it first frees its cached blocks and retries, so the cap also makes the cache give memory back in time.
-To check on the GPU: (1) that vLLM's cumem pool (weights and KV of an engine started with sleep mode, allocated
-through a torch MemPool with a pluggable allocator) counts against the fraction: allocate past the cap inside
-vllm's `CuMemAllocator.use_memory_pool()` and expect an OutOfMemoryError; if it does not count, the cap must also
-subtract those pools; (2) that nvidia-smi's peak stays at or below the budget with the cap on, on the planner grid.
+sized in bytes inside it (kv_cache_memory_bytes, max_num_batched_tokens, graph sizes). When torch reaches the cap it
+first frees its cached blocks and retries, so the cap also makes the cache give memory back in time. To check on the
+GPU: (1) that vLLM's cumem pool (weights and KV of an engine started with sleep mode, allocated through a torch
+MemPool with a pluggable allocator) counts against the fraction: allocate past the cap inside vllm's
+`CuMemAllocator.use_memory_pool()` and expect an OutOfMemoryError; if it does not count, the cap must also subtract
+those pools; (2) that nvidia-smi's peak stays at or below the budget with the cap on, on the planner grid.
 
 Closed loop. After each step the measured peak of each plan phase (device memory used, sampled, as nvidia-smi sees
-it: `used_<sub-phase>` of State.peaks, rollout = kv + rollout, train = the rest) is compared with a target: the
-plan's own phase peak (budget.adapt: off, the default: the plan is the promise), or the budget less HEADROOM
-(adapt: speed: the budget is the only limit). A phase above its target by more than TOLERANCE gets its runtime
-knobs (RUNTIME_KNOBS: micro-batch tokens and logits tile, gradient checkpointing, KV release, HF batch size) re-planned
-before the next step: the fastest of the planner's candidates (its speed score) whose prediction, corrected by the
-largest measured/planned ratio seen in that phase, fits the target. With adapt: speed, after the first step (worst-
-case shapes: the slack measured there is real) the fastest candidate that fits the budget less HEADROOM with the
-measured error included is taken. Each change is noted in the log and listed in the step's metrics
-(`budget/adjustments`, `budget/changes`) and in summary.json.
-The correction for candidate knobs k is measured + ratio x (planned(k) - planned(now)), ratio = the phase's largest
-measured/planned ratio and never below 1: the planner's predicted change scaled by its measured error. If the error
-sits in the part the knobs change, growth is under-predicted by that part's own ratio; HEADROOM, the cap and the
-retry below cover it.
+it: `used_<sub-phase>` of State.peaks, rollout = kv + rollout, train = the rest; on a shared GPU it includes the
+neighbours' memory, which errs on the safe side; on the CPU it is the process's RSS, which the plan does not model,
+so the loop measures nothing there) is compared with a target: the plan's own phase peak (budget.adapt: off, the
+default: the plan is the promise), or the budget less HEADROOM (adapt: speed: the budget is the only limit). A phase
+above its target by more than TOLERANCE (or above the budget) gets its runtime knobs (RUNTIME_KNOBS: micro-batch
+tokens and logits tile, gradient checkpointing, KV release, HF batch size) re-planned before the next step: the
+fastest of the planner's candidates (its speed score) whose prediction, corrected by the largest measured/planned
+ratio seen in that phase, fits the target. With adapt: speed, after the first step (worst-case shapes: the slack
+measured there is real) the fastest candidate that fits the budget less HEADROOM with the measured error included is
+taken. Each change is noted in the log and listed in the step's metrics (`budget/adjustments`, `budget/changes`) and
+in summary.json. The correction for candidate knobs k is measured + ratio x (planned(k) - planned(now)), ratio = the
+phase's largest measured/planned ratio and never below 1: the planner's predicted change scaled by its measured
+error. If the error sits in the part the knobs change, growth is under-predicted by that part's own ratio; HEADROOM,
+the cap and the retry below cover it.
 
 Out of memory. An OutOfMemoryError in the rollout, recompute or train phase (before the optimizer step, so nothing
 has changed yet) moves that phase one notch smaller (the fastest candidate differing in one knob with a smaller
 predicted peak: half the micro-batch, checkpointing on, KV released, half the HF batch) and runs the same step again
 (the same prompts and seeds: grpo_step is deterministic in (step, seed); gradients zeroed, memory and RNG states
-restored first). A second OOM, one in another phase, or one under data parallelism (the other ranks are already in
-the step's collectives) is explained as before (trainer/oom.py) with exit code 4.
+restored first; a smaller HF batch regroups the rows into other seeded chunks, so a retried HF rollout samples other
+completions of the same prompts). A second OOM, one in another phase, or one under data parallelism (the other ranks
+are already in the step's collectives) is explained as before (trainer/oom.py) with exit code 4.
 
-The plan's knob fields follow the loop's changes (other stages read them); its components, phase_peaks and
-peak_bytes stay the planner's prediction for the knobs it chose, which summary.json compares with the measurement.
+kv_release can be switched only by an engine started with sleep mode (plan.kv_release true at start): a loop may
+stop releasing the pool and start again, but cannot start releasing it in a run planned without. The plan's knob
+fields follow the loop's changes (other stages read them); its components, phase_peaks and peak_bytes stay the
+planner's prediction for the knobs it chose, which summary.json compares with the measurement.
 """
 from __future__ import annotations
 
