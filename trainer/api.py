@@ -18,6 +18,15 @@ def plan(recipe_path, overrides=(), world_size: int = 1):
     return recipe, make_plan(read_config(recipe.model), recipe, Device.detect(world_size))
 
 
+def plan_alternatives(recipe, the_plan, world_size: int = 1) -> dict:
+    """What the budget buys: the fastest and the smallest plans that fit (and the fastest at any budget), with their
+    ranks by the planner's speed score among the plans that fit."""
+    from trainer.plan import Device, alternatives
+    from trainer.policy import read_config
+
+    return alternatives(read_config(recipe.model), recipe, the_plan, Device.detect(world_size))
+
+
 def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None, overwrite: bool = False,
           console=None) -> tuple[int, Path]:
     """Run a recipe to the end (or a stop); returns (exit code, run dir). resume: None, "latest", "auto" or a path."""
@@ -83,7 +92,8 @@ def summary(run_dir: Path, plan, console) -> None:
     last = [m["reward_mean"] for m in lines[-10:]]
     summary = {"steps": lines[-1]["step"], "reward_first10": sum(first) / len(first),
                "reward_last10": sum(last) / len(last), "predicted_peak_gb": plan.peak_bytes / 1e9,
-               "measured_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in lines)}
+               "measured_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in lines),
+               "adjustments": [a for m in lines for a in m.get("budget/changes", [])]}  # the closed loop's
     try:
         import torch
 

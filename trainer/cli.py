@@ -16,7 +16,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set grpo.beta=0.04 (repeatable)")
     p.add_argument("--plan", action="store_true", help="print the VRAM plan and exit without loading weights")
-    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan (and its alternatives) as JSON")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of the run dir, or the given checkpoint dir; "
                         "'auto': continue if a checkpoint exists, else start fresh (for requeued jobs)")
@@ -48,14 +48,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, console) -> int:
     from trainer import api
-    from trainer.console import plan_table
+    from trainer.console import alternatives_table, plan_table
 
     if args.plan:
-        _, the_plan = api.plan(args.recipe, args.overrides)
+        recipe, the_plan = api.plan(args.recipe, args.overrides)
+        alternatives = api.plan_alternatives(recipe, the_plan)
         if args.json:
-            print(the_plan.to_json())
+            import json
+            from dataclasses import asdict
+
+            print(json.dumps({**asdict(the_plan), "alternatives": alternatives}, indent=2))
         else:
             console.print(plan_table(the_plan))
+            console.print(alternatives_table(alternatives, the_plan.rollout_engine))
         return 0
     code, _ = api.train(args.recipe, args.overrides, args.output_dir, args.resume, args.overwrite, console)
     return code

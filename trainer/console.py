@@ -45,6 +45,8 @@ def plan_table(plan) -> Table:
         t.add_row(f"[bold]peak, {phase} phase", f"[bold]{b / GB:.3f}")
     budget = "none" if plan.budget_bytes is None else f"{plan.budget_bytes / GB:.2f}"
     t.add_row("[bold]budget", f"[bold]{budget}")
+    if plan.allocator_cap_bytes is not None:
+        t.add_row(f"torch allocator cap ({plan.allocator_fraction:.4f} of the GPU)", f"{plan.allocator_cap_bytes / GB:.3f}")
     t.caption = (f"engine {plan.rollout_engine}, dtype {plan.compute_dtype}, 4-bit {plan.quantized}, "
                  f"checkpointing {plan.gradient_checkpointing},\nmicro-batch {plan.micro_batch_tokens} tokens, "
                  f"logits tile {plan.token_chunk}x{plan.vocab_chunk}")
@@ -55,4 +57,24 @@ def plan_table(plan) -> Table:
                       f"KV released while training: {plan.kv_release}")
     for n in plan.notes:
         t.caption += f"\n{n}"
+    return t
+
+
+def alternatives_table(alts: dict, engine: str) -> Table:
+    """The fastest and the smallest plans that fit the budget (trainer.plan.alternatives), side by side."""
+    budget = "no budget" if alts["budget_bytes"] is None else f"{alts['budget_bytes'] / GB:.2f} GB"
+    t = Table(title=f"What {budget} buys: {alts['fitting']} of {alts['candidates']} plans fit", caption_justify="left")
+    columns = ["plan", "micro-batch", "ckpt"] + (["weights", "KV rel."] if engine == "vllm" else [])
+    for c in columns + ["peak GB", "step s (pred.)", "rank"]:
+        t.add_column(c, justify="left" if c == "plan" else "right")
+    rows = [("fastest (chosen)", alts["fastest"]), ("smallest", alts["smallest"])]
+    if "fastest_any_budget" in alts:
+        rows.append(("fastest, any budget", alts["fastest_any_budget"]))
+    for name, r in rows:
+        knobs = [str(r["micro_batch_tokens"]), "on" if r["gradient_checkpointing"] else "off"]
+        if engine == "vllm":
+            knobs += [r["weight_format"].replace("_", " "), "yes" if r["kv_release"] else "no"]
+        t.add_row(name, *knobs, f"{r['peak_bytes'] / GB:.2f}", f"{r['predicted_step_s']:.2f}", str(r["rank"]) if r["fits"] else "-")
+    t.caption = ("step s: the planner's predicted seconds per step (trainer/cost.py, from costs measured on an H100; "
+                 "a ranking, not a promise); rank among the plans that fit, 1 = fastest")
     return t

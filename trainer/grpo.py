@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, distributed, oom
+from trainer import budget, checkpoint, distributed, oom
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
@@ -300,6 +300,7 @@ class _Stop:
 def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None) -> int:
     """Train to recipe.train.max_steps; returns the process exit code."""
     torch.manual_seed(recipe.train.seed)
+    budget.apply_cap(plan)  # before vLLM or any weight allocates
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, engine)
     engine.attach(policy)
@@ -308,9 +309,12 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     prompts = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
     rewards = load_rewards(recipe)
     optimizer, scheduler = make_optimizer(policy, recipe.train)
+    loop = budget.Loop(recipe, plan, policy, engine, world.size)
     start = 0
     if resume is not None:
-        start = checkpoint.load(resume, policy.model, optimizer, scheduler)["step"]
+        state = checkpoint.load(resume, policy.model, optimizer, scheduler)
+        start = state["step"]
+        loop.restore(state.get("budget"))
     engine.sync(policy)
     sampler = MemorySampler()
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
@@ -323,16 +327,15 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     distributed.barrier(world)
     code, step = 0, start
     save = lambda k: checkpoint.save(run_dir, k, policy.model, optimizer, scheduler,  # noqa: E731
-                                     {"recipe": recipe.name}, recipe.checkpoint.save_total_limit) if world.main else None
+                                     {"recipe": recipe.name, "budget": loop.state()},
+                                     recipe.checkpoint.save_total_limit) if world.main else None
     from trainer.console import Progress
 
     with Progress(console, recipe.train.max_steps, start, enabled=world.main) as progress:
         for step in range(start, recipe.train.max_steps):
-            try:
-                with _profiled(run_dir, step, world):
-                    m = merge_ranks(distributed.gather_objects(grpo_step(s, step), world))
-            except torch.cuda.OutOfMemoryError as e:
-                raise oom.explain(s.phase, step, plan, e) from None
+            with _profiled(run_dir, step, world):  # an OOM is retried once, smaller, or explained (trainer/budget.py)
+                m = loop.run_step(s, step, lambda: merge_ranks(distributed.gather_objects(grpo_step(s, step), world)),
+                                  progress.note)
             logger.log(m)
             progress.update(m, line(m))
             bad = bad + 1 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) else 0

@@ -20,10 +20,17 @@ class OutOfMemory(Exception):
     """A CUDA OOM with the phase and the advice; the CLI prints it and exits with EXIT_OOM."""
 
 
+_raised = 0  # OOMs raised by the test hook in this process
+
+
 def test_hook(phase: str, step: int) -> None:
-    """TRAINER_TEST_OOM_PHASE=<phase> [TRAINER_TEST_OOM_STEP=k]: raise a CUDA OOM there (CPU tests use this)."""
+    """TRAINER_TEST_OOM_PHASE=<phase> [TRAINER_TEST_OOM_STEP=k] [TRAINER_TEST_OOM_COUNT=n]: raise a CUDA OOM when
+    the phase starts in step k, the first n times (default: every time, so a retried step fails again)."""
+    global _raised
     if os.environ.get("TRAINER_TEST_OOM_PHASE") == phase and int(os.environ.get("TRAINER_TEST_OOM_STEP", "1")) == step + 1:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (TRAINER_TEST_OOM_PHASE)")
+        if _raised < int(os.environ.get("TRAINER_TEST_OOM_COUNT", "1000000000")):
+            _raised += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (TRAINER_TEST_OOM_PHASE)")
 
 
 def knob(phase: str, plan) -> str:
@@ -45,8 +52,10 @@ def knob(phase: str, plan) -> str:
     return "budget.vram_gb: a smaller budget, so the planner leaves more margin"
 
 
-def explain(phase: str, step: int, plan, error: BaseException) -> OutOfMemory:
+def explain(phase: str, step: int, plan, error: BaseException, retried: str | None = None) -> OutOfMemory:
     lines = [f"CUDA out of memory in the {PHASE_NAMES.get(phase, phase)} phase of step {step + 1}: {str(error)[:160]}"]
+    if retried:
+        lines.append(f"  the step was retried once with {retried} and ran out again")
     planned = plan.phase_peaks.get("rollout" if phase in ("rollout", "kv") else "train")
     if planned:
         lines.append(f"  planned peak for this phase {planned / GB:.2f} GB (budget "

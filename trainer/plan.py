@@ -17,6 +17,11 @@ from trainer.errors import UserError
 from trainer.memory import GB, ModelDims
 
 BUDGET_PRESETS = {"t4-15gb": 15.0, "24gb": 24.0, "a100-40gb": 40.0, "h100-80gb": 80.0}
+# Components (memory.py's names) that torch's caching allocator does not own; the allocator cap leaves room for them.
+# Everything else, vLLM's weights, KV pool and CUDA-graph pools included, is allocated through torch.
+NON_TORCH = ("cuda_context", "vllm_non_torch", "distributed")
+# Knobs that can change between steps without rebuilding the engine or the policy (trainer/budget.py changes them).
+RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "kv_release", "hf_batch_size")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,10 @@ class Plan:
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     # accounting
     budget_bytes: int | None = None
+    # Hard cap of torch's caching allocator (budget minus NON_TORCH), in bytes and as a fraction of the device's
+    # total for torch.cuda.set_per_process_memory_fraction; None without a budget or a GPU (trainer/budget.py).
+    allocator_cap_bytes: int | None = None
+    allocator_fraction: float | None = None
     components: dict[str, int] = field(default_factory=dict)
     phase_peaks: dict[str, int] = field(default_factory=dict)
     peak_bytes: int = 0
@@ -165,7 +174,100 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         plan.notes.append(f"WARNING: the plan's peak {plan.peak_bytes / GB:.1f} GB exceeds this GPU's "
                           f"{device.total_bytes / GB:.1f} GB and no budget is set; set budget.vram_gb: auto to have "
                           "the planner fit the run (or refuse it) before anything loads")
+    plan.allocator_cap_bytes, plan.allocator_fraction = allocator_cap(plan, device)
     return plan
+
+
+def allocator_cap(plan: Plan, device: Device) -> tuple[int | None, float | None]:
+    """The budget's share for torch's caching allocator: the budget minus what torch does not allocate (CUDA
+    context, vLLM's non-torch buffers, NCCL), in bytes and as a fraction of the device's total memory."""
+    if plan.budget_bytes is None or device.kind != "cuda" or not device.total_bytes:
+        return None, None
+    cap = plan.budget_bytes - sum(plan.components.get(k, 0) for k in NON_TORCH)
+    return cap, min(1.0, cap / device.total_bytes)
+
+
+def plan_context(config: dict, recipe, plan: Plan, device: Device) -> "memory.Context":
+    """The memory.Context that make_plan sized `plan` with, rebuilt from the plan's decisions (for re-planning)."""
+    g = recipe.grpo
+    return memory.Context(dims=ModelDims.from_config(config), dtype_bytes=2 if plan.compute_dtype != "float32" else 4,
+                          quantized=plan.quantized, lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules,
+                          optim=recipe.train.optim, cuda=device.kind == "cuda", engine=plan.rollout_engine,
+                          max_len=plan.max_model_len, gen=plan.generation_batch_size,
+                          prompt_len=plan.max_model_len - g.max_completion_length, completion_len=g.max_completion_length,
+                          ref_pass=g.beta != 0.0, world_size=device.world_size)
+
+
+def plan_knobs(plan: Plan) -> dict:
+    """The plan's knobs as the candidate dict memory.components reads."""
+    keys = ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release", "token_chunk", "vocab_chunk",
+            "hf_batch_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+            "cudagraph_capture_sizes")
+    return {k: getattr(plan, k) for k in keys}
+
+
+def free_runtime_knobs(recipe, plan: Plan) -> set[str]:
+    """The runtime knobs the user left to the planner. The KV pool can be released only by an engine started with
+    sleep mode (plan.kv_release when it was built), so kv_release is free only then."""
+    t, r = recipe.train, recipe.rollout
+    free = set()
+    if t.micro_batch_tokens is None and t.per_device_train_batch_size is None:
+        free |= {"micro_batch_tokens", "token_chunk"}
+    if recipe.model.gradient_checkpointing is None:
+        free.add("gradient_checkpointing")
+    if plan.rollout_engine == "vllm" and r.kv_release is None and plan.kv_release:
+        free.add("kv_release")
+    if plan.rollout_engine == "hf" and r.hf_batch_size is None:
+        free.add("hf_batch_size")
+    return free
+
+
+def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: set[str]) -> list[dict]:
+    """The planner's candidates with every knob held at the plan's value except the runtime knobs in `free`."""
+    ctx = plan_context(config, recipe, plan, device)
+    held = recipe.model_copy(deep=True)
+    r = held.rollout
+    if plan.rollout_engine == "vllm":
+        r.weight_format, r.kv_cache_memory_bytes = plan.weight_format, plan.kv_cache_memory_bytes
+        r.max_num_seqs, r.max_num_batched_tokens = plan.max_num_seqs, plan.max_num_batched_tokens
+        r.enforce_eager, r.cudagraph_capture_sizes = plan.enforce_eager, list(plan.cudagraph_capture_sizes) or None
+    if "micro_batch_tokens" not in free:
+        held.train.micro_batch_tokens = plan.micro_batch_tokens
+    if "gradient_checkpointing" not in free:
+        held.model.gradient_checkpointing = plan.gradient_checkpointing
+    if "kv_release" not in free:
+        r.kv_release = plan.kv_release
+    sizes = ([plan.hf_batch_size] if "hf_batch_size" not in free
+             else sorted({max(1, plan.generation_batch_size >> j) for j in range(16)}))
+    out = []
+    for bs in sizes:
+        r.hf_batch_size = bs
+        out += _candidates(held, ctx, device)
+    return out
+
+
+def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
+    """What the budget buys: the fastest candidate that fits, the smallest (least peak), and the fastest at any
+    budget, each with its rank by the planner's speed score (minus the predicted step seconds, trainer/cost.py)
+    among the candidates that fit (1 = fastest)."""
+    ctx = plan_context(config, recipe, plan, device)
+    cands = _candidates(recipe, ctx, device)
+    fits = [c for c in cands if plan.budget_bytes is None or c["peak"] <= plan.budget_bytes]
+
+    def row(c: dict) -> dict:
+        fitting = c in fits
+        rank = 1 + sum(f["score"] > c["score"] for f in fits) if fitting else None
+        return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release")},
+                "peak_bytes": c["peak"], "score": c["score"], "predicted_step_s": round(-c["score"], 3), "rank": rank,
+                "fits": fitting}
+
+    out = {"candidates": len(cands), "fitting": len(fits), "budget_bytes": plan.budget_bytes,
+           "fastest": row(max(fits, key=lambda c: c["score"])),
+           "smallest": row(min(fits, key=lambda c: (c["peak"], -c["score"])))}
+    best = max(cands, key=lambda c: (c["score"], -c["peak"]))
+    if best not in fits:
+        out["fastest_any_budget"] = row(best)
+    return out
 
 
 def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:

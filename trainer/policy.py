@@ -117,12 +117,20 @@ def load_policy(recipe, plan, engine=None) -> Policy:
     torch.manual_seed(recipe.train.seed)  # LoRA A's init must not depend on what ran before (e.g. building a shape)
     model = get_peft_model(model, lora)
     if plan.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_gradient_checkpointing(model, True)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
             layer.compile()
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path)
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Recompute each decoder layer's activations in backward (on) or keep them (off); may change between steps."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _load_own_base(recipe, plan, path: Path, device: torch.device, dtype: torch.dtype):

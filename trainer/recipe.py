@@ -122,6 +122,9 @@ class RolloutSection(Section):
 class BudgetSection(Section):
     vram_gb: float | Literal["auto"] | None = None  # None: no budget (CPU, or plan for the whole card)
     margin_gb: float = 0.5  # kept free by `auto`
+    # After the first (worst-case) step the closed loop (trainer/budget.py) shrinks a phase's runtime knobs when it
+    # measured above plan. speed: the budget, not the plan, is the limit, and measured slack buys a faster setting.
+    adapt: Literal["off", "speed"] = "off"
 
 
 class TrainSection(Section):
@@ -185,6 +188,9 @@ class Recipe(Section):
         if t.generation_batch_size % g:
             raise ValueError(f"train.generation_batch_size ({t.generation_batch_size}) must be a multiple of "
                              f"grpo.num_generations ({g})")
+        if self.budget.adapt == "speed" and not t.worst_case_first_step:
+            raise ValueError("budget.adapt: speed measures the slack at the first step's worst-case shapes; set "
+                             "train.worst_case_first_step: true, or budget.adapt: off")
         return self
 
     def resolve(self, path: str) -> Path:

@@ -1,0 +1,327 @@
+"""The budget kept at run time: a hard cap on torch's allocator, and a closed loop that re-plans the runtime knobs from
+measured per-phase peaks and retries a step once after an out-of-memory; it never invents a knob value, it only
+picks among the planner's own candidates (trainer/plan.py).
+
+Hard cap. `apply_cap` bounds torch's caching allocator to plan.allocator_fraction of the device (the budget minus
+what torch does not allocate: CUDA context, vLLM's non-torch buffers, NCCL) before vLLM or any weight loads, so an
+under-estimate ends in an OutOfMemoryError inside the budget, never in a neighbour's memory on a shared GPU. vLLM is
+sized in bytes inside it (kv_cache_memory_bytes, max_num_batched_tokens, graph sizes). When torch reaches the cap it
+first frees its cached blocks and retries, so the cap also makes the cache give memory back in time. To check on the
+GPU: (1) that vLLM's cumem pool (weights and KV of an engine started with sleep mode, allocated through a torch
+MemPool with a pluggable allocator) counts against the fraction: allocate past the cap inside vllm's
+`CuMemAllocator.use_memory_pool()` and expect an OutOfMemoryError; if it does not count, the cap must also subtract
+those pools; (2) that nvidia-smi's peak stays at or below the budget with the cap on, on the planner grid.
+
+Closed loop. After each step the measured peak of each plan phase (device memory used, sampled, as nvidia-smi sees
+it: `used_<sub-phase>` of State.peaks, rollout = kv + rollout, train = the rest; on a shared GPU it includes the
+neighbours' memory, which errs on the safe side; on the CPU it is the process's RSS, which the plan does not model,
+so the loop measures nothing there) is compared with a target: the plan's own phase peak (budget.adapt: off, the
+default: the plan is the promise), or the budget less HEADROOM (adapt: speed: the budget is the only limit). A phase
+above its target by more than TOLERANCE (or above the budget) gets its runtime knobs (RUNTIME_KNOBS: micro-batch
+tokens and logits tile, gradient checkpointing, KV release, HF batch size) re-planned before the next step: the
+fastest of the planner's candidates (its speed score) whose prediction, corrected by the largest measured/planned
+ratio seen in that phase, fits the target. With adapt: speed, after the first step (worst-case shapes: the slack
+measured there is real) the fastest candidate that fits the budget less HEADROOM with the measured error included is
+taken. Each change is noted in the log and listed in the step's metrics (`budget/adjustments`, `budget/changes`) and
+in summary.json. The correction for candidate knobs k is measured + ratio x (planned(k) - planned(now)), ratio = the
+phase's largest measured/planned ratio and never below 1: the planner's predicted change scaled by its measured
+error. If the error sits in the part the knobs change, growth is under-predicted by that part's own ratio; HEADROOM,
+the cap and the retry below cover it.
+
+Out of memory. An OutOfMemoryError in the rollout, recompute or train phase (before the optimizer step, so nothing
+has changed yet) moves that phase one notch smaller (the fastest candidate differing in one knob with a smaller
+predicted peak: half the micro-batch, checkpointing on, KV released, half the HF batch) and runs the same step again
+(the same prompts and seeds: grpo_step is deterministic in (step, seed); gradients zeroed, memory and RNG states
+restored first; a smaller HF batch regroups the rows into other seeded chunks, so a retried HF rollout samples other
+completions of the same prompts). A second OOM, one in another phase, or one under data parallelism (the other ranks
+are already in the step's collectives) is explained as before (trainer/oom.py) with exit code 4.
+
+kv_release can be switched only by an engine started with sleep mode (plan.kv_release true at start): a loop may
+stop releasing the pool and start again, but cannot start releasing it in a run planned without. The plan's knob
+fields follow the loop's changes (other stages read them); its components, phase_peaks and peak_bytes stay the
+planner's prediction for the knobs it chose, which summary.json compares with the measurement.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass
+
+import torch
+
+from trainer import oom
+from trainer.checkpoint import _rng_state, _set_rng_state
+from trainer.memory import GB
+from trainer.plan import RUNTIME_KNOBS, Device, free_runtime_knobs, runtime_candidates
+
+# Sub-phases of the loop (State.timed) by the plan phase whose peak they belong to.
+SUBPHASES = {"rollout": ("kv", "rollout"), "train": ("reward", "recompute", "train", "optimizer", "sync")}
+KNOB_PHASE = {"micro_batch_tokens": "train", "token_chunk": "train", "gradient_checkpointing": "train",
+              "kv_release": "train", "hf_batch_size": "rollout"}
+# The knobs a notch changes; token_chunk follows micro_batch_tokens in the planner's candidates.
+NOTCH_KNOBS = ("micro_batch_tokens", "gradient_checkpointing", "kv_release", "hf_batch_size")
+# Sub-phases whose OOM is retried (nothing of the step is applied before the optimizer), by the plan phase to shrink.
+RETRY = {"rollout": "rollout", "recompute": "train", "train": "train"}
+TOLERANCE = 0.03  # a phase more than 3% above its target is re-planned
+HEADROOM = 0.05  # adapt: speed keeps corrected predictions 5% under the budget
+KNOB_FIELDS = {"micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
+               "kv_release": "rollout.kv_release", "hf_batch_size": "rollout.hf_batch_size", "token_chunk": "token_chunk"}
+
+
+def apply_cap(plan) -> float | None:
+    """Bound torch's caching allocator to the plan's share of the device (once, before vLLM or weights load).
+    Returns the fraction set, or None without a cap (no budget, or no GPU)."""
+    if plan.allocator_fraction is None or not torch.cuda.is_available():
+        return None
+    torch.cuda.set_per_process_memory_fraction(float(plan.allocator_fraction), torch.cuda.current_device())
+    return plan.allocator_fraction
+
+
+@dataclass
+class Adjustment:
+    step: int  # 1-based: the step after which (or, for an OOM, in which) the knob changed
+    phase: str  # the plan phase the knob belongs to: rollout | train
+    reason: str  # "over plan" | "slack" | "out of memory"
+    knob: str  # a Plan field
+    old: object
+    new: object
+    measured_gb: float | None  # the phase's measured peak in the step (None after an OOM)
+    planned_gb: float  # the planner's prediction for the knobs in force during the step
+    expected_gb: float  # the corrected prediction for the new knobs
+
+
+class Loop:
+    """Per-run state of the closed loop; `run_step` wraps one step of the GRPO loop."""
+
+    def __init__(self, recipe, plan, policy=None, engine=None, world_size: int = 1, config: dict | None = None):
+        if config is None:
+            from trainer.policy import read_config
+
+            config = read_config(recipe.model)
+        self.recipe, self.plan, self.policy, self.engine, self.world_size = recipe, plan, policy, engine, world_size
+        self.device = Device(plan.device, plan.device_name, world_size=world_size,
+                             vllm_cpu=plan.device == "cpu" and plan.rollout_engine == "vllm")
+        self.free = free_runtime_knobs(recipe, plan)
+        self.candidates = runtime_candidates(config, recipe, plan, self.device, self.free)
+        self.speed = recipe.budget.adapt == "speed" and plan.budget_bytes is not None
+        self.targets = ({p: plan.budget_bytes * (1 - HEADROOM) for p in plan.phase_peaks} if self.speed
+                        else dict(plan.phase_peaks))
+        self.measures = plan.device == "cuda"  # CPU: the sampler reads the process's RSS, which the plan does not model
+        self.anchor: dict[str, tuple[float, float]] = {}  # phase -> (measured, planned) of its largest ratio
+        self.errors: dict[str, float] = {}  # phase -> measured / planned - 1 in the last step
+        self.pending: list[Adjustment] = []  # changes of the current step, reported with its metrics
+        self.retried = 0
+        self.stuck: set[str] = set()  # phases above target with no runtime knob left (noted once)
+        self.current()  # the plan must be one of the planner's candidates
+
+    # ------------------------------------------------------------------------------------------ the step
+
+    def run_step(self, s, step: int, fn, note=print) -> dict:
+        """Run one step (`fn`: grpo_step and the rank merge), retrying once after an OOM; then compare the measured
+        peaks with the plan and re-plan. Returns the step's metrics with the loop's keys added."""
+        rng = _rng_state()
+        self.retried = 0
+        try:
+            m = fn()
+        except torch.cuda.OutOfMemoryError as e:
+            phase = s.phase
+            retryable = self.world_size == 1 and "optimizer" not in s.times  # no update applied in this step yet
+            changes = self.after_oom(step, phase) if retryable else []
+            if not changes:
+                raise oom.explain(phase, step, self.plan, e) from None
+            note(f"budget: out of memory in the {phase} phase of step {step + 1}; retrying the step once with "
+                 f"{_changes(changes)}")
+        else:
+            return self._finish(step, s, m, note)
+        # Outside the except block: the failed attempt's frames (and the tensors they hold) are gone.
+        s.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _set_rng_state(rng)
+        self.retried = 1
+        try:
+            m = fn()
+        except torch.cuda.OutOfMemoryError as e:
+            raise oom.explain(s.phase, step, self.plan, e, retried=_changes(changes)) from None
+        return self._finish(step, s, m, note)
+
+    def _finish(self, step: int, s, m: dict, note) -> dict:
+        worst = step == 0 and self.recipe.train.worst_case_first_step
+        if self.measures:
+            for text in self.after_step(step, s.peaks, worst):
+                note(text)
+        m["budget/adjustments"], m["budget/retries"] = len(self.pending), self.retried
+        m.update({f"budget/{p}_error": e for p, e in self.errors.items()})
+        if self.pending:
+            m["budget/changes"] = [asdict(a) for a in self.pending]
+        self.pending = []
+        return m
+
+    # ------------------------------------------------------------------------------------------ decisions
+
+    def measured(self, peaks: dict) -> dict[str, int]:
+        """Peak device memory of each plan phase from State.peaks (`used_<sub-phase>`)."""
+        out = {}
+        for phase, subs in SUBPHASES.items():
+            vals = [peaks[f"used_{x}"] for x in subs if f"used_{x}" in peaks]
+            if vals:
+                out[phase] = max(vals)
+        return out
+
+    def after_step(self, step: int, peaks: dict, worst: bool = False) -> list[str]:
+        """Re-plan after a step from its measured peaks; returns the log lines (the changes go to `pending`)."""
+        measured = self.measured(peaks)
+        if not measured:
+            return []
+        cur = self.current()
+        for p, m in measured.items():
+            planned = cur["phase_peaks"][p]
+            if p not in self.anchor or m / planned > self.anchor[p][0] / self.anchor[p][1]:
+                self.anchor[p] = (m, planned)
+        self.errors = {p: m / cur["phase_peaks"][p] - 1 for p, m in measured.items()}
+        limit = self.plan.budget_bytes or float("inf")
+        over = [p for p, m in measured.items() if m > min(self.targets[p] * (1 + TOLERANCE), limit)]
+        if over:
+            return self._shrink(step, over, measured, cur)
+        self.stuck.clear()
+        if self.speed and worst:
+            return self._grow(step, measured, cur)
+        return []
+
+    def after_oom(self, step: int, sub_phase: str) -> list[Adjustment]:
+        """One notch smaller in the phase that ran out: the fastest candidate that differs in one knob of that phase
+        and predicts a smaller peak there (and no larger one elsewhere). [] when none is left."""
+        phase = RETRY.get(sub_phase)
+        if phase is None:
+            return []
+        cur = self.current()
+        mine = [k for k in NOTCH_KNOBS if KNOB_PHASE[k] == phase and k in self.free]
+
+        def one_notch(c: dict) -> bool:
+            diff = [k for k in NOTCH_KNOBS if c[k] != cur[k]]
+            return (len(diff) == 1 and diff[0] in mine and c["phase_peaks"][phase] < cur["phase_peaks"][phase]
+                    and all(c["phase_peaks"][q] <= cur["phase_peaks"][q] for q in cur["phase_peaks"]))
+
+        notches = [c for c in self.candidates if one_notch(c)]
+        if not notches:
+            return []
+        best = max(notches, key=lambda c: (_speed(c), -c["phase_peaks"][phase]))
+        return self._adopt(step, best, cur, "out of memory", {})
+
+    def expected(self, phase: str, planned: float) -> float:
+        """The planner's bytes for a phase corrected by the largest measured/planned ratio seen there."""
+        if phase not in self.anchor:
+            return planned
+        m, p = self.anchor[phase]
+        return m + max(1.0, m / p) * (planned - p)
+
+    def _shrink(self, step: int, over: list[str], measured: dict, cur: dict) -> list[str]:
+        """The fastest candidate, changing only the knobs of the phases above target, that brings them under it."""
+        def corr(c, p):
+            return self.expected(p, c["phase_peaks"][p])
+
+        now = {p: corr(cur, p) for p in cur["phase_peaks"]}
+        held = [k for k in RUNTIME_KNOBS if KNOB_PHASE[k] not in over]
+        pool = [c for c in self.candidates if all(c[k] == cur[k] for k in held)
+                and all(corr(c, p) <= max(self.targets[p], now[p]) for p in now if p not in over)]
+        fits = [c for c in pool if all(corr(c, p) <= self.targets[p] for p in over)]
+        if fits:
+            best = max(fits, key=_speed)
+        else:  # nothing reaches the target: the smallest there is
+            best = min(pool, key=lambda c: (max(corr(c, p) / self.targets[p] for p in over), -c["score"]))
+        lines = []
+        if best is cur or all(corr(best, p) >= now[p] for p in over):
+            for p in over:
+                if p not in self.stuck:
+                    lines.append(f"budget: {_versus(p, measured[p], cur, self.targets[p])} after step {step + 1}, "
+                                 f"and no runtime knob is left to shrink it; for the next run set {oom.knob(p, self.plan)}")
+            self.stuck |= set(over)
+            return lines
+        changes = self._adopt(step, best, cur, "over plan", measured)
+        for p in over:
+            mine = [a for a in changes if a.phase == p]
+            still = "" if corr(best, p) <= self.targets[p] else " (the smallest setting left: still above target)"
+            lines.append(f"budget: {_versus(p, measured[p], cur, self.targets[p])} after step {step + 1}: "
+                         + (f"{_changes(mine)}, now expected {corr(best, p) / GB:.2f} GB" if mine else "unchanged")
+                         + still)
+        return lines
+
+    def _grow(self, step: int, measured: dict, cur: dict) -> list[str]:
+        """adapt: speed: the fastest candidate whose corrected peaks fit the budget less HEADROOM."""
+        fits = [c for c in self.candidates
+                if all(self.expected(p, c["phase_peaks"][p]) <= self.targets[p] for p in c["phase_peaks"])]
+        best = max(fits, key=_speed, default=cur)
+        if _speed(best) <= _speed(cur):
+            return []
+        changes = self._adopt(step, best, cur, "slack", measured)
+        peak = max(self.expected(p, best["phase_peaks"][p]) for p in best["phase_peaks"])
+        return [f"budget: measured peak {max(measured.values()) / GB:.2f} GB of a {self.plan.budget_bytes / GB:.2f} GB "
+                f"budget after step {step + 1} (worst-case shapes); adapt: speed takes {_changes(changes)}, "
+                f"expected peak {peak / GB:.2f} GB"]
+
+    def _adopt(self, step: int, best: dict, cur: dict, reason: str, measured: dict) -> list[Adjustment]:
+        changes = []
+        for k in RUNTIME_KNOBS:
+            if best[k] != cur[k]:
+                p = KNOB_PHASE[k]
+                changes.append(Adjustment(step + 1, p, reason, k, cur[k], best[k],
+                                          measured[p] / GB if p in measured else None, cur["phase_peaks"][p] / GB,
+                                          self.expected(p, best["phase_peaks"][p]) / GB))
+        self._set({a.knob: a.new for a in changes})
+        self.pending += changes
+        return changes
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def current(self) -> dict:
+        """The planner's candidate for the knobs in force."""
+        knobs = {k: getattr(self.plan, k) for k in RUNTIME_KNOBS}
+        found = self._find(knobs)
+        if found is None:
+            raise RuntimeError(f"the plan's runtime knobs {knobs} are not among the planner's candidates")
+        return found
+
+    def _find(self, knobs: dict) -> dict | None:
+        return next((c for c in self.candidates if all(c[k] == v for k, v in knobs.items())), None)
+
+    def _set(self, knobs: dict) -> None:
+        """Change knobs in the plan (which the loop, packing and engines read) and in the live objects."""
+        for k, v in knobs.items():
+            setattr(self.plan, k, v)
+        if "gradient_checkpointing" in knobs and self.policy is not None:
+            from trainer.policy import set_gradient_checkpointing
+
+            set_gradient_checkpointing(self.policy.model, knobs["gradient_checkpointing"])
+        if "hf_batch_size" in knobs and getattr(self.engine, "name", None) == "hf":
+            self.engine.batch_size = knobs["hf_batch_size"]
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the knobs in force and the measured errors."""
+        return {"knobs": {k: getattr(self.plan, k) for k in RUNTIME_KNOBS},
+                "anchor": {p: list(v) for p, v in self.anchor.items()}}
+
+    def restore(self, state: dict | None) -> None:
+        """Resume with the knobs a checkpoint was written under (those the recipe still leaves free)."""
+        if not state:
+            return
+        old = {k: getattr(self.plan, k) for k in RUNTIME_KNOBS}
+        new = {k: v for k, v in state.get("knobs", {}).items() if k in self.free and old.get(k) != v}
+        if self._find({**old, **new}) is None:  # the recipe changed since: the planner's choice stands
+            return
+        self._set(new)
+        self.anchor = {p: (float(v[0]), float(v[1])) for p, v in state.get("anchor", {}).items()}
+
+
+def _speed(c: dict) -> tuple:
+    """The planner's speed score; between equal scores, the larger HF batch."""
+    return c["score"], c["hf_batch_size"]
+
+
+def _changes(changes: list[Adjustment]) -> str:
+    return ", ".join(f"{KNOB_FIELDS.get(a.knob, a.knob)} {a.old} -> {a.new}" for a in changes)
+
+
+def _versus(phase: str, measured: float, cur: dict, target: float) -> str:
+    planned = cur["phase_peaks"][phase]
+    return (f"{phase} phase measured {measured / GB:.2f} GB, planned {planned / GB:.2f} GB "
+            f"({measured / planned - 1:+.1%}; target {target / GB:.2f} GB)")
