@@ -216,7 +216,7 @@ def validate(raw: dict) -> Recipe:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -228,6 +228,26 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(str(path), "the top level must be a mapping of sections (model:, data:, ...)",
                         "see recipes/tiny-cpu.yaml for the layout")
     return data
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is allowed); binary files and other encodings are user errors naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(str(path), f"cannot read the file: {e.strerror or e}", "check the path and its permissions"
+                        ) from None
+    fix = "save the recipe as UTF-8 text (YAML)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(str(path), "the file is UTF-16 text, not UTF-8", fix)
+    if b"\x00" in data:  # UTF-16 without a BOM lands here too
+        raise UserError(str(path), f"a binary file, not text (NUL byte at offset {data.index(0)})", fix)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(str(path), f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (a binary file, "
+                        "or another encoding such as latin-1)", fix) from None
+    return text
 
 
 def _apply_includes(raw: dict, base: Path, seen: list[Path]) -> dict:
