@@ -30,3 +30,53 @@ def test_a_recipe_that_is_not_utf8_text_is_a_user_error_naming_the_file(tmp_path
     assert out.returncode == 2 and "Traceback" not in text, text[-3000:]
     named = tmp_path / "preset.bin" if kind == "binary include" else bad
     assert str(named) in text and "UTF-8" in text and "fix:" in text, text
+
+
+def _without_columns():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+
+
+def _plan_lines():
+    from trainer import api
+
+    _, plan = api.plan(TINY)
+    assert plan.notes and max(map(len, plan.notes)) > 30  # notes long enough to have been wrapped before
+    return [f"micro-batch {plan.micro_batch_tokens} tokens, logits tile {plan.token_chunk}x{plan.vocab_chunk}",
+            *plan.notes]
+
+
+def test_without_a_terminal_each_step_is_one_line_and_the_plan_notes_are_whole(tmp_path):
+    """stdout a pipe and no COLUMNS (Slurm, nohup): rich assumed 80 columns and split the lines."""
+    import subprocess
+    import sys
+
+    steps = 3
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", str(TINY), "--set", f"train.max_steps={steps}",
+                          "--set", "logging.plots=false", "--output-dir", str(tmp_path / "run")],
+                         cwd=ROOT, env=_without_columns(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    step_lines = [ln for ln in lines if ln.startswith("step ")]
+    assert len(step_lines) == steps, out.stdout
+    for ln in step_lines:  # a whole step line: from the step number to the last field
+        assert ln.rstrip().endswith("GB") and "tok/s" in ln and len(ln) > 80, ln
+    assert not [ln for ln in lines if ln.startswith("(roll") or ln.strip().startswith("tok/s")], out.stdout
+    for expected in _plan_lines():
+        assert any(expected in ln for ln in lines), (expected, out.stdout)
+    summary = next(ln for ln in lines if ln.startswith("mean reward"))
+    assert "run dir" in summary, out.stdout
+
+
+def test_the_plan_is_whole_in_a_narrow_pipe(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", str(TINY), "--plan"], cwd=ROOT,
+                         env={**_without_columns(), "COLUMNS": "40"}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for expected in _plan_lines():
+        assert any(expected in ln for ln in out.stdout.splitlines()), (expected, out.stdout)
+    assert "│ peak, train phase" in out.stdout

@@ -21,13 +21,11 @@ def plan(recipe_path, overrides=(), world_size: int = 1):
 def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None, overwrite: bool = False,
           console=None) -> tuple[int, Path]:
     """Run a recipe to the end (or a stop); returns (exit code, run dir). resume: None, "latest", "auto" or a path."""
-    from rich.console import Console
-
     from trainer import distributed
-    from trainer.console import plan_table
+    from trainer.console import make_console, show_plan
     from trainer.grpo import run
 
-    console = console or Console()
+    console = console or make_console()
     world = distributed.init()
     recipe, the_plan = plan(recipe_path, overrides, world.size)
     run_dir = Path(output_dir or recipe.train.output_dir or Path("runs") / recipe.name)
@@ -37,7 +35,7 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "plan.json").write_text(the_plan.to_json())
         (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
-        console.print(plan_table(the_plan))
+        show_plan(console, the_plan)
     code = run(recipe, the_plan, run_dir, world, resume=start, console=console)
     if world.main:
         summary(run_dir, the_plan, console)

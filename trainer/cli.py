@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no optional CPU kernels package" noise
-    from rich.console import Console
+    from trainer.console import make_console
 
-    console = Console()
+    console = make_console()
     try:
         return _main(args, console)
     except UserError as e:
@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, console) -> int:
     from trainer import api
-    from trainer.console import plan_table
+    from trainer.console import show_plan
 
     if args.plan:
         _, the_plan = api.plan(args.recipe, args.overrides)
         if args.json:
             print(the_plan.to_json())
         else:
-            console.print(plan_table(the_plan))
+            show_plan(console, the_plan)
         return 0
     code, _ = api.train(args.recipe, args.overrides, args.output_dir, args.resume, args.overwrite, console)
     return code
