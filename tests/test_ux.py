@@ -80,3 +80,33 @@ def test_the_plan_is_whole_in_a_narrow_pipe(tmp_path):
     for expected in _plan_lines():
         assert any(expected in ln for ln in out.stdout.splitlines()), (expected, out.stdout)
     assert "│ peak, train phase" in out.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_run_summary_says_what_each_memory_number_is(tmp_path, device):
+    """On the CPU the plan counts tensors and the sampler reads the process's RSS: not two views of one number."""
+    import dataclasses
+    import io
+    import json
+
+    from rich.console import Console
+
+    from trainer import api
+
+    _, plan = api.plan(TINY)
+    plan = dataclasses.replace(plan, device=device, peak_bytes=80_000_000)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "reward_mean": 0.1 * k,
+                                                                "peak_memory_gb": 0.8 + 0.01 * k}) + "\n"
+                                                    for k in (1, 2)))
+    buf = io.StringIO()
+    api.summary(tmp_path, plan, Console(file=buf, width=80))
+    text, s = buf.getvalue(), json.loads((tmp_path / "summary.json").read_text())
+    assert s["predicted_peak_gb"] == pytest.approx(0.08) and s["measured_peak_gb"] == pytest.approx(0.82)
+    assert len(text.strip().splitlines()) == 1, text
+    if device == "cpu":
+        assert "process RSS 0.82 GB" in text and "not budgeted" in text and "planned tensors 0.08 GB" in text, text
+        assert "measured 0.82" not in text and "predicted 0.08" not in text, text
+        assert "RSS" in s["measured_peak_is"] and "tensors" in s["predicted_peak_is"], s
+    else:
+        assert "predicted 0.08 GB, measured 0.82 GB" in text, text
+        assert "device memory" in s["measured_peak_is"] and "device memory" in s["predicted_peak_is"], s

@@ -71,7 +71,7 @@ def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | N
 
 
 def summary(run_dir: Path, plan, console) -> None:
-    """Predicted vs measured peak, and the reward at the start and end of the run."""
+    """The reward at the start and end of the run, and peak memory: planned vs measured, each saying what it is."""
     from trainer.metrics import read_metrics
 
     lines = read_metrics(run_dir)
@@ -80,8 +80,9 @@ def summary(run_dir: Path, plan, console) -> None:
     first = [m["reward_mean"] for m in lines[:10]]
     last = [m["reward_mean"] for m in lines[-10:]]
     summary = {"steps": lines[-1]["step"], "reward_first10": sum(first) / len(first),
-               "reward_last10": sum(last) / len(last), "predicted_peak_gb": plan.peak_bytes / 1e9,
-               "measured_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in lines)}
+               "reward_last10": sum(last) / len(last)}
+    memory, text = peak_memory(plan, lines)
+    summary.update(memory)
     try:
         import torch
 
@@ -92,5 +93,21 @@ def summary(run_dir: Path, plan, console) -> None:
         pass
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"mean reward: first 10 steps {summary['reward_first10']:.4f}, last 10 steps "
-                  f"{summary['reward_last10']:.4f} | peak memory predicted {summary['predicted_peak_gb']:.2f} GB, "
-                  f"measured {summary['measured_peak_gb']:.2f} GB | run dir {run_dir}")
+                  f"{summary['reward_last10']:.4f} | {text} | run dir {run_dir}", soft_wrap=True)
+
+
+def peak_memory(plan, lines: list[dict]) -> tuple[dict, str]:
+    """Predicted and measured peak with what each number is. On a GPU both are device memory; on the CPU the plan
+    counts its tensors only while the sampler reads the whole process's RSS (Python, libraries, weights, data), so
+    the two are not compared there."""
+    predicted, measured = plan.peak_bytes / 1e9, max(m.get("peak_memory_gb", 0.0) for m in lines)
+    if plan.device == "cuda":
+        out = {"predicted_peak_is": "planned device memory (every component, CUDA context included)",
+               "measured_peak_is": "device memory in use (total - free, as nvidia-smi reports it), sampled"}
+        text = f"peak GPU memory: predicted {predicted:.2f} GB, measured {measured:.2f} GB in use on the device"
+    else:
+        out = {"predicted_peak_is": "planned tensors only (CPU: memory is reported, not budgeted)",
+               "measured_peak_is": "process RSS (the whole process: Python, libraries, weights, data), sampled"}
+        text = (f"peak memory: process RSS {measured:.2f} GB (CPU: memory is reported, not budgeted; planned "
+                f"tensors {predicted:.2f} GB)")
+    return {"predicted_peak_gb": predicted, "measured_peak_gb": measured, **out}, text
