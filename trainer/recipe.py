@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trainer.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Presets that `include:` finds by name (budgets/24gb, lora/r16-all-linear): package data, so that they are there
+# in a `pip install .` too (a top-level configs/ folder, as DESIGN.md first laid out, is not in the wheel).
+PRESETS = Path(__file__).resolve().parent / "configs"
 
 
 class Section(BaseModel):
@@ -256,12 +259,14 @@ def _apply_includes(raw: dict, base: Path, seen: list[Path]) -> dict:
         includes = [includes]
     merged: dict = {}
     for inc in includes:
-        candidates = [base / inc, PROJECT_ROOT / inc, PROJECT_ROOT / "configs" / inc]
+        name = str(inc).removeprefix("configs/")  # the presets' old home in the source tree
+        candidates = [base / str(inc), PRESETS / name]
         candidates += [c.with_suffix(".yaml") for c in candidates if c.suffix != ".yaml"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
+            shipped = sorted(str(p.relative_to(PRESETS).with_suffix("")) for p in PRESETS.glob("*/*.yaml"))
             raise UserError("include", f"preset not found: {inc}",
-                            "give a path relative to the recipe or to configs/, e.g. budgets/t4-15gb")
+                            f"give a path relative to the recipe, or a shipped preset: {', '.join(shipped)}")
         if found.resolve() in seen:
             raise UserError("include", f"include cycle through {found}", "remove the circular include")
         sub = _apply_includes(_read_yaml(found), found.parent, seen + [found.resolve()])
