@@ -150,3 +150,35 @@ def test_presets_ship_in_the_wheel_and_include_resolves_from_an_installed_packag
     assert out.returncode == 0, out.stderr[-3000:]
     where, values = out.stdout.splitlines()[-2:]
     assert where.startswith(str(target)) and values == "24.0 16", out.stdout
+
+
+@pytest.mark.parametrize("mistake", ["missing column", "empty dataset", "template field", "reward import"])
+def test_data_and_reward_mistakes_are_reported_before_any_weight_loads(tmp_path, monkeypatch, capsys, mistake):
+    """Exit 2 naming the field, and neither the engine nor the policy was made nor the shape's weights built."""
+    from trainer import cli, grpo, shapes
+
+    cache = tmp_path / "cache"  # empty: building the tiny shape's weights would show up here
+    monkeypatch.setenv("TRAINER_CACHE", str(cache))
+    loaded = []
+
+    def forbidden(name):
+        def spy(*a, **k):
+            loaded.append(name)
+            raise AssertionError(f"{name} ran before the {mistake} was reported")
+        return spy
+
+    monkeypatch.setattr(grpo, "make_engine", forbidden("make_engine"))
+    monkeypatch.setattr(grpo, "load_policy", forbidden("load_policy"))
+    monkeypatch.setattr(shapes, "build", forbidden("shapes.build"))
+    (tmp_path / "empty.jsonl").write_text("")
+    override, words = {
+        "missing column": ("data.prompt_column=question", ["data.prompt_column", "'question'"]),
+        "empty dataset": (f"data.dataset={tmp_path / 'empty.jsonl'}", ["data.dataset", "empty"]),
+        "template field": ("data.prompt_template=Solve {problem}", ["data.prompt_template", "'problem'"]),
+        "reward import": ("rewards=[{function: 'no_such_module:score'}]", ["rewards[0].function", "no_such_module"]),
+    }[mistake]
+    code = cli.main([str(TINY), "--set", override, "--output-dir", str(tmp_path / "run")])
+    text = capsys.readouterr().out
+    assert code == 2, text
+    assert "fix:" in text and all(w in text for w in words), text
+    assert loaded == [] and not (cache / "models").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -18,6 +19,33 @@ def plan(recipe_path, overrides=(), world_size: int = 1):
     return recipe, make_plan(read_config(recipe.model), recipe, Device.detect(world_size))
 
 
+@dataclass
+class Prepared:
+    """What a run needs before any weight loads: each is checked here, so a user's mistake in the data or the
+    rewards is reported in seconds, not after the model loads (or vLLM starts)."""
+    recipe: object
+    tokenizer: object
+    prompts: object  # data.PromptSet: rendered, tokenized (prompts.max_prompt_tokens: the longest)
+    rewards: list  # rewards.RewardFunction, imported
+    plan: object
+
+
+def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
+    """recipe -> tokenizer -> prompts -> rewards -> plan, without loading (or building) any weights."""
+    from trainer.data import load_prompts
+    from trainer.plan import Device, make_plan
+    from trainer.policy import load_tokenizer, read_config
+    from trainer.recipe import load_recipe
+    from trainer.rewards import load_rewards
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    tokenizer = load_tokenizer(recipe.model)
+    prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
+    rewards = load_rewards(recipe)
+    the_plan = make_plan(read_config(recipe.model), recipe, Device.detect(world_size))
+    return Prepared(recipe, tokenizer, prompts, rewards, the_plan)
+
+
 def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None, overwrite: bool = False,
           console=None) -> tuple[int, Path]:
     """Run a recipe to the end (or a stop); returns (exit code, run dir). resume: None, "latest", "auto" or a path."""
@@ -27,7 +55,8 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
 
     console = console or make_console()
     world = distributed.init()
-    recipe, the_plan = plan(recipe_path, overrides, world.size)
+    ready = prepare(recipe_path, overrides, world.size)
+    recipe, the_plan = ready.recipe, ready.plan
     run_dir = Path(output_dir or recipe.train.output_dir or Path("runs") / recipe.name)
     # rank 0 decides (and may clear the directory); the others take its answer
     start = distributed.broadcast_object(resume_point(run_dir, resume, overwrite) if world.main else None, world)
@@ -36,7 +65,8 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
         (run_dir / "plan.json").write_text(the_plan.to_json())
         (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         show_plan(console, the_plan)
-    code = run(recipe, the_plan, run_dir, world, resume=start, console=console)
+    code = run(recipe, the_plan, run_dir, world, resume=start, console=console, tokenizer=ready.tokenizer,
+               prompts=ready.prompts, rewards=ready.rewards)
     if world.main:
         summary(run_dir, the_plan, console)
     distributed.shutdown(world)

@@ -23,7 +23,7 @@ from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
-from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
+from trainer.policy import Policy, completion_logprobs, load_policy, load_tokenizer, resolve_model_path
 from trainer.rewards import combine, load_rewards, score
 from trainer.rollout import make_engine
 from trainer.types import RolloutBatch, Sampling
@@ -297,16 +297,20 @@ class _Stop:
         return mine
 
 
-def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None) -> int:
-    """Train to recipe.train.max_steps; returns the process exit code."""
+def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None,
+        tokenizer=None, prompts: PromptSet | None = None, rewards: list | None = None) -> int:
+    """Train to recipe.train.max_steps; returns the process exit code. Prompts and rewards (api.prepare) are loaded
+    here when not given, and always before the engine and the weights: a data or reward mistake costs no load."""
     torch.manual_seed(recipe.train.seed)
+    if prompts is None:
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
+        prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
+    rewards = rewards if rewards is not None else load_rewards(recipe)
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
-    policy = load_policy(recipe, plan, engine)
+    policy = load_policy(recipe, plan, engine, tokenizer)
     engine.attach(policy)
     if world.main:
         (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
-    prompts = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
-    rewards = load_rewards(recipe)
     optimizer, scheduler = make_optimizer(policy, recipe.train)
     start = 0
     if resume is not None:
