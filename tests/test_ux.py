@@ -182,3 +182,14 @@ def test_data_and_reward_mistakes_are_reported_before_any_weight_loads(tmp_path,
     assert code == 2, text
     assert "fix:" in text and all(w in text for w in words), text
     assert loaded == [] and not (cache / "models").exists()
+
+
+def test_prepare_exposes_the_tokenized_prompts_without_building_weights(tmp_path, monkeypatch):
+    from trainer import api
+
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path))
+    ready = api.prepare(TINY, ["data.max_prompt_length=6"])
+    assert len(ready.prompts) == 64 and [r.name for r in ready.rewards] == ["char_class_fraction"]
+    assert ready.prompts.max_prompt_tokens == 6 == max(len(p) for p in ready.prompts.prompt_ids)
+    assert ready.prompts.truncated > 0 and ready.plan.prompts_per_step == 8
+    assert not (tmp_path / "models").exists() and (tmp_path / "tokenizers").is_dir()
