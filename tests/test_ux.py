@@ -144,7 +144,8 @@ def test_presets_ship_in_the_wheel_and_include_resolves_from_an_installed_packag
                                  "data: {dataset: x.jsonl}\nrewards: [{function: 'trainer.rewards.builtin:length'}]\n")
     code = ("import trainer, sys; from trainer.recipe import load_recipe; r = load_recipe('r.yaml'); "
             "print(trainer.__file__); print(r.budget.vram_gb, r.lora.r); "
-            f"import pathlib; assert pathlib.Path({str(ROOT)!r}) not in [pathlib.Path(p or '.').resolve() for p in sys.path]")
+            "import pathlib; paths = [pathlib.Path(p or '.').resolve() for p in sys.path]; "
+            f"assert pathlib.Path({str(ROOT)!r}) not in paths")
     out = subprocess.run([sys.executable, "-c", code], cwd=user, capture_output=True, text=True, timeout=120,
                          env={**_without_columns(), "PYTHONPATH": str(target)})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -24,7 +24,7 @@ from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, load_tokenizer, resolve_model_path
-from trainer.rewards import combine, load_rewards, score
+from trainer.rewards import close_rewards, combine, load_rewards, score
 from trainer.rollout import make_engine
 from trainer.types import RolloutBatch, Sampling
 
@@ -215,8 +215,7 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
         col = batch.rewards[:, j]
         m[f"rewards/{rf.name}/mean"] = float(torch.nanmean(col))
         m[f"rewards/{rf.name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
-    for name, count in failures.items():
-        m[f"rewards/{name}/failures"] = count
+    m.update(failures)  # rewards/<name>/failures and rewards/<name>/timeouts
     if "kl_sum" in st:
         m["kl"] = st["kl_sum"] / tok
     if st["valid_tokens"] and "gap_sum" in st:
@@ -362,6 +361,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
         torch.save({k: v.detach().cpu() for k, v in policy.model.named_parameters() if v.requires_grad},
                    Path(os.environ["TRAINER_TEST_DUMP_LORA"]) / f"lora_rank{world.rank}.pt")
     sampler.close()
+    close_rewards(rewards)
     logger.close()
     distributed.barrier(world)
     engine.close()  # last: under torchrun vLLM's shutdown takes the process groups down with it

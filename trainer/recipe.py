@@ -70,6 +70,10 @@ class RewardSection(Section):
     kwargs: dict[str, Any] = {}
     name: str | None = None
     on_error: Literal["raise", "zero"] = "raise"  # zero: a raising call scores 0 and is counted in the metrics
+    # Worker processes (trainer/rewards/pool.py) for slow or hanging rewards, e.g. code execution:
+    timeout_s: float | None = Field(None, gt=0)  # a call running longer is killed; it scores per on_error
+    num_workers: int = Field(0, ge=0)  # processes scoring in parallel; 0: in the training process (1 with timeout_s)
+    chunk_size: int | None = Field(None, ge=1)  # completions per call (None: an equal share per worker)
 
 
 class GRPOSection(Section):
