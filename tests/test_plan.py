@@ -15,7 +15,7 @@ from trainer.plan import Device, make_plan
 from trainer.recipe import load_recipe
 
 H100 = Device("cuda", "NVIDIA H100 80GB HBM3", 85_000_000_000, 84_000_000_000, True)
-MODELS = ROOT / "configs" / "models"
+MODELS = ROOT / "tests" / "data" / "models"
 
 
 def cfg(name: str) -> dict:

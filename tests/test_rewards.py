@@ -60,7 +60,7 @@ def test_raising_reward_names_the_offending_sample_or_scores_zero():
         score([_rf(picky)], ["p"] * 3, ["aaaaa", "bbb", "cc"], {})
     assert "completion 1" in e.value.problem and "'bbb'" in e.value.problem
     table, failures = score([_rf(picky, "zero")], ["p"] * 3, ["aaaaa", "bbb", "cc"], {})
-    assert table[:, 0].tolist() == [0.0, 0.0, 0.0] and failures == {"picky": 3}
+    assert table[:, 0].tolist() == [0.0, 0.0, 0.0] and failures == {"rewards/picky/failures": 3}
 
 
 def test_none_means_not_applicable_and_counts_zero_in_the_sum():

@@ -3,19 +3,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
 
 
 def plan(recipe_path, overrides=(), world_size: int = 1):
-    """(recipe, Plan) for a recipe file, before any weight loads."""
-    from trainer.plan import Device, make_plan
-    from trainer.policy import read_config
-    from trainer.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path, list(overrides))
-    return recipe, make_plan(read_config(recipe.model), recipe, Device.detect(world_size))
+    """(recipe, Plan) for a recipe file, before any weight loads: the same plan `train` runs with (sized for the
+    data's longest prompt, so the data and the rewards are read and checked too)."""
+    ready = prepare(recipe_path, overrides, world_size)
+    return ready.recipe, ready.plan
 
 
 def plan_alternatives(recipe, the_plan, world_size: int = 1) -> dict:
@@ -27,18 +25,45 @@ def plan_alternatives(recipe, the_plan, world_size: int = 1) -> dict:
     return alternatives(read_config(recipe.model), recipe, the_plan, Device.detect(world_size))
 
 
+@dataclass
+class Prepared:
+    """What a run needs before any weight loads: each is checked here, so a user's mistake in the data or the
+    rewards is reported in seconds, not after the model loads (or vLLM starts)."""
+    recipe: object
+    tokenizer: object
+    prompts: object  # data.PromptSet: rendered, tokenized (prompts.max_prompt_tokens: the longest)
+    rewards: list  # rewards.RewardFunction, imported
+    plan: object
+
+
+def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
+    """recipe -> tokenizer -> prompts -> rewards -> plan, without loading (or building) any weights."""
+    from trainer.data import load_prompts
+    from trainer.plan import Device, make_plan
+    from trainer.policy import load_tokenizer, read_config
+    from trainer.recipe import load_recipe
+    from trainer.rewards import load_rewards
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    tokenizer = load_tokenizer(recipe.model)
+    prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
+    rewards = load_rewards(recipe)
+    the_plan = make_plan(read_config(recipe.model), recipe, Device.detect(world_size),
+                         max_prompt_tokens=prompts.max_prompt_tokens)
+    return Prepared(recipe, tokenizer, prompts, rewards, the_plan)
+
+
 def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None, overwrite: bool = False,
           console=None) -> tuple[int, Path]:
     """Run a recipe to the end (or a stop); returns (exit code, run dir). resume: None, "latest", "auto" or a path."""
-    from rich.console import Console
-
     from trainer import distributed
-    from trainer.console import plan_table
+    from trainer.console import make_console, show_plan
     from trainer.grpo import run
 
-    console = console or Console()
+    console = console or make_console()
     world = distributed.init()
-    recipe, the_plan = plan(recipe_path, overrides, world.size)
+    ready = prepare(recipe_path, overrides, world.size)
+    recipe, the_plan = ready.recipe, ready.plan
     run_dir = Path(output_dir or recipe.train.output_dir or Path("runs") / recipe.name)
     # rank 0 decides (and may clear the directory); the others take its answer
     start = distributed.broadcast_object(resume_point(run_dir, resume, overwrite) if world.main else None, world)
@@ -46,8 +71,9 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "plan.json").write_text(the_plan.to_json())
         (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
-        console.print(plan_table(the_plan))
-    code = run(recipe, the_plan, run_dir, world, resume=start, console=console)
+        show_plan(console, the_plan)
+    code = run(recipe, the_plan, run_dir, world, resume=start, console=console, tokenizer=ready.tokenizer,
+               prompts=ready.prompts, rewards=ready.rewards)
     if world.main:
         summary(run_dir, the_plan, console)
     distributed.shutdown(world)
@@ -82,7 +108,7 @@ def resume_point(run_dir: Path, resume: str | None, overwrite: bool) -> Path | N
 
 
 def summary(run_dir: Path, plan, console) -> None:
-    """Predicted vs measured peak, and the reward at the start and end of the run."""
+    """The reward at the start and end of the run, and peak memory: planned vs measured, each saying what it is."""
     from trainer.metrics import read_metrics
 
     lines = read_metrics(run_dir)
@@ -91,9 +117,10 @@ def summary(run_dir: Path, plan, console) -> None:
     first = [m["reward_mean"] for m in lines[:10]]
     last = [m["reward_mean"] for m in lines[-10:]]
     summary = {"steps": lines[-1]["step"], "reward_first10": sum(first) / len(first),
-               "reward_last10": sum(last) / len(last), "predicted_peak_gb": plan.peak_bytes / 1e9,
-               "measured_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in lines),
+               "reward_last10": sum(last) / len(last),
                "adjustments": [a for m in lines for a in m.get("budget/changes", [])]}  # the closed loop's
+    memory, text = peak_memory(plan, lines)
+    summary.update(memory)
     try:
         import torch
 
@@ -104,5 +131,21 @@ def summary(run_dir: Path, plan, console) -> None:
         pass
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"mean reward: first 10 steps {summary['reward_first10']:.4f}, last 10 steps "
-                  f"{summary['reward_last10']:.4f} | peak memory predicted {summary['predicted_peak_gb']:.2f} GB, "
-                  f"measured {summary['measured_peak_gb']:.2f} GB | run dir {run_dir}")
+                  f"{summary['reward_last10']:.4f} | {text} | run dir {run_dir}", soft_wrap=True)
+
+
+def peak_memory(plan, lines: list[dict]) -> tuple[dict, str]:
+    """Predicted and measured peak with what each number is. On a GPU both are device memory; on the CPU the plan
+    counts its tensors only while the sampler reads the whole process's RSS (Python, libraries, weights, data), so
+    the two are not compared there."""
+    predicted, measured = plan.peak_bytes / 1e9, max(m.get("peak_memory_gb", 0.0) for m in lines)
+    if plan.device == "cuda":
+        out = {"predicted_peak_is": "planned device memory (every component, CUDA context included)",
+               "measured_peak_is": "device memory in use (total - free, as nvidia-smi reports it), sampled"}
+        text = f"peak GPU memory: predicted {predicted:.2f} GB, measured {measured:.2f} GB in use on the device"
+    else:
+        out = {"predicted_peak_is": "planned tensors only (CPU: memory is reported, not budgeted)",
+               "measured_peak_is": "process RSS (the whole process: Python, libraries, weights, data), sampled"}
+        text = (f"peak memory: process RSS {measured:.2f} GB (CPU: memory is reported, not budgeted; planned "
+                f"tensors {predicted:.2f} GB)")
+    return {"predicted_peak_gb": predicted, "measured_peak_gb": measured, **out}, text

@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no optional CPU kernels package" noise
-    from rich.console import Console
+    from trainer.console import make_console
 
-    console = Console()
+    console = make_console()
     try:
         return _main(args, console)
     except UserError as e:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, console) -> int:
     from trainer import api
-    from trainer.console import alternatives_table, plan_table
+    from trainer.console import alternatives_table, show_plan
 
     if args.plan:
         recipe, the_plan = api.plan(args.recipe, args.overrides)
@@ -59,7 +59,7 @@ def _main(args, console) -> int:
 
             print(json.dumps({**asdict(the_plan), "alternatives": alternatives}, indent=2))
         else:
-            console.print(plan_table(the_plan))
+            show_plan(console, the_plan)
             console.print(alternatives_table(alternatives, the_plan.rollout_engine))
         return 0
     code, _ = api.train(args.recipe, args.overrides, args.output_dir, args.resume, args.overwrite, console)

@@ -1,16 +1,29 @@
-"""Terminal output: a rich progress bar with a line per step, and the plan as a table. Nothing else prints."""
+"""Terminal output: a rich progress bar with a line per step, and the plan as a table. Nothing else prints.
+
+Every line we print is soft-wrapped (never split or cropped by rich): without a terminal (Slurm, nohup, a pipe) rich
+assumes 80 columns, which broke each step's line in two and the plan's notes every ~30 characters.
+"""
 from __future__ import annotations
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from trainer.memory import GB
 
 
+def make_console(**kwargs) -> Console:
+    """rich's Console; without a terminal (and outside Jupyter) every print is soft-wrapped: one line stays one."""
+    console = Console(**kwargs)
+    if not console.is_terminal and not console.is_jupyter:
+        console.soft_wrap = True
+    return console
+
+
 class Progress:
     def __init__(self, console: Console | None, total: int, start: int, enabled: bool = True):
-        self.console = console or Console()
+        self.console = console or make_console()
         self.enabled = enabled
         self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                 TextColumn("{task.fields[reward]}"), console=self.console, transient=False,
@@ -27,16 +40,22 @@ class Progress:
     def update(self, metrics: dict, text: str) -> None:
         if not self.enabled:
             return
-        self.bar.console.print(text, highlight=False)
+        self.bar.console.print(text, highlight=False, soft_wrap=True)
         self.bar.update(self.task, advance=1, reward=f"reward {metrics['reward_mean']:+.3f}")
 
     def note(self, text: str) -> None:
         if self.enabled:
-            self.bar.console.print(f"[yellow]{text}")
+            self.bar.console.print(f"[yellow]{text}", soft_wrap=True)
 
 
-def plan_table(plan) -> Table:
-    t = Table(title=f"VRAM plan: {plan.device_name} ({plan.device})", show_lines=False, caption_justify="left")
+def show_plan(console: Console, plan) -> None:
+    console.print(plan_table(plan), soft_wrap=True)
+
+
+def plan_table(plan) -> Group:
+    """The plan's components and phase peaks as a table, then its settings and notes one per line (print it with
+    soft_wrap=True, as `show_plan` does, so that no line is split)."""
+    t = Table(title=f"VRAM plan: {plan.device_name} ({plan.device})", show_lines=False)
     t.add_column("component")
     t.add_column("GB", justify="right")
     for name, b in sorted(plan.components.items(), key=lambda kv: -kv[1]):
@@ -47,17 +66,17 @@ def plan_table(plan) -> Table:
     t.add_row("[bold]budget", f"[bold]{budget}")
     if plan.allocator_cap_bytes is not None:
         t.add_row(f"torch allocator cap ({plan.allocator_fraction:.4f} of the GPU)", f"{plan.allocator_cap_bytes / GB:.3f}")
-    t.caption = (f"engine {plan.rollout_engine}, dtype {plan.compute_dtype}, 4-bit {plan.quantized}, "
-                 f"checkpointing {plan.gradient_checkpointing},\nmicro-batch {plan.micro_batch_tokens} tokens, "
-                 f"logits tile {plan.token_chunk}x{plan.vocab_chunk}")
+    lines = [f"engine {plan.rollout_engine}, dtype {plan.compute_dtype}, 4-bit {plan.quantized}, "
+             f"checkpointing {plan.gradient_checkpointing}, micro-batch {plan.micro_batch_tokens} tokens, "
+             f"logits tile {plan.token_chunk}x{plan.vocab_chunk}, decoder layers compiled {plan.compile_layers}, "
+             f"predicted step {plan.predicted_step_s:.2f} s"]
     if plan.rollout_engine == "vllm":
-        t.caption += (f"\nvLLM: {plan.weight_format}, KV {plan.kv_cache_memory_bytes / GB:.3f} GB for "
-                      f"{plan.max_num_seqs} seqs x {plan.max_model_len} tokens, batched tokens "
-                      f"{plan.max_num_batched_tokens}, graphs {plan.cudagraph_capture_sizes or 'eager'}, "
-                      f"KV released while training: {plan.kv_release}")
-    for n in plan.notes:
-        t.caption += f"\n{n}"
-    return t
+        lines.append(f"vLLM: {plan.weight_format}, KV {plan.kv_cache_memory_bytes / GB:.3f} GB for "
+                     f"{plan.max_num_seqs} seqs x {plan.max_model_len} tokens, batched tokens "
+                     f"{plan.max_num_batched_tokens}, graphs {plan.cudagraph_capture_sizes or 'eager'}, "
+                     f"KV released while training: {plan.kv_release}"
+                     + (f", fused nf4 GEMM for decode batches <= {plan.nf4_gemm_max_rows}" if plan.nf4_gemm_max_rows else ""))
+    return Group(t, *(Text(line) for line in lines + list(plan.notes)))
 
 
 def alternatives_table(alts: dict, engine: str) -> Table:

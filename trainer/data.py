@@ -37,6 +37,11 @@ class PromptSet:
             out.append(int(order[k]))
         return out
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Tokens of the longest prompt after rendering and truncation (what a rollout's prompt side can reach)."""
+        return max(map(len, self.prompt_ids), default=0)
+
     def longest(self, n: int) -> list[int]:
         """Indices of the n longest prompts (for a first step at worst-case shapes)."""
         return sorted(range(len(self)), key=lambda i: -len(self.prompt_ids[i]))[:n]
@@ -55,6 +60,8 @@ def load_rows(data, base_dir: Path):
                             "give a path relative to the recipe file, or a hub dataset name")
         if suffix not in LOCAL_FORMATS:
             raise UserError("data.dataset", f"unsupported file type {suffix!r}", "use .jsonl, .json, .parquet or .csv")
+        if path.stat().st_size < 4096 and not path.read_bytes().strip():  # datasets raises a bare StopIteration
+            raise UserError("data.dataset", f"the dataset is empty: {path} has no rows", "point at a file with rows")
         try:
             return datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
         except Exception as e:

@@ -23,8 +23,8 @@ from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
-from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
-from trainer.rewards import combine, load_rewards, score
+from trainer.policy import Policy, completion_logprobs, load_policy, load_tokenizer, resolve_model_path
+from trainer.rewards import close_rewards, combine, load_rewards, score
 from trainer.rollout import make_engine
 from trainer.types import RolloutBatch, Sampling
 
@@ -215,8 +215,7 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
         col = batch.rewards[:, j]
         m[f"rewards/{rf.name}/mean"] = float(torch.nanmean(col))
         m[f"rewards/{rf.name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
-    for name, count in failures.items():
-        m[f"rewards/{name}/failures"] = count
+    m.update(failures)  # rewards/<name>/failures and rewards/<name>/timeouts
     if "kl_sum" in st:
         m["kl"] = st["kl_sum"] / tok
     if st["valid_tokens"] and "gap_sum" in st:
@@ -297,17 +296,21 @@ class _Stop:
         return mine
 
 
-def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None) -> int:
-    """Train to recipe.train.max_steps; returns the process exit code."""
+def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None,
+        tokenizer=None, prompts: PromptSet | None = None, rewards: list | None = None) -> int:
+    """Train to recipe.train.max_steps; returns the process exit code. Prompts and rewards (api.prepare) are loaded
+    here when not given, and always before the engine and the weights: a data or reward mistake costs no load."""
     torch.manual_seed(recipe.train.seed)
+    if prompts is None:
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
+        prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
+    rewards = rewards if rewards is not None else load_rewards(recipe)
     budget.apply_cap(plan)  # before vLLM or any weight allocates
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
-    policy = load_policy(recipe, plan, engine)
+    policy = load_policy(recipe, plan, engine, tokenizer)
     engine.attach(policy)
     if world.main:
         (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
-    prompts = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
-    rewards = load_rewards(recipe)
     optimizer, scheduler = make_optimizer(policy, recipe.train)
     loop = budget.Loop(recipe, plan, policy, engine, world.size)
     start = 0
@@ -361,6 +364,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
         torch.save({k: v.detach().cpu() for k, v in policy.model.named_parameters() if v.requires_grad},
                    Path(os.environ["TRAINER_TEST_DUMP_LORA"]) / f"lora_rank{world.rank}.pt")
     sampler.close()
+    close_rewards(rewards)
     logger.close()
     distributed.barrier(world)
     engine.close()  # last: under torchrun vLLM's shutdown takes the process groups down with it

@@ -154,14 +154,15 @@ def line(m: dict) -> str:
         parts.append(f"kl {m['kl']:.4f}")
     if "logp_gap_mean" in m:
         parts.append(f"gap {m['logp_gap_mean']:.4f}")
-    parts += [f"{m['time_step_s']:.2f}s (roll {m['time_rollout_s']:.2f})", f"{m['tokens_per_s']:.0f} tok/s"]
+    parts += [f"{m['time_step_s']:.2f}s (roll {m['time_rollout_s']:.2f}, reward {m.get('time_reward_s', 0.0):.2f})",
+              f"{m['tokens_per_s']:.0f} tok/s"]
     if m.get("peak_memory_gb"):
         parts.append(f"peak {m['peak_memory_gb']:.2f}GB")
     return " | ".join(parts)
 
 
 PLOTS = {"reward": ["reward_mean"], "loss": ["loss"], "kl": ["kl"], "completion_length": ["completion_length_mean"],
-         "step_time": ["time_step_s", "time_rollout_s", "time_train_s"], "logp_gap": ["logp_gap_mean"],
+         "step_time": ["time_step_s", "time_rollout_s", "time_reward_s", "time_train_s"], "logp_gap": ["logp_gap_mean"],
          "peak_memory": ["peak_memory_gb"]}
 
 

@@ -88,17 +88,43 @@ def read_config(model_section) -> dict:
                         f"({e.__class__.__name__})", "check the name and your network, or give a local path") from None
 
 
-def load_policy(recipe, plan, engine=None) -> Policy:
-    """The base (4-bit when the plan says so; vLLM's own when it already holds it), LoRA, checkpointing."""
-    from peft import LoraConfig, get_peft_model
+def load_tokenizer(model_section):
+    """The model's tokenizer without its weights (a shape's is trained and cached alone; a hub model's tokenizer
+    files only are fetched), so prompts are rendered and checked before anything large loads."""
     from transformers import AutoTokenizer
+
+    remote = model_section.trust_remote_code
+    if model_section.shape:
+        from trainer.shapes import tokenizer_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(model_section.shape, model_section.seed))
+    else:
+        p = Path(model_section.name).expanduser()
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise UserError("model.name", f"{p} has no config.json", "point at a Hugging Face checkpoint directory")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(p if p.is_dir() else model_section.name,
+                                                      revision=None if p.is_dir() else model_section.revision,
+                                                      trust_remote_code=remote)
+        except Exception as e:  # no tokenizer files, network, auth, missing repo
+            raise UserError("model.name", f"cannot load the tokenizer of {model_section.name!r} "
+                            f"({e.__class__.__name__}: {str(e)[:200]})",
+                            "check the name and your network, or give a local checkpoint directory with its "
+                            "tokenizer files") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
+    """The base (4-bit when the plan says so; vLLM's own when it already holds it), LoRA, checkpointing.
+    `tokenizer`: the one the prompts were tokenized with (default: `load_tokenizer`)."""
+    from peft import LoraConfig, get_peft_model
 
     path = resolve_model_path(recipe.model)
     device = torch.device(plan.device)
     dtype = getattr(torch, plan.compute_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
     if getattr(engine, "vmodel", None) is not None:  # shared_nf4: the base is vLLM's, viewed in place
         from trainer.sync import build_shared_model
 

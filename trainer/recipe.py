@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trainer.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Presets that `include:` finds by name (budgets/24gb, lora/r16-all-linear): package data, so that they are there
+# in a `pip install .` too (a top-level configs/ folder, as DESIGN.md first laid out, is not in the wheel).
+PRESETS = Path(__file__).resolve().parent / "configs"
 
 
 class Section(BaseModel):
@@ -67,6 +70,10 @@ class RewardSection(Section):
     kwargs: dict[str, Any] = {}
     name: str | None = None
     on_error: Literal["raise", "zero"] = "raise"  # zero: a raising call scores 0 and is counted in the metrics
+    # Worker processes (trainer/rewards/pool.py) for slow or hanging rewards, e.g. code execution:
+    timeout_s: float | None = Field(None, gt=0)  # a call running longer is killed; it scores per on_error
+    num_workers: int = Field(0, ge=0)  # processes scoring in parallel; 0: in the training process (1 with timeout_s)
+    chunk_size: int | None = Field(None, ge=1)  # completions per call (None: an equal share per worker)
 
 
 class GRPOSection(Section):
@@ -225,7 +232,7 @@ def validate(raw: dict) -> Recipe:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -239,18 +246,40 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is allowed); binary files and other encodings are user errors naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(str(path), f"cannot read the file: {e.strerror or e}", "check the path and its permissions"
+                        ) from None
+    fix = "save the recipe as UTF-8 text (YAML)"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(str(path), "the file is UTF-16 text, not UTF-8", fix)
+    if b"\x00" in data:  # UTF-16 without a BOM lands here too
+        raise UserError(str(path), f"a binary file, not text (NUL byte at offset {data.index(0)})", fix)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(str(path), f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} (a binary file, "
+                        "or another encoding such as latin-1)", fix) from None
+    return text
+
+
 def _apply_includes(raw: dict, base: Path, seen: list[Path]) -> dict:
     includes = raw.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
     merged: dict = {}
     for inc in includes:
-        candidates = [base / inc, PROJECT_ROOT / inc, PROJECT_ROOT / "configs" / inc]
+        name = str(inc).removeprefix("configs/")  # the presets' old home in the source tree
+        candidates = [base / str(inc), PRESETS / name]
         candidates += [c.with_suffix(".yaml") for c in candidates if c.suffix != ".yaml"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
+            shipped = sorted(str(p.relative_to(PRESETS).with_suffix("")) for p in PRESETS.glob("*/*.yaml"))
             raise UserError("include", f"preset not found: {inc}",
-                            "give a path relative to the recipe or to configs/, e.g. budgets/t4-15gb")
+                            f"give a path relative to the recipe, or a shipped preset: {', '.join(shipped)}")
         if found.resolve() in seen:
             raise UserError("include", f"include cycle through {found}", "remove the circular include")
         sub = _apply_includes(_read_yaml(found), found.parent, seen + [found.resolve()])

@@ -50,21 +50,35 @@ def model_dir(shape: str, seed: int = 0) -> Path:
     """The checkpoint directory of a random-init shape, building it on first use (safe across processes)."""
     config_dict(shape)  # validates the name
     digest = hashlib.sha1(json.dumps([SHAPES[shape], BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:8]
-    target = cache_dir() / "models" / f"{shape}-seed{seed}-{digest}"
-    if (target / "config.json").is_file():
+    return _built_once(cache_dir() / "models" / f"{shape}-seed{seed}-{digest}", lambda out: build(shape, seed, out))
+
+
+def tokenizer_dir(shape: str, seed: int = 0) -> Path:
+    """The tokenizer of a shape alone, trained and cached on first use: data and rewards are checked with it before
+    any weights are built or loaded. The shape's model directory holds a copy of this same tokenizer."""
+    config_dict(shape)
+    vocab = SHAPES[shape]["tokenizer_vocab"]
+    target = cache_dir() / "tokenizers" / f"bpe{vocab}-seed{seed}-v{BUILD_VERSION}"
+    return _built_once(target, lambda out: build_tokenizer(vocab, seed).save_pretrained(out), "tokenizer.json")
+
+
+def _built_once(target: Path, make, marker: str = "config.json") -> Path:
+    """`target`, made by `make(tmp_dir)` and renamed into place on first use, once across processes."""
+    done = (target / marker).is_file
+    if done():
         return target
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").is_file():
+        if not done():
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
             try:
-                build(shape, seed, tmp)
+                make(tmp)
                 try:
                     os.replace(tmp, target)
                 except OSError:  # another process finished first (seen once under torchrun): use its copy
-                    if not (target / "config.json").is_file():
+                    if not done():
                         raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -131,9 +145,9 @@ def qwen2_config(shape: str, tokenizer):
 
 def build(shape: str, seed: int, out: Path) -> None:
     import torch
-    from transformers import GenerationConfig, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
 
-    tokenizer = build_tokenizer(SHAPES[shape]["tokenizer_vocab"], seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(shape, seed))
     tokenizer.save_pretrained(out)
     cfg = qwen2_config(shape, tokenizer)
     torch.manual_seed(seed)

@@ -3,7 +3,8 @@
 A reward function has TRL's signature, `f(prompts, completions, **columns) -> list[float | None]`: prompts and
 completions are texts (or chat message lists for chat data), `columns` are the dataset's other columns, one value
 per completion. `None` means "does not apply" (as in TRL) and counts as 0 in the weighted sum; NaN, infinities,
-non-numbers and lists of the wrong length are user errors that name the function and the fix.
+non-numbers and lists of the wrong length are user errors that name the function and the fix. A reward with
+`num_workers` or `timeout_s` runs in worker processes under a per-call timeout (`pool.py`).
 """
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import importlib
 import importlib.util
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from trainer.rewards.pool import WorkerPool
 
 
 @dataclass
@@ -26,16 +30,34 @@ class RewardFunction:
     fn: Callable
     weight: float
     kwargs: dict
-    on_error: str = "raise"  # "zero": a call that raises scores 0 for its completions and is counted
+    on_error: str = "raise"  # "zero": a call that raises (or times out) scores 0 for its completions and is counted
+    timeout_s: float | None = None
+    workers: "WorkerPool | None" = field(default=None, repr=False)  # None: called in the training process
 
 
 def load_rewards(recipe) -> list[RewardFunction]:
+    """Import every function here (so a bad reference fails before any weight loads); pooled ones also get their
+    worker pool, whose processes start on first use and import the function again by the same reference."""
+    from trainer.rewards.pool import WorkerPool
+
     out = []
     for i, spec in enumerate(recipe.rewards):
-        fn = load_callable(spec.function, Path(recipe.base_dir), f"rewards[{i}].function")
+        where = f"rewards[{i}].function"
+        fn = load_callable(spec.function, Path(recipe.base_dir), where)
         name = spec.name or getattr(fn, "__name__", f"reward{i}")
-        out.append(RewardFunction(name, fn, spec.weight, dict(spec.kwargs), spec.on_error))
+        pool = None
+        if spec.num_workers or spec.timeout_s:  # a timeout needs a process to kill: one worker at least
+            pool = WorkerPool(name, spec.function, recipe.base_dir, where, spec.num_workers, spec.timeout_s,
+                              spec.chunk_size)
+        out.append(RewardFunction(name, fn, spec.weight, dict(spec.kwargs), spec.on_error, spec.timeout_s, pool))
     return out
+
+
+def close_rewards(funcs: list[RewardFunction]) -> None:
+    """Stop the reward worker processes (they also stop when the training process exits)."""
+    for rf in funcs:
+        if rf.workers is not None:
+            rf.workers.close()
 
 
 def load_callable(ref: str, base_dir: Path, field: str) -> Callable:
@@ -71,25 +93,82 @@ def load_callable(ref: str, base_dir: Path, field: str) -> Callable:
 
 def score(funcs: list[RewardFunction], prompts: list, completions: list, columns: dict[str, list]
           ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Rewards [B, R] (NaN where a function returned None) and, per function, completions scored 0 after a raise."""
+    """Rewards [B, R] (NaN where a function returned None) and counts per function, keyed as metrics:
+    `rewards/<name>/failures` (completions scored 0 after a raise or a timeout, with on_error: zero) and
+    `rewards/<name>/timeouts` (those of them whose call timed out). Pooled functions run in their worker
+    processes while the in-process ones run here."""
+    from trainer.rewards.pool import Batch
+
     n = len(completions)
     table = torch.full((n, len(funcs)), float("nan"))
-    failures: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for rf in funcs:
+        if rf.on_error == "zero":
+            counts[f"rewards/{rf.name}/failures"] = 0
+        if rf.timeout_s:
+            counts[f"rewards/{rf.name}/timeouts"] = 0
+    batch = Batch()
+    for rf in funcs:
+        if rf.workers is not None:
+            batch.add(rf.workers, [(rows, _call_args(rf, prompts, completions, columns, rows))
+                                   for rows in rf.workers.calls(n)])
+    batch.start()
+    try:
+        for j, rf in enumerate(funcs):
+            if rf.workers is None:
+                table[:, j] = _score_here(rf, prompts, completions, columns, counts)
+        outcomes = batch.finish()
+    except BaseException:
+        batch.abort()
+        raise
     for j, rf in enumerate(funcs):
-        try:
-            values = rf.fn(prompts=prompts, completions=completions, **{**columns, **rf.kwargs})
-        except Exception as e:
-            if rf.on_error == "zero":
-                failures[rf.name] = failures.get(rf.name, 0) + n
-                table[:, j] = 0.0
-                continue
-            k = _first_failing(rf, prompts, completions, columns)
-            sample = f"completion {k}: {str(completions[k])[:300]!r}" if k is not None else "the batch as a whole"
-            raise UserError(f"reward {rf.name}", f"raised {e.__class__.__name__}: {e}\n  offending sample: {sample}",
-                            "fix the function, or set on_error: zero on this reward to score such completions 0"
-                            ) from None
-        table[:, j] = _check(rf, values, n)
-    return table, failures
+        for out in outcomes.get(rf.workers, []) if rf.workers is not None else []:
+            table[out.rows.start:out.rows.stop, j] = _pooled_values(rf, out, completions, counts)
+    return table, counts
+
+
+def _score_here(rf: RewardFunction, prompts, completions, columns, counts: dict[str, int]) -> torch.Tensor:
+    """One function called in this process on the whole batch."""
+    n = len(completions)
+    try:
+        values = rf.fn(prompts=prompts, completions=completions, **{**columns, **rf.kwargs})
+    except Exception as e:
+        if rf.on_error == "zero":
+            counts[f"rewards/{rf.name}/failures"] += n
+            return torch.zeros(n)
+        k = _first_failing(rf, prompts, completions, columns)
+        sample = f"completion {k}: {str(completions[k])[:300]!r}" if k is not None else "the batch as a whole"
+        raise UserError(f"reward {rf.name}", f"raised {e.__class__.__name__}: {e}\n  offending sample: {sample}",
+                        "fix the function, or set on_error: zero on this reward to score such completions 0"
+                        ) from None
+    return _check(rf, values, n)
+
+
+def _call_args(rf: RewardFunction, prompts, completions, columns, rows: range) -> dict:
+    cut = slice(rows.start, rows.stop)
+    return {"prompts": prompts[cut], "completions": completions[cut],
+            **{**{c: v[cut] for c, v in columns.items()}, **rf.kwargs}}
+
+
+def _pooled_values(rf: RewardFunction, out, completions, counts: dict[str, int]) -> torch.Tensor:
+    """One worker call's values, or zeros (counted) or a UserError for a raise or a timeout, per on_error."""
+    if out.values is not None:
+        return _check(rf, out.values, len(out.rows))
+    first, last = out.rows.start, out.rows.stop - 1
+    which = f"completion {first}" if first == last else f"completions {first}..{last}"
+    if rf.on_error == "zero":
+        counts[f"rewards/{rf.name}/failures"] += len(out.rows)
+        if out.timed_out:
+            counts[f"rewards/{rf.name}/timeouts"] += len(out.rows)
+        return torch.zeros(len(out.rows))
+    if out.timed_out:
+        raise UserError(f"reward {rf.name}", f"a call did not return within timeout_s={rf.timeout_s:g} s "
+                        f"({which}; its worker was killed)\n  first of them: {str(completions[first])[:300]!r}",
+                        "make the function faster (or bound its own work), raise timeout_s, or set on_error: zero "
+                        "on this reward to score such completions 0")
+    raise UserError(f"reward {rf.name}", f"raised {out.error} (in a worker, on {which})\n  first of them: "
+                    f"{str(completions[first])[:300]!r}",
+                    "fix the function, or set on_error: zero on this reward to score such completions 0")
 
 
 def _first_failing(rf: RewardFunction, prompts, completions, columns) -> int | None:

@@ -36,7 +36,8 @@ def import_vllm():
         from vllm.platforms import current_platform
     except ImportError as e:
         raise UserError("rollout.engine", f"vllm is not installed ({e})",
-                        'pip install "grpo-lora-trainer[vllm]" (vllm>=0.24,<0.27), or use rollout.engine: hf') from None
+                        'pip install ".[vllm]" in the source checkout (vllm>=0.24,<0.27), or use rollout.engine: hf'
+                        ) from None
     except (OSError, RuntimeError) as e:  # e.g. libcudart.so.13 missing: vllm built for another CUDA/torch
         raise UserError("rollout.engine", f"vllm fails to load beside torch {torch.__version__} "
                         f"(CUDA {torch.version.cuda}): {str(e)[:200]}",
