@@ -80,6 +80,34 @@ def test_apply_cap_sets_torchs_fraction_for_the_current_device(monkeypatch):
     assert budget.apply_cap(free) is None and len(calls) == 1
 
 
+def test_the_cap_is_raised_by_the_kv_pages_released_while_training(monkeypatch):
+    """Released KV pages stay reserved in torch's accounting: the cap follows them, and comes back at re-map."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
+    _, p, _ = setup(["budget.vram_gb=6"])
+    total = p.allocator_cap_bytes / p.allocator_fraction
+    kv = 10**9
+    raised = budget.apply_cap(p, released_bytes=kv)
+    assert abs(raised * total - (p.allocator_cap_bytes + kv)) < 1e3
+    assert budget.apply_cap(p, 0) == p.allocator_fraction and calls == [raised, p.allocator_fraction]
+
+
+def test_the_engine_reports_kv_release_and_remap_to_the_cap():
+    from trainer.rollout.vllm import VLLMEngine
+
+    seen = []
+    eng = VLLMEngine.__new__(VLLMEngine)  # the release/acquire bookkeeping only: no vLLM is started
+    eng.plan, eng.llm, eng.kv_released = types.SimpleNamespace(kv_release=True), object(), False
+    eng.vi = types.SimpleNamespace(release_kv=lambda llm: 123, restore_kv=lambda llm: None)
+    eng.on_kv_change = seen.append
+    eng.release()
+    eng.release()  # already released: nothing more
+    eng.acquire()
+    assert seen == [123, 0] and not eng.kv_released
+
+
 def test_the_run_caps_the_allocator_before_the_engine_or_weights_load(monkeypatch, tmp_path):
     from trainer import distributed, grpo
 
@@ -92,7 +120,7 @@ def test_the_run_caps_the_allocator_before_the_engine_or_weights_load(monkeypatc
         order.append("engine")
         raise Stop
 
-    monkeypatch.setattr(grpo.budget, "apply_cap", lambda plan: order.append(("cap", plan.budget_bytes)))
+    monkeypatch.setattr(grpo.budget, "apply_cap", lambda plan, released=0: order.append(("cap", plan.budget_bytes)))
     monkeypatch.setattr(grpo, "make_engine", engine)
     from trainer.shapes import config_dict
 
@@ -411,3 +439,15 @@ def test_an_oom_is_retried_smaller_and_the_run_matches_an_uninterrupted_one(tmp_
     more = run_train(args + ["--output-dir", str(tmp_path / "oom"), "--resume", "--set", "train.max_steps=5"])
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
     assert _metrics(tmp_path / "oom")[-1]["micro_batches"] == 2  # the checkpoint's knobs, not the planner's first choice
+
+
+def test_without_kv_release_only_the_whole_steps_peak_is_compared():
+    """Phases that share cached memory (no KV release) are judged by the step's peak against the plan's peak."""
+    _, p, loop = setup(["budget.vram_gb=12", "rollout.kv_release=false"])
+    assert not p.kv_release and p.phase_peaks["train"] > p.phase_peaks["rollout"]
+    knobs = plan_knobs(p)
+    # the rollout phase reads the train phase's cached blocks: above its own plan, under the step's plan
+    assert loop.after_step(1, peaks(0.99 * p.phase_peaks["train"], 0.98 * p.phase_peaks["train"])) == []
+    assert plan_knobs(p) == knobs
+    lines = loop.after_step(2, peaks(1.1 * p.phase_peaks["train"], 1.1 * p.phase_peaks["train"]))
+    assert lines and "train phase measured" in lines[0]

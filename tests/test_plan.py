@@ -111,7 +111,7 @@ def _speed(plan, model: str, length: int) -> float:
     dims = ModelDims.from_config(cfg(model))
     got = -cost.step_seconds(dims.linear_params, plan.generation_batch_size, length,
                              plan.generation_batch_size * plan.max_model_len, knobs, plan.rollout_engine,
-                             plan.compile_layers)
+                             plan.compile_layers, plan.nf4_gemm_max_rows > 0)
     assert abs(got + plan.predicted_step_s) < 1e-2
     return got
 

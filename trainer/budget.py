@@ -67,13 +67,22 @@ KNOB_FIELDS = {"micro_batch_tokens": "train.micro_batch_tokens", "gradient_check
                "kv_release": "rollout.kv_release", "hf_batch_size": "rollout.hf_batch_size", "token_chunk": "token_chunk"}
 
 
-def apply_cap(plan) -> float | None:
-    """Bound torch's caching allocator to the plan's share of the device (once, before vLLM or weights load).
-    Returns the fraction set, or None without a cap (no budget, or no GPU)."""
+def apply_cap(plan, released_bytes: int = 0) -> float | None:
+    """Bound torch's caching allocator to the plan's share of the device (before vLLM or weights load, and again
+    whenever the KV pool is released or re-mapped). Returns the fraction set, or None without a cap (no budget, or
+    no GPU).
+
+    released_bytes: KV pages handed back to CUDA while training (vLLM's cumem pool). Their segments stay reserved in
+    torch's accounting, which the fraction is checked against, while the device no longer holds them; the cap is
+    raised by that much until the pool is mapped again, so the physical use stays within the budget in both phases.
+    Seen on the H100 (2026-11-26, config B at a 7.6 GB budget): without this the train phase hit the cap at 7.07 GB
+    of device memory and was retried with half the micro-batch."""
     if plan.allocator_fraction is None or not torch.cuda.is_available():
         return None
-    torch.cuda.set_per_process_memory_fraction(float(plan.allocator_fraction), torch.cuda.current_device())
-    return plan.allocator_fraction
+    total = plan.allocator_cap_bytes / plan.allocator_fraction
+    fraction = min(1.0, (plan.allocator_cap_bytes + released_bytes) / total)
+    torch.cuda.set_per_process_memory_fraction(float(fraction), torch.cuda.current_device())
+    return fraction
 
 
 @dataclass
@@ -174,6 +183,12 @@ class Loop:
         if not measured:
             return []
         cur = self.current()
+        if self.plan.rollout_engine == "vllm" and not cur.get("kv_release") and len(measured) > 1:
+            # vLLM's pools are fixed at start; without a KV release between the phases, torch's cached train blocks
+            # stay through the rollout, so each phase's reading holds the other's memory too (H100, 2026-11-26: a 6.31 GB "rollout" peak against a 5.48 GB rollout plan, the
+            # train plan being 6.44). Only the whole step's peak is meaningful; it belongs to the larger phase.
+            top = max(cur["phase_peaks"], key=cur["phase_peaks"].get)
+            measured = {top: max(measured.values())}
         for p, m in measured.items():
             planned = cur["phase_peaks"][p]
             if p not in self.anchor or m / planned > self.anchor[p][0] / self.anchor[p][1]:

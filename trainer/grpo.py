@@ -312,6 +312,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     if world.main:
         (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
     optimizer, scheduler = make_optimizer(policy, recipe.train)
+    if hasattr(engine, "on_kv_change"):
+        engine.on_kv_change = lambda released: budget.apply_cap(plan, released)
     loop = budget.Loop(recipe, plan, policy, engine, world.size)
     start = 0
     if resume is not None:

@@ -307,14 +307,17 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
                     peak = max(phases.values())
                     # Rank by predicted step time (trainer/cost.py, measured costs): higher score = faster plan.
                     score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens,
-                                               knobs, r.engine, _compile_layers(recipe, device))
+                                               knobs, r.engine, _compile_layers(recipe, device),
+                                               _nf4_gemm_rows(recipe, knobs, device) > 0)
                     out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
                                     score=score))
     return out
 
 
 # Decode batches up to this many rows take the fused nf4 GEMM; larger ones (prefill) keep bitsandbytes' path.
-NF4_GEMM_MAX_ROWS = 64
+# Measured on the H100 (bench/results/vs_peers_h100.json, nf4_bench.json): at 8 sequences the rollout took 1.51 s
+# with it vs 1.77 s with bitsandbytes (same sitting); at 32-64 rows the kernel alone is no faster (nf4_bench).
+NF4_GEMM_MAX_ROWS = 16
 
 
 def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:

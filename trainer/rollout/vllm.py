@@ -92,6 +92,7 @@ class VLLMEngine:
         self.shm = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"trainer-{os.getpid()}"
         self.llm = self.vmodel = self.request = self.lora_sync = self.file_sync = None
         self.kv_released = False
+        self.on_kv_change = None  # called with the KV bytes released (0 when re-mapped); the run's allocator cap
         self.startup_s = 0.0
         if plan.weight_format == "shared_nf4":  # vLLM loads (and quantises) the base; the policy shares it
             self._start(path)
@@ -171,11 +172,15 @@ class VLLMEngine:
 
     def release(self) -> None:
         if self.plan.kv_release and not self.kv_released:
-            self.vi.release_kv(self.llm)
+            freed = self.vi.release_kv(self.llm)
             self.kv_released = True
+            if self.on_kv_change is not None:  # the freed pages still count as reserved in torch's allocator
+                self.on_kv_change(freed)
 
     def acquire(self) -> None:
         if self.kv_released:
+            if self.on_kv_change is not None:
+                self.on_kv_change(0)
             self.vi.restore_kv(self.llm)
             self.kv_released = False
 
