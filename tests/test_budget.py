@@ -451,3 +451,19 @@ def test_without_kv_release_only_the_whole_steps_peak_is_compared():
     assert plan_knobs(p) == knobs
     lines = loop.after_step(2, peaks(1.1 * p.phase_peaks["train"], 1.1 * p.phase_peaks["train"]))
     assert lines and "train phase measured" in lines[0]
+
+
+def test_the_cap_is_recalibrated_from_the_non_torch_memory_the_process_holds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
+    _, p, _ = setup(["budget.vram_gb=6"])
+    total = p.allocator_cap_bytes / p.allocator_fraction
+    monkeypatch.setattr(budget, "process_device_bytes", lambda: int(3.34 * GB))  # the process holds 3.34 GB ...
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(3.0 * GB))  # ... of which torch reserved 3.0
+    fraction = budget.apply_cap(p) and budget.calibrate_cap(p)
+    assert p.allocator_cap_bytes == int(6 * GB - 0.34 * GB) and abs(fraction * total - p.allocator_cap_bytes) < 1e3
+    assert calls[-1] == fraction and "0.34 GB of non-torch memory measured" in p.notes[-1]
+    # the KV release still raises the calibrated cap
+    assert abs(budget.apply_cap(p, 10**9) * total - (p.allocator_cap_bytes + 10**9)) < 1e3

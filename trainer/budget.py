@@ -85,6 +85,44 @@ def apply_cap(plan, released_bytes: int = 0) -> float | None:
     return fraction
 
 
+def calibrate_cap(plan) -> float | None:
+    """Once the engine and the policy are up (CUDA context, cuBLAS, NCCL and vLLM's own buffers all allocated), put
+    the measured non-torch memory of this process in place of the planner's estimate: the cap becomes the budget
+    minus (device memory this process uses - torch's reserved bytes). The planner's fixed estimate (CUDA context
+    0.56 GB + vLLM 0.24 GB) was 0.46 GB above the 0.34 GB measured on an H100 (2026-11-26, 0.5B shape at a 3.0 GB
+    budget), and such a cap stopped the train phase at 2.58 GB of device memory. Returns the new fraction, or None."""
+    if plan.allocator_fraction is None or not torch.cuda.is_available():
+        return None
+    used = process_device_bytes()
+    non_torch = max(0, used - torch.cuda.memory_reserved())
+    total = plan.allocator_cap_bytes / plan.allocator_fraction
+    plan.allocator_cap_bytes = int(plan.budget_bytes - non_torch)
+    plan.allocator_fraction = min(1.0, plan.allocator_cap_bytes / total)
+    plan.notes.append(f"allocator cap calibrated: {non_torch / GB:.2f} GB of non-torch memory measured, cap "
+                      f"{plan.allocator_cap_bytes / GB:.2f} GB")
+    return apply_cap(plan)
+
+
+def process_device_bytes() -> int:
+    """Device memory this process uses: NVML's per-process count when the driver gives it (a shared GPU's other
+    processes excluded), else the device's used memory (which then includes them: a tighter, safe cap)."""
+    free, total = torch.cuda.mem_get_info()
+    try:
+        import os
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory)
+    except Exception:  # no NVML, no per-process counts (some containers), or an old driver
+        pass
+    return total - free
+
+
 @dataclass
 class Adjustment:
     step: int  # 1-based: the step after which (or, for an OOM, in which) the knob changed

@@ -305,10 +305,12 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
         prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
     rewards = rewards if rewards is not None else load_rewards(recipe)
+    model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
     budget.apply_cap(plan)  # before vLLM or any weight allocates
-    engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
+    engine = make_engine(recipe, plan, model_path)
     policy = load_policy(recipe, plan, engine, tokenizer)
     engine.attach(policy)
+    budget.calibrate_cap(plan)  # the planner's guess of non-torch memory replaced by what this process holds
     if world.main:
         (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
     optimizer, scheduler = make_optimizer(policy, recipe.train)
