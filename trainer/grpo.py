@@ -21,6 +21,7 @@ from trainer import checkpoint, distributed, oom
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.evaluate import Evaluator, line as eval_line
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
@@ -307,6 +308,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
         (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
     prompts = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
     rewards = load_rewards(recipe)
+    evaluator = Evaluator.build(recipe, policy.tokenizer, rewards)  # None without an eval section
     optimizer, scheduler = make_optimizer(policy, recipe.train)
     start = 0
     if resume is not None:
@@ -331,10 +333,15 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
             try:
                 with _profiled(run_dir, step, world):
                     m = merge_ranks(distributed.gather_objects(grpo_step(s, step), world))
+                if evaluator is not None and evaluator.due(step + 1):  # the updated policy, on held-out prompts
+                    s.phase = "rollout"  # an OOM there takes the rollout's advice
+                    m.update(evaluator.run(engine, world))
             except torch.cuda.OutOfMemoryError as e:
                 raise oom.explain(s.phase, step, plan, e) from None
             logger.log(m)
             progress.update(m, line(m))
+            if "eval/reward_mean" in m:
+                progress.note(eval_line(m))
             bad = bad + 1 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) else 0
             if bad >= recipe.train.max_nonfinite_steps:
                 progress.note(f"stopping: {bad} consecutive steps with non-finite loss or gradient; "
