@@ -106,7 +106,7 @@ class Evaluator:
         depend on the number of ranks. The KV pool is acquired and released as around a training rollout.
         """
         t0 = time.perf_counter()
-        ev, n, total = self.ev, self.ev.num_samples, len(self.prompts)
+        n, total = self.ev.num_samples, len(self.prompts)
         lo, hi = total * world.rank // world.size, total * (world.rank + 1) // world.size
         part = self._score(engine, list(range(lo, hi)), lo * n, samples) if hi > lo else None
         parts = [p for p in distributed.gather_objects(part, world) if p is not None]
@@ -154,7 +154,8 @@ class Evaluator:
         total = combine(table, self.rewards)
         m = {"eval/reward_mean": float(total.mean()), "eval/reward_std": float(total.std()) if len(total) > 1 else 0.0,
              "eval/prompts": len(total) // n, "eval/samples_per_prompt": n,
-             "eval/completion_length_mean": float(lengths.mean()), "eval/truncated_frac": float(truncated.float().mean())}
+             "eval/completion_length_mean": float(lengths.mean()),
+             "eval/truncated_frac": float(truncated.float().mean())}
         for j, rf in enumerate(self.rewards):
             col = table[:, j]
             key = f"eval/rewards/{rf.name}"
