@@ -45,3 +45,18 @@ def run_train(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeou
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# The run that the eval, export and generate tests share: the tiny recipe for 4 steps (checkpoints at 2 and 4),
+# with its eval section every 2 steps and LoRA dropout on (so an evaluation that left the model in eval mode would
+# change training: test_evaluate compares it with the same run without eval).
+TRAINED_RUN_ARGS = ["recipes/tiny-cpu.yaml", "--set", "train.max_steps=4", "--set", "checkpoint.save_steps=2",
+                    "--set", "lora.lora_dropout=0.1", "--set", "logging.wandb=false"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, _cache) -> Path:
+    run = tmp_path_factory.mktemp("trained") / "run"
+    out = run_train([*TRAINED_RUN_ARGS, "--set", "eval.every_steps=2", "--output-dir", str(run)])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run

@@ -33,6 +33,11 @@ def test_two_ranks_equal_one_process_and_agree_on_lora(tmp_path):
     assert [m["step"] for m in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["reward_mean"] - b["reward_mean"]) < 1e-6, (a, b)
+    # The final evaluation: each rank samples half of the eval prompts with the global rows' seeds; gathered, the
+    # numbers are one process's.
+    assert two[-1]["eval/prompts"] == one[-1]["eval/prompts"] == 32
+    for k in ("eval/reward_mean", "eval/rewards/char_class_all/pass@4", "eval/completion_length_mean"):
+        assert abs(one[-1][k] - two[-1][k]) < 1e-6, k
     r0, r1 = torch.load(tmp_path / "lora_rank0.pt"), torch.load(tmp_path / "lora_rank1.pt")
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     assert any(v.abs().sum() > 0 for k, v in r0.items() if "lora_B" in k)  # they trained, and identically

@@ -57,11 +57,13 @@ def test_gsm8k_recipe_code_path_on_local_files(tmp_path):
                      "--set", "model.name=", "--set", "model.shape=tiny", "--set", f"data.dataset={data}",
                      "--set", "rollout.engine=hf", "--set", "budget.vram_gb=", "--set", "train.max_steps=2",
                      "--set", "train.generation_batch_size=16", "--set", "grpo.max_completion_length=12",
-                     "--set", "logging.wandb=false", "--set", "grpo.beta=0.04"])
+                     "--set", "logging.wandb=false", "--set", "grpo.beta=0.04", "--set", f"eval.dataset={data}",
+                     "--set", "eval.max_prompts=4"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     m = metrics(tmp_path / "run")
     assert len(m) == 2 and "rewards/math_answer/mean" in m[0] and "rewards/think_answer_format/mean" in m[0]
     assert "kl" in m[0]
+    assert m[1]["eval/prompts"] == 4 and "eval/rewards/math_answer/pass@1" in m[1]  # greedy accuracy at the end
 
 
 def test_plan_flag_prints_without_loading(tmp_path):

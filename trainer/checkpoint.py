@@ -87,17 +87,11 @@ def _valid(path: Path) -> bool:
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter, optimizer, scheduler and RNG from a checkpoint directory; returns its state.json."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     if not _valid(path):
         raise UserError("--resume", f"{path} is not a complete checkpoint (missing or truncated files)",
                         "resume from another checkpoint in the run's checkpoints/ directory, or start a new run")
     try:
-        weights = load_file(str(path / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"unexpected adapter keys {result.unexpected_keys[:3]}")
+        _set_adapter(path, model)
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -109,6 +103,58 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
         raise UserError("--resume", f"cannot load {path}: {e.__class__.__name__}: {str(e)[:200]}",
                         "the checkpoint is corrupt or from another recipe; resume from an earlier one or start anew"
                         ) from None
+
+
+def _set_adapter(path: Path, model) -> None:
+    """Copy the adapter weights of `path` into the peft model; every LoRA tensor must be covered, none left over."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(path) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"unexpected adapter keys {result.unexpected_keys[:3]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"the adapter lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+
+
+def find(run_dir: Path, step: int | None = None) -> Path:
+    """A run's checkpoint to read: the given step's, or the latest complete one (UserError when there is none)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError("run dir", f"not found: {run_dir}", "give the directory of a run, e.g. runs/tiny-cpu")
+    found = complete(run_dir)
+    have = ", ".join(str(int(p.name[len(PREFIX):])) for p in found) or "none"
+    if step is None:
+        if not found:
+            raise UserError("checkpoint", f"no complete checkpoint under {ckpt_root(run_dir)}",
+                            "train the recipe first (checkpoints are written every checkpoint.save_steps steps "
+                            "and at the end)")
+        return found[-1]
+    path = ckpt_root(run_dir) / f"{PREFIX}{step:07d}"
+    if path not in found:
+        raise UserError("--step", f"no complete checkpoint of step {step} in {ckpt_root(run_dir)} (steps: {have})",
+                        "pick one of the listed steps, or leave --step out for the latest")
+    return path
+
+
+def load_adapter(path: Path, model, field: str = "--checkpoint") -> None:
+    """Load only the adapter of a checkpoint (or of a peft adapter directory) into the policy's peft model."""
+    path = Path(path)
+    if not (path / "adapter_model.safetensors").is_file():
+        raise UserError(field, f"{path} holds no adapter_model.safetensors"
+                        if path.is_dir() else f"checkpoint not found: {path}",
+                        "give a checkpoints/step-NNNNNNN directory of a run (or a peft adapter directory)")
+    if (path / MANIFEST).is_file() and not _valid(path):
+        raise UserError(field, f"{path} is not a complete checkpoint (missing or truncated files)",
+                        "use another checkpoint in the run's checkpoints/ directory")
+    try:
+        _set_adapter(path, model)
+    except Exception as e:
+        raise UserError(field, f"cannot load the adapter of {path}: {e.__class__.__name__}: {str(e)[:300]}",
+                        "the adapter was trained with another lora section or model than this recipe's; use the "
+                        "recipe of its run (runs/<name>/recipe.json)") from None
 
 
 def _rng_state() -> dict:

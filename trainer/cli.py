@@ -1,4 +1,5 @@
-"""`train RECIPE.yaml`: the command users run. Turns user errors into one message and exit code 2."""
+"""`train RECIPE.yaml`: the command users run (and `train eval|export|generate`, trainer/commands.py). Turns user
+errors into one message and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,9 @@ from trainer.oom import OutOfMemory
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train", description="GRPO + LoRA fine-tuning from a YAML recipe.")
+    p = argparse.ArgumentParser(prog="train", description="GRPO + LoRA fine-tuning from a YAML recipe.",
+                                epilog="on a trained run: train eval RECIPE --checkpoint DIR | train export RUN_DIR "
+                                       "--merged OUT | train generate RUN_DIR --prompt TEXT (see train COMMAND -h)")
     p.add_argument("recipe", help="path of the recipe YAML, e.g. recipes/tiny-cpu.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set grpo.beta=0.04 (repeatable)")
@@ -26,7 +29,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    from trainer import commands
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = (commands.parser() if argv and argv[0] in commands.NAMES else parser()).parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "no optional CPU kernels package" noise
@@ -47,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args, console) -> int:
-    from trainer import api
+    from trainer import api, commands
     from trainer.console import alternatives_table, show_plan
 
+    if getattr(args, "command", None):
+        return commands.run(args, console)
     if args.plan:
         recipe, the_plan = api.plan(args.recipe, args.overrides)
         alternatives = api.plan_alternatives(recipe, the_plan)

@@ -75,8 +75,9 @@ def load_rows(data, base_dir: Path):
                         "check the name, subset and split, or point at a local .jsonl/.parquet/.csv file") from None
 
 
-def load_prompts(data, tokenizer, base_dir: Path) -> PromptSet:
-    rows = load_rows(data, base_dir)
+def load_prompts(data, tokenizer, base_dir: Path, rows=None) -> PromptSet:
+    """Render and tokenize the prompts of `data` (or of `rows`, a `datasets.Dataset` already in hand)."""
+    rows = load_rows(data, base_dir) if rows is None else rows
     columns = list(rows.column_names)
     if len(rows) == 0:
         raise UserError("data.dataset", "the dataset is empty", "point at a file or split with rows")

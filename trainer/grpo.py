@@ -21,6 +21,7 @@ from trainer import budget, checkpoint, distributed, oom
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.evaluate import Evaluator, line as eval_line
 from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, load_tokenizer, resolve_model_path
@@ -297,14 +298,17 @@ class _Stop:
 
 
 def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None,
-        tokenizer=None, prompts: PromptSet | None = None, rewards: list | None = None) -> int:
-    """Train to recipe.train.max_steps; returns the process exit code. Prompts and rewards (api.prepare) are loaded
-    here when not given, and always before the engine and the weights: a data or reward mistake costs no load."""
+        tokenizer=None, prompts: PromptSet | None = None, rewards: list | None = None, evaluator=None) -> int:
+    """Train to recipe.train.max_steps; returns the process exit code. Prompts, rewards and the evaluator
+    (api.prepare) are loaded here when not given, and always before the engine and the weights: a data or reward
+    mistake costs no load."""
     torch.manual_seed(recipe.train.seed)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
     if prompts is None:
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
         prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
     rewards = rewards if rewards is not None else load_rewards(recipe)
+    if evaluator is None:
+        evaluator = Evaluator.build(recipe, tokenizer, rewards)  # None without an eval section
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
     budget.apply_cap(plan)  # before vLLM or any weight allocates
     engine = make_engine(recipe, plan, model_path)
@@ -343,8 +347,16 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
             with _profiled(run_dir, step, world):  # an OOM is retried once, smaller, or explained (trainer/budget.py)
                 m = loop.run_step(s, step, lambda: merge_ranks(distributed.gather_objects(grpo_step(s, step), world)),
                                   progress.note)
+            if evaluator is not None and evaluator.due(step + 1):  # the updated policy, on held-out prompts
+                try:
+                    s.phase = "rollout"  # an OOM there takes the rollout's advice
+                    m.update(evaluator.run(engine, world))
+                except torch.cuda.OutOfMemoryError as e:
+                    raise oom.explain(s.phase, step, plan, e) from None
             logger.log(m)
             progress.update(m, line(m))
+            if "eval/reward_mean" in m:
+                progress.note(eval_line(m))
             bad = bad + 1 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) else 0
             if bad >= recipe.train.max_nonfinite_steps:
                 progress.note(f"stopping: {bad} consecutive steps with non-finite loss or gradient; "

@@ -6,6 +6,7 @@ or the process's RSS on CPU) between calls to `peak()`.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import threading
@@ -163,7 +164,10 @@ def line(m: dict) -> str:
 
 PLOTS = {"reward": ["reward_mean"], "loss": ["loss"], "kl": ["kl"], "completion_length": ["completion_length_mean"],
          "step_time": ["time_step_s", "time_rollout_s", "time_reward_s", "time_train_s"], "logp_gap": ["logp_gap_mean"],
-         "peak_memory": ["peak_memory_gb"]}
+         "peak_memory": ["peak_memory_gb"],
+         # held-out evaluation (trainer/evaluate.py); patterns match every reward function's keys
+         "eval_reward": ["eval/reward_mean", "eval/rewards/*/mean"],
+         "eval_accuracy": ["eval/rewards/*/accuracy", "eval/rewards/*/pass@*"]}
 
 
 def plot(history: list[dict], out: Path) -> list[Path]:
@@ -174,14 +178,16 @@ def plot(history: list[dict], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, keys in PLOTS.items():
+    logged = sorted({k for m in history for k in m})
+    for name, patterns in PLOTS.items():
+        keys = [k for p in patterns for k in (fnmatch.filter(logged, p) if "*" in p else [p])]
         series = {k: [(m["step"], m[k]) for m in history if isinstance(m.get(k), (int, float))] for k in keys}
         series = {k: v for k, v in series.items() if v}
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="o" if len(pts) < 20 else None)
         ax.set_xlabel("step")
         ax.set_title(name)
         ax.grid(alpha=0.3)

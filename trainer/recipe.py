@@ -168,6 +168,23 @@ class CheckpointSection(Section):
     save_final: bool = True
 
 
+class EvalSection(Section):
+    """Held-out evaluation (trainer/evaluate.py): every `every_steps` steps and at the end, with the run's engine."""
+    dataset: str | None = None  # None: data.dataset (a hub dataset; a local file has no other split)
+    subset: str | None = None  # None: data.subset when the dataset is the data section's
+    split: str = "test"  # hub datasets only
+    prompt_column: str | None = None  # None: data.prompt_column (rendering otherwise as in the data section)
+    prompt_template: str | None = None  # None: data.prompt_template
+    max_prompts: int | None = Field(None, ge=1)  # the first N prompts of the split; None: all
+    every_steps: int | None = Field(None, ge=1)  # None: only at the end of training
+    num_samples: int = Field(1, ge=1)  # completions per prompt (pass@k needs k <= num_samples)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_completion_length: int | None = Field(None, ge=1)  # None: grpo.max_completion_length
+    pass_k: list[int] | None = None  # None: powers of two up to num_samples
+    seed: int = 0  # sampled eval: the same seeds at every evaluation, so curves compare policies, not luck
+
+
 class Recipe(Section):
     name: str | None = None
     description: str | None = None
@@ -181,6 +198,7 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     logging: LoggingSection = LoggingSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection | None = None
     success: dict[str, float] = {}  # e.g. {"min_last10_reward": 0.5}: what the recipe promises (checked by tests)
     base_dir: str = "."  # set by the loader: where relative paths in the recipe are resolved
 
@@ -198,6 +216,28 @@ class Recipe(Section):
         if self.budget.adapt == "speed" and not t.worst_case_first_step:
             raise ValueError("budget.adapt: speed measures the slack at the first step's worst-case shapes; set "
                              "train.worst_case_first_step: true, or budget.adapt: off")
+        return self
+
+    @model_validator(mode="after")
+    def _eval(self):
+        ev = self.eval
+        if ev is None:
+            return self
+        from trainer.data import LOCAL_FORMATS
+
+        if ev.dataset is None and Path(self.data.dataset).suffix.lower() in LOCAL_FORMATS:
+            raise ValueError("eval.dataset is required: data.dataset is a local file, which has no held-out split "
+                             "(name a held-out file, or the same file to evaluate on the training prompts)")
+        if ev.max_completion_length is not None and ev.max_completion_length > self.grpo.max_completion_length:
+            raise ValueError(f"eval.max_completion_length ({ev.max_completion_length}) exceeds "
+                             f"grpo.max_completion_length ({self.grpo.max_completion_length}), for which the VRAM "
+                             "plan sizes rollouts; raise grpo.max_completion_length or lower it")
+        if ev.temperature == 0 and ev.num_samples > 1:
+            raise ValueError(f"eval.num_samples is {ev.num_samples} with greedy decoding (eval.temperature 0), "
+                             "which gives the same completion each time; set eval.temperature > 0 or num_samples: 1")
+        bad = [k for k in ev.pass_k or [] if not 1 <= k <= ev.num_samples]
+        if bad:
+            raise ValueError(f"eval.pass_k {bad} must lie in 1..eval.num_samples ({ev.num_samples})")
         return self
 
     def resolve(self, path: str) -> Path:

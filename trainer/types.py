@@ -15,7 +15,7 @@ class Sampling:
     """How to sample: what the engine needs besides the prompts."""
     n: int  # completions per prompt
     max_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding (both engines)
     top_p: float = 1.0
     top_k: int | None = None
     seed: int | None = None  # the step's seed; completion row k (global) samples with seed + k

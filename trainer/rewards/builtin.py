@@ -87,3 +87,8 @@ def char_class_fraction(prompts, completions, target=None, **_) -> list[float]:
         hit = str.isdigit if want == "digits" else (lambda ch: ch in "aeiou")
         out.append(sum(1 for ch in chars if hit(ch)) / len(chars))
     return out
+
+
+def char_class_all(prompts, completions, target=None, **_) -> list[float]:
+    """Toy task, pass/fail: 1.0 when every non-space character is of the asked class (and there is one), else 0.0."""
+    return [1.0 if f == 1.0 else 0.0 for f in char_class_fraction(prompts, completions, target)]

@@ -51,9 +51,12 @@ class HFEngine:
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
         caps = sampling.max_tokens_per_request or [sampling.max_tokens] * len(rows)
         ids, lps, truncated = [], [], []
+        greedy = sampling.temperature == 0  # as in vLLM: temperature 0 is greedy decoding
+        how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
+                                                        top_p=sampling.top_p, top_k=sampling.top_k or 0)
         with eval_mode(self.policy.model):
             for s in range(0, len(rows), self.batch_size):
-                if sampling.seed is not None:  # one RNG stream per chunk, keyed by its first global row
+                if sampling.seed is not None and not greedy:  # one RNG stream per chunk, keyed by its first global row
                     torch.manual_seed(sampling.seed + sampling.first_row + s)
                 chunk = rows[s:s + self.batch_size]
                 width = max(len(p) for p, _ in chunk)
@@ -62,11 +65,10 @@ class HFEngine:
                 for r, (p, _) in enumerate(chunk):
                     inp[r, width - len(p):] = torch.tensor(p)
                     att[r, width - len(p):] = 1
-                cap = _SampledLogprobs(sampling.temperature)
+                cap = _SampledLogprobs(sampling.temperature or 1.0)
                 max_new = max(caps[s:s + len(chunk)])
                 out = self.policy.model.generate(
-                    input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), do_sample=True,
-                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0,
+                    input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), **how,
                     max_new_tokens=max_new, min_new_tokens=max_new if sampling.ignore_eos else 0, eos_token_id=eos, pad_token_id=pad,
                     logits_processor=LogitsProcessorList([cap]), use_cache=True)
                 gen = out[:, width:]
