@@ -80,14 +80,20 @@ def test_apply_cap_sets_torchs_fraction_for_the_current_device(monkeypatch):
     assert budget.apply_cap(free) is None and len(calls) == 1
 
 
-def test_the_cap_is_raised_by_the_kv_pages_released_while_training(monkeypatch):
-    """Released KV pages stay reserved in torch's accounting: the cap follows them, and comes back at re-map."""
+@pytest.fixture
+def capped(monkeypatch):
+    """A 6 GB plan on a stand-in CUDA device: (plan, device total bytes, the fractions set so far)."""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
     _, p, _ = setup(["budget.vram_gb=6"])
-    total = p.allocator_cap_bytes / p.allocator_fraction
+    return p, p.allocator_cap_bytes / p.allocator_fraction, calls
+
+
+def test_the_cap_is_raised_by_the_kv_pages_released_while_training(capped):
+    """Released KV pages stay reserved in torch's accounting: the cap follows them, and comes back at re-map."""
+    p, total, calls = capped
     kv = 10**9
     raised = budget.apply_cap(p, released_bytes=kv)
     assert abs(raised * total - (p.allocator_cap_bytes + kv)) < 1e3
@@ -424,8 +430,9 @@ def test_an_oom_is_retried_smaller_and_the_run_matches_an_uninterrupted_one(tmp_
     out = run_train(args + ["--output-dir", str(tmp_path / "oom")], env={
         "TRAINER_TEST_OOM_PHASE": "train", "TRAINER_TEST_OOM_STEP": "2", "TRAINER_TEST_OOM_COUNT": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    mbt = json.loads((tmp_path / "ref" / "plan.json").read_text())["micro_batch_tokens"]  # one micro-batch a step
     assert "out of memory in the train phase of step 2; retrying the step once with train.micro_batch_tokens " \
-           "3072 -> 1536" in " ".join(out.stdout.split())
+           f"{mbt} -> {mbt // 2}" in " ".join(out.stdout.split())
     a, b = _metrics(tmp_path / "ref"), _metrics(tmp_path / "oom")
     assert [m["budget/retries"] for m in b] == [0, 1, 0, 0]
     assert [m["micro_batches"] for m in a] == [1, 1, 1, 1] and [m["micro_batches"] for m in b] == [1, 2, 2, 2]
@@ -435,7 +442,7 @@ def test_an_oom_is_retried_smaller_and_the_run_matches_an_uninterrupted_one(tmp_
         assert abs(x["loss"] - y["loss"]) < 1e-6
     changes = json.loads((tmp_path / "oom" / "summary.json").read_text())["adjustments"]
     assert [(c["step"], c["knob"], c["old"], c["new"], c["reason"]) for c in changes] == [
-        (2, "micro_batch_tokens", 3072, 1536, "out of memory"), (2, "token_chunk", 3072, 1536, "out of memory")]
+        (2, "micro_batch_tokens", mbt, mbt // 2, "out of memory"), (2, "token_chunk", mbt, mbt // 2, "out of memory")]
     more = run_train(args + ["--output-dir", str(tmp_path / "oom"), "--resume", "--set", "train.max_steps=5"])
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
     assert _metrics(tmp_path / "oom")[-1]["micro_batches"] == 2  # the checkpoint's knobs, not the planner's first choice
@@ -453,13 +460,8 @@ def test_without_kv_release_only_the_whole_steps_peak_is_compared():
     assert lines and "train phase measured" in lines[0]
 
 
-def test_the_cap_is_recalibrated_from_the_non_torch_memory_the_process_holds(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
-    _, p, _ = setup(["budget.vram_gb=6"])
-    total = p.allocator_cap_bytes / p.allocator_fraction
+def test_the_cap_is_recalibrated_from_the_non_torch_memory_the_process_holds(capped, monkeypatch):
+    p, total, calls = capped
     monkeypatch.setattr(budget, "process_device_bytes", lambda: int(3.34 * GB))  # the process holds 3.34 GB ...
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(3.0 * GB))  # ... of which torch reserved 3.0
     fraction = budget.apply_cap(p) and budget.calibrate_cap(p)

@@ -139,8 +139,39 @@ def plot(res: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def table(res: dict) -> str:
+    """The README's table (markdown) from a vs_peers JSON: fastest peer, our fast and small points with their ratios,
+    the same-sitting A/Bs, and cold startups against Unsloth's."""
+    rows = ["| config | fastest peer (lowest peer peak) | ours, fast: budget = lowest peer peak | ours, small: budget = "
+            "half of it | same-sitting A/B | startup vs Unsloth (cold) |", "|---|---|---|---|---|---|"]
+    for c in res["configs"]:
+        s, r = c["systems"], c["ratios"]
+        if not s or "fastest_peer" not in r:
+            continue
+        fp, lp = s[r["fastest_peer"]], s[r["lowest_peak_peer"]]
+        cell = lambda k: (f"{s[k]['step_s_median']:.2f} s ({s[k]['step_s_median'] / fp['step_s_median']:.2f}x), "  # noqa: E731
+                          f"{s[k]['peak_gb']:.2f} GB ({s[k]['peak_gb'] / lp['peak_gb']:.2f}x)") if k in s else "-"
+        ab = []
+        if "ours_fast_eager" in s:
+            ab.append(f"compiled layers {s['ours_fast']['step_s_median']:.2f} s vs eager "
+                      f"{s['ours_fast_eager']['step_s_median']:.2f} s")
+        if "ours_small_bnb" in s and (s["ours_small"].get("plan") or {}).get("weight_format") == "shared_nf4":
+            ab.append(f"fused nf4 GEMM rollout {s['ours_small']['breakdown_s_median']['rollout']:.2f} s vs bitsandbytes "
+                      f"{s['ours_small_bnb']['breakdown_s_median']['rollout']:.2f} s")
+        cold = [f"{k} {s[k]['startup_s']:.0f} s / {s['unsloth']['startup_s']:.0f} s = {s[k]['startup_s'] / s['unsloth']['startup_s']:.3f}x" for k in ("ours_fast", "ours_small")
+                if k in s and "unsloth" in s and s[k].get("cold_start") and s["unsloth"].get("cold_start")]
+        rows.append(f"| {c['name']}: {c['completions']} x {c['completion_tokens']} tokens | {r['fastest_peer']} "
+                    f"{fp['step_s_median']:.2f} s, {fp['peak_gb']:.2f} GB ({r['lowest_peak_peer']} {lp['peak_gb']:.2f} GB)"
+                    f" | {cell('ours_fast')} | {cell('ours_small')} | {'; '.join(ab) or '-'} | "
+                    f"{', '.join(cold) or 'warm runs only'} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    if sys.argv[1] == "--table":  # python bench/peers/report.py --table bench/results/vs_peers_h100.json
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        sys.exit(0)
     result = build(Path(sys.argv[1]), Path(sys.argv[2]))
     if len(sys.argv) > 3:
         plot(result, Path(sys.argv[3]))
