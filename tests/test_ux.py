@@ -190,7 +190,7 @@ def test_prepare_exposes_the_tokenized_prompts_without_building_weights(tmp_path
 
     monkeypatch.setenv("TRAINER_CACHE", str(tmp_path))
     ready = api.prepare(TINY, ["data.max_prompt_length=6"])
-    assert len(ready.prompts) == 64 and [r.name for r in ready.rewards] == ["char_class_fraction"]
+    assert len(ready.prompts) == 64 and [r.name for r in ready.rewards] == ["char_class_fraction", "char_class_all"]
     assert ready.prompts.max_prompt_tokens == 6 == max(len(p) for p in ready.prompts.prompt_ids)
     assert ready.prompts.truncated > 0 and ready.plan.prompts_per_step == 8
     assert not (tmp_path / "models").exists() and (tmp_path / "tokenizers").is_dir()
