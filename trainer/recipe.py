@@ -8,6 +8,7 @@ TRL user can move a config over by copying lines. Knobs that the VRAM planner ma
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,11 +94,37 @@ class GRPOSection(Section):
     top_k: int | None = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
-    # Correction for the sampler/trainer mismatch (vLLM logprobs vs recomputed ones); TRL's names and modes.
-    vllm_importance_sampling_correction: bool = False
+    # Correction for the sampler/trainer logprob gap (trainer/is_correction.py): TRL 1.16's names, defaults, modes.
+    vllm_importance_sampling_correction: bool = True
     vllm_importance_sampling_mode: Literal[
-        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
-    vllm_importance_sampling_clip_max: float = 3.0
+        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = Field(3.0, gt=0)  # None: no upper bound
+    vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)  # None: no lower bound
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_cap(cls, data):
+        """TRL's deprecated `vllm_importance_sampling_cap` (TRL >= 1.6) sets clip_max, as TRL still does."""
+        if isinstance(data, dict) and "vllm_importance_sampling_cap" in data:
+            data = dict(data)
+            cap = data.pop("vllm_importance_sampling_cap")
+            if cap is not None:
+                warnings.warn("grpo.vllm_importance_sampling_cap is deprecated (as in TRL); it sets "
+                              "grpo.vllm_importance_sampling_clip_max, use that name", FutureWarning, stacklevel=2)
+                data["vllm_importance_sampling_clip_max"] = cap
+        return data
+
+    @model_validator(mode="after")
+    def _is_bounds(self):
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({hi})")
+        if (self.vllm_importance_sampling_correction and self.vllm_importance_sampling_mode.endswith("truncate")
+                and lo is None and hi is None):
+            raise ValueError("a *_truncate vllm_importance_sampling_mode needs vllm_importance_sampling_clip_min or "
+                             "vllm_importance_sampling_clip_max (or both)")
+        return self
 
 
 class LengthMix(Section):
