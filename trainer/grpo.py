@@ -276,7 +276,7 @@ def make_optimizer(policy: Policy, t) -> tuple[torch.optim.Optimizer, object]:
                                   weight_decay=t.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                weight_decay=t.weight_decay)
+                                weight_decay=t.weight_decay, fused=t.optim == "adamw_torch_fused")
     return opt, get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.max_steps)
 

@@ -10,7 +10,7 @@ above). Modes, as in `GRPOTrainer._generate_and_score_completions`:
 - `sequence_truncate` / `sequence_mask`: one rho per sequence, exp(sum over its loss tokens of the differences), i.e.
   the product of the token ratios, applied to every token of the sequence.
 - `*_truncate` clamps rho to the bounds; `*_mask` sets rho to 0 outside them, so a masked sequence (or token) adds
-  nothing to the gradient but still counts in the loss's token/sequence normalizer.
+  nothing to the policy term of the gradient (its KL term stays) but still counts in the loss's normalizer.
 A token whose sampler log-prob is NaN (vLLM could not score it) gets a zero difference (rho 1), as in TRL.
 
 TRL applies it only under vLLM, because its `generate` path records no sampler log-probs; both our engines record

@@ -79,7 +79,7 @@ class RewardSection(Section):
 
 class GRPOSection(Section):
     num_generations: int = Field(8, ge=2)
-    max_completion_length: int = Field(256, ge=1)
+    max_completion_length: int = Field(512, ge=1)
     beta: float = Field(0.0, ge=0)
     use_bias_correction_kl: bool = True  # TRL's default: the KL term times the importance ratio
     epsilon: float = Field(0.2, gt=0)
@@ -91,7 +91,7 @@ class GRPOSection(Section):
     num_iterations: int = Field(1, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = None
+    top_k: int = Field(0, ge=0)  # 0: no top-k filtering
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     # Correction for the sampler/trainer logprob gap (trainer/is_correction.py): TRL 1.16's names, defaults, modes.
@@ -169,14 +169,14 @@ class TrainSection(Section):
     micro_batch_tokens: int | None = None  # token budget per micro-batch (None: planner)
     torch_compile: bool | None = None  # torch.compile the decoder layers (None: planner; on with vLLM on CUDA)
     gradient_accumulation_steps: int | None = None  # TRL-style alternative to generation_batch_size
-    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
-    seed: int = 0
+    optim: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit"] = "adamw_torch_fused"
+    seed: int = 42
     output_dir: str | None = None  # default: runs/<recipe file stem>
     worst_case_first_step: bool = True  # first step at the longest prompts and full completion length
     max_nonfinite_steps: int = Field(5, ge=1)  # stop after this many consecutive NaN/inf steps (each is skipped)
