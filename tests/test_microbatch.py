@@ -10,7 +10,8 @@ import torch
 from tests.conftest import run_train, tiny_qwen2
 from trainer import checkpoint
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
-from trainer.loss import LossConfig, policy_loss, sampler_is_ratio, token_weights
+from trainer.is_correction import sampler_is_ratio
+from trainer.loss import LossConfig, policy_loss, token_weights
 from trainer.policy import Policy, completion_logprobs
 from trainer.types import Generations
 
@@ -58,7 +59,7 @@ def _loss_and_grads(policy, batch, cfg, groups):
         lp, _ = completion_logprobs(policy, mb.input_ids, mb.attention_mask, mb.completion_ids, mb.completion_valid,
                                     1.0, 16, 64)
         mask = take(batch.completion_mask, mb, "cpu")
-        isr = sampler_is_ratio(lp.detach(), take(batch.sampler_logps, mb, "cpu"), mask, "token_truncate", 3.0)
+        isr, _ = sampler_is_ratio(lp.detach(), take(batch.sampler_logps, mb, "cpu"), mask, "token_truncate", None, 3.0)
         loss, _ = policy_loss(lp, take(batch.advantages, mb, "cpu"), mask, take(weights, mb, "cpu"), cfg,
                               take(batch.old_logps, mb, "cpu"), take(batch.ref_logps, mb, "cpu"), isr)
         loss.backward()

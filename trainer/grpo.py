@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from trainer import budget, checkpoint, distributed, oom
+from trainer import budget, checkpoint, distributed, is_correction, oom
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.data import PromptSet, load_prompts
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.evaluate import Evaluator, line as eval_line
-from trainer.loss import LossConfig, group_advantages, policy_loss, sampler_is_ratio, token_weights
+from trainer.loss import LossConfig, group_advantages, policy_loss, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, load_tokenizer, resolve_model_path
 from trainer.rewards import close_rewards, combine, load_rewards, score
@@ -42,6 +42,7 @@ class State:
     scheduler: object
     world: distributed.World
     loss_cfg: LossConfig
+    correction: is_correction.SamplerCorrection
     mem: MemorySampler | None = None
     times: dict = field(default_factory=lambda: defaultdict(float))
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
@@ -124,19 +125,17 @@ def grpo_step(s: State, step: int) -> dict:
                                                  mb.completion_valid, g.temperature, plan.token_chunk,
                                                  plan.vocab_chunk, entropy=it == 0)
                 mask, sampler = take(batch.completion_mask, mb, logps.device), take(batch.sampler_logps, mb, logps.device)
-                isr = None
-                if g.vllm_importance_sampling_correction and sampler is not None:
-                    old = take(batch.old_logps, mb, logps.device)
-                    isr = sampler_is_ratio(logps.detach() if old is None else old, sampler, mask,
-                                           g.vllm_importance_sampling_mode, g.vllm_importance_sampling_clip_max)
+                old = take(batch.old_logps, mb, logps.device)
+                # pi_old / pi_sampler (trainer/is_correction.py): None when off or the engine gave no log-probs
+                isr, is_st = s.correction(logps.detach() if old is None else old, sampler, mask)
                 loss, st = policy_loss(logps, take(batch.advantages, mb, logps.device), mask,
-                                       take(weights, mb, logps.device), s.loss_cfg, take(batch.old_logps, mb, logps.device),
+                                       take(weights, mb, logps.device), s.loss_cfg, old,
                                        take(batch.ref_logps, mb, logps.device), isr)
                 if step in s.nan_steps:  # test hook: a non-finite loss, as a diverging run would produce
                     loss = loss * float("nan")
                 loss.backward()
                 if it == 0:
-                    _accumulate(stats, st, loss, logps, ent, sampler, mb)
+                    _accumulate(stats, {**st, **is_st}, loss, logps, ent, sampler, mb)
         with s.timed("optimizer"):
             grad_norm = optimizer_step(s)
     # 5. Weight sync: the engine samples the next step from the updated adapter.
@@ -183,16 +182,25 @@ def optimizer_step(s: State) -> float:
 
 
 def _accumulate(stats, st, loss, logps, ent, sampler, mb) -> None:
-    for k, v in st.items():
-        stats[k] += float(v)
+    for k, v in st.items():  # sums, except the extremes
+        v = float(v)
+        if k.endswith("_max"):
+            stats[k] = max(stats.get(k, v), v)
+        elif k.endswith("_min"):
+            stats[k] = min(stats.get(k, v), v)
+        else:
+            stats[k] += v
     stats["loss"] += float(loss.detach())
     valid = mb.completion_valid.bool()
     if ent is not None:
         stats["entropy_sum"] += float(ent[valid].sum())
-    if sampler is not None and valid.any():
+    if sampler is not None:
         gap = (logps.detach() - sampler).abs()[valid]
-        stats["gap_sum"] += float(gap.sum())
-        stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
+        gap = gap[~gap.isnan()]  # tokens the sampler could not score (NaN) are left out, as TRL does
+        if gap.numel():
+            stats["gap_sum"] += float(gap.sum())
+            stats["gap_n"] += float(gap.numel())
+            stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
     stats["valid_tokens"] += float(valid.sum())
     stats["padded_tokens"] += mb.padded_tokens
     stats["real_tokens"] += mb.real_tokens
@@ -219,8 +227,9 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     m.update(failures)  # rewards/<name>/failures and rewards/<name>/timeouts
     if "kl_sum" in st:
         m["kl"] = st["kl_sum"] / tok
-    if st["valid_tokens"] and "gap_sum" in st:
-        m["logp_gap_mean"], m["logp_gap_max"] = st["gap_sum"] / st["valid_tokens"], st["gap_max"]
+    if st.get("gap_n"):
+        m["logp_gap_mean"], m["logp_gap_max"] = st["gap_sum"] / st["gap_n"], st["gap_max"]
+    m.update(is_correction.metrics(st, s.correction.mode))
     for k, v in s.times.items():
         m[f"time_{k}_s"] = v
     m["time_step_s"] = sum(s.times.values())
@@ -267,7 +276,7 @@ def make_optimizer(policy: Policy, t) -> tuple[torch.optim.Optimizer, object]:
                                   weight_decay=t.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                weight_decay=t.weight_decay)
+                                weight_decay=t.weight_decay, fused=t.optim == "adamw_torch_fused")
     return opt, get_scheduler(t.lr_scheduler_type, opt, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.max_steps)
 
@@ -329,7 +338,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     engine.sync(policy)
     sampler = MemorySampler()
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
-              LossConfig.from_grpo(recipe.grpo), mem=sampler)
+              LossConfig.from_grpo(recipe.grpo), is_correction.SamplerCorrection(recipe.grpo), mem=sampler)
     logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
     stop, bad = _Stop(run_dir), 0
     if world.main:

@@ -62,7 +62,8 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
                 is_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch (a share of the step's loss) and summed statistics for logging.
 
-    logps, old_logps, ref_logps, mask, weights, is_ratio: [B, T]; advantages: [B].
+    logps, old_logps, ref_logps, mask, weights: [B, T]; advantages: [B]; is_ratio: the sampler correction's [B, T]
+    or [B, 1] (trainer/is_correction.py), multiplying the policy term only, as TRL does.
     Returns (loss, stats) where stats holds masked sums ("*_sum") and "tokens", to be added across micro-batches.
     """
     mask = mask.to(logps.dtype)
@@ -102,18 +103,6 @@ def policy_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
         if kl is not None:
             stats["kl_sum"] = (kl * mask).sum()
     return loss, stats
-
-
-def sampler_is_ratio(logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str,
-                     cap: float) -> torch.Tensor:
-    """TRL's vLLM importance-sampling correction: ratio pi_old / pi_sampler, truncated or masked at `cap`."""
-    diff = torch.nan_to_num((logps - sampler_logps) * mask, nan=0.0)
-    if mode.startswith("sequence"):
-        diff = diff.sum(-1, keepdim=True)
-    ratio = torch.exp(diff)
-    if mode.endswith("truncate"):
-        return torch.clamp(ratio, max=cap)
-    return ratio.masked_fill(ratio > cap, 0.0)
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str) -> torch.Tensor:

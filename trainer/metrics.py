@@ -119,12 +119,16 @@ def _parse(text: str) -> dict | None:
         return None
 
 
-SUM_KEYS = ("loss", "micro_batches")
+SUM_KEYS = ("loss", "micro_batches", "is_ratio/count")
+# per-rank means and fractions over a count that differs between ranks (tokens): weighted by that count
+WEIGHTED = {"is_ratio/mean": "is_ratio/count", "is_ratio/masked_frac": "is_ratio/count",
+            "is_ratio/truncated_frac": "is_ratio/count"}
 
 
 def merge_ranks(per_rank: list[dict]) -> dict:
     """One step's metrics over data-parallel ranks: losses add up (each rank's loss is its share of the global one),
-    rewards are pooled, times and peaks take the slowest/largest rank, the rest is averaged."""
+    rewards are pooled, times and peaks take the slowest/largest rank, maxima and minima (keys ending in _max, /max,
+    _min, /min) the extreme rank, means over counted items weigh each rank by its count, the rest is averaged."""
     if len(per_rank) == 1:
         per_rank[0].pop("_rewards", None)
         return per_rank[0]
@@ -137,8 +141,13 @@ def merge_ranks(per_rank: list[dict]) -> dict:
             out[k] = v
         elif k in SUM_KEYS:
             out[k] = sum(vals)
-        elif k.startswith(("time_", "peak_")):
+        elif k.startswith(("time_", "peak_")) or k.endswith(("_max", "/max")):
             out[k] = max(vals)
+        elif k.endswith(("_min", "/min")):
+            out[k] = min(vals)
+        elif k in WEIGHTED and len(vals) == len(per_rank):
+            n = [m[WEIGHTED[k]] for m in per_rank]
+            out[k] = sum(v * w for v, w in zip(vals, n)) / max(sum(n), 1e-12)
         else:
             out[k] = sum(vals) / len(vals)
     rewards = [r for m in per_rank for r in m.get("_rewards", [])]

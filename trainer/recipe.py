@@ -8,6 +8,7 @@ TRL user can move a config over by copying lines. Knobs that the VRAM planner ma
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,7 +79,7 @@ class RewardSection(Section):
 
 class GRPOSection(Section):
     num_generations: int = Field(8, ge=2)
-    max_completion_length: int = Field(256, ge=1)
+    max_completion_length: int = Field(512, ge=1)
     beta: float = Field(0.0, ge=0)
     use_bias_correction_kl: bool = True  # TRL's default: the KL term times the importance ratio
     epsilon: float = Field(0.2, gt=0)
@@ -90,14 +91,40 @@ class GRPOSection(Section):
     num_iterations: int = Field(1, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = None
+    top_k: int = Field(0, ge=0)  # 0: no top-k filtering
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
-    # Correction for the sampler/trainer mismatch (vLLM logprobs vs recomputed ones); TRL's names and modes.
-    vllm_importance_sampling_correction: bool = False
+    # Correction for the sampler/trainer logprob gap (trainer/is_correction.py): TRL 1.16's names, defaults, modes.
+    vllm_importance_sampling_correction: bool = True
     vllm_importance_sampling_mode: Literal[
-        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
-    vllm_importance_sampling_clip_max: float = 3.0
+        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = Field(3.0, gt=0)  # None: no upper bound
+    vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)  # None: no lower bound
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_cap(cls, data):
+        """TRL's deprecated `vllm_importance_sampling_cap` (TRL >= 1.6) sets clip_max, as TRL still does."""
+        if isinstance(data, dict) and "vllm_importance_sampling_cap" in data:
+            data = dict(data)
+            cap = data.pop("vllm_importance_sampling_cap")
+            if cap is not None:
+                warnings.warn("grpo.vllm_importance_sampling_cap is deprecated (as in TRL); it sets "
+                              "grpo.vllm_importance_sampling_clip_max, use that name", FutureWarning, stacklevel=2)
+                data["vllm_importance_sampling_clip_max"] = cap
+        return data
+
+    @model_validator(mode="after")
+    def _is_bounds(self):
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+                             f"vllm_importance_sampling_clip_max ({hi})")
+        if (self.vllm_importance_sampling_correction and self.vllm_importance_sampling_mode.endswith("truncate")
+                and lo is None and hi is None):
+            raise ValueError("a *_truncate vllm_importance_sampling_mode needs vllm_importance_sampling_clip_min or "
+                             "vllm_importance_sampling_clip_max (or both)")
+        return self
 
 
 class LengthMix(Section):
@@ -142,14 +169,14 @@ class TrainSection(Section):
     micro_batch_tokens: int | None = None  # token budget per micro-batch (None: planner)
     torch_compile: bool | None = None  # torch.compile the decoder layers (None: planner; on with vLLM on CUDA)
     gradient_accumulation_steps: int | None = None  # TRL-style alternative to generation_batch_size
-    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
-    seed: int = 0
+    optim: Literal["adamw_torch_fused", "adamw_torch", "adamw_8bit"] = "adamw_torch_fused"
+    seed: int = 42
     output_dir: str | None = None  # default: runs/<recipe file stem>
     worst_case_first_step: bool = True  # first step at the longest prompts and full completion length
     max_nonfinite_steps: int = Field(5, ge=1)  # stop after this many consecutive NaN/inf steps (each is skipped)

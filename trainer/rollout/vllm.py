@@ -9,6 +9,7 @@ vllm is imported lazily: a recipe that asks for it without vllm installed or wit
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -149,7 +150,8 @@ class VLLMEngine:
             c = o.outputs[0]
             toks = list(c.token_ids)
             ids.append(toks)
-            lps.append([step[t].logprob for t, step in zip(toks, c.logprobs)] if c.logprobs else [0.0] * len(toks))
+            # NaN where vLLM gave no logprob: the IS correction and the gap metric leave such tokens out, as TRL does
+            lps.append([step[t].logprob for t, step in zip(toks, c.logprobs)] if c.logprobs else [math.nan] * len(toks))
             truncated.append(c.finish_reason == "length")
         return Generations(ids, lps, truncated)
 
