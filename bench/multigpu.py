@@ -224,6 +224,22 @@ def scaling(res_runs: list[dict]) -> dict:
     return out
 
 
+def distributed_fit(runs: list[dict]) -> dict:
+    """The fit of trainer/memory.py's distributed term, from the weak runs (the same per-GPU batch at every N, so the
+    same plan without the term): the measured overhead at N (training peak - plan without the term) less the one at
+    N = 1 (the plan's own error at that batch) is the cost of distribution; FIXED = that at 2, PER_PEER = (at 4 -
+    at 2) / 2. The strong runs' overheads are in runs[] (their per-GPU batches differ, so does the plan's error)."""
+    weak = {r["nproc"]: r["measured_overhead_gb_per_gpu"] for r in runs
+            if "weak" in r["modes"] and r["measured_overhead_gb_per_gpu"] is not None}
+    out: dict = {"measured_overhead_gb_per_gpu": weak}
+    if 1 in weak:
+        d = {n: v - weak[1] for n, v in weak.items() if n > 1}
+        out["distributed_cost_gb_per_gpu"] = d
+        if 2 in d and 4 in d:
+            out["distributed_fit"] = {"DISTRIBUTED_FIXED_gb": d[2], "DISTRIBUTED_PER_PEER_gb": (d[4] - d[2]) / 2}
+    return out
+
+
 def compare_resume(full: list[dict], resumed: list[dict], full_lora: dict | None, resumed_loras: list[dict],
                    stopped_at: int | None) -> dict:
     """The resumed run against the uninterrupted one: steps, per-step reward and loss, and final adapters."""
@@ -324,23 +340,14 @@ def main(out: Path) -> dict:
     res[f"strong_speedup_{nmax}"] = res["strong_speedup"].get(nmax)
     multi = [r for r in res["runs"] if r["nproc"] > 1]
     res["adapters_equal"] = bool(multi) and all(r["lora_equal_across_ranks"] for r in multi)
-    # The fit of trainer/memory.py's distributed term: measured overhead per GPU at each N (the N = 1 value is the
-    # plan's own error, to subtract), then FIXED = overhead at 2, PER_PEER = (overhead at 4 - overhead at 2) / 2.
-    over = {}
-    for r in res["runs"]:
-        if r["measured_overhead_gb_per_gpu"] is not None:
-            over.setdefault(r["nproc"], []).append(r["measured_overhead_gb_per_gpu"])
-    res["measured_overhead_gb_per_gpu"] = {n: max(v) for n, v in sorted(over.items())}
-    o = res["measured_overhead_gb_per_gpu"]
-    if 2 in o and 4 in o:
-        res["distributed_fit"] = {"DISTRIBUTED_FIXED_gb": o[2] - o.get(1, 0.0),
-                                  "DISTRIBUTED_PER_PEER_gb": (o[4] - o[2]) / 2}
-    print("measured per-GPU overhead (smi training peak - plan without the distributed term), GB:", json.dumps(o),
-          flush=True)
+    res.update(distributed_fit(res["runs"]))
+    res["peak_basis"] = ("nvidia-smi per GPU from the start of step 1 (before it, a random-init test model is built "
+                         "on the GPU, which the plan does not count); whole-process peaks in runs[].smi_peak_gb_per_gpu")
+    print("measured per-GPU overhead (smi training peak - plan without the distributed term), weak runs, GB:",
+          json.dumps(res["measured_overhead_gb_per_gpu"]), "fit:", json.dumps(res.get("distributed_fit")), flush=True)
     if RESUME and nmax in [r["nproc"] for r in res["runs"]]:
-        ref = next(r for r in res["runs"] if r["nproc"] == nmax and r["completions"] == PER_GPU * nmax) \
-            if any(r["nproc"] == nmax and r["completions"] == PER_GPU * nmax for r in res["runs"]) \
-            else next(r for r in res["runs"] if r["nproc"] == nmax)
+        # the uninterrupted run: the weak one at that N (the first run at N when there is none)
+        ref = min((r for r in res["runs"] if r["nproc"] == nmax), key=lambda r: "weak" not in r["modes"])
         res["resume"] = resume_check(out, nmax, ref["completions"], RUNS / f"mg-{ref['name']}", RUNS / f"lora-{ref['name']}")
         print("resume", json.dumps(res["resume"]), flush=True)
     peaks_ok = all(r["peak_within_budget"] and r["peak_within_5pct_of_plan"] for r in res["runs"])

@@ -52,6 +52,14 @@ def test_scaling_is_per_gpu_for_weak_and_total_for_strong():
     assert s["strong_reward_diff_vs_1"][4]["max"] == 0.0
 
 
+def test_distributed_term_is_fitted_from_the_weak_runs_less_the_plans_own_error():
+    runs = [{"nproc": n, "modes": m, "measured_overhead_gb_per_gpu": o}
+            for n, m, o in ((1, ["weak"], 0.25), (2, ["weak"], 1.75), (4, ["weak", "strong"], 2.25), (1, ["strong"], 9.0))]
+    fit = mg.distributed_fit(runs)
+    assert fit["distributed_cost_gb_per_gpu"] == {2: 1.5, 4: 2.0}
+    assert fit["distributed_fit"] == {"DISTRIBUTED_FIXED_gb": 1.5, "DISTRIBUTED_PER_PEER_gb": 0.25}
+
+
 @pytest.mark.slow  # about a minute on 2 idle cores: five short torchrun launches
 def test_dry_run_on_cpu_with_two_gloo_ranks_scales_compares_adapters_and_resumes(tmp_path):
     env = {**os.environ, "MG_RECIPE": "recipes/tiny-cpu.yaml", "MG_GPUS": "1,2", "MG_PER_GPU": "32",

@@ -27,8 +27,9 @@ KV_BLOCK = 16  # vLLM's default block size (tokens)
 # Measured: world size 2 only, on 2x H200 (bench/results/multigpu.json: 7.44 GB seen, 5.96 GB planned without it),
 # which fixes the sum at two ranks and nothing else. Not measured: how it grows with more peers (NCCL allocates
 # per-peer channel buffers, so it may). DISTRIBUTED_PER_PEER stays 0 until bench/multigpu.py has run at 4 ranks:
-# it prints the measured overhead per GPU at each N (nvidia-smi peak in training minus the plan without this term);
-# then DISTRIBUTED_PER_PEER = (overhead_4 - overhead_2) / 2 and DISTRIBUTED_FIXED = overhead_2.
+# it prints the measured overhead per GPU at each N (nvidia-smi peak in training minus the plan without this term,
+# less the same at N = 1 with the same per-GPU batch) and writes the fit as "distributed_fit" in multigpu_x4.json:
+# DISTRIBUTED_FIXED = the cost at 2, DISTRIBUTED_PER_PEER = (the cost at 4 - the cost at 2) / 2.
 DISTRIBUTED_FIXED, DISTRIBUTED_PER_PEER = 1450 * 10**6, 0
 DISTRIBUTED = DISTRIBUTED_FIXED  # the two-rank value (kept for readers of the two-GPU result)
 
