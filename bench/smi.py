@@ -38,6 +38,7 @@ def main() -> int:
     out, cmd = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     samples: list[tuple[float, int]] = []
     per_gpu: dict[int, int] = {}
+    per_gpu_samples: list[tuple[float, dict[int, int]]] = []  # to take a per-GPU peak over a window (e.g. training)
     stop = threading.Event()
     t0 = time.time()
 
@@ -47,6 +48,7 @@ def main() -> int:
             try:
                 used = used_mib()
                 samples.append((round(time.time() - t0, 2), max(used.values())))
+                per_gpu_samples.append((samples[-1][0], used))
                 for i, m in used.items():
                     per_gpu[i] = max(per_gpu.get(i, 0), m)
             except Exception:
@@ -63,7 +65,7 @@ def main() -> int:
         json.dump({"cmd": cmd, "rc": rc, "t0_unix": t0, "wall_s": round(time.time() - t0, 1), "peak_mib": peak,
                    "peak_gb": round(peak * 2**20 / 1e9, 3),
                    "peak_gb_per_gpu": {i: round(m * 2**20 / 1e9, 3) for i, m in sorted(per_gpu.items())},
-                   "samples": samples}, f)
+                   "samples": samples, "per_gpu_samples": per_gpu_samples}, f)
     print(f"smi peak {peak} MiB ({peak * 2**20 / 1e9:.2f} GB), rc {rc}, {time.time() - t0:.0f} s", flush=True)
     return rc
 

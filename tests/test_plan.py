@@ -145,6 +145,16 @@ def test_data_parallel_plans_the_per_gpu_cost_of_distribution():
     assert two.peak_bytes == solo_half.peak_bytes + memory.DISTRIBUTED
 
 
+def test_the_distributed_term_is_a_function_of_the_rank_count():
+    """Fixed + per extra peer beyond two; the two-rank value is the measured one whatever the per-peer fit."""
+    from dataclasses import replace
+
+    assert memory.distributed_bytes(1) == 0 and memory.distributed_bytes(2) == memory.DISTRIBUTED_FIXED
+    assert memory.distributed_bytes(4) == memory.DISTRIBUTED_FIXED + 2 * memory.DISTRIBUTED_PER_PEER
+    four = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["train.generation_batch_size=64"]), replace(H100, world_size=4))
+    assert four.components["distributed"] == memory.distributed_bytes(4) and four.generation_batch_size == 16
+
+
 def test_plan_is_sized_for_the_longest_prompt_of_the_data():
     r = recipe(["budget.vram_gb=30"])  # data.max_prompt_length=128
     by_field = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100)

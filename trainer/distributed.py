@@ -6,6 +6,7 @@ and sequence counts, so summing LoRA gradients across ranks gives exactly the si
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,18 +50,38 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
-def sum_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """Sum LoRA gradients over ranks in one flat buffer (they are small: tens of MB)."""
+def sum_gradients(params: list[torch.nn.Parameter], world: World, times: dict | None = None) -> None:
+    """Sum LoRA gradients over ranks in one flat buffer (they are small: tens of MB).
+
+    With `times`, two per-rank timers are added to it: "grad_wait" (a one-element all-reduce first: how long this
+    rank waited for the slowest rank to finish its backward) and "grad_allreduce" (the gradient transfer itself).
+    The extra collective costs one small message per step; it is what lets a benchmark tell imbalance from transfer.
+    """
     if world.size == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
+    if times is not None:
+        t0 = _synced(flat.device)
+        dist.all_reduce(torch.zeros(1, device=flat.device), op=dist.ReduceOp.SUM)
+        t1 = _synced(flat.device)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    if times is not None:
+        t2 = _synced(flat.device)
+        times["grad_wait"] = times.get("grad_wait", 0.0) + t1 - t0
+        times["grad_allreduce"] = times.get("grad_allreduce", 0.0) + t2 - t1
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def _synced(device: torch.device) -> float:
+    """perf_counter after the device's queued work (collectives included) has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def gather_objects(obj, world: World) -> list:

@@ -44,7 +44,8 @@ class State:
     loss_cfg: LossConfig
     correction: is_correction.SamplerCorrection
     mem: MemorySampler | None = None
-    times: dict = field(default_factory=lambda: defaultdict(float))
+    times: dict = field(default_factory=lambda: defaultdict(float))  # phases; they add up to time_step_s
+    comm: dict = field(default_factory=dict)  # collectives inside a phase (grad wait / all-reduce: in "optimizer")
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
     phase: str = ""
     step: int = 0
@@ -76,6 +77,7 @@ def grpo_step(s: State, step: int) -> dict:
     r, g, plan = s.recipe, s.recipe.grpo, s.plan
     s.step = step
     s.times.clear()
+    s.comm.clear()
     s.peaks.clear()
     # 1. Rollout: G completions for each of this rank's prompts, from the current adapter.
     n = plan.prompts_per_step
@@ -105,7 +107,11 @@ def grpo_step(s: State, step: int) -> dict:
         batch.reward = combine(batch.rewards, s.rewards)
         batch.advantages = group_advantages(batch.reward, g.num_generations, g.scale_rewards)
     # 3. Loss weights from global counts; micro-batches packed by tokens; reference / old log-probs if needed.
+    # The first collective of the step: a rank that finished its rollout and rewards early waits here (time_barrier_s).
+    t0 = time.perf_counter()
     counts = distributed.all_reduce_sum(torch.tensor([float(batch.completion_mask.sum()), float(len(batch))]), s.world)
+    if s.world.size > 1:
+        s.times["barrier"] += time.perf_counter() - t0
     weights = token_weights(batch.completion_mask, s.loss_cfg, total_tokens=counts[0], num_sequences=int(counts[1]))
     groups = (pack(batch.seq_lengths.tolist(), plan.micro_batch_tokens) if plan.micro_batch_seqs is None
               else fixed_chunks(len(batch), plan.micro_batch_seqs))
@@ -172,7 +178,7 @@ def logprobs_pass(s: State, batch: RolloutBatch, groups: list[list[int]]) -> tor
 def optimizer_step(s: State) -> float:
     """Sum gradients over ranks, clip, step; a non-finite gradient skips the update (returns NaN)."""
     params = s.policy.trainable_parameters()
-    distributed.sum_gradients(params, s.world)
+    distributed.sum_gradients(params, s.world, s.comm)
     norm = float(torch.nn.utils.clip_grad_norm_(params, s.recipe.train.max_grad_norm or float("inf")))
     if math.isfinite(norm):
         s.optimizer.step()
@@ -233,6 +239,8 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     for k, v in s.times.items():
         m[f"time_{k}_s"] = v
     m["time_step_s"] = sum(s.times.values())
+    for k, v in s.comm.items():  # inside time_optimizer_s, not added to the step again
+        m[f"time_{k}_s"] = v
     m["tokens_per_s"] = float(lengths.sum()) / max(s.times["rollout"], 1e-9)
     m.update({f"peak_{k}_gb": v / 1e9 for k, v in s.peaks.items()})
     if s.peaks:

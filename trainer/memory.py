@@ -22,10 +22,23 @@ CKPT_BYTES_PER_LH, CKPT_BYTES_PER_LI = 2.76, 0.69
 # The caching allocator reserves more than it allocates (blocks of varying sizes across phases); measured:
 SLACK_FIXED, SLACK_FRACTION = 250 * 10**6, 0.17
 KV_BLOCK = 16  # vLLM's default block size (tokens)
-# Per GPU under torchrun: NCCL buffers of the trainer's group and of vLLM's world group, and the peer's context.
-# Measured with 2 ranks on 2x H200 (bench/results/multigpu.json: 7.44 GB seen, 5.96 GB planned without it);
-# growth with more ranks is not measured.
-DISTRIBUTED = 1450 * 10**6
+# Per GPU under torchrun: NCCL buffers of the trainer's group and of vLLM's world group, and the peers' contexts,
+# modelled as DISTRIBUTED_FIXED + DISTRIBUTED_PER_PEER x (world_size - 2).
+# Measured: world size 2 only, on 2x H200 (bench/results/multigpu.json: 7.44 GB seen, 5.96 GB planned without it),
+# which fixes the sum at two ranks and nothing else. Not measured: how it grows with more peers (NCCL allocates
+# per-peer channel buffers, so it may). DISTRIBUTED_PER_PEER stays 0 until bench/multigpu.py has run at 4 ranks:
+# it prints the measured overhead per GPU at each N (nvidia-smi peak in training minus the plan without this term,
+# less the same at N = 1 with the same per-GPU batch) and writes the fit as "distributed_fit" in multigpu_x4.json:
+# DISTRIBUTED_FIXED = the cost at 2, DISTRIBUTED_PER_PEER = (the cost at 4 - the cost at 2) / 2.
+DISTRIBUTED_FIXED, DISTRIBUTED_PER_PEER = 1450 * 10**6, 0
+DISTRIBUTED = DISTRIBUTED_FIXED  # the two-rank value (kept for readers of the two-GPU result)
+
+
+def distributed_bytes(world_size: int) -> int:
+    """Per-GPU cost of data parallelism at `world_size` ranks (0 for one process)."""
+    if world_size <= 1:
+        return 0
+    return DISTRIBUTED_FIXED + DISTRIBUTED_PER_PEER * (world_size - 2)
 
 
 @dataclass(frozen=True)
@@ -166,7 +179,7 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
               "base_weights": base_bytes(ctx, vllm_layout=vllm),
               "lora_and_optimizer": lora * states}
     if ctx.cuda and ctx.world_size > 1:
-        static["distributed"] = DISTRIBUTED
+        static["distributed"] = distributed_bytes(ctx.world_size)
     if vllm:
         static["vllm_non_torch"] = VLLM_NON_TORCH
         static["vllm_lora_slots"] = lora * 2
