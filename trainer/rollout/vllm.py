@@ -134,7 +134,8 @@ class VLLMEngine:
         else:
             self.file_sync = sync.AdapterFileSync(self.shm, LORA_ID)
         copies, outside = sync.count_base_copies(policy.model, self.vmodel)
-        self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8])
+        self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8],
+                         logits_dtype=self.vi.logits_dtype(self.vmodel))
 
     def sync(self, policy) -> dict[str, float]:
         if self.lora_sync is not None:
