@@ -205,7 +205,7 @@ def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask:
     zeros where `completion_valid` is 0. Peak extra memory: one [token_chunk, vocab_chunk] logits tile.
     logits_dtype: "model" rounds each logits tile to the hidden states' dtype (bf16 on the GPU), as TRL's kernel
     does and as vLLM's lm_head does by default; "float32" keeps the tiles in fp32 (the product of the same bf16
-    values, not rounded; see `_Fp32Logits`), to match an engine whose logits are fp32 (rollout.logits_dtype).
+    values, not rounded; see `_fp32_logits_function`), to match an engine whose logits are fp32 (rollout.logits_dtype).
     """
     from trl.kernels import ChunkedLogProbFunction
 
@@ -223,8 +223,8 @@ def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask:
     outs, ents = [], []
     for s in range(0, h.size(0), token_chunk):
         want = ("entropy",) if entropy else ()
-        lp, ent, *_ = fn.apply(h[s:s + token_chunk], weight, None, targets[s:s + token_chunk],
-                                                   temperature, vocab_chunk, None, 1.0, want)
+        lp, ent, *_ = fn.apply(h[s:s + token_chunk], weight, None, targets[s:s + token_chunk], temperature, vocab_chunk,
+                               None, 1.0, want)
         outs.append(lp)
         ents.append(ent)
     flat = torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)

@@ -260,7 +260,9 @@ def install_nf4_gemm(max_rows: int) -> None:
 # - `Qwen2ForCausalLM.compute_logits` -> `LogitsProcessor._get_logits` -> `_apply_head` ->
 #   `lm_head.quant_method.apply(lm_head, hidden, bias)` (UnquantizedEmbeddingMethod: a GEMM in the model dtype; the
 #   bnb config leaves lm_head unquantized). The logits come out in bf16: every logit is rounded to 8 significant
-#   bits (a spacing of 0.0625 at |logit| in [8, 16), 0.125 in [16, 32)), the size of the gap we see.
+#   bits (a spacing of 0.0625 at |logit| in [8, 16), 0.125 in [16, 32)), errors of the gap's size. The trainer's
+#   tiles were bf16 too (TRL's kernel, policy.completion_logprobs), so both sides round, each from slightly
+#   different hidden states; how much of the gap that explains is what bench/fidelity.py measures.
 # - vLLM 0.32 has the same fix built in (`hf_overrides={"head_dtype": "float32"}`, honoured on the LoRA path too);
 #   we patch the lm_head's apply instead because it also works where that override is missing, and can be switched
 #   per engine at run time (compute_logits runs outside the CUDA graphs and outside torch.compile, so no recapture).
