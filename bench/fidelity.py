@@ -108,13 +108,21 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
 def _attention_backend(name: str) -> None:
     """vLLM's attention backend for this process: `attention_config` (vLLM >= 0.11), else the old env variable."""
     os.environ["VLLM_ATTENTION_BACKEND"] = name  # read by vLLM versions that still have it; ignored by the others
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm's first import, as import_vllm does
     import trainer.rollout.vllm as tv
 
     plain = tv.engine_kwargs
 
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    has_config = "attention_config" in {f.name for f in dataclasses.fields(EngineArgs)}
+
     def with_backend(recipe, plan, path):
         kw = plain(recipe, plan, path)
-        kw["attention_config"] = {"backend": name}
+        if has_config:
+            kw["attention_config"] = {"backend": name}
         return kw
 
     tv.engine_kwargs = with_backend
