@@ -129,7 +129,7 @@ def grpo_step(s: State, step: int) -> dict:
                 mb = micro_batch(batch, rows, s.policy.device)
                 logps, ent = completion_logprobs(s.policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
                                                  mb.completion_valid, g.temperature, plan.token_chunk,
-                                                 plan.vocab_chunk, entropy=it == 0)
+                                                 plan.vocab_chunk, entropy=it == 0, logits_dtype=plan.logits_dtype)
                 mask, sampler = take(batch.completion_mask, mb, logps.device), take(batch.sampler_logps, mb, logps.device)
                 old = take(batch.old_logps, mb, logps.device)
                 # pi_old / pi_sampler (trainer/is_correction.py): None when off or the engine gave no log-probs
@@ -170,7 +170,7 @@ def logprobs_pass(s: State, batch: RolloutBatch, groups: list[list[int]]) -> tor
         mb = micro_batch(batch, rows, s.policy.device)
         logps, _ = completion_logprobs(s.policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
                                        mb.completion_valid, s.recipe.grpo.temperature, s.plan.token_chunk,
-                                       s.plan.vocab_chunk)
+                                       s.plan.vocab_chunk, logits_dtype=s.plan.logits_dtype)
         out[mb.rows, :mb.c_len] = logps.float().cpu()
     return out
 
@@ -207,6 +207,7 @@ def _accumulate(stats, st, loss, logps, ent, sampler, mb) -> None:
             stats["gap_sum"] += float(gap.sum())
             stats["gap_n"] += float(gap.numel())
             stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
+            stats.setdefault("gaps", []).append(gap.float())  # for the step's percentile, taken once in _metrics
     stats["valid_tokens"] += float(valid.sum())
     stats["padded_tokens"] += mb.padded_tokens
     stats["real_tokens"] += mb.real_tokens
@@ -235,6 +236,7 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
         m["kl"] = st["kl_sum"] / tok
     if st.get("gap_n"):
         m["logp_gap_mean"], m["logp_gap_max"] = st["gap_sum"] / st["gap_n"], st["gap_max"]
+        m["logp_gap_p99"] = percentile(torch.cat(st["gaps"]), 0.99)
     m.update(is_correction.metrics(st, s.correction.mode))
     for k, v in s.times.items():
         m[f"time_{k}_s"] = v
@@ -250,6 +252,11 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     if s.world.size > 1:
         m["_rewards"] = batch.reward.tolist()
     return m
+
+
+def percentile(x: torch.Tensor, q: float) -> float:
+    """The nearest-rank q-quantile of a 1-D tensor (one kthvalue; torch.quantile refuses > 16M elements)."""
+    return float(x.kthvalue(max(1, math.ceil(q * x.numel()))).values)
 
 
 @contextlib.contextmanager

@@ -152,7 +152,18 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     tile = rows * k["vocab_chunk"] * max(ctx.dtype_bytes, 2) * (1 if ctx.cuda else 16)
     logits = tile + rows * d.hidden * 4
     batch = ctx.gen * ctx.max_len * 8 * 6  # ids, masks and logprob tensors of the step on the device
-    return {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch}
+    out = {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch}
+    if fp32_logits(ctx, k):
+        # policy.completion_logprobs in fp32: the tile doubles, TRL's kernel casts each [vocab_chunk, hidden] slice of
+        # lm_head to fp32, and the micro-batch's completion hidden states are held in fp32 for the backward.
+        completion_tokens = t * ctx.completion_len // ctx.max_len
+        out["logits_fp32"] = tile + k["vocab_chunk"] * d.hidden * 4 + completion_tokens * d.hidden * 2
+    return out
+
+
+def fp32_logits(ctx: Context, k: dict) -> bool:
+    """rollout.logits_dtype float32 costs memory only where the compute dtype is narrower (not on the CPU's fp32)."""
+    return k.get("logits_dtype", "model") == "float32" and ctx.dtype_bytes < 4
 
 
 def rollout_phase(ctx: Context, k: dict) -> dict[str, int]:
@@ -161,7 +172,10 @@ def rollout_phase(ctx: Context, k: dict) -> dict[str, int]:
         t = k["max_num_batched_tokens"]
         acts = t * (2 * d.hidden + (d.heads + 2 * d.kv_heads) * d.head_dim + 3 * d.intermediate) * 2
         sampler = k["max_num_seqs"] * d.vocab * 4 * 3  # fp32 logits, probs, logprobs of one decode step
-        return {"vllm_activations": acts + sampler}
+        out = {"vllm_activations": acts + sampler}
+        if fp32_logits(ctx, k):  # the lm_head writes [max_num_seqs, vocab] in fp32, not bf16 (vllm_internals)
+            out["vllm_logits_fp32"] = k["max_num_seqs"] * d.vocab * (4 - ctx.dtype_bytes)
+        return out
     # HF generate: a DynamicCache for the batch plus a few fp32 [batch, vocab] score tensors per step
     bs = k["hf_batch_size"]
     cache = bs * ctx.max_len * d.kv_bytes_per_token(ctx.dtype_bytes)

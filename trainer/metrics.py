@@ -128,7 +128,8 @@ WEIGHTED = {"is_ratio/mean": "is_ratio/count", "is_ratio/masked_frac": "is_ratio
 def merge_ranks(per_rank: list[dict]) -> dict:
     """One step's metrics over data-parallel ranks: losses add up (each rank's loss is its share of the global one),
     rewards are pooled, times and peaks take the slowest/largest rank, maxima and minima (keys ending in _max, /max,
-    _min, /min) the extreme rank, means over counted items weigh each rank by its count, the rest is averaged."""
+    _min, /min) the extreme rank, 99th percentiles (_p99) the largest rank's (a bound on the pooled one), means
+    over counted items weigh each rank by its count, the rest is averaged."""
     if len(per_rank) == 1:
         per_rank[0].pop("_rewards", None)
         return per_rank[0]
@@ -141,7 +142,7 @@ def merge_ranks(per_rank: list[dict]) -> dict:
             out[k] = v
         elif k in SUM_KEYS:
             out[k] = sum(vals)
-        elif k.startswith(("time_", "peak_")) or k.endswith(("_max", "/max")):
+        elif k.startswith(("time_", "peak_")) or k.endswith(("_max", "/max", "_p99")):  # p99: an upper bound
             out[k] = max(vals)
         elif k.endswith(("_min", "/min")):
             out[k] = min(vals)
@@ -172,7 +173,8 @@ def line(m: dict) -> str:
 
 
 PLOTS = {"reward": ["reward_mean"], "loss": ["loss"], "kl": ["kl"], "completion_length": ["completion_length_mean"],
-         "step_time": ["time_step_s", "time_rollout_s", "time_reward_s", "time_train_s"], "logp_gap": ["logp_gap_mean"],
+         "step_time": ["time_step_s", "time_rollout_s", "time_reward_s", "time_train_s"],
+         "logp_gap": ["logp_gap_mean", "logp_gap_p99"],
          "peak_memory": ["peak_memory_gb"],
          # held-out evaluation (trainer/evaluate.py); patterns match every reward function's keys
          "eval_reward": ["eval/reward_mean", "eval/rewards/*/mean"],

@@ -7,6 +7,7 @@ Plan and never re-derive a number it holds.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -77,6 +78,7 @@ class Plan:
     kv_release: bool = False
     sync: str = "inplace"
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
+    logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     # accounting
@@ -161,7 +163,8 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                         f"between phases); the budget is {budget / GB:.2f} GB",
                         f"set budget.vram_gb: {math.ceil(need * 10) / 10}, or lower "
                         f"train.generation_batch_size / grpo.max_completion_length")
-    best = max(fitting, key=lambda c: c["score"])
+    # Fidelity first (the preferred logits dtype where it fits), then speed.
+    best = max(fitting, key=lambda c: (c["logits_dtype"] == LOGITS_DTYPE_PREFERRED, c["score"]))
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 micro_batch_seqs=t.per_device_train_batch_size,
@@ -202,7 +205,7 @@ def plan_knobs(plan: Plan) -> dict:
     """The plan's knobs as the candidate dict memory.components reads."""
     keys = ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release", "token_chunk", "vocab_chunk",
             "hf_batch_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
-            "cudagraph_capture_sizes")
+            "cudagraph_capture_sizes", "logits_dtype")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -227,6 +230,7 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
     ctx = plan_context(config, recipe, plan, device)
     held = recipe.model_copy(deep=True)
     r = held.rollout
+    r.logits_dtype = plan.logits_dtype  # decided once, not a runtime knob
     if plan.rollout_engine == "vllm":
         r.weight_format, r.kv_cache_memory_bytes = plan.weight_format, plan.kv_cache_memory_bytes
         r.max_num_seqs, r.max_num_batched_tokens = plan.max_num_seqs, plan.max_num_batched_tokens
@@ -294,24 +298,35 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
     batched = r.max_num_batched_tokens or max(ctx.max_len, min(2048, ctx.gen * ctx.prompt_len))
     hf_bs = r.hf_batch_size or ctx.gen
     out = []
-    for mbt in mbts:
-        for gc in gcs:
-            for fmt in formats:
-                for rel in releases:
-                    knobs = dict(micro_batch_tokens=int(mbt), gradient_checkpointing=gc, weight_format=fmt,
-                                 kv_release=rel, token_chunk=min(4096, int(mbt)), vocab_chunk=min(ctx.dims.vocab, 8192 if cpu else 32768),
-                                 hf_batch_size=hf_bs, kv_cache_memory_bytes=kv if vllm else 0,
-                                 max_num_seqs=seqs if vllm else 0, max_num_batched_tokens=batched if vllm else 0,
-                                 enforce_eager=eager, cudagraph_capture_sizes=sizes if vllm else [])
-                    comps, phases = memory.components(ctx, knobs)
-                    peak = max(phases.values())
-                    # Rank by predicted step time (trainer/cost.py, measured costs): higher score = faster plan.
-                    score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens,
-                                               knobs, r.engine, _compile_layers(recipe, device),
-                                               _nf4_gemm_rows(recipe, knobs, device) > 0)
-                    out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
-                                    score=score))
+    for mbt, gc, fmt, rel, ld in itertools.product(mbts, gcs, formats, releases, _logits_dtypes(recipe)):
+        knobs = dict(micro_batch_tokens=int(mbt), gradient_checkpointing=gc, weight_format=fmt, logits_dtype=ld,
+                     kv_release=rel, token_chunk=min(4096, int(mbt)),
+                     vocab_chunk=min(ctx.dims.vocab, 8192 if cpu else 32768),
+                     hf_batch_size=hf_bs, kv_cache_memory_bytes=kv if vllm else 0,
+                     max_num_seqs=seqs if vllm else 0, max_num_batched_tokens=batched if vllm else 0,
+                     enforce_eager=eager, cudagraph_capture_sizes=sizes if vllm else [])
+        comps, phases = memory.components(ctx, knobs)
+        peak = max(phases.values())
+        # Rank by predicted step time (trainer/cost.py, measured costs): higher score = faster plan.
+        score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens,
+                                   knobs, r.engine, _compile_layers(recipe, device),
+                                   _nf4_gemm_rows(recipe, knobs, device) > 0)
+        out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
+                        score=score))
     return out
+
+
+# rollout.logits_dtype: auto takes this one where it fits the budget, else "model". "model" (bf16 logits on both
+# sides, the behaviour before issue 19) until bench/fidelity.py measures float32's gap and step-time cost on the H100.
+LOGITS_DTYPE_PREFERRED = "model"
+
+
+def _logits_dtypes(recipe) -> list[str]:
+    if recipe.rollout.logits_dtype != "auto":
+        return [recipe.rollout.logits_dtype]
+    if recipe.rollout.engine != "vllm":  # HF generate's logits are the model's: fp32 on our side alone widens the gap
+        return ["model"]
+    return list(dict.fromkeys([LOGITS_DTYPE_PREFERRED, "model"]))
 
 
 # Decode batches up to this many rows take the fused nf4 GEMM; larger ones (prefill) keep bitsandbytes' path.

@@ -197,12 +197,15 @@ def _is_linear(m: torch.nn.Module) -> bool:
 
 def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         completion_ids: torch.Tensor, completion_valid: torch.Tensor, temperature: float,
-                        token_chunk: int, vocab_chunk: int, entropy: bool = False
+                        token_chunk: int, vocab_chunk: int, entropy: bool = False, logits_dtype: str = "model"
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and optionally entropy) of each completion token under logits / temperature.
 
     input_ids = [prompt (left-padded) | completion (right-padded)], shape [B, P + C]. Returns [B, C] tensors with
     zeros where `completion_valid` is 0. Peak extra memory: one [token_chunk, vocab_chunk] logits tile.
+    logits_dtype: "model" rounds each logits tile to the hidden states' dtype (bf16 on the GPU), as TRL's kernel
+    does and as vLLM's lm_head does by default; "float32" keeps the tiles in fp32 (the product of the same bf16
+    values, not rounded; see `_fp32_logits_function`), to match an engine whose logits are fp32 (rollout.logits_dtype).
     """
     from trl.kernels import ChunkedLogProbFunction
 
@@ -214,11 +217,14 @@ def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask:
     valid = completion_valid.bool()
     h, targets = hidden[valid], completion_ids[valid]
     weight = policy.lm_head_weight
+    fn = ChunkedLogProbFunction
+    if logits_dtype == "float32" and h.dtype != torch.float32:
+        h, fn = h.float(), _fp32_logits_function()  # tiles in fp32: the kernel computes in the hidden states' dtype
     outs, ents = [], []
     for s in range(0, h.size(0), token_chunk):
         want = ("entropy",) if entropy else ()
-        lp, ent, *_ = ChunkedLogProbFunction.apply(h[s:s + token_chunk], weight, None, targets[s:s + token_chunk],
-                                                   temperature, vocab_chunk, None, 1.0, want)
+        lp, ent, *_ = fn.apply(h[s:s + token_chunk], weight, None, targets[s:s + token_chunk], temperature, vocab_chunk,
+                               None, 1.0, want)
         outs.append(lp)
         ents.append(ent)
     flat = torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
@@ -228,6 +234,54 @@ def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask:
         ent_out = torch.zeros(valid.shape, dtype=torch.float32, device=flat.device).masked_scatter(
             valid, torch.cat(ents).detach())
     return logps, ent_out
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """fp32 GEMMs on TF32 tensor cores. Exact for our logits: the operands are bf16 values upcast (7 mantissa bits;
+    TF32 keeps 10) and the products accumulate in fp32, so this equals a bf16 GEMM with an unrounded fp32 output at
+    about half the bf16 rate, instead of the ~15x slower IEEE fp32 path."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):  # torch >= 2.9
+        old = m.fp32_precision
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
+
+
+_FP32_FN = None
+
+
+def _fp32_logits_function():
+    """TRL's ChunkedLogProbFunction with fp32 hidden states (so fp32 tiles), its forward and backward under
+    `_tf32_matmuls` on CUDA (backward runs later, from loss.backward(), outside any context set here)."""
+    global _FP32_FN
+    if _FP32_FN is None:
+        from trl.kernels import ChunkedLogProbFunction as Base
+
+        class Fp32Logits(Base):
+            @staticmethod
+            def forward(ctx, hidden, *args):
+                ctx.tf32 = hidden.is_cuda
+                with _tf32_matmuls() if ctx.tf32 else contextlib.nullcontext():
+                    return Base.forward(ctx, hidden, *args)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                with _tf32_matmuls() if ctx.tf32 else contextlib.nullcontext():
+                    return Base.backward(ctx, *grads)
+
+        _FP32_FN = Fp32Logits
+    return _FP32_FN
 
 
 @contextlib.contextmanager

@@ -148,6 +148,11 @@ class RolloutSection(Section):
     compile: bool = False  # vLLM's torch.compile (+~40 s start); off: full CUDA graphs of the decode sizes only
     # shared_nf4 decode matmuls: our fused nf4 kernel (trainer/kernels/nf4_gemm.py) or bitsandbytes' own path
     nf4_gemm: Literal["auto", "fused", "bitsandbytes"] = "auto"
+    # Logits behind the sampler/trainer log-prob gap, on both sides (vLLM's lm_head and the trainer's tiles):
+    # model = the compute dtype (bf16 on the GPU; today's behaviour), float32 = unrounded fp32 logits, auto = the
+    # planner decides (trainer/plan.py LOGITS_DTYPE_PREFERRED; `model` until bench/fidelity.py has measured it).
+    # TRL's nearest, cast_lm_head_to_fp32, is the trainer's side alone and refuses tied heads (Qwen2.5's are tied).
+    logits_dtype: Literal["auto", "float32", "model"] = "auto"
     # HF generate: sequences generated at once (None: the planner decides).
     hf_batch_size: int | None = None
     length_mix: LengthMix | None = None  # benchmarks only: stop completions at drawn lengths

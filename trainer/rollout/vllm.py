@@ -105,6 +105,8 @@ class VLLMEngine:
         self.llm = self.vllm.LLM(**engine_kwargs(self.recipe, self.plan, path))
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)
+        if self.plan.logits_dtype == "float32":  # the sampler's logits unrounded, as the trainer's (vllm_internals)
+            self.vi.set_logits_dtype(self.vmodel, "float32")
 
     def attach(self, policy) -> None:
         """Called once the policy exists: start vLLM on the mirror if any, register the adapter, map its slots."""
@@ -132,7 +134,8 @@ class VLLMEngine:
         else:
             self.file_sync = sync.AdapterFileSync(self.shm, LORA_ID)
         copies, outside = sync.count_base_copies(policy.model, self.vmodel)
-        self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8])
+        self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8],
+                         logits_dtype=self.vi.logits_dtype(self.vmodel))
 
     def sync(self, policy) -> dict[str, float]:
         if self.lora_sync is not None:

@@ -251,3 +251,67 @@ def install_nf4_gemm(max_rows: int) -> None:
         _NF4_OP = apply
     op = _NF4_OP
     vb.apply_bnb_4bit = lambda x, weight, offsets, out: op(x, weight, offsets, out, max_rows)
+
+
+# ----------------------------------------------------------------------------------------- fp32 logits (issue 19)
+#
+# How vLLM makes the log-probs the trainer compares with (read from vLLM 0.32's source; on 0.26, the GPU build, the
+# attribute path is checked by `lm_head` when the engine starts and the effect measured by bench/fidelity.py):
+# - `Qwen2ForCausalLM.compute_logits` -> `LogitsProcessor._get_logits` -> `_apply_head` ->
+#   `lm_head.quant_method.apply(lm_head, hidden, bias)` (UnquantizedEmbeddingMethod: a GEMM in the model dtype; the
+#   bnb config leaves lm_head unquantized). The logits come out in bf16: every logit is rounded to 8 significant
+#   bits (a spacing of 0.0625 at |logit| in [8, 16), 0.125 in [16, 32)), errors of the gap's size. The trainer's
+#   tiles were bf16 too (TRL's kernel, policy.completion_logprobs), so both sides round, each from slightly
+#   different hidden states; how much of the gap that explains is what bench/fidelity.py measures.
+# - vLLM 0.32 has the same fix built in (`hf_overrides={"head_dtype": "float32"}`, honoured on the LoRA path too);
+#   we patch the lm_head's apply instead because it also works where that override is missing, and can be switched
+#   per engine at run time (compute_logits runs outside the CUDA graphs and outside torch.compile, so no recapture).
+# - The Sampler casts the logits to fp32, applies the temperature (and top-k/top-p) and, with
+#   `logprobs_mode="processed_logprobs"` (ours, engine_kwargs), returns log_softmax of THOSE logits: the
+#   temperature-scaled distribution the trainer computes (completion_logprobs divides by the same temperature).
+#   "raw_logprobs" would return log_softmax at temperature 1 and differ from ours by far more than the gap at any
+#   T != 1. With top_p < 1 or top_k > 0 the processed log-probs are renormalised over the kept tokens and the
+#   trainer's are not: the gap then measures that, not arithmetic (our recipes' defaults are 1.0 / 0).
+# - VLLM_ENABLE_V1_MULTIPROCESSING=0 (rollout/vllm.py) keeps the model in this process, so patching the live
+#   module reaches the engine, as install_nf4_gemm does for the bnb GEMM.
+
+
+def lm_head(vmodel: torch.nn.Module) -> torch.nn.Module:
+    head = getattr(vmodel, "lm_head", None)
+    if head is None or not hasattr(head, "quant_method"):
+        raise _fail("the vLLM model has no lm_head with a quant_method (compute_logits moved?)")
+    return getattr(head, "base_layer", head)  # an lm_head LoRA wrapper keeps the plain layer as base_layer
+
+
+def _fp32_head_apply(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T accumulated and returned in fp32, W left in its dtype: bf16 inputs are exact in fp32, so this is the
+    fp32 product of the very values the bf16 GEMM multiplies, without the final rounding to bf16."""
+    w = layer.weight
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and w.dtype == flat.dtype:
+        try:
+            out = torch.mm(flat, w.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): cast instead (an fp32 copy of W per call)
+            out = flat.float() @ w.float().t()
+    else:
+        out = flat.float() @ w.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def set_logits_dtype(vmodel: torch.nn.Module, dtype: str) -> None:
+    """'float32': the sampler's logits are computed and kept in fp32; 'bfloat16' (or the model dtype): vLLM's own
+    path. Instance-level and reversible, so one engine can A/B both (bench/fidelity.py)."""
+    head = lm_head(vmodel)
+    qm = head.quant_method
+    if dtype == "float32":
+        qm.apply = _fp32_head_apply  # instance attribute: shadows the class's method for this layer only
+    elif dtype in ("bfloat16", "float16", "model"):
+        qm.__dict__.pop("apply", None)
+    else:
+        raise ValueError(f"logits dtype {dtype!r}: expected float32 or bfloat16")
+
+
+def logits_dtype(vmodel: torch.nn.Module) -> str:
+    return "float32" if lm_head(vmodel).quant_method.__dict__.get("apply") is _fp32_head_apply else "model"

