@@ -4,6 +4,7 @@ prompt + completion it accepts, then train two steps at exactly that length and 
     python bench/long_context.py --search                 # here (no GPU): each row's longest accepted length
     python bench/long_context.py OUT_DIR [ROW ...]        # on the device: search, write data, run, record
     python bench/long_context.py --collect OUT_DIR [ROW]  # re-read run dirs (a run cut off keeps its finished steps)
+    python bench/long_context.py --write-data             # bench/recipes/data/long_prompts.jsonl (131K-token prompts)
 Rows (ROWS): llama-8b-78gb (G=8, 4K-token completions after the longest prompt that fits 78 GB), llama-8b-24gb (the
 same at 24 GB), qwen-7b-15gb (the longest accepted at 15 GB). The search is a binary search over data.max_prompt_length
 in multiples of STEP tokens with the completion held (trainer.plan.longest_length); when no prompt fits beside the
@@ -210,6 +211,8 @@ def show_search() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--search":
         show_search()
+    elif len(sys.argv) > 1 and sys.argv[1] == "--write-data":  # the recipes' data file, for `train --plan` here
+        write_prompts(ROOT / "bench" / "recipes" / "data" / "long_prompts.jsonl", "llama-3.1-8b", 131072)
     elif len(sys.argv) > 2 and sys.argv[1] == "--collect":
         recollect(Path(sys.argv[2]), sys.argv[3:] or list(ROWS))
     elif len(sys.argv) > 1:
