@@ -19,6 +19,10 @@ rewritten after each row (rows already there are kept, so rows can run in separa
 tokens_per_s: the step's tokens (prompt + completion, x G) over its wall time, per step; phase_s: the metrics'
 time_<phase>_s per step (rollout, reward, recompute, train, optimizer, sync, kv). The 8B shape is built on first use
 (bf16 on the GPU, ~16 GB written in 4 GB shards to TRAINER_CACHE).
+Device time: `--search` prints the planner's predicted step (trainer/cost.py; its long-sequence terms are data-sheet
+estimates): 8-11 minutes a step at these lengths, mostly 8 x 4K tokens of decode at 1-8 sequences in flight. With a
+10-minute limit per command, run one row per command, STEPS=1 where two steps do not fit (the first step is the
+worst case), or start the row in the background and `--collect` it later: metrics.jsonl is written step by step.
 """
 from __future__ import annotations
 

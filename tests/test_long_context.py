@@ -223,6 +223,33 @@ def test_a_refusal_names_the_longest_lengths_that_fit():
                                                f"grpo.max_completion_length={completion + 64}"]), H100)
 
 
+def test_the_budget_loop_offloads_a_long_train_phase_measured_above_plan():
+    from trainer.budget import Loop
+
+    found = long_context.search("llama-8b-78gb", cap=True)
+    device = long_context.h100()
+    r = long_context.row_recipe("llama-8b-78gb", found["prompt_tokens"])
+    plan = make_plan(read_config(r.model), r, device)
+    assert not plan.activation_offload  # 65,536 tokens fit 78 GB with the checkpoints on the device
+    loop = Loop(r, plan, config=read_config(r.model))
+    loop.device = device  # the device machine's host memory (this one may have less than the 17 GB it pins)
+    from trainer.plan import free_runtime_knobs, runtime_candidates
+
+    loop.candidates = runtime_candidates(read_config(r.model), r, plan, device, free_runtime_knobs(r, plan))
+    pk = plan.phase_peaks
+    lines = loop.after_step(0, {"used_rollout": pk["rollout"], "used_train": 1.06 * pk["train"]})
+    assert plan.activation_offload and "train.activation_offload False -> True" in lines[0]
+    assert plan.micro_batch_seqs == 1
+
+
+def test_an_oom_with_one_long_sequence_per_micro_batch_advises_offload_not_a_smaller_budget():
+    from trainer import oom
+
+    config, r = llama(["budget.vram_gb=78"])
+    plan = make_plan(config, r, H100)
+    assert oom.knob("train", plan).startswith("train.activation_offload: true")
+
+
 # ---------------------------------------------------------------------------------------------- the bench's search
 
 
@@ -259,3 +286,43 @@ def test_bench_writes_prompts_at_least_the_length(tmp_path):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir("qwen2.5-7b"))
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(rows) == 2 and all(len(tok(x["prompt"])["input_ids"]) >= 3000 for x in rows)
+
+
+# ---------------------------------------------------------------------------------------------- on the GPU (pytest -m gpu)
+
+
+@pytest.mark.gpu
+def test_gpu_offload_moves_the_checkpoints_off_the_device_and_trains_the_same():
+    """The side-stream copies (device -> pinned host after each layer, host -> device one layer ahead of the
+    backward): the same gradients as checkpointing on the device, with a smaller allocated peak."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peft import LoraConfig, get_peft_model
+
+    def run(offload: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_qwen2(vocab=512, hidden=512, layers=12, dtype=torch.bfloat16).cuda(),
+                               LoraConfig(r=8, target_modules="all-linear"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, 0, 0.02)
+        set_gradient_checkpointing(model, True, offload)
+        model.train()
+        policy = Policy(model, None, torch.device("cuda"), torch.bfloat16, False, ROOT)
+        ids = torch.randint(0, 512, (1, 8192), generator=torch.Generator().manual_seed(1)).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        logps, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, -1024:],
+                                       torch.ones(1, 1024, dtype=torch.long, device="cuda"), 1.0, 1024, 512)
+        logps.sum().backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        return grads, torch.cuda.max_memory_allocated() - base
+
+    on, peak_on = run(True)
+    off, peak_off = run(False)
+    for n in off:
+        assert torch.allclose(on[n], off[n], atol=1e-2, rtol=1e-2), n
+    # 12 layers x 8192 tokens x 512 x 2 bytes of checkpoints = 100 MB on the device without offload
+    assert peak_on < peak_off - 50e6, (peak_on, peak_off)
