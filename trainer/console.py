@@ -71,7 +71,8 @@ def plan_table(plan) -> Group:
              f"logits tile {plan.token_chunk}x{plan.vocab_chunk}, decoder layers compiled {plan.compile_layers}, "
              f"predicted step {plan.predicted_step_s:.2f} s"]
     if plan.activation_offload or plan.micro_batch_seqs == 1:
-        lines.append(f"long sequences: {plan.micro_batch_seqs or 'packed'} sequence(s) per micro-batch, checkpoints "
+        per_mb = f"{plan.micro_batch_seqs} sequence(s) per micro-batch" if plan.micro_batch_seqs else "packed micro-batches"
+        lines.append(f"long sequences: {per_mb}, checkpoints "
                      + (f"offloaded to pinned host memory ({plan.host_offload_bytes / GB:.2f} GB of host memory)"
                         if plan.activation_offload else "on the device"))
     if plan.rollout_engine == "vllm":
