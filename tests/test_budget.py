@@ -25,7 +25,10 @@ CFG = json.loads((ROOT / "tests" / "data" / "models" / "qwen2.5-1.5b-instruct.js
 def recipe(overrides=()):
     return load_recipe(ROOT / "bench" / "recipes" / "toy-digits-1.5b-vllm.yaml",
                        ["rollout.weight_format=", "rollout.kv_release=", "train.generation_batch_size=64",
-                        "grpo.max_completion_length=256", "data.max_prompt_length=128", *overrides])
+                        "grpo.max_completion_length=256", "data.max_prompt_length=128",
+                        # the notches of these tests are micro-batch and checkpointing; offload's are in
+                        # tests/test_long_context.py
+                        "train.activation_offload=false", *overrides])
 
 
 def setup(overrides=(), device=H100, **kw):
@@ -162,7 +165,8 @@ def test_a_train_phase_above_plan_gets_the_fastest_knobs_that_fit_with_the_measu
     r, p, loop = setup(["budget.vram_gb=6"])
     planned, knobs = p.phase_peaks["train"], plan_knobs(p)
     lines = loop.after_step(0, peaks(p.phase_peaks["rollout"], 1.08 * planned), worst=True)
-    assert p.micro_batch_tokens < knobs["micro_batch_tokens"] or p.gradient_checkpointing != knobs["gradient_checkpointing"]
+    assert (p.micro_batch_tokens < knobs["micro_batch_tokens"] or p.gradient_checkpointing != knobs["gradient_checkpointing"]
+            or p.activation_offload != knobs["activation_offload"])
     new = memory.components(plan_context(CFG, r, p, H100), plan_knobs(p))[1]
     assert 1.08 * new["train"] <= planned  # the new knobs fit the plan with the measured 8% included
     # ... and no faster candidate does: the planner's speed score decides among those that fit
@@ -170,7 +174,8 @@ def test_a_train_phase_above_plan_gets_the_fastest_knobs_that_fit_with_the_measu
     assert loop.current()["score"] == max(c["score"] for c in fits)
     assert p.phase_peaks["train"] == planned  # the plan's prediction stays for summary.json's comparison
     assert len(lines) == 1 and "train phase measured" in lines[0] and "+8.0%" in lines[0]
-    assert "train.micro_batch_tokens" in lines[0] or "model.gradient_checkpointing" in lines[0]
+    assert any(f in lines[0] for f in ("train.micro_batch_tokens", "model.gradient_checkpointing",
+                                       "train.activation_offload"))
     a = loop.pending[0]
     assert (a.step, a.phase, a.reason) == (1, "train", "over plan")
     assert a.measured_gb == pytest.approx(1.08 * planned / GB) and a.planned_gb == pytest.approx(planned / GB)

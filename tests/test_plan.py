@@ -107,11 +107,12 @@ def _speed(plan, model: str, length: int) -> float:
     from trainer import cost
 
     knobs = {k: getattr(plan, k) for k in ("micro_batch_tokens", "gradient_checkpointing", "weight_format",
-                                           "kv_release", "max_num_seqs")}
+                                           "kv_release", "max_num_seqs", "activation_offload")}
     dims = ModelDims.from_config(cfg(model))
     got = -cost.step_seconds(dims.linear_params, plan.generation_batch_size, length,
                              plan.generation_batch_size * plan.max_model_len, knobs, plan.rollout_engine,
-                             plan.compile_layers, plan.nf4_gemm_max_rows > 0)
+                             plan.compile_layers, plan.nf4_gemm_max_rows > 0, dims=dims,
+                             prompt_len=plan.max_model_len - length)
     assert abs(got + plan.predicted_step_s) < 1e-2
     return got
 

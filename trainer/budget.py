@@ -56,14 +56,16 @@ from trainer.plan import RUNTIME_KNOBS, Device, free_runtime_knobs, runtime_cand
 # Sub-phases of the loop (State.timed) by the plan phase whose peak they belong to.
 SUBPHASES = {"rollout": ("kv", "rollout"), "train": ("reward", "recompute", "train", "optimizer", "sync")}
 KNOB_PHASE = {"micro_batch_tokens": "train", "token_chunk": "train", "gradient_checkpointing": "train",
+              "activation_offload": "train",
               "kv_release": "train", "hf_batch_size": "rollout"}
 # The knobs a notch changes; token_chunk follows micro_batch_tokens in the planner's candidates.
-NOTCH_KNOBS = ("micro_batch_tokens", "gradient_checkpointing", "kv_release", "hf_batch_size")
+NOTCH_KNOBS = ("micro_batch_tokens", "gradient_checkpointing", "activation_offload", "kv_release", "hf_batch_size")
 # Sub-phases whose OOM is retried (nothing of the step is applied before the optimizer), by the plan phase to shrink.
 RETRY = {"rollout": "rollout", "recompute": "train", "train": "train"}
 TOLERANCE = 0.03  # a phase more than 3% above its target is re-planned
 HEADROOM = 0.05  # adapt: speed keeps corrected predictions 5% under the budget
 KNOB_FIELDS = {"micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
+               "activation_offload": "train.activation_offload",
                "kv_release": "rollout.kv_release", "hf_batch_size": "rollout.hf_batch_size", "token_chunk": "token_chunk"}
 
 
@@ -321,6 +323,7 @@ class Loop:
                                           measured[p] / GB if p in measured else None, cur["phase_peaks"][p] / GB,
                                           self.expected(p, best["phase_peaks"][p]) / GB))
         self._set({a.knob: a.new for a in changes})
+        self.plan.micro_batch_seqs = best["micro_batch_seqs"]  # follows micro_batch_tokens (one long sequence or packed)
         self.pending += changes
         return changes
 
@@ -341,10 +344,10 @@ class Loop:
         """Change knobs in the plan (which the loop, packing and engines read) and in the live objects."""
         for k, v in knobs.items():
             setattr(self.plan, k, v)
-        if "gradient_checkpointing" in knobs and self.policy is not None:
+        if ("gradient_checkpointing" in knobs or "activation_offload" in knobs) and self.policy is not None:
             from trainer.policy import set_gradient_checkpointing
 
-            set_gradient_checkpointing(self.policy.model, knobs["gradient_checkpointing"])
+            set_gradient_checkpointing(self.policy.model, self.plan.gradient_checkpointing, self.plan.activation_offload)
         if "hf_batch_size" in knobs and getattr(self.engine, "name", None) == "hf":
             self.engine.batch_size = knobs["hf_batch_size"]
 

@@ -70,6 +70,11 @@ def plan_table(plan) -> Group:
              f"checkpointing {plan.gradient_checkpointing}, micro-batch {plan.micro_batch_tokens} tokens, "
              f"logits tile {plan.token_chunk}x{plan.vocab_chunk}, decoder layers compiled {plan.compile_layers}, "
              f"predicted step {plan.predicted_step_s:.2f} s"]
+    if plan.activation_offload or plan.micro_batch_seqs == 1:
+        per_mb = f"{plan.micro_batch_seqs} sequence(s) per micro-batch" if plan.micro_batch_seqs else "packed micro-batches"
+        lines.append(f"long sequences: {per_mb}, checkpoints "
+                     + (f"offloaded to pinned host memory ({plan.host_offload_bytes / GB:.2f} GB of host memory)"
+                        if plan.activation_offload else "on the device"))
     if plan.rollout_engine == "vllm":
         lines.append(f"vLLM: {plan.weight_format}, KV {plan.kv_cache_memory_bytes / GB:.3f} GB for "
                      f"{plan.max_num_seqs} seqs x {plan.max_model_len} tokens, batched tokens "
@@ -90,7 +95,8 @@ def alternatives_table(alts: dict, engine: str) -> Table:
     if "fastest_any_budget" in alts:
         rows.append(("fastest, any budget", alts["fastest_any_budget"]))
     for name, r in rows:
-        knobs = [str(r["micro_batch_tokens"]), "on" if r["gradient_checkpointing"] else "off"]
+        knobs = [str(r["micro_batch_tokens"]), ("on, host" if r.get("activation_offload") else "on")
+                 if r["gradient_checkpointing"] else "off"]
         if engine == "vllm":
             knobs += [r["weight_format"].replace("_", " "), "yes" if r["kv_release"] else "no"]
         t.add_row(name, *knobs, f"{r['peak_bytes'] / GB:.2f}", f"{r['predicted_step_s']:.2f}", str(r["rank"]) if r["fits"] else "-")

@@ -10,7 +10,13 @@ Measured inputs (bench/results/decode_profile.json, Qwen2.5-1.5B shape, LoRA r16
   0.13-0.17 s without, decode_profile.json's train_speed_probe) or its compute, whichever is larger: config B's
   17k-token micro-batches took ~1 s each (57 us per token with checkpointing for the 1.5B shape), scaled by
   parameters.
-Good enough to rank knobs (format, micro-batch size, checkpointing, KV release); not a promise of wall time.
+Long sequences (issue 17) add two terms the measurements above (contexts of 128-640 tokens) do not hold, both
+estimates from the H100's data sheet, NOT measured (bench/long_context.py measures them): attention FLOPs, quadratic in
+the sequence (forward, recompute, backward: 4x the forward's 2 T^2 heads head_dim causal FLOPs per sequence, at
+ATTN_FLOPS), and the KV cache a decode step reads beyond the measured contexts (at HBM_BYTES_S). Both are the same
+for every knob but the waves (max_num_seqs < G: the rollout runs ceil(G / max_num_seqs) times), so they change the
+predicted step time more than the ranking.
+Good enough to rank knobs (format, micro-batch size, checkpointing, KV release, waves); not a promise of wall time.
 """
 from __future__ import annotations
 
@@ -25,6 +31,13 @@ MICRO_BATCH_FLOOR_S = {(False, True): 0.37, (False, False): 0.26, (True, True): 
 TRAIN_S_PER_TOKEN = 57e-6  # 1.5B shape, checkpointing on, GPU-bound micro-batches
 RECOMPUTE_FACTOR = 1.33  # checkpointing runs the forward twice
 KV_RELEASE_S = 0.015  # release + re-map of the KV pool per step (measured 6-14 ms)
+ATTN_FLOPS = 300e12  # estimate: causal flash attention in bf16 on an H100 (not measured here)
+HBM_BYTES_S = 2.5e12  # estimate: KV read bandwidth of a decode step on an H100 (3.35 TB/s peak)
+MEASURED_CONTEXT = 384  # the decode constants above were measured at about this many tokens of context
+# Activation offload: each checkpointed layer input goes to the host and back over PCIe. Charged in full, as if the
+# copies were not overlapped with compute (an upper bound: they run on a side stream), so that the planner turns
+# offload on only where the checkpoints do not fit on the device. Estimate (PCIe Gen5 x16, pinned), not measured.
+OFFLOAD_BYTES_S = 25e9
 
 
 def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) -> float:
@@ -38,12 +51,17 @@ def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) 
 
 
 def step_seconds(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
-                 engine: str, compiled: bool = False, fused_nf4: bool = False) -> float:
-    """Rollout (vLLM decode; HF generate is charged 5x) + train phase for one step."""
+                 engine: str, compiled: bool = False, fused_nf4: bool = False, dims=None, prompt_len: int = 0) -> float:
+    """Rollout (vLLM decode; HF generate is charged 5x) + train phase for one step. `dims` (memory.ModelDims) adds the
+    long-sequence terms (the reference and old-log-prob passes are not priced, as before)."""
     seqs = min(gen, knobs.get("max_num_seqs") or gen)
     waves = math.ceil(gen / max(seqs, 1))
     fmt = knobs.get("weight_format") or "shared_nf4"
-    rollout = waves * completion_len * decode_ms(fmt, seqs, linear_params, fused_nf4) / 1e3
+    step_ms = decode_ms(fmt, seqs, linear_params, fused_nf4)
+    if dims is not None:  # the KV a decode step reads beyond the measured context
+        extra_ctx = max(0.0, prompt_len + completion_len / 2 - MEASURED_CONTEXT)
+        step_ms += 1e3 * seqs * extra_ctx * dims.kv_bytes_per_token() / HBM_BYTES_S
+    rollout = waves * completion_len * step_ms / 1e3
     if engine != "vllm":
         rollout *= 5.0
     gc = bool(knobs["gradient_checkpointing"])
@@ -52,4 +70,10 @@ def step_seconds(linear_params: int, gen: int, completion_len: int, step_tokens:
     per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS * (1.0 if gc else 1 / RECOMPUTE_FACTOR)
     # each micro-batch costs the larger of its launch-bound floor and its compute (dispatch runs ahead of the GPU)
     train = micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, gc)], mbt * per_token)
+    if dims is not None:  # attention, quadratic in each sequence: forward (+ recompute) + 2x backward
+        seq = step_tokens / max(gen, 1)
+        fwd = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen / ATTN_FLOPS
+        train += fwd * (4 if gc else 3)
+    if dims is not None and knobs.get("activation_offload"):
+        train += micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S
     return rollout + train + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)

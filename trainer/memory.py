@@ -19,6 +19,13 @@ GRAPH_BASE, GRAPH_PER_SIZE = 90 * MiB, 16 * MiB  # measured: LoRA + bnb graphs, 
 # per (layers x intermediate): fitted on H100 runs of the 0.5B and 1.5B shapes (bench/results/planner.json,
 # 1.3k-35k tokens per micro-batch, fit within 5%). Counting tensor shapes alone gave 40% too little for the 1.5B.
 CKPT_BYTES_PER_LH, CKPT_BYTES_PER_LI = 2.76, 0.69
+# Activation offload (plan.activation_offload, trainer/offload.py): the checkpointed layer inputs go to pinned host
+# memory as the forward passes each layer and come back one layer ahead of the backward, so the device holds at most
+# this many layers' checkpoints (one being copied out or prefetched, one in use) besides the layer being recomputed.
+OFFLOAD_RESIDENT_LAYERS = 2
+# Host memory the planner leaves to everything else (the process, the dataset, the page cache) when it checks that
+# the offloaded checkpoints fit in the host's available memory.
+HOST_RESERVE = 8 * 10**9
 # The caching allocator reserves more than it allocates (blocks of varying sizes across phases); measured:
 SLACK_FIXED, SLACK_FRACTION = 250 * 10**6, 0.17
 KV_BLOCK = 16  # vLLM's default block size (tokens)
@@ -104,9 +111,19 @@ class Context:
     world_size: int = 1
 
 
-def kv_pool_bytes(dims: ModelDims, seqs: int, max_len: int) -> int:
-    """A KV pool holding `seqs` full-length sequences (whole blocks), plus one spare block per sequence."""
-    blocks = seqs * (math.ceil(max_len / KV_BLOCK) + 1)
+def kv_pool_bytes(dims: ModelDims, seqs: int, max_len: int, shared_prompt: int = 0, prompts: int = 0) -> int:
+    """A KV pool holding `seqs` full-length sequences (whole blocks), plus one spare block per sequence.
+
+    shared_prompt > 0: the G completions of a prompt share its KV blocks (vLLM's prefix caching: with a long prompt
+    the first request's chunked prefill fills the budget of each engine step, so its siblings are admitted after its
+    blocks are cached and find them there). The pool then holds `prompts` prompts of `shared_prompt` tokens once,
+    plus the completion side of each sequence. If sharing did not happen, vLLM would preempt and recompute (slower):
+    the pool is fixed in bytes, so never more memory."""
+    if shared_prompt > 0:
+        blocks = prompts * math.ceil(shared_prompt / KV_BLOCK) + seqs * (
+            math.ceil((max_len - shared_prompt) / KV_BLOCK) + 2)
+    else:
+        blocks = seqs * (math.ceil(max_len / KV_BLOCK) + 1)
     return blocks * KV_BLOCK * dims.kv_bytes_per_token()
 
 
@@ -138,10 +155,30 @@ def dequant_scratch(ctx: Context) -> int:
     return 2 * max(o * i for o, i in ctx.dims.linears().values()) * ctx.dtype_bytes
 
 
+def offload_host_bytes(ctx: Context, k: dict) -> int:
+    """Pinned host memory for the offloaded checkpoints of one micro-batch: every layer's input, [tokens, hidden]."""
+    if not k.get("activation_offload"):
+        return 0
+    return ctx.dims.layers * k["micro_batch_tokens"] * ctx.dims.hidden * ctx.dtype_bytes
+
+
+def attention_mask_bytes(ctx: Context, k: dict) -> int:
+    """The [rows, 1, T, T] boolean mask HF builds for sdpa when a micro-batch holds padding: rows x T <= the
+    micro-batch's tokens, so at most tokens x the longest row. None is built for a micro-batch of one sequence
+    (trimmed, so unpadded): sdpa then runs its causal kernels, linear in memory (tests/test_long_context.py)."""
+    if k.get("micro_batch_seqs") == 1:
+        return 0
+    return k["micro_batch_tokens"] * ctx.max_len
+
+
 def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     d, t = ctx.dims, k["micro_batch_tokens"]
-    if k["gradient_checkpointing"] and ctx.cuda:
-        acts = int(t * d.layers * (CKPT_BYTES_PER_LH * d.hidden + CKPT_BYTES_PER_LI * d.intermediate))
+    per_layer = t * (CKPT_BYTES_PER_LH * d.hidden + CKPT_BYTES_PER_LI * d.intermediate)
+    if k.get("activation_offload") and k["gradient_checkpointing"]:
+        # resident checkpoints + the one layer being recomputed, with its gradients (the rest is on the host)
+        acts = int(min(d.layers, OFFLOAD_RESIDENT_LAYERS) * per_layer) + layer_activation_bytes(ctx, t)
+    elif k["gradient_checkpointing"] and ctx.cuda:
+        acts = int(d.layers * per_layer)
     elif k["gradient_checkpointing"]:
         acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t)
     else:
@@ -152,7 +189,8 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     tile = rows * k["vocab_chunk"] * max(ctx.dtype_bytes, 2) * (1 if ctx.cuda else 16)
     logits = tile + rows * d.hidden * 4
     batch = ctx.gen * ctx.max_len * 8 * 6  # ids, masks and logprob tensors of the step on the device
-    out = {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch}
+    out = {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch,
+           "attention_mask": attention_mask_bytes(ctx, k)}
     if fp32_logits(ctx, k):
         # policy.completion_logprobs in fp32: the tile doubles, TRL's kernel casts each [vocab_chunk, hidden] slice of
         # lm_head to fp32, and the micro-batch's completion hidden states are held in fp32 for the backward.

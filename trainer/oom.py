@@ -37,6 +37,12 @@ def knob(phase: str, plan) -> str:
     """The recipe change that would have avoided an OOM in this phase, with a value to set."""
     if phase in ("train", "recompute"):
         tokens = min(plan.micro_batch_tokens, plan.generation_batch_size * plan.max_model_len)
+        if plan.micro_batch_seqs == 1 or tokens <= plan.max_model_len:  # one sequence: a smaller budget cannot split it
+            if not plan.gradient_checkpointing:
+                return "model.gradient_checkpointing: true"
+            if not getattr(plan, "activation_offload", False):
+                return "train.activation_offload: true (checkpoints in pinned host memory)"
+            return "a shorter grpo.max_completion_length or data.max_prompt_length (train --plan names what fits)"
         advice = f"train.micro_batch_tokens: {max(256, tokens // 2)}"
         if not plan.gradient_checkpointing:
             advice += " (or model.gradient_checkpointing: true)"

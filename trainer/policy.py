@@ -143,7 +143,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     torch.manual_seed(recipe.train.seed)  # LoRA A's init must not depend on what ran before (e.g. building a shape)
     model = get_peft_model(model, lora)
     if plan.gradient_checkpointing:
-        set_gradient_checkpointing(model, True)
+        set_gradient_checkpointing(model, True, plan.activation_offload)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
             layer.compile()
@@ -151,10 +151,15 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     return Policy(model, tokenizer, device, dtype, plan.quantized, path)
 
 
-def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
-    """Recompute each decoder layer's activations in backward (on) or keep them (off); may change between steps."""
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False) -> None:
+    """Recompute each decoder layer's activations in backward (on) or keep them (off), with the checkpointed layer
+    inputs in pinned host memory (offload, trainer/offload.py); may change between steps."""
     if on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if offload:
+            from trainer.offload import install
+
+            install(model)
     else:
         model.gradient_checkpointing_disable()
 

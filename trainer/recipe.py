@@ -172,6 +172,8 @@ class TrainSection(Section):
     generation_batch_size: int | None = None  # completions per optimizer step (all processes)
     per_device_train_batch_size: int | None = None  # completions per micro-batch (None: planner)
     micro_batch_tokens: int | None = None  # token budget per micro-batch (None: planner)
+    # checkpointed layer inputs kept in pinned host memory while training (None: planner; on where they would not fit)
+    activation_offload: bool | None = None
     torch_compile: bool | None = None  # torch.compile the decoder layers (None: planner; on with vLLM on CUDA)
     gradient_accumulation_steps: int | None = None  # TRL-style alternative to generation_batch_size
     lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"

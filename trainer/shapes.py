@@ -1,8 +1,10 @@
 """Random-init models of named shapes, with a tokenizer trained locally, cached on disk: no model hub needed.
 
 `model: {shape: tiny}` in a recipe builds (once) a Qwen2 checkpoint directory that the policy then loads exactly
-like a hub checkpoint, so the 4-bit loading path is the same for both. Real shapes (qwen2.5-0.5b, qwen2.5-1.5b)
-are for GPU benchmarks: their weights are random, but every tensor has the real size.
+like a hub checkpoint, so the 4-bit loading path is the same for both. Real shapes (qwen2.5-0.5b, qwen2.5-1.5b,
+qwen2.5-7b, llama-3.1-8b) are for GPU benchmarks: their weights are random, but every tensor has the real size.
+Every shape shares the one locally trained tokenizer and its ChatML template (a Llama shape too: its tokenizer and
+chat format do not change a single tensor shape, and nothing here may need the hub).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BUILD_VERSION = 1  # bump when the corpus or the build changes: cached models are keyed by it
 
-# Qwen2 config fields per shape. vocab_size None: the tokenizer's size rounded up to a multiple of 64. The tiny
+# config fields per shape (Qwen2 unless `arch` says otherwise). vocab_size None: the tokenizer's size rounded up to a multiple of 64. The tiny
 # shape uses a wider init (0.1): with hidden 128 and the default 0.02, tied embeddings are so small that no
 # change of the final hidden state can move the next-token distribution far from uniform, and nothing learns.
 SHAPES: dict[str, dict] = {
@@ -40,6 +42,23 @@ SHAPES: dict[str, dict] = {
 # with the default init the output is near-uniform over 152k ids and no text-level reward moves in 200 steps.
 for _name in ("qwen2.5-0.5b", "qwen2.5-1.5b"):
     SHAPES[f"{_name}-toy"] = dict(SHAPES[_name], embed_std=0.1, mask_unused_vocab=True)
+# The 7-8B shapes of issue 17 (long contexts on one GPU), with the real models' config.json values (tests/data/models).
+# `direct_init`: parameters are created in bf16 on the GPU when there is one (an fp32 model first would take 32 GB),
+# and the checkpoint is written in shards of SHARD_BYTES, so the host never holds more than one shard beside it.
+# The smaller shapes keep their fp32-then-cast build: their cached random weights stay those of the measured runs.
+SHAPES["qwen2.5-7b"] = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                            tie_word_embeddings=False, dtype="bfloat16", tokenizer_vocab=4096, direct_init=True)
+SHAPES["llama-3.1-8b"] = dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                              max_position_embeddings=131072, tie_word_embeddings=False, dtype="bfloat16",
+                              tokenizer_vocab=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
+                              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=8192),
+                              direct_init=True)
+SHARD_BYTES = 4 * 10**9
+# Keys of SHAPES that describe the build, not config.json.
+_BUILD_KEYS = ("tokenizer_vocab", "mask_unused_vocab", "embed_std", "direct_init", "arch")
 
 
 def cache_dir() -> Path:
@@ -128,32 +147,40 @@ def config_dict(shape: str) -> dict:
     if shape not in SHAPES:
         raise UserError("model.shape", f"unknown shape {shape!r}", f"use one of: {', '.join(SHAPES)}")
     spec = dict(SHAPES[shape])
-    tok_vocab = spec.pop("tokenizer_vocab")
-    spec.pop("mask_unused_vocab", None)
-    spec.pop("embed_std", None)
+    tok_vocab, arch = spec["tokenizer_vocab"], spec.get("arch", "qwen2")
+    for k in _BUILD_KEYS:
+        spec.pop(k, None)
     spec["torch_dtype"] = spec.pop("dtype")
     spec["vocab_size"] = spec["vocab_size"] or -(-tok_vocab // 64) * 64
-    return dict(spec, model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6)
+    return {"model_type": arch, "rope_theta": 1e6, "rms_norm_eps": 1e-6, **spec}
 
 
-def qwen2_config(shape: str, tokenizer):
-    from transformers import Qwen2Config
+def model_config(shape: str, tokenizer):
+    """The transformers config of a shape, with the local tokenizer's special tokens."""
+    from transformers import AutoConfig
 
-    return Qwen2Config(**config_dict(shape), eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    fields = config_dict(shape)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+
+
 
 
 def build(shape: str, seed: int, out: Path) -> None:
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(shape, seed))
     tokenizer.save_pretrained(out)
-    cfg = qwen2_config(shape, tokenizer)
+    cfg = model_config(shape, tokenizer)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, SHAPES[shape]["dtype"])
     with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(getattr(torch, SHAPES[shape]["dtype"]))
+        if SHAPES[shape].get("direct_init"):  # created in bf16: an 8B model never exists in fp32
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         if SHAPES[shape].get("embed_std"):
@@ -163,11 +190,38 @@ def build(shape: str, seed: int, out: Path) -> None:
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     # Not model.save_pretrained: under torchrun transformers writes on rank 0 only, and any rank may build the cache.
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    save_sharded(state, out, SHARD_BYTES)
+    del state
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
+
+
+def save_sharded(state: dict, out: Path, shard_bytes: int) -> list[str]:
+    """Write `state` as model.safetensors, or as shards of at most `shard_bytes` with the index file that transformers
+    and vLLM read. Tensors are copied to the host one shard at a time (an 8B model built on the GPU never has all
+    16 GB on the host at once). Returns the file names."""
+    from safetensors.torch import save_file
+
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    if sum(sizes.values()) <= shard_bytes:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return ["model.safetensors"]
+    shards: list[list[str]] = [[]]
+    used = 0
+    for k, n in sizes.items():
+        if shards[-1] and used + n > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(k)
+        used += n
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        save_file({k: state[k].detach().contiguous().cpu() for k in keys}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
+    return names
