@@ -18,6 +18,12 @@ ARGS = ["recipes/tiny-cpu.yaml", "--set", "train.max_steps=40", "--set", "checkp
         "--set", "train.lr_scheduler_type=linear", "--set", "logging.plots=false"]
 
 
+def lines(run_dir) -> int:
+    """Complete lines in metrics.jsonl (read while the run may be writing it)."""
+    f = run_dir / "metrics.jsonl"
+    return f.read_text().count("\n") if f.exists() else 0
+
+
 def metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
@@ -40,7 +46,13 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
         env = {"TRAINER_TEST_SLOW_CHECKPOINT": "0.4"} if kills % 2 else {}
         proc = start(run_dir, ["--resume"] if resume else ["--overwrite"], env)
         if kills < 10:
-            time.sleep(rng.uniform(5.0, 10.0))  # start-up takes ~5 s; then a few steps and checkpoints
+            # Kill once this attempt has logged a new step, after a random delay: inside a step or a checkpoint
+            # write, whatever the machine's speed (a fixed sleep let a fast machine finish the run before 10 kills).
+            logged = lines(run_dir)
+            deadline = time.time() + 300
+            while proc.poll() is None and time.time() < deadline and lines(run_dir) <= logged:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.0))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
