@@ -60,3 +60,15 @@ def trained_run(tmp_path_factory, _cache) -> Path:
     out = run_train([*TRAINED_RUN_ARGS, "--set", "eval.every_steps=2", "--output-dir", str(run)])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run
+
+
+def trl_loss_and_grads(trainer, model, inputs) -> tuple[list, torch.Tensor, list]:
+    """TRL's GRPO loss on `inputs` and the gradients it gives: (trainable params, loss, their grads); grads zeroed
+    after, so the caller's own backward starts clean."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    return params, loss, grads

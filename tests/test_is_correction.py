@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import tiny_qwen2
+from tests.conftest import tiny_qwen2, trl_loss_and_grads
 from trainer import is_correction
 from trainer.batch import pack
 from trainer.is_correction import SamplerCorrection, sampler_is_ratio
@@ -89,15 +89,10 @@ def test_ratio_loss_grads_and_logged_stats_equal_trls(tmp_path, case):
               if k.startswith("sampling/importance_sampling_ratio/")}
     assert torch.equal(out["completion_mask"].long(), mask)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.zero_grad()
-    trl_loss = trainer._compute_loss(model, out)
-    trl_loss.backward()
-    trl_grads = [p.grad.clone() for p in params]
+    params, trl_loss, trl_grads = trl_loss_and_grads(trainer, model, out)
 
     # Ours: the ratio from the training forward's detached log-probs (num_iterations 1: pi_old is the current
     # policy), per uneven micro-batch, as grpo_step does.
-    model.zero_grad()
     lcfg = LossConfig(loss_type=args.loss_type, beta=args.beta, max_completion_length=C)
     adv = out["advantages"]
     weights = token_weights(mask, lcfg)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.conftest import tiny_qwen2
+from tests.conftest import tiny_qwen2, trl_loss_and_grads
 from trainer.batch import pack
 from trainer.loss import LossConfig, policy_loss, token_weights
 from trainer.policy import Policy, completion_logprobs
@@ -78,13 +78,8 @@ def test_loss_and_grads_match_trl(setup, tmp_path, case):
     if args.beta != 0.0:
         inputs["ref_per_token_logps"] = ref
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.zero_grad()
-    trl_loss = trainer._compute_loss(model, inputs)
-    trl_loss.backward()
-    trl_grads = [p.grad.clone() for p in params]
+    params, trl_loss, trl_grads = trl_loss_and_grads(trainer, model, inputs)
 
-    model.zero_grad()
     lcfg = LossConfig.from_grpo(_grpo_section(args))
     weights = token_weights(mask, lcfg)
     ours = torch.zeros(())
