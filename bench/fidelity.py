@@ -263,6 +263,7 @@ def variants(out: Path, shapes: list[str], cpu: bool) -> None:
 def train(out: Path, shape: str, steps: int, dtype: str) -> dict:
     """`train` as users run it (config A), rollout.logits_dtype=dtype; per-step gap mean/p99/max and step time."""
     from bench.smi import watched
+    from trainer.metrics import read_metrics
 
     name = f"train_{shape}_{dtype}_{steps}"
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / name
@@ -270,8 +271,7 @@ def train(out: Path, shape: str, steps: int, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",
            "--set", f"model.shape={shape}", "--set", f"train.max_steps={steps}", "--set", f"rollout.logits_dtype={dtype}"]
     rc = watched(out / f"{name}.smi.json", out / f"{name}.log", cmd, {**os.environ, "SMI_GPUS": "0"})
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] if (
-        run_dir / "metrics.jsonl").exists() else []
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     res = {"shape": shape, "logits_dtype": dtype, "steps": len(rows), "rc": rc, "command": " ".join(cmd[1:]),
            "gap_mean": [r.get("logp_gap_mean") for r in rows], "gap_p99": [r.get("logp_gap_p99") for r in rows],
            "gap_max": [r.get("logp_gap_max") for r in rows], "step_s": [r.get("time_step_s") for r in rows],

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 STEP = 256  # the search's grain in tokens (a 16-token KV block is finer than anything measured here)
 PROMPT_MIN = 256
+G = 8  # completions per prompt: grpo.num_generations of both long recipes
 STEPS = int(os.environ.get("STEPS", "2"))
 RUNS = Path(os.environ.get("RUNS", "/root/runs"))
 # The device machine: one H100 80GB, 128 GB of host memory (the search here plans for it; on the device it reads both).
@@ -126,7 +127,7 @@ def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) ->
     s = json.loads(smi.read_text()) if smi.exists() else {}
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
     m = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    g = ROWS_G.get(name, 8)
+    g = G
     phases = ("kv", "rollout", "reward", "recompute", "train", "optimizer", "sync")
     steps = [{"step_s": round(x["time_step_s"], 2),
               "tokens": int(g * found["prompt_tokens"] + x["completion_length_mean"] * g),
@@ -151,23 +152,33 @@ def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) ->
             "wall_s": s.get("wall_s"), "command": " ".join(cmd)}
 
 
-ROWS_G = {name: 8 for name in ROWS}
+def detected_device():
+    """Device.detect() in a child process: detecting in this one would open a CUDA context that stays on the GPU
+    beside every watched run and counts in nvidia-smi's peak."""
+    from dataclasses import asdict
+
+    from trainer.plan import Device
+
+    code = "import dataclasses, json; from trainer.plan import Device; print(json.dumps(dataclasses.asdict(Device.detect())))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    fields = json.loads(out.strip().splitlines()[-1])
+    assert set(fields) == set(asdict(Device("cpu")))
+    return Device(**fields)
 
 
 def run(out: Path, names: list[str]) -> None:
     from bench.smi import watched
-    from trainer.plan import Device
 
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "long_context.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {"runs": []}
-    dev = Device.detect()
+    dev = detected_device()
     result["device"] = dev.name
     for name in names:
         found = search(name, dev, cap=True)
         print(f"{name}: longest accepted {found}", flush=True)
         if not found["tokens"]:
-            row = {**found, "num_generations": ROWS_G[name], "rc": None, "error": "no length fits this budget"}
+            row = {**found, "num_generations": G, "rc": None, "error": "no length fits this budget"}
         else:
             data = out / "data" / f"{name}.jsonl"
             write_prompts(data, found["shape"], found["prompt_tokens"])

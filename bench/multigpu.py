@@ -129,9 +129,8 @@ def trainer_ranks(pid: int) -> list[int]:
 
 def steps_logged(rundir: Path) -> int:
     try:
-        return max((json.loads(x)["step"] for x in (rundir / "metrics.jsonl").read_text().splitlines() if x.strip()),
-                   default=0)
-    except (OSError, ValueError):
+        return max((x["step"] for x in read_metrics(rundir)), default=0)
+    except OSError:
         return 0
 
 

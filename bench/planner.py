@@ -13,6 +13,7 @@ run, so the peak is the trainer's, not the random-init build's.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -71,20 +72,22 @@ def _plan(overrides: list[str], budget_gb: float | None):
     return make_plan(read_config(r.model), r, Device(**H100)), r
 
 
-def smallest_budget_gb(overrides: list[str]) -> float:
-    """The smallest budget (GB, one decimal) the planner accepts for these overrides on an H100."""
-    from trainer.plan import alternatives
+@functools.cache
+def smallest_budget_gb(overrides: tuple[str, ...]) -> float:
+    """The smallest budget (GB, one decimal) the planner accepts for these overrides on an H100 (one search per
+    config, however many of its budgets derive from it)."""
+    from trainer.plan import Device, alternatives
     from trainer.policy import read_config
 
-    plan, r = _plan(overrides, None)
-    low = alternatives(read_config(r.model), r, plan, __import__("trainer.plan").plan.Device(**H100))["smallest"]
+    plan, r = _plan(list(overrides), None)
+    low = alternatives(read_config(r.model), r, plan, Device(**H100))["smallest"]
     return math.ceil(low["peak_bytes"] / 1e8 - 1e-9) / 10
 
 
 def budget_gb(spec, overrides: list[str]) -> float:
     if isinstance(spec, (int, float)):
         return float(spec)
-    low = smallest_budget_gb(overrides)
+    low = smallest_budget_gb(tuple(overrides))
     return low if spec == "min" else math.ceil(low * 1.15 * 10) / 10
 
 
@@ -100,15 +103,15 @@ def runs(names: list[str]) -> list[tuple[str, list[str], float, str]]:
 
 
 def predict(names: list[str]) -> None:
-    total = 0.0
-    for name, ov, b, spec in runs(names):
+    total, todo = 0.0, runs(names)
+    for name, ov, b, spec in todo:
         p, _ = _plan(ov[:-1], b)
         est = 60 + 3 * p.predicted_step_s + (90 if "7b" in name else 0)  # startup (engine, compile) + 3 steps
         total += est
         print(f"{name:36s} budget {b:5.1f} ({spec:7s}) plan {p.peak_bytes / 1e9:6.2f} GB  fmt {p.weight_format or '-':11s} "
               f"rel {p.kv_release!s:5s} mbt {p.micro_batch_tokens:6d} gc {p.gradient_checkpointing!s:5s} "
               f"step ~{p.predicted_step_s:.1f} s  run ~{est:.0f} s")
-    print(f"{len(runs(names))} runs, ~{total / 60:.0f} min of device time")
+    print(f"{len(todo)} runs, ~{total / 60:.0f} min of device time")
 
 
 def run(out: Path, names: list[str]) -> None:
@@ -131,7 +134,7 @@ def run(out: Path, names: list[str]) -> None:
             s = json.loads(smi.read_text())
             m = read_metrics(run_dir)
             summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-            row.update({"predicted_peak_gb": plan["peak_bytes"] / 1e9, "measured_peak_gb": s["peak_gb"],
+            row.update({"device_name": plan["device_name"], "predicted_peak_gb": plan["peak_bytes"] / 1e9, "measured_peak_gb": s["peak_gb"],
                         "within_budget": s["peak_gb"] <= b, "steps": len(m),
                         "adjustments": summ.get("adjustments", [a for x in m for a in x.get("budget/changes", [])]),
                         "retries": sum(x.get("budget/retries", 0) for x in m),
@@ -151,16 +154,10 @@ def run(out: Path, names: list[str]) -> None:
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), flush=True)
         ok = [r for r in rows if "error_frac" in r]
         (out / "planner.json").write_text(json.dumps({
-            "device": _device_name(), "command": "python bench/planner.py OUT_DIR " + " ".join(names),
+            "device": next((r["device_name"] for r in rows if r.get("device_name")), None), "command": "python bench/planner.py OUT_DIR " + " ".join(names),
             "peak": "nvidia-smi memory.used sampled every 0.15 s (bench/smi.py), GB = 1e9 bytes",
             "max_abs_error_frac": max((abs(r["error_frac"]) for r in ok), default=None),
             "all_within_budget": all(r.get("within_budget") for r in rows), "configs": rows}, indent=1))
-
-
-def _device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":
