@@ -242,6 +242,21 @@ def test_the_budget_loop_offloads_a_long_train_phase_measured_above_plan():
     assert plan.micro_batch_seqs == 1
 
 
+def test_resume_restores_sequences_per_micro_batch_with_the_micro_batch_it_follows():
+    from trainer.budget import RUNTIME_KNOBS, Loop
+
+    found = long_context.search("llama-8b-78gb", cap=True)
+    r = long_context.row_recipe("llama-8b-78gb", found["prompt_tokens"])
+    plan = make_plan(read_config(r.model), r, long_context.h100())
+    loop = Loop(r, plan, config=read_config(r.model))
+    assert plan.micro_batch_seqs == 1
+    cur = loop.current()
+    packed = next(c for c in loop.candidates if c["micro_batch_seqs"] is None
+                  and all(c[k] == cur[k] for k in RUNTIME_KNOBS if k not in ("micro_batch_tokens", "token_chunk")))
+    loop.restore({"knobs": {k: packed[k] for k in RUNTIME_KNOBS}})  # a checkpoint written after the loop packed
+    assert plan.micro_batch_tokens == packed["micro_batch_tokens"] and plan.micro_batch_seqs is None
+
+
 def test_an_oom_with_one_long_sequence_per_micro_batch_advises_offload_not_a_smaller_budget():
     from trainer import oom
 

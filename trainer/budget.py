@@ -323,7 +323,6 @@ class Loop:
                                           measured[p] / GB if p in measured else None, cur["phase_peaks"][p] / GB,
                                           self.expected(p, best["phase_peaks"][p]) / GB))
         self._set({a.knob: a.new for a in changes})
-        self.plan.micro_batch_seqs = best["micro_batch_seqs"]  # follows micro_batch_tokens (one long sequence or packed)
         self.pending += changes
         return changes
 
@@ -344,6 +343,8 @@ class Loop:
         """Change knobs in the plan (which the loop, packing and engines read) and in the live objects."""
         for k, v in knobs.items():
             setattr(self.plan, k, v)
+        if "micro_batch_tokens" in knobs:  # sequences per micro-batch follow it (one long sequence, or packed)
+            self.plan.micro_batch_seqs = self.current()["micro_batch_seqs"]
         if ("gradient_checkpointing" in knobs or "activation_offload" in knobs) and self.policy is not None:
             from trainer.policy import set_gradient_checkpointing
 
