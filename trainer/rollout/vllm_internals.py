@@ -283,18 +283,24 @@ def lm_head(vmodel: torch.nn.Module) -> torch.nn.Module:
     return getattr(head, "base_layer", head)  # an lm_head LoRA wrapper keeps the plain layer as base_layer
 
 
+_MM_OUT_DTYPE = [True]  # torch.mm(out_dtype=float32) works here; set False at its first failure, not retried per call
+
+
 def _fp32_head_apply(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T accumulated and returned in fp32, W left in its dtype: bf16 inputs are exact in fp32, so this is the
     fp32 product of the very values the bf16 GEMM multiplies, without the final rounding to bf16."""
     w = layer.weight
     flat = x.reshape(-1, x.shape[-1])
-    if flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and w.dtype == flat.dtype:
+    out = None
+    if flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and w.dtype == flat.dtype and _MM_OUT_DTYPE[0]:
         try:
             out = torch.mm(flat, w.t(), out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): cast instead (an fp32 copy of W per call)
-            out = flat.float() @ w.float().t()
-    else:
-        out = flat.float() @ w.float().t()
+        except torch.OutOfMemoryError:
+            raise  # not a missing feature: the cast below would need more memory still
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=) for these dtypes: cast, and stop trying
+            _MM_OUT_DTYPE[0] = False
+    if out is None:
+        out = flat.float() @ w.float().t()  # an fp32 copy of W per call
     if bias is not None:
         out = out + bias.float()
     return out.reshape(*x.shape[:-1], -1)
