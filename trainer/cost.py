@@ -24,8 +24,11 @@ import math
 
 REF_LINEAR_PARAMS = 1.31e9  # the 1.5B shape's linear parameters, where the constants were measured
 DECODE_MS = {"shared_nf4": {8: 6.93, 64: 7.34}, "bf16_mirror": {8: 4.08, 64: 5.37}}
-# With the fused nf4 GEMM (batches <= 16 rows): config A's rollout of 256 tokens at 8 sequences took 1.509 s against
-# 1.771 s through bitsandbytes in the same sitting (bench/results/vs_peers_h100.json): 5.89 ms per step.
+# Decode batches up to this many rows take the fused nf4 GEMM (the plan's nf4_gemm_max_rows); larger ones (prefill)
+# keep bitsandbytes' path: at 32-64 rows the kernel alone is no faster (bench/results/nf4_bench.json).
+NF4_GEMM_MAX_ROWS = 16
+# With the fused nf4 GEMM: config A's rollout of 256 tokens at 8 sequences took 1.509 s against 1.771 s through
+# bitsandbytes in the same sitting (bench/results/vs_peers_h100.json): 5.89 ms per step.
 FUSED_NF4_MS_AT_8 = 5.89
 MICRO_BATCH_FLOOR_S = {(False, True): 0.37, (False, False): 0.26, (True, True): 0.24, (True, False): 0.15}
 TRAIN_S_PER_TOKEN = 57e-6  # 1.5B shape, checkpointing on, GPU-bound micro-batches
@@ -43,7 +46,7 @@ OFFLOAD_BYTES_S = 25e9
 def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) -> float:
     """One decode step of `seqs` sequences."""
     lo, hi = DECODE_MS[fmt][8], DECODE_MS[fmt][64]
-    if fmt == "shared_nf4" and fused_nf4 and seqs <= 16:
+    if fmt == "shared_nf4" and fused_nf4 and seqs <= NF4_GEMM_MAX_ROWS:
         lo = FUSED_NF4_MS_AT_8
     t = min(max((math.log2(max(seqs, 1)) - 3) / 3, -1.0), 2.0)  # 0 at 8, 1 at 64
     ms = lo + (hi - lo) * t

@@ -475,17 +475,11 @@ def _logits_dtypes(recipe) -> list[str]:
     return list(dict.fromkeys([LOGITS_DTYPE_PREFERRED, "model"]))
 
 
-# Decode batches up to this many rows take the fused nf4 GEMM; larger ones (prefill) keep bitsandbytes' path.
-# Measured on the H100 (bench/results/vs_peers_h100.json, nf4_bench.json): at 8 sequences the rollout took 1.51 s
-# with it vs 1.77 s with bitsandbytes (same sitting); at 32-64 rows the kernel alone is no faster (nf4_bench).
-NF4_GEMM_MAX_ROWS = 16
-
-
 def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:
     r = recipe.rollout
     if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or r.nf4_gemm == "bitsandbytes":
         return 0
-    return NF4_GEMM_MAX_ROWS
+    return cost.NF4_GEMM_MAX_ROWS
 
 
 def _compile_layers(recipe, device: Device) -> bool:

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trainer.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Presets that `include:` finds by name (budgets/24gb, lora/r16-all-linear): package data, so that they are there
 # in a `pip install .` too (a top-level configs/ folder, as DESIGN.md first laid out, is not in the wheel).
 PRESETS = Path(__file__).resolve().parent / "configs"
