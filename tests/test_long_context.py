@@ -257,6 +257,16 @@ def test_resume_restores_sequences_per_micro_batch_with_the_micro_batch_it_follo
     assert plan.micro_batch_tokens == packed["micro_batch_tokens"] and plan.micro_batch_seqs is None
 
 
+def test_what_the_budget_buys_lists_only_plans_the_host_can_hold():
+    from trainer.plan import alternatives
+
+    config, r = llama(["budget.vram_gb=78"])
+    for host, offloads in ((long_context.HOST_BYTES, True), (9 * 10**9, False)):  # 9 GB: 1 GB to pin, not enough
+        device = long_context.h100(host)
+        smallest = alternatives(config, r, make_plan(config, r, device), device)["smallest"]
+        assert smallest["activation_offload"] is offloads and smallest["fits"]
+
+
 def test_an_oom_with_one_long_sequence_per_micro_batch_advises_offload_not_a_smaller_budget():
     from trainer import oom
 

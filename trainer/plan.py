@@ -173,7 +173,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     candidates = _candidates(recipe, ctx, device)
     host = host_limit(device)
     on_device = [c for c in candidates if budget is None or c["peak"] <= budget]
-    fitting = [c for c in on_device if c["host_bytes"] <= host]
+    fitting = [c for c in candidates if _fits(c, budget, host)]
     if not on_device:
         cheapest = min(candidates, key=lambda c: c["peak"])
         need = cheapest["peak"] / GB
@@ -190,8 +190,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                         f"{memory.HOST_RESERVE / GB:.0f} GB kept for the rest)",
                         "free host memory or run on a host with more, raise budget.vram_gb, or shorten "
                         "grpo.max_completion_length / data.max_prompt_length")
-    # Fidelity first (the preferred logits dtype where it fits), then speed.
-    best = max(fitting, key=lambda c: (c["logits_dtype"] == LOGITS_DTYPE_PREFERRED, c["score"]))
+    best = _choose(fitting)
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
@@ -206,6 +205,16 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                           "the planner fit the run (or refuse it) before anything loads")
     plan.allocator_cap_bytes, plan.allocator_fraction = allocator_cap(plan, device)
     return plan
+
+
+def _fits(c: dict, budget: int | None, host: float) -> bool:
+    """A candidate fits: its peak within the device budget, its offloaded checkpoints within the host's share."""
+    return (budget is None or c["peak"] <= budget) and c["host_bytes"] <= host
+
+
+def _choose(fitting: list[dict]) -> dict:
+    """The plan among those that fit: fidelity first (the preferred logits dtype), then speed."""
+    return max(fitting, key=lambda c: (c["logits_dtype"] == LOGITS_DTYPE_PREFERRED, c["score"]))
 
 
 def host_limit(device: Device) -> float:
@@ -235,7 +244,7 @@ def _accepts(recipe, ctx: "memory.Context", device: Device, budget: int | None, 
         return False
     c = replace(ctx, prompt_len=prompt_len, completion_len=completion_len, max_len=prompt_len + completion_len)
     host = host_limit(device)
-    return any((budget is None or x["peak"] <= budget) and x["host_bytes"] <= host for x in _candidates(recipe, c, device))
+    return any(_fits(x, budget, host) for x in _candidates(recipe, c, device))
 
 
 def _longest(recipe, ctx, device, budget, vary: str, step: int) -> int:
@@ -371,7 +380,8 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
     among the candidates that fit (1 = fastest)."""
     ctx = plan_context(config, recipe, plan, device)
     cands = _candidates(recipe, ctx, device)
-    fits = [c for c in cands if plan.budget_bytes is None or c["peak"] <= plan.budget_bytes]
+    host = host_limit(device)
+    fits = [c for c in cands if _fits(c, plan.budget_bytes, host)]
 
     def row(c: dict) -> dict:
         fitting = c in fits
@@ -382,7 +392,7 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
                 "fits": fitting}
 
     out = {"candidates": len(cands), "fitting": len(fits), "budget_bytes": plan.budget_bytes,
-           "fastest": row(max(fits, key=lambda c: c["score"])),
+           "fastest": row(_choose(fits)),
            "smallest": row(min(fits, key=lambda c: (c["peak"], -c["score"])))}
     best = max(cands, key=lambda c: (c["score"], -c["peak"]))
     if best not in fits:
