@@ -170,3 +170,20 @@ def test_train_eval_with_a_missing_checkpoint_exits_2(tmp_path):
     out = run_train(["eval", "recipes/tiny-cpu.yaml", "--checkpoint", str(tmp_path / "nope")])
     assert out.returncode == 2, out.stdout + out.stderr
     assert "checkpoint not found" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_eval_and_generate_report_bad_prompts_before_any_weight_loads(trained_run, tmp_path, monkeypatch):
+    from trainer import api
+
+    def forbidden(*a, **k):
+        raise AssertionError("weights loaded before the prompts were checked")
+
+    monkeypatch.setattr(api, "load_trained", forbidden)
+    with pytest.raises(UserError) as e:
+        api.evaluate(ROOT / "recipes" / "tiny-cpu.yaml", trained_run / "checkpoints" / "step-0000004",
+                     ["eval.prompt_column=question"])
+    assert "'question'" in e.value.problem
+    (tmp_path / "rows.jsonl").write_text('{"text": "no prompt column here"}\n')
+    with pytest.raises(UserError) as e:
+        api.generate(trained_run, prompts_file=tmp_path / "rows.jsonl")
+    assert e.value.field.startswith("--prompts-file")

