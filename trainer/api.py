@@ -168,20 +168,21 @@ def load_trained(recipe, adapter: Path, console=None, tokenizer=None):
     from trainer.policy import load_policy, read_config, resolve_model_path
     from trainer.rollout import make_engine
 
-    device = Device.detect()
+    device, config, plan = Device.detect(), read_config(recipe.model), None
     if recipe.rollout.engine == "vllm":
         try:
             from trainer.rollout.vllm import import_vllm
 
             import_vllm()
-            make_plan(read_config(recipe.model), recipe, device)
+            plan = make_plan(config, recipe, device)
         except UserError as e:
             if console is not None:
                 console.print(f"[yellow]vLLM cannot run here ({e.problem.splitlines()[0]}); sampling with HF "
                               "generate instead", highlight=False, soft_wrap=True)
             recipe = recipe.model_copy(deep=True)
             recipe.rollout.engine = "hf"
-    plan = make_plan(read_config(recipe.model), recipe, device)
+    if plan is None:  # HF generate: the recipe's engine, or the fallback
+        plan = make_plan(config, recipe, device)
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     try:
         policy = load_policy(recipe, plan, engine, tokenizer)
