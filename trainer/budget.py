@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from trainer import oom
-from trainer.checkpoint import _rng_state, _set_rng_state
+from trainer.checkpoint import rng_state, set_rng_state
 from trainer.memory import GB
 from trainer.plan import RUNTIME_KNOBS, Device, free_runtime_knobs, runtime_candidates
 
@@ -167,7 +167,7 @@ class Loop:
     def run_step(self, s, step: int, fn, note=print) -> dict:
         """Run one step (`fn`: grpo_step and the rank merge), retrying once after an OOM; then compare the measured
         peaks with the plan and re-plan. Returns the step's metrics with the loop's keys added."""
-        rng = _rng_state()
+        rng = rng_state()
         self.retried = 0
         try:
             m = fn()
@@ -186,7 +186,7 @@ class Loop:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _set_rng_state(rng)
+        set_rng_state(rng)
         self.retried = 1
         try:
             m = fn()

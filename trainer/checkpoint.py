@@ -37,7 +37,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, extra: dict, kee
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)  # adapter_model.safetensors + adapter_config.json
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
@@ -95,7 +95,7 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
         return json.loads((path / "state.json").read_text())
     except UserError:
         raise
@@ -157,14 +157,14 @@ def load_adapter(path: Path, model, field: str = "--checkpoint") -> None:
                         "recipe of its run (runs/<name>/recipe.json)") from None
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer import distributed
+from trainer import checkpoint, distributed
 from trainer.batch import build_batch
 from trainer.data import PromptSet, load_prompts
 from trainer.rewards import combine, score
@@ -67,16 +66,11 @@ def default_ks(n: int) -> list[int]:
 @contextlib.contextmanager
 def preserved_rng():
     """Python, numpy, torch (and CUDA) RNG states as they were: evaluation draws nothing from the training run's."""
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state = checkpoint.rng_state()
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        checkpoint.set_rng_state(state)
 
 
 class Evaluator:
