@@ -122,7 +122,7 @@ def score(funcs: list[RewardFunction], prompts: list, completions: list, columns
         batch.abort()
         raise
     for j, rf in enumerate(funcs):
-        for out in outcomes.get(rf.workers, []) if rf.workers is not None else []:
+        for out in outcomes.get(rf.workers, []):  # functions called here have no outcomes
             table[out.rows.start:out.rows.stop, j] = _pooled_values(rf, out, completions, counts)
     return table, counts
 
