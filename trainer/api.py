@@ -38,21 +38,27 @@ class Prepared:
     evaluator: object = None  # evaluate.Evaluator with its prompts loaded (None without an eval section)
 
 
-def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
-    """recipe -> tokenizer -> prompts -> rewards -> plan, without loading (or building) any weights."""
+def inputs(recipe) -> tuple:
+    """(tokenizer, prompts, rewards, evaluator) of a recipe: everything a run reads before its weights, checked."""
     from trainer.data import load_prompts
-    from trainer.plan import Device, make_plan
-    from trainer.policy import load_tokenizer, read_config
-    from trainer.recipe import load_recipe
+    from trainer.evaluate import Evaluator
+    from trainer.policy import load_tokenizer
     from trainer.rewards import load_rewards
 
-    recipe = load_recipe(recipe_path, list(overrides))
     tokenizer = load_tokenizer(recipe.model)
-    from trainer.evaluate import Evaluator
-
     prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
     rewards = load_rewards(recipe)
-    evaluator = Evaluator.build(recipe, tokenizer, rewards)
+    return tokenizer, prompts, rewards, Evaluator.build(recipe, tokenizer, rewards)  # None without an eval section
+
+
+def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
+    """recipe -> tokenizer -> prompts -> rewards -> plan, without loading (or building) any weights."""
+    from trainer.plan import Device, make_plan
+    from trainer.policy import read_config
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    tokenizer, prompts, rewards, evaluator = inputs(recipe)
     longest = max(prompts.max_prompt_tokens, evaluator.prompts.max_prompt_tokens if evaluator else 0)
     the_plan = make_plan(read_config(recipe.model), recipe, Device.detect(world_size), max_prompt_tokens=longest)
     return Prepared(recipe, tokenizer, prompts, rewards, the_plan, evaluator)

@@ -19,13 +19,13 @@ import torch
 
 from trainer import budget, checkpoint, distributed, is_correction, oom
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
-from trainer.data import PromptSet, load_prompts
+from trainer.data import PromptSet
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
-from trainer.evaluate import Evaluator, line as eval_line
+from trainer.evaluate import line as eval_line
 from trainer.loss import LossConfig, group_advantages, policy_loss, token_weights
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
-from trainer.policy import Policy, completion_logprobs, load_policy, load_tokenizer, resolve_model_path
-from trainer.rewards import close_rewards, combine, load_rewards, score
+from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
+from trainer.rewards import close_rewards, combine, score
 from trainer.rollout import make_engine
 from trainer.types import RolloutBatch, Sampling
 
@@ -323,16 +323,14 @@ class _Stop:
 
 def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None,
         tokenizer=None, prompts: PromptSet | None = None, rewards: list | None = None, evaluator=None) -> int:
-    """Train to recipe.train.max_steps; returns the process exit code. Prompts, rewards and the evaluator
-    (api.prepare) are loaded here when not given, and always before the engine and the weights: a data or reward
-    mistake costs no load."""
+    """Train to recipe.train.max_steps; returns the process exit code. The tokenizer, prompts, rewards and evaluator
+    come together from api.prepare, or are loaded here (api.inputs) when none is given, and always before the engine
+    and the weights: a data or reward mistake costs no load."""
     torch.manual_seed(recipe.train.seed)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
-    if prompts is None:
-        prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
-    rewards = rewards if rewards is not None else load_rewards(recipe)
-    if evaluator is None:
-        evaluator = Evaluator.build(recipe, tokenizer, rewards)  # None without an eval section
+    if tokenizer is None:
+        from trainer.api import inputs
+
+        tokenizer, prompts, rewards, evaluator = inputs(recipe)
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
     budget.apply_cap(plan)  # before vLLM or any weight allocates
     engine = make_engine(recipe, plan, model_path)
