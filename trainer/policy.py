@@ -50,10 +50,8 @@ def resolve_model_path(model_section) -> Path:
         from trainer.shapes import model_dir
 
         return model_dir(model_section.shape, model_section.seed)
-    p = Path(model_section.name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise UserError("model.name", f"{p} has no config.json", "point at a Hugging Face checkpoint directory")
+    p = local_checkpoint(model_section)
+    if p is not None:
         return p
     try:
         from huggingface_hub import snapshot_download
@@ -65,6 +63,16 @@ def resolve_model_path(model_section) -> Path:
                         "check the name and your network, or download it and give the local path") from None
 
 
+def local_checkpoint(model_section) -> Path | None:
+    """model.name as a local checkpoint directory (None: a hub name); a directory without config.json is refused."""
+    p = Path(model_section.name).expanduser()
+    if not p.is_dir():
+        return None
+    if not (p / "config.json").is_file():
+        raise UserError("model.name", f"{p} has no config.json", "point at a Hugging Face checkpoint directory")
+    return p
+
+
 def read_config(model_section) -> dict:
     """The model's config.json as a dict, without loading (or, for a shape, building) any weights."""
     import json
@@ -73,10 +81,8 @@ def read_config(model_section) -> dict:
         from trainer.shapes import config_dict
 
         return config_dict(model_section.shape)
-    p = Path(model_section.name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise UserError("model.name", f"{p} has no config.json", "point at a Hugging Face checkpoint directory")
+    p = local_checkpoint(model_section)
+    if p is not None:
         return json.loads((p / "config.json").read_text())
     try:
         from huggingface_hub import hf_hub_download
@@ -99,12 +105,10 @@ def load_tokenizer(model_section):
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(model_section.shape, model_section.seed))
     else:
-        p = Path(model_section.name).expanduser()
-        if p.is_dir() and not (p / "config.json").is_file():
-            raise UserError("model.name", f"{p} has no config.json", "point at a Hugging Face checkpoint directory")
+        p = local_checkpoint(model_section)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(p if p.is_dir() else model_section.name,
-                                                      revision=None if p.is_dir() else model_section.revision,
+            tokenizer = AutoTokenizer.from_pretrained(p or model_section.name,
+                                                      revision=None if p else model_section.revision,
                                                       trust_remote_code=remote)
         except Exception as e:  # no tokenizer files, network, auth, missing repo
             raise UserError("model.name", f"cannot load the tokenizer of {model_section.name!r} "
