@@ -75,6 +75,7 @@ def test_apply_cap_sets_torchs_fraction_for_the_current_device(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=H100.total_bytes))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
     _, p, _ = setup(["budget.vram_gb=6"])
     assert budget.apply_cap(p) == p.allocator_fraction
@@ -89,9 +90,10 @@ def capped(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=H100.total_bytes))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
     _, p, _ = setup(["budget.vram_gb=6"])
-    return p, p.allocator_cap_bytes / p.allocator_fraction, calls
+    return p, H100.total_bytes, calls
 
 
 def test_the_cap_is_raised_by_the_kv_pages_released_while_training(capped):
@@ -474,3 +476,13 @@ def test_the_cap_is_recalibrated_from_the_non_torch_memory_the_process_holds(cap
     assert calls[-1] == fraction and "0.34 GB of non-torch memory measured" in p.notes[-1]
     # the KV release still raises the calibrated cap
     assert abs(budget.apply_cap(p, 10**9) * total - (p.allocator_cap_bytes + 10**9)) < 1e3
+
+
+def test_the_recalibrated_cap_is_a_fraction_of_the_device_even_where_the_first_was_clamped(capped, monkeypatch):
+    _, total, calls = capped
+    _, p, _ = setup([f"budget.vram_gb={total / GB + 1:.2f}"])  # a budget above the device: the first fraction is 1.0
+    assert p.allocator_fraction == 1.0 and p.allocator_cap_bytes > total
+    monkeypatch.setattr(budget, "process_device_bytes", lambda: int(5 * GB))  # 5 GB held outside torch's reservation
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    fraction = budget.calibrate_cap(p)
+    assert p.allocator_cap_bytes < total and abs(fraction * total - p.allocator_cap_bytes) < 1e3

@@ -81,10 +81,15 @@ def apply_cap(plan, released_bytes: int = 0) -> float | None:
     of device memory and was retried with half the micro-batch."""
     if plan.allocator_fraction is None or not torch.cuda.is_available():
         return None
-    total = plan.allocator_cap_bytes / plan.allocator_fraction
-    fraction = min(1.0, (plan.allocator_cap_bytes + released_bytes) / total)
+    fraction = min(1.0, (plan.allocator_cap_bytes + released_bytes) / _device_total())
     torch.cuda.set_per_process_memory_fraction(float(fraction), torch.cuda.current_device())
     return fraction
+
+
+def _device_total() -> int:
+    """The bytes torch's memory fraction is a fraction of. (The plan's cap / fraction is not it where the fraction
+    was clamped at 1.0.)"""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 def calibrate_cap(plan) -> float | None:
@@ -97,9 +102,8 @@ def calibrate_cap(plan) -> float | None:
         return None
     used = process_device_bytes()
     non_torch = max(0, used - torch.cuda.memory_reserved())
-    total = plan.allocator_cap_bytes / plan.allocator_fraction
     plan.allocator_cap_bytes = int(plan.budget_bytes - non_torch)
-    plan.allocator_fraction = min(1.0, plan.allocator_cap_bytes / total)
+    plan.allocator_fraction = min(1.0, plan.allocator_cap_bytes / _device_total())
     plan.notes.append(f"allocator cap calibrated: {non_torch / GB:.2f} GB of non-torch memory measured, cap "
                       f"{plan.allocator_cap_bytes / GB:.2f} GB")
     return apply_cap(plan)
