@@ -433,42 +433,38 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
     # 64K tokens of prefill activations. Unchanged below that length.
     batched = r.max_num_batched_tokens or max(min(ctx.max_len, PREFILL_CHUNK), min(2048, ctx.gen * ctx.prompt_len))
     hf_bs = r.hf_batch_size or ctx.gen
+    # Per sequences in flight: CUDA graph sizes and the KV pool. Long prompts: each prompt in flight is counted once,
+    # its G completions share it (prefix caching); in flight are at most ceil(seqs / G) + 1 prompts (a wave can
+    # straddle two groups), never more than the step's.
+    shared, g_n = (ctx.prompt_len if ctx.prompt_len >= LONG_SEQUENCE else 0), recipe.grpo.num_generations
+    sizes = {s: r.cudagraph_capture_sizes or ([] if eager else _pow2_upto(s)) for s in seq_opts}
+    kvs = {s: r.kv_cache_memory_bytes or memory.kv_pool_bytes(ctx.dims, s, ctx.max_len, shared,
+                                                               min(ctx.gen // g_n, math.ceil(s / g_n) + 1))
+           for s in seq_opts}
+    # Per micro-batch: one long sequence is trimmed, so it has no padding, HF passes sdpa no mask (causal kernels,
+    # memory linear in T) and memory.py counts no [T, T] term.
+    mb_seqs = {m: t.per_device_train_batch_size or (1 if m <= ctx.max_len and ctx.max_len >= LONG_SEQUENCE else None)
+               for m in mbts}
+    vocab_chunk, compiled = min(ctx.dims.vocab, 8192 if cpu else 32768), _compile_layers(recipe, device)
     out = []
-    for seqs in seq_opts:
-        sizes = r.cudagraph_capture_sizes or ([] if eager else _pow2_upto(seqs))
-        # Long prompts: each prompt in flight is counted once, its G completions share it (prefix caching); in
-        # flight are at most ceil(seqs / G) + 1 prompts (a wave can straddle two groups), never more than the step's.
-        shared = ctx.prompt_len if ctx.prompt_len >= LONG_SEQUENCE else 0
-        g_n = recipe.grpo.num_generations
-        in_flight = min(ctx.gen // g_n, math.ceil(seqs / g_n) + 1)
-        kv = r.kv_cache_memory_bytes or memory.kv_pool_bytes(ctx.dims, seqs, ctx.max_len, shared, in_flight)
-        for mbt in mbts:
-            # One long sequence per micro-batch: trimmed, it has no padding, so HF passes sdpa no mask (causal
-            # kernels, memory linear in T) and memory.py counts no [T, T] term.
-            mb_seqs = t.per_device_train_batch_size or (1 if mbt <= ctx.max_len and ctx.max_len >= LONG_SEQUENCE
-                                                        else None)
-            for gc in gcs:
-                for off in offloads:
-                    if off and not gc:
-                        continue
-                    for fmt in formats:
-                        for rel, ld in itertools.product(releases, _logits_dtypes(recipe)):
-                            knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs, gradient_checkpointing=gc,
-                                         activation_offload=off, weight_format=fmt, kv_release=rel,
-                                         token_chunk=min(4096, int(mbt)),
-                                         vocab_chunk=min(ctx.dims.vocab, 8192 if cpu else 32768),
-                                         hf_batch_size=hf_bs, kv_cache_memory_bytes=kv if vllm else 0,
-                                         max_num_seqs=seqs if vllm else 0, max_num_batched_tokens=batched if vllm else 0,
-                                         enforce_eager=eager, cudagraph_capture_sizes=sizes if vllm else [])
-                            comps, phases = memory.components(ctx, knobs)
-                            peak = max(phases.values())
-                            # Rank by predicted step time (trainer/cost.py): higher score = faster plan.
-                            score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens,
-                                                       knobs, r.engine, _compile_layers(recipe, device),
-                                                       _nf4_gemm_rows(recipe, knobs, device) > 0, dims=ctx.dims,
-                                                       prompt_len=ctx.prompt_len)
-                            out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak,
-                                            score=score, host_bytes=memory.offload_host_bytes(ctx, knobs)))
+    for seqs, mbt, gc, off, fmt, rel, ld in itertools.product(seq_opts, mbts, gcs, offloads, formats, releases,
+                                                              _logits_dtypes(recipe)):
+        if off and not gc:
+            continue
+        knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
+                     gradient_checkpointing=gc, activation_offload=off, weight_format=fmt, kv_release=rel,
+                     token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
+                     kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
+                     max_num_batched_tokens=batched if vllm else 0, enforce_eager=eager,
+                     cudagraph_capture_sizes=sizes[seqs] if vllm else [])
+        comps, phases = memory.components(ctx, knobs)
+        peak = max(phases.values())
+        # Rank by predicted step time (trainer/cost.py): higher score = faster plan.
+        score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens, knobs, r.engine,
+                                   compiled, _nf4_gemm_rows(recipe, knobs, device) > 0, dims=ctx.dims,
+                                   prompt_len=ctx.prompt_len)
+        out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=score,
+                        host_bytes=memory.offload_host_bytes(ctx, knobs)))
     return out
 
 
