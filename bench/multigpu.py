@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import smi  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
 
 RECIPE = os.environ.get("MG_RECIPE", "bench/recipes/multigpu-1.5b.yaml")
@@ -85,9 +86,7 @@ def launch(out: Path, name: str, nproc: int, cmd: list[str], dump: Path) -> subp
         f.unlink()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus, "SMI_GPUS": gpus, "NCCL_NVLS_ENABLE": "0",
            "TRAINER_TEST_DUMP_LORA": str(dump)}
-    log = open(out / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, str(ROOT / "bench" / "smi.py"), str(out / f"smi_{name}.json"), "--",
-                             *cmd], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    return smi.start(out / f"smi_{name}.json", out / f"{name}.log", cmd, env, cwd=ROOT)
 
 
 def descendants(pid: int) -> dict[int, int]:

@@ -27,11 +27,21 @@ def used_mib() -> dict[int, int]:
     return {int(i): int(m) for i, m in rows if watch is None or int(i) in watch}
 
 
+def start(smi_json: Path, log: Path, cmd: list[str], env: dict | None = None, cwd=None) -> subprocess.Popen:
+    """Start `cmd` under this script (its peaks into smi_json), stdout and stderr into log."""
+    with open(log, "w") as f:  # the child holds its own handle
+        return subprocess.Popen([sys.executable, str(Path(__file__)), str(smi_json), "--", *cmd], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd)
+
+
 def watched(smi_json: Path, log: Path, cmd: list[str], env: dict | None = None) -> int:
     """Run `cmd` under this script (its peaks into smi_json), stdout and stderr into log; returns its exit code."""
-    with open(log, "w") as f:
-        return subprocess.call([sys.executable, str(Path(__file__)), str(smi_json), "--", *cmd], stdout=f,
-                               stderr=subprocess.STDOUT, env=env)
+    with start(smi_json, log, cmd, env) as p:  # as subprocess.call: the child is killed if the wait is interrupted
+        try:
+            return p.wait()
+        except BaseException:
+            p.kill()
+            raise
 
 
 def main() -> int:
