@@ -71,40 +71,6 @@ def test_cap_is_the_budget_less_what_torch_does_not_allocate():
     assert cpu.allocator_cap_bytes is None and cpu.allocator_fraction is None
 
 
-def test_apply_cap_sets_torchs_fraction_for_the_current_device(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=H100.total_bytes))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
-    _, p, _ = setup(["budget.vram_gb=6"])
-    assert budget.apply_cap(p) == p.allocator_fraction
-    assert calls == [(p.allocator_fraction, 3)] and isinstance(calls[0][0], float)
-    _, free, _ = setup(["budget.vram_gb="])
-    assert budget.apply_cap(free) is None and len(calls) == 1
-
-
-@pytest.fixture
-def capped(monkeypatch):
-    """A 6 GB plan on a stand-in CUDA device: (plan, device total bytes, the fractions set so far)."""
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=H100.total_bytes))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append(f))
-    _, p, _ = setup(["budget.vram_gb=6"])
-    return p, H100.total_bytes, calls
-
-
-def test_the_cap_is_raised_by_the_kv_pages_released_while_training(capped):
-    """Released KV pages stay reserved in torch's accounting: the cap follows them, and comes back at re-map."""
-    p, total, calls = capped
-    kv = 10**9
-    raised = budget.apply_cap(p, released_bytes=kv)
-    assert abs(raised * total - (p.allocator_cap_bytes + kv)) < 1e3
-    assert budget.apply_cap(p, 0) == p.allocator_fraction and calls == [raised, p.allocator_fraction]
-
-
 def test_the_engine_reports_kv_release_and_remap_to_the_cap():
     from trainer.rollout.vllm import VLLMEngine
 
@@ -131,7 +97,7 @@ def test_the_run_caps_the_allocator_before_the_engine_or_weights_load(monkeypatc
         order.append("engine")
         raise Stop
 
-    monkeypatch.setattr(grpo.budget, "apply_cap", lambda plan, released=0: order.append(("cap", plan.budget_bytes)))
+    monkeypatch.setattr(grpo.Cap, "apply", lambda self: order.append(("cap", self.plan.budget_bytes)))
     monkeypatch.setattr(grpo, "make_engine", engine)
     from trainer.shapes import config_dict
 
@@ -465,24 +431,3 @@ def test_without_kv_release_only_the_whole_steps_peak_is_compared():
     assert plan_knobs(p) == knobs
     lines = loop.after_step(2, peaks(1.1 * p.phase_peaks["train"], 1.1 * p.phase_peaks["train"]))
     assert lines and "train phase measured" in lines[0]
-
-
-def test_the_cap_is_recalibrated_from_the_non_torch_memory_the_process_holds(capped, monkeypatch):
-    p, total, calls = capped
-    monkeypatch.setattr(budget, "process_device_bytes", lambda: int(3.34 * GB))  # the process holds 3.34 GB ...
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(3.0 * GB))  # ... of which torch reserved 3.0
-    fraction = budget.apply_cap(p) and budget.calibrate_cap(p)
-    assert p.allocator_cap_bytes == int(6 * GB - 0.34 * GB) and abs(fraction * total - p.allocator_cap_bytes) < 1e3
-    assert calls[-1] == fraction and "0.34 GB of non-torch memory measured" in p.notes[-1]
-    # the KV release still raises the calibrated cap
-    assert abs(budget.apply_cap(p, 10**9) * total - (p.allocator_cap_bytes + 10**9)) < 1e3
-
-
-def test_the_recalibrated_cap_is_a_fraction_of_the_device_even_where_the_first_was_clamped(capped, monkeypatch):
-    _, total, calls = capped
-    _, p, _ = setup([f"budget.vram_gb={total / GB + 1:.2f}"])  # a budget above the device: the first fraction is 1.0
-    assert p.allocator_fraction == 1.0 and p.allocator_cap_bytes > total
-    monkeypatch.setattr(budget, "process_device_bytes", lambda: int(5 * GB))  # 5 GB held outside torch's reservation
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
-    fraction = budget.calibrate_cap(p)
-    assert p.allocator_cap_bytes < total and abs(fraction * total - p.allocator_cap_bytes) < 1e3

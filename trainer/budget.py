@@ -1,16 +1,7 @@
-"""The budget kept at run time: a hard cap on torch's allocator, and a closed loop that re-plans the runtime knobs from
-measured per-phase peaks and retries a step once after an out-of-memory; it never invents a knob value, it only
-picks among the planner's own candidates (trainer/plan.py).
-
-Hard cap. `apply_cap` bounds torch's caching allocator to plan.allocator_fraction of the device (the budget minus
-what torch does not allocate: CUDA context, vLLM's non-torch buffers, NCCL) before vLLM or any weight loads, so an
-under-estimate ends in an OutOfMemoryError inside the budget, never in a neighbour's memory on a shared GPU. vLLM is
-sized in bytes inside it (kv_cache_memory_bytes, max_num_batched_tokens, graph sizes). When torch reaches the cap it
-first frees its cached blocks and retries, so the cap also makes the cache give memory back in time. To check on the
-GPU: (1) that vLLM's cumem pool (weights and KV of an engine started with sleep mode, allocated through a torch
-MemPool with a pluggable allocator) counts against the fraction: allocate past the cap inside vllm's
-`CuMemAllocator.use_memory_pool()` and expect an OutOfMemoryError; if it does not count, the cap must also subtract
-those pools; (2) that nvidia-smi's peak stays at or below the budget with the cap on, on the planner grid.
+"""The budget kept at run time: a closed loop that re-plans the runtime knobs from measured per-phase peaks and
+retries a step once after an out-of-memory; it never invents a knob value, it only picks among the planner's own
+candidates (trainer/plan.py). The hard cap under it, torch's allocator held to the budget less what the process holds
+outside it, measured and lowered as that grows, is trainer/cap.py.
 
 Closed loop. After each step the measured peak of each plan phase (device memory used, sampled, as nvidia-smi sees
 it: `used_<sub-phase>` of State.peaks, rollout = kv + rollout, train = the rest; on a shared GPU it includes the
@@ -49,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from trainer import oom
+from trainer.cap import Cap
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.memory import GB
 from trainer.plan import RUNTIME_KNOBS, Device, free_runtime_knobs, runtime_candidates
@@ -69,66 +61,6 @@ KNOB_FIELDS = {"micro_batch_tokens": "train.micro_batch_tokens", "gradient_check
                "kv_release": "rollout.kv_release", "hf_batch_size": "rollout.hf_batch_size", "token_chunk": "token_chunk"}
 
 
-def apply_cap(plan, released_bytes: int = 0) -> float | None:
-    """Bound torch's caching allocator to the plan's share of the device (before vLLM or weights load, and again
-    whenever the KV pool is released or re-mapped). Returns the fraction set, or None without a cap (no budget, or
-    no GPU).
-
-    released_bytes: KV pages handed back to CUDA while training (vLLM's cumem pool). Their segments stay reserved in
-    torch's accounting, which the fraction is checked against, while the device no longer holds them; the cap is
-    raised by that much until the pool is mapped again, so the physical use stays within the budget in both phases.
-    Seen on the H100 (2026-11-26, config B at a 7.6 GB budget): without this the train phase hit the cap at 7.07 GB
-    of device memory and was retried with half the micro-batch."""
-    if plan.allocator_fraction is None or not torch.cuda.is_available():
-        return None
-    fraction = min(1.0, (plan.allocator_cap_bytes + released_bytes) / _device_total())
-    torch.cuda.set_per_process_memory_fraction(float(fraction), torch.cuda.current_device())
-    return fraction
-
-
-def _device_total() -> int:
-    """The bytes torch's memory fraction is a fraction of. (The plan's cap / fraction is not it where the fraction
-    was clamped at 1.0.)"""
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-
-
-def calibrate_cap(plan) -> float | None:
-    """Once the engine and the policy are up (CUDA context, cuBLAS, NCCL and vLLM's own buffers all allocated), put
-    the measured non-torch memory of this process in place of the planner's estimate: the cap becomes the budget
-    minus (device memory this process uses - torch's reserved bytes). The planner's fixed estimate (CUDA context
-    0.56 GB + vLLM 0.24 GB) was 0.46 GB above the 0.34 GB measured on an H100 (2026-11-26, 0.5B shape at a 3.0 GB
-    budget), and such a cap stopped the train phase at 2.58 GB of device memory. Returns the new fraction, or None."""
-    if plan.allocator_fraction is None or not torch.cuda.is_available():
-        return None
-    used = process_device_bytes()
-    non_torch = max(0, used - torch.cuda.memory_reserved())
-    plan.allocator_cap_bytes = int(plan.budget_bytes - non_torch)
-    plan.allocator_fraction = min(1.0, plan.allocator_cap_bytes / _device_total())
-    plan.notes.append(f"allocator cap calibrated: {non_torch / GB:.2f} GB of non-torch memory measured, cap "
-                      f"{plan.allocator_cap_bytes / GB:.2f} GB")
-    return apply_cap(plan)
-
-
-def process_device_bytes() -> int:
-    """Device memory this process uses: NVML's per-process count when the driver gives it (a shared GPU's other
-    processes excluded), else the device's used memory (which then includes them: a tighter, safe cap)."""
-    free, total = torch.cuda.mem_get_info()
-    try:
-        import os
-
-        import pynvml
-
-        pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid() and proc.usedGpuMemory:
-                return int(proc.usedGpuMemory)
-    except Exception:  # no NVML, no per-process counts (some containers), or an old driver
-        pass
-    return total - free
-
-
 @dataclass
 class Adjustment:
     step: int  # 1-based: the step after which (or, for an OOM, in which) the knob changed
@@ -145,12 +77,14 @@ class Adjustment:
 class Loop:
     """Per-run state of the closed loop; `run_step` wraps one step of the GRPO loop."""
 
-    def __init__(self, recipe, plan, policy=None, engine=None, world_size: int = 1, config: dict | None = None):
+    def __init__(self, recipe, plan, policy=None, engine=None, world_size: int = 1, config: dict | None = None,
+                 cap: Cap | None = None):
         if config is None:
             from trainer.policy import read_config
 
             config = read_config(recipe.model)
         self.recipe, self.plan, self.policy, self.engine, self.world_size = recipe, plan, policy, engine, world_size
+        self.cap = cap
         self.device = Device(plan.device, plan.device_name, world_size=world_size,
                              vllm_cpu=plan.device == "cpu" and plan.rollout_engine == "vllm")
         self.free = free_runtime_knobs(recipe, plan)
@@ -203,6 +137,8 @@ class Loop:
         if self.measures:
             for text in self.after_step(step, s.peaks, worst):
                 note(text)
+        if self.cap is not None:  # the outside-torch part re-measured; the cap lowered if it grew
+            m.update(self.cap.check())
         m["budget/adjustments"], m["budget/retries"] = len(self.pending), self.retried
         m.update({f"budget/{p}_error": e for p, e in self.errors.items()})
         if self.pending:
@@ -275,7 +211,10 @@ class Loop:
         return m + max(1.0, m / p) * (planned - p)
 
     def _shrink(self, step: int, over: list[str], measured: dict, cur: dict) -> list[str]:
-        """The fastest candidate, changing only the knobs of the phases above target, that brings them under it."""
+        """The fastest candidate, changing only the knobs of the phases above target, that brings them under it.
+        A phase above target that no runtime knob can shrink (e.g. vLLM's rollout: its pools are fixed at start) is
+        reported once and held where it is; it does not stop the others from shrinking (the H200's 7B run of
+        2026-12-02 kept checkpointing off, its train phase over budget, because the rollout was over plan too)."""
         def corr(c, p):
             return self.expected(p, c["phase_peaks"][p])
 
@@ -283,21 +222,23 @@ class Loop:
         held = [k for k in RUNTIME_KNOBS if KNOB_PHASE[k] not in over]
         pool = [c for c in self.candidates if all(c[k] == cur[k] for k in held)
                 and all(corr(c, p) <= max(self.targets[p], now[p]) for p in now if p not in over)]
-        fits = [c for c in pool if all(corr(c, p) <= self.targets[p] for p in over)]
+        movable = [p for p in over if any(corr(c, p) < now[p] for c in pool)]
+        pool = [c for c in pool if all(corr(c, p) <= now[p] for p in over if p not in movable)]
+        lines = []
+        for p in over:
+            if p not in movable and p not in self.stuck:
+                lines.append(f"budget: {_versus(p, measured[p], cur, self.targets[p])} after step {step + 1}, "
+                             f"and no runtime knob is left to shrink it; for the next run set {oom.knob(p, self.plan)}")
+        self.stuck |= set(over) - set(movable)
+        if not movable:
+            return lines
+        fits = [c for c in pool if all(corr(c, p) <= self.targets[p] for p in movable)]
         if fits:
             best = max(fits, key=_speed)
         else:  # nothing reaches the target: the smallest there is
-            best = min(pool, key=lambda c: (max(corr(c, p) / self.targets[p] for p in over), -c["score"]))
-        lines = []
-        if best is cur or all(corr(best, p) >= now[p] for p in over):
-            for p in over:
-                if p not in self.stuck:
-                    lines.append(f"budget: {_versus(p, measured[p], cur, self.targets[p])} after step {step + 1}, "
-                                 f"and no runtime knob is left to shrink it; for the next run set {oom.knob(p, self.plan)}")
-            self.stuck |= set(over)
-            return lines
+            best = min(pool, key=lambda c: (max(corr(c, p) / self.targets[p] for p in movable), -c["score"]))
         changes = self._adopt(step, best, cur, "over plan", measured)
-        for p in over:
+        for p in movable:
             mine = [a for a in changes if a.phase == p]
             still = "" if corr(best, p) <= self.targets[p] else " (the smallest setting left: still above target)"
             lines.append(f"budget: {_versus(p, measured[p], cur, self.targets[p])} after step {step + 1}: "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer import budget, checkpoint, distributed, is_correction, oom
+from trainer.cap import Cap
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.data import PromptSet
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
@@ -44,6 +45,7 @@ class State:
     loss_cfg: LossConfig
     correction: is_correction.SamplerCorrection
     mem: MemorySampler | None = None
+    cap: Cap | None = None  # the process-level allocator cap (trainer/cap.py), enforced at each phase boundary
     times: dict = field(default_factory=lambda: defaultdict(float))  # phases; they add up to time_step_s
     comm: dict = field(default_factory=dict)  # collectives inside a phase (grad wait / all-reduce: in "optimizer")
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
@@ -59,6 +61,8 @@ class State:
         cuda = self.policy.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
+            if self.cap is not None:
+                self.cap.enforce()
             torch.cuda.reset_peak_memory_stats()
         if self.mem is not None:
             self.mem.take_peak()
@@ -332,26 +336,31 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
 
         tokenizer, prompts, rewards, evaluator = inputs(recipe)
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
-    budget.apply_cap(plan)  # before vLLM or any weight allocates
+    cap = Cap(plan)
+    cap.apply()  # before vLLM or any weight allocates: the planner's estimate of what torch does not hold
+    stage = ["engine"]  # what the timeline's rows say until the loop's phases take over
+    sampler = MemorySampler(observer=cap.observe, phase=lambda: stage[0],
+                            timeline=run_dir / "memory.jsonl" if world.main else None)
     engine = make_engine(recipe, plan, model_path)
+    stage[0] = "policy"
     policy = load_policy(recipe, plan, engine, tokenizer)
     engine.attach(policy)
-    budget.calibrate_cap(plan)  # the planner's guess of non-torch memory replaced by what this process holds
+    cap.calibrate()  # the planner's estimate replaced by what this process holds outside torch's allocator
     if world.main:
         (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
     optimizer, scheduler = make_optimizer(policy, recipe.train)
     if hasattr(engine, "on_kv_change"):
-        engine.on_kv_change = lambda released: budget.apply_cap(plan, released)
-    loop = budget.Loop(recipe, plan, policy, engine, world.size)
+        engine.on_kv_change = cap.kv_change
+    loop = budget.Loop(recipe, plan, policy, engine, world.size, cap=cap)
     start = 0
     if resume is not None:
         state = checkpoint.load(resume, policy.model, optimizer, scheduler)
         start = state["step"]
         loop.restore(state.get("budget"))
     engine.sync(policy)
-    sampler = MemorySampler()
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
-              LossConfig.from_grpo(recipe.grpo), is_correction.SamplerCorrection(recipe.grpo), mem=sampler)
+              LossConfig.from_grpo(recipe.grpo), is_correction.SamplerCorrection(recipe.grpo), mem=sampler, cap=cap)
+    sampler.phase = lambda: s.phase or "start"
     logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
     stop, bad = _Stop(run_dir), 0
     if world.main:

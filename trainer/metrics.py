@@ -19,15 +19,27 @@ from trainer.errors import UserError
 
 
 class MemorySampler:
-    """Samples device memory every `interval` seconds in a daemon thread; `take_peak()` returns and resets."""
+    """Samples device memory every `interval` seconds in a daemon thread; `take_peak()` returns and resets.
 
-    def __init__(self, interval: float = 0.1):
+    observer: called with each reading (the allocator cap's watch, trainer/cap.py). timeline: a file (the run's
+    memory.jsonl) that gets a row per reading where the used memory moved by at least TIMELINE_GRAIN or the phase
+    changed, [t_s, phase, used, torch reserved, torch allocated] in bytes, t from the sampler's start, written as it
+    goes (a run that dies keeps them): where a run's memory went, second by second."""
+
+    TIMELINE_GRAIN = 32 * 2**20
+
+    def __init__(self, interval: float = 0.1, observer=None, phase=None, timeline: Path | None = None):
         import torch
 
         self.cuda = torch.cuda.is_available()
+        self.device = torch.cuda.current_device() if self.cuda else None  # this thread's, not device 0 under torchrun
         self._peak = 0
         self._stop = threading.Event()
         self.interval = interval
+        self.observer, self.phase = observer, phase or (lambda: "")
+        self.t0 = time.time()
+        self.timeline = timeline
+        self._last = (None, -1)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -35,17 +47,35 @@ class MemorySampler:
         if self.cuda:
             import torch
 
-            free, total = torch.cuda.mem_get_info()
+            free, total = torch.cuda.mem_get_info(self.device)
             return total - free
         return psutil.Process().memory_info().rss
 
     def _run(self):
         while not self._stop.is_set():
             try:
-                self._peak = max(self._peak, self.used())
+                used = self.used()
+                self._peak = max(self._peak, used)
+                if self.observer is not None:
+                    self.observer(used)
+                if self.timeline is not None:
+                    self._record(used)
             except Exception:  # the device may be going away at exit
                 pass
             time.sleep(self.interval)
+
+    def _record(self, used: int) -> None:
+        phase = self.phase()
+        if phase == self._last[0] and abs(used - self._last[1]) < self.TIMELINE_GRAIN:
+            return
+        self._last = (phase, used)
+        reserved = allocated = 0
+        if self.cuda:
+            import torch
+
+            reserved, allocated = torch.cuda.memory_reserved(self.device), torch.cuda.memory_allocated(self.device)
+        with open(self.timeline, "a") as f:
+            f.write(json.dumps([round(time.time() - self.t0, 2), phase, used, reserved, allocated]) + "\n")
 
     def take_peak(self) -> int:
         peak, self._peak = max(self._peak, self.used()), 0
