@@ -10,14 +10,16 @@ export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HUB_OFFLINE=1 RUNS=/r
 R=/root/results/scale
 case "${1:-}" in
   start)
+    pkill -f scale_job.sh; pkill -f trainer.cli; pkill -f bench/scale.py; sleep 2
+    [[ -d $R ]] && mv $R $R.$(date +%s)
     mkdir -p $R
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > $R/device.txt
     cat > /root/scale_job.sh <<JOB
 cd $PWD
 python3 bench/scale.py --build > $R/build.log 2>&1
-python3 bench/scale.py $R qwen-7b-15gb > $R/scale.log 2>&1
-python3 -m pytest -m gpu -q -p no:cacheprovider tests > $R/pytest_gpu.txt 2>&1
-python3 bench/scale.py $R llama-8b-40gb llama-8b-24gb >> $R/scale.log 2>&1
+python3 bench/scale.py $R qwen-7b-15gb llama-8b-24gb > $R/scale.log 2>&1
+python3 -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $R/pytest_gpu.txt 2>&1  # nbformat: CI only
+python3 bench/scale.py $R llama-8b-40gb >> $R/scale.log 2>&1
 echo done > $R/done
 JOB
     setsid nohup bash /root/scale_job.sh > $R/job.log 2>&1 &

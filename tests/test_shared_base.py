@@ -113,6 +113,37 @@ def test_whole_model_matches_a_dequantised_reference_and_holds_one_base_copy(mod
     assert copies == 1, outside
 
 
+class FakeEmbeddingWithLoRA(torch.nn.Module):
+    """vLLM's VocabParallelEmbeddingWithLoRA: the embedding of a model with `embedding_modules` (Llama), under
+    enable_lora, holds the original layer as .base_layer."""
+
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        self.base_layer = base
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_an_embedding_wrapped_for_lora_is_shared_not_copied(models, mirror, tmp_path):
+    """The Llama-3.1-8B shape on the H200 (2026-12-02): vLLM names its embedding model.embed_tokens.base_layer.weight;
+    the shared base refused to start, and the bf16 mirror kept its own 1.05 GB copy."""
+    from trainer.sync import share_non_linear
+
+    hf, vmodel, _ = models
+    vmodel.model.embed_tokens = FakeEmbeddingWithLoRA(vmodel.model.embed_tokens)
+    try:
+        vemb = vmodel.model.embed_tokens.base_layer.weight
+        assert "model.embed_tokens.base_layer.weight" in dict(vmodel.named_parameters())
+        if mirror:
+            trainer = tiny_qwen2(vocab=320, hidden=128, layers=2)
+            share_non_linear(trainer, vmodel)
+        else:
+            hf.save_pretrained(tmp_path)
+            trainer = build_shared_model(tmp_path, vmodel, torch.float32)
+        assert trainer.model.embed_tokens.weight.data_ptr() == vemb.data_ptr()
+    finally:
+        vmodel.model.embed_tokens = vmodel.model.embed_tokens.base_layer
+
+
 def test_missing_layout_names_the_vllm_version(monkeypatch):
     monkeypatch.setattr(vi, "version", lambda: "9.9.9")
     with pytest.raises(vi.LayoutError, match="vLLM 9.9.9"):

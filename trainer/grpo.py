@@ -338,14 +338,14 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
     cap = Cap(plan)
     cap.apply()  # before vLLM or any weight allocates: the planner's estimate of what torch does not hold
-    stage = ["engine"]  # what the timeline's rows say until the loop's phases take over
-    sampler = MemorySampler(observer=cap.observe, phase=lambda: stage[0],
-                            timeline=run_dir / "memory.jsonl" if world.main else None)
     engine = make_engine(recipe, plan, model_path)
-    stage[0] = "policy"
     policy = load_policy(recipe, plan, engine, tokenizer)
     engine.attach(policy)
     cap.calibrate()  # the planner's estimate replaced by what this process holds outside torch's allocator
+    # Sampled from here on, not during the engine's start: a reading from another thread while vLLM captures its
+    # CUDA graphs hung the engine on the H200 (2026-12-02, the 7B shape).
+    sampler = MemorySampler(observer=cap.observe, phase=lambda: "start",
+                            timeline=run_dir / "memory.jsonl" if world.main else None)
     if world.main:
         (run_dir / "engine.json").write_text(json.dumps(engine.info, indent=2))
     optimizer, scheduler = make_optimizer(policy, recipe.train)

@@ -43,7 +43,7 @@ def build_shared_model(path: Path, vmodel: torch.nn.Module, compute_dtype: torch
 
 def _share_small_tensors(model: torch.nn.Module, vmodel: torch.nn.Module, only_meta: bool = True) -> None:
     """Embedding, norms: the trainer's parameters become vLLM's tensors (vocab rows beyond the model's dropped)."""
-    vparams = {n: p.data for n, p in vmodel.named_parameters()}
+    vparams = vi.base_parameters(vmodel)
     tied = model.config.tie_word_embeddings
     for name, p in list(model.named_parameters()):
         if (only_meta and not p.is_meta) or (name == "lm_head.weight" and tied):
