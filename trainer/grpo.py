@@ -342,8 +342,9 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | No
     policy = load_policy(recipe, plan, engine, tokenizer)
     engine.attach(policy)
     cap.calibrate()  # the planner's estimate replaced by what this process holds outside torch's allocator
-    # Sampled from here on, not during the engine's start: a reading from another thread while vLLM captures its
-    # CUDA graphs hung the engine on the H200 (2026-12-02, the 7B shape).
+    # Sampled from here on, not during the engine's start: with the sampler reading from its thread while vLLM
+    # started (CUDA-graph capture included), the 7B shape's engine hung on the H200 (2026-12-02: 5 minutes, GPU idle);
+    # started here, the same run went through.
     sampler = MemorySampler(observer=cap.observe, phase=lambda: "start",
                             timeline=run_dir / "memory.jsonl" if world.main else None)
     if world.main:
