@@ -103,8 +103,12 @@ def test_the_run_caps_the_allocator_before_the_engine_or_weights_load(monkeypatc
 
     r = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["budget.vram_gb=1"])
     p = make_plan(config_dict("tiny"), r, Device("cpu"))
+    from trainer.api import inputs
+
+    tokenizer, prompts, rewards, evaluator = inputs(r)
     with pytest.raises(Stop):
-        grpo.run(r, p, tmp_path, distributed.World())
+        grpo.run(r, p, tmp_path, distributed.World(), tokenizer=tokenizer, prompts=prompts, rewards=rewards,
+                 evaluator=evaluator)
     assert order == [("cap", int(1 * GB)), "engine"]
 
 

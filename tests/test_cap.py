@@ -81,6 +81,17 @@ def capped(budget_gb=15.0, gpu=None):
     return p, cap, gpu
 
 
+def started(outside_gb: float = 0.8, torch_gb: float = 8.0):
+    """A run whose engine and policy are up: the planned cap applied, `outside_gb` held outside torch (context,
+    vLLM's buffers and graphs), `torch_gb` in torch (weights, KV, LoRA), then the calibration."""
+    p, cap, gpu = capped()
+    cap.apply()
+    gpu.grow_outside(int(outside_gb * GB))
+    gpu.reserve(int(torch_gb * GB))
+    cap.calibrate()
+    return p, cap, gpu
+
+
 def fill(gpu: SimGPU, chunk: int = 64 * MiB) -> int:
     """A phase's activations: torch allocates chunk by chunk until the cap refuses one; returns the bytes taken."""
     taken = 0
@@ -124,11 +135,7 @@ def phases(cap: Cap, gpu: SimGPU, growth: int, n: int = 20, watch: bool = True) 
 
 def test_outside_growth_after_calibration_lowers_the_cap_and_the_device_stays_within_the_budget():
     """What the H200's 7B run lacked: memory outside torch that appears after the one calibration."""
-    p, cap, gpu = capped()
-    cap.apply()
-    gpu.grow_outside(int(0.8 * GB))
-    gpu.reserve(int(8 * GB))
-    cap.calibrate()
+    p, cap, gpu = started()
     phases(cap, gpu, 55 * 10**6)  # 1.1 GB more outside torch over 20 phases
     assert cap.lowered >= 10 and cap.outside_measured == pytest.approx(1.9 * GB, abs=1e6)
     assert gpu.worst <= p.budget_bytes
@@ -140,19 +147,11 @@ def test_outside_growth_after_calibration_lowers_the_cap_and_the_device_stays_wi
 
 def test_without_the_watch_the_same_growth_breaks_the_budget():
     """The bound above is one a broken cap crosses: calibrated once and never lowered, the process goes over."""
-    p, cap, gpu = capped()
-    cap.apply()
-    gpu.grow_outside(int(0.8 * GB))
-    gpu.reserve(int(8 * GB))
-    cap.calibrate()
+    p, cap, gpu = started()
     phases(cap, gpu, 55 * 10**6, watch=False)
     assert gpu.worst > p.budget_bytes + 0.9 * GB  # all the growth but the margin
     # lowering the fraction alone is not enough either: torch's cached blocks stay on the device
-    p, cap, gpu = capped()
-    cap.apply()
-    gpu.grow_outside(int(0.8 * GB))
-    gpu.reserve(int(8 * GB))
-    cap.calibrate()
+    p, cap, gpu = started()
     cap.enforce = lambda: False
     phases(cap, gpu, 55 * 10**6)
     assert gpu.worst > p.budget_bytes
@@ -161,11 +160,7 @@ def test_without_the_watch_the_same_growth_breaks_the_budget():
 def test_a_transient_or_a_torn_reading_lowers_nothing():
     """One reading above the rest (memory torch freed and CUDA not yet), or one during which torch's reserved bytes
     moved (a segment counted by the device before torch's stats), is not growth."""
-    p, cap, gpu = capped()
-    cap.apply()
-    gpu.grow_outside(int(0.8 * GB))
-    gpu.reserve(int(8 * GB))
-    cap.calibrate()
+    p, cap, gpu = started()
     before = p.allocator_cap_bytes
     assert cap.observe(gpu.used()) is False
     assert cap.observe(gpu.used() + 3 * 10**9) is False  # one spike
@@ -182,11 +177,7 @@ def test_a_transient_or_a_torn_reading_lowers_nothing():
 def test_kv_pages_released_while_training_raise_the_cap_and_the_device_stays_within_the_budget():
     """Released KV pages stay in torch's reserved bytes while the device no longer holds them (seen on the H100,
     2026-11-26): the cap follows them, and the measured outside part does not count them."""
-    p, cap, gpu = capped()
-    cap.apply()
-    gpu.grow_outside(int(0.8 * GB))
-    gpu.reserve(int(7 * GB))
-    cap.calibrate()
+    p, cap, gpu = started(torch_gb=7.0)
     kv = int(2 * GB)
     for _ in range(3):
         gpu.released = kv

@@ -325,16 +325,12 @@ class _Stop:
         return mine
 
 
-def run(recipe, plan, run_dir: Path, world: distributed.World, resume: Path | None = None, console=None,
-        tokenizer=None, prompts: PromptSet | None = None, rewards: list | None = None, evaluator=None) -> int:
+def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, prompts: PromptSet, rewards: list,
+        evaluator=None, resume: Path | None = None, console=None) -> int:
     """Train to recipe.train.max_steps; returns the process exit code. The tokenizer, prompts, rewards and evaluator
-    come together from api.prepare, or are loaded here (api.inputs) when none is given, and always before the engine
-    and the weights: a data or reward mistake costs no load."""
+    come loaded (api.prepare loads them before the engine and the weights: a data or reward mistake costs no load);
+    the loop loads nothing of the recipe's inputs itself."""
     torch.manual_seed(recipe.train.seed)
-    if tokenizer is None:
-        from trainer.api import inputs
-
-        tokenizer, prompts, rewards, evaluator = inputs(recipe)
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
     cap = Cap(plan)
     cap.apply()  # before vLLM or any weight allocates: the planner's estimate of what torch does not hold
