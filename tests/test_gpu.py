@@ -140,15 +140,24 @@ def test_kv_pool_alone_is_released_and_restored(stack):
 
 
 def test_add_lora_fallback_sync(stack):
+    """The fallback sync (a new adapter version through add_lora) reaches sampling: a random adapter pushed this way
+    changes the samples from the zero adapter's, and the sampler's log-probs match the trainer's."""
     from trainer.sync import AdapterFileSync
 
     _, _, engine, policy = stack
+    _randomize_lora(policy, 0.0, seed=0)
+    engine.sync(policy)
+    prompts, g0 = _sample(engine, policy)
     engine.llm.llm_engine.remove_lora(1)  # last test: drop the pinned in-place adapter to make room
+    _randomize_lora(policy, 0.02, seed=2)
     fs = AdapterFileSync(engine.shm, 1)
     ms = []
     for _ in range(3):
         t, engine.request = fs.push(policy.model, engine.llm)
         ms.append(t)
-    prompts, g = _sample(engine, policy)
+    _, g1 = _sample(engine, policy)
     RESULTS["sync_ms_add_lora_0.5b"] = sorted(ms)[1]
-    RESULTS["gap_add_lora"] = _gap(policy, prompts, g)
+    RESULTS["gap_add_lora"] = _gap(policy, prompts, g1)
+    assert g1.completion_ids != g0.completion_ids  # the pushed adapter is the one sampling
+    assert RESULTS["gap_add_lora"][0] < 0.02, RESULTS["gap_add_lora"]
+    _randomize_lora(policy, 0.0, seed=0)
