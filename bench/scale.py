@@ -85,7 +85,7 @@ def collect(name: str, out: Path) -> dict:
     s = json.loads(smi.read_text()) if smi.exists() else {}
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
     m = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    timed = [x for x in m[1:5]] or m  # steps 2..5: past the first step's compiling, before the profiled step
+    timed = m[1:5] or m  # steps 2..5: past the first step's compiling, before the profiled step
 
     def med(key: str):
         vals = [x[key] for x in timed if x.get(key) is not None]

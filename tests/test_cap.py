@@ -235,7 +235,7 @@ def test_the_sampler_feeds_every_reading_to_the_cap_and_writes_the_timeline(tmp_
 # ---------------------------------------------------------------------------------------------- runtime checkpointing
 
 
-def test_the_7b_at_15gb_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan():
+def test_the_7b_at_15gb_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan(monkeypatch):
     """The H200's 7B run (2026-12-02): both phases measured above plan; the rollout has no runtime knob, which used to
     stop the loop from turning checkpointing on for the train phase ("no runtime knob is left ... set
     model.gradient_checkpointing: true" after step 2). Now the train phase shrinks and the live policy is switched."""
@@ -246,13 +246,10 @@ def test_the_7b_at_15gb_gets_checkpointing_at_run_time_when_the_train_phase_is_o
     loop = budget.Loop(r, p, policy=policy, config=CFG_7B)
     import trainer.policy
 
-    orig = trainer.policy.set_gradient_checkpointing
-    trainer.policy.set_gradient_checkpointing = lambda model, on, offload=False: switched.append((model, on, offload))
-    try:
-        rollout, train = p.phase_peaks["rollout"], p.phase_peaks["train"]
-        lines = loop.after_step(1, {"used_rollout": 1.06 * rollout, "used_train": 1.008 * train})
-    finally:
-        trainer.policy.set_gradient_checkpointing = orig
+    monkeypatch.setattr(trainer.policy, "set_gradient_checkpointing",
+                        lambda model, on, offload=False: switched.append((model, on, offload)))
+    rollout, train = p.phase_peaks["rollout"], p.phase_peaks["train"]
+    lines = loop.after_step(1, {"used_rollout": 1.06 * rollout, "used_train": 1.008 * train})
     assert p.gradient_checkpointing and switched == [("the policy's model", True, False)]
     assert any("rollout phase measured" in x and "no runtime knob is left" in x for x in lines)
     assert any("train phase measured" in x and "model.gradient_checkpointing False -> True" in x for x in lines)

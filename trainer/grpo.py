@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from trainer import budget, checkpoint, distributed, is_correction, oom
-from trainer.cap import Cap
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
+from trainer.cap import Cap
 from trainer.data import PromptSet
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.evaluate import line as eval_line

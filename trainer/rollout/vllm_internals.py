@@ -124,9 +124,6 @@ def packed_shards(vmodel: torch.nn.Module) -> dict[str, PackedShard]:
     return out
 
 
-# ----------------------------------------------------------------------------------------- KV pool release
-
-
 def base_parameters(vmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
     """vLLM's parameters by the name the HF model gives them. With enable_lora, vLLM wraps the layers a model lists
     in its `embedding_modules` (Llama: embed_tokens; Qwen2 lists none) in LoRA layers that hold the original as
@@ -134,6 +131,9 @@ def base_parameters(vmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
     model.embed_tokens.weight. Seen on the H200 (2026-12-02, Llama-3.1-8B shape): without this the shared nf4 base
     had no embedding to share, and the bf16 mirror kept a second 1.05 GB copy of it."""
     return {n.replace(".base_layer.", "."): p.data for n, p in vmodel.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------- KV pool release
 
 
 def _cumem():
