@@ -4,7 +4,8 @@ Why: at decode batch sizes (M = 1..64 rows) bitsandbytes 0.50 on an H100 mostly 
 in memory and then runs a bf16 matmul (its `gemm_4bit` heuristic prefers that on sm90 for large weights), so every
 decode step writes and re-reads 2 bytes per parameter instead of reading 0.56. This kernel dequantises in registers:
 each program loads a [BLOCK_N, BLOCK_K/2] tile of packed bytes, splits the nibbles (bitsandbytes packs element 2j in
-the high nibble and 2j+1 in the low one), maps both to their nf4 level in registers, scales by the fp32 absmax of
+the high nibble and 2j+1 in the low one), maps both to their nf4 level (tl.gather from a 16-entry table loaded
+once per program), scales by the fp32 absmax of
 their 64-element block, rounds to the activation dtype (exactly bitsandbytes' dequantised value), interleaves them
 back into [BLOCK_N, BLOCK_K] and accumulates x @ W.T in fp32 on the tensor cores. Split-K (fp32 atomics) keeps the
 GPU busy when N is small.
@@ -13,9 +14,12 @@ Layout contract (bitsandbytes nf4, blocksize 64, not nested; what vLLM's in-flig
 W [N, K] row-major, flattened, quantised in blocks of 64 consecutive elements (K % 64 == 0, so no block straddles
 rows); `packed` holds N*K/2 bytes, `absmax` N*K/64 fp32 values; the levels are bitsandbytes' NF4 code (`NF4`).
 Tested against bitsandbytes' dequantize_4bit + matmul on the CPU with TRITON_INTERPRET=1
-(tests/test_nf4_gemm.py) and timed against bitsandbytes on the GPU by bench/decode_profile.py.
+(tests/test_nf4_gemm.py); timed against bitsandbytes on the GPU at the 7B/8B shard shapes by bench/nf4_bench.py
+and inside the engine by bench/decode_profile.py.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,8 +27,14 @@ import triton.language as tl
 
 QBLOCK = 64  # bitsandbytes' blocksize for nf4 weights (vLLM and HF both use 64)
 # Software-pipelining depth. Triton's default (3) overflows the H100's 227 KB of shared memory at BLOCK_M 64 x
-# BLOCK_K 256 (248 KB asked, seen 2026-11-26); 2 stages with BLOCK_K <= 128 above BLOCK_M 16 fit.
+# BLOCK_K 256 (248 KB asked, seen 2026-11-26); 2 stages with BLOCK_K <= 128 above BLOCK_M 16 fit. At BLOCK_M 16
+# (decode) 3 stages fit and were faster on the H200.
 NUM_STAGES = 2
+# How a 4-bit code becomes its nf4 level: 1 = tl.gather from the 16 levels (default), 0 = a select tree in registers,
+# the previous default, kept as the A/B baseline (TRAINER_NF4_LOOKUP=0): 1.52x slower per 7B layer at 8 rows on the
+# H200 (343 vs 226 us; bench/results/nf4_bench.json). A load per weight from the table in global memory was 4-6x
+# slower than either and was dropped.
+LOOKUP = int(os.environ.get("TRAINER_NF4_LOOKUP", "1"))
 
 
 # The 16 nf4 levels (bitsandbytes' NF4 code, fp32), spelled out so the kernel can select them in registers.
@@ -53,9 +63,9 @@ def _nf4_level(q):
 
 
 @triton.jit
-def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, stride_xm, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     ATOMIC: tl.constexpr):
+                     ATOMIC: tl.constexpr, LOOKUP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -73,13 +83,21 @@ def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, M, N, K, stride_xm, stri
     a_base = absmax_ptr + rows[:, None] * (K // 64) + offs_g[None, :]
     x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LOOKUP == 1:  # the 16 levels (loaded once) as a [BLOCK_N, G, 16] tensor for tl.gather along its last dim
+        table = tl.broadcast_to(tl.reshape(tl.load(levels_ptr + tl.arange(0, 16)), (1, 1, 16)), (BLOCK_N, G, 16))
     for it in range(pid_k, K // BLOCK_K, SPLIT_K):  # split-K: program k takes every SPLIT_K-th tile of K
         k0 = it * BLOCK_K
         packed = tl.load(w_base + k0 // 2, mask=n_ok[:, None, None], other=0).to(tl.int32)
         scale = tl.load(a_base + k0 // 64, mask=n_ok[:, None], other=0.0)[:, :, None]
         # bitsandbytes' dequantised weight: fp32 level x fp32 absmax, rounded to the activation dtype
-        w_hi = (_nf4_level((packed >> 4) & 0xF) * scale).to(x_ptr.dtype.element_ty)  # element 2j
-        w_lo = (_nf4_level(packed & 0xF) * scale).to(x_ptr.dtype.element_ty)  # element 2j + 1
+        if LOOKUP == 1:  # tl.gather from the 16 levels: one read per weight
+            lv_hi = tl.gather(table, (packed >> 4) & 0xF, 2)
+            lv_lo = tl.gather(table, packed & 0xF, 2)
+        else:  # a select tree in registers: ~25 instructions per weight
+            lv_hi = _nf4_level((packed >> 4) & 0xF)
+            lv_lo = _nf4_level(packed & 0xF)
+        w_hi = (lv_hi * scale).to(x_ptr.dtype.element_ty)  # element 2j
+        w_lo = (lv_lo * scale).to(x_ptr.dtype.element_ty)  # element 2j + 1
         w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))  # [row, g, byte, nibble] -> [row, k]
         x = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
@@ -91,10 +109,13 @@ def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, M, N, K, stride_xm, stri
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int = 32, waves: float = 2.0
+def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int | None = None, waves: float = 2.0
            ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an [m, k] x [n, k].T product: enough programs to fill the GPU about
-    `waves` times over, split-K only when the N tiles alone cannot (each split keeps >= 2 K tiles)."""
+    `waves` times over, split-K only when the N tiles alone cannot (each split keeps >= 2 K tiles). 64 output
+    columns a program, 32 for narrow shards (k/v): the fastest tilings at every 7B/8B shard shape on the H200
+    (bench/results/nf4_bench.json)."""
+    block_n = block_n or (32 if n <= 512 else 64)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_k = 128 if k % 128 == 0 else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
@@ -105,7 +126,8 @@ def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int = 32, waves:
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, out: torch.Tensor | None = None,
-               cfg: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+               cfg: tuple[int, int, int, int] | None = None, lookup: int | None = None,
+               num_stages: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """x [M, K] (bf16/fp16, rows contiguous) @ dequant(W [n, K]).T -> [M, n] in x's dtype, written into `out` when
     given (it may be a column slice of a wider tensor: its rows are strided, its columns contiguous)."""
     m, k = x.shape
@@ -118,19 +140,36 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: i
     if out.stride(1) != 1:
         raise ValueError("nf4_matmul: out's columns must be contiguous")
     bm, bn, bk, split = cfg or config(m, n, k, _num_sms(x.device))
+    lookup = LOOKUP if lookup is None else lookup
+    num_stages = num_stages or (3 if bm == 16 and bk <= 128 else NUM_STAGES)
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+    levels = nf4_levels(x.device)
     if split == 1:
-        _nf4_gemm_kernel[grid](x, packed, absmax, out, m, n, k, x.stride(0), out.stride(0), BLOCK_M=bm,
-                               BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, ATOMIC=False, num_warps=4, num_stages=NUM_STAGES)
+        _nf4_gemm_kernel[grid](x, packed, absmax, out, levels, m, n, k, x.stride(0), out.stride(0), BLOCK_M=bm,
+                               BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, ATOMIC=False, LOOKUP=lookup, num_warps=num_warps,
+                               num_stages=num_stages)
         return out
     acc = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    _nf4_gemm_kernel[grid](x, packed, absmax, acc, m, n, k, x.stride(0), acc.stride(0), BLOCK_M=bm,
-                           BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ATOMIC=True, num_warps=4, num_stages=NUM_STAGES)
+    _nf4_gemm_kernel[grid](x, packed, absmax, acc, levels, m, n, k, x.stride(0), acc.stride(0), BLOCK_M=bm,
+                           BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ATOMIC=True, LOOKUP=lookup, num_warps=num_warps,
+                           num_stages=num_stages)
     out.copy_(acc)
     return out
 
 
 _SMS: dict = {}
+_LEVELS: dict = {}
+
+
+def nf4_levels(device: torch.device) -> torch.Tensor:
+    """The 16 NF4 levels as an fp32 tensor on `device`, made at the first call (a host-to-device copy: make it before
+    any CUDA-graph capture, as vllm_internals.install_nf4_gemm does)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _LEVELS:
+        _LEVELS[device] = torch.tensor(NF4, dtype=torch.float32, device=device)
+    return _LEVELS[device]
 
 
 def _num_sms(device: torch.device) -> int:
