@@ -2,7 +2,7 @@
 level lookups (0: a select tree in registers, 1: tl.gather from a 16-entry table, 2: a load per weight from the table
 in global memory) and a few tilings, against bitsandbytes' matmul_4bit as vLLM calls it.
 
-    python bench/nf4_bench.py OUT.json
+    python bench/nf4_bench.py OUT.json [--defaults]     # --defaults: each lookup at the default tiling, 8 rows only
 Weights are quantised on the GPU with bitsandbytes' quantize_4bit (nf4, blocksize 64: what vLLM's in-flight
 quantisation does). Each variant is first checked against dequantize_4bit + matmul in fp64 (output poisoned with NaN
 before the call; a variant that fails to compile or to match is recorded as such), then timed inside a CUDA graph
@@ -25,7 +25,7 @@ SHAPES = {  # shard (N, K) per model shape: q and o, k and v, gate and up, down
 }
 PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
 ROWS = (8, 16)
-LOOKUPS = (0, 1, 2)
+LOOKUPS = (0, 1)  # 2 (a load per weight from global memory) was measured 4-6x slower and dropped
 TILINGS = ((32, 128, 2, 4), (64, 128, 3, 4), (32, 256, 3, 4), (64, 256, 3, 8))  # BLOCK_N, BLOCK_K, stages, warps
 
 
@@ -38,7 +38,7 @@ def split_k(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> int:
     return split
 
 
-def main(out: Path) -> None:
+def main(out: Path, defaults: bool = False) -> None:
     import triton.testing
     from bitsandbytes import matmul_4bit
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
@@ -55,16 +55,16 @@ def main(out: Path) -> None:
             q, st = quantize_4bit(w, blocksize=64, quant_type="nf4")
             wd = dequantize_4bit(q, st)
             nbytes = n * k * (0.5 + 1 / 16)
-            for m in ROWS:
+            for m in (ROWS[:1] if defaults else ROWS):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = x.double() @ wd.double().T
                 with torch.no_grad():
                     row = dict(model=model, shard=name, n=n, k=k, m=m, default=list(config(m, n, k, sms)),
                                bnb_us=round(bench(lambda: matmul_4bit(x, q.t(), st)), 2), variants=[])
                 for lookup in LOOKUPS:
-                    for bn, bk, stages, warps in TILINGS:
+                    for bn, bk, stages, warps in ([(None, None, None, 4)] if defaults else TILINGS):
                         bm = 16 if m <= 16 else 32
-                        cfg = (bm, bn, bk, split_k(m, n, k, bm, bn, bk, sms))
+                        cfg = tuple(config(m, n, k, sms)) if defaults else (bm, bn, bk, split_k(m, n, k, bm, bn, bk, sms))
                         v = dict(lookup=lookup, cfg=list(cfg), stages=stages, warps=warps)
                         try:
                             call = lambda: nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg,  # noqa: E731
@@ -93,6 +93,8 @@ def main(out: Path) -> None:
     for model in SHAPES:
         for m in ROWS:
             rs = [r for r in rows if r["model"] == model and r["m"] == m]
+            if not rs:
+                continue
             entry = {"bnb_us": round(sum(r["bnb_us"] * PER_LAYER[r["shard"]] for r in rs), 1)}
             for lookup in LOOKUPS:
                 best = [min((v["us"] for v in r["variants"] if v["lookup"] == lookup and "us" in v), default=None)
@@ -111,4 +113,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), "--defaults" in sys.argv[2:])

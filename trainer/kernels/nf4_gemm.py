@@ -5,10 +5,10 @@ in memory and then runs a bf16 matmul (its `gemm_4bit` heuristic prefers that on
 decode step writes and re-reads 2 bytes per parameter instead of reading 0.56. This kernel dequantises in registers:
 each program loads a [BLOCK_N, BLOCK_K/2] tile of packed bytes, splits the nibbles (bitsandbytes packs element 2j in
 the high nibble and 2j+1 in the low one), maps both to their nf4 level (tl.gather from a 16-entry table loaded
-once per program), scales by the fp32 absmax of
-their 64-element block, rounds to the activation dtype (exactly bitsandbytes' dequantised value), interleaves them
-back into [BLOCK_N, BLOCK_K] and accumulates x @ W.T in fp32 on the tensor cores. Split-K (fp32 atomics) keeps the
-GPU busy when N is small.
+once per program), scales by the fp32 absmax of their 64-element block, rounds to the activation dtype (exactly
+bitsandbytes' dequantised value), interleaves them back into [BLOCK_N, BLOCK_K] and accumulates x @ W.T in fp32 on
+the tensor cores. Split-K (fp32 atomics) keeps the GPU busy when N is small; atomics add in no fixed order, so two
+calls may differ in the last bits (a seeded rollout may not repeat exactly: tests/test_gpu.py's zero-LoRA check).
 
 Layout contract (bitsandbytes nf4, blocksize 64, not nested; what vLLM's in-flight bnb quantisation produces):
 W [N, K] row-major, flattened, quantised in blocks of 64 consecutive elements (K % 64 == 0, so no block straddles
