@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trainer.errors import UserError
 
-# Presets that `include:` finds by name (budgets/24gb, lora/r16-all-linear): package data, so that they are there
-# in a `pip install .` too (a top-level configs/ folder, as DESIGN.md first laid out, is not in the wheel).
-PRESETS = Path(__file__).resolve().parent / "configs"
+# Presets that `include:` finds by name (budgets/24gb, lora/r16-all-linear): the checkout's top-level configs/, which
+# the wheel ships as trainer/configs/ (pyproject's package-dir), so `include:` works in both.
+_HERE = Path(__file__).resolve().parent
+PRESETS = next((d for d in (_HERE / "configs", _HERE.parent / "configs") if d.is_dir()), _HERE.parent / "configs")
 
 
 class Section(BaseModel):
