@@ -1,13 +1,80 @@
 #!/usr/bin/env bash
-# One device sitting on a two-GPU machine: issue 8 (bench/multigpu.py), then issue 10 (bench/vs_peers.py).
-# After staging (../shared/device/stage.sh, stage-unsloth.sh into /root/site_unsloth), from the project root:
-#   setsid nohup bash bench/sitting.sh > /root/sitting.log 2>&1 &       # results under /root/results, then DONE
+# One device sitting: a named benchmark's job, then `pytest -m gpu`, detached on the device (a command may last 10
+# minutes, a sitting longer), results under /root/results/NAME; every `wait` tars what is done into $OUT/NAME.tgz,
+# so a machine given back loses nothing already polled. Stage first (here, `bash scripts/device_stage.sh [unsloth]`
+# prints the device calls; make them back to back: a machine idle for 30 s is given back), then on the device:
+#   bash bench/sitting.sh NAME start [ARGS ...]    # NAME's job (ARGS go to its driver), then pytest -m gpu
+#   bash bench/sitting.sh NAME wait [SECONDS]      # waits (default 540 s) or until done; call again at once until "done"
+# NAME: the driver it runs, the committed result it makes (docs/benchmarks.md gives each result's exact command).
+#   scale         bench/scale.py --build; bench/scale.py OUT [ROW ...]   -> bench/results/scale.json
+#                 (PROFILE=ROW in the environment of `start` profiles that row's last step)
+#   planner       bench/planner.py OUT [NAME ...]                        -> bench/results/planner.json
+#   long_context  bench/long_context.py OUT [ROW ...]                    -> bench/results/long_context.json
+#   fidelity      bench/fidelity.py variants OUT [SHAPE ...]             -> bench/results/fidelity.json (its `report`)
+#   vs_peers      bench/vs_peers.py OUT (staged with `unsloth`)          -> bench/results/vs_peers.json
+#   decode        bench/decode_profile.py OUT [VARIANT ...]              -> bench/results/decode_profile.json
+#   nf4           bench/nf4_bench.py OUT/nf4_bench.json [--defaults]     -> bench/results/nf4_bench.json
+#   microbatch    bench/microbatch.py OUT                                -> bench/results/microbatch.json
+#   multigpu      bench/multigpu.py OUT (a multi-GPU kind)               -> bench/results/multigpu.json
+#   hf            train bench/recipes/toy-digits-0.5b-hf.yaml under bench/smi.py; bench/report.py hf
+#                                                                        -> bench/results/hf_gpu.json
+#   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml
+#                 under bench/smi.py; bench/report.py sync               -> bench/results/sync.json
+#   gpu_tests     pytest -m gpu alone
+# SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
 set -uo pipefail
-export PYTHONPATH=/root/site:$PWD VLLM_ENABLE_V1_MULTIPROCESSING=0 TRAINER_CACHE=/root/cache PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
-R=/root/results; mkdir -p $R; rm -f /root/DONE
-nvidia-smi > $R/nvidia-smi.txt 2>&1
-[[ ${SKIP_MG:-0} == 1 ]] || python3 bench/multigpu.py $R/mg > $R/mg.log 2>&1
-[[ ${SKIP_VS:-0} == 1 ]] || python3 bench/vs_peers.py $R/vs ${GPUS:-0,1} > $R/vs.log 2>&1
-tar czf /root/results.tgz -C /root results
-touch /root/DONE
+NAME=${1:-}; ACTION=${2:-}
+D=${SITTING_ROOT:-/root}; PY=${PYTHON:-python3}; R=$D/results/$NAME
+export PYTHONPATH=$D/site:$PWD VLLM_ENABLE_V1_MULTIPROCESSING=0 TRAINER_CACHE=${TRAINER_CACHE:-$D/cache}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
+export UNSLOTH_DISABLE_STATISTICS=1 RUNS=$D/runs
+
+job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
+  case $NAME in
+    scale) echo "$PY bench/scale.py --build && $PY bench/scale.py $R $*";;
+    planner) echo "$PY bench/planner.py $R $*";;
+    long_context) echo "$PY bench/long_context.py $R $*";;
+    fidelity) echo "$PY bench/fidelity.py variants $R $*";;
+    vs_peers) echo "$PY bench/vs_peers.py $R $*";;
+    decode) echo "$PY bench/decode_profile.py $R $*";;
+    nf4) echo "$PY bench/nf4_bench.py $R/nf4_bench.json $*";;
+    microbatch) echo "$PY bench/microbatch.py $R $*";;
+    multigpu) echo "$PY bench/multigpu.py $R $*";;
+    hf) echo "$PY bench/smi.py $R/smi_hf.json -- $PY -m trainer.cli bench/recipes/toy-digits-0.5b-hf.yaml" \
+             "--output-dir $RUNS/hf --overwrite $* && $PY bench/report.py hf $RUNS/hf $R/smi_hf.json $R/hf_gpu.json";;
+    sync) echo "GPU_TESTS_JSON=$R/gpu_tests.json $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py;" \
+               "$PY bench/smi.py $R/smi_sync.json -- $PY -m trainer.cli bench/recipes/toy-digits-1.5b-vllm.yaml" \
+               "--output-dir $RUNS/sync --overwrite $* && $PY bench/report.py sync $RUNS/sync $R/smi_sync.json" \
+               "$R/gpu_tests.json $R/sync.json";;
+    gpu_tests) echo "true";;
+    *) return 1;;
+  esac
+}
+
+case "$ACTION" in
+  start)
+    shift 2
+    cmd=$(job "$@") || { echo "unknown sitting: '$NAME' (see the header of $0)"; exit 2; }
+    pkill -f "$D/sitting_job.sh" 2>/dev/null; sleep 1
+    [[ -d $R ]] && mv "$R" "$R.$(date +%s)"
+    mkdir -p "$R"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$R/device.txt" 2>&1
+    echo "$(date -u +%FT%TZ) $NAME: $cmd" > "$R/command.txt"
+    cat > "$D/sitting_job.sh" <<JOB
+cd $PWD
+( $cmd ) > $R/$NAME.log 2>&1; echo "rc \$?" >> $R/$NAME.log
+$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $R/pytest_gpu.txt 2>&1  # nbformat: CI only
+echo done > $R/done
+JOB
+    setsid nohup bash "$D/sitting_job.sh" > "$R/job.log" 2>&1 < /dev/null &
+    echo "started $NAME on $(head -1 "$R/device.txt"): $cmd";;
+  wait)
+    [[ -d $R ]] || { echo "no sitting '$NAME' started under $D/results"; exit 2; }
+    for _ in $(seq $(( ${3:-540} / 5 ))); do [[ -f $R/done ]] && break; sleep 5; done
+    grep -h '^{' "$R/$NAME.log" 2>/dev/null | cut -c1-300 | tail -20
+    for f in "$R"/*.log; do echo "== $f"; tail -n 2 "$f" | cut -c1-300; done
+    tail -n 2 "$R/pytest_gpu.txt" 2>/dev/null
+    mkdir -p "${OUT:-$D/out}" && tar -czf "${OUT:-$D/out}/$NAME.tgz" -C "$D/results" "$NAME"
+    [[ -f $R/done ]] && echo "done" || echo "still running";;
+  *) echo "usage: $0 NAME start [ARGS ...] | NAME wait [SECONDS]  (NAME: see the header)"; exit 2;;
+esac
