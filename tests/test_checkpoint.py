@@ -12,14 +12,14 @@ from trainer import checkpoint
 from trainer.errors import UserError
 
 
-def _model_opt():
+def _model_opt(steps: int = 2):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_qwen2(vocab=128, hidden=32, layers=1), LoraConfig(r=2, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    for _ in range(2):
+    for _ in range(steps):
         loss = sum((p ** 2).sum() for p in params) + sum(p.sum() for p in params)
         loss.backward()
         opt.step()
@@ -32,17 +32,21 @@ def test_save_and_load_restore_adapter_optimizer_scheduler(tmp_path):
     model, opt, sched = _model_opt()
     path = checkpoint.save(tmp_path, 2, model, opt, sched, {"recipe": "t"}, keep=2)
     want = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
-    model2, opt2, sched2 = _model_opt()
+    model2, opt2, sched2 = _model_opt(steps=0)  # fresh: no optimizer state, the scheduler at its start
     with torch.no_grad():
         for p in model2.parameters():
             if p.requires_grad:
                 p.add_(1.0)
+    assert not opt2.state and sched2.last_epoch == 0
     state = checkpoint.load(path, model2, opt2, sched2)
     assert state["step"] == 2
     got = {k: v for k, v in model2.state_dict().items() if "lora" in k}
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
-    assert sched2.last_epoch == sched.last_epoch
+    a, b = opt.state_dict()["state"], opt2.state_dict()["state"]  # AdamW's moments and step counts, tensor by tensor
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+    assert sched2.last_epoch == sched.last_epoch == 2
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] != 0.1  # the scheduled lr, not the initial one
 
 
 def test_adapter_is_loadable_by_peft(tmp_path):

@@ -136,12 +136,37 @@ def test_reference_and_old_logprob_passes_use_the_training_micro_batches():
     config, r = llama(["budget.vram_gb=78", "grpo.beta=0.04", "grpo.num_iterations=2"])
     plan = make_plan(config, r, H100)
     assert plan.micro_batch_seqs == 1 and plan.micro_batch_tokens == plan.max_model_len
-    import inspect
 
-    from trainer import grpo
 
-    src = inspect.getsource(grpo.grpo_step)
-    assert src.count("logprobs_pass(s, batch, groups)") == 2
+def test_reference_and_old_logprob_passes_run_on_the_training_loops_micro_batches(tmp_path, monkeypatch):
+    """One real step (tiny shape, CPU) with a reference model and two iterations: the two no-grad passes (reference,
+    old policy) take exactly the rows the training loop takes, micro-batch by micro-batch."""
+    from trainer import distributed, grpo
+    from trainer.api import inputs
+    from trainer.shapes import config_dict
+
+    calls: list[tuple[bool, list[int]]] = []
+    real = grpo.micro_batch
+
+    def spy(batch, rows, device):
+        calls.append((torch.is_grad_enabled(), list(rows)))
+        return real(batch, rows, device)
+
+    monkeypatch.setattr(grpo, "micro_batch", spy)
+    r = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
+                    ["grpo.beta=0.04", "grpo.num_iterations=2", "train.max_steps=1", "train.generation_batch_size=16",
+                     "train.micro_batch_tokens=96", "eval=", "checkpoint.save_final=false", "logging.plots=false"])
+    plan = make_plan(config_dict("tiny"), r, Device("cpu"))
+    tokenizer, prompts, rewards, evaluator = inputs(r)
+    (tmp_path / "run").mkdir()
+    assert grpo.run(r, plan, tmp_path / "run", distributed.World(), tokenizer=tokenizer, prompts=prompts,
+                    rewards=rewards, evaluator=evaluator) == 0
+    no_grad = [rows for grad, rows in calls if not grad]
+    train = [rows for grad, rows in calls if grad]
+    assert len(train) >= 4 and len(train) % 2 == 0  # several micro-batches, once per iteration
+    per_iteration = train[:len(train) // 2]
+    assert train[len(train) // 2:] == per_iteration
+    assert no_grad == per_iteration + per_iteration  # reference pass, then old-policy pass, on the same groups
 
 
 # ---------------------------------------------------------------------------------------------- the planner's knobs
