@@ -1,7 +1,8 @@
 """The budget kept at run time: a closed loop that re-plans the runtime knobs from measured per-phase peaks and
 retries a step once after an out-of-memory; it never invents a knob value, it only picks among the planner's own
-candidates (trainer/plan.py). The hard cap under it, torch's allocator held to the budget less what the process holds
-outside it, measured and lowered as that grows, is trainer/cap.py.
+candidates (trainer/plan.py). Three parts: what a step measured and which candidate comes next are trainer/replan.py
+(pure), this module runs the step, retries it and applies the choice; the hard cap under it, torch's allocator held to
+the budget less what the process holds outside it, measured and lowered as that grows, is trainer/cap.py.
 
 Closed loop. After each step the measured peak of each plan phase (device memory used, sampled, as nvidia-smi sees
 it: `used_<sub-phase>` of State.peaks, rollout = kv + rollout, train = the rest; on a shared GPU it includes the
@@ -39,19 +40,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from trainer import oom
+from trainer import oom, replan
 from trainer.cap import Cap
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.memory import GB
 from trainer.plan import RUNTIME_KNOBS, Device, free_runtime_knobs, runtime_candidates
+from trainer.replan import KNOB_PHASE, Readings
 
-# Sub-phases of the loop (State.timed) by the plan phase whose peak they belong to.
-SUBPHASES = {"rollout": ("kv", "rollout"), "train": ("reward", "recompute", "train", "optimizer", "sync")}
-KNOB_PHASE = {"micro_batch_tokens": "train", "token_chunk": "train", "gradient_checkpointing": "train",
-              "activation_offload": "train",
-              "kv_release": "train", "hf_batch_size": "rollout"}
-# The knobs a notch changes; token_chunk follows micro_batch_tokens in the planner's candidates.
-NOTCH_KNOBS = ("micro_batch_tokens", "gradient_checkpointing", "activation_offload", "kv_release", "hf_batch_size")
 # Sub-phases whose OOM is retried (nothing of the step is applied before the optimizer), by the plan phase to shrink.
 RETRY = {"rollout": "rollout", "recompute": "train", "train": "train"}
 TOLERANCE = 0.03  # a phase more than 3% above its target is re-planned
@@ -75,7 +70,8 @@ class Adjustment:
 
 
 class Loop:
-    """Per-run state of the closed loop; `run_step` wraps one step of the GRPO loop."""
+    """Per-run state of the closed loop: `run_step` wraps one step of the GRPO loop, `after_step` and `after_oom` read
+    the step and take trainer/replan.py's choice, `_set` applies a choice to the plan and the live objects."""
 
     def __init__(self, recipe, plan, policy=None, engine=None, world_size: int = 1, config: dict | None = None,
                  cap: Cap | None = None):
@@ -93,8 +89,7 @@ class Loop:
         self.targets = ({p: plan.budget_bytes * (1 - HEADROOM) for p in plan.phase_peaks} if self.speed
                         else dict(plan.phase_peaks))
         self.measures = plan.device == "cuda"  # CPU: the sampler reads the process's RSS, which the plan does not model
-        self.anchor: dict[str, tuple[float, float]] = {}  # phase -> (measured, planned) of its largest ratio
-        self.errors: dict[str, float] = {}  # phase -> measured / planned - 1 in the last step
+        self.readings = Readings()
         self.pending: list[Adjustment] = []  # changes of the current step, reported with its metrics
         self.retried = 0
         self.stuck: set[str] = set()  # phases above target with no runtime knob left (noted once)
@@ -148,18 +143,20 @@ class Loop:
 
     # ------------------------------------------------------------------------------------------ decisions
 
-    def measured(self, peaks: dict) -> dict[str, int]:
-        """Peak device memory of each plan phase from State.peaks (`used_<sub-phase>`)."""
-        out = {}
-        for phase, subs in SUBPHASES.items():
-            vals = [peaks[f"used_{x}"] for x in subs if f"used_{x}" in peaks]
-            if vals:
-                out[phase] = max(vals)
-        return out
+    @property
+    def anchor(self) -> dict:
+        return self.readings.anchor
+
+    @property
+    def errors(self) -> dict:
+        return self.readings.errors
+
+    def expected(self, phase: str, planned: float) -> float:
+        return self.readings.expected(phase, planned)
 
     def after_step(self, step: int, peaks: dict, worst: bool = False) -> list[str]:
         """Re-plan after a step from its measured peaks; returns the log lines (the changes go to `pending`)."""
-        measured = self.measured(peaks)
+        measured = Readings.measured(peaks)
         if not measured:
             return []
         cur = self.current()
@@ -169,11 +166,7 @@ class Loop:
             # train plan being 6.44). Only the whole step's peak is meaningful; it belongs to the larger phase.
             top = max(cur["phase_peaks"], key=cur["phase_peaks"].get)
             measured = {top: max(measured.values())}
-        for p, m in measured.items():
-            planned = cur["phase_peaks"][p]
-            if p not in self.anchor or m / planned > self.anchor[p][0] / self.anchor[p][1]:
-                self.anchor[p] = (m, planned)
-        self.errors = {p: m / cur["phase_peaks"][p] - 1 for p, m in measured.items()}
+        self.readings.record(measured, cur)
         limit = self.plan.budget_bytes or float("inf")
         over = [p for p, m in measured.items() if m > min(self.targets[p] * (1 + TOLERANCE), limit)]
         if over:
@@ -184,74 +177,40 @@ class Loop:
         return []
 
     def after_oom(self, step: int, sub_phase: str) -> list[Adjustment]:
-        """One notch smaller in the phase that ran out: the fastest candidate that differs in one knob of that phase
-        and predicts a smaller peak there (and no larger one elsewhere). [] when none is left."""
+        """One notch smaller in the phase that ran out (replan.notch); [] when none is left."""
         phase = RETRY.get(sub_phase)
         if phase is None:
             return []
         cur = self.current()
-        mine = [k for k in NOTCH_KNOBS if KNOB_PHASE[k] == phase and k in self.free]
-
-        def one_notch(c: dict) -> bool:
-            diff = [k for k in NOTCH_KNOBS if c[k] != cur[k]]
-            return (len(diff) == 1 and diff[0] in mine and c["phase_peaks"][phase] < cur["phase_peaks"][phase]
-                    and all(c["phase_peaks"][q] <= cur["phase_peaks"][q] for q in cur["phase_peaks"]))
-
-        notches = [c for c in self.candidates if one_notch(c)]
-        if not notches:
-            return []
-        best = max(notches, key=lambda c: (_speed(c), -c["phase_peaks"][phase]))
-        return self._adopt(step, best, cur, "out of memory", {})
-
-    def expected(self, phase: str, planned: float) -> float:
-        """The planner's bytes for a phase corrected by the largest measured/planned ratio seen there."""
-        if phase not in self.anchor:
-            return planned
-        m, p = self.anchor[phase]
-        return m + max(1.0, m / p) * (planned - p)
+        best = replan.notch(self.candidates, cur, phase, self.free)
+        return self._adopt(step, best, cur, "out of memory", {}) if best else []
 
     def _shrink(self, step: int, over: list[str], measured: dict, cur: dict) -> list[str]:
-        """The fastest candidate, changing only the knobs of the phases above target, that brings them under it.
-        A phase above target that no runtime knob can shrink (e.g. vLLM's rollout: its pools are fixed at start) is
-        reported once and held where it is; it does not stop the others from shrinking (the H200's 7B run of
-        2026-12-02 kept checkpointing off, its train phase over budget, because the rollout was over plan too)."""
-        def corr(c, p):
-            return self.expected(p, c["phase_peaks"][p])
-
-        now = {p: corr(cur, p) for p in cur["phase_peaks"]}
-        held = [k for k in RUNTIME_KNOBS if KNOB_PHASE[k] not in over]
-        pool = [c for c in self.candidates if all(c[k] == cur[k] for k in held)
-                and all(corr(c, p) <= max(self.targets[p], now[p]) for p in now if p not in over)]
-        movable = [p for p in over if any(corr(c, p) < now[p] for c in pool)]
-        pool = [c for c in pool if all(corr(c, p) <= now[p] for p in over if p not in movable)]
+        """Take replan.shrink's candidate for the phases above target; a phase no runtime knob can shrink is reported
+        once and held (the H200's 7B run of 2026-12-02 kept checkpointing off, its train phase over budget, because
+        the rollout, which no knob shrinks, was over plan too)."""
+        best, movable = replan.shrink(self.candidates, cur, over, self.targets, self.readings, RUNTIME_KNOBS)
         lines = []
         for p in over:
             if p not in movable and p not in self.stuck:
                 lines.append(f"budget: {_versus(p, measured[p], cur, self.targets[p])} after step {step + 1}, "
                              f"and no runtime knob is left to shrink it; for the next run set {oom.knob(p, self.plan)}")
         self.stuck |= set(over) - set(movable)
-        if not movable:
+        if best is None:
             return lines
-        fits = [c for c in pool if all(corr(c, p) <= self.targets[p] for p in movable)]
-        if fits:
-            best = max(fits, key=_speed)
-        else:  # nothing reaches the target: the smallest there is
-            best = min(pool, key=lambda c: (max(corr(c, p) / self.targets[p] for p in movable), -c["score"]))
         changes = self._adopt(step, best, cur, "over plan", measured)
         for p in movable:
             mine = [a for a in changes if a.phase == p]
-            still = "" if corr(best, p) <= self.targets[p] else " (the smallest setting left: still above target)"
+            exp = self.expected(p, best["phase_peaks"][p])
+            still = "" if exp <= self.targets[p] else " (the smallest setting left: still above target)"
             lines.append(f"budget: {_versus(p, measured[p], cur, self.targets[p])} after step {step + 1}: "
-                         + (f"{_changes(mine)}, now expected {corr(best, p) / GB:.2f} GB" if mine else "unchanged")
-                         + still)
+                         + (f"{_changes(mine)}, now expected {exp / GB:.2f} GB" if mine else "unchanged") + still)
         return lines
 
     def _grow(self, step: int, measured: dict, cur: dict) -> list[str]:
-        """adapt: speed: the fastest candidate whose corrected peaks fit the budget less HEADROOM."""
-        fits = [c for c in self.candidates
-                if all(self.expected(p, c["phase_peaks"][p]) <= self.targets[p] for p in c["phase_peaks"])]
-        best = max(fits, key=_speed, default=cur)
-        if _speed(best) <= _speed(cur):
+        """adapt: speed: take replan.grow's candidate (the fastest whose corrected peaks fit the budget less HEADROOM)."""
+        best = replan.grow(self.candidates, cur, self.targets, self.readings)
+        if best is None:
             return []
         changes = self._adopt(step, best, cur, "slack", measured)
         peak = max(self.expected(p, best["phase_peaks"][p]) for p in best["phase_peaks"])
@@ -311,12 +270,7 @@ class Loop:
         if self._find({**old, **new}) is None:  # the recipe changed since: the planner's choice stands
             return
         self._set(new)
-        self.anchor = {p: (float(v[0]), float(v[1])) for p, v in state.get("anchor", {}).items()}
-
-
-def _speed(c: dict) -> tuple:
-    """The planner's speed score; between equal scores, the larger HF batch."""
-    return c["score"], c["hf_batch_size"]
+        self.readings.anchor = {p: (float(v[0]), float(v[1])) for p, v in state.get("anchor", {}).items()}
 
 
 def _changes(changes: list[Adjustment]) -> str:
