@@ -29,15 +29,6 @@ LOOKUPS = (0, 1)  # 2 (a load per weight from global memory) was measured 4-6x s
 TILINGS = ((32, 128, 2, 4), (64, 128, 3, 4), (32, 256, 3, 4), (64, 256, 3, 8))  # BLOCK_N, BLOCK_K, stages, warps
 
 
-def split_k(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> int:
-    """trainer.kernels.nf4_gemm.config's split-K rule for a given tiling."""
-    tiles = -(-n // bn) * -(-m // bm)
-    split = 1
-    while tiles * split < 2.0 * sms and k // bk >= 4 * split:
-        split *= 2
-    return split
-
-
 def main(out: Path, defaults: bool = False) -> None:
     import triton.testing
     from bitsandbytes import matmul_4bit
@@ -63,8 +54,7 @@ def main(out: Path, defaults: bool = False) -> None:
                                bnb_us=round(bench(lambda: matmul_4bit(x, q.t(), st)), 2), variants=[])
                 for lookup in LOOKUPS:
                     for bn, bk, stages, warps in ([(None, None, None, 4)] if defaults else TILINGS):
-                        bm = 16 if m <= 16 else 32
-                        cfg = tuple(config(m, n, k, sms)) if defaults else (bm, bn, bk, split_k(m, n, k, bm, bn, bk, sms))
+                        cfg = config(m, n, k, sms, block_n=bn, block_k=bk)  # the kernel's own split-K rule
                         v = dict(lookup=lookup, cfg=list(cfg), stages=stages, warps=warps)
                         try:
                             call = lambda: nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg,  # noqa: E731
@@ -88,7 +78,8 @@ def main(out: Path, defaults: bool = False) -> None:
                 print(json.dumps({k: row[k] for k in ("model", "shard", "m", "bnb_us")}),
                       [(v["lookup"], v["cfg"][1], v["cfg"][2], v.get("us", v.get("error", "")[:40]))
                        for v in row["variants"]], f"{time.time() - t0:.0f}s", flush=True)
-    # one decoder layer's 4-bit GEMM time per lookup (its best tiling per shard) and the current default
+    # one decoder layer's 4-bit GEMM time per lookup (its best tiling per shard) and the select tree at the tiling that
+    # was the default until 2026-12-02 (32 columns, K tile 128, 2 stages, 4 warps)
     layer = {}
     for model in SHAPES:
         for m in ROWS:
@@ -101,9 +92,9 @@ def main(out: Path, defaults: bool = False) -> None:
                         for r in rs]
                 entry[f"lookup{lookup}_best_us"] = (round(sum(b * PER_LAYER[r["shard"]] for b, r in zip(best, rs)), 1)
                                                     if None not in best else None)
-            default = [next((v.get("us") for v in r["variants"] if v["lookup"] == 0 and v["cfg"] == r["default"]
+            default = [next((v.get("us") for v in r["variants"] if v["lookup"] == 0 and v["cfg"][1:3] == [32, 128]
                              and v["stages"] == 2 and v["warps"] == 4), None) for r in rs]
-            entry["current_default_us"] = (round(sum(b * PER_LAYER[r["shard"]] for b, r in zip(default, rs)), 1)
+            entry["old_default_us"] = (round(sum(b * PER_LAYER[r["shard"]] for b, r in zip(default, rs)), 1)
                                            if None not in default else None)
             layer[f"{model} m={m}"] = entry
     res = {"device": torch.cuda.get_device_name(), "command": "python bench/nf4_bench.py OUT.json",

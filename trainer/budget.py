@@ -189,7 +189,7 @@ class Loop:
         """Take replan.shrink's candidate for the phases above target; a phase no runtime knob can shrink is reported
         once and held (the H200's 7B run of 2026-12-02 kept checkpointing off, its train phase over budget, because
         the rollout, which no knob shrinks, was over plan too)."""
-        best, movable = replan.shrink(self.candidates, cur, over, self.targets, self.readings, RUNTIME_KNOBS)
+        best, movable = replan.shrink(self.candidates, cur, over, self.targets, self.readings)
         lines = []
         for p in over:
             if p not in movable and p not in self.stuck:

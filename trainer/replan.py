@@ -4,6 +4,8 @@ plan phase, corrected into expected peaks (Readings), and the three choices over
 that fits the budget's slack). Pure: nothing here changes the plan or a live object."""
 from __future__ import annotations
 
+from trainer.plan import RUNTIME_KNOBS
+
 # Sub-phases of the loop (State.timed) by the plan phase whose peak they belong to.
 SUBPHASES = {"rollout": ("kv", "rollout"), "train": ("reward", "recompute", "train", "optimizer", "sync")}
 KNOB_PHASE = {"micro_batch_tokens": "train", "token_chunk": "train", "gradient_checkpointing": "train",
@@ -67,8 +69,8 @@ def notch(candidates: list[dict], cur: dict, phase: str, free: set) -> dict | No
     return max(notches, key=lambda c: (speed(c), -c["phase_peaks"][phase])) if notches else None
 
 
-def shrink(candidates: list[dict], cur: dict, over: list[str], targets: dict, readings: Readings,
-           runtime_knobs) -> tuple[dict | None, list[str]]:
+def shrink(candidates: list[dict], cur: dict, over: list[str], targets: dict, readings: Readings
+           ) -> tuple[dict | None, list[str]]:
     """For the phases above target: the fastest candidate, changing only their knobs, that brings them under it (or
     the smallest there is). Returns (that candidate or None, the phases it can move); a phase no runtime knob can
     shrink (e.g. vLLM's rollout: its pools are fixed at start) is held where it is and does not stop the others."""
@@ -76,7 +78,7 @@ def shrink(candidates: list[dict], cur: dict, over: list[str], targets: dict, re
         return readings.expected(p, c["phase_peaks"][p])
 
     now = {p: corr(cur, p) for p in cur["phase_peaks"]}
-    held = [k for k in runtime_knobs if KNOB_PHASE[k] not in over]
+    held = [k for k in RUNTIME_KNOBS if KNOB_PHASE[k] not in over]
     pool = [c for c in candidates if all(c[k] == cur[k] for k in held)
             and all(corr(c, p) <= max(targets[p], now[p]) for p in now if p not in over)]
     movable = [p for p in over if any(corr(c, p) < now[p] for c in pool)]

@@ -109,15 +109,15 @@ def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, str
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int | None = None, waves: float = 2.0
-           ) -> tuple[int, int, int, int]:
+def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int | None = None, waves: float = 2.0,
+           block_k: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an [m, k] x [n, k].T product: enough programs to fill the GPU about
     `waves` times over, split-K only when the N tiles alone cannot (each split keeps >= 2 K tiles). 64 output
     columns a program, 32 for narrow shards (k/v): the fastest tilings at every 7B/8B shard shape on the H200
     (bench/results/nf4_bench.json)."""
     block_n = block_n or (32 if n <= 512 else 64)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = 128 if k % 128 == 0 else 64
+    block_k = block_k or (128 if k % 128 == 0 else 64)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split = 1
     while tiles * split < waves * num_sms and k // block_k >= 4 * split:
