@@ -16,18 +16,21 @@ import os, json, torch, bitsandbytes.functional as F
 from trainer.kernels.nf4_gemm import nf4_matmul
 torch.manual_seed(int(os.environ["SEED"]))
 rows = []
-# (M, N, K, config or None): decode sizes, ragged N and M, split-K with atomics, a column slice of a wider output
+# (M, N, K, config or None): decode sizes, ragged N and M, split-K (its partials summed in order, and by atomics: the
+# A/B baseline), a column slice of a wider output
 for m, n, k, cfg in [(8, 96, 256, None), (1, 64, 128, (16, 64, 64, 1)), (3, 64, 512, (16, 64, 128, 2)),
                      (20, 130, 192, (32, 64, 64, 1)), (5, 70, 320, (16, 64, 64, 3)), (40, 64, 128, (64, 64, 128, 1)), (8, 48, 256, (16, 32, 128, 1)), (16, 100, 640, (16, 32, 128, 5))]:
-    for dt, lookup in ((torch.float32, 1), (torch.float16, 1), (torch.float32, 0)):  # 1: tl.gather, 0: select tree
+    # lookup 1: tl.gather, 0: select tree; ordered False: split-K by fp32 atomics
+    for dt, lookup, ordered in ((torch.float32, 1, True), (torch.float16, 1, True), (torch.float32, 0, True),
+                                (torch.float32, 1, False)):
         w = torch.randn(n, k)
         q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
         x = torch.randn(m, k).to(dt)
         ref = x.double() @ F.dequantize_4bit(q, st).double().T
         wide = torch.full((m, n + 9), float("nan"), dtype=dt)  # poisoned: every element of the slice must be written
-        nf4_matmul(x, q.view(-1), st.absmax, n, out=wide[:, 4:4 + n], cfg=cfg, lookup=lookup)
+        nf4_matmul(x, q.view(-1), st.absmax, n, out=wide[:, 4:4 + n], cfg=cfg, lookup=lookup, ordered=ordered)
         y = wide[:, 4:4 + n].double()
-        rows.append(dict(m=m, n=n, k=k, dtype=str(dt), lookup=lookup, rel=float((y - ref).norm() / ref.norm()),
+        rows.append(dict(m=m, n=n, k=k, dtype=str(dt), lookup=lookup, ordered=ordered, rel=float((y - ref).norm() / ref.norm()),
                          untouched=bool(wide[:, :4].isnan().all() and wide[:, 4 + n:].isnan().all())))
 print("ROWS" + json.dumps(rows))
 """

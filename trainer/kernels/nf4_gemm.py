@@ -7,8 +7,12 @@ each program loads a [BLOCK_N, BLOCK_K/2] tile of packed bytes, splits the nibbl
 the high nibble and 2j+1 in the low one), maps both to their nf4 level (tl.gather from a 16-entry table loaded
 once per program), scales by the fp32 absmax of their 64-element block, rounds to the activation dtype (exactly
 bitsandbytes' dequantised value), interleaves them back into [BLOCK_N, BLOCK_K] and accumulates x @ W.T in fp32 on
-the tensor cores. Split-K (fp32 atomics) keeps the GPU busy when N is small; atomics add in no fixed order, so two
-calls may differ in the last bits (a seeded rollout may not repeat exactly: tests/test_gpu.py's zero-LoRA check).
+the tensor cores. Split-K keeps the GPU busy when N is small: each split writes its fp32 partial to its own slice
+of a [split, M, N] buffer, summed in a fixed order afterwards, so the same inputs give the same bits on every call
+(a seeded rollout repeats exactly: tests/test_gpu.py's zero-LoRA check). fp32 atomics into one [M, N] buffer, the
+first version, added in no fixed order; kept only as bench/nf4_bench.py's A/B baseline (`ordered=False`). The fixed
+order costs 2% of a 7B layer's 4-bit GEMM time at 8 rows, 4% of an 8B's, 7% of a 1.5B's (one H200, 2026-12-02,
+bench/results/nf4_bench_defaults.json); a seeded rollout that does not repeat cost more than that to debug.
 
 Layout contract (bitsandbytes nf4, blocksize 64, not nested; what vLLM's in-flight bnb quantisation produces):
 W [N, K] row-major, flattened, quantised in blocks of 64 consecutive elements (K % 64 == 0, so no block straddles
@@ -63,7 +67,7 @@ def _nf4_level(q):
 
 
 @triton.jit
-def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, stride_xm, stride_om,
+def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, stride_xm, stride_om, stride_os,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                      ATOMIC: tl.constexpr, LOOKUP: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -101,7 +105,8 @@ def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, str
         w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))  # [row, g, byte, nibble] -> [row, k]
         x = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    # split-K: split pid_k's partial goes to its own [M, N] slice (stride_os; 0 when atomics add into one)
+    out = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc, mask=mask)
@@ -127,9 +132,10 @@ def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int | None = Non
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, out: torch.Tensor | None = None,
                cfg: tuple[int, int, int, int] | None = None, lookup: int | None = None,
-               num_stages: int | None = None, num_warps: int = 4) -> torch.Tensor:
+               num_stages: int | None = None, num_warps: int = 4, ordered: bool = True) -> torch.Tensor:
     """x [M, K] (bf16/fp16, rows contiguous) @ dequant(W [n, K]).T -> [M, n] in x's dtype, written into `out` when
-    given (it may be a column slice of a wider tensor: its rows are strided, its columns contiguous)."""
+    given (it may be a column slice of a wider tensor: its rows are strided, its columns contiguous). `ordered`:
+    split-K partials summed in a fixed order (bit-reproducible); False adds them by atomics (the A/B baseline)."""
     m, k = x.shape
     if k % QBLOCK:
         raise ValueError(f"nf4_matmul needs K % {QBLOCK} == 0, got K={k}")
@@ -145,15 +151,17 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: i
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
     levels = nf4_levels(x.device)
     if split == 1:
-        _nf4_gemm_kernel[grid](x, packed, absmax, out, levels, m, n, k, x.stride(0), out.stride(0), BLOCK_M=bm,
-                               BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, ATOMIC=False, LOOKUP=lookup, num_warps=num_warps,
-                               num_stages=num_stages)
-        return out
-    acc = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    _nf4_gemm_kernel[grid](x, packed, absmax, acc, levels, m, n, k, x.stride(0), acc.stride(0), BLOCK_M=bm,
-                           BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ATOMIC=True, LOOKUP=lookup, num_warps=num_warps,
-                           num_stages=num_stages)
-    out.copy_(acc)
+        dst, stride_os = out, 0
+    elif ordered:
+        dst = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        stride_os = dst.stride(0)
+    else:
+        dst, stride_os = torch.zeros((m, n), dtype=torch.float32, device=x.device), 0
+    _nf4_gemm_kernel[grid](x, packed, absmax, dst, levels, m, n, k, x.stride(0), dst.stride(-2), stride_os,
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ATOMIC=split > 1 and not ordered,
+                           LOOKUP=lookup, num_warps=num_warps, num_stages=num_stages)
+    if split > 1:
+        out.copy_(dst.sum(0) if ordered else dst)
     return out
 
 
