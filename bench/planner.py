@@ -3,19 +3,24 @@ smallest accepted budget, comparing nvidia-smi's peak (sampled every 0.15 s, ben
 
     python bench/planner.py --predict [NAME ...]      # here, no GPU: the grid's budgets, plans and a wall-time estimate
     python bench/planner.py OUT_DIR [NAME ...]        # on the device, after staging: OUT_DIR/planner.json
+    python bench/planner.py --merge OUT.json PART.json ...  # here: the grid's sittings in one file (a later run of
+                                                            # the same name and budget replaces an earlier one)
 
-The grid spans the 0.5B, 1.5B and 7B shapes, completions from 64 to 4096 tokens, LoRA r 16 / 64 / 128, beta 0 and
-0.04, both vLLM weight formats (shared nf4 and the bf16 mirror) and the HF engine. A budget is either a number of
-GB or "min" (the smallest budget the planner accepts, rounded up to 0.1 GB) or "min+15%". Each run does three
+The grid spans the 0.5B, 1.5B, 7B and 8B shapes, completions from 64 to 4096 tokens, LoRA r 16 / 64 / 128, beta 0 and
+0.04, num_iterations 1 and 2, both vLLM weight formats (shared nf4 and the bf16 mirror) and the HF engine. A budget is either a number of
+GB or "min" (the smallest budget the planner accepts, rounded up to 0.1 GB) or "min+15%". Each run does five
 steps: the first at worst-case lengths (random-init models never stop early), then the closed loop's adjustments
-(listed per run from summary.json), then one more. Shapes are built in a process of their own before the watched
-run, so the peak is the trainer's, not the random-init build's.
+(listed per run from summary.json), then more; the measured step time is the median of steps 3-5 (the first two
+compile the trainer's layers for new lengths: 7-10 s of a 1.5B's step on the H200). Shapes are built in a process of
+their own before the watched run, so the peak is the trainer's, not the random-init build's.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BASE = "bench/recipes/toy-digits-1.5b-vllm.yaml"
 # Knobs left to the planner; data.max_prompt_length = the data's longest prompt (30 tokens with the chat template).
-FREE = ["rollout.weight_format=", "rollout.kv_release=", "checkpoint.save_final=false", "train.max_steps=3",
+FREE = ["rollout.weight_format=", "rollout.kv_release=", "checkpoint.save_final=false", "train.max_steps=5",
         "data.max_prompt_length=30"]
 HF = ["rollout.engine=hf"]
 B = ["grpo.beta=0.04"]
@@ -59,8 +64,13 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
     "7b-vllm-8x512": (shape("qwen2.5-7b") + gen(8, 512), ["min"]),
     "7b-vllm-8x64-r128-beta": (shape("qwen2.5-7b") + gen(8, 64) + lora(128) + B, ["min+15%"]),
     "7b-hf-8x256": (shape("qwen2.5-7b") + HF + gen(8, 256), ["min"]),
+    # issue 25's widening: two PPO-style passes over each batch (the 3x step-time miss of 2026-12-02), the 8B shape
+    "1.5b-vllm-32x1024-iter2-beta": (gen(32, 1024) + ["grpo.num_iterations=2"] + B, [10.0]),
+    "8b-vllm-8x256": (shape("llama-3.1-8b") + gen(8, 256), ["min"]),
+    "8b-vllm-16x1024-r64": (shape("llama-3.1-8b") + gen(16, 1024) + lora(64), ["min+15%"]),
 }
-H100 = dict(kind="cuda", name="NVIDIA H100 80GB HBM3", total_bytes=85_029_158_912, free_bytes=84_500_000_000, bf16=True)
+# the card the grid runs on (143,771 MiB as nvidia-smi reports it): "min" budgets are searched for this device
+H200 = dict(kind="cuda", name="NVIDIA H200", total_bytes=150_754_820_096, free_bytes=150_000_000_000, bf16=True)
 
 
 def _plan(overrides: list[str], budget_gb: float | None):
@@ -69,18 +79,18 @@ def _plan(overrides: list[str], budget_gb: float | None):
     from trainer.recipe import load_recipe
 
     r = load_recipe(BASE, overrides + [f"budget.vram_gb={budget_gb if budget_gb is not None else 80}"])
-    return make_plan(read_config(r.model), r, Device(**H100)), r
+    return make_plan(read_config(r.model), r, Device(**H200)), r
 
 
 @functools.cache
 def smallest_budget_gb(overrides: tuple[str, ...]) -> float:
-    """The smallest budget (GB, one decimal) the planner accepts for these overrides on an H100 (one search per
+    """The smallest budget (GB, one decimal) the planner accepts for these overrides on an H200 (one search per
     config, however many of its budgets derive from it)."""
     from trainer.plan import Device, alternatives
     from trainer.policy import read_config
 
     plan, r = _plan(list(overrides), None)
-    low = alternatives(read_config(r.model), r, plan, Device(**H100))["smallest"]
+    low = alternatives(read_config(r.model), r, plan, Device(**H200))["smallest"]
     return math.ceil(low["peak_bytes"] / 1e8 - 1e-9) / 10
 
 
@@ -132,19 +142,21 @@ def run(out: Path, names: list[str]) -> None:
         try:
             plan = json.loads((run_dir / "plan.json").read_text())
             s = json.loads(smi.read_text())
-            m = read_metrics(run_dir)
-            summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+            # the plan and the peak first: a run that failed (an OOM) still says how close it came to its budget
             row.update({"device_name": plan["device_name"], "predicted_peak_gb": plan["peak_bytes"] / 1e9, "measured_peak_gb": s["peak_gb"],
-                        "within_budget": s["peak_gb"] <= b, "steps": len(m),
-                        "adjustments": summ.get("adjustments", [a for x in m for a in x.get("budget/changes", [])]),
-                        "retries": sum(x.get("budget/retries", 0) for x in m),
+                        "within_budget": s["peak_gb"] <= b, "predicted_step_s": plan.get("predicted_step_s"),
                         "predicted_phases_gb": {k: v / 1e9 for k, v in plan["phase_peaks"].items()},
                         "components_gb": {k: v / 1e9 for k, v in plan["components"].items()},
                         "knobs": {k: plan.get(k) for k in (
                             "weight_format", "kv_release", "micro_batch_tokens", "gradient_checkpointing",
                             "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
                             "cudagraph_capture_sizes", "enforce_eager", "token_chunk", "vocab_chunk", "rollout_engine",
-                            "hf_batch_size", "allocator_cap_bytes")},
+                            "hf_batch_size", "allocator_cap_bytes")}})
+            m = read_metrics(run_dir)
+            summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+            row.update({"steps": len(m),
+                        "adjustments": summ.get("adjustments", [a for x in m for a in x.get("budget/changes", [])]),
+                        "retries": sum(x.get("budget/retries", 0) for x in m),
                         "measured_phase_peaks_gb": {k: max(x.get(k, 0) for x in m) for k in m[-1] if k.startswith("peak_")},
                         "step_s": [x["time_step_s"] for x in m]})
             row["error_frac"] = row["measured_peak_gb"] / row["predicted_peak_gb"] - 1
@@ -152,16 +164,45 @@ def run(out: Path, names: list[str]) -> None:
             row["error"] = repr(e)[:300]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), flush=True)
-        ok = [r for r in rows if "error_frac" in r]
-        (out / "planner.json").write_text(json.dumps({
-            "device": next((r["device_name"] for r in rows if r.get("device_name")), None), "command": "python bench/planner.py OUT_DIR " + " ".join(names),
-            "peak": "nvidia-smi memory.used sampled every 0.15 s (bench/smi.py), GB = 1e9 bytes",
-            "max_abs_error_frac": max((abs(r["error_frac"]) for r in ok), default=None),
-            "all_within_budget": all(r.get("within_budget") for r in rows), "configs": rows}, indent=1))
+        _write(out / "planner.json", rows, "python bench/planner.py OUT_DIR " + " ".join(names))
+
+
+def _write(path: Path, rows: list[dict], command: str) -> None:
+    for r in rows:  # steady step time: the median of steps 3 onwards (a sitting of 3-step runs: the third alone)
+        if len(r.get("step_s") or []) >= 3 and r.get("predicted_step_s"):
+            r["step_s_steady"] = statistics.median(r["step_s"][2:])
+            r["step_error_frac"] = r["step_s_steady"] / r["predicted_step_s"] - 1
+    ok = [r for r in rows if "error_frac" in r]
+    path.write_text(json.dumps({
+        "device": next((r["device_name"] for r in rows if r.get("device_name")), None), "command": command,
+        "peak": "nvidia-smi memory.used sampled every 0.15 s (bench/smi.py), GB = 1e9 bytes",
+        "max_abs_error_frac": max((abs(r["error_frac"]) for r in ok), default=None),
+        "max_abs_step_error_frac": max((abs(r["step_error_frac"]) for r in rows if "step_error_frac" in r), default=None),
+        "all_within_budget": all(r.get("within_budget") for r in rows), "configs": rows}, indent=1))
+
+
+def merge(out: Path, parts: list[Path]) -> None:
+    rows: dict[str, dict] = {}
+    for p in parts:
+        d = json.loads(p.read_text())
+        for r in d["configs"]:
+            r = dict(r, sitting=d["command"])
+            smi = p.parent / f"smi_{r['name']}.json"  # a run that failed before its row was complete (older driver)
+            if "measured_peak_gb" not in r and smi.exists():
+                r["measured_peak_gb"] = json.loads(smi.read_text())["peak_gb"]
+                r["within_budget"] = r["measured_peak_gb"] <= r["budget_gb"]
+            log = p.parent / f"{r['name']}.log"  # the plan's step prediction as the run printed it (older driver)
+            if "predicted_step_s" not in r and log.exists():
+                found = re.search(r"predicted step ([0-9.]+) s", log.read_text(errors="replace"))
+                r["predicted_step_s"] = float(found.group(1)) if found else None
+            rows[r["name"]] = r
+    _write(out, list(rows.values()), "python bench/planner.py --merge " + " ".join(str(p) for p in [out, *parts]))
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--predict":
         predict(sys.argv[2:] or list(CONFIGS))
+    elif sys.argv[1] == "--merge":
+        merge(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     else:
         run(Path(sys.argv[1]), sys.argv[2:] or list(CONFIGS))

@@ -21,7 +21,8 @@
 #   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml
 #                 under bench/smi.py; bench/report.py sync               -> bench/results/sync.json
 #   gpu_tests     pytest -m gpu alone
-# SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
+# GPU_TESTS=first runs `pytest -m gpu` before the job instead of after it, GPU_TESTS=no skips it (for a second job in
+# the same sitting). SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
 set -uo pipefail
 NAME=${1:-}; ACTION=${2:-}
 D=${SITTING_ROOT:-/root}; PY=${PYTHON:-python3}; R=$D/results/$NAME
@@ -60,10 +61,15 @@ case "$ACTION" in
     mkdir -p "$R"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$R/device.txt" 2>&1
     echo "$(date -u +%FT%TZ) $NAME: $cmd" > "$R/command.txt"
+    tests="$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $R/pytest_gpu.txt 2>&1"
+    case ${GPU_TESTS:-last} in  # --ignore: the device lacks nbformat; the notebook runs in CI
+      first) before=$tests; after=true;; no) before=true; after=true;; *) before=true; after=$tests;;
+    esac
     cat > "$D/sitting_job.sh" <<JOB
 cd $PWD
+$before
 ( $cmd ) > $R/$NAME.log 2>&1; echo "rc \$?" >> $R/$NAME.log
-$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $R/pytest_gpu.txt 2>&1  # nbformat: CI only
+$after
 echo done > $R/done
 JOB
     setsid nohup bash "$D/sitting_job.sh" > "$R/job.log" 2>&1 < /dev/null &
