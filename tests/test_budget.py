@@ -64,7 +64,7 @@ def test_cap_is_the_budget_less_what_torch_does_not_allocate():
     two = make_plan(CFG, recipe(["budget.vram_gb=8"]), replace(H100, world_size=2))
     assert two.allocator_cap_bytes == int(8 * GB) - memory.CUDA_CONTEXT - memory.VLLM_NON_TORCH - memory.DISTRIBUTED
     hf = make_plan(CFG, recipe(["budget.vram_gb=6", "rollout.engine=hf"]), H100)
-    assert hf.allocator_cap_bytes == int(6 * GB) - memory.CUDA_CONTEXT
+    assert hf.allocator_cap_bytes == int(6 * GB) - memory.CUDA_CONTEXT - memory.HF_NON_TORCH
     # No budget, or no GPU: no cap.
     assert make_plan(CFG, recipe(["budget.vram_gb="]), H100).allocator_fraction is None
     cpu = make_plan(CFG, recipe(["budget.vram_gb=6", "rollout.engine=hf"]), Device("cpu"))

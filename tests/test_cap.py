@@ -235,12 +235,16 @@ def test_the_sampler_feeds_every_reading_to_the_cap_and_writes_the_timeline(tmp_
 # ---------------------------------------------------------------------------------------------- runtime checkpointing
 
 
-def test_the_7b_at_15gb_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan(monkeypatch):
-    """The H200's 7B run (2026-12-02): both phases measured above plan; the rollout has no runtime knob, which used to
-    stop the loop from turning checkpointing on for the train phase ("no runtime knob is left ... set
-    model.gradient_checkpointing: true" after step 2). Now the train phase shrinks and the live policy is switched."""
-    r, p = plan_at(15.0, overrides=["train.generation_batch_size=8", "grpo.max_completion_length=1024"])
-    assert not p.gradient_checkpointing and p.rollout_engine == "vllm"  # the planner's choice at 15 GB
+def test_the_7b_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan(monkeypatch):
+    """The H200's 7B run (2026-12-02, 15 GB): both phases measured above plan; the rollout has no runtime knob, which
+    used to stop the loop from turning checkpointing on for the train phase ("no runtime knob is left ... set
+    model.gradient_checkpointing: true" after step 2). Now the train phase shrinks and the live policy is switched.
+    Since memory.NO_CKPT_FIT the planner turns checkpointing on itself at 15 GB; the run's plan had the fit at 1."""
+    over = ["train.generation_batch_size=8", "grpo.max_completion_length=1024"]
+    assert plan_at(15.0, overrides=over)[1].gradient_checkpointing
+    monkeypatch.setattr(memory, "NO_CKPT_FIT", 1.0)  # the planner of that day
+    r, p = plan_at(15.0, overrides=over)
+    assert not p.gradient_checkpointing and p.rollout_engine == "vllm"  # the planner's choice at 15 GB then
     switched = []
     policy = types.SimpleNamespace(model="the policy's model")
     loop = budget.Loop(r, p, policy=policy, config=CFG_7B)

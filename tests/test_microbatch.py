@@ -117,6 +117,18 @@ def test_oom_names_the_phase_and_the_knob_and_keeps_the_checkpoint(tmp_path, pha
     assert latest.name == "step-0000002" and json.loads((latest / "state.json").read_text())["step"] == 2
 
 
+def test_oom_at_start_up_is_one_message_with_a_budget_to_set(tmp_path):
+    # Seen on the H200 (2026-12-02): vLLM's CUDA-graph capture ran out of memory at a planned budget and the run
+    # ended in a traceback. Start-up is a phase of its own now: one message, exit 4, a budget to set, nothing written.
+    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run"), "--set", "logging.plots=false"],
+                    env={"TRAINER_TEST_OOM_PHASE": "start"})
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 4, text[-3000:]
+    assert "Traceback" not in text and "in the start-up (weights" in text, text[-3000:]
+    assert "fix: set budget.vram_gb:" in text and "planned" in text and "--resume" not in text
+    assert checkpoint.latest(tmp_path / "run") is None
+
+
 def test_length_mix_draws_per_request_caps():
     from trainer.grpo import length_mix
     from trainer.recipe import load_recipe

@@ -3,6 +3,7 @@ choices (more budget never plans worse, fixed knobs are kept, infeasible recipes
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -115,6 +116,25 @@ def _speed(plan, model: str, length: int) -> float:
                              prompt_len=plan.max_model_len - length)
     assert abs(got + plan.predicted_step_s) < 1e-2
     return got
+
+
+def test_predicted_step_prices_every_pass_over_the_batch():
+    # num_iterations 2 and beta > 0 were predicted as one pass (7.1 s a step against 11.6 s measured on one H200,
+    # 2026-12-02): each iteration's forward + backward and each gradient-free log-prob pass now costs its time.
+    from trainer import cost
+
+    fixed = ["train.micro_batch_tokens=4096", "model.gradient_checkpointing=true", "rollout.weight_format=bf16_mirror",
+             "grpo.max_completion_length=1024", "train.generation_batch_size=32", "budget.vram_gb=40"]
+    one, ref, two = (make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(fixed + o), H100)
+                     for o in ([], ["grpo.beta=0.04"], ["grpo.beta=0.04", "grpo.num_iterations=2"]))
+    assert one.micro_batch_tokens == ref.micro_batch_tokens == two.micro_batch_tokens == 4096
+    n = math.ceil(32 * one.max_model_len / 4096)
+    per_token = cost.TRAIN_S_PER_TOKEN * ModelDims.from_config(cfg("qwen2.5-1.5b-instruct")).linear_params / cost.REF_LINEAR_PARAMS
+    train = n * max(cost.MICRO_BATCH_FLOOR_S[(one.compile_layers, True)], 4096 * per_token)
+    forward = n * max(cost.MICRO_BATCH_FLOOR_S[(one.compile_layers, False)] / 2,
+                      4096 * per_token / cost.RECOMPUTE_FACTOR / 3)
+    assert ref.predicted_step_s - one.predicted_step_s == pytest.approx(forward, abs=2e-3)  # the reference pass
+    assert two.predicted_step_s - ref.predicted_step_s == pytest.approx(train + forward, abs=2e-3)  # 2nd iteration + old
 
 
 @pytest.mark.parametrize("fixed", [["train.micro_batch_tokens=1024"], ["rollout.weight_format=shared_nf4"],

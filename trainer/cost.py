@@ -54,9 +54,11 @@ def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) 
 
 
 def step_seconds(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
-                 engine: str, compiled: bool = False, fused_nf4: bool = False, dims=None, prompt_len: int = 0) -> float:
-    """Rollout (vLLM decode; HF generate is charged 5x) + train phase for one step. `dims` (memory.ModelDims) adds the
-    long-sequence terms (the reference and old-log-prob passes are not priced, as before)."""
+                 engine: str, compiled: bool = False, fused_nf4: bool = False, dims=None, prompt_len: int = 0,
+                 num_iterations: int = 1, forward_passes: int = 0) -> float:
+    """Rollout (vLLM decode; HF generate is charged 5x) + train phase for one step: `num_iterations` forward +
+    backward passes over the batch and `forward_passes` log-prob passes without gradients (the reference model's
+    when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims) adds the long-sequence terms."""
     seqs = min(gen, knobs.get("max_num_seqs") or gen)
     waves = math.ceil(gen / max(seqs, 1))
     fmt = knobs.get("weight_format") or "shared_nf4"
@@ -72,7 +74,12 @@ def step_seconds(linear_params: int, gen: int, completion_len: int, step_tokens:
     micro_batches = math.ceil(step_tokens / mbt)
     per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS * (1.0 if gc else 1 / RECOMPUTE_FACTOR)
     # each micro-batch costs the larger of its launch-bound floor and its compute (dispatch runs ahead of the GPU)
-    train = micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, gc)], mbt * per_token)
+    train = num_iterations * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, gc)], mbt * per_token)
+    # a pass without gradients: a third of a forward + backward without checkpointing, over half the launches (an
+    # estimate, not measured alone: without it, 32 x 1024 with num_iterations 2 and beta 0.04 was predicted at 7.1 s
+    # a step and took 11.6 s once compiled, on one H200 on 2026-12-02; with it, 10.2 s)
+    fwd_per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS / RECOMPUTE_FACTOR / 3
+    train += forward_passes * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, mbt * fwd_per_token)
     if dims is not None:  # attention, quadratic in each sequence: forward (+ recompute) + 2x backward
         seq = step_tokens / max(gen, 1)
         fwd = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen / ATTN_FLOPS

@@ -14,11 +14,23 @@ GB = 1e9
 MiB = 2 ** 20
 CUDA_CONTEXT = 530 * MiB  # measured: nvidia-smi of a process that initialised torch + cuBLAS on H100
 VLLM_NON_TORCH = 225 * MiB  # measured: vLLM's non-torch allocations (NCCL, cuBLAS workspaces)
+# The HF engine's memory outside torch beyond the context: kernel modules CUDA loads lazily as generate's sampling
+# ops first run, bitsandbytes' library, cuBLAS handles. Measured on one H200 (2026-12-02, 0.5B shape, HF engine,
+# 32 x 256 at its smallest planned budget): nvidia-smi 1.68 GB with torch reserving 0.78 GB after the rollout, 0.90 GB
+# outside torch against the 0.556 planned; it ran out of memory in the rollout (bench/results/planner.json). The
+# H100's 0.5B HF row of 2026-11-26 was 0.19 GB over its plan, the same sign.
+HF_NON_TORCH = 330 * MiB
 GRAPH_BASE, GRAPH_PER_SIZE = 90 * MiB, 16 * MiB  # measured: LoRA + bnb graphs, 0.20 GiB for [1, 2, 4, 8]
 # Train-phase activations with gradient checkpointing, bytes per token of a micro-batch per (layers x hidden) and
 # per (layers x intermediate): fitted on H100 runs of the 0.5B and 1.5B shapes (bench/results/planner.json,
 # 1.3k-35k tokens per micro-batch, fit within 5%). Counting tensor shapes alone gave 40% too little for the 1.5B.
 CKPT_BYTES_PER_LH, CKPT_BYTES_PER_LI = 2.76, 0.69
+# Without checkpointing the shape count (layer_activation_bytes) is short too: measured on one H200 (2026-12-02, 1.5B
+# shape, bf16 mirror, 4032-token micro-batches, bench/results/planner.json's 1.5b-vllm-128x96-20gb): torch allocated
+# 12.62 GB of activations in the train phase against 10.40 counted, 3.12 MB a token against 2.57 (HF's RMSNorm keeps
+# fp32 copies of its input, for instance); the plan was 6.1% under nvidia-smi's peak. One point so far: the grid's
+# next sitting adds checkpointing-off rows of the 0.5B and 7B shapes.
+NO_CKPT_FIT = 1.215
 # Activation offload (plan.activation_offload, trainer/offload.py): the checkpointed layer inputs go to pinned host
 # memory as the forward passes each layer and come back one layer ahead of the backward, so the device holds at most
 # this many layers' checkpoints (one being copied out or prefetched, one in use) besides the layer being recomputed.
@@ -181,6 +193,8 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
         acts = int(d.layers * per_layer)
     elif k["gradient_checkpointing"]:
         acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t)
+    elif ctx.cuda:
+        acts = int(NO_CKPT_FIT * d.layers * layer_activation_bytes(ctx, t))
     else:
         acts = d.layers * layer_activation_bytes(ctx, t)
     # One [rows, vocab_chunk] logits tile at a time; rows = completion tokens of the call, at most token_chunk.
@@ -232,6 +246,8 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
               "lora_and_optimizer": lora * states}
     if ctx.cuda and ctx.world_size > 1:
         static["distributed"] = distributed_bytes(ctx.world_size)
+    if ctx.cuda and not vllm:
+        static["hf_non_torch"] = HF_NON_TORCH
     if vllm:
         static["vllm_non_torch"] = VLLM_NON_TORCH
         static["vllm_lora_slots"] = lora * 2

@@ -1,7 +1,8 @@
 """Out-of-memory, explained: which phase ran out, planned vs allocated memory at that moment, the knob to change.
 
-The loop marks its phases (kv, rollout, reward, recompute, train = forward + backward, optimizer, sync); a CUDA OOM
-in any of them becomes one `OutOfMemory` message with exit code 4 (errors.EXIT_OOM). Nothing is written after
+The loop marks its phases (kv, rollout, reward, recompute, train = forward + backward, optimizer, sync), and start-up
+(weights, the vLLM engine, its CUDA-graph capture) is one more; a CUDA OOM in any of them becomes one `OutOfMemory`
+message with exit code 4 (errors.EXIT_OOM). Nothing is written after
 the OOM, so the last checkpoint stays the last good one.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from trainer.memory import GB
 
 PHASE_NAMES = {"train": "backward (log-prob forward + backward)", "recompute": "recompute (reference/old log-probs)",
-               "kv": "KV-pool re-acquire (before the rollout)"}
+               "kv": "KV-pool re-acquire (before the rollout)",
+               "start": "start-up (weights, the rollout engine and its CUDA-graph capture)"}
 
 
 class OutOfMemory(Exception):
@@ -55,11 +57,15 @@ def knob(phase: str, plan) -> str:
         return f"rollout.max_num_batched_tokens: {max(256, plan.max_num_batched_tokens // 2)}"
     if phase == "optimizer":
         return "train.optim: adamw_8bit"
+    if phase == "start":  # the plan's start-up estimate was short: a little more budget, or no CUDA graphs
+        more = f"budget.vram_gb: {(plan.budget_bytes or plan.peak_bytes) * 1.1 / GB:.1f}"
+        return more + (" (or rollout.enforce_eager: true)" if plan.cudagraph_capture_sizes else "")
     return "budget.vram_gb: a smaller budget, so the planner leaves more margin"
 
 
 def explain(phase: str, step: int, plan, error: BaseException, retried: str | None = None) -> OutOfMemory:
-    lines = [f"CUDA out of memory in the {PHASE_NAMES.get(phase, phase)} phase of step {step + 1}: {str(error)[:160]}"]
+    where = "" if phase == "start" else f" phase of step {step + 1}"
+    lines = [f"CUDA out of memory in the {PHASE_NAMES.get(phase, phase)}{where}: {str(error)[:160]}"]
     if retried:
         lines.append(f"  the step was retried once with {retried} and ran out again")
     planned = plan.phase_peaks.get("rollout" if phase in ("rollout", "kv") else "train")
@@ -75,5 +81,6 @@ def explain(phase: str, step: int, plan, error: BaseException, retried: str | No
                      f"of {total / GB:.2f} GB")
     top = sorted(plan.components.items(), key=lambda kv: -kv[1])[:6]
     lines.append("  planned components: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in top))
-    lines.append(f"  fix: set {knob(phase, plan)}; the last checkpoint is intact (rerun with --resume)")
+    lines.append(f"  fix: set {knob(phase, plan)}" + ("" if phase == "start" else
+                                                      "; the last checkpoint is intact (rerun with --resume)"))
     return OutOfMemory("\n".join(lines))

@@ -20,7 +20,7 @@ from trainer.memory import GB, ModelDims
 BUDGET_PRESETS = {"t4-15gb": 15.0, "24gb": 24.0, "a100-40gb": 40.0, "h100-80gb": 80.0}
 # Components (memory.py's names) that torch's caching allocator does not own; the allocator cap leaves room for them.
 # Everything else, vLLM's weights, KV pool and CUDA-graph pools included, is allocated through torch.
-NON_TORCH = ("cuda_context", "vllm_non_torch", "distributed")
+NON_TORCH = ("cuda_context", "vllm_non_torch", "hf_non_torch", "distributed")
 # Knobs that can change between steps without rebuilding the engine or the policy (trainer/budget.py changes them).
 RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "activation_offload", "kv_release",
                  "hf_batch_size")
@@ -462,7 +462,8 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
         # Rank by predicted step time (trainer/cost.py): higher score = faster plan.
         score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens, knobs, r.engine,
                                    compiled, _nf4_gemm_rows(recipe, knobs, device) > 0, dims=ctx.dims,
-                                   prompt_len=ctx.prompt_len)
+                                   prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
+                                   forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1))
         out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=score,
                         host_bytes=memory.offload_host_bytes(ctx, knobs)))
     return out

@@ -62,9 +62,31 @@ def _share_small_tensors(model: torch.nn.Module, vmodel: torch.nn.Module, only_m
         setattr(model.get_submodule(parent), leaf, torch.nn.Parameter(src, requires_grad=False))
 
 
-def share_non_linear(model: torch.nn.Module, vmodel: torch.nn.Module) -> None:
-    """bf16_mirror: the trainer loaded its own nf4 linears; embeddings and norms become vLLM's tensors."""
+def park_embeddings(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """bf16_mirror start-up: the trainer's input embedding (and an untied output layer) wait in host memory while
+    vLLM loads its own copies from the mirror checkpoint, so the two never sit on the GPU together; share_non_linear
+    then gives the trainer vLLM's. Seen on the H200 (2026-12-02, 1.5B shape at its smallest planned budget): vLLM's
+    CUDA-graph capture ran out of memory with the trainer's 0.47 GB embedding still on the device beside vLLM's."""
+    tied = model.config.tie_word_embeddings
+    mods = [model.get_input_embeddings()] + ([] if tied else [model.get_output_embeddings()])
+    parked = []
+    for mod in mods:
+        if mod is not None and mod.weight.device.type == "cuda":
+            parked.append((mod, mod.weight.device))
+            mod.weight = torch.nn.Parameter(mod.weight.data.to("cpu"), requires_grad=False)
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    torch.cuda.empty_cache()
+    return parked
+
+
+def share_non_linear(model: torch.nn.Module, vmodel: torch.nn.Module, parked=()) -> None:
+    """bf16_mirror: the trainer loaded its own nf4 linears; embeddings and norms become vLLM's tensors (a parked
+    tensor vLLM has no match for goes back to its device)."""
     _share_small_tensors(model, vmodel, only_meta=False)
+    for mod, device in parked:
+        if mod.weight.device.type == "cpu":
+            mod.weight = torch.nn.Parameter(mod.weight.data.to(device), requires_grad=False)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     torch.cuda.empty_cache()

@@ -119,8 +119,9 @@ class VLLMEngine:
         self.info = {"vllm": self.vi.version(), "weight_format": self.plan.weight_format}
         if self.llm is None:  # bf16_mirror: vLLM loads the trainer's dequantised weights, then shares embeddings
             mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
+            parked = sync.park_embeddings(policy.model.get_base_model())  # off the GPU while vLLM loads its own
             self._start(mirror)
-            sync.share_non_linear(policy.model.get_base_model(), self.vmodel)
+            sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
             shutil.rmtree(mirror, ignore_errors=True)
         path = self.shm / "v0"
         policy.model.save_pretrained(str(path), safe_serialization=True)
