@@ -28,8 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BASE = "bench/recipes/toy-digits-1.5b-vllm.yaml"
+STEPS = 5  # steps a run: steps 1-2 compile; the steady step is the median of steps 3-5
 # Knobs left to the planner; data.max_prompt_length = the data's longest prompt (30 tokens with the chat template).
-FREE = ["rollout.weight_format=", "rollout.kv_release=", "checkpoint.save_final=false", "train.max_steps=5",
+FREE = ["rollout.weight_format=", "rollout.kv_release=", "checkpoint.save_final=false", f"train.max_steps={STEPS}",
         "data.max_prompt_length=30"]
 HF = ["rollout.engine=hf"]
 B = ["grpo.beta=0.04"]
@@ -102,11 +103,12 @@ def budget_gb(spec, overrides: list[str]) -> float:
 
 
 def runs(names: list[str]) -> list[tuple[str, list[str], float, str]]:
-    """(run name, overrides, budget GB, budget spec) for every budget of the named configs."""
+    """(run name, overrides, budget GB, budget spec) for every budget of the named configs (NAME@SPEC: that one)."""
     out = []
     for name in names:
+        name, _, only = name.partition("@")
         ov, budgets = CONFIGS[name]
-        for spec in budgets:
+        for spec in [s for s in budgets if not only or str(s) == only]:
             b = budget_gb(spec, FREE + ov)
             out.append((f"{name}@{b:g}gb", FREE + ov + [f"budget.vram_gb={b}"], b, str(spec)))
     return out
@@ -116,7 +118,8 @@ def predict(names: list[str]) -> None:
     total, todo = 0.0, runs(names)
     for name, ov, b, spec in todo:
         p, _ = _plan(ov[:-1], b)
-        est = 60 + 3 * p.predicted_step_s + (90 if "7b" in name else 0)  # startup (engine, compile) + 3 steps
+        # start-up (engine, compile; building a 7-8B shape) + the steps (the first two compile)
+        est = 60 + 30 + STEPS * p.predicted_step_s + (90 if name.startswith(("7b", "8b")) else 0)
         total += est
         print(f"{name:36s} budget {b:5.1f} ({spec:7s}) plan {p.peak_bytes / 1e9:6.2f} GB  fmt {p.weight_format or '-':11s} "
               f"rel {p.kv_release!s:5s} mbt {p.micro_batch_tokens:6d} gc {p.gradient_checkpointing!s:5s} "

@@ -1,10 +1,16 @@
-"""Predicted seconds per GRPO step for a set of planner knobs, from costs measured on an H100: the planner ranks the
-plans that fit the budget by it (fastest first). Pure arithmetic, no torch; it decides nothing about memory.
+"""Predicted seconds per GRPO step for a set of planner knobs, from costs measured on an H200 (decode) and an H100 (train:
+the same GH100 compute): the planner ranks the plans that fit the budget by it (fastest first). Pure arithmetic, no
+torch; it decides nothing about memory.
 
-Measured inputs (bench/results/decode_profile.json, Qwen2.5-1.5B shape, LoRA r16, 2026-11-26 H100 sitting):
-- vLLM decode, ms per token step (B sequences, full CUDA graphs): shared nf4 through bitsandbytes 6.93 (B=8) and
-  7.34 (B=64); bf16 mirror 4.08 and 5.37. Between and beyond the two batch sizes the time is interpolated in
-  log2(B); the weight-reading share scales with the model's linear parameters.
+Measured inputs:
+- vLLM decode, ms per token step at 8 sequences in flight (full CUDA graphs), fitted to the H200 planner grid's steady
+  rollouts (bench/results/planner.json, 2026-12-02; rollout seconds / completion tokens): shared nf4 through the fused
+  GEMM 3.9 ms (0.5B shape), 5.3 (1.5B), 12.5 (7B): 3.46 + 1.385 ms per 1e9 linear parameters; bf16 mirror 2.9 (0.5B
+  at 16 sequences), 3.6 (1.5B): 2.53 + 0.84 ms per 1e9. The H100 constants this replaced (decode_profile.json,
+  2026-11-26) scaled the whole step with the parameters and put the 7B at ~20 ms a step against 12.5 measured.
+  Batch growth per doubling of the sequences in flight from the H100's decode profile (nf4: 7.34 vs 6.93 ms from 8 to
+  64 sequences) and the H200 grid (mirror: 3.78 at 32 vs 3.63 at 8); bitsandbytes' nf4 path (fused GEMM off, or more
+  rows than it takes) 1.177x the fused one (H100: 6.93 vs 5.89 ms at 8 sequences).
 - Train micro-batch, forward + backward of completion log-probs: a launch-bound floor per micro-batch (eager with
   checkpointing ~0.37 s, bench/results/small_point_probe.json; compiled layers 0.22-0.29 s with checkpointing and
   0.13-0.17 s without, decode_profile.json's train_speed_probe) or its compute, whichever is larger: config B's
@@ -23,19 +29,19 @@ from __future__ import annotations
 import math
 
 REF_LINEAR_PARAMS = 1.31e9  # the 1.5B shape's linear parameters, where the constants were measured
-DECODE_MS = {"shared_nf4": {8: 6.93, 64: 7.34}, "bf16_mirror": {8: 4.08, 64: 5.37}}
+# ms per decode step at 8 sequences: (fixed, per 1e9 linear parameters); nf4 through the fused GEMM (H200 grid)
+DECODE_MS_AT_8 = {"shared_nf4": (3.46, 1.385), "bf16_mirror": (2.53, 0.84)}
+DECODE_GROWTH = {"shared_nf4": 0.059, "bf16_mirror": 0.10}  # the step's growth from 8 to 64 sequences
+BNB_OVER_FUSED = 1.177  # bitsandbytes' nf4 path over the fused GEMM's (H100, 8 sequences: 6.93 vs 5.89 ms)
 # Decode batches up to this many rows take the fused nf4 GEMM (the plan's nf4_gemm_max_rows); larger ones (prefill)
 # keep bitsandbytes' path: at 32-64 rows the kernel alone is no faster (bench/results/nf4_bench.json).
 NF4_GEMM_MAX_ROWS = 16
-# With the fused nf4 GEMM: config A's rollout of 256 tokens at 8 sequences took 1.509 s against 1.771 s through
-# bitsandbytes in the same sitting (bench/results/vs_peers_h100.json): 5.89 ms per step.
-FUSED_NF4_MS_AT_8 = 5.89
 MICRO_BATCH_FLOOR_S = {(False, True): 0.37, (False, False): 0.26, (True, True): 0.24, (True, False): 0.15}
 TRAIN_S_PER_TOKEN = 57e-6  # 1.5B shape, checkpointing on, GPU-bound micro-batches
 RECOMPUTE_FACTOR = 1.33  # checkpointing runs the forward twice
 KV_RELEASE_S = 0.015  # release + re-map of the KV pool per step (measured 6-14 ms)
 ATTN_FLOPS = 300e12  # estimate: causal flash attention in bf16 on an H100 (not measured here)
-HBM_BYTES_S = 2.5e12  # estimate: KV read bandwidth of a decode step on an H100 (3.35 TB/s peak)
+HBM_BYTES_S = 3.6e12  # estimate: KV read bandwidth of a decode step on an H200 (4.8 TB/s peak)
 MEASURED_CONTEXT = 384  # the decode constants above were measured at about this many tokens of context
 # Activation offload: each checkpointed layer input goes to the host and back over PCIe. Charged in full, as if the
 # copies were not overlapped with compute (an upper bound: they run on a side stream), so that the planner turns
@@ -45,12 +51,12 @@ OFFLOAD_BYTES_S = 25e9
 
 def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) -> float:
     """One decode step of `seqs` sequences."""
-    lo, hi = DECODE_MS[fmt][8], DECODE_MS[fmt][64]
-    if fmt == "shared_nf4" and fused_nf4 and seqs <= NF4_GEMM_MAX_ROWS:
-        lo = FUSED_NF4_MS_AT_8
+    fixed, per_billion = DECODE_MS_AT_8[fmt]
+    ms = fixed + per_billion * linear_params / 1e9
+    if fmt == "shared_nf4" and not (fused_nf4 and seqs <= NF4_GEMM_MAX_ROWS):
+        ms *= BNB_OVER_FUSED
     t = min(max((math.log2(max(seqs, 1)) - 3) / 3, -1.0), 2.0)  # 0 at 8, 1 at 64
-    ms = lo + (hi - lo) * t
-    return max(ms * (0.4 + 0.6 * linear_params / REF_LINEAR_PARAMS), 0.5)
+    return max(ms * (1 + DECODE_GROWTH[fmt] * t), 0.5)
 
 
 def step_seconds(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
