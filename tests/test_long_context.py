@@ -344,21 +344,24 @@ def test_bench_writes_prompts_at_least_the_length(tmp_path):
 @pytest.mark.gpu
 def test_gpu_offload_moves_the_checkpoints_off_the_device_and_trains_the_same():
     """The side-stream copies (device -> pinned host after each layer, host -> device one layer ahead of the
-    backward): the same gradients as checkpointing on the device, with a smaller allocated peak."""
+    backward): the same gradients as checkpointing on the device, with a smaller allocated peak. In float32: in bf16
+    the two runs' LoRA gradients differed by 1-3% elementwise on the H200 (2026-12-02), the attention backward's own
+    run-to-run spread at that precision, which hides what this test is for; a copy read before it lands, or a layer
+    handed another layer's input, moves the gradients by tens of percent, not 1e-4."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from peft import LoraConfig, get_peft_model
 
     def run(offload: bool):
         torch.manual_seed(0)
-        model = get_peft_model(tiny_qwen2(vocab=512, hidden=512, layers=12, dtype=torch.bfloat16).cuda(),
+        model = get_peft_model(tiny_qwen2(vocab=512, hidden=512, layers=12, dtype=torch.float32).cuda(),
                                LoraConfig(r=8, target_modules="all-linear"))
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, 0, 0.02)
         set_gradient_checkpointing(model, True, offload)
         model.train()
-        policy = Policy(model, None, torch.device("cuda"), torch.bfloat16, False, ROOT)
+        policy = Policy(model, None, torch.device("cuda"), torch.float32, False, ROOT)
         ids = torch.randint(0, 512, (1, 8192), generator=torch.Generator().manual_seed(1)).cuda()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -373,6 +376,7 @@ def test_gpu_offload_moves_the_checkpoints_off_the_device_and_trains_the_same():
     on, peak_on = run(True)
     off, peak_off = run(False)
     for n in off:
-        assert torch.allclose(on[n], off[n], atol=1e-2, rtol=1e-2), n
-    # 12 layers x 8192 tokens x 512 x 2 bytes of checkpoints = 100 MB on the device without offload
+        rel = ((on[n] - off[n]).norm() / off[n].norm()).item()
+        assert off[n].norm() > 0 and rel < 1e-3, (n, rel)
+    # 12 layers x 8192 tokens x 512 x 4 bytes of checkpoints = 200 MB on the device without offload
     assert peak_on < peak_off - 50e6, (peak_on, peak_off)
