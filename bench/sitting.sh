@@ -16,6 +16,7 @@
 #   nf4           bench/nf4_bench.py OUT/nf4_bench.json [--defaults]     -> bench/results/nf4_bench.json
 #   microbatch    bench/microbatch.py OUT                                -> bench/results/microbatch.json
 #   multigpu      bench/multigpu.py OUT (a multi-GPU kind)               -> bench/results/multigpu.json
+#   multi_turn    bench/multi_turn.py OUT                                -> bench/results/multi_turn.json
 #   hf            train bench/recipes/toy-digits-0.5b-hf.yaml under bench/smi.py; bench/report.py hf
 #                                                                        -> bench/results/hf_gpu.json
 #   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml
@@ -41,6 +42,7 @@ job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
     nf4) echo "$PY bench/nf4_bench.py $R/nf4_bench.json $*";;
     microbatch) echo "$PY bench/microbatch.py $R $*";;
     multigpu) echo "$PY bench/multigpu.py $R $*";;
+    multi_turn) echo "$PY bench/multi_turn.py $R $*";;
     hf) echo "$PY bench/smi.py $R/smi_hf.json -- $PY -m trainer.cli bench/recipes/toy-digits-0.5b-hf.yaml" \
              "--output-dir $RUNS/hf --overwrite $* && $PY bench/report.py hf $RUNS/hf $R/smi_hf.json $R/hf_gpu.json";;
     sync) echo "GPU_TESTS_JSON=$R/gpu_tests.json $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py;" \

@@ -105,7 +105,7 @@ def test_the_run_caps_the_allocator_before_the_engine_or_weights_load(monkeypatc
     p = make_plan(config_dict("tiny"), r, Device("cpu"))
     from trainer.api import inputs
 
-    tokenizer, prompts, rewards, evaluator = inputs(r)
+    tokenizer, prompts, rewards, evaluator, _ = inputs(r)
     with pytest.raises(Stop):
         grpo.run(r, p, tmp_path, distributed.World(), tokenizer=tokenizer, prompts=prompts, rewards=rewards,
                  evaluator=evaluator)

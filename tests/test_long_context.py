@@ -157,7 +157,7 @@ def test_reference_and_old_logprob_passes_run_on_the_training_loops_micro_batche
                     ["grpo.beta=0.04", "grpo.num_iterations=2", "train.max_steps=1", "train.generation_batch_size=16",
                      "train.micro_batch_tokens=96", "eval=", "checkpoint.save_final=false", "logging.plots=false"])
     plan = make_plan(config_dict("tiny"), r, Device("cpu"))
-    tokenizer, prompts, rewards, evaluator = inputs(r)
+    tokenizer, prompts, rewards, evaluator, _ = inputs(r)
     (tmp_path / "run").mkdir()
     assert grpo.run(r, plan, tmp_path / "run", distributed.World(), tokenizer=tokenizer, prompts=prompts,
                     rewards=rewards, evaluator=evaluator) == 0

@@ -25,7 +25,9 @@ def stack():
     from trainer.recipe import load_recipe
     from trainer.rollout import make_engine
 
-    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=vllm", "logging.wandb=false"])
+    # prompts of up to 200 tokens: room for the multi-turn test's conversations (a context of 216 tokens)
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=vllm", "logging.wandb=false",
+                                                              "data.max_prompt_length=200"])
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, engine)
@@ -84,6 +86,51 @@ def test_lora_sync_reaches_sampling_and_logprobs_match_the_trainer(stack):
     assert gap1 < 1e-3 and gap2 < 1e-3, (float(gap1), float(gap2))  # vLLM samples exactly the trainer's policy
     _randomize_lora(policy, 0.0, seed=0)
     engine.sync(policy)
+
+
+def test_multi_turn_trajectories_sampled_by_vllm_line_up_with_the_trainer_token_for_token(stack, tmp_path):
+    """Conversations with an environment, every turn one batched vLLM call (prefix caching on): on the model's own
+    tokens the trainer's log-probs equal the sampler's over the whole trajectory; the environment's tokens are NaN on
+    the sampler's side and outside the loss mask."""
+    from trainer.batch import build_batch
+    from trainer.data import PromptSet
+    from trainer.policy import completion_logprobs
+    from trainer.recipe import validate
+    from trainer.rollout.multi_turn import MultiTurn
+    from trainer.types import Sampling
+
+    _, _, engine, policy = stack
+    (tmp_path / "env.py").write_text("class Echo:\n    def reset(self, example):\n        return None\n"
+                                     "    def step(self, message):\n        return 'again', False, 0.0\n")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hi"}\n')
+    mt = validate({"model": {"shape": "tiny"}, "data": {"dataset": "d.jsonl", "max_prompt_length": 32},
+                   "rewards": [{"function": "trainer.rewards.builtin:environment_reward"}], "base_dir": str(tmp_path),
+                   "grpo": {"num_generations": 3, "max_completion_length": 12},
+                   "rollout": {"environment": "env.py:Echo", "multi_turn": {"max_turns": 3, "max_trajectory_tokens": 180}}})
+    tok = policy.tokenizer
+    turns = MultiTurn.build(mt, tok)
+    messages = [[{"role": "user", "content": t}] for t in ("write only digits: river", "hello")]
+    ids = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+        "input_ids"] for m in messages]
+    calls = []
+    real = engine.generate
+    engine.generate = lambda p, s: calls.append(len(p)) or real(p, s)
+    try:
+        gens = turns.generate(engine, PromptSet(messages, ids, {}, True), [0, 1], Sampling(n=3, max_tokens=12, seed=7))
+    finally:
+        del engine.generate
+    assert calls[0] == 6 and len(calls) == max(len([m for m in c if m["role"] == "assistant"]) for c in gens.messages)
+    b = build_batch([], messages, gens, 3, tok.pad_token_id, None, True, False)
+    with torch.no_grad():
+        lp, _ = completion_logprobs(policy, torch.cat([b.prompt_ids, b.completion_ids], 1),
+                                    torch.cat([b.prompt_mask, b.completion_valid], 1), b.completion_ids,
+                                    b.completion_valid, 1.0, 64, 4096)
+    own = b.sampled.bool()
+    assert (b.completion_valid.bool() & ~own).any() and own.sum() > 30  # environment turns were taken
+    gap = (lp - b.sampler_logps).abs()[own]
+    assert gap.max() < 1e-3, float(gap.max())
+    assert torch.isnan(b.sampler_logps[b.completion_valid.bool() & ~own]).all()
+    assert torch.equal(b.completion_mask, b.sampled)
 
 
 def test_vllm_engine_trains_the_tiny_recipe(tmp_path):

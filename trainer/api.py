@@ -36,19 +36,23 @@ class Prepared:
     rewards: list  # rewards.RewardFunction, imported
     plan: object
     evaluator: object = None  # evaluate.Evaluator with its prompts loaded (None without an eval section)
+    turns: object = None  # rollout.multi_turn.MultiTurn: tools and environment imported (None: one turn)
 
 
 def inputs(recipe) -> tuple:
-    """(tokenizer, prompts, rewards, evaluator) of a recipe: everything a run reads before its weights, checked."""
+    """(tokenizer, prompts, rewards, evaluator, turns) of a recipe: everything a run reads before its weights,
+    checked (turns: the multi-turn rollout with its tools and environment, or None)."""
     from trainer.data import load_prompts
     from trainer.evaluate import Evaluator
     from trainer.policy import load_tokenizer
     from trainer.rewards import load_rewards
+    from trainer.rollout.multi_turn import MultiTurn
 
     tokenizer = load_tokenizer(recipe.model)
-    prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir))
+    turns = MultiTurn.build(recipe, tokenizer)
+    prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir), tools=turns.schemas if turns else None)
     rewards = load_rewards(recipe)
-    return tokenizer, prompts, rewards, Evaluator.build(recipe, tokenizer, rewards)  # None without an eval section
+    return tokenizer, prompts, rewards, Evaluator.build(recipe, tokenizer, rewards), turns
 
 
 def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
@@ -58,10 +62,12 @@ def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
     from trainer.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, list(overrides))
-    tokenizer, prompts, rewards, evaluator = inputs(recipe)
-    longest = max(prompts.max_prompt_tokens, evaluator.prompts.max_prompt_tokens if evaluator else 0)
+    tokenizer, prompts, rewards, evaluator, turns = inputs(recipe)
+    # an environment's opening messages lengthen its prompts at run time: plan for data.max_prompt_length then
+    longest = None if turns and turns.env_cls else max(prompts.max_prompt_tokens,
+                                                       evaluator.prompts.max_prompt_tokens if evaluator else 0)
     the_plan = make_plan(read_config(recipe.model), recipe, Device.detect(world_size), max_prompt_tokens=longest)
-    return Prepared(recipe, tokenizer, prompts, rewards, the_plan, evaluator)
+    return Prepared(recipe, tokenizer, prompts, rewards, the_plan, evaluator, turns)
 
 
 def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None, overwrite: bool = False,
@@ -84,7 +90,7 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
         (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         show_plan(console, the_plan)
     code = run(recipe, the_plan, run_dir, world, resume=start, console=console, tokenizer=ready.tokenizer,
-               prompts=ready.prompts, rewards=ready.rewards, evaluator=ready.evaluator)
+               prompts=ready.prompts, rewards=ready.rewards, evaluator=ready.evaluator, turns=ready.turns)
     if world.main:
         summary(run_dir, the_plan, console)
     distributed.shutdown(world)

@@ -6,6 +6,7 @@ loss weights are computed once for the whole batch (trainer/loss.py), so packing
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,17 +17,20 @@ from trainer.types import Generations, RolloutBatch
 
 def build_batch(prompt_ids: list[list[int]], prompts: list, gens: Generations, n: int, pad_id: int,
                 decode, conversational: bool, mask_truncated: bool) -> RolloutBatch:
-    """Rows are prompt-major: prompt i's completions are rows i*n .. i*n+n-1."""
+    """Rows are prompt-major: prompt i's completions are rows i*n .. i*n+n-1. A multi-turn rollout brings each row's
+    own prompt and marks the model's tokens (`gens.sampled`): only those enter the loss."""
     rows = len(gens.completion_ids)
-    p_len = max(len(p) for p in prompt_ids)
+    row_prompts = gens.prompt_ids or [prompt_ids[r // n] for r in range(rows)]
+    p_len = max(len(p) for p in row_prompts)
     c_len = max(1, max(len(c) for c in gens.completion_ids))
     p_ids = torch.full((rows, p_len), pad_id, dtype=torch.long)
     p_mask = torch.zeros((rows, p_len), dtype=torch.long)
     c_ids = torch.full((rows, c_len), pad_id, dtype=torch.long)
     c_valid = torch.zeros((rows, c_len), dtype=torch.long)
+    sampled = torch.zeros((rows, c_len), dtype=torch.long) if gens.sampled is not None else None
     s_logps = torch.zeros((rows, c_len)) if gens.logprobs is not None else None
     for r in range(rows):
-        p, c = prompt_ids[r // n], gens.completion_ids[r]
+        p, c = row_prompts[r], gens.completion_ids[r]
         p_ids[r, p_len - len(p):] = torch.tensor(p, dtype=torch.long)
         p_mask[r, p_len - len(p):] = 1
         if c:
@@ -34,15 +38,24 @@ def build_batch(prompt_ids: list[list[int]], prompts: list, gens: Generations, n
             c_valid[r, :len(c)] = 1
             if s_logps is not None:
                 s_logps[r, :len(c)] = torch.tensor(gens.logprobs[r][:len(c)], dtype=torch.float32)
+            if sampled is not None:
+                sampled[r, :len(c)] = torch.tensor(gens.sampled[r][:len(c)], dtype=torch.long)
     truncated = torch.tensor(gens.truncated, dtype=torch.bool)
-    c_mask = c_valid.clone()
+    c_mask = c_valid.clone() if sampled is None else sampled.clone()
     if mask_truncated:
         c_mask[truncated] = 0
-    texts = decode(gens.completion_ids)
-    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    if gens.messages is not None:
+        completions = gens.messages
+    else:
+        texts = decode(gens.completion_ids)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    fixed = None
+    if gens.fixed_reward is not None:
+        fixed = torch.tensor([math.nan if v is None else float(v) for v in gens.fixed_reward])
     return RolloutBatch(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_valid=c_valid,
-                        completion_mask=c_mask, sampler_logps=s_logps, truncated=truncated,
-                        prompts=[prompts[r // n] for r in range(rows)], completions=completions)
+                        completion_mask=c_mask, sampler_logps=s_logps, truncated=truncated, sampled=sampled,
+                        prompts=[prompts[r // n] for r in range(rows)], completions=completions,
+                        fixed_reward=fixed, columns=dict(gens.columns), rollout_stats=dict(gens.stats))
 
 
 def pack(lengths: list[int], token_budget: int) -> list[list[int]]:
@@ -73,6 +86,7 @@ class MicroBatch:
     completion_ids: torch.Tensor  # [b, c]
     completion_valid: torch.Tensor
     c_len: int
+    own: torch.Tensor  # [b, c] the model's own tokens (= completion_valid but in a multi-turn row)
 
     @property
     def padded_tokens(self) -> int:
@@ -94,7 +108,9 @@ def micro_batch(batch: RolloutBatch, rows: list[int], device) -> MicroBatch:
     c_valid = c_valid[:, :c_keep]
     input_ids = to_device(torch.cat([p_ids, c_ids], 1), device)
     mask = to_device(torch.cat([p_mask[:, -p_keep:], c_valid], 1), device)
-    return MicroBatch(idx, input_ids, mask, to_device(c_ids, device), to_device(c_valid, device), c_keep)
+    own = c_valid if batch.sampled is None else batch.sampled[idx][:, :c_keep]
+    return MicroBatch(idx, input_ids, mask, to_device(c_ids, device), to_device(c_valid, device), c_keep,
+                      to_device(own, device))
 
 
 def take(t: torch.Tensor | None, mb: MicroBatch, device) -> torch.Tensor | None:

@@ -75,8 +75,9 @@ def load_rows(data, base_dir: Path):
                         "check the name, subset and split, or point at a local .jsonl/.parquet/.csv file") from None
 
 
-def load_prompts(data, tokenizer, base_dir: Path, rows=None) -> PromptSet:
-    """Render and tokenize the prompts of `data` (or of `rows`, a `datasets.Dataset` already in hand)."""
+def load_prompts(data, tokenizer, base_dir: Path, rows=None, tools: list[dict] | None = None) -> PromptSet:
+    """Render and tokenize the prompts of `data` (or of `rows`, a `datasets.Dataset` already in hand); `tools`: the
+    JSON schemas of a multi-turn rollout's tools, which the chat template writes into every prompt."""
     rows = load_rows(data, base_dir) if rows is None else rows
     columns = list(rows.column_names)
     if len(rows) == 0:
@@ -99,7 +100,7 @@ def load_prompts(data, tokenizer, base_dir: Path, rows=None) -> PromptSet:
             if data.system_prompt and messages[0].get("role") != "system":
                 messages = [{"role": "system", "content": data.system_prompt}] + messages
             prompt = messages
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=tools)
             tok = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             text = f"{data.system_prompt}\n{prompt}" if data.system_prompt else prompt

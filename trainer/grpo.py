@@ -46,6 +46,7 @@ class State:
     correction: is_correction.SamplerCorrection
     mem: MemorySampler | None = None
     cap: Cap | None = None  # the process-level allocator cap (trainer/cap.py), enforced at each phase boundary
+    turns: object = None  # rollout.multi_turn.MultiTurn: conversations with tools / an environment (None: one turn)
     times: dict = field(default_factory=lambda: defaultdict(float))  # phases; they add up to time_step_s
     comm: dict = field(default_factory=dict)  # collectives inside a phase (grad wait / all-reduce: in "optimizer")
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
@@ -97,8 +98,9 @@ def grpo_step(s: State, step: int) -> dict:
                         max_tokens_per_request=caps[s.world.rank * rows:(s.world.rank + 1) * rows] if caps else None)
     with s.timed("kv"):  # the KV pool comes back from the trainer (when the plan releases it)
         s.engine.acquire()
-    with s.timed("rollout"):
-        gens = s.engine.generate([s.prompts.prompt_ids[i] for i in idx], sampling)
+    with s.timed("rollout"):  # one completion per row, or conversations with tools / an environment
+        gens = (s.turns.generate(s.engine, s.prompts, idx, sampling) if s.turns is not None else
+                s.engine.generate([s.prompts.prompt_ids[i] for i in idx], sampling))
     with s.timed("kv"):
         s.engine.release()
     batch = build_batch([s.prompts.prompt_ids[i] for i in idx], [s.prompts.prompts[i] for i in idx], gens,
@@ -107,8 +109,8 @@ def grpo_step(s: State, step: int) -> dict:
     # 2. Rewards and group-relative advantages.
     with s.timed("reward"):
         columns = {c: [v[i] for i in idx for _ in range(g.num_generations)] for c, v in s.prompts.columns.items()}
-        batch.rewards, failures = score(s.rewards, batch.prompts, batch.completions, columns)
-        batch.reward = combine(batch.rewards, s.rewards)
+        batch.rewards, failures = score(s.rewards, batch.prompts, batch.completions, {**columns, **batch.columns})
+        batch.reward = combine(batch.rewards, s.rewards, batch.fixed_reward)
         batch.advantages = group_advantages(batch.reward, g.num_generations, g.scale_rewards)
     # 3. Loss weights from global counts; micro-batches packed by tokens; reference / old log-probs if needed.
     # The first collective of the step: a rank that finished its rollout and rewards early waits here (time_barrier_s).
@@ -201,7 +203,7 @@ def _accumulate(stats, st, loss, logps, ent, sampler, mb) -> None:
         else:
             stats[k] += v
     stats["loss"] += float(loss.detach())
-    valid = mb.completion_valid.bool()
+    valid = mb.own.bool()  # the model's own tokens (a multi-turn row's tool / environment tokens are not)
     if ent is not None:
         stats["entropy_sum"] += float(ent[valid].sum())
     if sampler is not None:
@@ -236,6 +238,7 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
         m[f"rewards/{rf.name}/mean"] = float(torch.nanmean(col))
         m[f"rewards/{rf.name}/std"] = float(col[~col.isnan()].std()) if (~col.isnan()).sum() > 1 else 0.0
     m.update(failures)  # rewards/<name>/failures and rewards/<name>/timeouts
+    m.update(batch.rollout_stats)  # multi_turn/...: turns, tool calls, how conversations ended
     if "kl_sum" in st:
         m["kl"] = st["kl_sum"] / tok
     if st.get("gap_n"):
@@ -326,7 +329,7 @@ class _Stop:
 
 
 def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, prompts: PromptSet, rewards: list,
-        evaluator=None, resume: Path | None = None, console=None) -> int:
+        evaluator=None, turns=None, resume: Path | None = None, console=None) -> int:
     """Train to recipe.train.max_steps; returns the process exit code. The tokenizer, prompts, rewards and evaluator
     come loaded (api.prepare loads them before the engine and the weights: a data or reward mistake costs no load);
     the loop loads nothing of the recipe's inputs itself."""
@@ -360,7 +363,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
         loop.restore(state.get("budget"))
     engine.sync(policy)
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
-              LossConfig.from_grpo(recipe.grpo), is_correction.SamplerCorrection(recipe.grpo), mem=sampler, cap=cap)
+              LossConfig.from_grpo(recipe.grpo), is_correction.SamplerCorrection(recipe.grpo), mem=sampler, cap=cap,
+              turns=turns)
     sampler.phase = lambda: s.phase or "start"
     logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
     stop, bad = _Stop(run_dir), 0
@@ -413,6 +417,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
                    Path(os.environ["TRAINER_TEST_DUMP_LORA"]) / f"lora_rank{world.rank}.pt")
     sampler.close()
     close_rewards(rewards)
+    if turns is not None:
+        turns.close()  # the tools' worker processes
     logger.close()
     distributed.barrier(world)
     engine.close()  # last: under torchrun vLLM's shutdown takes the process groups down with it

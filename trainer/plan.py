@@ -159,16 +159,19 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                         f"{device.world_size} processes of whole groups of {g.num_generations}",
                         "make it a multiple of num_generations x number of processes")
     prompt_len = _prompt_len(recipe, max_prompt_tokens)
-    max_len = prompt_len + g.max_completion_length
+    completion, what = recipe.completion_tokens, _completion_field(recipe)
+    max_len = prompt_len + completion
     if max_len > dims.max_position:
-        raise UserError("grpo.max_completion_length", f"prompt ({prompt_len}) + completion "
-                        f"({g.max_completion_length}) = {max_len} tokens exceeds the model's context "
-                        f"({dims.max_position})", "lower grpo.max_completion_length or data.max_prompt_length")
+        raise UserError(what, f"prompt ({prompt_len}) + completion ({completion}) = {max_len} tokens exceeds the "
+                        f"model's context ({dims.max_position})", f"lower {what} or data.max_prompt_length")
+    if recipe.is_multi_turn:
+        notes.append(f"multi-turn: planned for the longest conversation, {completion} tokens after the prompt "
+                     f"(rollout.multi_turn.max_trajectory_tokens: the model's, the tools' and the environment's)")
     budget = budget_bytes(recipe, device)
     ctx = memory.Context(dims=dims, dtype_bytes=2 if dtype != "float32" else 4, quantized=quantized,
                          lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules, optim=t.optim,
                          cuda=device.kind == "cuda", engine=r.engine, max_len=max_len, gen=gen,
-                         prompt_len=prompt_len, completion_len=g.max_completion_length,
+                         prompt_len=prompt_len, completion_len=completion,
                          ref_pass=g.beta != 0.0, world_size=device.world_size)
     candidates = _candidates(recipe, ctx, device)
     host = host_limit(device)
@@ -294,6 +297,11 @@ def longest_length(config: dict, recipe, device: Device, vary: str = "prompt", s
     return _longest(recipe, ctx, device, budget_bytes(recipe, device), vary, step)
 
 
+def _completion_field(recipe) -> str:
+    """The recipe field that sets the tokens after the prompt (for messages)."""
+    return "rollout.multi_turn.max_trajectory_tokens" if recipe.is_multi_turn else "grpo.max_completion_length"
+
+
 def _prompt_len(recipe, max_prompt_tokens: int | None) -> int:
     if max_prompt_tokens is None:
         return recipe.data.max_prompt_length
@@ -316,7 +324,7 @@ def plan_context(config: dict, recipe, plan: Plan, device: Device) -> "memory.Co
                           quantized=plan.quantized, lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules,
                           optim=recipe.train.optim, cuda=device.kind == "cuda", engine=plan.rollout_engine,
                           max_len=plan.max_model_len, gen=plan.generation_batch_size,
-                          prompt_len=plan.max_model_len - g.max_completion_length, completion_len=g.max_completion_length,
+                          prompt_len=plan.max_model_len - recipe.completion_tokens, completion_len=recipe.completion_tokens,
                           ref_pass=g.beta != 0.0, world_size=device.world_size)
 
 

@@ -134,8 +134,31 @@ class LengthMix(Section):
     min_tokens: int = Field(8, ge=1)
 
 
+class MultiTurnSection(Section):
+    """Limits and rewards of conversations with tools or an environment (rollout.tools / rollout.environment)."""
+    max_turns: int = Field(4, ge=1)  # assistant messages per conversation
+    # every token after the prompt: the model's, the tools' and the environment's (what the VRAM plan sizes)
+    max_trajectory_tokens: int = Field(1024, ge=16)
+    tool_timeout_s: float = Field(10.0, gt=0)  # per tool call; the worker running a call that overruns is killed
+    tool_output_max_tokens: int = Field(256, ge=1)  # a tool's output is cut to this many tokens
+    tool_workers: int = Field(4, ge=1)  # worker processes per tool (tools never run in the training process)
+    # how the model writes a call: hermes = Qwen's <tool_call>{"name", "arguments"}</tool_call>; json = Llama 3.1's
+    # bare {"name", "parameters"} message; auto = from the tokenizer's chat template
+    tool_call_format: Literal["auto", "hermes", "json"] = "auto"
+    # a conversation that ends so gets this total reward (its reward functions are still logged)
+    parse_failure_reward: float = -1.0  # a tool call that does not parse, names no tool or gives wrong arguments
+    overflow_reward: float = -1.0  # the trajectory ran past max_trajectory_tokens
+    tool_error_reward: float = -1.0  # a tool or the environment raised, timed out or returned something not text
+    environment_kwargs: dict[str, Any] = {}  # passed to the environment's constructor
+
+
 class RolloutSection(Section):
     engine: Literal["hf", "vllm"] = "hf"
+    # Multi-turn rollouts (trainer/rollout/multi_turn.py): tools as module:function or file.py:function (typed
+    # arguments and a docstring: the chat template gets their JSON schema), and/or an environment class.
+    tools: list[str] = []
+    environment: str | None = None  # module:Class with reset(example) -> messages and step(message) -> (...)
+    multi_turn: MultiTurnSection = MultiTurnSection()
     # vLLM only; None lets the planner choose.
     weight_format: Literal["shared_nf4", "bf16_mirror"] | None = None
     sync: Literal["inplace", "add_lora"] = "inplace"
@@ -247,6 +270,16 @@ class Recipe(Section):
         if t.generation_batch_size % g:
             raise ValueError(f"train.generation_batch_size ({t.generation_batch_size}) must be a multiple of "
                              f"grpo.num_generations ({g})")
+        ro = self.rollout
+        if ro.tools or ro.environment:
+            if self.data.chat_template is False:
+                raise ValueError("rollout.tools / rollout.environment hold chat conversations: data.chat_template must "
+                                 "not be false (the tokenizer's chat template renders the turns)")
+            if self.grpo.max_completion_length > ro.multi_turn.max_trajectory_tokens:
+                raise ValueError(f"grpo.max_completion_length ({self.grpo.max_completion_length}, the cap of one "
+                                 f"assistant message) exceeds rollout.multi_turn.max_trajectory_tokens "
+                                 f"({ro.multi_turn.max_trajectory_tokens}, the whole conversation after the prompt); "
+                                 "lower the first or raise the second")
         if self.budget.adapt == "speed" and not t.worst_case_first_step:
             raise ValueError("budget.adapt: speed measures the slack at the first step's worst-case shapes; set "
                              "train.worst_case_first_step: true, or budget.adapt: off")
@@ -273,6 +306,16 @@ class Recipe(Section):
         if bad:
             raise ValueError(f"eval.pass_k {bad} must lie in 1..eval.num_samples ({ev.num_samples})")
         return self
+
+    @property
+    def is_multi_turn(self) -> bool:
+        """Conversations with tools or an environment rather than one completion per prompt."""
+        return bool(self.rollout.tools or self.rollout.environment)
+
+    @property
+    def completion_tokens(self) -> int:
+        """The most tokens a row holds after its prompt: what memory and the sampler's context are planned for."""
+        return self.rollout.multi_turn.max_trajectory_tokens if self.is_multi_turn else self.grpo.max_completion_length
 
     def resolve(self, path: str) -> Path:
         """A path from the recipe, relative to the recipe's directory."""

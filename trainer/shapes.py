@@ -18,10 +18,13 @@ from pathlib import Path
 
 from trainer.errors import UserError
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+# Qwen's layout: tools (their JSON schemas) in a system turn, calls as <tool_call> JSON, results in "tool" turns.
+CHAT_TEMPLATE = ("{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+                 "Call one as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call><|im_end|>\n{% endif %}"
+                 "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-BUILD_VERSION = 1  # bump when the corpus or the build changes: cached models are keyed by it
+BUILD_VERSION = 2  # bump when the corpus or the build changes: cached models are keyed by it
 
 # config fields per shape (Qwen2 unless `arch` says otherwise). vocab_size None: the tokenizer's size rounded up to a multiple of 64. The tiny
 # shape uses a wider init (0.1): with hidden 128 and the default 0.02, tied embeddings are so small that no

@@ -30,6 +30,13 @@ class Generations:
     completion_ids: list[list[int]]  # tokens after the prompt, EOS included when sampled
     logprobs: list[list[float]] | None  # the sampler's logprob of each sampled token (None: not available)
     truncated: list[bool]  # stopped by max_tokens rather than EOS
+    # Multi-turn rollouts (trainer/rollout/multi_turn.py) also give, per completion row:
+    prompt_ids: list[list[int]] | None = None  # the row's own prompt (an environment's opening messages added)
+    sampled: list[list[int]] | None = None  # 1 for the model's tokens, 0 for tool / environment tokens
+    messages: list[list[dict]] | None = None  # the conversation after the prompt (what rewards see)
+    fixed_reward: list[float | None] | None = None  # a failed conversation's total reward (None: the functions')
+    columns: dict[str, list] = field(default_factory=dict)  # extra reward-function arguments, one value per row
+    stats: dict[str, float] = field(default_factory=dict)  # metrics of the rollout
 
 
 @dataclass
@@ -44,12 +51,16 @@ class RolloutBatch:
     prompts: list = field(default_factory=list)  # prompt per row (text or chat messages)
     completions: list[str] = field(default_factory=list)
     truncated: torch.Tensor | None = None  # [B] bool
+    sampled: torch.Tensor | None = None  # [B, C] 1 for the model's own tokens (None: all valid tokens are)
     rewards: torch.Tensor | None = None  # [B, R] one column per reward function
     reward: torch.Tensor | None = None  # [B] weighted sum
     advantages: torch.Tensor | None = None  # [B]
     old_logps: torch.Tensor | None = None  # [B, C] policy before this step's updates (num_iterations > 1)
     ref_logps: torch.Tensor | None = None  # [B, C] adapter disabled (beta > 0)
     is_ratio: torch.Tensor | None = None  # [B, C] or [B, 1] sampler importance-sampling correction
+    fixed_reward: torch.Tensor | None = None  # [B] a failed conversation's total reward, NaN where none
+    columns: dict[str, list] = field(default_factory=dict)  # the rollout's extra reward-function arguments
+    rollout_stats: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)

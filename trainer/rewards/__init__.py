@@ -206,7 +206,9 @@ def _check(rf: RewardFunction, values, n: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def combine(table: torch.Tensor, funcs: list[RewardFunction]) -> torch.Tensor:
-    """Weighted sum over functions (TRL's nansum: a None counts as 0)."""
+def combine(table: torch.Tensor, funcs: list[RewardFunction], fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum over functions (TRL's nansum: a None counts as 0); `fixed` (a failed multi-turn conversation's
+    reward from the recipe, NaN elsewhere) replaces the sum where set."""
     w = torch.tensor([f.weight for f in funcs], dtype=table.dtype)
-    return torch.nansum(table * w, dim=1)
+    total = torch.nansum(table * w, dim=1)
+    return total if fixed is None else torch.where(fixed.isnan(), total, fixed.to(total.dtype))

@@ -92,3 +92,11 @@ def char_class_fraction(prompts, completions, target=None, **_) -> list[float]:
 def char_class_all(prompts, completions, target=None, **_) -> list[float]:
     """Toy task, pass/fail: 1.0 when every non-space character is of the asked class (and there is one), else 0.0."""
     return [1.0 if f == 1.0 else 0.0 for f in char_class_fraction(prompts, completions, target)]
+
+
+def environment_reward(prompts, completions, env_reward=None, **_) -> list[float | None]:
+    """A multi-turn environment's own reward: the sum of what its step() returned over the conversation (None where
+    it gave none). Only in a recipe with rollout.environment, which passes `env_reward`."""
+    if env_reward is None:
+        raise ValueError("environment_reward needs rollout.environment: no env_reward was passed")
+    return list(env_reward)

@@ -1,4 +1,5 @@
-"""Reward functions in worker processes, each call under a timeout: a worker that overruns is killed and replaced.
+"""Reward functions (and a multi-turn rollout's tools) in worker processes, each call under a timeout: a worker that
+overruns is killed and replaced.
 
 A recipe's reward with `num_workers` (or `timeout_s`) runs here instead of in the training process: its
 completions are cut into calls (`chunk_size` completions each; default an equal share per worker), the calls of
@@ -86,7 +87,7 @@ class _Worker:
     def __init__(self, ctx, pool: "WorkerPool"):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, pool.ref, pool.base_dir, pool.field), daemon=True,
-                                name=f"reward-{pool.name}")
+                                name=f"{pool.kind}-{pool.name}")
         self.proc.start()
         child.close()
         self.ready = False
@@ -114,8 +115,8 @@ class WorkerPool:
     """The worker processes of one reward function; they start on first use and live until `close`."""
 
     def __init__(self, name: str, ref: str, base_dir: str, field: str, num_workers: int, timeout_s: float | None,
-                 chunk_size: int | None):
-        self.name, self.ref, self.base_dir, self.field = name, ref, base_dir, field
+                 chunk_size: int | None, kind: str = "reward"):
+        self.name, self.ref, self.base_dir, self.field, self.kind = name, ref, base_dir, field, kind
         self.num_workers, self.timeout_s, self.chunk_size = max(1, num_workers), timeout_s, chunk_size
         self.workers: list[_Worker] = []
         self._ctx = None
@@ -201,7 +202,7 @@ class Batch:
             w.proc.join(1)
             if w.call is None:
                 pool._drop(w)
-                raise UserError(f"reward {pool.name}", f"its worker process exited while importing "
+                raise UserError(f"{pool.kind} {pool.name}", f"its worker process exited while importing "
                                 f"{pool.ref} (exit code {w.proc.exitcode})",
                                 "check that the module imports cleanly in a fresh process") from None
             self.results[pool][w.call[0]].error = f"the worker process died (exit code {w.proc.exitcode})"
@@ -212,7 +213,7 @@ class Batch:
             return
         if kind == "load_error":
             pool._drop(w)
-            raise UserError(f"reward {pool.name}", f"a worker process cannot import {pool.ref}: {value}",
+            raise UserError(f"{pool.kind} {pool.name}", f"a worker process cannot import {pool.ref}: {value}",
                             "the function must be importable by reference (module:function or file.py:function) "
                             "in a fresh process")
         out = self.results[pool][w.call[0]]
@@ -222,7 +223,7 @@ class Batch:
     def _overrun(self, pool: WorkerPool, w: _Worker) -> None:
         if w.call is None:  # never became ready
             pool._drop(w)
-            raise UserError(f"reward {pool.name}", f"its worker did not start within {STARTUP_S:.0f} s",
+            raise UserError(f"{pool.kind} {pool.name}", f"its worker did not start within {STARTUP_S:.0f} s",
                             "check that importing the reward's module does not block")
         self.results[pool][w.call[0]].timed_out = True
         pool._drop(w)

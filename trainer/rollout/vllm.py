@@ -65,6 +65,8 @@ def engine_kwargs(recipe, plan, path: Path) -> dict:
               trust_remote_code=recipe.model.trust_remote_code,
               # vLLM still refuses to start when free memory < total x this fraction; it does not size anything
               gpu_memory_utilization=0.05)
+    if recipe.is_multi_turn:  # each turn re-sends the conversation so far: its KV is reused, not recomputed
+        kw["enable_prefix_caching"] = True
     if plan.max_num_batched_tokens < plan.max_model_len:  # long sequences: prefill in chunks (the plan's PREFILL_CHUNK)
         kw["enable_chunked_prefill"] = True
     if plan.weight_format == "shared_nf4":
