@@ -92,7 +92,7 @@ def smallest_budget_gb(overrides: tuple[str, ...]) -> float:
 
     plan, r = _plan(list(overrides), None)
     low = alternatives(read_config(r.model), r, plan, Device(**H200))["smallest"]
-    return math.ceil(low["peak_bytes"] / 1e8 - 1e-9) / 10
+    return math.ceil(low["budget_needed_bytes"] / 1e8 - 1e-9) / 10
 
 
 def budget_gb(spec, overrides: list[str]) -> float:
@@ -133,7 +133,8 @@ def run(out: Path, names: list[str]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for shape_name in sorted({o.split("=", 1)[1] for n in names for o in CONFIGS[n][0] if o.startswith("model.shape=")}
+    for shape_name in sorted({o.split("=", 1)[1] for n in names for o in CONFIGS[n.partition("@")[0]][0]
+                              if o.startswith("model.shape=")}
                              | {"qwen2.5-1.5b-toy"}):
         subprocess.run([sys.executable, "-c", f"from trainer.shapes import model_dir; model_dir({shape_name!r})"], check=True)
     for name, ov, b, spec in runs(names):

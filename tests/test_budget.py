@@ -208,7 +208,10 @@ def test_adapt_speed_keeps_a_phase_above_plan_that_is_within_the_budget():
     assert "train phase measured" in lines[0]  # above plan: re-planned (here nothing the recipe leaves free is left)
 
 
-def test_a_measured_peak_above_the_budget_is_replanned_even_within_tolerance():
+def test_a_measured_peak_above_the_budget_is_replanned_even_within_tolerance(monkeypatch):
+    from trainer import memory
+
+    monkeypatch.setattr(memory, "BUDGET_HEADROOM", 0)  # a plan that fills its budget to the byte
     _, p, loop = setup(["budget.vram_gb=5.0"])
     assert p.phase_peaks["train"] > 5.0 * GB / (1 + TOLERANCE)  # the plan fills the budget
     knobs = plan_knobs(p)
@@ -361,7 +364,8 @@ def test_plan_alternatives_are_the_fastest_and_the_smallest_that_fit_ranked_by_s
     r, p, _ = setup(["budget.vram_gb=6"])
     alts = alternatives(CFG, r, p, H100)
     cands = _candidates(r, plan_context(CFG, r, p, H100), H100)
-    fits = [c for c in cands if c["peak"] <= 6 * GB]
+    fits = [c for c in cands if c["peak"] + c["headroom"] <= 6 * GB]
+    assert all(c["headroom"] == 300 * 10**6 for c in cands)  # memory.BUDGET_HEADROOM, on CUDA
     assert (alts["candidates"], alts["fitting"]) == (len(cands), len(fits)) and 0 < len(fits) < len(cands)
     fast, small, best = alts["fastest"], alts["smallest"], alts["fastest_any_budget"]
     knobs = ("micro_batch_tokens", "gradient_checkpointing", "weight_format", "kv_release")
@@ -435,3 +439,16 @@ def test_without_kv_release_only_the_whole_steps_peak_is_compared():
     assert plan_knobs(p) == knobs
     lines = loop.after_step(2, peaks(1.1 * p.phase_peaks["train"], 1.1 * p.phase_peaks["train"]))
     assert lines and "train phase measured" in lines[0]
+
+
+def test_a_plan_leaves_the_budget_headroom_unused_on_cuda():
+    """Runs accepted at their least budget ran out of memory inside the cap (H200, 2026-12-03): a CUDA plan now keeps
+    memory.BUDGET_HEADROOM of the budget unused, and the smallest budget it names includes it."""
+    from trainer import memory
+    from trainer.plan import alternatives
+
+    for b in (4.0, 6.0, 12.0):
+        r, p, _ = setup([f"budget.vram_gb={b}"])
+        assert p.peak_bytes + memory.BUDGET_HEADROOM <= b * GB
+        small = alternatives(CFG, r, p, H100)["smallest"]
+        assert small["budget_needed_bytes"] == small["peak_bytes"] + memory.BUDGET_HEADROOM

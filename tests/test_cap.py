@@ -243,6 +243,7 @@ def test_the_7b_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan
     over = ["train.generation_batch_size=8", "grpo.max_completion_length=1024"]
     assert plan_at(15.0, overrides=over)[1].gradient_checkpointing
     monkeypatch.setattr(memory, "NO_CKPT_FIT", 1.0)  # the planner of that day
+    monkeypatch.setattr(memory, "BUDGET_HEADROOM", 0)
     r, p = plan_at(15.0, overrides=over)
     assert not p.gradient_checkpointing and p.rollout_engine == "vllm"  # the planner's choice at 15 GB then
     switched = []

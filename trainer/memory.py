@@ -40,6 +40,14 @@ OFFLOAD_RESIDENT_LAYERS = 2
 HOST_RESERVE = 8 * 10**9
 # The caching allocator reserves more than it allocates (blocks of varying sizes across phases); measured:
 SLACK_FIXED, SLACK_FRACTION = 250 * 10**6, 0.17
+# On CUDA a plan must leave this much of the budget unused: the allocator cap keeps trainer/cap.py's MARGIN (96 MiB)
+# above the memory measured outside torch, and torch's cache fragments further over a run's steps. Four runs that the
+# planner accepted at their least budget, plan within 0.06 GB of it, ran out of memory inside the cap with nvidia-smi
+# 0.10-0.42 GB under the budget (one H200, 2026-12-03, bench/results/planner.json: 7B 8 x 512 at 8.3 GB in step 2's
+# backward; 0.5B 8 x 4096 r128 at 3.6 GB in step 3's, asking for 256 MiB at 3.48 GB seen; the bf16 mirror 16 x 64 at
+# 5.4 GB in the optimizer; 8B 8 x 256 at 8.4 GB in vLLM's graph capture). The largest shortfall (the 0.5B: 3.48 GB
+# seen + 0.27 requested + MARGIN = 3.85 against 3.60 planned) sets it. Not yet re-measured at the new least budgets.
+BUDGET_HEADROOM = 300 * 10**6
 KV_BLOCK = 16  # vLLM's default block size (tokens)
 # Per GPU under torchrun: NCCL buffers of the trainer's group and of vLLM's world group, and the peers' contexts,
 # modelled as DISTRIBUTED_FIXED + DISTRIBUTED_PER_PEER x (world_size - 2).

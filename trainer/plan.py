@@ -175,11 +175,11 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                          ref_pass=g.beta != 0.0, world_size=device.world_size)
     candidates = _candidates(recipe, ctx, device)
     host = host_limit(device)
-    on_device = [c for c in candidates if budget is None or c["peak"] <= budget]
+    on_device = [c for c in candidates if budget is None or _needs(c) <= budget]
     fitting = [c for c in candidates if _fits(c, budget, host)]
     if not on_device:
-        cheapest = min(candidates, key=lambda c: c["peak"])
-        need = cheapest["peak"] / GB
+        cheapest = min(candidates, key=_needs)
+        need = _needs(cheapest) / GB
         longest = _longest_advice(recipe, ctx, device, budget)
         raise UserError("budget.vram_gb", f"the run needs at least {need:.2f} GB with the cheapest settings "
                         f"({_describe(cheapest)}); the budget is {budget / GB:.2f} GB",
@@ -199,7 +199,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
-                **{k: v for k, v in best.items() if k not in ("peak", "score", "host_bytes")})
+                **{k: v for k, v in best.items() if k not in ("peak", "score", "host_bytes", "headroom")})
     if device.kind == "cpu":
         plan.notes.append("CPU: memory is reported, not budgeted")
     elif budget is None and plan.peak_bytes > device.total_bytes:
@@ -210,9 +210,15 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     return plan
 
 
+def _needs(c: dict) -> int:
+    """The budget a candidate needs: its predicted peak and, on CUDA, memory.BUDGET_HEADROOM left unused."""
+    return c["peak"] + c.get("headroom", 0)
+
+
 def _fits(c: dict, budget: int | None, host: float) -> bool:
-    """A candidate fits: its peak within the device budget, its offloaded checkpoints within the host's share."""
-    return (budget is None or c["peak"] <= budget) and c["host_bytes"] <= host
+    """A candidate fits: its peak and headroom within the device budget, its offloaded checkpoints within the host's
+    share."""
+    return (budget is None or _needs(c) <= budget) and c["host_bytes"] <= host
 
 
 def _choose(fitting: list[dict]) -> dict:
@@ -396,7 +402,7 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
         rank = 1 + sum(f["score"] > c["score"] for f in fits) if fitting else None
         return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "activation_offload",
                                      "weight_format", "kv_release", "max_num_seqs")},
-                "peak_bytes": c["peak"], "score": c["score"], "predicted_step_s": round(-c["score"], 3), "rank": rank,
+                "peak_bytes": c["peak"], "budget_needed_bytes": _needs(c), "score": c["score"], "predicted_step_s": round(-c["score"], 3), "rank": rank,
                 "fits": fitting}
 
     out = {"candidates": len(cands), "fitting": len(fits), "budget_bytes": plan.budget_bytes,
@@ -473,6 +479,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
                                    prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
                                    forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1))
         out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=score,
+                        headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0,
                         host_bytes=memory.offload_host_bytes(ctx, knobs)))
     return out
 
