@@ -452,3 +452,18 @@ def test_a_plan_leaves_the_budget_headroom_unused_on_cuda():
         assert p.peak_bytes + memory.BUDGET_HEADROOM <= b * GB
         small = alternatives(CFG, r, p, H100)["smallest"]
         assert small["budget_needed_bytes"] == small["peak_bytes"] + memory.BUDGET_HEADROOM
+
+
+def test_a_budget_that_costs_far_more_time_than_a_little_more_memory_is_named_at_plan_time():
+    """Issue 25: 64 x 512 at a budget near its least is predicted 5x slower than at 1.5x that budget; the plan says
+    so with both numbers and the budget to set. At a budget where more memory buys little, it says nothing."""
+    over = ["train.generation_batch_size=64", "grpo.max_completion_length=512"]
+    _, tight, _ = setup(["budget.vram_gb=3.4", *over])
+    note = next(n for n in tight.notes if n.startswith("WARNING: at 3.4 GB"))
+    faster = float(note.split(" would buy ")[1].split(" s ")[0])
+    assert f"{tight.predicted_step_s:.1f} s" in note and tight.predicted_step_s > 3 * faster
+    wanted = float(note.split("budget.vram_gb: ")[1].split(" ")[0])
+    _, roomy, _ = setup([f"budget.vram_gb={wanted}", *over])
+    assert roomy.predicted_step_s == pytest.approx(faster, abs=0.05) and wanted <= 3.4 * 1.5
+    _, easy, _ = setup(["budget.vram_gb=8", *over])
+    assert not [n for n in easy.notes if n.startswith("WARNING: at")]

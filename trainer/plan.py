@@ -200,6 +200,9 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 **{k: v for k, v in best.items() if k not in ("peak", "score", "host_bytes", "headroom")})
+    slow = _budget_cost_note(candidates, best, budget, host)
+    if slow:
+        plan.notes.append(slow)
     if device.kind == "cpu":
         plan.notes.append("CPU: memory is reported, not budgeted")
     elif budget is None and plan.peak_bytes > device.total_bytes:
@@ -208,6 +211,26 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                           "the planner fit the run (or refuse it) before anything loads")
     plan.allocator_cap_bytes, plan.allocator_fraction = allocator_cap(plan, device)
     return plan
+
+
+SLOW_BUDGET_FACTOR = 3.0  # warn when 1.5x the budget would buy a plan this many times faster
+
+
+def _budget_cost_note(candidates: list[dict], best: dict, budget: int | None, host: float) -> str | None:
+    """A warning when the budget costs far more time than a little more memory would: the fastest plan within 1.5x
+    the budget predicted more than SLOW_BUDGET_FACTOR times faster than the chosen one (trainer/cost.py's estimates)."""
+    if budget is None:
+        return None
+    more = [c for c in candidates if _fits(c, int(budget * 1.5), host)]
+    if not more:
+        return None
+    fast = max(more, key=lambda c: c["score"])
+    step, faster = -best["score"], -fast["score"]
+    if faster <= 0 or step < SLOW_BUDGET_FACTOR * faster:
+        return None
+    return (f"WARNING: at {budget / GB:.1f} GB a step is predicted at {step:.1f} s; "
+            f"budget.vram_gb: {math.ceil(_needs(fast) / 1e8) / 10:.1f} would buy {faster:.1f} s "
+            f"({step / faster:.1f}x faster: {_describe(fast)}); predictions from trainer/cost.py")
 
 
 def _needs(c: dict) -> int:
