@@ -251,8 +251,10 @@ def test_example_recipe_learns(recipe, steps, tmp_path):
     the overflow reward, so it is left out) and reaches the recipe's success line. The game's conversations go past
     one message; the tiny model does not write a tool call that parses (2026-12-03: none in 30 steps), so the
     calculator's end at the first message."""
+    # the game is also evaluated at the end, on held-out prompts played as whole conversations
+    extra = ["--set", "eval.dataset=data/guess_digit.jsonl", "--set", "eval.max_prompts=8"] if "game" in recipe else []
     out = run_train([f"recipes/{recipe}.yaml", "--output-dir", str(tmp_path / "run"), "--set",
-                     f"train.max_steps={steps}"], timeout=900)
+                     f"train.max_steps={steps}", *extra], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     from trainer.metrics import read_metrics
     from trainer.recipe import load_recipe
@@ -265,6 +267,7 @@ def test_example_recipe_learns(recipe, steps, tmp_path):
     assert all(m["multi_turn/engine_calls"] >= 1 for m in lines)
     if recipe == "text-game-tiny":
         assert max(m["multi_turn/turns_mean"] for m in lines) > 1.5 and max(m["multi_turn/ends/done"] for m in lines) > 0
+        assert lines[-1]["eval/completion_length_mean"] > 8  # longer than one message (max_completion_length 8)
 
 
 def test_multi_turn_mistakes_are_one_message_before_loading(tmp_path):

@@ -52,7 +52,7 @@ def inputs(recipe) -> tuple:
     turns = MultiTurn.build(recipe, tokenizer)
     prompts = load_prompts(recipe.data, tokenizer, Path(recipe.base_dir), tools=turns.schemas if turns else None)
     rewards = load_rewards(recipe)
-    return tokenizer, prompts, rewards, Evaluator.build(recipe, tokenizer, rewards), turns
+    return tokenizer, prompts, rewards, Evaluator.build(recipe, tokenizer, rewards, turns=turns), turns
 
 
 def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
@@ -230,12 +230,17 @@ def evaluate(recipe_path, checkpoint_dir, overrides=(), output=None, console=Non
         console.print(f"[yellow]the recipe has no eval section: evaluating on its data section ({ev.dataset}, "
                       f"split {ev.split}), greedy, one sample per prompt", highlight=False, soft_wrap=True)
     tokenizer = load_tokenizer(recipe.model)  # the eval data and rewards are checked before any weight loads
-    evaluator = Evaluator.build(recipe, tokenizer, load_rewards(recipe), ev)
+    from trainer.rollout.multi_turn import MultiTurn
+
+    turns = MultiTurn.build(recipe, tokenizer)  # a multi-turn recipe is evaluated on whole conversations
+    evaluator = Evaluator.build(recipe, tokenizer, load_rewards(recipe), ev, turns=turns)
     recipe, _, engine, policy = load_trained(recipe, ckpt, console, tokenizer)
     try:
         m = evaluator.run(engine, samples=True)
     finally:
         engine.close()
+        if turns is not None:
+            turns.close()
     samples = m.pop("samples")
     out = Path(output) if output else ckpt / "eval.json"
     state = ckpt / "state.json"

@@ -44,9 +44,10 @@ def eval_data(recipe, ev):
         prompt_template=ev.prompt_template if ev.prompt_template is not None else d.prompt_template))
 
 
-def load_eval_prompts(recipe, ev, tokenizer) -> PromptSet:
-    """The first `max_prompts` prompts of the eval split, tokenized like the training prompts."""
-    ps = load_prompts(eval_data(recipe, ev), tokenizer, Path(recipe.base_dir))
+def load_eval_prompts(recipe, ev, tokenizer, tools: list[dict] | None = None) -> PromptSet:
+    """The first `max_prompts` prompts of the eval split, tokenized like the training prompts (with the multi-turn
+    rollout's tool schemas, if any)."""
+    ps = load_prompts(eval_data(recipe, ev), tokenizer, Path(recipe.base_dir), tools=tools)
     keep = len(ps) if ev.max_prompts is None else min(ev.max_prompts, len(ps))
     return PromptSet(ps.prompts[:keep], ps.prompt_ids[:keep], {c: v[:keep] for c, v in ps.columns.items()},
                      ps.conversational, ps.truncated)
@@ -74,19 +75,22 @@ def preserved_rng():
 
 
 class Evaluator:
-    def __init__(self, ev, prompts: PromptSet, rewards: list, tokenizer, max_tokens: int, max_steps: int):
+    def __init__(self, ev, prompts: PromptSet, rewards: list, tokenizer, max_tokens: int, max_steps: int,
+                 turns=None):
         self.ev, self.prompts, self.rewards, self.tokenizer = ev, prompts, rewards, tokenizer
         self.max_tokens, self.max_steps = max_tokens, max_steps
+        self.turns = turns  # rollout.multi_turn.MultiTurn: held-out conversations with the same tools / environment
         self.ks = sorted(set(ev.pass_k)) if ev.pass_k else default_ks(ev.num_samples)
 
     @classmethod
-    def build(cls, recipe, tokenizer, rewards, ev=None) -> "Evaluator | None":
-        """The recipe's evaluator (None without an eval section unless `ev` is given), its prompts loaded."""
+    def build(cls, recipe, tokenizer, rewards, ev=None, turns=None) -> "Evaluator | None":
+        """The recipe's evaluator (None without an eval section unless `ev` is given), its prompts loaded; `turns`:
+        the run's multi-turn rollout, so held-out prompts are played as conversations too."""
         ev = ev or recipe.eval
         if ev is None:
             return None
-        return cls(ev, load_eval_prompts(recipe, ev, tokenizer), rewards, tokenizer,
-                   ev.max_completion_length or recipe.grpo.max_completion_length, recipe.train.max_steps)
+        return cls(ev, load_eval_prompts(recipe, ev, tokenizer, turns.schemas if turns else None), rewards, tokenizer,
+                   ev.max_completion_length or recipe.grpo.max_completion_length, recipe.train.max_steps, turns)
 
     def due(self, done: int) -> bool:
         """Evaluate after `done` completed steps: every `every_steps` and after the last step."""
@@ -126,13 +130,14 @@ class Evaluator:
         with preserved_rng():
             engine.acquire()
             try:
-                gens = engine.generate(prompt_ids, sampling)
+                gens = (self.turns.generate(engine, ps, idx, sampling) if self.turns is not None else
+                        engine.generate(prompt_ids, sampling))
             finally:
                 engine.release()
         tok = self.tokenizer
         batch = build_batch(prompt_ids, [ps.prompts[i] for i in idx], gens, n, tok.pad_token_id,
                             lambda ids: tok.batch_decode(ids, skip_special_tokens=True), ps.conversational, False)
-        columns = {c: [v[i] for i in idx for _ in range(n)] for c, v in ps.columns.items()}
+        columns = {c: [v[i] for i in idx for _ in range(n)] for c, v in ps.columns.items()} | batch.columns
         table, failures = score(self.rewards, batch.prompts, batch.completions, columns)
         rows = [{"prompt": ps.prompts[i], "completions": batch.completions[j * n:(j + 1) * n],
                  "rewards": {rf.name: [None if math.isnan(x) else x for x in table[j * n:(j + 1) * n, f].tolist()]
