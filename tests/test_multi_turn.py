@@ -51,6 +51,14 @@ TOOLS = textwrap.dedent('''
         time.sleep(60)
         return x
 
+    def long(x: str) -> str:
+        """Returns a long text.
+
+        Args:
+            x: Anything.
+        """
+        return "word " * 300
+
     def garbage(x: str) -> object:
         """Returns something that is neither text nor JSON.
 
@@ -186,6 +194,15 @@ def test_a_tool_that_raises_hangs_or_returns_garbage_ends_its_conversation_with_
 
     total = combine(table, [RewardFunction("r", None, 1.0, {})], batch.fixed_reward)
     assert total.tolist() == pytest.approx([-0.25, -0.25, -0.25, 0.7])
+
+
+def test_a_long_tool_output_is_cut_at_its_token_limit(tmp_path):
+    tok, turns, engine, gens = _run(tmp_path, [[_call("long", x="a"), "done"], ["no call"]], tools=("long",),
+                                    tool_output_max_tokens=8)
+    result = gens.messages[0][1]
+    assert result["role"] == "tool" and result["content"].endswith(" ...[cut]")
+    assert len(tok(result["content"][:-len(" ...[cut]")], add_special_tokens=False)["input_ids"]) <= 8
+    assert gens.columns["trajectory_end"] == ["answer", "answer"]
 
 
 def test_parse_failures_and_overflow_get_their_rewards(tmp_path):
