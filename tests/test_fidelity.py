@@ -65,7 +65,8 @@ def test_step_metrics_report_the_gaps_p99_and_max():
         sampler = torch.zeros(1, part.numel())
         sampler[0, 0] = math.nan  # a token vLLM could not score is left out
         logps = torch.cat([torch.zeros(1), part[1:]])[None] * -1
-        mb = SimpleNamespace(completion_valid=torch.ones(1, part.numel()), padded_tokens=0, real_tokens=0)
+        ones = torch.ones(1, part.numel())
+        mb = SimpleNamespace(completion_valid=ones, own=ones, padded_tokens=0, real_tokens=0)
         _accumulate(stats, {}, torch.zeros(()), logps, None, sampler, mb)
     kept = torch.cat([gaps[1:120], gaps[121:]])
     assert stats["gap_max"] == pytest.approx(0.2)
