@@ -100,8 +100,7 @@ def load_prompts(data, tokenizer, base_dir: Path, rows=None, tools: list[dict] |
             if data.system_prompt and messages[0].get("role") != "system":
                 messages = [{"role": "system", "content": data.system_prompt}] + messages
             prompt = messages
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=tools)
-            tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+            tok = chat_ids(tokenizer, messages, tools)
         else:
             text = f"{data.system_prompt}\n{prompt}" if data.system_prompt else prompt
             tok = tokenizer(text)["input_ids"]
@@ -114,6 +113,12 @@ def load_prompts(data, tokenizer, base_dir: Path, rows=None, tools: list[dict] |
                     cut, len(ids), data.max_prompt_length)
     extra = {c: list(rows[c]) for c in columns if c != data.prompt_column}
     return PromptSet(prompts, ids, extra, conversational=use_chat, truncated=cut)
+
+
+def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The token ids of chat messages up to the assistant's header, as the chat template renders them."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=tools)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _render(data, row: dict, i: int, columns: list[str]):

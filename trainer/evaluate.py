@@ -21,6 +21,7 @@ from trainer import checkpoint, distributed
 from trainer.batch import build_batch
 from trainer.data import PromptSet, load_prompts
 from trainer.rewards import combine, score
+from trainer.rollout import sample
 from trainer.types import Sampling
 
 
@@ -130,8 +131,7 @@ class Evaluator:
         with preserved_rng():
             engine.acquire()
             try:
-                gens = (self.turns.generate(engine, ps, idx, sampling) if self.turns is not None else
-                        engine.generate(prompt_ids, sampling))
+                gens = sample(engine, self.turns, ps, idx, sampling)
             finally:
                 engine.release()
         tok = self.tokenizer

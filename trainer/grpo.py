@@ -27,7 +27,7 @@ from trainer.loss import LossConfig, group_advantages, policy_loss, token_weight
 from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
 from trainer.rewards import close_rewards, combine, score
-from trainer.rollout import make_engine
+from trainer.rollout import make_engine, sample
 from trainer.types import RolloutBatch, Sampling
 
 
@@ -99,8 +99,7 @@ def grpo_step(s: State, step: int) -> dict:
     with s.timed("kv"):  # the KV pool comes back from the trainer (when the plan releases it)
         s.engine.acquire()
     with s.timed("rollout"):  # one completion per row, or conversations with tools / an environment
-        gens = (s.turns.generate(s.engine, s.prompts, idx, sampling) if s.turns is not None else
-                s.engine.generate([s.prompts.prompt_ids[i] for i in idx], sampling))
+        gens = sample(s.engine, s.turns, s.prompts, idx, sampling)
     with s.timed("kv"):
         s.engine.release()
     batch = build_batch([s.prompts.prompt_ids[i] for i in idx], [s.prompts.prompts[i] for i in idx], gens,

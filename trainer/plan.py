@@ -425,8 +425,8 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
         rank = 1 + sum(f["score"] > c["score"] for f in fits) if fitting else None
         return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "activation_offload",
                                      "weight_format", "kv_release", "max_num_seqs")},
-                "peak_bytes": c["peak"], "budget_needed_bytes": _needs(c), "score": c["score"], "predicted_step_s": round(-c["score"], 3), "rank": rank,
-                "fits": fitting}
+                "peak_bytes": c["peak"], "budget_needed_bytes": _needs(c), "score": c["score"],
+                "predicted_step_s": round(-c["score"], 3), "rank": rank, "fits": fitting}
 
     out = {"candidates": len(cands), "fitting": len(fits), "budget_bytes": plan.budget_bytes,
            "fastest": row(_choose(fits)),

@@ -271,7 +271,7 @@ class Recipe(Section):
             raise ValueError(f"train.generation_batch_size ({t.generation_batch_size}) must be a multiple of "
                              f"grpo.num_generations ({g})")
         ro = self.rollout
-        if ro.tools or ro.environment:
+        if self.is_multi_turn:
             if self.data.chat_template is False:
                 raise ValueError("rollout.tools / rollout.environment hold chat conversations: data.chat_template must "
                                  "not be false (the tokenizer's chat template renders the turns)")

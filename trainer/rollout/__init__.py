@@ -43,3 +43,11 @@ def make_engine(recipe, plan, model_path) -> RolloutEngine:
     from trainer.rollout.hf import HFEngine
 
     return HFEngine(batch_size=plan.hf_batch_size)
+
+
+def sample(engine: RolloutEngine, turns, prompts, idx: list[int], sampling: Sampling) -> Generations:
+    """The rows of prompts `idx` (a PromptSet's indices): one completion each from the engine, or, with `turns`
+    (rollout/multi_turn.py's MultiTurn), conversations with tools or an environment driven on the same engine."""
+    if turns is not None:
+        return turns.generate(engine, prompts, idx, sampling)
+    return engine.generate([prompts.prompt_ids[i] for i in idx], sampling)

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.data import chat_ids
 from trainer.errors import UserError
 from trainer.types import Generations, Sampling
 
@@ -48,7 +49,6 @@ class Tool:
 
 @dataclass
 class Conversation:
-    row: int  # the batch row (prompt-major)
     example: dict  # the dataset row: "prompt" and the other columns
     prompt_ids: list[int]
     env: object = None
@@ -196,8 +196,8 @@ class MultiTurn:
         self.fmt = call_format(tokenizer, self.cfg.tool_call_format)
         self.max_prompt = recipe.data.max_prompt_length
         self.turn_cap = recipe.grpo.max_completion_length
-        self.system_prompt = recipe.data.system_prompt
         self.eos_text = tokenizer.eos_token or ""
+        self._probe = tokenizer.apply_chat_template(_PROBE, tokenize=False)  # what each reply's rendering extends
         self._tail = self._template_tail()
 
     @classmethod
@@ -222,7 +222,7 @@ class MultiTurn:
     def _template_tail(self) -> str:
         """What the template writes after an assistant message's EOS (e.g. Qwen's newline): the start of the tokens
         that follow a sampled message. Checks that the template renders a conversation as a growing prefix."""
-        a = self.tok.apply_chat_template(_PROBE, tokenize=False)
+        a = self._probe
         b = self.tok.apply_chat_template(_PROBE + [{"role": "user", "content": "z"}], tokenize=False,
                                          add_generation_prompt=True)
         if not b.startswith(a):
@@ -237,14 +237,12 @@ class MultiTurn:
         """The tokens after a sampled assistant message up to the next assistant header: the template's EOS when the
         message was cut before the model sampled one (closed=False), its tail, the reply messages, the generation
         prompt."""
-        a = self.tok.apply_chat_template(_PROBE, tokenize=False)
         b = self.tok.apply_chat_template(_PROBE + messages, tokenize=False, add_generation_prompt=True)
         head = self._tail if closed else self.eos_text + self._tail
-        return self.tok(head + b[len(a):], add_special_tokens=False)["input_ids"]
+        return self.tok(head + b[len(self._probe):], add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=self.schemas)
-        return self.tok(text, add_special_tokens=False)["input_ids"][-self.max_prompt:]
+        return chat_ids(self.tok, messages, self.schemas)[-self.max_prompt:]  # cut from the left, as data.py cuts
 
     def cut(self, text: str) -> str:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -259,7 +257,7 @@ class MultiTurn:
         for k, i in enumerate(idx):
             example = {"prompt": prompts.prompts[i], **{c: v[i] for c, v in prompts.columns.items()}}
             for j in range(n):
-                c = Conversation(k * n + j, example, list(prompts.prompt_ids[i]))
+                c = Conversation(example, list(prompts.prompt_ids[i]))
                 if self.env_cls is not None:
                     try:
                         c.env = self.env_cls(**self.cfg.environment_kwargs)
@@ -268,10 +266,8 @@ class MultiTurn:
                         raise UserError("rollout.environment", f"{self.env_cls.__name__} failed to start a "
                                         f"conversation: {e.__class__.__name__}: {e}",
                                         "fix the environment's constructor or reset(example)") from None
-                    if opening:
-                        base = example["prompt"] if isinstance(example["prompt"], list) else [
-                            {"role": "user", "content": example["prompt"]}]
-                        c.prompt_ids = self.prompt_ids(list(base) + opening)
+                    if opening:  # the prompt is chat messages (multi-turn recipes render with the chat template)
+                        c.prompt_ids = self.prompt_ids(list(example["prompt"]) + opening)
                 convs.append(c)
         return convs
 
@@ -367,15 +363,13 @@ class MultiTurn:
 
         if not pending:
             return
-        batch, where = Batch(), {}
-        per_pool: dict = {}
+        batch, per_pool = Batch(), {}
         for ci, (c, calls) in enumerate(pending):
             for k, call in enumerate(calls):
                 pool = self.by_name[call["name"]].pool
                 per_pool.setdefault(pool, []).append((ci, k, call))
         for pool, items in per_pool.items():
             batch.add(pool, [(range(n, n + 1), call["arguments"]) for n, (_, _, call) in enumerate(items)])
-            where[pool] = items
         try:
             outcomes = batch.start().finish()
         except BaseException:
@@ -383,7 +377,7 @@ class MultiTurn:
             raise
         results: dict[tuple[int, int], str | None] = {}
         for pool, outs in outcomes.items():
-            for (ci, k, call), out in zip(where[pool], outs):
+            for (ci, k, call), out in zip(per_pool[pool], outs):
                 stats["tool_calls"] += 1
                 stats["tool_timeouts"] += int(out.timed_out)
                 results[ci, k] = None if out.error or out.timed_out else tool_text(out.values)
