@@ -124,7 +124,8 @@ def write_prompts(path: Path, shape: str, tokens: int, n: int = 4, seed: int = 0
 def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) -> dict:
     from trainer.metrics import read_metrics
 
-    s = json.loads(smi.read_text()) if smi.exists() else {}
+    partial = smi.with_name(smi.name.removesuffix(".json") + ".partial.json")  # a run cut off with the machine
+    s = json.loads(smi.read_text()) if smi.exists() else json.loads(partial.read_text()) if partial.exists() else {}
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
     m = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     g = G

@@ -4,6 +4,8 @@
     SMI_GPUS=1 python bench/smi.py OUT.json -- ...      # watch GPU 1 only (nvidia-smi's index); default: all
 The peak includes the CUDA context (what nvidia-smi shows), in GB (1e9 bytes), as bench/results/*.json report;
 per-GPU peaks too. t0_unix is when the command was launched (benchmarks: startup = t0 to the first step's end).
+While the command runs, OUT.partial.json holds the peak so far (rewritten every few seconds), so a run cut off with
+the machine (a sitting past its device time) still has its peak.
 """
 from __future__ import annotations
 
@@ -52,8 +54,17 @@ def main() -> int:
     stop = threading.Event()
     t0 = time.time()
 
+    partial = Path(str(out).removesuffix(".json") + ".partial.json")
+
     def poll():
         while not stop.is_set():
+            if len(samples) % 20 == 19:  # ~3 s
+                tmp = partial.with_suffix(".tmp")
+                peak_now = max(s[1] for s in samples)
+                tmp.write_text(json.dumps({"cmd": cmd, "t0_unix": t0, "wall_s": round(time.time() - t0, 1),
+                                           "peak_mib": peak_now, "peak_gb": round(peak_now * 2**20 / 1e9, 3),
+                                           "partial": True}))
+                tmp.replace(partial)
             t = time.time()
             try:
                 used = used_mib()
