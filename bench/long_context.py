@@ -15,7 +15,7 @@ second. Each row is one `train` process under bench/smi.py (nvidia-smi every 0.1
 rewritten after each row (rows already there are kept, so rows can run in separate commands):
     {"device", "runs": [{"name", "shape", "num_generations", "tokens", "prompt_tokens", "completion_tokens",
       "budget_gb", "predicted_peak_gb", "measured_peak_gb", "steps", "step_s", "tokens_per_s", "phase_s", "knobs",
-      "host_offload_gb", "predicted_step_s", "rc", "command"}]}
+      "offload_gb", "predicted_step_s", "rc", "command"}]}
 tokens_per_s: the step's tokens (prompt + completion, x G) over its wall time, per step; phase_s: the metrics'
 time_<phase>_s per step (rollout, reward, recompute, train, optimizer, sync, kv). The 8B shape is built on first use
 (bf16 on the GPU, ~16 GB written in 4 GB shards to TRAINER_CACHE).
@@ -145,7 +145,7 @@ def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) ->
             "predicted_step_s": plan.get("predicted_step_s"),
             "predicted_phases_gb": {k: round(v / 1e9, 3) for k, v in plan.get("phase_peaks", {}).items()},
             "components_gb": {k: round(v / 1e9, 3) for k, v in plan.get("components", {}).items()},
-            "host_offload_gb": round(plan.get("host_offload_bytes", 0) / 1e9, 2),
+            "offload_gb": round(plan.get("host_offload_bytes", 0) / 1e9, 2),  # pinned host memory for checkpoints
             "knobs": {k: plan.get(k) for k in ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing",
                                                "activation_offload", "weight_format", "kv_release",
                                                "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",

@@ -5,6 +5,8 @@ smallest accepted budget, comparing nvidia-smi's peak (sampled every 0.15 s, ben
     python bench/planner.py OUT_DIR [NAME ...]        # on the device, after staging: OUT_DIR/planner.json
     python bench/planner.py --merge OUT.json PART.json ...  # here: the grid's sittings in one file (a later run of
                                                             # the same name and budget replaces an earlier one)
+    python bench/planner.py --fit [OUT.json]          # here: trainer/cost.py's phases against every measured row
+                                                      # (planner.json, long_context.json) -> bench/results/step_fit.json
 
 The grid spans the 0.5B, 1.5B, 7B and 8B shapes, completions from 64 to 4096 tokens, LoRA r 16 / 64 / 128, beta 0 and
 0.04, num_iterations 1 and 2, both vLLM weight formats (shared nf4 and the bf16 mirror) and the HF engine. A budget is either a number of
@@ -162,7 +164,9 @@ def run(out: Path, names: list[str]) -> None:
                         "adjustments": summ.get("adjustments", [a for x in m for a in x.get("budget/changes", [])]),
                         "retries": sum(x.get("budget/retries", 0) for x in m),
                         "measured_phase_peaks_gb": {k: max(x.get(k, 0) for x in m) for k in m[-1] if k.startswith("peak_")},
-                        "step_s": [x["time_step_s"] for x in m]})
+                        "step_s": [x["time_step_s"] for x in m],
+                        "phase_s": [{k[5:-2]: round(v, 3) for k, v in x.items()
+                                     if k.startswith("time_") and k.endswith("_s") and k != "time_step_s"} for x in m]})
             row["error_frac"] = row["measured_peak_gb"] / row["predicted_peak_gb"] - 1
         except Exception as e:  # keep going: one failed config must not hide the others
             row["error"] = repr(e)[:300]
@@ -203,9 +207,90 @@ def merge(out: Path, parts: list[Path]) -> None:
     _write(out, list(rows.values()), "python bench/planner.py --merge " + " ".join(str(p) for p in [out, *parts]))
 
 
+STEP_LINE = re.compile(r"^step +(\d+) .*\| len (\d+) .*\| ([0-9.]+)s \(roll ([0-9.]+)", re.M)
+
+
+def measured_phases(row: dict, logs: list[Path]) -> dict | None:
+    """Median rollout and rest-of-step seconds over steps 3 onwards: the row's metrics (phase_s) where the driver kept
+    them, else its log's step lines (`... | len L | S s (roll R, ...`), the last sitting's log of that name."""
+    steps = [(i + 1, p.get("rollout", 0.0), t, None) for i, (t, p) in enumerate(zip(row.get("step_s") or [],
+                                                                                  row.get("phase_s") or []))]
+    if not steps:
+        log = next((p for p in reversed(logs) if p.name == f"{row['name']}.log"), None)
+        found = STEP_LINE.findall(log.read_text(errors="replace")) if log else []
+        steps = [(int(n), float(r), float(t), int(ln)) for n, ln, t, r in found]
+    steady = [x for x in steps if x[0] >= 3]
+    if not steady:
+        return None
+    med = lambda v: statistics.median(v)  # noqa: E731
+    lens = [x[3] for x in steady if x[3] is not None]
+    return {"rollout": med([x[1] for x in steady]), "train": med([x[2] - x[1] for x in steady]),
+            "step": med([x[2] for x in steady]), "len_mean": med(lens) if lens else None}
+
+
+KNOBS_THAT_COST = ("weight_format", "kv_release", "micro_batch_tokens", "gradient_checkpointing", "max_num_seqs")
+
+
+def fit(out: Path) -> None:
+    """trainer/cost.py against every completed row of the H200 grid (bench/results/planner.json) and the long-context
+    rows (bench/results/long_context.json): predicted vs measured seconds by phase, re-planned with today's cost.py.
+    Writes `out` (the inputs the cost constants are fitted to) and prints the table."""
+    from bench import long_context as lc
+    from trainer.errors import UserError
+    from trainer.memory import BUDGET_HEADROOM
+    from trainer.plan import Device, make_plan
+    from trainer.policy import read_config
+
+    results = Path(__file__).resolve().parent / "results"
+    logs = sorted(results.glob("planner_*/*/*.log"))
+    rows = []
+    for row in json.loads((results / "planner.json").read_text())["configs"]:
+        got = measured_phases(row, logs) if row.get("rc") == 0 else None
+        if not got:
+            continue
+        try:
+            plan, r = _plan(row["overrides"][:-1], row["budget_gb"])
+        except UserError:  # run before the plan left memory.BUDGET_HEADROOM unused: the same choice with it
+            plan, r = _plan(row["overrides"][:-1], row["budget_gb"] + BUDGET_HEADROOM / 1e9)
+        ran = row.get("knobs") or {}
+        same = all(getattr(plan, k) == v for k, v in ran.items() if k in KNOBS_THAT_COST)
+        rows.append({"name": row["name"], "source": "planner.json", "predicted": plan.predicted_phases_s,
+                     "same_knobs_as_run": same,
+                     "measured": {k: round(got[k], 3) for k in ("rollout", "train", "step")},
+                     "completion_len_mean": got["len_mean"], "max_completion_length": r.grpo.max_completion_length})
+    lc_path = results / "long_context.json"
+    for row in json.loads(lc_path.read_text())["runs"] if lc_path.exists() else []:
+        if row.get("rc") != 0 or not row.get("phase_s"):
+            continue
+        r = lc.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"])
+        plan = make_plan(read_config(r.model), r, Device(**H200))
+        last = row["phase_s"][-1]  # two steps: the second (the first compiles the layers for the length)
+        train = sum(v for k, v in last.items() if k != "rollout")
+        rows.append({"name": row["name"], "source": "long_context.json", "predicted": plan.predicted_phases_s,
+                     "measured": {"rollout": last["rollout"], "train": round(train, 3), "step": row["step_s"][-1]},
+                     "completion_len_mean": row["per_step"][-1]["completion_length_mean"],
+                     "max_completion_length": row["completion_tokens"]})
+    for x in rows:
+        x["error_frac"] = {k: round(sum(x["predicted"].values()) / x["measured"]["step"] - 1 if k == "step" else
+                                    x["predicted"][k] / x["measured"][k] - 1, 3) if x["measured"][k] else None
+                           for k in ("rollout", "train", "step")}
+        e = x["error_frac"]
+        print(f"{x['name']:40s} rollout {x['predicted']['rollout']:7.2f} / {x['measured']['rollout']:7.2f} "
+              f"({e['rollout']:+.0%})  train {x['predicted']['train']:7.2f} / {x['measured']['train']:7.2f} "
+              f"({e['train']:+.0%})  step {e['step']:+.0%}  len {x['completion_len_mean']}/{x['max_completion_length']}"
+              + ("" if x.get("same_knobs_as_run", True) else "  (knobs differ from the run's)"))
+    out.write_text(json.dumps({"command": "python bench/planner.py --fit " + str(out),
+                               "note": "predicted (trainer/cost.py at this commit) vs measured seconds by phase; "
+                                       "measured: median of steps 3+ (long context: step 2); train = step - rollout",
+                               "max_abs_step_error_frac": max(abs(x["error_frac"]["step"]) for x in rows),
+                               "rows": rows}, indent=1))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--predict":
         predict(sys.argv[2:] or list(CONFIGS))
+    elif sys.argv[1] == "--fit":
+        fit(Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent / "results" / "step_fit.json")
     elif sys.argv[1] == "--merge":
         merge(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     else:

@@ -69,7 +69,9 @@ def plan_table(plan) -> Group:
     lines = [f"engine {plan.rollout_engine}, dtype {plan.compute_dtype}, 4-bit {plan.quantized}, "
              f"checkpointing {plan.gradient_checkpointing}, micro-batch {plan.micro_batch_tokens} tokens, "
              f"logits tile {plan.token_chunk}x{plan.vocab_chunk}, decoder layers compiled {plan.compile_layers}, "
-             f"predicted step {plan.predicted_step_s:.2f} s"]
+             f"predicted step {plan.predicted_step_s:.2f} s"
+             + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted_phases_s.items()) + ")"
+                if plan.predicted_phases_s else "")]
     if plan.activation_offload or plan.micro_batch_seqs == 1:
         per_mb = f"{plan.micro_batch_seqs} sequence(s) per micro-batch" if plan.micro_batch_seqs else "packed micro-batches"
         lines.append(f"long sequences: {per_mb}, checkpoints "

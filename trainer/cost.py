@@ -16,12 +16,21 @@ Measured inputs:
   0.13-0.17 s without, decode_profile.json's train_speed_probe) or its compute, whichever is larger: config B's
   17k-token micro-batches took ~1 s each (57 us per token with checkpointing for the 1.5B shape), scaled by
   parameters.
-Long sequences (issue 17) add two terms the measurements above (contexts of 128-640 tokens) do not hold, both
-estimates from the H100's data sheet, NOT measured (bench/long_context.py measures them): attention FLOPs, quadratic in
-the sequence (forward, recompute, backward: 4x the forward's 2 T^2 heads head_dim causal FLOPs per sequence, at
-ATTN_FLOPS), and the KV cache a decode step reads beyond the measured contexts (at HBM_BYTES_S). Both are the same
-for every knob but the waves (max_num_seqs < G: the rollout runs ceil(G / max_num_seqs) times), so they change the
-predicted step time more than the ranking.
+Long sequences add two terms the measurements above (contexts of 128-640 tokens) do not hold, fitted to the one long
+row measured so far (bench/results/long_context.json, one H200, 2026-12-03: Llama-3.1-8B shape, G = 8, 61,440-token
+prompt + 4,096-token completions, rollout 82.7 s and train 183 s a step, where the data-sheet estimates these replace
+predicted 129 s and 279 s); `python bench/planner.py --fit` prints every row against them:
+- the KV cache a decode step reads beyond the measured contexts, at DECODE_KV_BYTES_S. When every sequence in flight
+  comes from one prompt (max_num_seqs <= G), the prompt's KV is read once a step, not once per sequence: reading it
+  per sequence (67 GB a step) in the 7 ms measured would take 9.5 TB/s, twice the card's bandwidth; vLLM's cascade
+  attention reads a prefix all requests share once. With sequences of several prompts in flight, each reads its own.
+- the train phase of one-sequence micro-batches (>= 4,096 tokens, plan.LONG_SEQUENCE): its FLOPs, linear layers (2 per
+  parameter per token forward, twice that backward, a second forward with checkpointing) plus causal attention (the
+  forward's 2 T^2 heads head_dim per layer, backward 2x, recompute 1x), at LONG_TRAIN_FLOPS. The per-token constant
+  above, fitted on 1-17K-token micro-batches of the 1.5B shape, put that row at 279 s: large GEMMs run closer to the
+  card's peak than the small ones it was fitted on.
+Both are the same for every knob but the waves (max_num_seqs < G: the rollout runs ceil(G / max_num_seqs) times), so
+they change the predicted step time more than the ranking.
 Good enough to rank knobs (format, micro-batch size, checkpointing, KV release, waves); not a promise of wall time.
 """
 from __future__ import annotations
@@ -40,8 +49,10 @@ MICRO_BATCH_FLOOR_S = {(False, True): 0.37, (False, False): 0.26, (True, True): 
 TRAIN_S_PER_TOKEN = 57e-6  # 1.5B shape, checkpointing on, GPU-bound micro-batches
 RECOMPUTE_FACTOR = 1.33  # checkpointing runs the forward twice
 KV_RELEASE_S = 0.015  # release + re-map of the KV pool per step (measured 6-14 ms)
-ATTN_FLOPS = 300e12  # estimate: causal flash attention in bf16 on an H100 (not measured here)
-HBM_BYTES_S = 3.6e12  # estimate: KV read bandwidth of a decode step on an H200 (4.8 TB/s peak)
+# Fitted to the long row (above): 28.9 s of its rollout beyond 4,096 base decode steps, for (61,440 + 8 x 2,048 - 8 x
+# 384) tokens x 131,072 bytes of KV read a step; its train phase's 6.53e16 FLOPs in 183.1 s.
+DECODE_KV_BYTES_S = 1.39e12
+LONG_TRAIN_FLOPS = 357e12
 MEASURED_CONTEXT = 384  # the decode constants above were measured at about this many tokens of context
 # Activation offload: each checkpointed layer input goes to the host and back over PCIe. Charged in full, as if the
 # copies were not overlapped with compute (an upper bound: they run on a side stream), so that the planner turns
@@ -59,19 +70,26 @@ def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) 
     return max(ms * (1 + DECODE_GROWTH[fmt] * t), 0.5)
 
 
-def step_seconds(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
-                 engine: str, compiled: bool = False, fused_nf4: bool = False, dims=None, prompt_len: int = 0,
-                 num_iterations: int = 1, forward_passes: int = 0) -> float:
-    """Rollout (vLLM decode; HF generate is charged 5x) + train phase for one step: `num_iterations` forward +
-    backward passes over the batch and `forward_passes` log-prob passes without gradients (the reference model's
-    when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims) adds the long-sequence terms."""
+def step_seconds(*args, **kwargs) -> float:
+    """Predicted seconds of one step: the sum of step_breakdown's phases."""
+    return sum(step_breakdown(*args, **kwargs).values())
+
+
+def step_breakdown(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
+                   engine: str, compiled: bool = False, fused_nf4: bool = False, dims=None, prompt_len: int = 0,
+                   num_iterations: int = 1, forward_passes: int = 0, group: int = 1) -> dict[str, float]:
+    """Seconds by phase: rollout (vLLM decode; HF generate is charged 5x) and train (`num_iterations` forward +
+    backward passes over the batch and `forward_passes` log-prob passes without gradients: the reference model's
+    when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims) adds the long-sequence terms;
+    `group`: completions per prompt (G)."""
     seqs = min(gen, knobs.get("max_num_seqs") or gen)
     waves = math.ceil(gen / max(seqs, 1))
     fmt = knobs.get("weight_format") or "shared_nf4"
     step_ms = decode_ms(fmt, seqs, linear_params, fused_nf4)
     if dims is not None:  # the KV a decode step reads beyond the measured context
-        extra_ctx = max(0.0, prompt_len + completion_len / 2 - MEASURED_CONTEXT)
-        step_ms += 1e3 * seqs * extra_ctx * dims.kv_bytes_per_token() / HBM_BYTES_S
+        prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
+        extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
+        step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
     rollout = waves * completion_len * step_ms / 1e3
     if engine != "vllm":
         rollout *= 5.0
@@ -81,15 +99,30 @@ def step_seconds(linear_params: int, gen: int, completion_len: int, step_tokens:
     per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS * (1.0 if gc else 1 / RECOMPUTE_FACTOR)
     # each micro-batch costs the larger of its launch-bound floor and its compute (dispatch runs ahead of the GPU)
     train = num_iterations * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, gc)], mbt * per_token)
+    if dims is not None and knobs.get("micro_batch_seqs") == 1:  # long sequences, one a micro-batch: their FLOPs
+        seq = step_tokens / max(gen, 1)
+        attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen  # causal forward
+        linear = 2 * linear_params * step_tokens
+        passes = num_iterations * ((4 if gc else 3) * (linear + attn)) + forward_passes * (linear + attn)
+        floor = (num_iterations + forward_passes / 2) * micro_batches * MICRO_BATCH_FLOOR_S[(compiled, gc)]
+        return {"rollout": rollout, "train": max(floor, passes / LONG_TRAIN_FLOPS)
+                + _offload_s(dims, knobs, micro_batches, mbt)
+                + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)}
     # a pass without gradients: a third of a forward + backward without checkpointing, over half the launches (an
     # estimate, not measured alone: without it, 32 x 1024 with num_iterations 2 and beta 0.04 was predicted at 7.1 s
     # a step and took 11.6 s once compiled, on one H200 on 2026-12-02; with it, 10.2 s)
     fwd_per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS / RECOMPUTE_FACTOR / 3
     train += forward_passes * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, mbt * fwd_per_token)
-    if dims is not None:  # attention, quadratic in each sequence: forward (+ recompute) + 2x backward
+    if dims is not None:  # attention, quadratic in each sequence: forward, recompute, 2x backward
         seq = step_tokens / max(gen, 1)
-        fwd = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen / ATTN_FLOPS
-        train += fwd * (4 if gc else 3)
-    if dims is not None and knobs.get("activation_offload"):
-        train += micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S
-    return rollout + train + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)
+        attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen
+        train += attn * (num_iterations * (4 if gc else 3) + forward_passes) / LONG_TRAIN_FLOPS
+        train += _offload_s(dims, knobs, micro_batches, mbt)
+    return {"rollout": rollout, "train": train + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)}
+
+
+def _offload_s(dims, knobs: dict, micro_batches: int, mbt: int) -> float:
+    """Activation offload's copies, charged in full (OFFLOAD_BYTES_S)."""
+    if not knobs.get("activation_offload"):
+        return 0.0
+    return micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S

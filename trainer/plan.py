@@ -100,6 +100,7 @@ class Plan:
     activation_offload: bool = False
     host_offload_bytes: int = 0
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
+    predicted_phases_s: dict[str, float] = field(default_factory=dict)  # the same by phase (rollout, train)
     # accounting
     budget_bytes: int | None = None
     # Hard cap of torch's caching allocator (budget minus NON_TORCH), in bytes and as a fraction of the device's
@@ -497,11 +498,14 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
         comps, phases = memory.components(ctx, knobs)
         peak = max(phases.values())
         # Rank by predicted step time (trainer/cost.py): higher score = faster plan.
-        score = -cost.step_seconds(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens, knobs, r.engine,
-                                   compiled, _nf4_gemm_rows(recipe, knobs, device) > 0, dims=ctx.dims,
-                                   prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
-                                   forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1))
+        phase_s = cost.step_breakdown(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens, knobs,
+                                      r.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0, dims=ctx.dims,
+                                      prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
+                                      forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
+                                      group=recipe.grpo.num_generations)
+        score = -sum(phase_s.values())
         out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=score,
+                        predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()},
                         headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0,
                         host_bytes=memory.offload_host_bytes(ctx, knobs)))
     return out
