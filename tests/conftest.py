@@ -13,6 +13,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+# Under pytest-xdist (README's `-n auto --maxprocesses 4 --dist loadgroup`): a file's tests run on one worker, so its
+# module fixtures (an engine, a model) are built once; the files that share the trained run below go to one worker
+# together. Each worker, and every process a test starts, runs torch on one thread: two workers of two threads each
+# on two cores spin-wait against each other (a Slurm test went 20x slower that way).
+SHARES_TRAINED_RUN = {"test_evaluate", "test_export", "test_generate", "test_is_correction"}
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            name = item.module.__name__.rsplit(".", 1)[-1]
+            item.add_marker(pytest.mark.xdist_group("trained_run" if name in SHARES_TRAINED_RUN else name))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     """Keep built shapes in one per-session cache unless the caller set TRAINER_CACHE."""

@@ -10,7 +10,7 @@ if [[ $nodes == stop ]]; then
 fi
 mkdir -p "$dir"/{state,spool,log,run}
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(getconf _NPROCESSORS_ONLN)  # the machine's CPUs (nproc would follow the caller's OMP_NUM_THREADS)
 if [[ $nodes == 1 ]]; then
   nodelines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=2000 State=UNKNOWN"
   partnodes=$host
