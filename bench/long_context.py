@@ -122,9 +122,10 @@ def write_prompts(path: Path, shape: str, tokens: int, n: int = 4, seed: int = 0
 
 
 def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) -> dict:
+    from bench.smi import partial_path
     from trainer.metrics import read_metrics
 
-    partial = smi.with_name(smi.name.removesuffix(".json") + ".partial.json")  # a run cut off with the machine
+    partial = partial_path(smi)  # a run cut off with the machine has only the peak so far
     s = json.loads(smi.read_text()) if smi.exists() else json.loads(partial.read_text()) if partial.exists() else {}
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
     m = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []

@@ -222,8 +222,7 @@ def measured_phases(row: dict, logs: list[Path]) -> dict | None:
     steady = [x for x in steps if x[0] >= 3]
     if not steady:
         return None
-    med = lambda v: statistics.median(v)  # noqa: E731
-    lens = [x[3] for x in steady if x[3] is not None]
+    med, lens = statistics.median, [x[3] for x in steady if x[3] is not None]
     return {"rollout": med([x[1] for x in steady]), "train": med([x[2] - x[1] for x in steady]),
             "step": med([x[2] for x in steady]), "len_mean": med(lens) if lens else None}
 
@@ -243,8 +242,13 @@ def fit(out: Path) -> None:
 
     results = Path(__file__).resolve().parent / "results"
     logs = sorted(results.glob("planner_*/*/*.log"))
+    grid = json.loads((results / "planner.json").read_text())
+    lc_path = results / "long_context.json"
+    long_rows = json.loads(lc_path.read_text()) if lc_path.exists() else {"runs": []}
+    devices = {d for d in (grid.get("device"), long_rows.get("device")) if d}
+    assert devices == {H200["name"]}, f"rows measured on {devices}: the fit re-plans them for the H200"
     rows = []
-    for row in json.loads((results / "planner.json").read_text())["configs"]:
+    for row in grid["configs"]:
         got = measured_phases(row, logs) if row.get("rc") == 0 else None
         if not got:
             continue
@@ -258,8 +262,7 @@ def fit(out: Path) -> None:
                      "same_knobs_as_run": same,
                      "measured": {k: round(got[k], 3) for k in ("rollout", "train", "step")},
                      "completion_len_mean": got["len_mean"], "max_completion_length": r.grpo.max_completion_length})
-    lc_path = results / "long_context.json"
-    for row in json.loads(lc_path.read_text())["runs"] if lc_path.exists() else []:
+    for row in long_rows["runs"]:
         if row.get("rc") != 0 or not row.get("phase_s"):
             continue
         r = lc.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"])
@@ -279,7 +282,7 @@ def fit(out: Path) -> None:
               f"({e['rollout']:+.0%})  train {x['predicted']['train']:7.2f} / {x['measured']['train']:7.2f} "
               f"({e['train']:+.0%})  step {e['step']:+.0%}  len {x['completion_len_mean']}/{x['max_completion_length']}"
               + ("" if x.get("same_knobs_as_run", True) else "  (knobs differ from the run's)"))
-    out.write_text(json.dumps({"command": "python bench/planner.py --fit " + str(out),
+    out.write_text(json.dumps({"device": H200["name"], "command": "python bench/planner.py --fit " + str(out),
                                "note": "predicted (trainer/cost.py at this commit) vs measured seconds by phase; "
                                        "measured: median of steps 3+ (long context: step 2); train = step - rollout",
                                "max_abs_step_error_frac": max(abs(x["error_frac"]["step"]) for x in rows),

@@ -29,6 +29,11 @@ def used_mib() -> dict[int, int]:
     return {int(i): int(m) for i, m in rows if watch is None or int(i) in watch}
 
 
+def partial_path(smi_json) -> Path:
+    """Where main() keeps the peak so far while its command runs (OUT.json -> OUT.partial.json)."""
+    return Path(str(smi_json).removesuffix(".json") + ".partial.json")
+
+
 def start(smi_json: Path, log: Path, cmd: list[str], env: dict | None = None, cwd=None) -> subprocess.Popen:
     """Start `cmd` under this script (its peaks into smi_json), stdout and stderr into log."""
     with open(log, "w") as f:  # the child holds its own handle
@@ -54,7 +59,7 @@ def main() -> int:
     stop = threading.Event()
     t0 = time.time()
 
-    partial = Path(str(out).removesuffix(".json") + ".partial.json")
+    partial = partial_path(out)
 
     def poll():
         while not stop.is_set():

@@ -394,9 +394,8 @@ def test_the_plan_predicts_the_long_row_measured_on_the_h200():
                if x["name"] == "llama-8b-78gb")
     r = long_context.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"])
     plan = make_plan(read_config(r.model), r, Device(**H200))
-    assert {k: getattr(plan, k) for k in ("micro_batch_tokens", "micro_batch_seqs", "max_num_seqs",
-                                          "activation_offload")} == {k: row["knobs"][k] for k in (
-        "micro_batch_tokens", "micro_batch_seqs", "max_num_seqs", "activation_offload")}
+    knobs = ("micro_batch_tokens", "micro_batch_seqs", "max_num_seqs", "activation_offload")
+    assert {k: getattr(plan, k) for k in knobs} == {k: row["knobs"][k] for k in knobs}
     measured = row["phase_s"][-1]
     assert plan.predicted_phases_s["rollout"] == pytest.approx(measured["rollout"], rel=0.1)
     assert plan.predicted_phases_s["train"] == pytest.approx(

@@ -96,33 +96,25 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     gc = bool(knobs["gradient_checkpointing"])
     mbt = max(min(knobs["micro_batch_tokens"], step_tokens), 1)
     micro_batches = math.ceil(step_tokens / mbt)
-    per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS * (1.0 if gc else 1 / RECOMPUTE_FACTOR)
-    # each micro-batch costs the larger of its launch-bound floor and its compute (dispatch runs ahead of the GPU)
-    train = num_iterations * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, gc)], mbt * per_token)
+    # causal attention's forward FLOPs, quadratic in each sequence
+    seq = step_tokens / max(gen, 1)
+    attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen if dims is not None else 0.0
     if dims is not None and knobs.get("micro_batch_seqs") == 1:  # long sequences, one a micro-batch: their FLOPs
-        seq = step_tokens / max(gen, 1)
-        attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen  # causal forward
         linear = 2 * linear_params * step_tokens
         passes = num_iterations * ((4 if gc else 3) * (linear + attn)) + forward_passes * (linear + attn)
         floor = (num_iterations + forward_passes / 2) * micro_batches * MICRO_BATCH_FLOOR_S[(compiled, gc)]
-        return {"rollout": rollout, "train": max(floor, passes / LONG_TRAIN_FLOPS)
-                + _offload_s(dims, knobs, micro_batches, mbt)
-                + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)}
-    # a pass without gradients: a third of a forward + backward without checkpointing, over half the launches (an
-    # estimate, not measured alone: without it, 32 x 1024 with num_iterations 2 and beta 0.04 was predicted at 7.1 s
-    # a step and took 11.6 s once compiled, on one H200 on 2026-12-02; with it, 10.2 s)
-    fwd_per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS / RECOMPUTE_FACTOR / 3
-    train += forward_passes * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, mbt * fwd_per_token)
-    if dims is not None:  # attention, quadratic in each sequence: forward, recompute, 2x backward
-        seq = step_tokens / max(gen, 1)
-        attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * gen
+        train = max(floor, passes / LONG_TRAIN_FLOPS)
+    else:
+        per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS * (1.0 if gc else 1 / RECOMPUTE_FACTOR)
+        # each micro-batch costs the larger of its launch-bound floor and its compute (dispatch runs ahead of the GPU)
+        train = num_iterations * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, gc)], mbt * per_token)
+        # a pass without gradients: a third of a forward + backward without checkpointing, over half the launches (an
+        # estimate, not measured alone: without it, 32 x 1024 with num_iterations 2 and beta 0.04 was predicted at
+        # 7.1 s a step and took 11.6 s once compiled, on one H200 on 2026-12-02; with it, 10.2 s)
+        fwd_per_token = TRAIN_S_PER_TOKEN * linear_params / REF_LINEAR_PARAMS / RECOMPUTE_FACTOR / 3
+        train += forward_passes * micro_batches * max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, mbt * fwd_per_token)
+        # attention: forward, recompute, 2x backward per iteration; a forward per gradient-free pass
         train += attn * (num_iterations * (4 if gc else 3) + forward_passes) / LONG_TRAIN_FLOPS
-        train += _offload_s(dims, knobs, micro_batches, mbt)
+    if dims is not None and knobs.get("activation_offload"):  # the copies, charged in full (OFFLOAD_BYTES_S)
+        train += micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S
     return {"rollout": rollout, "train": train + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)}
-
-
-def _offload_s(dims, knobs: dict, micro_batches: int, mbt: int) -> float:
-    """Activation offload's copies, charged in full (OFFLOAD_BYTES_S)."""
-    if not knobs.get("activation_offload"):
-        return 0.0
-    return micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S
