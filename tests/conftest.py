@@ -13,21 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-# Under pytest-xdist (README's `-n auto --maxprocesses 4 --dist loadgroup`): a file's tests run on one worker, so its
-# module fixtures (an engine, a model) are built once; the files that share the trained run below go to one worker
-# together. Each worker, and every process a test starts, runs torch on one thread: two workers of two threads each
-# on two cores spin-wait against each other (a Slurm test went 20x slower that way).
-SHARES_TRAINED_RUN = {"test_evaluate", "test_export", "test_generate", "test_is_correction"}
+# Under pytest-xdist (README's `-n auto --maxprocesses 4 --dist loadfile`): a file's tests run on one worker, so its
+# module fixtures (an engine, a model, a Slurm cluster on its fixed ports) are built once and never twice at a time.
+# (`--dist loadgroup` does not group under pytest 9.2: xdist 3.8 renames item._nodeid, which pytest no longer reads.)
+# Each worker, and every process a test starts, runs torch on one thread: two workers of two threads each on two
+# cores spin-wait against each other (a Slurm test went 20x slower that way).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            name = item.module.__name__.rsplit(".", 1)[-1]
-            item.add_marker(pytest.mark.xdist_group("trained_run" if name in SHARES_TRAINED_RUN else name))
 
 
 @pytest.fixture(scope="session", autouse=True)
