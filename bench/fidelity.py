@@ -4,8 +4,8 @@ The gap is |logp_vLLM - logp_trainer| on the sampled tokens. Both sides hold the
 (trainer/sync.py), so it is arithmetic: lm_head/logits precision, the LoRA kernels, attention and norm kernels, CUDA
 graphs, the trainer's compiled layers. Each source is switched off alone, on the same prompts and sampled tokens.
 
-    python bench/fidelity.py variants OUT [SHAPE ...]   # default qwen2.5-1.5b qwen2.5-1.5b-toy; one process per
-                                                        #   engine (graphs, eager, each attention backend) per shape
+    python bench/fidelity.py variants OUT [SHAPE[:ENGINE,...] ...]   # default qwen2.5-1.5b qwen2.5-1.5b-toy; one
+                                                        #   process per engine (graphs, eager, each attention backend)
     python bench/fidelity.py train OUT SHAPE STEPS DTYPE    # `train` on bench/peers/ours.yaml (config A: 8 x 256),
                                                         #   rollout.logits_dtype=DTYPE; the per-step gap, step time
     python bench/fidelity.py trl OUT                    # TRL 1.16's gap on the qwen2.5-1.5b shape (bench/peers/trl_grpo.py)
@@ -54,6 +54,15 @@ SWITCHES = {
     "trainer_eager_attention": {"trainer_attn": "eager"},
     "trainer_uncompiled": {"compiled": False},
     "both_fp32_trainer_eager_attention": {"vllm_logits": "float32", "trainer_logits": "float32", "trainer_attn": "eager"},
+    # the trainer's LoRA branch as vLLM's punica kernels compute it: x @ A in fp32, @ B in fp32, added to the base
+    # layer's output before one rounding (peft rounds x @ A, the product and the sum to bf16 each); uncompiled, as
+    # its reference, so the compiled graphs are not asked to take a patched forward
+    "trainer_uncompiled_lora_fp32": {"compiled": False, "lora_fp32": True},
+    # not a switch of the trainer: vLLM scores the very sampled sequences again in one prefill (prompt_logprobs), so
+    # the gap splits into vLLM's decode-vs-prefill arithmetic (same engine, other batch shapes and kernels) and
+    # trainer-vs-vLLM at the same shape
+    "vllm_prefill_vs_vllm_decode": {"score": "vllm_prefill_vs_decode"},
+    "trainer_vs_vllm_prefill": {"score": "trainer_vs_vllm_prefill"},
 }
 # Sources: (name, the variant with the source present, the variant with it removed)
 SOURCES = [
@@ -64,6 +73,8 @@ SOURCES = [
     ("lora_kernels_after_fp32_logits", "both_fp32_logits", "lora_zero_both_fp32"),
     ("trainer_sdpa_vs_eager_attention", "base", "trainer_eager_attention"),
     ("trainer_compiled_layers", "base", "trainer_uncompiled"),
+    ("trainer_lora_bf16_rounding", "trainer_uncompiled", "trainer_uncompiled_lora_fp32"),
+    ("vllm_decode_vs_prefill_shapes", "base", "trainer_vs_vllm_prefill"),
     ("cuda_graphs", "graphs/base", "eager/base"),
     ("cuda_graphs_after_fp32_logits", "graphs/both_fp32_logits", "eager/both_fp32_logits"),
     ("fused_nf4_gemm", "graphs/base", "nf4_bnb/base"),
@@ -148,6 +159,50 @@ def _set_compiled(policy, on: bool) -> None:
             layer._fidelity_compiled, layer._compiled_call_impl = layer._compiled_call_impl, None
 
 
+def _lora_fp32_forward(self, x, *args, **kwargs):
+    """A peft LoRA layer's forward with its branch in fp32 and one rounding of base + branch (vLLM's punica order)."""
+    import torch.nn.functional as F
+
+    result = self.base_layer(x, *args, **kwargs)
+    for name in self.active_adapters:
+        if name in self.lora_A:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            branch = F.linear(F.linear(x.float(), a.float()), b.float()) * self.scaling[name]
+            result = (result.float() + branch).to(result.dtype)
+    return result
+
+
+def _set_lora_fp32(policy, on: bool) -> None:
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    for m in policy.model.modules():
+        if isinstance(m, LoraLayer) and hasattr(m, "base_layer"):
+            if on:
+                m.forward = types.MethodType(_lora_fp32_forward, m)
+            else:
+                m.__dict__.pop("forward", None)
+
+
+def _vllm_prefill_logprobs(eng, prompt_ids, gens) -> list:
+    """vLLM's log-prob of each sampled token, scored again in one prefill of prompt + completion (prompt_logprobs),
+    with the same adapter; Generations with those in place of the decode-time ones."""
+    import dataclasses
+
+    from vllm import SamplingParams
+
+    eng.llm.reset_prefix_cache()  # no KV reused from the decode: the whole sequence is prefilled
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+    out = []
+    for p, g in zip(prompt_ids, gens):
+        res = eng.llm.generate([{"prompt_token_ids": list(p) + list(c)} for c in g.completion_ids], params,
+                               lora_request=eng.request, use_tqdm=False)
+        lps = [[d[t].logprob for t, d in zip(c, r.prompt_logprobs[len(p):])] for c, r in zip(g.completion_ids, res)]
+        out.append(dataclasses.replace(g, logprobs=lps))
+    return out
+
+
 def _set_trainer_attention(policy, impl: str) -> None:
     base = policy.model.get_base_model()
     if hasattr(base, "set_attn_implementation"):
@@ -211,7 +266,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     names = list(SWITCHES) if engine == "graphs" or cpu else ["base", "both_fp32_logits"]
     for name in names:
         sw = SWITCHES[name]
-        if cpu and "compiled" in sw:
+        if cpu and sw == {"compiled": False}:  # nothing compiled on the CPU
             continue
         try:  # one switch failing (e.g. an attention implementation this build lacks) leaves the others
             _set_lora(policy, sw.get("lora", "trained"))
@@ -219,18 +274,29 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
             vi.set_logits_dtype(eng.vmodel, sw.get("vllm_logits", "model"))
             _set_trainer_attention(policy, sw.get("trainer_attn", "sdpa"))
             _set_compiled(policy, sw.get("compiled", True))
+            _set_lora_fp32(policy, sw.get("lora_fp32", False))
             key = (sw.get("lora", "trained"), sw.get("vllm_logits", "model"))
             if key not in cache:  # the engine side decides the sampled tokens; reused across trainer-side switches
                 t = time.perf_counter()
                 cache[key] = sample()
                 res.setdefault("rollout_s", {})[f"{key[0]}/{key[1]}"] = round(time.perf_counter() - t, 3)
             t = time.perf_counter()
-            gap = trainer_gap(cache[key], sw.get("trainer_logits", "model"))
+            score = sw.get("score")
+            if score:
+                if "prefill" not in cache:
+                    cache["prefill"] = _vllm_prefill_logprobs(eng, prompt_ids, cache[key])
+            if score == "vllm_prefill_vs_decode":
+                gap = torch.cat([torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+                                 for g, h in zip(cache["prefill"], cache[key])
+                                 for a, b in zip(g.logprobs, h.logprobs)])
+            else:
+                gap = trainer_gap(cache["prefill"] if score else cache[key], sw.get("trainer_logits", "model"))
             res["variants"][name] = {**stats(gap), "trainer_s": round(time.perf_counter() - t, 3)}
         except Exception as e:
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
         print(shape, engine, name, json.dumps(res["variants"].get(name) or res["errors"][name]), flush=True)
     _set_trainer_attention(policy, "sdpa")
+    _set_lora_fp32(policy, False)
     _set_compiled(policy, True)
     _set_lora(policy, "trained")
     eng.sync(policy)
@@ -242,8 +308,14 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
 
 
 def variants(out: Path, shapes: list[str], cpu: bool) -> None:
-    engines = ["eager"] if cpu else os.environ.get("FIDELITY_ENGINES", ",".join(ENGINES)).split(",")
-    for shape in shapes:
+    """SHAPE runs FIDELITY_ENGINES (default: all of ENGINES); SHAPE:ENGINE,ENGINE runs those, in the order given."""
+    default = ["eager"] if cpu else os.environ.get("FIDELITY_ENGINES", ",".join(ENGINES)).split(",")
+    todo = [(s.partition(":")[0], s.partition(":")[2].split(",") if ":" in s else default) for s in shapes]
+    if not cpu:  # each shape's random-init files first, in their own process: a 7B build must not eat an engine's timeout
+        for shape in dict.fromkeys(s for s, _ in todo):
+            subprocess.run([sys.executable, "-c", f"from trainer.shapes import model_dir; print(model_dir({shape!r}))"],
+                           check=True)
+    for shape, engines in todo:
         for engine in engines:
             t = time.time()
             cmd = [sys.executable, __file__, "_engine", shape, engine, str(out)] + (["--cpu"] if cpu else [])
