@@ -63,6 +63,9 @@ SWITCHES = {
     # trainer-vs-vLLM at the same shape
     "vllm_prefill_vs_vllm_decode": {"score": "vllm_prefill_vs_decode"},
     "trainer_vs_vllm_prefill": {"score": "trainer_vs_vllm_prefill"},
+    # the same split with a fresh adapter (B = 0): is LoRA's share vLLM's LoRA arithmetic or the adapter's effect on
+    # how sensitive the model's logits are to any rounding (then vLLM disagrees with itself more as well)
+    "vllm_prefill_vs_vllm_decode_lora_zero": {"lora": "zero", "score": "vllm_prefill_vs_decode"},
 }
 # Sources: (name, the variant with the source present, the variant with it removed)
 SOURCES = [
@@ -282,15 +285,14 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
                 res.setdefault("rollout_s", {})[f"{key[0]}/{key[1]}"] = round(time.perf_counter() - t, 3)
             t = time.perf_counter()
             score = sw.get("score")
-            if score:
-                if "prefill" not in cache:
-                    cache["prefill"] = _vllm_prefill_logprobs(eng, prompt_ids, cache[key])
+            if score and ("prefill", key) not in cache:  # vLLM's own re-scoring, with the engine as set above
+                cache["prefill", key] = _vllm_prefill_logprobs(eng, prompt_ids, cache[key])
             if score == "vllm_prefill_vs_decode":
                 gap = torch.cat([torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-                                 for g, h in zip(cache["prefill"], cache[key])
+                                 for g, h in zip(cache["prefill", key], cache[key])
                                  for a, b in zip(g.logprobs, h.logprobs)])
             else:
-                gap = trainer_gap(cache["prefill"] if score else cache[key], sw.get("trainer_logits", "model"))
+                gap = trainer_gap(cache["prefill", key] if score else cache[key], sw.get("trainer_logits", "model"))
             res["variants"][name] = {**stats(gap), "trainer_s": round(time.perf_counter() - t, 3)}
         except Exception as e:
             res.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e)[:300]}"
