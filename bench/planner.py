@@ -228,6 +228,15 @@ def measured_phases(row: dict, logs: list[Path]) -> dict | None:
 
 
 KNOBS_THAT_COST = ("weight_format", "kv_release", "micro_batch_tokens", "gradient_checkpointing", "max_num_seqs")
+PIN = {"weight_format": "rollout.weight_format", "kv_release": "rollout.kv_release",
+       "micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
+       "max_num_seqs": "rollout.max_num_seqs", "activation_offload": "train.activation_offload"}
+
+
+def _pin(knobs: dict) -> list[str]:
+    """Recipe overrides that fix the planner's costed knobs to these values (0 / None: left to the planner)."""
+    return [f"{PIN[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in knobs.items()
+            if k in PIN and v not in (None, 0, "")]
 
 
 def fit(out: Path) -> None:
@@ -258,8 +267,10 @@ def fit(out: Path) -> None:
             plan, r = _plan(row["overrides"][:-1], row["budget_gb"] + BUDGET_HEADROOM / 1e9)
         ran = row.get("knobs") or {}
         same = all(getattr(plan, k) == v for k, v in ran.items() if k in KNOBS_THAT_COST)
-        rows.append({"name": row["name"], "source": "planner.json", "predicted": plan.predicted_phases_s,
-                     "same_knobs_as_run": same,
+        # the cost model judged on what ran: the run's knobs pinned (today's planner may choose others at the budget)
+        pinned, _ = _plan(row["overrides"][:-1] + _pin(ran), None)
+        rows.append({"name": row["name"], "source": "planner.json", "predicted": pinned.predicted_phases_s,
+                     "predicted_planner_choice": plan.predicted_phases_s, "same_knobs_as_run": same,
                      "measured": {k: round(got[k], 3) for k in ("rollout", "train", "step")},
                      "completion_len_mean": got["len_mean"], "max_completion_length": r.grpo.max_completion_length})
     for row in long_rows["runs"]:
@@ -284,7 +295,9 @@ def fit(out: Path) -> None:
               + ("" if x.get("same_knobs_as_run", True) else "  (knobs differ from the run's)"))
     out.write_text(json.dumps({"device": H200["name"], "command": "python bench/planner.py --fit " + str(out),
                                "note": "predicted (trainer/cost.py at this commit) vs measured seconds by phase; "
-                                       "measured: median of steps 3+ (long context: step 2); train = step - rollout",
+                                       "measured: median of steps 3+ (long context: step 2); train = step - rollout; "
+                                       "predicted: the run's own knobs; predicted_planner_choice: what today's "
+                                       "planner would run at that budget",
                                "max_abs_step_error_frac": max(abs(x["error_frac"]["step"]) for x in rows),
                                "rows": rows}, indent=1))
 
