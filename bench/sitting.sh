@@ -17,6 +17,7 @@
 #   microbatch    bench/microbatch.py OUT                                -> bench/results/microbatch.json
 #   multigpu      bench/multigpu.py OUT (a multi-GPU kind)               -> bench/results/multigpu.json
 #   multi_turn    bench/multi_turn.py OUT                                -> bench/results/multi_turn.json
+#   compile       bench/compile_ab.py OUT [STEPS]                        -> bench/results/compile_ab.json
 #   hf            train bench/recipes/toy-digits-0.5b-hf.yaml under bench/smi.py; bench/report.py hf
 #                                                                        -> bench/results/hf_gpu.json
 #   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml
@@ -43,6 +44,7 @@ job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
     microbatch) echo "$PY bench/microbatch.py $R $*";;
     multigpu) echo "$PY bench/multigpu.py $R $*";;
     multi_turn) echo "$PY bench/multi_turn.py $R $*";;
+    compile) echo "$PY bench/compile_ab.py $R $*";;
     hf) echo "$PY bench/smi.py $R/smi_hf.json -- $PY -m trainer.cli bench/recipes/toy-digits-0.5b-hf.yaml" \
              "--output-dir $RUNS/hf --overwrite $* && $PY bench/report.py hf $RUNS/hf $R/smi_hf.json $R/hf_gpu.json";;
     sync) echo "GPU_TESTS_JSON=$R/gpu_tests.json $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py;" \

@@ -57,3 +57,30 @@ def test_planner_compiles_only_for_vllm_rollouts_on_cuda():
     assert make_plan(cfg, vllm, gpu).compile_layers
     off = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=vllm", "train.torch_compile=false"])
     assert not make_plan(cfg, off, gpu).compile_layers
+
+
+def test_dynamic_shapes_switch_reaches_every_compiled_layer(monkeypatch):
+    """TRAINER_COMPILE_DYNAMIC=1 (bench/compile_ab.py's candidate) compiles each decoder layer with dynamic=True; unset,
+    torch's default (None: automatic dynamic shapes after a recompile)."""
+    import trainer.policy as tp
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true"])
+    plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: seen.append(k.get("dynamic", "unset")))
+    for value in (None, True):
+        monkeypatch.setattr(tp, "COMPILE_DYNAMIC", value)
+        seen.clear()
+        policy = load_policy(recipe, plan)
+        assert seen == [value] * len(policy.model.get_base_model().model.layers) and seen
+
+
+def test_compile_ab_report_compares_the_first_steps_and_the_steady_ones():
+    from bench.compile_ab import compare
+
+    def run(variant, steps):
+        return {"config": "A-fast", "variant": variant, "first_two_s": sum(steps[:2]), "steady_step_s": steps[3],
+                "steady_train_s": steps[3] / 2}
+    got = compare([run("default", [20.0, 9.0, 1.5, 1.4, 1.4]), run("dynamic", [21.0, 1.5, 1.5, 1.5, 1.5])])
+    assert got == {"A-fast": {"first_two_s_saved": 6.5, "steady_step_ratio": 1.071, "steady_train_ratio": 1.071}}
+    assert compare([run("default", [1.0] * 4)]) == {}  # one variant alone: nothing to compare

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from trainer.errors import UserError
+
+# torch.compile's shape handling for the decoder layers. None (default): a first graph for the first micro-batch's
+# shape, then recompiles as lengths change until the dimensions are marked dynamic (every H200 planner run of
+# 2026-12-03 spent 7-10 s more in step 2 than in steps 3-5). True (TRAINER_COMPILE_DYNAMIC=1): dynamic from the first
+# compile (on the CPU: one graph where the default made three for the same shapes). Not the default until
+# bench/compile_ab.py measures it on the GPU (steady steps and the first ones), A/B in one sitting.
+COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else None
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +158,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         set_gradient_checkpointing(model, True, plan.activation_offload)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
-            layer.compile()
+            layer.compile(dynamic=COMPILE_DYNAMIC)
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path)
 
