@@ -39,7 +39,15 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # our fused nf4 GEMM for decode batches <= 16); the others change one of these. Unavailable backends fail alone.
 # All on the shared nf4 base (the premise: both sides multiply the very same bytes); bf16_mirror is the planner's
 # other weight format (the same dequantised values, vLLM's bf16 GEMMs instead of the 4-bit path).
-ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER")
+# batch_invariant(_mirror): vLLM's VLLM_BATCH_INVARIANT=1 (no split-K / split-KV reductions, its own log_softmax, mean
+# and RMSNorm kernels, cascade attention off; process-wide torch.library overrides, so the trainer's forward takes
+# some of them too), on either weight format: how much of vLLM's disagreement with itself (decode vs prefill) and with
+# the trainer goes when vLLM's reductions no longer depend on the batch. Not covered by the mode: bitsandbytes'
+# 4-bit path, which picks other kernels by row count (0.50.2 backends/cuda/ops.py gemm_4bit).
+ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER", "batch_invariant",
+           "batch_invariant_mirror")
+BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
+                            "trainer_vs_vllm_prefill"]
 PROMPTS, N, SEED, LORA_B_STD = 2, 8, 1234, 0.01
 TOKENS = int(os.environ.get("FIDELITY_TOKENS", "256"))  # shorter only for the CPU smoke test
 # In-process switches, each against the default ("base": vLLM bf16 logits, trainer bf16 logits, trained LoRA,
@@ -85,6 +93,10 @@ SOURCES = [
     ("shared_nf4_vs_bf16_mirror", "graphs/base", "bf16_mirror/base"),
     ("vllm_flash_attention_vs_triton", "graphs/base", "TRITON_ATTN/base"),
     ("vllm_flash_attention_vs_flashinfer", "graphs/base", "FLASHINFER/base"),
+    ("vllm_batch_dependent_reductions", "graphs/base", "batch_invariant/base"),
+    ("vllm_batch_dependent_reductions_mirror", "bf16_mirror/base", "batch_invariant_mirror/base"),
+    ("vllm_self_disagreement_batch_dependent", "graphs/vllm_prefill_vs_vllm_decode",
+     "batch_invariant/vllm_prefill_vs_vllm_decode"),
 ]
 
 
@@ -111,7 +123,7 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
                                          "rollout.max_num_batched_tokens=8192"]
     sets = [f"model.shape={shape}", f"grpo.max_completion_length={TOKENS}", f"train.generation_batch_size={N}",
             "data.max_prompt_length=128",
-            f"rollout.weight_format={'bf16_mirror' if engine == 'bf16_mirror' else 'shared_nf4'}"]
+            f"rollout.weight_format={'bf16_mirror' if engine.endswith('mirror') else 'shared_nf4'}"]
     if engine == "eager":
         sets.append("rollout.enforce_eager=true")
     if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
@@ -226,7 +238,9 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     from trainer.rollout import vllm_internals as vi
     from trainer.types import Sampling
 
-    if engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror"):
+    if engine.startswith("batch_invariant"):
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
+    elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror"):
         _attention_backend(engine)
     path, sets = _recipe_sets(shape, engine, cpu)
     recipe = load_recipe(path, sets)
@@ -266,7 +280,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
 
     cache: dict = {}
     # The other engines are compared with the default on these two only (eager bnb + LoRA decodes at ~90 tokens/s).
-    names = list(SWITCHES) if engine == "graphs" or cpu else ["base", "both_fp32_logits"]
+    names = (list(SWITCHES) if engine == "graphs" or cpu else
+             BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else ["base", "both_fp32_logits"])
     for name in names:
         sw = SWITCHES[name]
         if cpu and sw == {"compiled": False}:  # nothing compiled on the CPU
