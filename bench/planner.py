@@ -166,7 +166,9 @@ def run(out: Path, names: list[str]) -> None:
                         "measured_phase_peaks_gb": {k: max(x.get(k, 0) for x in m) for k in m[-1] if k.startswith("peak_")},
                         "step_s": [x["time_step_s"] for x in m],
                         "phase_s": [{k[5:-2]: round(v, 3) for k, v in x.items()
-                                     if k.startswith("time_") and k.endswith("_s") and k != "time_step_s"} for x in m]})
+                                     if k.startswith("time_") and k.endswith("_s") and k != "time_step_s"} for x in m],
+                        # the allocator's cap-hit retries by phase: a slow phase near the budget shows them
+                        "alloc_retries": [{k[14:]: v for k, v in x.items() if k.startswith("alloc_retries_")} for x in m]})
             row["error_frac"] = row["measured_peak_gb"] / row["predicted_peak_gb"] - 1
         except Exception as e:  # keep going: one failed config must not hide the others
             row["error"] = repr(e)[:300]

@@ -138,3 +138,28 @@ def test_length_mix_draws_per_request_caps():
     caps = length_mix(r, 200, seed=1)
     assert len(caps) == 200 and min(caps) >= 2 and max(caps) <= 16 and len(set(caps)) > 5
     assert caps == length_mix(r, 200, seed=1)
+
+
+def test_each_phase_counts_the_allocators_cap_retries_it_caused(monkeypatch):
+    """A phase that makes torch's allocator free its cache and retry (near the cap) is counted as that phase's, per
+    step (metrics alloc_retries_<phase>; bench/planner.py keeps them per row): the CUDA calls stubbed, the accounting
+    real."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trainer.grpo import State
+
+    count = {"n": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {"num_alloc_retries": count["n"]})
+    s = SimpleNamespace(phase="", step=0, policy=SimpleNamespace(device=torch.device("cuda")), cap=None, mem=None,
+                        peaks={}, times=defaultdict(float), alloc_retries=defaultdict(int))
+    with State.timed(s, "rollout"):
+        pass
+    with State.timed(s, "train"):
+        count["n"] += 3  # three retries while training
+    with State.timed(s, "train"):  # a second train-phase block in the same step adds to it
+        count["n"] += 1
+    assert dict(s.alloc_retries) == {"rollout": 0, "train": 4}

@@ -50,6 +50,9 @@ class State:
     times: dict = field(default_factory=lambda: defaultdict(float))  # phases; they add up to time_step_s
     comm: dict = field(default_factory=dict)  # collectives inside a phase (grad wait / all-reduce: in "optimizer")
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
+    # per phase: how often torch's allocator hit its cap (or the device's end), freed its cache and tried again: each
+    # retry synchronises and re-maps memory, so a phase planned close to the budget can run slower than it is priced
+    alloc_retries: dict = field(default_factory=lambda: defaultdict(int))
     phase: str = ""
     step: int = 0
     nan_steps: frozenset = frozenset(int(x) - 1 for x in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").split(",")
@@ -65,6 +68,7 @@ class State:
             if self.cap is not None:
                 self.cap.enforce()
             torch.cuda.reset_peak_memory_stats()
+            retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         if self.mem is not None:
             self.mem.take_peak()
         t0 = time.perf_counter()
@@ -73,6 +77,7 @@ class State:
             torch.cuda.synchronize()
             self.peaks[f"torch_alloc_{name}"] = max(self.peaks.get(f"torch_alloc_{name}", 0),
                                                     torch.cuda.max_memory_allocated())
+            self.alloc_retries[name] += torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
         if self.mem is not None:
             self.peaks[f"used_{name}"] = max(self.peaks.get(f"used_{name}", 0), self.mem.take_peak())
         self.times[name] += time.perf_counter() - t0
@@ -83,6 +88,7 @@ def grpo_step(s: State, step: int) -> dict:
     s.step = step
     s.times.clear()
     s.comm.clear()
+    s.alloc_retries.clear()
     s.peaks.clear()
     # 1. Rollout: G completions for each of this rank's prompts, from the current adapter.
     n = plan.prompts_per_step
@@ -251,6 +257,7 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
         m[f"time_{k}_s"] = v
     m["tokens_per_s"] = float(lengths.sum()) / max(s.times["rollout"], 1e-9)
     m.update({f"peak_{k}_gb": v / 1e9 for k, v in s.peaks.items()})
+    m.update({f"alloc_retries_{k}": v for k, v in s.alloc_retries.items()})
     if s.peaks:
         m["peak_memory_gb"] = max(v for k, v in s.peaks.items() if k.startswith("used_")) / 1e9
     m.update({f"sync_{k}": v for k, v in sync_stats.items()})
