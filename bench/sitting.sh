@@ -24,7 +24,12 @@
 #                 under bench/smi.py; bench/report.py sync               -> bench/results/sync.json
 #   gpu_tests     pytest -m gpu alone
 # GPU_TESTS=first runs `pytest -m gpu` before the job instead of after it, GPU_TESTS=no skips it (for a second job in
-# the same sitting). SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
+# the same sitting).
+# Several jobs in one detached run (no device call between them, so no machine goes back idle in between):
+#   bash bench/sitting.sh queue start 'compile' 'VAR=VALUE fidelity qwen2.5-1.5b:graphs' 'planner NAME@SPEC' ...
+#   bash bench/sitting.sh queue wait [SECONDS]     # tars every item's results dir (and the queue's) into $OUT
+# Each item is 'NAME ARGS' with optional leading VAR=VALUE environment settings; `pytest -m gpu` runs once (GPU_TESTS
+# as above), each item's results under results/NAME as a lone job's. SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
 set -uo pipefail
 NAME=${1:-}; ACTION=${2:-}
 D=${SITTING_ROOT:-/root}; PY=${PYTHON:-python3}; R=$D/results/$NAME
@@ -55,6 +60,56 @@ job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
     *) return 1;;
   esac
 }
+
+queue_start() {  # queue_start ITEM ...: one job script running each ITEM's driver in turn
+  local Q=$D/results/queue tests before after item envs rest
+  pkill -f "$D/sitting_job.sh" 2>/dev/null; sleep 1
+  [[ -d $Q ]] && mv "$Q" "$Q.$(date +%s)"
+  mkdir -p "$Q"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$Q/device.txt" 2>&1
+  tests="$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $Q/pytest_gpu.txt 2>&1"
+  case ${GPU_TESTS:-last} in first) before=$tests; after=true;; no) before=true; after=true;; *) before=true; after=$tests;; esac
+  { echo "cd $PWD"; echo "$before"; } > "$D/sitting_job.sh"
+  : > "$Q/items"
+  for item in "$@"; do
+    envs=""; rest=$item
+    while [[ $rest =~ ^([A-Za-z_][A-Za-z0-9_]*=[^ ]*)\ +(.*)$ ]]; do envs+="export ${BASH_REMATCH[1]}; "; rest=${BASH_REMATCH[2]}; done
+    read -r -a words <<< "$rest"
+    NAME=${words[0]}; R=$D/results/$NAME
+    cmd=$(job "${words[@]:1}") || { echo "unknown sitting: '$NAME' (see the header of $0)"; exit 2; }
+    [[ -d $R ]] && mv "$R" "$R.$(date +%s)"
+    mkdir -p "$R"; cp "$Q/device.txt" "$R/device.txt"
+    echo "$NAME" >> "$Q/items"
+    echo "$(date -u +%FT%TZ) $NAME: $envs$cmd" > "$R/command.txt"
+    echo "( $envs$cmd ) > $R/$NAME.log 2>&1; echo \"rc \$?\" >> $R/$NAME.log; echo done > $R/done" >> "$D/sitting_job.sh"
+  done
+  { echo "$after"; echo "echo done > $Q/done"; } >> "$D/sitting_job.sh"
+  setsid nohup bash "$D/sitting_job.sh" > "$Q/job.log" 2>&1 < /dev/null &
+  echo "started a queue of $# on $(head -1 "$Q/device.txt"): $(tr '\n' ' ' < "$Q/items")"
+}
+
+queue_wait() {  # queue_wait [SECONDS]
+  local Q=$D/results/queue n
+  [[ -d $Q ]] || { echo "no queue started under $D/results"; exit 2; }
+  for _ in $(seq $(( ${1:-540} / 5 ))); do [[ -f $Q/done ]] && break; sleep 5; done
+  while read -r n; do
+    if [[ -f $D/results/$n/done ]]; then echo "== $n: done"; else echo "== $n: not done"; fi
+    grep -h '^{' "$D/results/$n/$n.log" 2>/dev/null | cut -c1-300 | tail -5
+    tail -n 2 "$D/results/$n/$n.log" 2>/dev/null | cut -c1-300
+  done < "$Q/items"
+  tail -n 2 "$Q/pytest_gpu.txt" 2>/dev/null
+  mkdir -p "${OUT:-$D/out}" && tar -czf "${OUT:-$D/out}/queue.tgz" -C "$D/results" queue $(cat "$Q/items")
+  [[ -f $Q/done ]] && echo "done" || echo "still running"
+}
+
+if [[ $NAME == queue ]]; then
+  case "$ACTION" in
+    start) shift 2; queue_start "$@";;
+    wait) queue_wait "${3:-540}";;
+    *) echo "usage: $0 queue start 'NAME ARGS' ... | queue wait [SECONDS]"; exit 2;;
+  esac
+  exit 0
+fi
 
 case "$ACTION" in
   start)

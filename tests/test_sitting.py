@@ -1,0 +1,35 @@
+"""bench/sitting.sh's queue: several benchmark jobs in one detached run on the device (no device call between them, so
+no machine goes back idle in between), each with its own environment and results dir, all tarred by `queue wait`.
+Dry run on this machine: SITTING_ROOT a temporary dir, PYTHON a script that records how it was called."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+
+from tests.conftest import ROOT
+
+
+def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all(tmp_path):
+    fake = tmp_path / "py"
+    fake.write_text('#!/usr/bin/env bash\necho "FOO=${FOO:-unset} $*" >> "$SITTING_ROOT/calls"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "SITTING_ROOT": str(tmp_path), "PYTHON": str(fake), "GPU_TESTS": "no",
+           "OUT": str(tmp_path / "out")}
+    run = lambda *a: subprocess.run(["bash", "bench/sitting.sh", *a], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    started = run("queue", "start", "compile 4", "FOO=bar fidelity qwen2.5-1.5b:graphs", "planner X@min")
+    assert started.returncode == 0 and "a queue of 3" in started.stdout, started.stderr
+    waited = run("queue", "wait", "60")
+    assert waited.stdout.strip().endswith("done"), waited.stdout
+    calls = (tmp_path / "calls").read_text().splitlines()
+    res = tmp_path / "results"
+    assert calls == [f"FOO=unset bench/compile_ab.py {res}/compile 4",  # in order; FOO only where the item set it
+                     f"FOO=bar bench/fidelity.py variants {res}/fidelity qwen2.5-1.5b:graphs",
+                     f"FOO=unset bench/planner.py {res}/planner X@min"]
+    for name in ("compile", "fidelity", "planner"):
+        assert (res / name / "done").exists() and (res / name / f"{name}.log").read_text().endswith("rc 0\n")
+    with tarfile.open(tmp_path / "out" / "queue.tgz") as t:
+        names = set(t.getnames())
+    assert {"queue/items", "compile/compile.log", "fidelity/command.txt", "planner/planner.log"} <= names
+    assert run("queue", "start", "nosuchbench").returncode == 2
