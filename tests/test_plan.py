@@ -189,3 +189,11 @@ def test_plan_is_sized_for_the_longest_prompt_of_the_data():
     assert by_data.peak_bytes < by_field.peak_bytes
     longer = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100, max_prompt_tokens=500)  # truncated to the field
     assert longer.max_model_len == by_field.max_model_len
+
+
+def test_planner_bench_takes_a_numeric_budget_however_it_is_written():
+    """`bench/planner.py NAME@10` runs the config's 10.0 GB budget (it matched the text "10.0" only, and ran nothing)."""
+    from bench.planner import _same_spec
+
+    assert _same_spec(10.0, "10") and _same_spec(10.0, "10.0") and _same_spec(6.6, "6.6gb") and _same_spec("min", "min")
+    assert not _same_spec(10.0, "9.9") and not _same_spec(10.0, "min") and not _same_spec("min", "min+15%")
