@@ -46,7 +46,7 @@ MICRO_BATCH_FLOOR_S = {(False, True): 0.23, (False, False): 0.16, (True, True): 
 # FLOPs of a micro-batch: 2 per parameter per token through the linear layers and lm_head plus causal attention's
 # 2 T^2 heads head_dim per layer, for the forward; x4 with checkpointing (forward, recompute, 2x backward), x3
 # without. Rates fitted on the H200: 300e12 across the grid's compute-bound micro-batches (1.5B 8,064 tokens 357,
-# 8B 1,054 230, 0.5B 8,252 157: GEMM shapes differ; one rate keeps each step within 15%), and for one-sequence
+# 8B 1,054 230, 0.5B 8,252 157: GEMM shapes differ; one rate keeps each steady row's step within 16%), and for one-sequence
 # micro-batches of >= 4,096 tokens the long row's 183.1 s train phase (Llama-3.1-8B shape, 8 x 65,536 tokens).
 TRAIN_FLOPS = 300e12
 LONG_TRAIN_FLOPS = 369e12
