@@ -34,7 +34,8 @@ BNB_OVER_FUSED = 1.177  # bitsandbytes' nf4 path over the fused GEMM's (H100, 8 
 # Decode batches up to this many rows take the fused nf4 GEMM (the plan's nf4_gemm_max_rows); larger ones (prefill)
 # keep bitsandbytes' path: at 32-64 rows the kernel alone is no faster (bench/results/nf4_bench.json).
 NF4_GEMM_MAX_ROWS = 16
-ROLLOUT_CALL_S = 0.2  # a rollout's fixed cost (the engine call, scheduling, prefill): 7B 8 x 64 took 0.80 s, 8 x 512 9.8
+# a rollout's fixed cost (the engine call, scheduling, prefill): the 7B's 8 x 64 took 0.80 s, its 8 x 512 9.8 s
+ROLLOUT_CALL_S = 0.2
 WAVE_S = 0.06  # each wave of sequences in flight (1.5B mirror, 16 waves of one 64-token sequence: 4.2 s)
 HF_OVER_VLLM = 10.4  # HF generate's decode over vLLM's at the same batch (0.5B, 32 x 256: 11.9 s a rollout, one row)
 # Train micro-batch, forward + backward of completion log-probs: the larger of a launch-bound floor (s; keyed by
@@ -46,8 +47,8 @@ MICRO_BATCH_FLOOR_S = {(False, True): 0.23, (False, False): 0.16, (True, True): 
 # FLOPs of a micro-batch: 2 per parameter per token through the linear layers and lm_head plus causal attention's
 # 2 T^2 heads head_dim per layer, for the forward; x4 with checkpointing (forward, recompute, 2x backward), x3
 # without. Rates fitted on the H200: 300e12 across the grid's compute-bound micro-batches (1.5B 8,064 tokens 357,
-# 8B 1,054 230, 0.5B 8,252 157: GEMM shapes differ; one rate keeps each steady row's step within 16%), and for one-sequence
-# micro-batches of >= 4,096 tokens the long row's 183.1 s train phase (Llama-3.1-8B shape, 8 x 65,536 tokens).
+# 8B 1,054 230, 0.5B 8,252 157: GEMM shapes differ; one rate keeps each steady row's step within 16%), and for
+# one-sequence micro-batches of >= 4,096 tokens the long row's 183.1 s train phase (Llama-3.1-8B shape, 8 x 65,536 tokens).
 TRAIN_FLOPS = 300e12
 LONG_TRAIN_FLOPS = 369e12
 KV_RELEASE_S = 0.015  # release + re-map of the KV pool per step (measured 6-14 ms)
@@ -79,8 +80,8 @@ def step_seconds(*args, **kwargs) -> float:
 def step_breakdown(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
                    engine: str, compiled: bool = False, fused_nf4: bool = False, dims=None, prompt_len: int = 0,
                    num_iterations: int = 1, forward_passes: int = 0, group: int = 1) -> dict[str, float]:
-    """Seconds by phase: rollout (vLLM's call, waves and decode; HF generate HF_OVER_VLLM x the decode) and train (`num_iterations` forward +
-    backward passes over the batch and `forward_passes` log-prob passes without gradients: the reference model's
+    """Seconds by phase: rollout (vLLM's call, waves and decode; HF generate HF_OVER_VLLM x the decode) and train
+    (`num_iterations` forward + backward passes over the batch and `forward_passes` log-prob passes without gradients: the reference model's
     when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims) adds the long-sequence terms;
     `group`: completions per prompt (G)."""
     seqs = min(gen, knobs.get("max_num_seqs") or gen)
@@ -105,8 +106,9 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     rate = LONG_TRAIN_FLOPS if dims is not None and knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS
     # each micro-batch costs the larger of its launch-bound floor and its compute (dispatch runs ahead of the GPU);
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
-    train = micro_batches * (num_iterations * max(MICRO_BATCH_FLOOR_S[(compiled, gc)], (4 if gc else 3) * forward / rate)
-                             + forward_passes * max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, forward / rate))
+    grad_pass = max(MICRO_BATCH_FLOOR_S[(compiled, gc)], (4 if gc else 3) * forward / rate)
+    free_pass = max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, forward / rate)
+    train = micro_batches * (num_iterations * grad_pass + forward_passes * free_pass)
     if dims is not None and knobs.get("activation_offload"):  # the copies, charged in full (OFFLOAD_BYTES_S)
         train += micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S
     return {"rollout": rollout, "train": train + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)}
