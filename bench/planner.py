@@ -175,10 +175,11 @@ def run(out: Path, names: list[str]) -> None:
                         "retries": sum(x.get("budget/retries", 0) for x in m),
                         "measured_phase_peaks_gb": {k: max(x.get(k, 0) for x in m) for k in m[-1] if k.startswith("peak_")},
                         "step_s": [x["time_step_s"] for x in m],
-                        "phase_s": [{k[5:-2]: round(v, 3) for k, v in x.items()
+                        "phase_s": [{k.removeprefix("time_").removesuffix("_s"): round(v, 3) for k, v in x.items()
                                      if k.startswith("time_") and k.endswith("_s") and k != "time_step_s"} for x in m],
                         # the allocator's cap-hit retries by phase: a slow phase near the budget shows them
-                        "alloc_retries": [{k[14:]: v for k, v in x.items() if k.startswith("alloc_retries_")} for x in m]})
+                        "alloc_retries": [{k.removeprefix("alloc_retries_"): v for k, v in x.items()
+                                           if k.startswith("alloc_retries_")} for x in m]})
             row["error_frac"] = row["measured_peak_gb"] / row["predicted_peak_gb"] - 1
         except Exception as e:  # keep going: one failed config must not hide the others
             row["error"] = repr(e)[:300]
@@ -239,7 +240,7 @@ def measured_phases(row: dict, logs: list[Path]) -> dict | None:
             "step": med([x[2] for x in steady]), "len_mean": med(lens) if lens else None}
 
 
-KNOBS_THAT_COST = ("weight_format", "kv_release", "micro_batch_tokens", "gradient_checkpointing", "max_num_seqs")
+# the knobs cost.py prices, and the recipe field that fixes each
 PIN = {"weight_format": "rollout.weight_format", "kv_release": "rollout.kv_release",
        "micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
        "max_num_seqs": "rollout.max_num_seqs", "activation_offload": "train.activation_offload"}
@@ -278,7 +279,7 @@ def fit(out: Path) -> None:
         except UserError:  # run before the plan left memory.BUDGET_HEADROOM unused: the same choice with it
             plan, r = _plan(row["overrides"][:-1], row["budget_gb"] + BUDGET_HEADROOM / 1e9)
         ran = row.get("knobs") or {}
-        same = all(getattr(plan, k) == v for k, v in ran.items() if k in KNOBS_THAT_COST)
+        same = all(getattr(plan, k) == v for k, v in ran.items() if k in PIN)
         # the cost model judged on what ran: the run's knobs pinned (today's planner may choose others at the budget)
         pinned, _ = _plan(row["overrides"][:-1] + _pin(ran), None)
         rows.append({"name": row["name"], "source": "planner.json", "predicted": pinned.predicted_phases_s,

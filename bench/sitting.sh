@@ -29,7 +29,8 @@
 #   bash bench/sitting.sh queue start 'compile' 'VAR=VALUE fidelity qwen2.5-1.5b:graphs' 'planner NAME@SPEC' ...
 #   bash bench/sitting.sh queue wait [SECONDS]     # tars every item's results dir (and the queue's) into $OUT
 # Each item is 'NAME ARGS' with optional leading VAR=VALUE environment settings; `pytest -m gpu` runs once (GPU_TESTS
-# as above), each item's results under results/NAME as a lone job's. SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
+# as above), each item's results under results/NAME as a lone job's.
+# SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
 set -uo pipefail
 NAME=${1:-}; ACTION=${2:-}
 D=${SITTING_ROOT:-/root}; PY=${PYTHON:-python3}; R=$D/results/$NAME
@@ -61,14 +62,28 @@ job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
   esac
 }
 
-queue_start() {  # queue_start ITEM ...: one job script running each ITEM's driver in turn
-  local Q=$D/results/queue tests before after item envs rest
+fresh() {  # fresh DIR: an empty results dir (an earlier one of that name kept aside)
+  [[ -d $1 ]] && mv "$1" "$1.$(date +%s)"
+  mkdir -p "$1"
+}
+
+test_steps() {  # test_steps DIR: sets $before / $after, the job's `pytest -m gpu` step (GPU_TESTS), output under DIR
+  local tests="$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $1/pytest_gpu.txt 2>&1"
+  case ${GPU_TESTS:-last} in  # --ignore: the device lacks nbformat; the notebook runs in CI
+    first) before=$tests; after=true;; no) before=true; after=true;; *) before=true; after=$tests;;
+  esac
+}
+
+new_job() {  # new_job DIR: stops a running job, makes DIR fresh with the device's name in it
   pkill -f "$D/sitting_job.sh" 2>/dev/null; sleep 1
-  [[ -d $Q ]] && mv "$Q" "$Q.$(date +%s)"
-  mkdir -p "$Q"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$Q/device.txt" 2>&1
-  tests="$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $Q/pytest_gpu.txt 2>&1"
-  case ${GPU_TESTS:-last} in first) before=$tests; after=true;; no) before=true; after=true;; *) before=true; after=$tests;; esac
+  fresh "$1"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$1/device.txt" 2>&1
+}
+
+queue_start() {  # queue_start ITEM ...: one job script running each ITEM's driver in turn
+  local Q=$D/results/queue before after item envs rest
+  new_job "$Q"
+  test_steps "$Q"
   { echo "cd $PWD"; echo "$before"; } > "$D/sitting_job.sh"
   : > "$Q/items"
   for item in "$@"; do
@@ -77,8 +92,7 @@ queue_start() {  # queue_start ITEM ...: one job script running each ITEM's driv
     read -r -a words <<< "$rest"
     NAME=${words[0]}; R=$D/results/$NAME
     cmd=$(job "${words[@]:1}") || { echo "unknown sitting: '$NAME' (see the header of $0)"; exit 2; }
-    [[ -d $R ]] && mv "$R" "$R.$(date +%s)"
-    mkdir -p "$R"; cp "$Q/device.txt" "$R/device.txt"
+    fresh "$R"; cp "$Q/device.txt" "$R/device.txt"
     echo "$NAME" >> "$Q/items"
     echo "$(date -u +%FT%TZ) $NAME: $envs$cmd" > "$R/command.txt"
     echo "( $envs$cmd ) > $R/$NAME.log 2>&1; echo \"rc \$?\" >> $R/$NAME.log; echo done > $R/done" >> "$D/sitting_job.sh"
@@ -115,15 +129,9 @@ case "$ACTION" in
   start)
     shift 2
     cmd=$(job "$@") || { echo "unknown sitting: '$NAME' (see the header of $0)"; exit 2; }
-    pkill -f "$D/sitting_job.sh" 2>/dev/null; sleep 1
-    [[ -d $R ]] && mv "$R" "$R.$(date +%s)"
-    mkdir -p "$R"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$R/device.txt" 2>&1
+    new_job "$R"
     echo "$(date -u +%FT%TZ) $NAME: $cmd" > "$R/command.txt"
-    tests="$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $R/pytest_gpu.txt 2>&1"
-    case ${GPU_TESTS:-last} in  # --ignore: the device lacks nbformat; the notebook runs in CI
-      first) before=$tests; after=true;; no) before=true; after=true;; *) before=true; after=$tests;;
-    esac
+    test_steps "$R"
     cat > "$D/sitting_job.sh" <<JOB
 cd $PWD
 $before
