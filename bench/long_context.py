@@ -12,7 +12,8 @@ completion, over the completion with a PROMPT_MIN-token prompt. The run's prompt
 and cut to it from the left (data.max_prompt_length), so every prompt is exactly that long; the first step samples
 every completion to max_completion_length (worst_case_first_step), and random-init models rarely stop early in the
 second. Each row is one `train` process under bench/smi.py (nvidia-smi every 0.15 s); OUT_DIR/long_context.json is
-rewritten after each row (rows already there are kept, so rows can run in separate commands):
+rewritten after each row (rows already there are kept, so rows can run in separate commands). With
+TRAINER_MEMORY_HISTORY=start in the environment an OOM at start-up also leaves OUT_DIR/ROW.memory_snapshot.pickle.gz:
     {"device", "runs": [{"name", "shape", "num_generations", "tokens", "prompt_tokens", "completion_tokens",
       "budget_gb", "predicted_peak_gb", "measured_peak_gb", "steps", "step_s", "tokens_per_s", "phase_s", "knobs",
       "offload_gb", "predicted_step_s", "rc", "command"}]}
@@ -193,10 +194,20 @@ def run(out: Path, names: list[str]) -> None:
             t0 = time.time()
             watched(out / f"{name}.smi.json", out / f"{name}.log", cmd, {**os.environ, "SMI_GPUS": "0"})
             row = collect(name, found, run_dir, out / f"{name}.smi.json", cmd)
+            keep_snapshot(run_dir, out / f"{name}.memory_snapshot.pickle.gz")
             print(f"{name}: rc {row['rc']}, {time.time() - t0:.0f} s, peak {row['measured_peak_gb']} GB "
                   f"(plan {row['predicted_peak_gb']}), steps {row['step_s']}", flush=True)
         result["runs"] = [x for x in result["runs"] if x["name"] != name] + [row]
         result_path.write_text(json.dumps(result, indent=1))
+
+
+def keep_snapshot(run_dir: Path, dest: Path) -> None:
+    """An OOM's allocation history (TRAINER_MEMORY_HISTORY=start|all, trainer/oom.py), gzipped beside the row's log."""
+    import gzip
+
+    src = run_dir / "memory_snapshot.pickle"
+    if src.exists():
+        dest.write_bytes(gzip.compress(src.read_bytes()))
 
 
 def recollect(out: Path, names: list[str]) -> None:

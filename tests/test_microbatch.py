@@ -163,3 +163,27 @@ def test_each_phase_counts_the_allocators_cap_retries_it_caused(monkeypatch):
     with State.timed(s, "train"):  # a second train-phase block in the same step adds to it
         count["n"] += 1
     assert dict(s.alloc_retries) == {"rollout": 0, "train": 4}
+
+
+@pytest.mark.gpu
+def test_oom_writes_the_allocation_history_from_start_up_when_asked(tmp_path):
+    # Seen on the H200 (2026-12-03, llama-8b-24gb at 60,928 tokens): start-up ran out at the cap with 6 GB that the
+    # plan did not price, and the message could not say whose. TRAINER_MEMORY_HISTORY=all records from before the
+    # engine starts (its CUDA-graph capture included); the OOM (here the test hook's, in the first rollout) writes
+    # the history with its stacks.
+    import pickle
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = run_train(["bench/recipes/toy-digits-1.5b-vllm.yaml", "--output-dir", str(tmp_path / "run"),
+                     "--set", "model.shape=qwen2.5-0.5b", "--set", "rollout.cudagraph_capture_sizes=[1,2]",
+                     "--set", "train.max_steps=1", "--set", "logging.plots=false"],
+                    env={"TRAINER_MEMORY_HISTORY": "all", "TRAINER_TEST_OOM_PHASE": "rollout"})
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 4, text[-3000:]
+    path = tmp_path / "run" / "memory_snapshot.pickle"
+    assert f"allocations with their stacks: {path}" in text, text[-3000:]
+    snap = pickle.loads(path.read_bytes())
+    assert sum(seg["total_size"] for seg in snap["segments"]) > 10**8  # the engine's weights and KV at least
+    frames = {f["filename"] for trace in snap["device_traces"] for e in trace for f in e.get("frames", [])}
+    assert any("/vllm/" in f for f in frames) and any("/trainer/" in f for f in frames)

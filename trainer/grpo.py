@@ -343,6 +343,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
     cap = Cap(plan)
     cap.apply()  # before vLLM or any weight allocates: the planner's estimate of what torch does not hold
+    oom.record_history(run_dir)  # TRAINER_MEMORY_HISTORY=start|all (oom.py)
     try:
         oom.test_hook("start", 0)
         engine = make_engine(recipe, plan, model_path)
@@ -350,6 +351,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
         engine.attach(policy)
     except torch.cuda.OutOfMemoryError as e:  # the plan's start-up estimate was short: one message, no traceback
         raise oom.explain("start", 0, plan, e) from None
+    oom.started()
     cap.calibrate()  # the planner's estimate replaced by what this process holds outside torch's allocator
     # Sampled from here on, not during the engine's start: with the sampler reading from its thread while vLLM
     # started (CUDA-graph capture included), the 7B shape's engine hung on the H200 (2026-12-02: 5 minutes, GPU idle);

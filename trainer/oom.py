@@ -4,10 +4,16 @@ The loop marks its phases (kv, rollout, reward, recompute, train = forward + bac
 (weights, the vLLM engine, its CUDA-graph capture) is one more; a CUDA OOM in any of them becomes one `OutOfMemory`
 message with exit code 4 (errors.EXIT_OOM). Nothing is written after
 the OOM, so the last checkpoint stays the last good one.
+
+TRAINER_MEMORY_HISTORY=start (or =all) records every CUDA allocation with its stack from before the engine starts
+(torch.cuda.memory._record_memory_history), until start-up ends (start) or for the whole run (all; slower); an OOM
+meanwhile also writes the run dir's memory_snapshot.pickle (drop it on https://pytorch.org/memory_viz): which code
+held what when the allocation failed.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -23,6 +29,33 @@ class OutOfMemory(Exception):
 
 
 _raised = 0  # OOMs raised by the test hook in this process
+_history: Path | None = None  # where an OOM writes the allocation history, while it is recorded
+
+
+def record_history(run_dir: Path) -> bool:
+    """Start recording CUDA allocations if TRAINER_MEMORY_HISTORY asks for it (start | all) and there is a GPU."""
+    global _history
+    if os.environ.get("TRAINER_MEMORY_HISTORY", "") not in ("start", "all") or not torch.cuda.is_available():
+        return False
+    torch.cuda.memory._record_memory_history(max_entries=int(os.environ.get("TRAINER_MEMORY_HISTORY_ENTRIES", "200000")))
+    _history = Path(run_dir) / "memory_snapshot.pickle"
+    return True
+
+
+def started() -> None:
+    """Start-up is over: TRAINER_MEMORY_HISTORY=start stops recording here (it costs time on every allocation)."""
+    global _history
+    if _history is not None and os.environ.get("TRAINER_MEMORY_HISTORY") == "start":
+        torch.cuda.memory._record_memory_history(enabled=None)
+        _history = None
+
+
+def dump_history() -> Path | None:
+    """The recorded allocation history, written to the run dir (None when nothing is recorded)."""
+    if _history is None:
+        return None
+    torch.cuda.memory._dump_snapshot(str(_history))
+    return _history
 
 
 def test_hook(phase: str, step: int) -> None:
@@ -68,7 +101,7 @@ def explain(phase: str, step: int, plan, error: BaseException, retried: str | No
     lines = [f"CUDA out of memory in the {PHASE_NAMES.get(phase, phase)}{where}: {str(error)[:160]}"]
     if retried:
         lines.append(f"  the step was retried once with {retried} and ran out again")
-    planned = plan.phase_peaks.get("rollout" if phase in ("rollout", "kv") else "train")
+    planned = plan.phase_peaks.get("rollout" if phase in ("rollout", "kv", "start") else "train")
     if planned:
         lines.append(f"  planned peak for this phase {planned / GB:.2f} GB (budget "
                      f"{'none' if plan.budget_bytes is None else f'{plan.budget_bytes / GB:.2f} GB'})")
@@ -81,6 +114,9 @@ def explain(phase: str, step: int, plan, error: BaseException, retried: str | No
                      f"of {total / GB:.2f} GB")
     top = sorted(plan.components.items(), key=lambda kv: -kv[1])[:6]
     lines.append("  planned components: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in top))
+    snapshot = dump_history() if isinstance(error, torch.cuda.OutOfMemoryError) else None
+    if snapshot is not None:
+        lines.append(f"  allocations with their stacks: {snapshot} (https://pytorch.org/memory_viz)")
     lines.append(f"  fix: set {knob(phase, plan)}" + ("" if phase == "start" else
                                                       "; the last checkpoint is intact (rerun with --resume)"))
     return OutOfMemory("\n".join(lines))
