@@ -84,3 +84,43 @@ def test_compile_ab_report_compares_the_first_steps_and_the_steady_ones():
     got = compare([run("default", [20.0, 9.0, 1.5, 1.4, 1.4]), run("dynamic", [21.0, 1.5, 1.5, 1.5, 1.5])])
     assert got == {"A-fast": {"first_two_s_saved": 6.5, "steady_step_ratio": 1.071, "steady_train_ratio": 1.071}}
     assert compare([run("default", [1.0] * 4)]) == {}  # one variant alone: nothing to compare
+
+
+def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch):
+    # Seen on the H200 (2026-12-03, 1.5B, num_iterations 2, beta 0.04): the layers hit torch's recompile_limit in step
+    # 2 (grad / no-grad passes, the reference pass's disabled adapter, masks present or dropped, new lengths), and
+    # every variant after it ran eager. The same mix of passes here, dynamo's "eager" backend (same guards, no
+    # codegen): no frame may be refused, and the graphs stop growing once each variant has gone dynamic.
+    import random
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend="eager", **k))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    counters.clear()
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", "model.gradient_checkpointing=true"])
+    plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+    policy = load_policy(recipe, plan)
+    rng, g = random.Random(0), torch.Generator().manual_seed(0)
+    graphs = []
+    for _step in range(3):
+        for _ in range(3):
+            n, plen, clen = rng.choice([2, 3, 4]), rng.choice([20, 24, 28]), rng.choice([10, 16, 30, 41])
+            ids = torch.randint(3, 300, (n, plen + clen), generator=g)
+            mask = torch.ones_like(ids)
+            if rng.random() < 0.5:
+                mask[0, :3] = 0  # a left-padded prompt: HF keeps the mask; without padding it passes None
+            batch = (ids, mask, ids[:, plen:], torch.ones(n, clen, dtype=torch.long), 1.0, 4096, 8192)
+            with torch.no_grad():
+                with policy.model.disable_adapter():
+                    completion_logprobs(policy, *batch)  # the reference model's pass
+                completion_logprobs(policy, *batch)  # the old policy's
+            for _ in range(2):  # num_iterations 2
+                completion_logprobs(policy, *batch)[0].sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert counters["frames"]["total"] == counters["frames"]["ok"], dict(counters["frames"])  # none refused
+    assert graphs[-1] == graphs[1] and graphs[1] > 8, graphs  # more variants than torch's default limit, then none

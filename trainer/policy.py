@@ -20,9 +20,17 @@ from trainer.errors import UserError
 # torch.compile's shape handling for the decoder layers. None (default): a first graph for the first micro-batch's
 # shape, then recompiles as lengths change until the dimensions are marked dynamic (every H200 planner run of
 # 2026-12-03 spent 7-10 s more in step 2 than in steps 3-5). True (TRAINER_COMPILE_DYNAMIC=1): dynamic from the first
-# compile (on the CPU: one graph where the default made three for the same shapes). Not the default until
-# bench/compile_ab.py measures it on the GPU (steady steps and the first ones), A/B in one sitting.
+# compile. Rejected on the H200 (bench/results/compile_ab.json, config A at 6.6 GB, alternated in one sitting): its
+# first step took 87.4 s against the default's 14.2 + 11.5 s for the first two, and steady steps were 3% slower
+# (1.30 vs 1.26 s). Kept as a switch for shapes that change more than GRPO's lengths do.
 COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else None
+# One compiled layer sees up to ~16 guard variants: grad mode on / off (train vs reference and old-policy passes),
+# its input requiring grad or not (the first layer's does not), the adapter disabled (the reference pass), the
+# attention mask None or a tensor (HF drops it when no sequence is padded), each first static, then dynamic in its
+# lengths. torch's recompile_limit (8 on the CPU here, 16 in the H200 run) was hit in step 2 of the H200's 1.5B
+# num_iterations 2 + beta row (2026-12-03); every variant after it runs eager, and that row's train + recompute took
+# 11.2 s a step against 3.6 predicted. On the CPU the same mix of passes settles at 15 graphs; 64 leaves room.
+LAYER_RECOMPILE_LIMIT = 64
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +165,9 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     if plan.gradient_checkpointing:
         set_gradient_checkpointing(model, True, plan.activation_offload)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
+        from torch import _dynamo
+
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=COMPILE_DYNAMIC)
     model.train()
