@@ -3,7 +3,7 @@ smallest accepted budget, comparing nvidia-smi's peak (sampled every 0.15 s, ben
 
     python bench/planner.py --predict [NAME ...]      # here, no GPU: the grid's budgets, plans and a wall-time estimate
     python bench/planner.py OUT_DIR [NAME ...]        # on the device, after staging: OUT_DIR/planner.json
-    python bench/planner.py --merge OUT.json PART.json ...  # here: the grid's sittings in one file (a later run of
+    python bench/planner.py --merge OUT.json PART.json ...  # here: sittings' rows added to OUT.json (a later run of
                                                             # the same name and budget replaces an earlier one)
     python bench/planner.py --fit [OUT.json]          # here: trainer/cost.py's phases against every measured row
                                                       # (planner.json, long_context.json) -> bench/results/step_fit.json
@@ -203,7 +203,9 @@ def _write(path: Path, rows: list[dict], command: str) -> None:
 
 
 def merge(out: Path, parts: list[Path]) -> None:
-    rows: dict[str, dict] = {}
+    # OUT's rows stay (each with the sitting it came from) unless a part has the same name: adding one sitting's
+    # rows does not need every earlier part listed again (it did: the rows of the parts not listed were dropped)
+    rows: dict[str, dict] = {r["name"]: r for r in json.loads(out.read_text())["configs"]} if out.exists() else {}
     for p in parts:
         d = json.loads(p.read_text())
         for r in d["configs"]:
@@ -217,7 +219,9 @@ def merge(out: Path, parts: list[Path]) -> None:
                 found = re.search(r"predicted step ([0-9.]+) s", log.read_text(errors="replace"))
                 r["predicted_step_s"] = float(found.group(1)) if found else None
             rows[r["name"]] = r
-    _write(out, list(rows.values()), "python bench/planner.py --merge " + " ".join(str(p) for p in [out, *parts]))
+    before = json.loads(out.read_text()).get("command", "") if out.exists() else ""
+    _write(out, list(rows.values()), (before + " + " if before else "") + "python bench/planner.py --merge "
+           + " ".join(str(p) for p in [out, *parts]))
 
 
 STEP_LINE = re.compile(r"^step +(\d+) .*\| len (\d+) .*\| ([0-9.]+)s \(roll ([0-9.]+)", re.M)
@@ -282,8 +286,13 @@ def fit(out: Path) -> None:
         same = all(getattr(plan, k) == v for k, v in ran.items() if k in PIN)
         # the cost model judged on what ran: the run's knobs pinned (today's planner may choose others at the budget)
         pinned, _ = _plan(row["overrides"][:-1] + _pin(ran), None)
+        log = next((p for p in reversed(logs) if p.name == f"{row['name']}.log"), None)
+        # torch's recompile_limit hit: the layers ran eager from then on (before trainer/policy.py's
+        # LAYER_RECOMPILE_LIMIT); a row that measured that is kept, marked, and not one cost.py is held to
+        fallback = bool(log) and "recompile_limit" in log.read_text(errors="replace")
         rows.append({"name": row["name"], "source": "planner.json", "predicted": pinned.predicted_phases_s,
                      "predicted_planner_choice": plan.predicted_phases_s, "same_knobs_as_run": same,
+                     "compile_fell_back_to_eager": fallback,
                      "measured": {k: round(got[k], 3) for k in ("rollout", "train", "step")},
                      "completion_len_mean": got["len_mean"], "max_completion_length": r.grpo.max_completion_length})
     for row in long_rows["runs"]:
@@ -305,7 +314,8 @@ def fit(out: Path) -> None:
         print(f"{x['name']:40s} rollout {x['predicted']['rollout']:7.2f} / {x['measured']['rollout']:7.2f} "
               f"({e['rollout']:+.0%})  train {x['predicted']['train']:7.2f} / {x['measured']['train']:7.2f} "
               f"({e['train']:+.0%})  step {e['step']:+.0%}  len {x['completion_len_mean']}/{x['max_completion_length']}"
-              + ("" if x.get("same_knobs_as_run", True) else "  (knobs differ from the run's)"))
+              + ("" if x.get("same_knobs_as_run", True) else "  (knobs differ from the run's)")
+              + ("  (layers fell back to eager: recompile_limit)" if x.get("compile_fell_back_to_eager") else ""))
     out.write_text(json.dumps({"device": H200["name"], "command": "python bench/planner.py --fit " + str(out),
                                "note": "predicted (trainer/cost.py at this commit) vs measured seconds by phase; "
                                        "measured: median of steps 3+ (long context: step 2); train = step - rollout; "

