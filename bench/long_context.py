@@ -13,7 +13,8 @@ and cut to it from the left (data.max_prompt_length), so every prompt is exactly
 every completion to max_completion_length (worst_case_first_step), and random-init models rarely stop early in the
 second. Each row is one `train` process under bench/smi.py (nvidia-smi every 0.15 s); OUT_DIR/long_context.json is
 rewritten after each row (rows already there are kept, so rows can run in separate commands). With
-TRAINER_MEMORY_HISTORY=start in the environment an OOM at start-up also leaves OUT_DIR/ROW.memory_snapshot.pickle.gz:
+TRAINER_MEMORY_HISTORY=start in the environment an OOM at start-up also leaves OUT_DIR/ROW.memory_snapshot.pickle.gz
+(`python bench/memory_snapshot.py` on it prints what held the memory):
     {"device", "runs": [{"name", "shape", "num_generations", "tokens", "prompt_tokens", "completion_tokens",
       "budget_gb", "predicted_peak_gb", "measured_peak_gb", "steps", "step_s", "tokens_per_s", "phase_s", "knobs",
       "offload_gb", "predicted_step_s", "rc", "command"}]}

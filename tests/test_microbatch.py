@@ -187,3 +187,34 @@ def test_oom_writes_the_allocation_history_from_start_up_when_asked(tmp_path):
     assert sum(seg["total_size"] for seg in snap["segments"]) > 10**8  # the engine's weights and KV at least
     frames = {f["filename"] for trace in snap["device_traces"] for e in trace for f in e.get("frames", [])}
     assert any("/vllm/" in f for f in frames) and any("/trainer/" in f for f in frames)
+    from bench.memory_snapshot import summary
+
+    text = summary(snap)  # the hook's OOM is raised in Python: the allocator's trace has none, so its end is shown
+    assert "GB live in" in text and "vllm/" in text, text
+
+
+def test_snapshot_summary_names_what_was_live_at_the_oom_and_what_grew_before_it():
+    # torch's snapshot format (torch.cuda.memory._snapshot's docstring): a trace of alloc / free / oom events
+    from bench.memory_snapshot import summary
+
+    def ev(action, addr, size, where, pool=(0, 0)):
+        return {"action": action, "addr": addr, "size": size, "pool_id": pool,
+                "frames": [{"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
+                           {"filename": f"/site/{where}", "line": 7, "name": "f"}]}
+
+    trace = [ev("alloc", 1, 6 * 10**9, "vllm/model_executor/weights.py"),
+             ev("alloc", 2, 2 * 10**9, "trainer/policy.py"),
+             ev("free_requested", 2, 2 * 10**9, "trainer/policy.py"),
+             ev("free_completed", 2, 2 * 10**9, "trainer/policy.py"),
+             ev("alloc", 3, 5 * 10**9, "vllm/v1/worker/gpu_model_runner.py", pool=(1, 2)),
+             {"action": "oom", "size": 117440512, "device_free": 10**11, "frames": []},
+             ev("alloc", 4, 9 * 10**9, "trainer/late.py")]  # after the OOM: not counted
+    segments = [{"segment_pool_id": (0, 0), "total_size": 8 * 10**9, "allocated_size": 6 * 10**9},
+                {"segment_pool_id": (1, 2), "total_size": 5 * 10**9, "allocated_size": 0}]
+    text = summary({"device_traces": [trace], "segments": segments})
+    assert "OOM: 0.117 GB requested" in text and "11.00 GB live in 2 allocations" in text, text
+    lines = text.splitlines()
+    live = lines[lines.index("live by owner:") + 1:lines.index("live by owner:") + 3]
+    assert "6.000 GB" in live[0] and "vllm/model_executor/weights.py:7" in live[0] and "gpu_model_runner" in live[1]
+    assert "trainer/policy.py" not in "\n".join(live) and "late.py" not in text
+    assert "(1, 2) 5.000 GB" in text and "(1, 2): 5.000 / 0.000" in text
