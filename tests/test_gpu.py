@@ -1,5 +1,6 @@
 """GPU tests (run on the device machine: pytest -m gpu): the shared 4-bit base is one copy, LoRA-only sync reaches
-vLLM's sampling with a small logprob gap, the KV pool alone is released and restored. Numbers measured here are
+vLLM's sampling with a small logprob gap, the KV pool alone is released and restored, an allocation history recorded
+over the start-up names vLLM's and the trainer's allocations (TRAINER_MEMORY_HISTORY). Numbers measured here are
 written to $GPU_TESTS_JSON (bench/results/sync.json embeds them)."""
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ def used() -> int:
     return total - free
 
 
+HISTORY: dict = {}  # the allocation history recorded over the stack's start-up (trainer/oom.py)
+
+
 @pytest.fixture(scope="module")
-def stack():
+def stack(tmp_path_factory):
+    from trainer import oom
     from trainer.memory import ModelDims, base_bytes, Context
     from trainer.plan import Device, make_plan
     from trainer.policy import load_policy, read_config, resolve_model_path
@@ -46,6 +51,8 @@ def stack():
                           *os.environ.get("GPU_SETS", "").split()])
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
     path = resolve_model_path(recipe.model)
+    os.environ["TRAINER_MEMORY_HISTORY"] = "start"  # as a user diagnosing a start-up OOM sets it
+    HISTORY["recording"] = oom.record_history(tmp_path_factory.mktemp("history"))
     t0 = time.perf_counter()
     engine = make_engine(recipe, plan, path)
     RESULTS["engine_startup_s"] = round(time.perf_counter() - t0, 1)
@@ -54,6 +61,10 @@ def stack():
     policy = load_policy(recipe, plan, engine)
     engine.attach(policy)
     torch.cuda.synchronize()
+    HISTORY["message"] = str(oom.explain("start", 0, plan, torch.cuda.OutOfMemoryError("CUDA out of memory (test)")))
+    oom.started()
+    HISTORY["stopped"] = oom.dump_history() is None
+    os.environ.pop("TRAINER_MEMORY_HISTORY")
     dims = ModelDims.from_config(read_config(recipe.model))
     ctx = Context(dims, 2, True, 16, "all-linear", "adamw_torch", True, "vllm", 384, 8, 128, 256, False)
     RESULTS.update(shape="qwen2.5-0.5b", policy_build_added_gb=(used() - before) / 1e9,
@@ -161,3 +172,21 @@ def test_add_lora_fallback_sync(stack):
     assert g1.completion_ids != g0.completion_ids  # the pushed adapter is the one sampling
     assert RESULTS["gap_add_lora"][0] < 0.02, RESULTS["gap_add_lora"]
     _randomize_lora(policy, 0.0, seed=0)
+
+
+def test_start_up_allocation_history_names_the_engines_and_the_trainers_allocations(stack):
+    """TRAINER_MEMORY_HISTORY=start over a real engine's start-up: an OOM's message names the snapshot, the snapshot
+    holds vLLM's and the trainer's allocations with their stacks, and recording stops once start-up is over."""
+    import pickle
+    import re
+
+    from bench.memory_snapshot import summary
+
+    assert HISTORY["recording"] and HISTORY["stopped"]
+    found = re.search(r"allocations with their stacks: (\S+memory_snapshot\.pickle)", HISTORY["message"])
+    assert found, HISTORY["message"]
+    snap = pickle.loads(open(found.group(1), "rb").read())
+    frames = {f["filename"] for trace in snap["device_traces"] for e in trace for f in e.get("frames", [])}
+    assert any("/vllm/" in f for f in frames) and any("/trainer/" in f for f in frames)
+    text = summary(snap)
+    assert "vllm/" in text and "GB live in" in text, text
