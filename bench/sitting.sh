@@ -68,7 +68,7 @@ fresh() {  # fresh DIR: an empty results dir (an earlier one of that name kept a
 }
 
 test_steps() {  # test_steps DIR: sets $before / $after, the job's `pytest -m gpu` step (GPU_TESTS), output under DIR
-  local tests="$PY -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_notebook.py tests > $1/pytest_gpu.txt 2>&1"
+  local tests="$PY -m pytest -m gpu -q -p no:cacheprovider --durations=10 --ignore=tests/test_notebook.py tests > $1/pytest_gpu.txt 2>&1"
   case ${GPU_TESTS:-last} in  # --ignore: the device lacks nbformat; the notebook runs in CI
     first) before=$tests; after=true;; no) before=true; after=true;; *) before=true; after=$tests;;
   esac
