@@ -37,7 +37,8 @@ def record_history(run_dir: Path) -> bool:
     global _history
     if os.environ.get("TRAINER_MEMORY_HISTORY", "") not in ("start", "all") or not torch.cuda.is_available():
         return False
-    torch.cuda.memory._record_memory_history(max_entries=int(os.environ.get("TRAINER_MEMORY_HISTORY_ENTRIES", "200000")))
+    torch.cuda.memory._record_memory_history(  # Python frames only: C++ unwinding on every allocation is slow
+        stacks="python", max_entries=int(os.environ.get("TRAINER_MEMORY_HISTORY_ENTRIES", "200000")))
     _history = Path(run_dir) / "memory_snapshot.pickle"
     return True
 
