@@ -130,8 +130,9 @@ def predict(names: list[str]) -> None:
     total, todo = 0.0, runs(names)
     for name, ov, b, spec in todo:
         p, _ = _plan(ov[:-1], b)
-        # start-up (engine, compile; building a 7-8B shape) + the steps (the first two compile)
-        est = 60 + 30 + STEPS * p.predicted_step_s + (90 if name.startswith(("7b", "8b")) else 0)
+        # start-up (engine; building a 7-8B shape) + the steps + the first steps' compiling (2026-12-03's rows: 42, 62
+        # and 74 s over their steady steps; 30 s before, and the 64 x 512 row ran out of the sitting's time)
+        est = 60 + 60 + STEPS * p.predicted_step_s + (90 if name.startswith(("7b", "8b")) else 0)
         total += est
         print(f"{name:36s} budget {b:5.1f} ({spec:7s}) plan {p.peak_bytes / 1e9:6.2f} GB  fmt {p.weight_format or '-':11s} "
               f"rel {p.kv_release!s:5s} mbt {p.micro_batch_tokens:6d} gc {p.gradient_checkpointing!s:5s} "
