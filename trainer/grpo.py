@@ -343,7 +343,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
     cap = Cap(plan)
     cap.apply()  # before vLLM or any weight allocates: the planner's estimate of what torch does not hold
-    oom.record_history(run_dir)  # TRAINER_MEMORY_HISTORY=start|all (oom.py)
+    oom.record_history(run_dir, world.rank)  # TRAINER_MEMORY_HISTORY=start|all (oom.py)
     try:
         oom.test_hook("start", 0)
         engine = make_engine(recipe, plan, model_path)

@@ -32,14 +32,15 @@ _raised = 0  # OOMs raised by the test hook in this process
 _history: Path | None = None  # where an OOM writes the allocation history, while it is recorded
 
 
-def record_history(run_dir: Path) -> bool:
-    """Start recording CUDA allocations if TRAINER_MEMORY_HISTORY asks for it (start | all) and there is a GPU."""
+def record_history(run_dir: Path, rank: int = 0) -> bool:
+    """Start recording CUDA allocations if TRAINER_MEMORY_HISTORY asks for it (start | all) and there is a GPU; an
+    OOM writes them to run_dir/memory_snapshot.pickle (rank N > 0 of a torchrun: memory_snapshot.rankN.pickle)."""
     global _history
     if os.environ.get("TRAINER_MEMORY_HISTORY", "") not in ("start", "all") or not torch.cuda.is_available():
         return False
     torch.cuda.memory._record_memory_history(  # Python frames only: C++ unwinding on every allocation is slow
         stacks="python", max_entries=int(os.environ.get("TRAINER_MEMORY_HISTORY_ENTRIES", "200000")))
-    _history = Path(run_dir) / "memory_snapshot.pickle"
+    _history = Path(run_dir) / ("memory_snapshot.pickle" if rank == 0 else f"memory_snapshot.rank{rank}.pickle")
     return True
 
 
