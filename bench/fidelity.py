@@ -331,9 +331,10 @@ def variants(out: Path, shapes: list[str], cpu: bool) -> None:
     default = ["eager"] if cpu else os.environ.get("FIDELITY_ENGINES", ",".join(ENGINES)).split(",")
     todo = [(s.partition(":")[0], s.partition(":")[2].split(",") if ":" in s else default) for s in shapes]
     if not cpu:  # each shape's random-init files first, in their own process: a 7B build must not eat an engine's timeout
+        from trainer.shapes import model_dir_apart
+
         for shape in dict.fromkeys(s for s, _ in todo):
-            subprocess.run([sys.executable, "-c", f"from trainer.shapes import model_dir; print(model_dir({shape!r}))"],
-                           check=True)
+            model_dir_apart(shape)
     for shape, engines in todo:
         for engine in engines:
             t = time.time()

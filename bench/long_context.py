@@ -20,7 +20,8 @@ TRAINER_MEMORY_HISTORY=start in the environment an OOM at start-up also leaves O
       "offload_gb", "predicted_step_s", "rc", "command"}]}
 tokens_per_s: the step's tokens (prompt + completion, x G) over its wall time, per step; phase_s: the metrics'
 time_<phase>_s per step (rollout, reward, recompute, train, optimizer, sync, kv). The row's shape is built first, in a
-process of its own (bf16 on the GPU, ~16 GB for the 8B written in 4 GB shards to TRAINER_CACHE; build_shape).
+process of its own (bf16 on the GPU, ~16 GB for the 8B written in 4 GB shards to TRAINER_CACHE): built inside
+the run (2026-12-03) its 16 GB sat in the row's nvidia-smi series for 50 s, more than the 15 GB row's budget.
 Device time: `--search` prints the planner's predicted step (trainer/cost.py; its long-sequence terms are data-sheet
 estimates): 8-11 minutes a step at these lengths, mostly 8 x 4K tokens of decode at 1-8 sequences in flight. With a
 10-minute limit per command, run one row per command, STEPS=1 where two steps do not fit (the first step is the
@@ -172,6 +173,7 @@ def detected_device():
 
 def run(out: Path, names: list[str]) -> None:
     from bench.smi import watched
+    from trainer.shapes import model_dir_apart
 
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "long_context.json"
@@ -186,7 +188,7 @@ def run(out: Path, names: list[str]) -> None:
         else:
             data = out / "data" / f"{name}.jsonl"
             write_prompts(data, found["shape"], found["prompt_tokens"])
-            build_shape(found["shape"])
+            model_dir_apart(found["shape"])  # built in a process of its own: see docs/benchmarks.md, 24 GB row
             run_dir = RUNS / f"long-{name}"
             cmd = [sys.executable, "-m", "trainer.cli", ROWS[name]["recipe"], "--output-dir", str(run_dir), "--overwrite"]
             for s in (f"budget.vram_gb={ROWS[name]['budget_gb']}", f"data.dataset={data.resolve()}",
@@ -201,15 +203,6 @@ def run(out: Path, names: list[str]) -> None:
                   f"(plan {row['predicted_peak_gb']}), steps {row['step_s']}", flush=True)
         result["runs"] = [x for x in result["runs"] if x["name"] != name] + [row]
         result_path.write_text(json.dumps(result, indent=1))
-
-
-def build_shape(shape: str) -> None:
-    """The row's random-init shape built (or found) in a process of its own, before the watched run: built inside the
-    run (as on 2026-12-03) its 16 GB of bf16 weights sat in the row's nvidia-smi series for 50 s (more than the
-    qwen-7b-15gb row's budget), and both such runs then took a 6-16 GB allocation after vLLM's graph capture that
-    the 2026-12-02 run on a shape built beforehand did not (cause not known yet: TRAINER_MEMORY_HISTORY)."""
-    subprocess.run([sys.executable, "-c", f"from trainer.shapes import model_dir; print(model_dir({shape!r}))"],
-                   check=True, cwd=ROOT)
 
 
 def keep_snapshot(run_dir: Path, dest: Path) -> None:

@@ -23,7 +23,6 @@ import json
 import math
 import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -143,13 +142,14 @@ def predict(names: list[str]) -> None:
 def run(out: Path, names: list[str]) -> None:
     from bench.smi import watched
     from trainer.metrics import read_metrics
+    from trainer.shapes import model_dir_apart
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape_name in sorted({o.split("=", 1)[1] for n in names for o in CONFIGS[n.partition("@")[0]][0]
                               if o.startswith("model.shape=")}
                              | {"qwen2.5-1.5b-toy"}):
-        subprocess.run([sys.executable, "-c", f"from trainer.shapes import model_dir; model_dir({shape_name!r})"], check=True)
+        model_dir_apart(shape_name)
     for name, ov, b, spec in runs(names):
         run_dir = Path("/root/runs") / f"plan-{name}"
         smi = out / f"smi_{name}.json"

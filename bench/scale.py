@@ -73,9 +73,10 @@ def plans() -> None:
 
 def build() -> None:
     """Build each shape once, in its own process (its GPU memory goes with it), before any watched row."""
+    from trainer.shapes import model_dir_apart
+
     for shape in sorted({r["shape"] for r in ROWS.values()}):
-        subprocess.run([sys.executable, "-c", f"from trainer.shapes import model_dir; print(model_dir({shape!r}))"],
-                       check=True, cwd=ROOT)
+        model_dir_apart(shape)
 
 
 def collect(name: str, out: Path) -> dict:

@@ -97,9 +97,9 @@ def lowest_peer_peak(raw: Path, cfg: str) -> float:
 def main(out: Path) -> None:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    build = subprocess.run([sys.executable, "-c", "from trainer.shapes import model_dir; print(model_dir('qwen2.5-1.5b'))"],
-                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
-    model = build.stdout.strip().splitlines()[-1]
+    from trainer.shapes import model_dir_apart
+
+    model = str(model_dir_apart("qwen2.5-1.5b", env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}))
     scale = util_scale()
     device = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
                             capture_output=True, text=True).stdout.strip()

@@ -75,6 +75,18 @@ def model_dir(shape: str, seed: int = 0) -> Path:
     return _built_once(cache_dir() / "models" / f"{shape}-seed{seed}-{digest}", lambda out: build(shape, seed, out))
 
 
+def model_dir_apart(shape: str, seed: int = 0, env: dict | None = None) -> Path:
+    """model_dir in a process of its own (benchmarks): a build's GPU memory (16 GB of bf16 for the 8B) goes with that
+    process instead of sitting in a measured run's nvidia-smi series or eating an engine's start-up timeout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"from trainer.shapes import model_dir; print(model_dir({shape!r}, {seed}))"],
+                          check=True, stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    sys.stdout.write(done.stdout)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def tokenizer_dir(shape: str, seed: int = 0) -> Path:
     """The tokenizer of a shape alone, trained and cached on first use: data and rewards are checked with it before
     any weights are built or loaded. The shape's model directory holds a copy of this same tokenizer."""
