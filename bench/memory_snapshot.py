@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import pickle
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 OWNERS = ("/trainer/", "/vllm/", "/transformers/", "/peft/", "/bitsandbytes/", "/flashinfer/", "/bench/")
@@ -42,8 +42,8 @@ def owner(frames: list[dict]) -> str:
 def replay(trace: list[dict]) -> dict:
     """Live allocations (addr -> event) at the first OOM (or the trace's end), the OOM event, and the recent allocs."""
     live: dict[int, dict] = {}
-    oom, recent = None, []
-    for i, e in enumerate(trace):
+    oom, recent = None, deque(maxlen=RECENT)
+    for e in trace:
         action = e.get("action")
         if action == "alloc":
             live[e["addr"]] = e
@@ -53,8 +53,7 @@ def replay(trace: list[dict]) -> dict:
         elif action == "oom":
             oom = e
             break
-        recent = recent[-RECENT:]
-    return {"live": live, "oom": oom, "recent": recent}
+    return {"live": live, "oom": oom, "recent": list(recent)}
 
 
 def summary(snapshot: dict, top: int = 15) -> str:

@@ -206,7 +206,8 @@ def _write(path: Path, rows: list[dict], command: str) -> None:
 def merge(out: Path, parts: list[Path]) -> None:
     # OUT's rows stay (each with the sitting it came from) unless a part has the same name: adding one sitting's
     # rows does not need every earlier part listed again (it did: the rows of the parts not listed were dropped)
-    rows: dict[str, dict] = {r["name"]: r for r in json.loads(out.read_text())["configs"]} if out.exists() else {}
+    earlier = json.loads(out.read_text()) if out.exists() else {"configs": [], "command": ""}
+    rows: dict[str, dict] = {r["name"]: r for r in earlier["configs"]}
     for p in parts:
         d = json.loads(p.read_text())
         for r in d["configs"]:
@@ -220,7 +221,7 @@ def merge(out: Path, parts: list[Path]) -> None:
                 found = re.search(r"predicted step ([0-9.]+) s", log.read_text(errors="replace"))
                 r["predicted_step_s"] = float(found.group(1)) if found else None
             rows[r["name"]] = r
-    before = json.loads(out.read_text()).get("command", "") if out.exists() else ""
+    before = earlier.get("command", "")
     _write(out, list(rows.values()), (before + " + " if before else "") + "python bench/planner.py --merge "
            + " ".join(str(p) for p in [out, *parts]))
 
