@@ -29,7 +29,7 @@
 #   bash bench/sitting.sh queue start 'compile' 'VAR=VALUE fidelity qwen2.5-1.5b:graphs' 'planner NAME@SPEC' ...
 #   bash bench/sitting.sh queue wait [SECONDS]     # tars every item's results dir (and the queue's) into $OUT
 # Each item is 'NAME ARGS' with optional leading VAR=VALUE environment settings; `pytest -m gpu` runs once (GPU_TESTS
-# as above), each item's results under results/NAME as a lone job's.
+# as above), each item's results under results/NAME as a lone job's (a second item of the same NAME: results/NAME.2).
 # SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
 set -uo pipefail
 NAME=${1:-}; ACTION=${2:-}
@@ -90,10 +90,12 @@ queue_start() {  # queue_start ITEM ...: one job script running each ITEM's driv
     envs=""; rest=$item
     while [[ $rest =~ ^([A-Za-z_][A-Za-z0-9_]*=[^ ]*)\ +(.*)$ ]]; do envs+="export ${BASH_REMATCH[1]}; "; rest=${BASH_REMATCH[2]}; done
     read -r -a words <<< "$rest"
-    NAME=${words[0]}; R=$D/results/$NAME
+    NAME=${words[0]}; dir=$NAME; k=1
+    while grep -qxF "$dir" "$Q/items"; do k=$((k + 1)); dir=$NAME.$k; done  # a second item of NAME: results/NAME.2
+    R=$D/results/$dir
     cmd=$(job "${words[@]:1}") || { echo "unknown sitting: '$NAME' (see the header of $0)"; exit 2; }
     fresh "$R"; cp "$Q/device.txt" "$R/device.txt"
-    echo "$NAME" >> "$Q/items"
+    echo "$dir" >> "$Q/items"
     echo "$(date -u +%FT%TZ) $NAME: $envs$cmd" > "$R/command.txt"
     echo "( $envs$cmd ) > $R/$NAME.log 2>&1; echo \"rc \$?\" >> $R/$NAME.log; echo done > $R/done" >> "$D/sitting_job.sh"
   done
@@ -108,8 +110,8 @@ queue_wait() {  # queue_wait [SECONDS]
   for _ in $(seq $(( ${1:-540} / 5 ))); do [[ -f $Q/done ]] && break; sleep 5; done
   while read -r n; do
     if [[ -f $D/results/$n/done ]]; then echo "== $n: done"; else echo "== $n: not done"; fi
-    grep -h '^{' "$D/results/$n/$n.log" 2>/dev/null | cut -c1-300 | tail -5
-    tail -n 2 "$D/results/$n/$n.log" 2>/dev/null | cut -c1-300
+    grep -h '^{' "$D/results/$n/${n%.*}.log" 2>/dev/null | cut -c1-300 | tail -5
+    tail -n 2 "$D/results/$n/${n%.*}.log" 2>/dev/null | cut -c1-300
   done < "$Q/items"
   tail -n 2 "$Q/pytest_gpu.txt" 2>/dev/null
   mkdir -p "${OUT:-$D/out}" && tar -czf "${OUT:-$D/out}/queue.tgz" -C "$D/results" queue $(cat "$Q/items")

@@ -33,3 +33,24 @@ def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all
         names = set(t.getnames())
     assert {"queue/items", "compile/compile.log", "fidelity/command.txt", "planner/planner.log"} <= names
     assert run("queue", "start", "nosuchbench").returncode == 2
+
+
+def test_two_items_of_one_benchmark_keep_their_own_results_dir(tmp_path):
+    # 2026-12-03: a queue with two long_context items wrote both into results/long_context, the second item's log
+    # truncating the first's; the second now goes to results/long_context.2
+    fake = tmp_path / "py"
+    fake.write_text('#!/usr/bin/env bash\necho "$*"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "SITTING_ROOT": str(tmp_path), "PYTHON": str(fake), "GPU_TESTS": "no",
+           "OUT": str(tmp_path / "out")}
+    run = lambda *a: subprocess.run(["bash", "bench/sitting.sh", *a], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    assert run("queue", "start", "long_context a", "planner b", "long_context c").returncode == 0
+    waited = run("queue", "wait", "60")
+    assert waited.stdout.strip().endswith("done") and "== long_context.2: done" in waited.stdout, waited.stdout
+    res = tmp_path / "results"
+    assert (res / "long_context" / "long_context.log").read_text().startswith(f"bench/long_context.py {res}/long_context a")
+    assert (res / "long_context.2" / "long_context.log").read_text().startswith(
+        f"bench/long_context.py {res}/long_context.2 c")
+    with tarfile.open(tmp_path / "out" / "queue.tgz") as t:
+        assert {"long_context/long_context.log", "long_context.2/long_context.log"} <= set(t.getnames())
