@@ -54,6 +54,31 @@ def test_trainer_fp32_logits_backpropagate_to_lora_in_the_model_dtype():
     assert all(p.grad is not None and p.grad.dtype == p.dtype and p.grad.abs().sum() > 0 for p in lora_b)
 
 
+def test_lora_runs_in_the_compute_dtype_and_saves_no_fp32_copy_of_its_input():
+    # peft's fp32 adapters cast each LoRA input to fp32 outside autocast: at 60,928 tokens the 8B's down projection
+    # saved a 3.25 GiB [tokens, intermediate] fp32 copy (the H200's long rows, 2026-12-03). Under policy.autocast the
+    # matmuls read and write bf16 (the sampler's numbers: vLLM runs the synced adapter in bf16).
+    policy = _bf16_policy()
+    name, layer = next((n, m) for n, m in policy.model.named_modules() if n.endswith("mlp.down_proj"))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.05)  # B starts at zero: make the adapter's output count
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == torch.float32  # peft keeps the trained weights in fp32 (the optimizer's precision)
+    x = torch.randn(24, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with policy.autocast(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()]
+    assert not fp32, f"{name} saved fp32 activations {fp32}"
+    with torch.no_grad():
+        f = torch.nn.functional.linear
+        ref = layer.base_layer(x) + f(f(x, a.bfloat16()), b.bfloat16()) * layer.scaling["default"]
+    assert torch.equal(y.detach(), ref)
+    y.float().square().sum().backward()
+    assert a.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
+
+
 def test_step_metrics_report_the_gaps_p99_and_max():
     from types import SimpleNamespace
 

@@ -33,19 +33,19 @@ def llama(overrides=()):
 # ---------------------------------------------------------------------------------------------- activation offload
 
 
-def _policy(offload: bool, layers: int = 3) -> Policy:
+def _policy(offload: bool, layers: int = 3, dtype: torch.dtype = torch.float32) -> Policy:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(tiny_qwen2(vocab=300, layers=layers), LoraConfig(r=4, target_modules="all-linear",
-                                                                           lora_dropout=0.1))
+    model = get_peft_model(tiny_qwen2(vocab=300, layers=layers).to(dtype),
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
     with torch.no_grad():  # LoRA B starts at zero: make the adapter matter, so its gradients test the recompute
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     set_gradient_checkpointing(model, True, offload)
     model.train()
-    return Policy(model, None, torch.device("cpu"), torch.float32, False, ROOT)
+    return Policy(model, None, torch.device("cpu"), dtype, False, ROOT)
 
 
 def _loss_and_grads(policy: Policy):
@@ -65,9 +65,12 @@ def _loss_and_grads(policy: Policy):
     return loss.detach(), grads, logps.detach(), again
 
 
-def test_activation_offload_trains_exactly_as_checkpointing():
-    loss_on, grads_on, logps_on, nograd_on = _loss_and_grads(_policy(offload=True))
-    loss_off, grads_off, logps_off, nograd_off = _loss_and_grads(_policy(offload=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_offload_trains_exactly_as_checkpointing(dtype):
+    # bf16: the passes run under policy.lora_autocast; the offload's recompute (in loss.backward, outside that
+    # context) must restore it as torch's checkpoint does, or its LoRA runs in fp32 and the gradients drift
+    loss_on, grads_on, logps_on, nograd_on = _loss_and_grads(_policy(offload=True, dtype=dtype))
+    loss_off, grads_off, logps_off, nograd_off = _loss_and_grads(_policy(offload=False, dtype=dtype))
     assert torch.equal(logps_on, logps_off) and torch.equal(nograd_on, nograd_off)
     assert torch.allclose(loss_on, loss_off, atol=0, rtol=0)
     assert grads_on.keys() == grads_off.keys() and len(grads_on) == 3 * 7 * 2  # every layer's LoRA A and B

@@ -164,7 +164,7 @@ def layer_activation_bytes(ctx: Context, tokens: int) -> int:
     d = ctx.dims
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     per_token = 4 * d.hidden + 2 * q + 2 * kv + 4 * d.intermediate  # norms, qkv, attn out, gate/up/act/down in
-    lora = 7 * ctx.lora_r * 4  # fp32 LoRA intermediates
+    lora = 7 * ctx.lora_r * ctx.dtype_bytes  # LoRA intermediates, in the compute dtype (policy.lora_autocast)
     return tokens * (per_token * ctx.dtype_bytes + lora)
 
 

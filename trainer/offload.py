@@ -84,6 +84,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.run, ctx.offloader = run, offloader
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        dev = hidden.device.type  # the recompute runs under the forward's autocast (policy.lora_autocast), as
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))  # torch's checkpoint does
         ctx.handle = offloader.put(hidden, first)
         with torch.no_grad():
             out = run(hidden)
@@ -96,7 +98,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
         hidden = ctx.offloader.take(ctx.handle).detach().requires_grad_(True)
         ctx.handle = None
         devices = [hidden.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        dev, enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(dev, dtype=dtype, enabled=enabled):
             torch.set_rng_state(ctx.cpu_rng)  # dropout in the recompute draws what the forward drew
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)

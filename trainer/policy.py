@@ -27,12 +27,29 @@ COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else 
 # One compiled layer sees up to ~16 guard variants: grad mode on / off (train vs reference and old-policy passes),
 # its input requiring grad or not (the first layer's does not), the adapter disabled (the reference pass), the
 # attention mask None or a tensor (HF drops it when no sequence is padded), each first static, then dynamic in its
-# lengths. torch's recompile_limit (8 on the CPU here, 16 in the H200 run) was hit in step 2 of the H200's 1.5B
-# num_iterations 2 + beta row (2026-12-03); every variant after it runs eager, and that row's train + recompute took
-# 11.2 s a step against 3.6 predicted. On the CPU the same mix of passes settles at 15 graphs; 64 leaves room.
+# lengths. torch's recompile_limit (8 by default; vLLM 0.26 sets 16 when it imports its flex_attention backend) was hit
+# in step 2 of the H200's 1.5B num_iterations 2 + beta row (2026-12-03); every variant after it runs eager, and that
+# row's train + recompute took 11.2 s a step against 3.6 predicted. On the CPU the same mix of passes settles at 15
+# graphs; 64 leaves room. Policy.hidden_states raises the limit before each pass: set once at load it was back at 16
+# in the next H200 run (vLLM's import comes later), which hit it again.
 LAYER_RECOMPILE_LIMIT = 64
 
 log = logging.getLogger(__name__)
+
+
+def lora_autocast(device: torch.device, dtype: torch.dtype):
+    """LoRA's matmuls in the compute dtype (bf16 / fp16), the adapter's weights kept in fp32 for the optimizer.
+
+    peft keeps the adapters in fp32 and, outside autocast, casts each LoRA input to fp32: an fp32 copy of every
+    adapted layer's input, saved for the backward, and an fp32 output of lora_B. Seen on one H200 (2026-12-03): both
+    long-context rows ran out of memory in step 1's backward asking for exactly [tokens, intermediate] in fp32 (3.25 GiB
+    for Llama-3.1-8B at 60,928 tokens, 1.55 GiB for Qwen2.5-7B at 22,016), the down projection's LoRA input. Under
+    autocast peft skips the cast (its 4-bit layers check for it) and the matmuls read and write the compute dtype, as
+    TRL's (accelerate's bf16 autocast) and Unsloth's LoRA kernels do, and as vLLM's sampler does with the bf16 weights
+    synced to it. Gradients still reach the fp32 weights. fp32 runs (the CPU tests) need nothing."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -43,10 +60,24 @@ class Policy:
     compute_dtype: torch.dtype
     quantized: bool
     path: Path  # checkpoint directory of the base model
+    compiled: bool = False  # decoder layers under torch.compile (plan.compile_layers)
 
     @property
     def backbone(self) -> torch.nn.Module:
         return self.model.get_base_model().model
+
+    def autocast(self):
+        """Every pass through the decoder stack runs in here (the trainer's passes and HF generate)."""
+        return lora_autocast(self.device, self.compute_dtype)
+
+    def hidden_states(self, **inputs) -> torch.Tensor:
+        """The decoder stack's last hidden states, LoRA in the compute dtype (`lora_autocast`)."""
+        if self.compiled:  # vLLM sets torch's limit to 16 when it imports its flex_attention backend, after load_policy
+            from torch import _dynamo
+
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
+        with self.autocast():
+            return self.backbone(**inputs).last_hidden_state
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -165,13 +196,10 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     if plan.gradient_checkpointing:
         set_gradient_checkpointing(model, True, plan.activation_offload)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
-        from torch import _dynamo
-
-        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=COMPILE_DYNAMIC)
     model.train()
-    return Policy(model, tokenizer, device, dtype, plan.quantized, path)
+    return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False) -> None:
@@ -239,8 +267,8 @@ def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask:
 
     c = completion_ids.size(1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = policy.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
+    hidden = policy.hidden_states(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)
     hidden = hidden[:, -c - 1:-1]  # the position before each completion token predicts it
     valid = completion_valid.bool()
     h, targets = hidden[valid], completion_ids[valid]

@@ -54,7 +54,7 @@ class HFEngine:
         greedy = sampling.temperature == 0  # as in vLLM: temperature 0 is greedy decoding
         how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
                                                         top_p=sampling.top_p, top_k=sampling.top_k or 0)
-        with eval_mode(self.policy.model):
+        with eval_mode(self.policy.model), self.policy.autocast():  # LoRA as the trainer computes it
             for s in range(0, len(rows), self.batch_size):
                 if sampling.seed is not None and not greedy:  # one RNG stream per chunk, keyed by its first global row
                     torch.manual_seed(sampling.seed + sampling.first_row + s)
