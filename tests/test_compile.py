@@ -106,6 +106,9 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch):
         recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", "model.gradient_checkpointing=true"])
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
         policy = load_policy(recipe, plan)
+        # vLLM 0.26 sets the limit to 16 when it imports its flex_attention backend, after load_policy (the H200's
+        # next run hit it again): the passes must raise it themselves. 8, torch's default: below this mix's 15
+        torch._dynamo.config.recompile_limit = 8
         rng, g = random.Random(0), torch.Generator().manual_seed(0)
         graphs = []
         for _step in range(3):
