@@ -33,12 +33,12 @@ def llama(overrides=()):
 # ---------------------------------------------------------------------------------------------- activation offload
 
 
-def _policy(offload: bool, layers: int = 3, dtype: torch.dtype = torch.float32) -> Policy:
+def _policy(offload: bool, layers: int = 3, dtype: torch.dtype = torch.float32, dropout: float = 0.1) -> Policy:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_qwen2(vocab=300, layers=layers).to(dtype),
-                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
     with torch.no_grad():  # LoRA B starts at zero: make the adapter matter, so its gradients test the recompute
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -77,6 +77,98 @@ def test_activation_offload_trains_exactly_as_checkpointing(dtype):
     for n in grads_on:
         assert torch.allclose(grads_on[n], grads_off[n], atol=1e-6, rtol=1e-5), n
         assert grads_on[n].abs().sum() > 0, n  # the first layer too, whose input (embeddings) needs no grad
+
+
+@pytest.mark.parametrize("offload,compiled", [(False, False), (True, False), (False, True)])
+def test_a_tiled_mlp_trains_exactly_as_the_whole_one(offload, compiled):
+    # tiles of 6 tokens over 20-token sequences (4 tiles, the last short): the MLP is position-wise. Compiled layers
+    # (dynamo's eager backend: same tracing, no codegen) run the tiles between two graphs
+    from trainer.tiled_mlp import install
+
+    whole = _loss_and_grads(_policy(offload=offload, dropout=0.0))
+    tiled_policy = _policy(offload=offload, dropout=0.0)
+    assert install(tiled_policy.model, 6) == 3
+    if compiled:
+        torch._dynamo.reset()
+        for layer in tiled_policy.model.get_base_model().model.layers:
+            layer.compile(backend="eager")
+    _assert_same(_loss_and_grads(tiled_policy), whole)
+    if compiled:
+        torch._dynamo.reset()
+
+
+def test_a_tiled_mlps_recompute_runs_under_the_forwards_autocast():
+    # bf16: the passes run under policy.lora_autocast and the tiles' recompute, inside loss.backward(), outside it
+    from trainer.tiled_mlp import install
+
+    policy = _policy(offload=False, dtype=torch.bfloat16)
+    install(policy.model, 6)
+    seen = set()
+    for n, m in policy.model.named_modules():
+        if n.endswith("mlp.gate_proj.lora_A.default"):
+            m.register_forward_hook(lambda mod, inp, out: seen.add((torch.is_grad_enabled(), out.dtype)))
+    _loss_and_grads(policy)
+    assert seen == {(False, torch.bfloat16), (True, torch.bfloat16)}  # the forward's and the backward's recompute
+
+
+def test_a_tiled_mlps_recompute_replays_the_forwards_dropout(monkeypatch):
+    # LoRA dropout on: the tiles draw other masks than the whole sequence would, so the reference is the same tiles
+    # kept with grad (no recompute); the backward's recompute must replay each tile's masks
+    from trainer import tiled_mlp
+
+    tiled_policy, kept_policy = _policy(offload=False), _policy(offload=False)
+    tiled_mlp.install(tiled_policy.model, 6)
+    tiled = _loss_and_grads(tiled_policy)
+    tiled_mlp.install(kept_policy.model, 6)
+    monkeypatch.setattr(tiled_mlp.TiledMLP, "apply", lambda forward, tile, x: torch.cat(
+        [forward(t) for t in x.tensor_split(tiled_mlp._tiles(x, tile), dim=-2)], dim=-2))
+    _assert_same(tiled, _loss_and_grads(kept_policy))
+
+
+def _assert_same(a, b):
+    assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[2], b[2], atol=1e-6)
+    assert torch.allclose(a[3], b[3], atol=1e-6)  # the no-grad pass, tiled too
+    assert a[1].keys() == b[1].keys()
+    for n in b[1]:
+        assert torch.allclose(a[1][n], b[1][n], atol=1e-6, rtol=1e-5), n
+        assert a[1][n].abs().sum() > 0, n
+
+
+def test_a_tiled_mlp_keeps_no_whole_sequence_intermediate_for_the_backward():
+    from trainer.tiled_mlp import install
+
+    policy = _policy(offload=False, layers=1)
+    mlp = policy.model.get_base_model().model.layers[0].mlp
+    inter = mlp.gate_proj.out_features
+    x = torch.randn(1, 40, mlp.gate_proj.in_features, requires_grad=True)
+
+    def saved_shapes():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            mlp(x).sum().backward()
+        return saved
+    assert (1, 40, inter) in saved_shapes()  # untiled: gate, up and their product, whole
+    install(policy.model, 8)
+    tiled = saved_shapes()
+    assert not [s for s in tiled if s[-2:] == (40, inter)], tiled  # tiles of 8 tokens only
+    assert (1, 8, inter) in tiled
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_the_planner_tiles_the_mlp_only_where_a_long_sequence_needs_it():
+    from trainer.plan import _candidates, plan_context
+
+    cfg, r = llama(["budget.vram_gb=24", "data.max_prompt_length=81920", "grpo.max_completion_length=4096"])
+    plan = make_plan(cfg, r, H100)
+    assert plan.mlp_tile_tokens == memory.MLP_TILE_TOKENS and plan.micro_batch_seqs == 1
+    whole = [c for c in _candidates(r, plan_context(cfg, r, plan, H100), H100) if not c["mlp_tile_tokens"]]
+    assert whole and min(c["peak"] + c["headroom"] for c in whole) > 24 * 10**9  # untiled, nothing fits 24 GB
+    roomy = make_plan(*llama(["budget.vram_gb=78", "data.max_prompt_length=61440", "grpo.max_completion_length=4096"]),
+                      H100)
+    assert roomy.mlp_tile_tokens == 0  # it fits untiled: the tiles' extra forward buys nothing
+    short = make_plan(*llama(["budget.vram_gb=24", "data.max_prompt_length=2048", "grpo.max_completion_length=1024"]),
+                      H100)
+    assert short.mlp_tile_tokens == 0
 
 
 def test_offload_routes_every_decoder_layer_and_can_be_turned_off():
@@ -242,7 +334,7 @@ def test_a_refusal_names_the_longest_lengths_that_fit():
     assert "grpo.max_completion_length: " not in fix or int(fix.split("grpo.max_completion_length: ")[1].split()[0]) > 0
     with pytest.raises(UserError) as e:
         make_plan(config, load_recipe(recipe, ["budget.vram_gb=24", "data.max_prompt_length=20000",
-                                               "grpo.max_completion_length=60000"]), H100)
+                                               "grpo.max_completion_length=100000"]), H100)
     completion = int(e.value.fix.split("grpo.max_completion_length: ")[1].split()[0])
     make_plan(config, load_recipe(recipe, ["budget.vram_gb=24", "data.max_prompt_length=20000",
                                            f"grpo.max_completion_length={completion}"]), H100)
@@ -383,6 +475,59 @@ def test_gpu_offload_moves_the_checkpoints_off_the_device_and_trains_the_same():
         assert off[n].norm() > 0 and rel < 1e-3, (n, rel)
     # 12 layers x 8192 tokens x 512 x 4 bytes of checkpoints = 200 MB on the device without offload
     assert peak_on < peak_off - 50e6, (peak_on, peak_off)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_lora_and_a_tiled_mlp_lower_a_long_sequences_peak(tmp_path):
+    """The real path (peft on bitsandbytes' nf4 layers, bf16, checkpointing), one 16,384-token sequence through two
+    Llama-proportioned layers (intermediate 3.5 x hidden): peft's fp32 LoRA (outside autocast) costs at least the
+    down projection's fp32 input copy over autocast's bf16 LoRA (16,384 x 3,584 x 4 = 235 MB), and 4,096-token MLP
+    tiles save most of the whole sequence's four saved [tokens, intermediate] bf16 tensors (470 MB)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from trainer.tiled_mlp import install
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=1024, intermediate_size=3584, num_hidden_layers=2, num_attention_heads=8,
+                                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=32768,
+                                 tie_word_embeddings=True)).to(torch.bfloat16).save_pretrained(tmp_path)
+    T = 16384
+
+    def run(lora_dtype: torch.dtype, tile: int):
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+        model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, 0, 0.02)
+        set_gradient_checkpointing(model, True)
+        if tile:
+            install(model, tile)
+        model.train()
+        # compute dtype float32 here stands for "no autocast" (policy.lora_autocast): peft's own fp32 LoRA path
+        policy = Policy(model, None, torch.device("cuda"), lora_dtype, True, ROOT)
+        ids = torch.randint(0, 512, (1, T), generator=torch.Generator().manual_seed(1)).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        logps, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, -1024:],
+                                       torch.ones(1, 1024, dtype=torch.long, device="cuda"), 1.0, 1024, 512)
+        logps.sum().backward()
+        torch.cuda.synchronize()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        peak = torch.cuda.max_memory_allocated() - base
+        del model, policy, logps, grads
+        torch.cuda.empty_cache()
+        return peak
+
+    fp32_lora, bf16_lora, tiled = run(torch.float32, 0), run(torch.bfloat16, 0), run(torch.bfloat16, 4096)
+    assert fp32_lora - bf16_lora > 0.2e9, (fp32_lora, bf16_lora)
+    assert bf16_lora - tiled > 0.3e9, (bf16_lora, tiled)
 
 
 def test_the_plan_predicts_the_long_row_measured_on_the_h200():

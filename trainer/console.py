@@ -76,7 +76,8 @@ def plan_table(plan) -> Group:
         per_mb = f"{plan.micro_batch_seqs} sequence(s) per micro-batch" if plan.micro_batch_seqs else "packed micro-batches"
         lines.append(f"long sequences: {per_mb}, checkpoints "
                      + (f"offloaded to pinned host memory ({plan.host_offload_bytes / GB:.2f} GB of host memory)"
-                        if plan.activation_offload else "on the device"))
+                        if plan.activation_offload else "on the device")
+                     + (f", MLP in tiles of {plan.mlp_tile_tokens} tokens" if plan.mlp_tile_tokens else ""))
     if plan.rollout_engine == "vllm":
         lines.append(f"vLLM: {plan.weight_format}, KV {plan.kv_cache_memory_bytes / GB:.3f} GB for "
                      f"{plan.max_num_seqs} seqs x {plan.max_model_len} tokens, batched tokens "

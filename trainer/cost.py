@@ -13,7 +13,7 @@ bench/results/step_fit.json: predicted vs measured seconds by phase, each row pr
 - Train: per micro-batch, the larger of a launch-bound floor and its FLOPs (linear layers, lm_head, causal attention;
   forward, recompute with checkpointing, 2x backward) at TRAIN_FLOPS, and LONG_TRAIN_FLOPS for one-sequence
   micro-batches of >= 4,096 tokens (plan.LONG_SEQUENCE; large GEMMs run closer to the card's peak); each pass without
-  gradients (reference, old policy) a forward.
+  gradients (reference, old policy) a forward; a tiled MLP (trainer/tiled_mlp.py) one more forward of the MLPs.
 The terms the grid cannot separate (one HF row, one long row, no 7B mirror) are marked where they are defined.
 Good enough to rank knobs (format, micro-batch size, checkpointing, KV release, waves) and to tell a user the price
 of a small budget; not a promise of wall time: the first steps also compile.
@@ -113,6 +113,9 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     grad_pass = max(MICRO_BATCH_FLOOR_S[(compiled, gc)], (4 if gc else 3) * forward / rate)
     free_pass = max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, forward / rate)
     train = micro_batches * (num_iterations * grad_pass + forward_passes * free_pass)
+    if dims is not None and knobs.get("mlp_tile_tokens"):  # a tiled MLP's backward runs the MLPs' forward once more
+        mlp_forward = 2 * dims.layers * 3 * dims.hidden * dims.intermediate * mbt
+        train += micro_batches * num_iterations * mlp_forward / rate
     if dims is not None and knobs.get("activation_offload"):  # the copies, charged in full (OFFLOAD_BYTES_S)
         train += micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S
     return {"rollout": rollout, "train": train + TRAIN_STEP_S + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)}

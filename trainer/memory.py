@@ -35,6 +35,9 @@ NO_CKPT_FIT = 1.215
 # memory as the forward passes each layer and come back one layer ahead of the backward, so the device holds at most
 # this many layers' checkpoints (one being copied out or prefetched, one in use) besides the layer being recomputed.
 OFFLOAD_RESIDENT_LAYERS = 2
+# Tiled MLP (plan.mlp_tile_tokens, trainer/tiled_mlp.py): a candidate for one-sequence micro-batches of at least two
+# tiles on CUDA; 8,192 tokens keep a Llama-3.1-8B tile's MLP tensors at ~0.9 GB against 7 GB for 60,928 tokens.
+MLP_TILE_TOKENS = 8192
 # Host memory the planner leaves to everything else (the process, the dataset, the page cache) when it checks that
 # the offloaded checkpoints fit in the host's available memory.
 HOST_RESERVE = 8 * 10**9
@@ -159,13 +162,16 @@ def base_bytes(ctx: Context, vllm_layout: bool) -> int:
     return linear + (d.embed_params + small) * ctx.dtype_bytes
 
 
-def layer_activation_bytes(ctx: Context, tokens: int) -> int:
-    """Live activations of one decoder layer's forward+backward for `tokens` tokens (sdpa/flash attention)."""
+def layer_activation_bytes(ctx: Context, tokens: int, mlp_tokens: int | None = None) -> int:
+    """Live activations of one decoder layer's forward+backward for `tokens` tokens (sdpa/flash attention), its MLP's
+    [tokens, intermediate] tensors for `mlp_tokens` of them at a time (a tiled MLP's tile; all by default)."""
     d = ctx.dims
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    per_token = 4 * d.hidden + 2 * q + 2 * kv + 4 * d.intermediate  # norms, qkv, attn out, gate/up/act/down in
+    per_token = 4 * d.hidden + 2 * q + 2 * kv  # norms, qkv, attn out
+    mlp = 4 * d.intermediate  # gate / up / act / down in
     lora = 7 * ctx.lora_r * ctx.dtype_bytes  # LoRA intermediates, in the compute dtype (policy.lora_autocast)
-    return tokens * (per_token * ctx.dtype_bytes + lora)
+    mlp_tokens = tokens if mlp_tokens is None else min(tokens, mlp_tokens)
+    return tokens * (per_token * ctx.dtype_bytes + lora) + mlp_tokens * mlp * ctx.dtype_bytes
 
 
 def dequant_scratch(ctx: Context) -> int:
@@ -193,14 +199,15 @@ def attention_mask_bytes(ctx: Context, k: dict) -> int:
 
 def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     d, t = ctx.dims, k["micro_batch_tokens"]
-    per_layer = t * (CKPT_BYTES_PER_LH * d.hidden + CKPT_BYTES_PER_LI * d.intermediate)
+    mlp_t = min(t, k.get("mlp_tile_tokens") or t)  # a tiled MLP (trainer/tiled_mlp.py) holds one tile's
+    per_layer = t * CKPT_BYTES_PER_LH * d.hidden + mlp_t * CKPT_BYTES_PER_LI * d.intermediate
     if k.get("activation_offload") and k["gradient_checkpointing"]:
         # resident checkpoints + the one layer being recomputed, with its gradients (the rest is on the host)
-        acts = int(min(d.layers, OFFLOAD_RESIDENT_LAYERS) * per_layer) + layer_activation_bytes(ctx, t)
+        acts = int(min(d.layers, OFFLOAD_RESIDENT_LAYERS) * per_layer) + layer_activation_bytes(ctx, t, mlp_t)
     elif k["gradient_checkpointing"] and ctx.cuda:
         acts = int(d.layers * per_layer)
     elif k["gradient_checkpointing"]:
-        acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t)
+        acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t, mlp_t)
     elif ctx.cuda:
         acts = int(NO_CKPT_FIT * d.layers * layer_activation_bytes(ctx, t))
     else:

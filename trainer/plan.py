@@ -99,6 +99,9 @@ class Plan:
     # host bytes that takes (checked against the host's available memory before anything loads).
     activation_offload: bool = False
     host_offload_bytes: int = 0
+    # Each decoder layer's MLP over a one-sequence micro-batch in tiles of this many tokens, recomputed tile by tile in
+    # the backward (trainer/tiled_mlp.py); 0: not tiled. Chosen where a long sequence's MLP would not fit otherwise.
+    mlp_tile_tokens: int = 0
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     predicted_phases_s: dict[str, float] = field(default_factory=dict)  # the same by phase (rollout, train)
     # accounting
@@ -264,6 +267,8 @@ def _describe(c: dict) -> str:
     parts = [f"micro-batch of {c['micro_batch_tokens']} tokens",
              "checkpointing " + ("on, offloaded to host memory" if c["activation_offload"] else
                                  "on" if c["gradient_checkpointing"] else "off")]
+    if c.get("mlp_tile_tokens"):
+        parts.append(f"MLP in tiles of {c['mlp_tile_tokens']} tokens")
     if c["max_num_seqs"]:
         parts.append(f"{c['max_num_seqs']} sequence(s) in flight in vLLM")
         parts.append("KV released between phases" if c["kv_release"] else "KV kept between phases")
@@ -360,9 +365,9 @@ def plan_context(config: dict, recipe, plan: Plan, device: Device) -> "memory.Co
 
 def plan_knobs(plan: Plan) -> dict:
     """The plan's knobs as the candidate dict memory.components reads."""
-    keys = ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing", "activation_offload", "weight_format",
-            "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
-            "cudagraph_capture_sizes", "logits_dtype")
+    keys = ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing", "activation_offload", "mlp_tile_tokens",
+            "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
+            "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -407,7 +412,7 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
     out = []
     for bs in sizes:
         r.hf_batch_size = bs
-        out += _candidates(held, ctx, device)
+        out += _candidates(held, ctx, device, mlp_tile=plan.mlp_tile_tokens)
     host = host_limit(device)  # the loop never turns offload on past the host's memory
     return [c for c in out if c["host_bytes"] <= host or c["activation_offload"] == plan.activation_offload]
 
@@ -438,8 +443,9 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
     return out
 
 
-def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
-    """Every combination of free knobs, each with its components, peak and a speed score."""
+def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | None = None) -> list[dict]:
+    """Every combination of free knobs, each with its components, peak and a speed score. `mlp_tile`: the tiled
+    MLP's tile held at this value (the policy is built with it: not a runtime knob)."""
     r, t, cpu = recipe.rollout, recipe.train, device.kind == "cpu"
     step_tokens = ctx.gen * ctx.max_len
     fixed_mbt = t.micro_batch_tokens or (t.per_device_train_batch_size * ctx.max_len
@@ -484,13 +490,20 @@ def _candidates(recipe, ctx: "memory.Context", device: Device) -> list[dict]:
     mb_seqs = {m: t.per_device_train_batch_size or (1 if m <= ctx.max_len and ctx.max_len >= LONG_SEQUENCE else None)
                for m in mbts}
     vocab_chunk, compiled = min(ctx.dims.vocab, 8192 if cpu else 32768), _compile_layers(recipe, device)
+    # Tiled MLP: a choice for one long sequence per micro-batch, with checkpointing, on CUDA (the time it costs buys
+    # nothing where the untiled MLP fits, so the planner takes it only where it must)
+    tile = memory.MLP_TILE_TOKENS
+    tiles = {m: [mlp_tile] if mlp_tile is not None else ([0, tile] if not cpu and mb_seqs[m] == 1 and m >= 2 * tile
+                                                         else [0]) for m in mbts}
     out = []
-    for seqs, mbt, gc, off, fmt, rel, ld in itertools.product(seq_opts, mbts, gcs, offloads, formats, releases,
-                                                              _logits_dtypes(recipe)):
-        if off and not gc:
+    for seqs, mbt, gc, off, fmt, rel, ld, mlp_tile_tokens in (
+            (*p, t) for p in itertools.product(seq_opts, mbts, gcs, offloads, formats, releases, _logits_dtypes(recipe))
+            for t in tiles[p[1]]):
+        if (off or mlp_tile_tokens) and not gc:
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
-                     gradient_checkpointing=gc, activation_offload=off, weight_format=fmt, kv_release=rel,
+                     gradient_checkpointing=gc, activation_offload=off, mlp_tile_tokens=mlp_tile_tokens,
+                     weight_format=fmt, kv_release=rel,
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
                      max_num_batched_tokens=batched if vllm else 0, enforce_eager=eager,

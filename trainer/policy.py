@@ -195,6 +195,10 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     model = get_peft_model(model, lora)
     if plan.gradient_checkpointing:
         set_gradient_checkpointing(model, True, plan.activation_offload)
+    if plan.mlp_tile_tokens:
+        from trainer.tiled_mlp import install
+
+        install(model, plan.mlp_tile_tokens)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=COMPILE_DYNAMIC)

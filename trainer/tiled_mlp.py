@@ -1,0 +1,76 @@
+"""Tiled MLP for long sequences: each decoder layer's MLP runs over the sequence in tiles of plan.mlp_tile_tokens
+tokens, and its backward recomputes it tile by tile, so the MLP's [tokens, intermediate] tensors (gate, up, their
+product, their gradients) exist for one tile at a time instead of the whole sequence.
+
+Why: at 60,928 tokens one Llama-3.1-8B MLP holds [60,928, 14,336] tensors of 1.75 GB each in bf16, four of them saved
+for the backward and about three more as gradients: most of a layer's ~12 GB, the part of a 24 GB long-context run
+the offloaded checkpoints cannot move. The MLP is position-wise, so a tile's outputs and gradients are the untiled
+ones' (tests/test_long_context.py), for one more MLP forward per layer in the backward (trainer/cost.py charges it).
+Arctic Long Sequence Training's TiledMLP and Unsloth's tiled MLP do the same.
+It decides nothing: the plan turns it on (memory.py prices one tile) only for one-sequence micro-batches that need it.
+A reentrant function like trainer/offload.py's checkpoint: the tiles' recompute runs inside the backward, restores the
+forward's RNG (LoRA dropout draws) and autocast (policy.lora_autocast), and accumulates the LoRA gradients itself.
+Dynamo does not trace it (a backward that calls autograd): the compiled layer runs it between two graphs.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+
+def _tiles(x: torch.Tensor, tile_tokens: int) -> int:
+    return -(-x.shape[-2] // tile_tokens)
+
+
+class TiledMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mlp, tile_tokens: int, x: torch.Tensor):
+        dev = x.device.type
+        ctx.mlp, ctx.tile_tokens = mlp, tile_tokens
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.cat([mlp(t) for t in x.tensor_split(_tiles(x, tile_tokens), dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        n = _tiles(x, ctx.tile_tokens)
+        dev, enabled, dtype = ctx.autocast
+        grads = []
+        devices = [x.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                torch.autocast(dev, dtype=dtype, enabled=enabled):
+            torch.set_rng_state(ctx.cpu_rng)  # the tiles draw, in order, what the forward's tiles drew
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            for xt, gt in zip(x.tensor_split(n, dim=-2), grad.tensor_split(n, dim=-2)):
+                xt = xt.detach().requires_grad_(True)
+                torch.autograd.backward(ctx.mlp(xt), gt)
+                grads.append(xt.grad)
+        return None, None, torch.cat(grads, dim=-2)
+
+
+@torch._dynamo.disable
+def tiled_forward(forward, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
+    """The MLP module's forward: tiled for sequences longer than one tile, as before otherwise (decode, short ones)."""
+    if x.shape[-2] <= tile_tokens:
+        return forward(x)
+    if not torch.is_grad_enabled():  # reference / old-policy passes: tiles, nothing kept
+        return torch.cat([forward(t) for t in x.tensor_split(_tiles(x, tile_tokens), dim=-2)], dim=-2)
+    if not x.requires_grad:  # the LoRA weights inside still need their gradients
+        x = x.detach().requires_grad_(True)
+    return TiledMLP.apply(forward, tile_tokens, x)
+
+
+def install(model: torch.nn.Module, tile_tokens: int) -> int:
+    """Tile the MLP of every decoder layer of `model`; returns how many."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.mlp.forward = partial(tiled_forward, layer.mlp.forward, tile_tokens)
+    return len(layers)
