@@ -436,6 +436,20 @@ def test_bench_writes_prompts_at_least_the_length(tmp_path):
 # ---------------------------------------------------------------------------------------------- on the GPU (pytest -m gpu)
 
 
+def _gpu_train_pass(policy: Policy, tokens: int) -> int:
+    """One sequence of `tokens` random ids, the last 1,024 its completion: log-probs and their backward on the GPU.
+    Returns the peak bytes torch allocated above what it held before."""
+    ids = torch.randint(0, 512, (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    logps, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, -1024:],
+                                   torch.ones(1, 1024, dtype=torch.long, device="cuda"), 1.0, 1024, 512)
+    logps.sum().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 @pytest.mark.gpu
 def test_gpu_offload_moves_the_checkpoints_off_the_device_and_trains_the_same():
     """The side-stream copies (device -> pinned host after each layer, host -> device one layer ahead of the
@@ -456,17 +470,8 @@ def test_gpu_offload_moves_the_checkpoints_off_the_device_and_trains_the_same():
                 torch.nn.init.normal_(p, 0, 0.02)
         set_gradient_checkpointing(model, True, offload)
         model.train()
-        policy = Policy(model, None, torch.device("cuda"), torch.float32, False, ROOT)
-        ids = torch.randint(0, 512, (1, 8192), generator=torch.Generator().manual_seed(1)).cuda()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        logps, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, -1024:],
-                                       torch.ones(1, 1024, dtype=torch.long, device="cuda"), 1.0, 1024, 512)
-        logps.sum().backward()
-        torch.cuda.synchronize()
-        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        return grads, torch.cuda.max_memory_allocated() - base
+        peak = _gpu_train_pass(Policy(model, None, torch.device("cuda"), torch.float32, False, ROOT), 8192)
+        return {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}, peak
 
     on, peak_on = run(True)
     off, peak_off = run(False)
@@ -509,19 +514,10 @@ def test_gpu_bf16_lora_and_a_tiled_mlp_lower_a_long_sequences_peak(tmp_path):
             install(model, tile)
         model.train()
         # compute dtype float32 here stands for "no autocast" (policy.lora_autocast): peft's own fp32 LoRA path
-        policy = Policy(model, None, torch.device("cuda"), lora_dtype, True, ROOT)
-        ids = torch.randint(0, 512, (1, T), generator=torch.Generator().manual_seed(1)).cuda()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        logps, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, -1024:],
-                                       torch.ones(1, 1024, dtype=torch.long, device="cuda"), 1.0, 1024, 512)
-        logps.sum().backward()
-        torch.cuda.synchronize()
+        peak = _gpu_train_pass(Policy(model, None, torch.device("cuda"), lora_dtype, True, ROOT), T)
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-        peak = torch.cuda.max_memory_allocated() - base
-        del model, policy, logps, grads
+        del model, grads
         torch.cuda.empty_cache()
         return peak
 

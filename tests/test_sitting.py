@@ -10,14 +10,19 @@ import tarfile
 from tests.conftest import ROOT
 
 
-def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all(tmp_path):
+def _sitting(tmp_path, python: str):
+    """bench/sitting.sh under tmp_path, with `python` (a bash script's body) as its PYTHON."""
     fake = tmp_path / "py"
-    fake.write_text('#!/usr/bin/env bash\necho "FOO=${FOO:-unset} $*" >> "$SITTING_ROOT/calls"\n')
+    fake.write_text("#!/usr/bin/env bash\n" + python + "\n")
     fake.chmod(0o755)
     env = {**os.environ, "SITTING_ROOT": str(tmp_path), "PYTHON": str(fake), "GPU_TESTS": "no",
            "OUT": str(tmp_path / "out")}
-    run = lambda *a: subprocess.run(["bash", "bench/sitting.sh", *a], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
-                                    text=True, timeout=120)
+    return lambda *a: subprocess.run(["bash", "bench/sitting.sh", *a], cwd=ROOT, env=env, capture_output=True,
+                                     text=True, timeout=120)
+
+
+def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all(tmp_path):
+    run = _sitting(tmp_path, 'echo "FOO=${FOO:-unset} $*" >> "$SITTING_ROOT/calls"')
     started = run("queue", "start", "compile 4", "FOO=bar fidelity qwen2.5-1.5b:graphs", "planner X@min")
     assert started.returncode == 0 and "a queue of 3" in started.stdout, started.stderr
     waited = run("queue", "wait", "60")
@@ -38,13 +43,7 @@ def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all
 def test_two_items_of_one_benchmark_keep_their_own_results_dir(tmp_path):
     # 2026-12-03: a queue with two long_context items wrote both into results/long_context, the second item's log
     # truncating the first's; the second now goes to results/long_context.2
-    fake = tmp_path / "py"
-    fake.write_text('#!/usr/bin/env bash\necho "$*"\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "SITTING_ROOT": str(tmp_path), "PYTHON": str(fake), "GPU_TESTS": "no",
-           "OUT": str(tmp_path / "out")}
-    run = lambda *a: subprocess.run(["bash", "bench/sitting.sh", *a], cwd=ROOT, env=env, capture_output=True,  # noqa: E731
-                                    text=True, timeout=120)
+    run = _sitting(tmp_path, 'echo "$*"')
     assert run("queue", "start", "long_context a", "planner b", "long_context c").returncode == 0
     waited = run("queue", "wait", "60")
     assert waited.stdout.strip().endswith("done") and "== long_context.2: done" in waited.stdout, waited.stdout
