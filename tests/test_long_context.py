@@ -121,7 +121,7 @@ def test_a_tiled_mlps_recompute_replays_the_forwards_dropout(monkeypatch):
     tiled = _loss_and_grads(tiled_policy)
     tiled_mlp.install(kept_policy.model, 6)
     monkeypatch.setattr(tiled_mlp.TiledMLP, "apply", lambda forward, tile, x: torch.cat(
-        [forward(t) for t in x.tensor_split(tiled_mlp._tiles(x, tile), dim=-2)], dim=-2))
+        [forward(t) for t in x.split(tile, dim=-2)], dim=-2))
     _assert_same(tiled, _loss_and_grads(kept_policy))
 
 

@@ -19,8 +19,16 @@ from functools import partial
 import torch
 
 
-def _tiles(x: torch.Tensor, tile_tokens: int) -> int:
-    return -(-x.shape[-2] // tile_tokens)
+def _by_tile(fn, x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+    """fn over x's tiles along the sequence (tile_tokens each, the last shorter), written into one output (no list of
+    tiles and a cat: one copy less)."""
+    out = None
+    for i, xt in enumerate(x.split(tile_tokens, dim=-2)):
+        yt = fn(xt)
+        if out is None:
+            out = yt.new_empty((*x.shape[:-1], yt.shape[-1]))
+        out[..., i * tile_tokens:i * tile_tokens + xt.shape[-2], :] = yt
+    return out
 
 
 class TiledMLP(torch.autograd.Function):
@@ -33,25 +41,26 @@ class TiledMLP(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return torch.cat([mlp(t) for t in x.tensor_split(_tiles(x, tile_tokens), dim=-2)], dim=-2)
+            return _by_tile(mlp, x, tile_tokens)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        n = _tiles(x, ctx.tile_tokens)
         dev, enabled, dtype = ctx.autocast
-        grads = []
         devices = [x.device] if ctx.cuda_rng is not None else []
+        grads = iter(grad.split(ctx.tile_tokens, dim=-2))
+
+        def tile_backward(xt):  # the tile's forward again, with grad, and its backward: the input's gradient
+            xt = xt.detach().requires_grad_(True)
+            torch.autograd.backward(ctx.mlp(xt), next(grads))
+            return xt.grad
+
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
                 torch.autocast(dev, dtype=dtype, enabled=enabled):
             torch.set_rng_state(ctx.cpu_rng)  # the tiles draw, in order, what the forward's tiles drew
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            for xt, gt in zip(x.tensor_split(n, dim=-2), grad.tensor_split(n, dim=-2)):
-                xt = xt.detach().requires_grad_(True)
-                torch.autograd.backward(ctx.mlp(xt), gt)
-                grads.append(xt.grad)
-        return None, None, torch.cat(grads, dim=-2)
+            return None, None, _by_tile(tile_backward, x, ctx.tile_tokens)
 
 
 @torch._dynamo.disable
@@ -60,7 +69,7 @@ def tiled_forward(forward, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
     if x.shape[-2] <= tile_tokens:
         return forward(x)
     if not torch.is_grad_enabled():  # reference / old-policy passes: tiles, nothing kept
-        return torch.cat([forward(t) for t in x.tensor_split(_tiles(x, tile_tokens), dim=-2)], dim=-2)
+        return _by_tile(forward, x, tile_tokens)
     if not x.requires_grad:  # the LoRA weights inside still need their gradients
         x = x.detach().requires_grad_(True)
     return TiledMLP.apply(forward, tile_tokens, x)
