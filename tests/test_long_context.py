@@ -557,3 +557,13 @@ def test_a_prompt_all_sequences_in_flight_share_is_read_once_a_decode_step():
                                         prompt_len=61440, group=1)
     assert eight_prompts["train"] == one_prompt["train"]
     assert eight_prompts["rollout"] > 3 * one_prompt["rollout"]  # 8 x 61,440 tokens of KV a step against 1 x
+
+
+def test_layer_memory_tool_sees_what_bf16_lora_and_tiles_take_off_a_layer():
+    # bench/layer_memory.py (CPU, eager): the peak live bytes of one layer's pass fall with LoRA under autocast (no
+    # fp32 lora_B output) and again with the MLP in tiles; docs/benchmarks.md quotes its 4,096-token numbers
+    from bench.layer_memory import peak
+
+    fp32, bf16, tiled = (peak(512, 256, tile, autocast).peak for tile, autocast in ((0, False), (0, True), (64, True)))
+    assert fp32 > bf16 > tiled > 0, (fp32, bf16, tiled)
+    assert bf16 - tiled > 512 * 896 * 2 * 3  # at least three of the MLP's [tokens, intermediate] bf16 tensors

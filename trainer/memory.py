@@ -202,8 +202,11 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     mlp_t = min(t, k.get("mlp_tile_tokens") or t)  # a tiled MLP (trainer/tiled_mlp.py) holds one tile's
     per_layer = t * CKPT_BYTES_PER_LH * d.hidden + mlp_t * CKPT_BYTES_PER_LI * d.intermediate
     if k.get("activation_offload") and k["gradient_checkpointing"]:
-        # resident checkpoints + the one layer being recomputed, with its gradients (the rest is on the host)
-        acts = int(min(d.layers, OFFLOAD_RESIDENT_LAYERS) * per_layer) + layer_activation_bytes(ctx, t, mlp_t)
+        # resident checkpoints + the one layer being recomputed, with its gradients (the rest is on the host), + the
+        # fp32 copy of the last hidden states that HF's final RMSNorm (eager: only the layers are compiled) keeps for
+        # the backward, [tokens, hidden] x 4 bytes: 1.07 GB for the 8B at 65,536 tokens
+        acts = (int(min(d.layers, OFFLOAD_RESIDENT_LAYERS) * per_layer) + layer_activation_bytes(ctx, t, mlp_t)
+                + t * d.hidden * 4)
     elif k["gradient_checkpointing"] and ctx.cuda:
         acts = int(d.layers * per_layer)
     elif k["gradient_checkpointing"]:
