@@ -15,6 +15,7 @@ Passes without grad (the reference and old-log-prob passes) run the layer direct
 """
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -78,14 +79,33 @@ class Offloader:
         return x
 
 
+class ForwardState:
+    """What a recompute inside the backward replays of its forward, as torch's checkpoint does: the RNG (LoRA dropout
+    draws) and autocast (policy.lora_autocast). Taken in the forward of the offloaded checkpoint and of the tiled MLP
+    (trainer/tiled_mlp.py)."""
+
+    def __init__(self, x: torch.Tensor):
+        dev = x.device.type
+        self.device = x.device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        self.autocast = dict(device_type=dev, enabled=torch.is_autocast_enabled(dev), dtype=torch.get_autocast_dtype(dev))
+
+    @contextlib.contextmanager
+    def replay(self):
+        """Grad on, the forward's autocast and RNG state; the caller's RNG state is back after."""
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**self.autocast):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            yield
+
+
 class OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offloader: Offloader, first: bool, hidden: torch.Tensor):
-        ctx.run, ctx.offloader = run, offloader
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        dev = hidden.device.type  # the recompute runs under the forward's autocast (policy.lora_autocast), as
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))  # torch's checkpoint does
+        ctx.run, ctx.offloader, ctx.state = run, offloader, ForwardState(hidden)
         ctx.handle = offloader.put(hidden, first)
         with torch.no_grad():
             out = run(hidden)
@@ -97,13 +117,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         hidden = ctx.offloader.take(ctx.handle).detach().requires_grad_(True)
         ctx.handle = None
-        devices = [hidden.device] if ctx.cuda_rng is not None else []
-        dev, enabled, dtype = ctx.autocast
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autocast(dev, dtype=dtype, enabled=enabled):
-            torch.set_rng_state(ctx.cpu_rng)  # dropout in the recompute draws what the forward drew
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+        with ctx.state.replay():  # dropout in the recompute draws what the forward drew
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
         return None, None, None, hidden.grad

@@ -8,8 +8,8 @@ the offloaded checkpoints cannot move. The MLP is position-wise, so a tile's out
 ones' (tests/test_long_context.py), for one more MLP forward per layer in the backward (trainer/cost.py charges it).
 Arctic Long Sequence Training's TiledMLP and Unsloth's tiled MLP do the same.
 It decides nothing: the plan turns it on (memory.py prices one tile) only for one-sequence micro-batches that need it.
-A reentrant function like trainer/offload.py's checkpoint: the tiles' recompute runs inside the backward, restores the
-forward's RNG (LoRA dropout draws) and autocast (policy.lora_autocast), and accumulates the LoRA gradients itself.
+A reentrant function like trainer/offload.py's checkpoint: the tiles' recompute runs inside the backward, replays the
+forward's RNG (LoRA dropout draws) and autocast (offload.ForwardState), and accumulates the LoRA gradients itself.
 Dynamo does not trace it (a backward that calls autograd): the compiled layer runs it between two graphs.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+
+from trainer.offload import ForwardState
 
 
 def _by_tile(fn, x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
@@ -34,11 +36,7 @@ def _by_tile(fn, x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
 class TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp, tile_tokens: int, x: torch.Tensor):
-        dev = x.device.type
-        ctx.mlp, ctx.tile_tokens = mlp, tile_tokens
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.mlp, ctx.tile_tokens, ctx.state = mlp, tile_tokens, ForwardState(x)
         ctx.save_for_backward(x)
         with torch.no_grad():
             return _by_tile(mlp, x, tile_tokens)
@@ -46,8 +44,6 @@ class TiledMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        dev, enabled, dtype = ctx.autocast
-        devices = [x.device] if ctx.cuda_rng is not None else []
         grads = iter(grad.split(ctx.tile_tokens, dim=-2))
 
         def tile_backward(xt):  # the tile's forward again, with grad, and its backward: the input's gradient
@@ -55,11 +51,7 @@ class TiledMLP(torch.autograd.Function):
             torch.autograd.backward(ctx.mlp(xt), next(grads))
             return xt.grad
 
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autocast(dev, dtype=dtype, enabled=enabled):
-            torch.set_rng_state(ctx.cpu_rng)  # the tiles draw, in order, what the forward's tiles drew
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with ctx.state.replay():  # the tiles draw, in order, what the forward's tiles drew
             return None, None, _by_tile(tile_backward, x, ctx.tile_tokens)
 
 
