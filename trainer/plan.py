@@ -493,13 +493,13 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
     # Tiled MLP: a choice for one long sequence per micro-batch, with checkpointing, on CUDA (the time it costs buys
     # nothing where the untiled MLP fits, so the planner takes it only where it must)
     tile = memory.MLP_TILE_TOKENS
-    tiles = {m: [mlp_tile] if mlp_tile is not None else ([0, tile] if not cpu and mb_seqs[m] == 1 and m >= 2 * tile
-                                                         else [0]) for m in mbts}
+    tiles = [mlp_tile] if mlp_tile is not None else [0, tile]
     out = []
-    for seqs, mbt, gc, off, fmt, rel, ld, mlp_tile_tokens in (
-            (*p, t) for p in itertools.product(seq_opts, mbts, gcs, offloads, formats, releases, _logits_dtypes(recipe))
-            for t in tiles[p[1]]):
+    for seqs, mbt, gc, off, fmt, rel, ld, mlp_tile_tokens in itertools.product(
+            seq_opts, mbts, gcs, offloads, formats, releases, _logits_dtypes(recipe), tiles):
         if (off or mlp_tile_tokens) and not gc:
+            continue
+        if mlp_tile is None and mlp_tile_tokens and (cpu or mb_seqs[mbt] != 1 or mbt < 2 * tile):
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
                      gradient_checkpointing=gc, activation_offload=off, mlp_tile_tokens=mlp_tile_tokens,
