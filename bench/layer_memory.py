@@ -62,15 +62,22 @@ class LiveBytes(TorchDispatchMode):
         return [(v / 1e6, who) for who, v in by.most_common(n)]
 
 
-def layer(tokens: int, hidden: int):
-    from peft import LoraConfig, get_peft_model
+def config(tokens: int, hidden: int):
+    """A one-layer Llama of these proportions: intermediate 3.5 x hidden, head_dim 128, 4 query heads a KV head."""
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(3.5 * hidden), num_attention_heads=hidden // 128,
                       num_key_value_heads=max(1, hidden // 512), num_hidden_layers=1, vocab_size=128,
                       max_position_embeddings=tokens)
     cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def layer(tokens: int, hidden: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg = config(tokens, hidden)
 
     class One(torch.nn.Module):
         def __init__(self):
@@ -86,13 +93,13 @@ def layer(tokens: int, hidden: int):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(One().to(torch.bfloat16), LoraConfig(r=16, target_modules=targets))
     model.train()
-    return model, cfg
+    return model
 
 
 def peak(tokens: int, hidden: int, tile: int, autocast: bool) -> LiveBytes:
     from trainer.tiled_mlp import tiled_forward
 
-    model, _ = layer(tokens, hidden)
+    model = layer(tokens, hidden)
     if tile:
         mlp = model.base_model.model.layer.mlp
         mlp.forward = partial(tiled_forward, mlp.forward, tile)
@@ -110,8 +117,7 @@ def main(argv: list[str]) -> None:
 
     nums = [int(a) for a in argv if not a.startswith("-")]
     tokens, hidden = (nums + [4096, 512][len(nums):])[:2]
-    _, cfg = layer(8, hidden)
-    ctx = memory.Context(dims=memory.ModelDims.from_config(cfg.to_dict()), dtype_bytes=2, quantized=False, lora_r=16,
+    ctx = memory.Context(dims=memory.ModelDims.from_config(config(tokens, hidden).to_dict()), dtype_bytes=2, quantized=False, lora_r=16,
                          lora_targets="all-linear", optim="adamw_torch", cuda=False, engine="hf", max_len=tokens, gen=1,
                          prompt_len=0, completion_len=tokens, ref_pass=False)
     count = memory.layer_activation_bytes(ctx, tokens)
