@@ -19,7 +19,8 @@ TRAINER_MEMORY_HISTORY=start in the environment an OOM at start-up also leaves O
       "budget_gb", "predicted_peak_gb", "measured_peak_gb", "steps", "step_s", "tokens_per_s", "phase_s", "knobs",
       "offload_gb", "predicted_step_s", "rc", "command"}]}
 tokens_per_s: the step's tokens (prompt + completion, x G) over its wall time, per step; phase_s: the metrics'
-time_<phase>_s per step (rollout, reward, recompute, train, optimizer, sync, kv). The row's shape is built first, in a
+time_<phase>_s per step (rollout, reward, recompute, train, optimizer, sync, kv); per_step[i]["phase_peaks_gb"]: torch's
+allocated and the device's in-use peak per phase (the 15 GB row of 2026-12-03 went 6.1% over its plan without them). The row's shape is built first, in a
 process of its own (bf16 on the GPU, ~16 GB for the 8B written in 4 GB shards to TRAINER_CACHE): built inside
 the run (2026-12-03) its 16 GB sat in the row's nvidia-smi series for 50 s, more than the 15 GB row's budget.
 Device time: `--search` prints the planner's predicted step (trainer/cost.py; its long-sequence terms are data-sheet
@@ -139,7 +140,11 @@ def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) ->
               "tokens": int(g * found["prompt_tokens"] + x["completion_length_mean"] * g),
               "phase_s": {p: round(x.get(f"time_{p}_s", 0.0), 2) for p in phases},
               "completion_length_mean": x["completion_length_mean"],
-              "peak_memory_gb": x.get("peak_memory_gb")} for x in m]
+              "peak_memory_gb": x.get("peak_memory_gb"),
+              # torch's allocated peak and the device's in-use peak per phase (the budget loop's peak_torch_alloc_<phase>_gb
+              # and peak_used_<phase>_gb): which phase set the row's peak, and how much of it torch allocated
+              "phase_peaks_gb": {k.removeprefix("peak_").removesuffix("_gb"): round(v, 3) for k, v in x.items()
+                                 if k.startswith("peak_") and k != "peak_memory_gb"}} for x in m]
     for st in steps:
         st["tokens_per_s"] = round(st["tokens"] / st["step_s"], 1) if st["step_s"] else None
     return {**found, "num_generations": g,
@@ -154,7 +159,8 @@ def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) ->
             "knobs": {k: plan.get(k) for k in ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing",
                                                "activation_offload", "weight_format", "kv_release",
                                                "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
-                                               "max_model_len", "cudagraph_capture_sizes", "compile_layers")},
+                                               "max_model_len", "cudagraph_capture_sizes", "compile_layers",
+                                               "mlp_tile_tokens")},
             "wall_s": s.get("wall_s"), "command": " ".join(cmd)}
 
 

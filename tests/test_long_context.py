@@ -433,6 +433,27 @@ def test_bench_writes_prompts_at_least_the_length(tmp_path):
     assert len(rows) == 2 and all(len(tok(x["prompt"])["input_ids"]) >= 3000 for x in rows)
 
 
+def test_bench_collect_keeps_each_steps_peak_by_phase(tmp_path):
+    # The 15 GB row of 2026-12-03 went 6.1% over its plan and its row kept only nvidia-smi's overall peak: which phase,
+    # and how much of it torch allocated, was in metrics.jsonl on a machine that had gone back. The row keeps them now.
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text(json.dumps({"peak_bytes": 13.25e9, "mlp_tile_tokens": 8192}))
+    step = {"time_step_s": 103.6, "completion_length_mean": 4096.0, "time_rollout_s": 48.9, "time_train_s": 54.6,
+            "peak_memory_gb": 14.056, "peak_torch_alloc_train_gb": 12.5, "peak_used_train_gb": 14.056,
+            "peak_used_rollout_gb": 13.04}
+    (run / "metrics.jsonl").write_text(json.dumps(step) + "\n")
+    smi = tmp_path / "row.smi.json"
+    smi.write_text(json.dumps({"peak_gb": 14.056, "rc": 0, "wall_s": 324.1}))
+    found = {"name": "qwen-7b-15gb", "prompt_tokens": 28672, "completion_tokens": 4096, "tokens": 32768}
+    row = long_context.collect("qwen-7b-15gb", found, run, smi, ["train"])
+    assert row["per_step"][0]["phase_peaks_gb"] == {"torch_alloc_train": 12.5, "used_train": 14.056,
+                                                    "used_rollout": 13.04}
+    assert row["knobs"]["mlp_tile_tokens"] == 8192 and row["measured_peak_gb"] == 14.056
+
+
 # ---------------------------------------------------------------------------------------------- on the GPU (pytest -m gpu)
 
 
@@ -526,25 +547,31 @@ def test_gpu_bf16_lora_and_a_tiled_mlp_lower_a_long_sequences_peak(tmp_path):
     assert bf16_lora - tiled > 0.3e9, (bf16_lora, tiled)
 
 
-def test_the_plan_predicts_the_long_row_measured_on_the_h200():
-    # bench/results/long_context.json: the 8B at 65,536 tokens, measured by phase on one H200. The plan for that row
-    # on that card must pick the knobs it ran with and predict each phase within 10% (the data-sheet terms this
-    # replaced said 129 s and 279 s against 82.7 and 183).
+@pytest.mark.parametrize("name", ["llama-8b-78gb", "qwen-7b-15gb"])
+def test_the_plan_predicts_the_long_rows_measured_on_the_h200(name):
+    # bench/results/long_context.json, measured by phase on one H200. The plan for each row on that card must pick the
+    # knobs it ran with and predict its peak within 5% (issue 24) and its step within 25% (issue 25). The 8B at 65,536
+    # tokens in 78 GB also each phase within 10% (its train rate was fitted there; the data-sheet terms it replaced
+    # said 129 s and 279 s against 82.7 and 183). The 7B at 32,768 in 15 GB (offloaded, MLP in tiles) ran 6.1% over its
+    # plan of the day; memory.OFFLOAD_BACKWARD_BYTES_PER_TH was fitted on it, so this holds the fit, not a prediction.
     import json
 
     from bench.planner import H200
 
     row = next(x for x in json.loads((ROOT / "bench" / "results" / "long_context.json").read_text())["runs"]
-               if x["name"] == "llama-8b-78gb")
+               if x["name"] == name)
+    assert row["rc"] == 0 and row["steps"] == 2 and row["measured_peak_gb"] <= row["budget_gb"]
     r = long_context.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"])
     plan = make_plan(read_config(r.model), r, Device(**H200))
     knobs = ("micro_batch_tokens", "micro_batch_seqs", "max_num_seqs", "activation_offload")
     assert {k: getattr(plan, k) for k in knobs} == {k: row["knobs"][k] for k in knobs}
     measured = row["phase_s"][-1]
-    assert plan.predicted_phases_s["rollout"] == pytest.approx(measured["rollout"], rel=0.1)
-    assert plan.predicted_phases_s["train"] == pytest.approx(
-        sum(v for k, v in measured.items() if k != "rollout"), rel=0.1)
     assert plan.peak_bytes / 1e9 == pytest.approx(row["measured_peak_gb"], rel=0.05)
+    assert plan.predicted_step_s == pytest.approx(row["step_s"][-1], rel=0.25)
+    if name == "llama-8b-78gb":
+        assert plan.predicted_phases_s["rollout"] == pytest.approx(measured["rollout"], rel=0.1)
+        assert plan.predicted_phases_s["train"] == pytest.approx(
+            sum(v for k, v in measured.items() if k != "rollout"), rel=0.1)
 
 
 def test_a_prompt_all_sequences_in_flight_share_is_read_once_a_decode_step():

@@ -35,6 +35,14 @@ NO_CKPT_FIT = 1.215
 # memory as the forward passes each layer and come back one layer ahead of the backward, so the device holds at most
 # this many layers' checkpoints (one being copied out or prefetched, one in use) besides the layer being recomputed.
 OFFLOAD_RESIDENT_LAYERS = 2
+# The backward of the one layer an offloaded plan recomputes at a time holds gradient buffers its saved-tensor count
+# (layer_activation_bytes) leaves out: the residual stream's gradient into and out of the layer (2 x 2 bytes a token x
+# hidden) and flash attention's fp32 dq accumulator (4 bytes a query element), less what is freed by the time they are
+# live. Fitted on the one offloaded row measured (one H200, 2026-12-03, bench/results/long_context.json's qwen-7b-15gb:
+# 32,768 tokens, MLP in tiles): its train phase reached 14.06 GB on nvidia-smi in step 2 against 13.24 planned without
+# this term, 0.81 GB: 5.9 bytes a token x hidden with the allocator's slack (SLACK_FRACTION) on top. The 8B's 24 GB row
+# (65,536 tokens, another shape) is the check.
+OFFLOAD_BACKWARD_BYTES_PER_TH = 6
 # Tiled MLP (plan.mlp_tile_tokens, trainer/tiled_mlp.py): a candidate for one-sequence micro-batches of at least two
 # tiles on CUDA; 8,192 tokens keep a Llama-3.1-8B tile's MLP tensors at ~0.9 GB against 7 GB for 60,928 tokens.
 MLP_TILE_TOKENS = 8192
@@ -202,11 +210,11 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     mlp_t = min(t, k.get("mlp_tile_tokens") or t)  # a tiled MLP (trainer/tiled_mlp.py) holds one tile's
     per_layer = t * CKPT_BYTES_PER_LH * d.hidden + mlp_t * CKPT_BYTES_PER_LI * d.intermediate
     if k.get("activation_offload") and k["gradient_checkpointing"]:
-        # resident checkpoints + the one layer being recomputed, with its gradients (the rest is on the host), + the
+        # resident checkpoints + the one layer being recomputed, with its gradient buffers (the rest is on the host), + the
         # fp32 copy of the last hidden states that HF's final RMSNorm (eager: only the layers are compiled) keeps for
         # the backward, [tokens, hidden] x 4 bytes: 1.07 GB for the 8B at 65,536 tokens
         acts = (int(min(d.layers, OFFLOAD_RESIDENT_LAYERS) * per_layer) + layer_activation_bytes(ctx, t, mlp_t)
-                + t * d.hidden * 4)
+                + t * d.hidden * 4 + OFFLOAD_BACKWARD_BYTES_PER_TH * t * d.hidden)
     elif k["gradient_checkpointing"] and ctx.cuda:
         acts = int(d.layers * per_layer)
     elif k["gradient_checkpointing"]:
