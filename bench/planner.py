@@ -156,6 +156,7 @@ def run(out: Path, names: list[str]) -> None:
         rc = watched(smi, out / f"{name}.log", [sys.executable, "-m", "trainer.cli", BASE, "--output-dir", str(run_dir),
                                                 "--overwrite", *[x for o in ov for x in ("--set", o)]])
         row = {"name": name, "budget_spec": spec, "budget_gb": b, "overrides": ov, "rc": rc}
+        keep_run_files(run_dir, out, name)
         try:
             plan = json.loads((run_dir / "plan.json").read_text())
             s = json.loads(smi.read_text())
@@ -187,6 +188,16 @@ def run(out: Path, names: list[str]) -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), flush=True)
         _write(out / "planner.json", rows, "python bench/planner.py OUT_DIR " + " ".join(names))
+
+
+def keep_run_files(run_dir: Path, out: Path, name: str) -> None:
+    """The run's plan, summary, per-phase memory series and torch.profiler tables (TRAINER_PROFILE_STEP=k in the
+    sitting's environment) beside its log as NAME.FILE: the run dir stays on the device, which goes back."""
+    import shutil
+
+    for f in ["plan.json", "summary.json", "memory.jsonl", *sorted(p.name for p in run_dir.glob("profile_step*.txt"))]:
+        if (run_dir / f).exists():
+            shutil.copy(run_dir / f, out / f"{name}.{f}")
 
 
 def _write(path: Path, rows: list[dict], command: str) -> None:

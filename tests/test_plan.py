@@ -257,3 +257,19 @@ def test_planner_merge_adds_a_sittings_rows_and_keeps_the_earlier_ones(tmp_path)
     bench_planner.merge(out, [part(tmp_path / "b" / "planner.json", "sitting b", ["y@5gb", "z@5gb"])])
     rows = {r["name"]: r["sitting"] for r in json.loads(out.read_text())["configs"]}
     assert rows == {"x@5gb": "sitting a", "y@5gb": "sitting b", "z@5gb": "sitting b"}
+
+
+def test_planner_bench_keeps_the_runs_profile_and_memory_files_beside_its_log(tmp_path):
+    # The H200's num_iterations 2 row (2026-12-03) ran its train phase at a third of the grid's rate; its run dir, with
+    # the memory series and any TRAINER_PROFILE_STEP tables, stayed on a machine that went back.
+    from bench.planner import keep_run_files
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir(), out.mkdir()
+    for f in ("plan.json", "memory.jsonl", "profile_step5.txt", "metrics.jsonl"):
+        (run / f).write_text(f)
+    keep_run_files(run, out, "1.5b@10gb")
+    assert sorted(p.name for p in out.iterdir()) == ["1.5b@10gb.memory.jsonl", "1.5b@10gb.plan.json",
+                                                      "1.5b@10gb.profile_step5.txt"]
+    assert (out / "1.5b@10gb.profile_step5.txt").read_text() == "profile_step5.txt"
+    keep_run_files(tmp_path / "never-started", out, "x")  # a run that died before its dir: nothing, no error
