@@ -15,8 +15,8 @@ graphs, the trainer's compiled layers. Each source is switched off alone, on the
 Within one engine process (in-process switches, same sampled tokens): vLLM's logits fp32 or bf16
 (vllm_internals.set_logits_dtype), the trainer's logits fp32 or bf16 (completion_logprobs), LoRA zeroed (B = 0 on
 both sides through the sync layer) vs a trained-looking adapter (B ~ N(0, 0.01), the default elsewhere), the
-trainer's attention sdpa vs eager, its decoder layers compiled vs not, its LoRA branch in fp32 with one rounding, and
-vLLM re-scoring its own samples in one prefill (its decode-vs-prefill disagreement). Across processes: CUDA graphs vs
+trainer's attention sdpa vs eager, its decoder layers compiled vs not, its LoRA branch in fp32 with one rounding, its
+LoRA without autocast (peft's own fp32 cast, as before LoRA ran in bf16), and vLLM re-scoring its own samples in one prefill (its decode-vs-prefill disagreement). Across processes: CUDA graphs vs
 enforce_eager, our fused nf4 GEMM vs bitsandbytes', the bf16 mirror, vLLM's attention backends and its
 batch-invariant mode. Sampling: 2 prompts x 8 completions x 256 tokens (ignore_eos), fixed
 seeds, temperature 1, as the benchmark's config A. Writes OUT/<part>.json; `report` folds them into one file
@@ -68,6 +68,9 @@ SWITCHES = {
     # layer's output before one rounding (peft rounds x @ A, the product and the sum to bf16 each); uncompiled, as
     # its reference, so the compiled graphs are not asked to take a patched forward
     "trainer_uncompiled_lora_fp32": {"compiled": False, "lora_fp32": True},
+    # the trainer without policy.autocast, as before 00efd0b: peft casts each LoRA input to its fp32 weights and
+    # rounds the fp32 product back to bf16 (its base layer unchanged); against the default's bf16 LoRA matmuls
+    "trainer_uncompiled_peft_fp32": {"compiled": False, "autocast": False},
     # not a switch of the trainer: vLLM scores the very sampled sequences again in one prefill (prompt_logprobs), so
     # the gap splits into vLLM's decode-vs-prefill arithmetic (same engine, other batch shapes and kernels) and
     # trainer-vs-vLLM at the same shape
@@ -87,6 +90,7 @@ SOURCES = [
     ("trainer_sdpa_vs_eager_attention", "base", "trainer_eager_attention"),
     ("trainer_compiled_layers", "base", "trainer_uncompiled"),
     ("trainer_lora_bf16_rounding", "trainer_uncompiled", "trainer_uncompiled_lora_fp32"),
+    ("trainer_lora_bf16_autocast", "trainer_uncompiled", "trainer_uncompiled_peft_fp32"),
     ("vllm_decode_vs_prefill_shapes", "base", "trainer_vs_vllm_prefill"),
     ("cuda_graphs", "graphs/base", "eager/base"),
     ("cuda_graphs_after_fp32_logits", "graphs/both_fp32_logits", "eager/both_fp32_logits"),
@@ -177,15 +181,18 @@ def _set_compiled(policy, on: bool) -> None:
 
 
 def _lora_fp32_forward(self, x, *args, **kwargs):
-    """A peft LoRA layer's forward with its branch in fp32 and one rounding of base + branch (vLLM's punica order)."""
+    """A peft LoRA layer's forward with its branch in fp32 and one rounding of base + branch (vLLM's punica order).
+    The branch runs outside the trainer's autocast (policy.autocast), which would compute it in bf16 again."""
+    import torch
     import torch.nn.functional as F
 
     result = self.base_layer(x, *args, **kwargs)
-    for name in self.active_adapters:
-        if name in self.lora_A:
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            branch = F.linear(F.linear(x.float(), a.float()), b.float()) * self.scaling[name]
-            result = (result.float() + branch).to(result.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                branch = F.linear(F.linear(x.float(), a.float()), b.float()) * self.scaling[name]
+                result = (result.float() + branch).to(result.dtype)
     return result
 
 
@@ -200,6 +207,16 @@ def _set_lora_fp32(policy, on: bool) -> None:
                 m.forward = types.MethodType(_lora_fp32_forward, m)
             else:
                 m.__dict__.pop("forward", None)
+
+
+def _set_autocast(policy, on: bool) -> None:
+    """The trainer's passes with (the default) or without policy.autocast (peft's own fp32 LoRA cast)."""
+    import contextlib
+
+    if on:
+        policy.__dict__.pop("autocast", None)
+    else:
+        policy.autocast = contextlib.nullcontext
 
 
 def _vllm_prefill_logprobs(eng, prompt_ids, gens) -> list:
@@ -295,6 +312,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
             _set_trainer_attention(policy, sw.get("trainer_attn", "sdpa"))
             _set_compiled(policy, sw.get("compiled", True))
             _set_lora_fp32(policy, sw.get("lora_fp32", False))
+            _set_autocast(policy, sw.get("autocast", True))
             key = (sw.get("lora", "trained"), sw.get("vllm_logits", "model"))
             if key not in cache:  # the engine side decides the sampled tokens; reused across trainer-side switches
                 t = time.perf_counter()
@@ -316,6 +334,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         print(shape, engine, name, json.dumps(res["variants"].get(name) or res["errors"][name]), flush=True)
     _set_trainer_attention(policy, "sdpa")
     _set_lora_fp32(policy, False)
+    _set_autocast(policy, True)
     _set_compiled(policy, True)
     _set_lora(policy, "trained")
     eng.sync(policy)

