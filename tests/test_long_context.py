@@ -362,6 +362,75 @@ def test_the_budget_loop_offloads_a_long_train_phase_measured_above_plan():
     assert plan.micro_batch_seqs == 1
 
 
+def test_the_budget_loop_tiles_the_mlp_of_a_long_train_phase_measured_above_plan_and_resumes_with_it():
+    # The 7B at 16,384 tokens in 15 GB: checkpoints already offloaded, MLP untiled. A train phase 6% over its plan (the
+    # 15 GB row of 2026-12-03 went 6.1% over) leaves the loop one train-phase knob: the MLP in tiles, turned on between
+    # steps in the live model, and kept by a checkpoint's resume.
+    from trainer.budget import Loop
+    from trainer.plan import free_runtime_knobs, runtime_candidates
+
+    device = long_context.h100()
+    r = long_context.row_recipe("qwen-7b-15gb", 12288)
+    config = read_config(r.model)
+    plan = make_plan(config, r, device)
+    assert plan.activation_offload and not plan.mlp_tile_tokens and plan.micro_batch_seqs == 1
+    loop = Loop(r, plan, config=config)
+    loop.device = device
+    loop.candidates = runtime_candidates(config, r, plan, device, free_runtime_knobs(r, plan))
+    pk = plan.phase_peaks
+    lines = loop.after_step(0, {"used_rollout": pk["rollout"], "used_train": 1.06 * pk["train"]})
+    assert plan.mlp_tile_tokens == memory.MLP_TILE_TOKENS, lines
+    assert "train.mlp_tiles (tile tokens) 0 -> 8192" in lines[0]
+    saved = loop.state()
+    fresh = make_plan(config, r, device)
+    again = Loop(r, fresh, config=config)
+    again.device = device
+    again.candidates = runtime_candidates(config, r, fresh, device, free_runtime_knobs(r, fresh))
+    again.restore(saved)
+    assert fresh.mlp_tile_tokens == memory.MLP_TILE_TOKENS
+    # a recipe that fixes the field leaves the loop nothing to turn
+    fixed = long_context.row_recipe("qwen-7b-15gb", 12288, extra=["train.mlp_tiles=false"])
+    assert "mlp_tile_tokens" not in free_runtime_knobs(fixed, make_plan(config, fixed, device))
+
+
+def test_tiles_go_on_and_off_in_a_live_model_without_nesting():
+    from trainer.tiled_mlp import install
+
+    model = tiny_qwen2()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 40, model.config.hidden_size)
+    with torch.no_grad():
+        whole = mlp(x)
+        install(model, 16)
+        install(model, 16)  # again: wraps the untiled forward, not the tiled one
+        original = type(mlp).forward
+        assert mlp.forward.args[0].__func__ is original and torch.allclose(mlp(x), whole, atol=1e-6)
+        install(model, 0)
+        assert mlp.forward.__func__ is original and torch.equal(mlp(x), whole)
+
+
+def test_mlp_tiles_in_the_recipe_fix_the_planners_choice():
+    config, r = llama(["budget.vram_gb=78", "data.max_prompt_length=61440"])
+    assert not make_plan(config, r, H100).mlp_tile_tokens  # 78 GB: nothing needs tiles
+    _, forced = llama(["budget.vram_gb=78", "data.max_prompt_length=61440", "train.mlp_tiles=true"])
+    assert make_plan(config, forced, H100).mlp_tile_tokens == memory.MLP_TILE_TOKENS
+    _, never = llama(["budget.vram_gb=24", "data.max_prompt_length=61440", "train.mlp_tiles=false"])
+    with pytest.raises(UserError):  # 24 GB needs tiles at 65,536 tokens
+        make_plan(config, never, H100)
+    _, clash = llama(["train.mlp_tiles=true", "model.gradient_checkpointing=false"])
+    with pytest.raises(UserError, match="train.mlp_tiles"):
+        make_plan(config, clash, H100)
+
+
+def test_an_oom_in_an_offloaded_long_train_phase_advises_tiles():
+    from trainer import oom
+
+    config, r = llama(["budget.vram_gb=24", "data.max_prompt_length=40960"])
+    plan = make_plan(config, r, H100)
+    assert plan.activation_offload and not plan.mlp_tile_tokens
+    assert oom.knob("train", plan).startswith("train.mlp_tiles: true")
+
+
 def test_resume_restores_sequences_per_micro_batch_with_the_micro_batch_it_follows():
     from trainer.budget import RUNTIME_KNOBS, Loop
 

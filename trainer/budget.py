@@ -52,7 +52,7 @@ RETRY = {"rollout": "rollout", "recompute": "train", "train": "train"}
 TOLERANCE = 0.03  # a phase more than 3% above its target is re-planned
 HEADROOM = 0.05  # adapt: speed keeps corrected predictions 5% under the budget
 KNOB_FIELDS = {"micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
-               "activation_offload": "train.activation_offload",
+               "activation_offload": "train.activation_offload", "mlp_tile_tokens": "train.mlp_tiles (tile tokens)",
                "kv_release": "rollout.kv_release", "hf_batch_size": "rollout.hf_batch_size", "token_chunk": "token_chunk"}
 
 
@@ -253,6 +253,10 @@ class Loop:
             from trainer.policy import set_gradient_checkpointing
 
             set_gradient_checkpointing(self.policy.model, self.plan.gradient_checkpointing, self.plan.activation_offload)
+        if "mlp_tile_tokens" in knobs and self.policy is not None:
+            from trainer.tiled_mlp import install
+
+            install(self.policy.model, self.plan.mlp_tile_tokens)
         if "hf_batch_size" in knobs and getattr(self.engine, "name", None) == "hf":
             self.engine.batch_size = knobs["hf_batch_size"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.memory import GB
+from trainer.memory import GB, MLP_TILE_TOKENS
 
 PHASE_NAMES = {"train": "backward (log-prob forward + backward)", "recompute": "recompute (reference/old log-probs)",
                "kv": "KV-pool re-acquire (before the rollout)",
@@ -79,6 +79,8 @@ def knob(phase: str, plan) -> str:
                 return "model.gradient_checkpointing: true"
             if not getattr(plan, "activation_offload", False):
                 return "train.activation_offload: true (checkpoints in pinned host memory)"
+            if not getattr(plan, "mlp_tile_tokens", 0) and tokens >= 2 * MLP_TILE_TOKENS:
+                return f"train.mlp_tiles: true (the MLP in {MLP_TILE_TOKENS:,}-token tiles)"
             return "a shorter grpo.max_completion_length or data.max_prompt_length (train --plan names what fits)"
         advice = f"train.micro_batch_tokens: {max(256, tokens // 2)}"
         if not plan.gradient_checkpointing:

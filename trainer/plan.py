@@ -22,8 +22,8 @@ BUDGET_PRESETS = {"t4-15gb": 15.0, "24gb": 24.0, "a100-40gb": 40.0, "h100-80gb":
 # Everything else, vLLM's weights, KV pool and CUDA-graph pools included, is allocated through torch.
 NON_TORCH = ("cuda_context", "vllm_non_torch", "hf_non_torch", "distributed")
 # Knobs that can change between steps without rebuilding the engine or the policy (trainer/budget.py changes them).
-RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "activation_offload", "kv_release",
-                 "hf_batch_size")
+RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "activation_offload", "mlp_tile_tokens",
+                 "kv_release", "hf_batch_size")
 LONG_SEQUENCE = 4096  # from this many tokens a micro-batch of one sequence's tokens holds that sequence alone
 PREFILL_CHUNK = 8192  # vLLM prefill tokens per engine step (max_num_batched_tokens) at long lengths
 
@@ -382,6 +382,8 @@ def free_runtime_knobs(recipe, plan: Plan) -> set[str]:
         free.add("gradient_checkpointing")
     if t.activation_offload is None:
         free.add("activation_offload")
+    if t.mlp_tiles is None:
+        free.add("mlp_tile_tokens")
     if plan.rollout_engine == "vllm" and r.kv_release is None and plan.kv_release:
         free.add("kv_release")
     if plan.rollout_engine == "hf" and r.hf_batch_size is None:
@@ -412,7 +414,7 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
     out = []
     for bs in sizes:
         r.hf_batch_size = bs
-        out += _candidates(held, ctx, device, mlp_tile=plan.mlp_tile_tokens)
+        out += _candidates(held, ctx, device, mlp_tile=None if "mlp_tile_tokens" in free else plan.mlp_tile_tokens)
     host = host_limit(device)  # the loop never turns offload on past the host's memory
     return [c for c in out if c["host_bytes"] <= host or c["activation_offload"] == plan.activation_offload]
 
@@ -445,7 +447,7 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
 
 def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | None = None) -> list[dict]:
     """Every combination of free knobs, each with its components, peak and a speed score. `mlp_tile`: the tiled
-    MLP's tile held at this value (the policy is built with it: not a runtime knob)."""
+    MLP's tile held at this value (the budget loop's candidates when the recipe fixes train.mlp_tiles)."""
     r, t, cpu = recipe.rollout, recipe.train, device.kind == "cpu"
     step_tokens = ctx.gen * ctx.max_len
     fixed_mbt = t.micro_batch_tokens or (t.per_device_train_batch_size * ctx.max_len
@@ -490,16 +492,27 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
     mb_seqs = {m: t.per_device_train_batch_size or (1 if m <= ctx.max_len and ctx.max_len >= LONG_SEQUENCE else None)
                for m in mbts}
     vocab_chunk, compiled = min(ctx.dims.vocab, 8192 if cpu else 32768), _compile_layers(recipe, device)
-    # Tiled MLP: a choice for one long sequence per micro-batch, with checkpointing, on CUDA (the time it costs buys
-    # nothing where the untiled MLP fits, so the planner takes it only where it must)
+    # Tiled MLP: a choice for one long sequence per micro-batch (at least two tiles), with checkpointing, on CUDA (the
+    # time it costs buys nothing where the untiled MLP fits, so the planner takes it only where it must);
+    # train.mlp_tiles true / false takes it wherever it applies / nowhere
     tile = memory.MLP_TILE_TOKENS
-    tiles = [mlp_tile] if mlp_tile is not None else [0, tile]
+    applies = {m: not cpu and mb_seqs[m] == 1 and m >= 2 * tile for m in mbts}
+    if t.mlp_tiles and recipe.model.gradient_checkpointing is False:
+        raise UserError("train.mlp_tiles", "the tiled MLP recomputes each tile in the backward of a checkpointed layer, "
+                        "and model.gradient_checkpointing is false", "set model.gradient_checkpointing: true (or leave "
+                        "it unset), or train.mlp_tiles: false")
+
+    def tiles(m: int) -> list[int]:
+        if mlp_tile is not None:
+            return [mlp_tile]
+        if not applies[m] or t.mlp_tiles is False:
+            return [0]
+        return [tile] if t.mlp_tiles else [0, tile]
+
     out = []
     for seqs, mbt, gc, off, fmt, rel, ld, mlp_tile_tokens in itertools.product(
-            seq_opts, mbts, gcs, offloads, formats, releases, _logits_dtypes(recipe), tiles):
-        if (off or mlp_tile_tokens) and not gc:
-            continue
-        if mlp_tile is None and mlp_tile_tokens and (cpu or mb_seqs[mbt] != 1 or mbt < 2 * tile):
+            seq_opts, mbts, gcs, offloads, formats, releases, _logits_dtypes(recipe), sorted({0, tile, mlp_tile or 0})):
+        if mlp_tile_tokens not in tiles(mbt) or ((off or mlp_tile_tokens) and not gc):
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
                      gradient_checkpointing=gc, activation_offload=off, mlp_tile_tokens=mlp_tile_tokens,

@@ -7,7 +7,8 @@ for the backward and about three more as gradients: most of a layer's ~12 GB, th
 the offloaded checkpoints cannot move. The MLP is position-wise, so a tile's outputs and gradients are the untiled
 ones' (tests/test_long_context.py), for one more MLP forward per layer in the backward (trainer/cost.py charges it).
 Arctic Long Sequence Training's TiledMLP and Unsloth's tiled MLP do the same.
-It decides nothing: the plan turns it on (memory.py prices one tile) only for one-sequence micro-batches that need it.
+It decides nothing: the plan turns it on (memory.py prices one tile) only for one-sequence micro-batches that need it,
+or the budget loop between steps (a runtime knob, as offload is).
 A reentrant function like trainer/offload.py's checkpoint: the tiles' recompute runs inside the backward, replays the
 forward's RNG (LoRA dropout draws) and autocast (offload.ForwardState), and accumulates the LoRA gradients itself.
 Dynamo does not trace it (a backward that calls autograd): the compiled layer runs it between two graphs.
@@ -68,10 +69,14 @@ def tiled_forward(forward, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def install(model: torch.nn.Module, tile_tokens: int) -> int:
-    """Tile the MLP of every decoder layer of `model`; returns how many."""
+    """Tile the MLP of every decoder layer of `model` (tile_tokens 0: untiled again; the budget loop turns tiles on
+    or off between steps); returns how many layers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.mlp.forward = partial(tiled_forward, layer.mlp.forward, tile_tokens)
+        mlp = layer.mlp
+        untiled = mlp.__dict__.get("_untiled_forward") or mlp.forward
+        mlp._untiled_forward = untiled
+        mlp.forward = partial(tiled_forward, untiled, tile_tokens) if tile_tokens else untiled
     return len(layers)
