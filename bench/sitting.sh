@@ -27,7 +27,8 @@
 # the same sitting).
 # Several jobs in one detached run (no device call between them, so no machine goes back idle in between):
 #   bash bench/sitting.sh queue start 'compile' 'VAR=VALUE fidelity qwen2.5-1.5b:graphs' 'planner NAME@SPEC' ...
-#   bash bench/sitting.sh queue wait [SECONDS]     # tars every item's results dir (and the queue's) into $OUT
+#   bash bench/sitting.sh queue wait [SECONDS]     # tars every item's results dir, the queue's and the run dirs' small
+#                                                  # files (runs/*/metrics.jsonl ...: the steps done so far) into $OUT
 # Each item is 'NAME ARGS' with optional leading VAR=VALUE environment settings; `pytest -m gpu` runs once (GPU_TESTS
 # as above), each item's results under results/NAME as a lone job's (a second item of the same NAME: results/NAME.2).
 # SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
@@ -114,8 +115,14 @@ queue_wait() {  # queue_wait [SECONDS]
     tail -n 2 "$D/results/$n/${n%.*}.log" 2>/dev/null | cut -c1-300
   done < "$Q/items"
   tail -n 2 "$Q/pytest_gpu.txt" 2>/dev/null
-  mkdir -p "${OUT:-$D/out}" && tar -czf "${OUT:-$D/out}/queue.tgz" -C "$D/results" queue $(cat "$Q/items")
+  mkdir -p "${OUT:-$D/out}" && tar -czf "${OUT:-$D/out}/queue.tgz" -C "$D/results" queue $(cat "$Q/items") \
+    -C "$D" $(run_files)
   [[ -f $Q/done ]] && echo "done" || echo "still running"
+}
+
+run_files() {  # the small files of every run dir under $D/runs, relative to $D: a run still going when the machine
+  # goes back keeps the steps it finished (its driver collects them only at the end; 2026-12-03's 8B row lost them)
+  (cd "$D" && ls runs/*/{plan.json,summary.json,metrics.jsonl,memory.jsonl} runs/*/profile_step*.txt 2>/dev/null)
 }
 
 if [[ $NAME == queue ]]; then

@@ -53,3 +53,15 @@ def test_two_items_of_one_benchmark_keep_their_own_results_dir(tmp_path):
         f"bench/long_context.py {res}/long_context.2 c")
     with tarfile.open(tmp_path / "out" / "queue.tgz") as t:
         assert {"long_context/long_context.log", "long_context.2/long_context.log"} <= set(t.getnames())
+
+
+def test_queue_wait_tars_the_run_dirs_steps_so_far(tmp_path):
+    # 2026-12-03: the machine went back 312 s into the 8B long row; its finished steps (metrics.jsonl in the run dir)
+    # were never tarred, only the driver's log. Each wait now takes every run dir's small files (not checkpoints).
+    run = _sitting(tmp_path, 'mkdir -p "$SITTING_ROOT/runs/row/checkpoint-1"; echo "{}" > "$SITTING_ROOT/runs/row/metrics.jsonl"; '
+                             'echo x > "$SITTING_ROOT/runs/row/plan.json"; echo w > "$SITTING_ROOT/runs/row/checkpoint-1/w.bin"')
+    assert run("queue", "start", "long_context row").returncode == 0
+    assert run("queue", "wait", "60").stdout.strip().endswith("done")
+    with tarfile.open(tmp_path / "out" / "queue.tgz") as t:
+        names = set(t.getnames())
+    assert {"runs/row/metrics.jsonl", "runs/row/plan.json"} <= names and "runs/row/checkpoint-1/w.bin" not in names
