@@ -2,6 +2,7 @@
 prompt + completion it accepts, then train two steps at exactly that length and record the plan against nvidia-smi.
 
     python bench/long_context.py --search                 # here (no GPU): each row's longest accepted length
+    python bench/long_context.py --price                  # here: the planner's price of 8K-128K tokens at each row
     python bench/long_context.py OUT_DIR [ROW ...]        # on the device: search, write data, run, record
     python bench/long_context.py --collect OUT_DIR [ROW]  # re-read run dirs (a run cut off keeps its finished steps)
     python bench/long_context.py --write-data             # bench/recipes/data/long_prompts.jsonl (131K-token prompts)
@@ -234,6 +235,46 @@ def recollect(out: Path, names: list[str]) -> None:
     result_path.write_text(json.dumps(result, indent=1))
 
 
+PRICE_TOKENS = (8192, 16384, 32768, 65536, 98304, 131072)  # prompt + completion of the price table
+
+
+def price_of_length(names=None) -> list[dict]:
+    """The planner's price of each length (PRICE_TOKENS, a 4,096-token completion, G 8) at each row's shape and
+    budget: the predicted step by phase, tokens/s, the peak and how it fits; or why it does not. Predictions (cost.py,
+    memory.py, fitted on the measured rows), no run."""
+    from trainer.errors import UserError
+
+    out = []
+    for name in names or ROWS:
+        comp = ROWS[name]["completion"]
+        for total in PRICE_TOKENS:
+            row = {"row": name, "tokens": total}
+            try:
+                plan = plan_for(name, {"prompt_tokens": total - comp, "completion_tokens": comp})
+            except UserError as e:
+                out.append({**row, "fits": False, "why": e.problem})
+                continue
+            ph = plan.predicted_phases_s
+            out.append({**row, "fits": True, "step_s": round(plan.predicted_step_s), "rollout_s": round(ph["rollout"]),
+                        "train_s": round(ph["train"]), "tokens_per_s": round(G * total / plan.predicted_step_s),
+                        "peak_gb": round(plan.peak_bytes / 1e9, 1), "offload": plan.activation_offload,
+                        "mlp_tiles": bool(plan.mlp_tile_tokens), "seqs_in_flight": plan.max_num_seqs})
+    return out
+
+
+def show_price() -> None:
+    print("| row | prompt + completion | predicted step (rollout + train) | tokens/s | peak | how |")
+    print("|---|---|---|---|---|---|")
+    for x in price_of_length():
+        if not x["fits"]:
+            print(f"| {x['row']} | {x['tokens']:,} | - | - | - | refused: {x['why']} |")
+            continue
+        how = ", ".join([f"{x['seqs_in_flight']} in flight"] + ["checkpoints on host"] * x["offload"]
+                        + ["MLP tiles"] * x["mlp_tiles"])
+        print(f"| {x['row']} | {x['tokens']:,} | {x['step_s']} s ({x['rollout_s']} + {x['train_s']}) | "
+              f"{x['tokens_per_s']:,} | {x['peak_gb']} GB | {how} |")
+
+
 def show_search() -> None:
     for name in ROWS:
         found = search(name, cap=True)
@@ -250,6 +291,8 @@ def show_search() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--search":
         show_search()
+    elif len(sys.argv) > 1 and sys.argv[1] == "--price":
+        show_price()
     elif len(sys.argv) > 1 and sys.argv[1] == "--write-data":  # the recipes' data file, for `train --plan` here
         write_prompts(ROOT / "bench" / "recipes" / "data" / "long_prompts.jsonl", "llama-3.1-8b", 131072)
     elif len(sys.argv) > 2 and sys.argv[1] == "--collect":

@@ -488,6 +488,13 @@ def plan_max_position(row: str) -> int:
     return ModelDims.from_config(read_config(r.model)).max_position
 
 
+def test_bench_prices_each_length_or_says_why_it_is_refused():
+    rows = {x["tokens"]: x for x in long_context.price_of_length(["qwen-7b-15gb"])}
+    assert rows[32768]["fits"] and rows[32768]["mlp_tiles"] and rows[32768]["offload"]
+    assert rows[8192]["step_s"] < rows[16384]["step_s"] < rows[32768]["step_s"]
+    assert rows[32768]["peak_gb"] <= 15 and not rows[65536]["fits"] and "context" in rows[65536]["why"]
+
+
 def test_bench_writes_prompts_at_least_the_length(tmp_path):
     import json
 
