@@ -4,7 +4,8 @@ prompt + completion it accepts, then train two steps at exactly that length and 
     python bench/long_context.py --search                 # here (no GPU): each row's longest accepted length
     python bench/long_context.py --price                  # here: the planner's price of 8K-128K tokens at each row
     python bench/long_context.py OUT_DIR [ROW ...]        # on the device: search, write data, run, record
-    python bench/long_context.py --collect OUT_DIR [ROW]  # re-read run dirs (a run cut off keeps its finished steps)
+    python bench/long_context.py --collect OUT_DIR [ROW]  # re-read run dirs (a run cut off keeps its finished steps;
+                                                          # RUNS=DIR/runs here, from a sitting's tar)
     python bench/long_context.py --write-data             # bench/recipes/data/long_prompts.jsonl (131K-token prompts)
 Rows (ROWS): llama-8b-78gb (G=8, 4K-token completions after the longest prompt that fits 78 GB), llama-8b-24gb (the
 same at 24 GB), qwen-7b-15gb (the longest accepted at 15 GB). The search is a binary search over data.max_prompt_length
@@ -203,6 +204,11 @@ def run(out: Path, names: list[str]) -> None:
                       f"data.max_prompt_length={found['prompt_tokens']}",
                       f"grpo.max_completion_length={found['completion_tokens']}", f"train.max_steps={STEPS}"):
                 cmd += ["--set", s]
+            # the row as far as it is known, before the run: a machine that goes back mid-run leaves a results file
+            # that `--collect` completes from the run dir's files (`queue wait` tars them as the steps finish)
+            pending = {**found, "num_generations": G, "rc": None, "command": " ".join(cmd)}
+            result["runs"] = [x for x in result["runs"] if x["name"] != name] + [pending]
+            result_path.write_text(json.dumps(result, indent=1))
             t0 = time.time()
             watched(out / f"{name}.smi.json", out / f"{name}.log", cmd, {**os.environ, "SMI_GPUS": "0"})
             row = collect(name, found, run_dir, out / f"{name}.smi.json", cmd)
@@ -223,7 +229,8 @@ def keep_snapshot(run_dir: Path, dest: Path) -> None:
 
 
 def recollect(out: Path, names: list[str]) -> None:
-    """Rows from run directories already there (a run cut off by a time limit keeps the steps it finished)."""
+    """Rows from run directories already there (a run cut off by a time limit keeps the steps it finished); RUNS in
+    the environment points at them (on this machine: the runs/ of a sitting's tar)."""
     result_path = out / "long_context.json"
     result = json.loads(result_path.read_text())
     for name in names:

@@ -530,6 +530,39 @@ def test_bench_collect_keeps_each_steps_peak_by_phase(tmp_path):
     assert row["knobs"]["mlp_tile_tokens"] == 8192 and row["measured_peak_gb"] == 14.056
 
 
+def test_bench_collect_completes_a_row_whose_machine_went_back(tmp_path, monkeypatch):
+    # The driver writes the row before the run (rc None) and `queue wait` tars the run dir's files as steps finish:
+    # `--collect` on this machine turns both into the row with the steps done (2026-12-03: the 8B row lost its step).
+    import json
+
+    import bench.smi
+    import trainer.shapes
+
+    out, runs = tmp_path / "long_context", tmp_path / "runs"
+    (runs / "long-llama-8b-24gb").mkdir(parents=True)
+
+    def machine_goes_back(*a, **k):
+        raise KeyboardInterrupt  # the process ends mid-run: nothing after watched() runs
+
+    monkeypatch.setattr(bench.smi, "watched", machine_goes_back)
+    monkeypatch.setattr(trainer.shapes, "model_dir_apart", lambda shape: None)
+    monkeypatch.setattr(long_context, "write_prompts", lambda *a, **k: None)
+    monkeypatch.setattr(long_context, "detected_device", long_context.h100)
+    with pytest.raises(KeyboardInterrupt):
+        long_context.run(out, ["llama-8b-24gb"])
+    pending = json.loads((out / "long_context.json").read_text())["runs"][0]
+    assert pending["rc"] is None and pending["tokens"] == 65536 and "trainer.cli" in pending["command"]
+    (out / "llama-8b-24gb.smi.partial.json").write_text(json.dumps({"peak_gb": 21.03, "wall_s": 312.3, "partial": True}))
+    (runs / "long-llama-8b-24gb" / "plan.json").write_text(json.dumps({"peak_bytes": 23.59e9}))
+    step = {"time_step_s": 290.0, "completion_length_mean": 4096.0, "time_rollout_s": 83.0, "time_train_s": 207.0}
+    (runs / "long-llama-8b-24gb" / "metrics.jsonl").write_text(json.dumps(step) + "\n")
+    monkeypatch.setattr(long_context, "RUNS", runs)
+    long_context.recollect(out, ["llama-8b-24gb"])
+    row = json.loads((out / "long_context.json").read_text())["runs"][0]
+    assert row["steps"] == 1 and row["step_s"] == [290.0] and row["measured_peak_gb"] == 21.03
+    assert row["rc"] is None and row["predicted_peak_gb"] == 23.59  # cut off: no exit status
+
+
 # ---------------------------------------------------------------------------------------------- on the GPU (pytest -m gpu)
 
 
