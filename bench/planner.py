@@ -169,7 +169,8 @@ def run(out: Path, names: list[str]) -> None:
                             "weight_format", "kv_release", "micro_batch_tokens", "gradient_checkpointing",
                             "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
                             "cudagraph_capture_sizes", "enforce_eager", "token_chunk", "vocab_chunk", "rollout_engine",
-                            "hf_batch_size", "allocator_cap_bytes")}})
+                            "hf_batch_size", "allocator_cap_bytes", "activation_offload", "mlp_tile_tokens",
+                            "micro_batch_seqs", "compile_layers", "logits_dtype")}})
             m = read_metrics(run_dir)
             summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
             row.update({"steps": len(m),
@@ -260,13 +261,52 @@ def measured_phases(row: dict, logs: list[Path]) -> dict | None:
 # the knobs cost.py prices, and the recipe field that fixes each
 PIN = {"weight_format": "rollout.weight_format", "kv_release": "rollout.kv_release",
        "micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
-       "max_num_seqs": "rollout.max_num_seqs", "activation_offload": "train.activation_offload"}
+       "max_num_seqs": "rollout.max_num_seqs", "activation_offload": "train.activation_offload",
+       "mlp_tile_tokens": "train.mlp_tiles"}
+
+
+# and the memory knobs that size what cost.py does not price (the KV pool, the prefill batch, HF's batch)
+PIN_MEMORY = {"kv_cache_memory_bytes": "rollout.kv_cache_memory_bytes",
+              "max_num_batched_tokens": "rollout.max_num_batched_tokens", "hf_batch_size": "rollout.hf_batch_size"}
+
+
+def measured_memory(row: dict) -> dict | None:
+    """nvidia-smi's peak by plan phase (GB) from the budget loop's per-sub-phase peaks (trainer/replan.SUBPHASES),
+    where the row kept them."""
+    from trainer.replan import SUBPHASES
+
+    peaks = row.get("measured_phase_peaks_gb") or {}
+    out = {ph: max(peaks[f"peak_used_{x}_gb"] for x in subs if f"peak_used_{x}_gb" in peaks)
+           for ph, subs in SUBPHASES.items() if any(f"peak_used_{x}_gb" in peaks for x in subs)}
+    return out or None
 
 
 def _pin(knobs: dict) -> list[str]:
-    """Recipe overrides that fix the planner's costed knobs to these values (0 / None: left to the planner)."""
-    return [f"{PIN[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in knobs.items()
-            if k in PIN and v not in (None, 0, "")]
+    """Recipe overrides that fix the planner's costed knobs to these values (None, "" and an integer 0, e.g. an HF
+    run's max_num_seqs: left to the planner; False is a value: checkpointing or offload off)."""
+    def text(k, v):
+        if k == "mlp_tile_tokens":
+            return "true" if v else "false"
+        return str(v).lower() if isinstance(v, bool) else v
+
+    return [f"{PIN[k]}={text(k, v)}" for k, v in knobs.items()
+            if k in PIN and v is not None and v != "" and (isinstance(v, bool) or k == "mlp_tile_tokens" or v != 0)]
+
+
+def ran_knobs(row: dict) -> dict:
+    """The knobs a grid row ran with. Rows before 2026-12-03 evening did not record activation_offload (the 0.5B r128
+    row at its least budget offloaded at 4,126 tokens a micro-batch): taken as the choice whose activations today's
+    formulas put nearer the run's plan's (components_gb)."""
+    ran = dict(row.get("knobs") or {})
+    if "activation_offload" in ran or not row.get("components_gb") or not ran.get("gradient_checkpointing"):
+        return ran
+    acts = row["components_gb"].get("activations", 0.0)
+
+    def gap(off: bool) -> float:
+        plan, _ = _plan(row["overrides"][:-1] + _pin({**ran, "activation_offload": off}), None)
+        return abs(plan.components["activations"] / 1e9 - acts)
+
+    return {**ran, "activation_offload": min((False, True), key=gap)}
 
 
 def fit(out: Path) -> None:
@@ -295,7 +335,7 @@ def fit(out: Path) -> None:
             plan, r = _plan(row["overrides"][:-1], row["budget_gb"])
         except UserError:  # run before the plan left memory.BUDGET_HEADROOM unused: the same choice with it
             plan, r = _plan(row["overrides"][:-1], row["budget_gb"] + BUDGET_HEADROOM / 1e9)
-        ran = row.get("knobs") or {}
+        ran = ran_knobs(row)
         same = all(getattr(plan, k) == v for k, v in ran.items() if k in PIN)
         # the cost model judged on what ran: the run's knobs pinned (today's planner may choose others at the budget)
         pinned, _ = _plan(row["overrides"][:-1] + _pin(ran), None)
@@ -303,7 +343,14 @@ def fit(out: Path) -> None:
         # torch's recompile_limit hit: the layers ran eager from then on (before trainer/policy.py's
         # LAYER_RECOMPILE_LIMIT); a row that measured that is kept, marked, and not one cost.py is held to
         fallback = bool(log) and "recompile_limit" in log.read_text(errors="replace")
-        rows.append({"name": row["name"], "source": "planner.json", "predicted": pinned.predicted_phases_s,
+        # memory: today's formulas at the run's knobs (its KV pool and batch sizes too) against its measured phases
+        mem_plan, _ = _plan(row["overrides"][:-1] + _pin(ran) + [f"{PIN_MEMORY[k]}={v}" for k, v in ran.items()
+                                                                  if k in PIN_MEMORY and v], None)
+        memory = {"predicted_gb": {k: round(v / 1e9, 3) for k, v in mem_plan.phase_peaks.items()},
+                  "measured_gb": measured_memory(row), "peak_predicted_gb": round(mem_plan.peak_bytes / 1e9, 3),
+                  "peak_measured_gb": row["measured_peak_gb"]}
+        rows.append({"name": row["name"], "source": "planner.json", "memory": memory,
+                     "predicted": pinned.predicted_phases_s,
                      "predicted_planner_choice": plan.predicted_phases_s, "same_knobs_as_run": same,
                      "compile_fell_back_to_eager": fallback,
                      "measured": {k: round(got[k], 3) for k in ("rollout", "train", "step")},
@@ -315,7 +362,15 @@ def fit(out: Path) -> None:
         plan = make_plan(read_config(r.model), r, Device(**H200))
         last = row["phase_s"][-1]  # two steps: the second (the first compiles the layers for the length)
         train = sum(v for k, v in last.items() if k != "rollout")
-        rows.append({"name": row["name"], "source": "long_context.json", "predicted": plan.predicted_phases_s,
+        used = [x.get("phase_peaks_gb") or {} for x in row.get("per_step", [])]
+        by_phase = {ph: max((u[f"used_{s}"] for u in used for s in subs if f"used_{s}" in u), default=None)
+                    for ph, subs in (("rollout", ("kv", "rollout")),
+                                     ("train", ("reward", "recompute", "train", "optimizer", "sync")))}
+        memory = {"predicted_gb": {k: round(v / 1e9, 3) for k, v in plan.phase_peaks.items()},
+                  "measured_gb": {k: v for k, v in by_phase.items() if v is not None} or None,
+                  "peak_predicted_gb": round(plan.peak_bytes / 1e9, 3), "peak_measured_gb": row["measured_peak_gb"]}
+        rows.append({"name": row["name"], "source": "long_context.json", "memory": memory,
+                     "predicted": plan.predicted_phases_s,
                      "measured": {"rollout": last["rollout"], "train": round(train, 3), "step": row["step_s"][-1]},
                      "completion_len_mean": row["per_step"][-1]["completion_length_mean"],
                      "max_completion_length": row["completion_tokens"]})
@@ -329,11 +384,22 @@ def fit(out: Path) -> None:
               f"({e['train']:+.0%})  step {e['step']:+.0%}  len {x['completion_len_mean']}/{x['max_completion_length']}"
               + ("" if x.get("same_knobs_as_run", True) else "  (knobs differ from the run's)")
               + ("  (layers fell back to eager: recompile_limit)" if x.get("compile_fell_back_to_eager") else ""))
+    print("\nmemory (GB), predicted / measured (error: measured over predicted): today's formulas at each run's "
+          "knobs against nvidia-smi; by phase where the row kept it (a phase's device peak includes what torch kept "
+          "cached from the phase before)")
+    for x in rows:
+        m = x["memory"]
+        m["peak_error_frac"] = round(m["peak_measured_gb"] / m["peak_predicted_gb"] - 1, 3)  # as planner.json's
+        phases = "  ".join(f"{ph} {m['predicted_gb'][ph]:6.2f} / {got:6.2f}" for ph, got in (m["measured_gb"] or {}).items())
+        print(f"{x['name']:40s} peak {m['peak_predicted_gb']:6.2f} / {m['peak_measured_gb']:6.2f} "
+              f"({m['peak_error_frac']:+.1%})  {phases}")
     out.write_text(json.dumps({"device": H200["name"], "command": "python bench/planner.py --fit " + str(out),
                                "note": "predicted (trainer/cost.py at this commit) vs measured seconds by phase; "
                                        "measured: median of steps 3+ (long context: step 2); train = step - rollout; "
                                        "predicted: the run's own knobs; predicted_planner_choice: what today's "
-                                       "planner would run at that budget",
+                                       "planner would run at that budget; memory: today's memory.py at the run's "
+                                       "knobs (KV pool and batch sizes pinned too) against nvidia-smi, by plan phase "
+                                       "where the row kept the budget loop's peaks",
                                "max_abs_step_error_frac": max(abs(x["error_frac"]["step"]) for x in rows),
                                "rows": rows}, indent=1))
 

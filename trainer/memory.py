@@ -41,7 +41,8 @@ OFFLOAD_RESIDENT_LAYERS = 2
 # live. Fitted on the one offloaded row measured (one H200, 2026-12-03, bench/results/long_context.json's qwen-7b-15gb:
 # 32,768 tokens, MLP in tiles): its train phase reached 14.06 GB on nvidia-smi in step 2 against 13.24 planned without
 # this term, 0.81 GB: 5.9 bytes a token x hidden with the allocator's slack (SLACK_FRACTION) on top. The 8B's 24 GB row
-# (65,536 tokens, another shape) is the check.
+# (65,536 tokens, another shape) is the check. Nine of the planner grid's short rows also ran offloaded (their least
+# budgets; bench/planner.py --fit): with this term each is within 5% of nvidia-smi (the 0.5B r128 row's +5.2% is +4.2%).
 OFFLOAD_BACKWARD_BYTES_PER_TH = 6
 # Tiled MLP (plan.mlp_tile_tokens, trainer/tiled_mlp.py): a candidate for one-sequence micro-batches of at least two
 # tiles on CUDA; 8,192 tokens keep a Llama-3.1-8B tile's MLP tensors at ~0.9 GB against 7 GB for 60,928 tokens.
