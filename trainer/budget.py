@@ -10,7 +10,8 @@ neighbours' memory, which errs on the safe side; on the CPU it is the process's 
 so the loop measures nothing there) is compared with a target: the plan's own phase peak (budget.adapt: off, the
 default: the plan is the promise), or the budget less HEADROOM (adapt: speed: the budget is the only limit). A phase
 above its target by more than TOLERANCE (or above the budget) gets its runtime knobs (RUNTIME_KNOBS: micro-batch
-tokens and logits tile, gradient checkpointing, KV release, HF batch size) re-planned before the next step: the
+tokens and logits tile, gradient checkpointing, activation offload, the tiled MLP, KV release, HF batch size)
+re-planned before the next step: the
 fastest of the planner's candidates (its speed score) whose prediction, corrected by the largest measured/planned
 ratio seen in that phase, fits the target. With adapt: speed, after the first step (worst-case shapes: the slack
 measured there is real) the fastest candidate that fits the budget less HEADROOM with the measured error included is
@@ -22,7 +23,8 @@ the cap and the retry below cover it.
 
 Out of memory. An OutOfMemoryError in the rollout, recompute or train phase (before the optimizer step, so nothing
 has changed yet) moves that phase one notch smaller (the fastest candidate differing in one knob with a smaller
-predicted peak: half the micro-batch, checkpointing on, KV released, half the HF batch) and runs the same step again
+predicted peak: half the micro-batch, checkpointing on, offload on, the MLP in tiles, KV released, half the HF
+batch) and runs the same step again
 (the same prompts and seeds: grpo_step is deterministic in (step, seed); gradients zeroed, memory and RNG states
 restored first; a smaller HF batch regroups the rows into other seeded chunks, so a retried HF rollout samples other
 completions of the same prompts). A second OOM, one in another phase, or one under data parallelism (the other ranks
