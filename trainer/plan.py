@@ -502,12 +502,12 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                         "and model.gradient_checkpointing is false", "set model.gradient_checkpointing: true (or leave "
                         "it unset), or train.mlp_tiles: false")
 
-    def tiles(m: int) -> list[int]:
+    def tiles(m: int) -> list[int]:  # a micro-batch the tiles cannot apply to is priced untiled (they are inert there)
+        if not applies[m]:
+            return [0]
         if mlp_tile is not None:
             return [mlp_tile]
-        if not applies[m] or t.mlp_tiles is False:
-            return [0]
-        return [tile] if t.mlp_tiles else [0, tile]
+        return {None: [0, tile], True: [tile], False: [0]}[t.mlp_tiles]
 
     out = []
     for seqs, mbt, gc, off, fmt, rel, ld, mlp_tile_tokens in itertools.product(

@@ -198,7 +198,8 @@ class TrainSection(Section):
     # checkpointed layer inputs kept in pinned host memory while training (None: planner; on where they would not fit)
     activation_offload: bool | None = None
     # one long sequence's MLPs in tiles of 8,192 tokens, recomputed tile by tile in the backward (trainer/tiled_mlp.py;
-    # None: planner, on only where nothing untiled fits; true: wherever a micro-batch is one sequence of >= 2 tiles)
+    # None: planner, on only where nothing untiled fits; true: on CUDA, wherever a micro-batch is one sequence of at
+    # least two tiles)
     mlp_tiles: bool | None = None
     torch_compile: bool | None = None  # torch.compile the decoder layers (None: planner; on with vLLM on CUDA)
     gradient_accumulation_steps: int | None = None  # TRL-style alternative to generation_batch_size
