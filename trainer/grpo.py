@@ -72,7 +72,8 @@ class State:
         if self.mem is not None:
             self.mem.take_peak()
         t0 = time.perf_counter()
-        yield
+        with torch.profiler.record_function(f"phase:{name}"):  # TRAINER_PROFILE_STEP's table by phase (_profiled)
+            yield
         if cuda:
             torch.cuda.synchronize()
             self.peaks[f"torch_alloc_{name}"] = max(self.peaks.get(f"torch_alloc_{name}", 0),
@@ -286,7 +287,19 @@ def _profiled(run_dir: Path, step: int, world: distributed.World):
     avg = prof.key_averages()
     by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     (run_dir / f"profile_step{step + 1}.txt").write_text(
-        avg.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n" + avg.table(sort_by=by, row_limit=40))
+        phase_table(avg) + "\n\n" + avg.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
+        + avg.table(sort_by=by, row_limit=40))
+
+
+def phase_table(avg) -> str:
+    """The step's phases (State.timed's ranges): wall (CPU) ms and device ms inside each, from torch.profiler's
+    averages: where the step's time went before the per-kernel tables say what ran."""
+    rows = ["phase         cpu ms   device ms  calls"]
+    for e in sorted((e for e in avg if e.key.startswith("phase:")), key=lambda e: -e.cpu_time_total):
+        device = getattr(e, "device_time_total", None)
+        device = getattr(e, "cuda_time_total", 0.0) if device is None else device
+        rows.append(f"{e.key.removeprefix('phase:'):12s} {e.cpu_time_total / 1e3:8.1f}  {device / 1e3:10.1f}  {e.count:5d}")
+    return "\n".join(rows)
 
 
 def _decoder(tokenizer):
