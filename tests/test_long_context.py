@@ -409,6 +409,30 @@ def test_tiles_go_on_and_off_in_a_live_model_without_nesting():
         assert mlp.forward.__func__ is original and torch.equal(mlp(x), whole)
 
 
+def test_compiled_layers_follow_tiles_turned_on_and_off_between_steps(monkeypatch):
+    # The budget loop switches tiles after the layers were compiled: dynamo's guards must see the MLP's new forward
+    # (a graph that kept the untiled MLP would hold the whole [tokens, intermediate] tensors the switch was for).
+    from trainer import tiled_mlp
+
+    calls = []
+    real = tiled_mlp.tiled_forward
+    monkeypatch.setattr(tiled_mlp, "tiled_forward", lambda f, tile, x: calls.append(x.shape) or real(f, tile, x))
+    model = tiny_qwen2()
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        torch._dynamo.reset()
+        for layer in model.model.layers:
+            layer.compile(backend="eager")
+        ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+        model(ids).logits.sum().backward()
+        tiled_mlp.install(model, 16)
+        model(ids).logits.sum().backward()
+        on = len(calls)
+        tiled_mlp.install(model, 0)
+        model(ids).logits.sum().backward()
+        torch._dynamo.reset()
+    assert on == len(model.model.layers) and len(calls) == on, calls
+
+
 def test_mlp_tiles_in_the_recipe_fix_the_planners_choice():
     config, r = llama(["budget.vram_gb=78", "data.max_prompt_length=61440"])
     assert not make_plan(config, r, H100).mlp_tile_tokens  # 78 GB: nothing needs tiles
