@@ -16,10 +16,10 @@ Within one engine process (in-process switches, same sampled tokens): vLLM's log
 (vllm_internals.set_logits_dtype), the trainer's logits fp32 or bf16 (completion_logprobs), LoRA zeroed (B = 0 on
 both sides through the sync layer) vs a trained-looking adapter (B ~ N(0, 0.01), the default elsewhere), the
 trainer's attention sdpa vs eager, its decoder layers compiled vs not, its LoRA branch in fp32 with one rounding, its
-LoRA without autocast (peft's own fp32 cast, as before LoRA ran in bf16), and vLLM re-scoring its own samples in one prefill (its decode-vs-prefill disagreement). Across processes: CUDA graphs vs
-enforce_eager, our fused nf4 GEMM vs bitsandbytes', the bf16 mirror, vLLM's attention backends and its
-batch-invariant mode. Sampling: 2 prompts x 8 completions x 256 tokens (ignore_eos), fixed
-seeds, temperature 1, as the benchmark's config A. Writes OUT/<part>.json; `report` folds them into one file
+LoRA without autocast (peft's own fp32 cast, as before LoRA ran in bf16), and vLLM re-scoring its own samples in one
+prefill (its decode-vs-prefill disagreement). Across processes: CUDA graphs vs enforce_eager, our fused nf4 GEMM vs
+bitsandbytes', the bf16 mirror, vLLM's attention backends and its batch-invariant mode. Sampling: 2 prompts x 8
+completions x 256 tokens (ignore_eos), fixed seeds, temperature 1, as the benchmark's config A. Writes OUT/<part>.json; `report` folds them into one file
 {"device", "sources": {name: {"on", "off", "by_shape": {shape: {...}}}}, "variants", "shipped", "trl_gap_mean",
 "step_time_cost"} (docs/benchmarks.md, "Sampler/trainer fidelity").
 """

@@ -21,9 +21,9 @@ TRAINER_MEMORY_HISTORY=start in the environment an OOM at start-up also leaves O
       "budget_gb", "predicted_peak_gb", "measured_peak_gb", "steps", "step_s", "tokens_per_s", "phase_s", "knobs",
       "offload_gb", "predicted_step_s", "rc", "command"}]}
 tokens_per_s: the step's tokens (prompt + completion, x G) over its wall time, per step; phase_s: the metrics'
-time_<phase>_s per step (rollout, reward, recompute, train, optimizer, sync, kv); per_step[i]["phase_peaks_gb"]: torch's
-allocated and the device's in-use peak per phase (the 15 GB row of 2026-12-03 went 6.1% over its plan without them). The row's shape is built first, in a
-process of its own (bf16 on the GPU, ~16 GB for the 8B written in 4 GB shards to TRAINER_CACHE): built inside
+time_<phase>_s per step (rollout, reward, recompute, train, optimizer, sync, kv); per_step[i]["phase_peaks_gb"]:
+torch's allocated and the device's in-use peak per phase (the 15 GB row of 2026-12-03 went 6.1% over its plan without
+them). The row's shape is built first, in a process of its own (bf16 on the GPU, ~16 GB for the 8B written in 4 GB shards to TRAINER_CACHE): built inside
 the run (2026-12-03) its 16 GB sat in the row's nvidia-smi series for 50 s, more than the 15 GB row's budget.
 Device time: `--search` prints the planner's predicted step (trainer/cost.py; its long-sequence terms are data-sheet
 estimates): 8-11 minutes a step at these lengths, mostly 8 x 4K tokens of decode at 1-8 sequences in flight. With a
