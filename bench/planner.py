@@ -337,17 +337,16 @@ def fit(out: Path) -> None:
             plan, r = _plan(row["overrides"][:-1], row["budget_gb"] + BUDGET_HEADROOM / 1e9)
         ran = ran_knobs(row)
         same = all(getattr(plan, k) == v for k, v in ran.items() if k in PIN)
-        # the cost model judged on what ran: the run's knobs pinned (today's planner may choose others at the budget)
-        pinned, _ = _plan(row["overrides"][:-1] + _pin(ran), None)
+        # the cost and memory models judged on what ran: the run's knobs pinned (today's planner may choose others at
+        # the budget), its KV pool and batch sizes too (memory.py sizes them; cost.py does not read them)
+        pinned, _ = _plan(row["overrides"][:-1] + _pin(ran) + [f"{PIN_MEMORY[k]}={v}" for k, v in ran.items()
+                                                                if k in PIN_MEMORY and v], None)
         log = next((p for p in reversed(logs) if p.name == f"{row['name']}.log"), None)
         # torch's recompile_limit hit: the layers ran eager from then on (before trainer/policy.py's
         # LAYER_RECOMPILE_LIMIT); a row that measured that is kept, marked, and not one cost.py is held to
         fallback = bool(log) and "recompile_limit" in log.read_text(errors="replace")
-        # memory: today's formulas at the run's knobs (its KV pool and batch sizes too) against its measured phases
-        mem_plan, _ = _plan(row["overrides"][:-1] + _pin(ran) + [f"{PIN_MEMORY[k]}={v}" for k, v in ran.items()
-                                                                  if k in PIN_MEMORY and v], None)
-        memory = {"predicted_gb": {k: round(v / 1e9, 3) for k, v in mem_plan.phase_peaks.items()},
-                  "measured_gb": measured_memory(row), "peak_predicted_gb": round(mem_plan.peak_bytes / 1e9, 3),
+        memory = {"predicted_gb": {k: round(v / 1e9, 3) for k, v in pinned.phase_peaks.items()},
+                  "measured_gb": measured_memory(row), "peak_predicted_gb": round(pinned.peak_bytes / 1e9, 3),
                   "peak_measured_gb": row["measured_peak_gb"]}
         rows.append({"name": row["name"], "source": "planner.json", "memory": memory,
                      "predicted": pinned.predicted_phases_s,
