@@ -16,7 +16,6 @@ import collections
 import contextlib
 import sys
 import weakref
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -97,16 +96,15 @@ def layer(tokens: int, hidden: int):
 
 
 def peak(tokens: int, hidden: int, tile: int, autocast: bool) -> LiveBytes:
-    from trainer.tiled_mlp import tiled_forward
+    from trainer.policy import lora_autocast
+    from trainer.tiled_mlp import install
 
     model = layer(tokens, hidden)
-    if tile:
-        mlp = model.base_model.model.layer.mlp
-        mlp.forward = partial(tiled_forward, mlp.forward, tile)
+    install(model, tile)  # tile 0: the MLP untiled
     x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
     mode = LiveBytes()
     with mode:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        with lora_autocast(x.device, torch.bfloat16) if autocast else contextlib.nullcontext():
             y = model(x)
         y.float().sum().backward()
     return mode
