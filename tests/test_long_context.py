@@ -343,19 +343,25 @@ def test_a_refusal_names_the_longest_lengths_that_fit():
                                                f"grpo.max_completion_length={completion + 64}"]), H100)
 
 
-def test_the_budget_loop_offloads_a_long_train_phase_measured_above_plan():
+def _loop_on_the_device_machine(r, plan):
+    """The budget loop over `plan` as it runs on the device machine: its candidates planned for that machine's host
+    memory (this one may have less than the 17 GB an 8B row pins)."""
     from trainer.budget import Loop
-
-    found = long_context.search("llama-8b-78gb", cap=True)
-    device = long_context.h100()
-    r = long_context.row_recipe("llama-8b-78gb", found["prompt_tokens"])
-    plan = make_plan(read_config(r.model), r, device)
-    assert not plan.activation_offload  # 65,536 tokens fit 78 GB with the checkpoints on the device
-    loop = Loop(r, plan, config=read_config(r.model))
-    loop.device = device  # the device machine's host memory (this one may have less than the 17 GB it pins)
     from trainer.plan import free_runtime_knobs, runtime_candidates
 
-    loop.candidates = runtime_candidates(read_config(r.model), r, plan, device, free_runtime_knobs(r, plan))
+    device, config = long_context.h100(), read_config(r.model)
+    loop = Loop(r, plan, config=config)
+    loop.device = device
+    loop.candidates = runtime_candidates(config, r, plan, device, free_runtime_knobs(r, plan))
+    return loop
+
+
+def test_the_budget_loop_offloads_a_long_train_phase_measured_above_plan():
+    found = long_context.search("llama-8b-78gb", cap=True)
+    r = long_context.row_recipe("llama-8b-78gb", found["prompt_tokens"])
+    plan = make_plan(read_config(r.model), r, long_context.h100())
+    assert not plan.activation_offload  # 65,536 tokens fit 78 GB with the checkpoints on the device
+    loop = _loop_on_the_device_machine(r, plan)
     pk = plan.phase_peaks
     lines = loop.after_step(0, {"used_rollout": pk["rollout"], "used_train": 1.06 * pk["train"]})
     assert plan.activation_offload and "train.activation_offload False -> True" in lines[0]
@@ -366,27 +372,21 @@ def test_the_budget_loop_tiles_the_mlp_of_a_long_train_phase_measured_above_plan
     # The 7B at 16,384 tokens in 15 GB: checkpoints already offloaded, MLP untiled. A train phase 6% over its plan (the
     # 15 GB row of 2026-12-03 went 6.1% over) leaves the loop one train-phase knob: the MLP in tiles, turned on between
     # steps in the live model, and kept by a checkpoint's resume.
-    from trainer.budget import Loop
-    from trainer.plan import free_runtime_knobs, runtime_candidates
+    from trainer.plan import free_runtime_knobs
 
     device = long_context.h100()
     r = long_context.row_recipe("qwen-7b-15gb", 12288)
     config = read_config(r.model)
     plan = make_plan(config, r, device)
     assert plan.activation_offload and not plan.mlp_tile_tokens and plan.micro_batch_seqs == 1
-    loop = Loop(r, plan, config=config)
-    loop.device = device
-    loop.candidates = runtime_candidates(config, r, plan, device, free_runtime_knobs(r, plan))
+    loop = _loop_on_the_device_machine(r, plan)
     pk = plan.phase_peaks
     lines = loop.after_step(0, {"used_rollout": pk["rollout"], "used_train": 1.06 * pk["train"]})
     assert plan.mlp_tile_tokens == memory.MLP_TILE_TOKENS, lines
     assert "train.mlp_tiles (tile tokens) 0 -> 8192" in lines[0]
     saved = loop.state()
     fresh = make_plan(config, r, device)
-    again = Loop(r, fresh, config=config)
-    again.device = device
-    again.candidates = runtime_candidates(config, r, fresh, device, free_runtime_knobs(r, fresh))
-    again.restore(saved)
+    _loop_on_the_device_machine(r, fresh).restore(saved)
     assert fresh.mlp_tile_tokens == memory.MLP_TILE_TOKENS
     # a recipe that fixes the field leaves the loop nothing to turn
     fixed = long_context.row_recipe("qwen-7b-15gb", 12288, extra=["train.mlp_tiles=false"])
