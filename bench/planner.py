@@ -72,7 +72,9 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
     "8b-vllm-16x1024-r64": (shape("llama-3.1-8b") + gen(16, 1024) + lora(64), ["min+15%"]),
 }
 # the card the grid runs on (143,771 MiB as nvidia-smi reports it): "min" budgets are searched for this device
-H200 = dict(kind="cuda", name="NVIDIA H200", total_bytes=150_754_820_096, free_bytes=150_000_000_000, bf16=True)
+# host_free_bytes: the device machine's available host memory (128 GiB), for the offload's check; not this machine's
+H200 = dict(kind="cuda", name="NVIDIA H200", total_bytes=150_754_820_096, free_bytes=150_000_000_000, bf16=True,
+            host_free_bytes=120 * 10**9)
 
 
 def _plan(overrides: list[str], budget_gb: float | None):
@@ -357,7 +359,10 @@ def fit(out: Path) -> None:
     for row in long_rows["runs"]:
         if row.get("rc") != 0 or not row.get("phase_s"):
             continue
-        r = lc.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"])
+        knobs = row.get("knobs") or {}  # re-planned at the knobs it ran with, as the grid's rows
+        r = lc.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"],
+                          _pin(knobs) + [f"{PIN_MEMORY[k]}={v}" for k, v in knobs.items() if k in PIN_MEMORY and v]
+                          + ["budget.vram_gb=140"])
         plan = make_plan(read_config(r.model), r, Device(**H200))
         last = row["phase_s"][-1]  # two steps: the second (the first compiles the layers for the length)
         train = sum(v for k, v in last.items() if k != "rollout")
