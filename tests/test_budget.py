@@ -4,6 +4,7 @@ only with budget.adapt: speed and never past the budget; an OOM retries the step
 from __future__ import annotations
 
 import json
+import math
 import types
 
 import pytest
@@ -212,11 +213,13 @@ def test_a_measured_peak_above_the_budget_is_replanned_even_within_tolerance(mon
     from trainer import memory
 
     monkeypatch.setattr(memory, "BUDGET_HEADROOM", 0)  # a plan that fills its budget to the byte
-    _, p, loop = setup(["budget.vram_gb=5.0"])
-    assert p.phase_peaks["train"] > 5.0 * GB / (1 + TOLERANCE)  # the plan fills the budget
-    knobs = plan_knobs(p)
-    loop.after_step(0, peaks(p.phase_peaks["rollout"], 5.01 * GB))
-    assert plan_knobs(p) != knobs and loop.current()["phase_peaks"]["train"] * 5.01 * GB / p.phase_peaks["train"] <= 5.0 * GB
+    _, first, _ = setup(["budget.vram_gb=5.0"])
+    budget = math.ceil(first.phase_peaks["train"] / 1e7) / 100  # GB: that plan's train phase, rounded up to 10 MB
+    _, p, loop = setup([f"budget.vram_gb={budget}"])
+    assert p.phase_peaks["train"] > budget * GB / (1 + TOLERANCE)  # the plan fills the budget
+    knobs, seen = plan_knobs(p), (budget + 0.01) * GB
+    loop.after_step(0, peaks(p.phase_peaks["rollout"], seen))
+    assert plan_knobs(p) != knobs and loop.current()["phase_peaks"]["train"] * seen / p.phase_peaks["train"] <= budget * GB
 
 
 @settings(max_examples=30, deadline=None)

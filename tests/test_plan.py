@@ -62,6 +62,24 @@ def test_kv_pool_is_sized_in_bytes_for_the_sequences_not_a_fraction():
     assert memory.kv_pool_bytes(d, 8, 384) == 8 * 25 * 16 * 28_672  # 91.8 MB, where a 0.6 fraction reserves ~10 GB
 
 
+def test_the_kv_pool_is_counted_once_without_the_allocators_slack():
+    """vLLM's KV pool is one allocation made at engine start: a larger pool raises the rollout phase by its bytes and
+    no more (the 8B's 24 GB long row planned its rollout 2.1 GB high with 17% slack on 12.38 GB of KV), and the train
+    phase by the same bytes when the pool stays mapped through training, by nothing when it is released."""
+    from trainer.plan import plan_context, plan_knobs
+
+    c = cfg("qwen2.5-1.5b-instruct")
+    for release in (True, False):
+        r = recipe(["budget.vram_gb=20", f"rollout.kv_release={str(release).lower()}"])
+        p = make_plan(c, r, H100)
+        ctx, k = plan_context(c, r, p, H100), plan_knobs(p)
+        k["kv_release"] = release
+        small = memory.components(ctx, {**k, "kv_cache_memory_bytes": 10**9})[1]
+        large = memory.components(ctx, {**k, "kv_cache_memory_bytes": 5 * 10**9})[1]
+        assert large["rollout"] - small["rollout"] == 4 * 10**9
+        assert large["train"] - small["train"] == (0 if release else 4 * 10**9)
+
+
 def test_seed_case_fits_seven_gb_with_a_small_kv_pool():
     plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=7", "data.max_prompt_length=128"]), H100)
     assert plan.peak_bytes <= 7e9 and plan.kv_cache_memory_bytes < 0.2e9
@@ -244,7 +262,7 @@ MEMORY_MODEL_MISSES = {
     # the train phase sets its plan; CKPT_BYTES_PER_LH/LI were fitted with peft's fp32 LoRA, whose fp32 copies of each
     # layer's inputs the bf16 autocast removed (8.03 GB measured in sitting h with fp32 LoRA and eager layers, 7.685
     # in j): the grid's train-phase rows re-run with bf16 LoRA before the constants are refitted
-    "1.5b-vllm-32x1024-iter2-beta@10gb": "8.40 GB planned, 7.685 measured (-8.5%)",
+    "1.5b-vllm-32x1024-iter2-beta@10gb": "8.23 GB planned, 7.685 measured (-6.6%)",
 }
 
 
