@@ -73,7 +73,7 @@ def test_the_kv_pool_is_counted_once_without_the_allocators_slack():
         r = recipe(["budget.vram_gb=20", f"rollout.kv_release={str(release).lower()}"])
         p = make_plan(c, r, H100)
         ctx, k = plan_context(c, r, p, H100), plan_knobs(p)
-        k["kv_release"] = release
+        assert k["kv_release"] == release
         small = memory.components(ctx, {**k, "kv_cache_memory_bytes": 10**9})[1]
         large = memory.components(ctx, {**k, "kv_cache_memory_bytes": 5 * 10**9})[1]
         assert large["rollout"] - small["rollout"] == 4 * 10**9
