@@ -295,6 +295,12 @@ def _pin(knobs: dict) -> list[str]:
             if k in PIN and v is not None and v != "" and (isinstance(v, bool) or k == "mlp_tile_tokens" or v != 0)]
 
 
+def _pin_run(knobs: dict) -> list[str]:
+    """Recipe overrides that re-plan a run as it ran: its costed knobs (_pin) and the sizes memory.py reads (the KV
+    pool, the prefill batch, HF's batch; PIN_MEMORY)."""
+    return _pin(knobs) + [f"{PIN_MEMORY[k]}={v}" for k, v in knobs.items() if k in PIN_MEMORY and v]
+
+
 def ran_knobs(row: dict) -> dict:
     """The knobs a grid row ran with. Rows before 2026-12-03 evening did not record activation_offload (the 0.5B r128
     row at its least budget offloaded at 4,126 tokens a micro-batch): taken as the choice whose activations today's
@@ -341,8 +347,7 @@ def fit(out: Path) -> None:
         same = all(getattr(plan, k) == v for k, v in ran.items() if k in PIN)
         # the cost and memory models judged on what ran: the run's knobs pinned (today's planner may choose others at
         # the budget), its KV pool and batch sizes too (memory.py sizes them; cost.py does not read them)
-        pinned, _ = _plan(row["overrides"][:-1] + _pin(ran) + [f"{PIN_MEMORY[k]}={v}" for k, v in ran.items()
-                                                                if k in PIN_MEMORY and v], None)
+        pinned, _ = _plan(row["overrides"][:-1] + _pin_run(ran), None)
         log = next((p for p in reversed(logs) if p.name == f"{row['name']}.log"), None)
         # torch's recompile_limit hit: the layers ran eager from then on (before trainer/policy.py's
         # LAYER_RECOMPILE_LIMIT); a row that measured that is kept, marked, and not one cost.py is held to
@@ -361,8 +366,7 @@ def fit(out: Path) -> None:
             continue
         knobs = row.get("knobs") or {}  # re-planned at the knobs it ran with, as the grid's rows
         r = lc.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"],
-                          _pin(knobs) + [f"{PIN_MEMORY[k]}={v}" for k, v in knobs.items() if k in PIN_MEMORY and v]
-                          + ["budget.vram_gb=140"])
+                          _pin_run(knobs) + ["budget.vram_gb=140"])
         plan = make_plan(read_config(r.model), r, Device(**H200))
         last = row["phase_s"][-1]  # two steps: the second (the first compiles the layers for the length)
         train = sum(v for k, v in last.items() if k != "rollout")
