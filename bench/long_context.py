@@ -305,7 +305,7 @@ if __name__ == "__main__":
         write_prompts(ROOT / "bench" / "recipes" / "data" / "long_prompts.jsonl", "llama-3.1-8b", 131072)
     elif len(sys.argv) > 2 and sys.argv[1] == "--collect":
         recollect(Path(sys.argv[2]), sys.argv[3:] or list(ROWS))
-    elif len(sys.argv) > 1:
+    elif len(sys.argv) > 1 and not sys.argv[1].startswith("-"):  # `--help` and typos print this, they run nothing
         run(Path(sys.argv[1]), sys.argv[2:] or list(ROWS))
     else:
         raise SystemExit(__doc__)

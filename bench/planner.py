@@ -413,6 +413,8 @@ def fit(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-") and sys.argv[1] not in ("--predict", "--fit", "--merge"):
+        raise SystemExit(__doc__)  # `--help` was taken for OUT_DIR and started the grid on this machine
     if sys.argv[1] == "--predict":
         predict(sys.argv[2:] or list(CONFIGS))
     elif sys.argv[1] == "--fit":
