@@ -9,9 +9,8 @@ bench/results/step_fit.json: predicted vs measured seconds by phase, each row pr
   plus the KV a step reads beyond the measured ~384-token contexts at DECODE_KV_BYTES_S. When every sequence in
   flight comes from one prompt (max_num_seqs <= G), the prompt's KV is read once a step, not once per sequence:
   reading it per sequence (67 GB a step at 64K tokens) would need twice the card's bandwidth; vLLM's cascade
-  attention reads a prefix all requests share once. HF generate: per token step, a cost a decoder layer (Python
-  dispatch of its modules) and one a parameter (bitsandbytes dequantising each nf4 weight for a multi-row input), per
-  generate call of hf_batch_size sequences.
+  attention reads a prefix all requests share once. HF generate: per token step, a cost a decoder layer (host-bound
+  Python dispatch of its modules), per generate call of hf_batch_size sequences.
 - Train: per micro-batch, the larger of a launch-bound floor and its FLOPs (linear layers, lm_head, causal attention;
   forward, recompute with checkpointing, 2x backward) at TRAIN_FLOPS, and LONG_TRAIN_FLOPS for one-sequence
   micro-batches of >= 4,096 tokens (plan.LONG_SEQUENCE; large GEMMs run closer to the card's peak); each pass without
@@ -39,13 +38,13 @@ NF4_GEMM_MAX_ROWS = 16
 # a rollout's fixed cost (the engine call, scheduling, prefill): the 7B's 8 x 64 took 0.80 s, its 8 x 512 9.8 s
 ROLLOUT_CALL_S = 0.2
 WAVE_S = 0.06  # each wave of sequences in flight (1.5B mirror, 16 waves of one 64-token sequence: 4.2 s)
-# HF generate (shared nf4 base, peft LoRA), ms per token step: per decoder layer and per 1e9 linear parameters. Fitted to
-# the H200 grid's two HF rows (bench/results/step_fit.json), both steady: 0.5B shape (24 layers, 0.36e9) at 32 sequences,
-# 46.6 ms a step (11.94 s for 256 tokens); 1.5B (28 layers, 1.31e9) at 8 sequences, r64, 72.3 ms (37.0 s for 512).
-# Two rows, two constants: the split between the terms is not tested by a third row, nor their growth with the batch
-# (the 0.5B ran 32 sequences, the 1.5B 8; taken as flat: the step is launch-bound). Was 10.4x vLLM's decode, fitted
-# on the 0.5B row alone: 29% short on the 1.5B.
-HF_MS_PER_LAYER, HF_MS_PER_BILLION = 1.64, 20.1
+# HF generate (shared nf4 base, peft LoRA), ms per token step and decoder layer: the step is host-bound (Python
+# dispatch of each layer's modules), flat in the parameters and the batch. The H200 grid's three HF rows, steady:
+# 0.5B shape (24 layers) at 32 sequences 46.6 ms a step, 1.5B r64 (28 layers, 1.3e9 linear parameters) at 8 72.3 ms,
+# 7B (28 layers, 6.5e9) at 8 72.5 ms: 1.9-2.6 ms a layer, one constant keeps each row's step within 21%. A fit
+# with a per-parameter term on the first two rows (1.64 ms a layer + 20.1 ms per 1e9) predicted the third, unseen,
+# at 2.4x its rollout (45.3 s against 18.6); the 10.4x vLLM's decode before it was fitted on the 0.5B row alone.
+HF_MS_PER_LAYER = 2.4
 # Train micro-batch, forward + backward of completion log-probs: the larger of a launch-bound floor (s; keyed by
 # (compiled layers, checkpointing)) and its FLOPs at TRAIN_FLOPS. The H200 grid's small micro-batches: 0.12 s
 # (7B, one 542-token sequence), 0.13 (1.5B mirror, 94 tokens, with a reference pass) compiled with checkpointing;
@@ -111,8 +110,7 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
         if dims is None:
             raise ValueError("HF generate's cost is per decoder layer: pass dims")
         calls = math.ceil(gen / max(knobs.get("hf_batch_size") or gen, 1))
-        ms = HF_MS_PER_LAYER * dims.layers + HF_MS_PER_BILLION * linear_params / 1e9
-        rollout = calls * completion_len * ms / 1e3
+        rollout = calls * completion_len * HF_MS_PER_LAYER * dims.layers / 1e3
     gc = bool(knobs["gradient_checkpointing"])
     mbt = max(min(knobs["micro_batch_tokens"], step_tokens), 1)
     micro_batches = math.ceil(step_tokens / mbt)
