@@ -241,8 +241,9 @@ def test_planner_bench_takes_a_numeric_budget_however_it_is_written():
 
 def test_step_time_model_predicts_every_steady_h200_grid_row_within_a_quarter(tmp_path):
     """trainer/cost.py against what the H200 measured (bench/results/planner.json, rows with five steps: their steps
-    3-5 are past the layers' compiles; HF rows from three), each row priced with the knobs it ran: the step within 25% (issue 25), and the
-    rollout and train phases each within 50% (a refit that trades one phase against the other shows here)."""
+    3-5 are past the layers' compiles; HF rows from three), each row priced with the knobs it ran: the step within
+    25% (issue 25), and the rollout and train phases each within 50% (a refit that trades one phase against the other
+    shows here)."""
     import json
 
     from bench.planner import fit
@@ -270,7 +271,7 @@ def test_step_time_model_predicts_every_steady_h200_grid_row_within_a_quarter(tm
 
 
 # Rows the step model misses today (none since 2026-12-04: the num_iterations 2 row re-ran with bf16 LoRA at -19%, HF
-# generate is priced per layer and per parameter from both HF rows). A new miss fails the test above.
+# generate is priced per decoder layer from the three HF rows). A new miss fails the test above.
 STEP_MODEL_MISSES: dict[str, str] = {}
 
 

@@ -41,7 +41,7 @@ WAVE_S = 0.06  # each wave of sequences in flight (1.5B mirror, 16 waves of one 
 # HF generate (shared nf4 base, peft LoRA), ms per token step and decoder layer: the step is host-bound (Python
 # dispatch of each layer's modules), flat in the parameters and the batch. The H200 grid's three HF rows, steady:
 # 0.5B shape (24 layers) at 32 sequences 46.6 ms a step, 1.5B r64 (28 layers, 1.3e9 linear parameters) at 8 72.3 ms,
-# 7B (28 layers, 6.5e9) at 8 72.5 ms: 1.9-2.6 ms a layer, one constant keeps each row's step within 21%. A fit
+# 7B (28 layers, 6.5e9) at 8 72.5 ms: 1.9-2.6 ms a layer, one constant keeps each row's step within 18%. A fit
 # with a per-parameter term on the first two rows (1.64 ms a layer + 20.1 ms per 1e9) predicted the third, unseen,
 # at 2.4x its rollout (45.3 s against 18.6); the 10.4x vLLM's decode before it was fitted on the 0.5B row alone.
 HF_MS_PER_LAYER = 2.4
