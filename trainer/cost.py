@@ -95,17 +95,15 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     (`num_iterations` forward + backward passes over the batch and `forward_passes` log-prob passes without gradients: the reference model's
     when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims) adds the long-sequence terms;
     `group`: completions per prompt (G)."""
-    seqs = min(gen, knobs.get("max_num_seqs") or gen)
-    waves = math.ceil(gen / max(seqs, 1))
-    fmt = knobs.get("weight_format") or "shared_nf4"
-    step_ms = decode_ms(fmt, seqs, linear_params, fused_nf4)
-    if dims is not None:  # the KV a decode step reads beyond the measured context
-        prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
-        extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
-        step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
-    decode = waves * completion_len * step_ms / 1e3
     if engine == "vllm":
-        rollout = ROLLOUT_CALL_S + waves * WAVE_S + decode
+        seqs = min(gen, knobs.get("max_num_seqs") or gen)
+        waves = math.ceil(gen / max(seqs, 1))
+        step_ms = decode_ms(knobs.get("weight_format") or "shared_nf4", seqs, linear_params, fused_nf4)
+        if dims is not None:  # the KV a decode step reads beyond the measured context
+            prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
+            extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
+            step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
+        rollout = ROLLOUT_CALL_S + waves * WAVE_S + waves * completion_len * step_ms / 1e3
     else:  # HF generate: ceil(G / hf_batch_size) calls of completion_len token steps each
         if dims is None:
             raise ValueError("HF generate's cost is per decoder layer: pass dims")
