@@ -416,13 +416,15 @@ def fit(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-") and sys.argv[1] not in ("--predict", "--fit", "--merge"):
-        raise SystemExit(__doc__)  # `--help` was taken for OUT_DIR and started the grid on this machine
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
     if sys.argv[1] == "--predict":
         predict(sys.argv[2:] or list(CONFIGS))
     elif sys.argv[1] == "--fit":
         fit(Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent / "results" / "step_fit.json")
     elif sys.argv[1] == "--merge":
         merge(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+    elif sys.argv[1].startswith("-"):  # `--help` was taken for OUT_DIR and started the grid on this machine
+        raise SystemExit(__doc__)
     else:
         run(Path(sys.argv[1]), sys.argv[2:] or list(CONFIGS))
