@@ -108,23 +108,24 @@ def budget_gb(spec, overrides: list[str]) -> float:
     return low if spec == "min" else math.ceil(low * 1.15 * 10) / 10
 
 
-def _same_spec(spec, given: str) -> bool:
-    """A config's budget spec against a name's @SPEC: "min", "min+15%", or a number however written (10, 10.0)."""
-    if isinstance(spec, (int, float)):
-        try:
-            return float(given.removesuffix("gb")) == float(spec)
-        except ValueError:
-            return False
-    return str(spec) == given
+def _spec(given: str):
+    """A name's @SPEC: "min", "min+15%", or a budget in GB however written (10, 10.0, 6.6gb)."""
+    if given in ("min", "min+15%"):
+        return given
+    try:
+        return float(given.removesuffix("gb"))
+    except ValueError:
+        raise SystemExit(f"bench/planner.py: @{given}: a budget is min, min+15% or a number of GB") from None
 
 
 def runs(names: list[str]) -> list[tuple[str, list[str], float, str]]:
-    """(run name, overrides, budget GB, budget spec) for every budget of the named configs (NAME@SPEC: that one)."""
+    """(run name, overrides, budget GB, budget spec) for every budget of the named configs; NAME@SPEC: that budget,
+    one of the config's own or not (an unlisted one ran nothing before, and a sitting lost the time it took to see)."""
     out = []
     for name in names:
         name, _, only = name.partition("@")
         ov, budgets = CONFIGS[name]
-        for spec in [s for s in budgets if not only or _same_spec(s, only)]:
+        for spec in [_spec(only)] if only else budgets:
             b = budget_gb(spec, FREE + ov)
             out.append((f"{name}@{b:g}gb", FREE + ov + [f"budget.vram_gb={b}"], b, str(spec)))
     return out

@@ -231,12 +231,20 @@ def test_plan_is_sized_for_the_longest_prompt_of_the_data():
     assert longer.max_model_len == by_field.max_model_len
 
 
-def test_planner_bench_takes_a_numeric_budget_however_it_is_written():
-    """`bench/planner.py NAME@10` runs the config's 10.0 GB budget (it matched the text "10.0" only, and ran nothing)."""
-    from bench.planner import _same_spec
+def test_planner_bench_runs_the_budget_a_name_asks_for_listed_or_not():
+    """`bench/planner.py NAME@SPEC` runs that budget: a number however written (`@10` matched the text "10.0" only,
+    and ran nothing), and a spec the config does not list (`@min` of a config listed at 10 GB ran nothing, rc 0, in
+    the 2026-12-04 sitting); a spec that is no budget stops the command instead of running nothing."""
+    from bench.planner import runs
 
-    assert _same_spec(10.0, "10") and _same_spec(10.0, "10.0") and _same_spec(6.6, "6.6gb") and _same_spec("min", "min")
-    assert not _same_spec(10.0, "9.9") and not _same_spec(10.0, "min") and not _same_spec("min", "min+15%")
+    assert [(n, b) for n, _, b, _ in runs(["1.5b-vllm-32x1024-iter2-beta@10"])] == [("1.5b-vllm-32x1024-iter2-beta@10gb", 10.0)]
+    assert [b for _, _, b, _ in runs(["1.5b-vllm-32x1024-iter2-beta@10.0gb"])] == [10.0]
+    assert [b for _, _, b, _ in runs(["1.5b-vllm-8x256@7"])] == [7.0]  # listed: min and 6.6
+    (name, ov, b, spec), = runs(["1.5b-vllm-128x96-20gb@min"])  # listed: 20 only
+    assert spec == "min" and b < 20 and ov[-1] == f"budget.vram_gb={b}" and name == f"1.5b-vllm-128x96-20gb@{b:g}gb"
+    assert len(runs(["1.5b-vllm-8x256"])) == 2  # no @: every listed budget
+    with pytest.raises(SystemExit, match="min, min\\+15% or a number"):
+        runs(["1.5b-vllm-8x256@lots"])
 
 
 def test_step_time_model_predicts_every_steady_h200_grid_row_within_a_quarter(tmp_path):
