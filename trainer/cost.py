@@ -55,9 +55,11 @@ MICRO_BATCH_FLOOR_S = {(False, True): 0.23, (False, False): 0.16, (True, True): 
 # 2 T^2 heads head_dim per layer, for the forward; x4 with checkpointing (forward, recompute, 2x backward), x3
 # without. Rates fitted on the H200: 300e12 across the grid's compute-bound micro-batches (1.5B 8,064 tokens 357,
 # 8B 1,054 230, 0.5B 8,252 157: GEMM shapes differ; one rate keeps each steady row's step within 16%), and for
-# one-sequence micro-batches of >= 4,096 tokens the long row's 183.1 s train phase (Llama-3.1-8B shape, 8 x 65,536 tokens).
+# one-sequence micro-batches of >= 4,096 tokens the long row's 165.8 s train phase (Llama-3.1-8B shape, 8 x 65,536
+# tokens, step 2, LoRA in bf16; H200 2026-12-04). Its fp32-LoRA run of 2026-12-03 took 183.1 s (369e12 then); the
+# offloaded, tiled 24 GB and 15 GB rows come out 3% and 18% above their measured train phases at this rate.
 TRAIN_FLOPS = 300e12
-LONG_TRAIN_FLOPS = 369e12
+LONG_TRAIN_FLOPS = 407e12
 KV_RELEASE_S = 0.015  # release + re-map of the KV pool per step (measured 6-14 ms)
 # The step's cost outside the rollout beyond the micro-batches' (the optimizer, the LoRA sync, rewards, the loss's
 # statistics; not separated): fitted on the H200 grid (2026-12-03), where config A's one 2,288-token micro-batch
