@@ -240,7 +240,7 @@ def test_the_7b_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan
     used to stop the loop from turning checkpointing on for the train phase ("no runtime knob is left ... set
     model.gradient_checkpointing: true" after step 2). Now the train phase shrinks and the live policy is switched.
     Under the fp32-LoRA fit of memory.NO_CKPT_FIT (1.215) the planner turned checkpointing on itself at 15 GB; under
-    the bf16 fit of 2026-12-04 (0.85, from one 1.5B row) it plans the 7B without it again, and this loop is what
+    the bf16 fit of 2026-12-04 (0.9, from one 1.5B row) it plans the 7B without it again, and this loop is what
     catches a train phase above that plan. The run's plan had the fit at 1."""
     over = ["train.generation_batch_size=8", "grpo.max_completion_length=1024"]
     assert not plan_at(15.0, overrides=over)[1].gradient_checkpointing
