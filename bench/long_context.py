@@ -51,8 +51,8 @@ RUNS = Path(os.environ.get("RUNS", "/root/runs"))
 # The device machine: one H100 80GB, 128 GB of host memory (the search here plans for it; on the device it reads both).
 H100_TOTAL, HOST_BYTES = 85_520_000_000, 120 * 10**9
 # cap_tokens: the run's length is the longest accepted up to this (78 GB accepts the model's whole 131,072-token context,
-# predicted at ~11 minutes a step; the mark is 65,536; 24 GB accepts 94,976 with the tiled MLP and one sequence
-# in flight, predicted at ~18 minutes a step: two are more than a sitting's 30 device minutes). LONG_CAP=0 runs the
+# predicted at ~11 minutes a step; the mark is 65,536; 24 GB accepts 88,832 with the tiled MLP and four
+# sequences in flight, predicted at ~8 minutes a step: two fit a sitting's 30 device minutes). LONG_CAP=0 runs the
 # longest accepted.
 ROWS = {
     "llama-8b-78gb": dict(recipe="bench/recipes/long-llama-8b.yaml", budget_gb=78, completion=4096, cap_tokens=65536),
