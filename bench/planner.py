@@ -67,7 +67,7 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
     # bench/recipes/multigpu-1.5b.yaml's shape of work on one GPU at 20 GB: the -17% row of the issue
     "1.5b-vllm-128x96-20gb": (gen(128, 96), [20.0]),
     "7b-vllm-8x512": (shape("qwen2.5-7b") + gen(8, 512), ["min"]),
-    # the 7B without checkpointing (the planner's choice at 15 GB since the bf16 refit): memory.NO_CKPT_FIT's second shape
+    # the 7B without checkpointing (the planner's choice at 15 GB since the bf16 refit): NO_CKPT_FIT's second shape
     "7b-vllm-8x1024": (shape("qwen2.5-7b") + gen(8, 1024), [15.0]),
     "7b-vllm-8x64-r128-beta": (shape("qwen2.5-7b") + gen(8, 64) + lora(128) + B, ["min+15%"]),
     "7b-hf-8x256": (shape("qwen2.5-7b") + HF + gen(8, 256), ["min"]),

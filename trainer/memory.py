@@ -22,20 +22,19 @@ VLLM_NON_TORCH = 225 * MiB  # measured: vLLM's non-torch allocations (NCCL, cuBL
 HF_NON_TORCH = 330 * MiB
 GRAPH_BASE, GRAPH_PER_SIZE = 90 * MiB, 16 * MiB  # measured: LoRA + bnb graphs, 0.20 GiB for [1, 2, 4, 8]
 # Train-phase activations with gradient checkpointing, bytes per token of a micro-batch per (layers x hidden) and
-# per (layers x intermediate); without checkpointing, the shape count (layer_activation_bytes) times NO_CKPT_FIT; and
-# the allocator's slack below (SLACK_FRACTION). The three fitted together on one H200 (2026-12-04) to every grid and
+# per (layers x intermediate); without checkpointing, the shape count (layer_activation_bytes) times NO_CKPT_FIT.
+# CKPT_BYTES_PER_LH/LI and SLACK_FRACTION (below) were searched together on one H200 (2026-12-04) over every grid and
 # long row of bench/results/planner.json and long_context.json at the knobs each ran with (23 rows, 0.5B to 8B, 94 to
-# 65,536 tokens a micro-batch; `python bench/planner.py --fit`), with the rows run since LoRA went bf16 (00efd0b; 13
-# of them) held to at most 2% above their plan: every row within 4.3% of nvidia-smi, the bf16 rows at most 0.7% above.
-# The earlier constants (2.76, 0.69; 1.215; 0.17) came from fp32-LoRA runs (peft casts each LoRA input to fp32): LoRA
-# in bf16, the 8B's 65,536-token micro-batch holds 36.5 GB of train-phase tensors, not the 45.1 they planned (62.29 GB
-# on nvidia-smi against 73.08), and the 1.5B without checkpointing (compiled layers) 0.9 of the shape count, where
-# the fp32-LoRA run of 2026-12-02 held 1.21 of it. Leaving each row out in turn, the fit predicts it within 5% (the 8B 65K
-# row -0.7%, the 1.5B num_iterations 2 row -4.7%, the 0.5B 16 x 2048 row +2.4%) except the one no-checkpointing row,
-# which alone fixes NO_CKPT_FIT: a second shape without checkpointing is the grid's next row. NO_CKPT_FIT is that row's
-# own ratio, torch's allocated activations over the shape count (4.62 GB against 5.16; -4.3% of nvidia-smi), not the
-# joint search's 0.85 (-1.7%): the search traded it against the slack on one row, and the larger keeps a margin for
-# shapes not measured yet.
+# 65,536 tokens a micro-batch; `python bench/planner.py --fit`), the 13 rows run since LoRA went bf16 (00efd0b) held
+# to at most 2% above their plan: every row within 4.3% of nvidia-smi, the bf16 rows at most 0.7% above. The earlier
+# constants (2.76, 0.69; 1.215; 0.17) came from fp32-LoRA runs (peft casts each LoRA input to fp32): with LoRA in
+# bf16 the 8B's 65,536-token micro-batch holds 36.5 GB of train-phase tensors, not the 45.1 they planned (62.29 GB on
+# nvidia-smi against 73.08). Leaving each row out in turn, the fit predicts it within 5% (the 8B 65K row -0.7%, the
+# 1.5B num_iterations 2 row -4.7%, the 0.5B 16 x 2048 row +2.4%), except the one no-checkpointing row, which alone
+# fixes NO_CKPT_FIT: a second shape without checkpointing is the grid's next row. NO_CKPT_FIT is that row's own ratio
+# (1.5B, compiled layers), torch's allocated activations over the shape count (4.62 GB against 5.16; -4.3% of
+# nvidia-smi; the fp32-LoRA run of 2026-12-02 held 1.21 of it), not the search's 0.85 (-1.7%): the search traded it
+# against the slack on one row, and the larger keeps a margin for shapes not measured yet.
 CKPT_BYTES_PER_LH, CKPT_BYTES_PER_LI = 1.8, 0.65
 NO_CKPT_FIT = 0.9
 # Activation offload (plan.activation_offload, trainer/offload.py): the checkpointed layer inputs go to pinned host
@@ -49,10 +48,11 @@ OFFLOAD_RESIDENT_LAYERS = 2
 # its second step's train-phase peak on nvidia-smi: qwen-7b-15gb (32,768 tokens, MLP in tiles; 14.06 GB, 0.81 GB
 # over the plan without this term) wants 6 bytes a token x hidden, llama-8b-24gb (65,536 tokens, another shape; 20.53
 # GB, 1.58 GB over) wants 11; 9 held both within 3.2%. After the 2026-12-04 refit of the checkpointing constants
-# above (which the two resident layers use) 9 left the 8B's train phase 5.5% under nvidia-smi (hidden there behind its
-# rollout's peak); 11 puts the 8B's 2.1% under and the 7B's 3.6% over; the offloaded grid rows move <= 0.3 points. Two rows of
-# two shapes: what the term scales with beyond tokens x hidden is not separated yet. Nine of the planner grid's short
-# rows also ran offloaded (their least budgets; bench/planner.py --fit): each stays within 5% of nvidia-smi with it.
+# above (which the two resident layers use) 9 left the 8B's train phase 5.5% under nvidia-smi (hidden there behind
+# its rollout's peak); 11 puts the 8B's 2.1% under and the 7B's 3.6% over; the offloaded grid rows move <= 0.3
+# points. Two rows of two shapes: what the term scales with beyond tokens x hidden is not separated yet. Nine of the
+# planner grid's short rows also ran offloaded (their least budgets; bench/planner.py --fit): each stays within 5% of
+# nvidia-smi with it.
 OFFLOAD_BACKWARD_BYTES_PER_TH = 11
 # Tiled MLP (plan.mlp_tile_tokens, trainer/tiled_mlp.py): a candidate for one-sequence micro-batches of at least two
 # tiles on CUDA; 8,192 tokens keep a Llama-3.1-8B tile's MLP tensors at ~0.9 GB against 7 GB for 60,928 tokens.
