@@ -33,8 +33,13 @@ def sh(env, *cmd) -> str:
 
 
 def state(env, jid) -> str:
-    out = subprocess.run(["scontrol", "show", "job", jid], env=env, capture_output=True, text=True).stdout
-    return next((w.split("=")[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+    """The job's JobState; "GONE" only when slurmctld says the id is unknown (purged after the job ended). A busy
+    slurmctld that answers nothing, or an error, reads "UNKNOWN", which no wait counts as finished."""
+    p = subprocess.run(["scontrol", "show", "job", jid], env=env, capture_output=True, text=True)
+    found = next((w.split("=")[1] for w in p.stdout.split() if w.startswith("JobState=")), None)
+    if found:
+        return found
+    return "GONE" if "invalid job id" in p.stderr.lower() else "UNKNOWN"
 
 
 def wait_for(cond, timeout, what):
