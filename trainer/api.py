@@ -10,20 +10,21 @@ from pathlib import Path
 from trainer.errors import UserError
 
 
-def plan(recipe_path, overrides=(), world_size: int = 1):
+def plan(recipe_path, overrides=(), world_size: int = 1, device=None):
     """(recipe, Plan) for a recipe file, before any weight loads: the same plan `train` runs with (sized for the
-    data's longest prompt, so the data and the rewards are read and checked too)."""
-    ready = prepare(recipe_path, overrides, world_size)
+    data's longest prompt, so the data and the rewards are read and checked too). `device`: a plan.Device to plan
+    for (default: this machine's; `Device.elsewhere` for a GPU that is not here)."""
+    ready = prepare(recipe_path, overrides, world_size, device)
     return ready.recipe, ready.plan
 
 
-def plan_alternatives(recipe, the_plan, world_size: int = 1) -> dict:
+def plan_alternatives(recipe, the_plan, world_size: int = 1, device=None) -> dict:
     """What the budget buys: the fastest and the smallest plans that fit (and the fastest at any budget), with their
     ranks by the planner's speed score among the plans that fit."""
     from trainer.plan import Device, alternatives
     from trainer.policy import read_config
 
-    return alternatives(read_config(recipe.model), recipe, the_plan, Device.detect(world_size))
+    return alternatives(read_config(recipe.model), recipe, the_plan, device or Device.detect(world_size))
 
 
 @dataclass
@@ -55,8 +56,9 @@ def inputs(recipe) -> tuple:
     return tokenizer, prompts, rewards, Evaluator.build(recipe, tokenizer, rewards, turns=turns), turns
 
 
-def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
-    """recipe -> tokenizer -> prompts -> rewards -> plan, without loading (or building) any weights."""
+def prepare(recipe_path, overrides=(), world_size: int = 1, device=None) -> Prepared:
+    """recipe -> tokenizer -> prompts -> rewards -> plan, without loading (or building) any weights; planned for
+    `device` (a plan.Device) when given, else for this machine."""
     from trainer.plan import Device, make_plan
     from trainer.policy import read_config
     from trainer.recipe import load_recipe
@@ -66,7 +68,8 @@ def prepare(recipe_path, overrides=(), world_size: int = 1) -> Prepared:
     # an environment's opening messages lengthen its prompts at run time: plan for data.max_prompt_length then
     longest = None if turns and turns.env_cls else max(prompts.max_prompt_tokens,
                                                        evaluator.prompts.max_prompt_tokens if evaluator else 0)
-    the_plan = make_plan(read_config(recipe.model), recipe, Device.detect(world_size), max_prompt_tokens=longest)
+    the_plan = make_plan(read_config(recipe.model), recipe, device or Device.detect(world_size),
+                         max_prompt_tokens=longest)
     return Prepared(recipe, tokenizer, prompts, rewards, the_plan, evaluator, turns)
 
 

