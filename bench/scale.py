@@ -8,6 +8,9 @@ the device showed, step time by phase, the logprob gap and the start-up.
     python bench/scale.py --collect OUT_DIR         # re-read the run dirs (a row cut off keeps its finished steps)
 Rows: qwen-7b-15gb (Qwen2.5-7B shape, 8 x 1024 tokens at 15 GB), llama-8b-24gb (Llama-3.1-8B shape, 16 x 2048 at
 24 GB), llama-8b-40gb (the same at 40 GB: the planner's fast choice there). LoRA r16 on every linear layer, G = 8.
+The user recipes for a 24 GB card, as shipped (recipes/gsm8k-qwen2.5-7b.yaml, gsm8k-llama3.1-8b.yaml: 4 x 8 x 512
+tokens, their eval at the end included), with the random-init shape for the hub model and GSM8K's local sample
+(tests/data) for the hub dataset: qwen-7b-gsm8k-24gb, llama-8b-gsm8k-24gb.
 Each row trains STEPS steps (5); the first compiles and samples every completion to its full length; step_s and
 phase_s are the medians of steps 2..5 (the last step is profiled where PROFILE names the row: TRAINER_PROFILE_STEP, its
 torch.profiler tables kept beside the results). startup_s: launch to the end of step 1. The shapes are built before the
@@ -37,13 +40,21 @@ ROWS = {
     "qwen-7b-15gb": dict(shape="qwen2.5-7b", completions=8, completion_tokens=1024, budget_gb=15),
     "llama-8b-24gb": dict(shape="llama-3.1-8b", completions=16, completion_tokens=2048, budget_gb=24),
     "llama-8b-40gb": dict(shape="llama-3.1-8b", completions=16, completion_tokens=2048, budget_gb=40),
+    "qwen-7b-gsm8k-24gb": dict(shape="qwen2.5-7b", completions=32, completion_tokens=512, budget_gb=24,
+                               recipe="recipes/gsm8k-qwen2.5-7b.yaml"),
+    "llama-8b-gsm8k-24gb": dict(shape="llama-3.1-8b", completions=32, completion_tokens=512, budget_gb=24,
+                                recipe="recipes/gsm8k-llama3.1-8b.yaml"),
 }
+GSM8K = ROOT / "tests" / "data" / "gsm8k_sample.parquet"  # the hub dataset's format, local
 PHASES = ("kv", "rollout", "reward", "recompute", "train", "optimizer", "sync")
 H200_TOTAL = 150_754_820_096
 
 
 def overrides(name: str) -> list[str]:
     r = ROWS[name]
+    if "recipe" in r:  # a user recipe as shipped: only the hub's model and data stood in for, and the run's length
+        return ["model.name=", f"model.shape={r['shape']}", f"data.dataset={GSM8K}", f"eval.dataset={GSM8K}",
+                "logging.wandb=false", f"train.max_steps={STEPS}"]
     return [f"model.shape={r['shape']}", f"train.generation_batch_size={r['completions']}",
             f"grpo.max_completion_length={r['completion_tokens']}", f"budget.vram_gb={r['budget_gb']}",
             f"train.max_steps={STEPS}"]
@@ -51,7 +62,8 @@ def overrides(name: str) -> list[str]:
 
 def command(name: str) -> list[str]:
     sets = [x for o in overrides(name) for x in ("--set", o)]
-    return [sys.executable, "-m", "trainer.cli", RECIPE, "--output-dir", str(RUNS / name), "--overwrite", *sets]
+    return [sys.executable, "-m", "trainer.cli", ROWS[name].get("recipe", RECIPE), "--output-dir", str(RUNS / name),
+            "--overwrite", *sets]
 
 
 def plans() -> None:
@@ -61,9 +73,9 @@ def plans() -> None:
     from trainer.recipe import load_recipe
 
     dev = Device("cuda", "NVIDIA H200", H200_TOTAL, H200_TOTAL - 10**9, True, host_free_bytes=120 * 10**9)
-    for name in ROWS:
-        r = load_recipe(ROOT / RECIPE, overrides(name))
-        p = make_plan(read_config(r.model), r, dev, max_prompt_tokens=24)
+    for name, row in ROWS.items():  # recipe rows: planned for data.max_prompt_length (the run: its longest prompt)
+        r = load_recipe(ROOT / row.get("recipe", RECIPE), overrides(name))
+        p = make_plan(read_config(r.model), r, dev, max_prompt_tokens=None if "recipe" in row else 24)
         print(json.dumps({"name": name, "predicted_peak_gb": round(p.peak_bytes / 1e9, 3),
                           "phases_gb": {k: round(v / 1e9, 2) for k, v in p.phase_peaks.items()},
                           "weight_format": p.weight_format, "gradient_checkpointing": p.gradient_checkpointing,

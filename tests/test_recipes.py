@@ -115,3 +115,22 @@ def test_a_budget_larger_than_the_card_is_refused_before_loading():
                       "--set", "budget.vram_gb=auto"], env={"HF_HUB_OFFLINE": "1"})
     assert auto.returncode == 0, auto.stdout[-2000:] + auto.stderr[-2000:]
     assert json.loads(auto.stdout)["peak_bytes"] <= 16 * GB
+
+
+def test_the_scale_bench_runs_the_7_8b_recipes_as_shipped():
+    # bench/scale.py's recipe rows are what the H200 measures of these recipes: only the hub's model and data are
+    # stood in for and the run shortened, and the row's record (batch, length, budget) is the recipe's own
+    from bench import scale
+    from trainer.recipe import load_recipe
+
+    rows = {n: r for n, r in scale.ROWS.items() if "recipe" in r}
+    assert {r["recipe"] for r in rows.values()} == {"recipes/gsm8k-qwen2.5-7b.yaml", "recipes/gsm8k-llama3.1-8b.yaml"}
+    for name, row in rows.items():
+        sets = scale.overrides(name)
+        assert {s.split("=")[0] for s in sets} == {"model.name", "model.shape", "data.dataset", "eval.dataset",
+                                                    "logging.wandb", "train.max_steps"}
+        assert scale.command(name)[3] == row["recipe"]
+        r = load_recipe(ROOT / row["recipe"], sets)
+        assert (r.train.generation_batch_size, r.grpo.max_completion_length, float(r.budget.vram_gb)) == (
+            row["completions"], row["completion_tokens"], float(row["budget_gb"]))
+        assert SHAPE[yaml.safe_load((ROOT / row["recipe"]).read_text())["model"]["name"]] == row["shape"]
