@@ -31,6 +31,19 @@ def _cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_room():
+    """In-process plans see ample scratch space in this machine's scratch directories (trainer.plan.scratch_space):
+    the tests' H100s and H200s stand for GPU machines, and a plan must not turn on how full this machine's /dev/shm
+    or /tmp is. Tests of the room check patch scratch_space themselves; processes a test starts see the real one."""
+    from trainer import plan
+
+    real = plan.scratch_space
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan, "scratch_space", lambda: {d: 10**13 for d in real()})
+        yield real
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(_cache) -> Path:
     from trainer.shapes import model_dir

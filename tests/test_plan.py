@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -11,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from tests.conftest import ROOT
 from trainer import memory
 from trainer.errors import UserError
-from trainer.memory import ModelDims
+from trainer.memory import GB, ModelDims
 from trainer.plan import Device, make_plan
 from trainer.recipe import load_recipe
 
@@ -348,3 +349,39 @@ def test_planner_bench_keeps_the_runs_profile_and_memory_files_beside_its_log(tm
                                                       "1.5b@10gb.profile_step5.txt"]
     assert (out / "1.5b@10gb.profile_step5.txt").read_text() == "profile_step5.txt"
     keep_run_files(tmp_path / "never-started", out, "x")  # a run that died before its dir: nothing, no error
+
+
+def _plan_with_scratch(monkeypatch, space: dict, sets=()):
+    from trainer import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "scratch_space", lambda: dict(space))
+    return make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=40", *sets]), H100, max_prompt_tokens=100)
+
+
+def test_the_engine_stages_its_files_where_there_is_room_and_the_mirror_only_where_it_fits(monkeypatch):
+    """Docker gives a container 64 MB of /dev/shm unless run with --shm-size: the bf16 mirror (3.5 GB for a 1.5B)
+    written there would fail with ENOSPC after the weights had loaded. The plan stages in the first scratch directory
+    with room, leaves the mirror out where none has room for it (saying so), and refuses a pinned mirror before
+    anything loads."""
+    roomy = _plan_with_scratch(monkeypatch, {"/dev/shm": 10**12, "/tmp": 10**12})
+    assert roomy.weight_format == "bf16_mirror" and roomy.scratch_dir == "/dev/shm"  # the 40 GB plan's choice
+    docker = _plan_with_scratch(monkeypatch, {"/dev/shm": 64 * 2**20, "/tmp": 50 * GB})
+    assert docker.weight_format == "bf16_mirror" and docker.scratch_dir == "/tmp"
+    small = _plan_with_scratch(monkeypatch, {"/dev/shm": 64 * 2**20, "/tmp": 2 * GB})
+    assert small.weight_format == "shared_nf4" and small.scratch_dir == "/tmp"  # the adapter alone has room there
+    assert any(n.startswith("bf16 mirror not considered: vLLM loads the bf16 mirror's weights") and "/tmp 2.00 GB" in n
+               for n in small.notes), small.notes
+    with pytest.raises(UserError, match="no scratch directory has room") as e:
+        _plan_with_scratch(monkeypatch, {"/dev/shm": 64 * 2**20, "/tmp": 2 * GB}, ["rollout.weight_format=bf16_mirror"])
+    assert e.value.field == "rollout.weight_format" and "--shm-size" in e.value.fix
+    with pytest.raises(UserError, match="the LoRA adapter from files") as e:
+        _plan_with_scratch(monkeypatch, {"/dev/shm": 2**20})
+    assert e.value.field == "rollout.engine"
+
+
+def test_scratch_space_lists_this_machines_writable_scratch_directories(_scratch_room):
+    import tempfile
+
+    space = _scratch_room()  # the real trainer.plan.scratch_space
+    assert tempfile.gettempdir() in space and all(v >= 0 for v in space.values())
+    assert list(space)[0] == ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())

@@ -31,7 +31,9 @@ def stack():
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, engine)
-    engine.attach(policy)
+    with pytest.MonkeyPatch.context() as mp:  # the bf16 mirror in many shards: vLLM loads the sharded checkpoint
+        mp.setattr("trainer.sync.MIRROR_SHARD_BYTES", 64 * 1024)
+        engine.attach(policy)
     yield recipe, plan, engine, policy
     engine.close()
 
@@ -65,9 +67,12 @@ def _randomize_lora(policy, scale, seed):
 
 
 def test_every_lora_module_maps_to_a_vllm_slot(stack):
-    _, _, engine, policy = stack
+    _, plan, engine, policy = stack
     layers = policy.model.get_base_model().config.num_hidden_layers
     assert len(engine.lora_sync.pairs) == 7 * layers  # q, k, v (qkv_proj shards), o, gate, up (gate_up), down
+    # the mirror vLLM loaded was written shard by shard (the next test: vLLM samples exactly the trainer's policy)
+    assert plan.weight_format == "bf16_mirror" and engine.info["mirror_shards"] > 3
+    assert str(engine.shm).startswith(plan.scratch_dir) and not (engine.shm / "mirror").exists()
 
 
 def test_lora_sync_reaches_sampling_and_logprobs_match_the_trainer(stack):

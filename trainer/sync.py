@@ -105,34 +105,68 @@ def _finish(model, config):
     return model
 
 
-def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path, dtype: torch.dtype) -> Path:
+MIRROR_SHARD_BYTES = 1 << 30  # the mirror is written in shards of about this size: the host holds one at a time
+
+
+def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path, dtype: torch.dtype,
+                            shard_bytes: int | None = None) -> Path:
     """bf16_mirror: a checkpoint whose linear weights are the trainer's dequantised nf4 weights, for vLLM to load.
 
     vLLM then samples from exactly the function the trainer trains (not from the original bf16 weights, which
-    differ by the quantisation error). Written once at start-up (to /dev/shm); works whatever vLLM does to its
-    weights after loading (its CPU backend repacks them into oneDNN handles, for instance).
+    differ by the quantisation error). Written once at start-up, to the plan's scratch directory (/dev/shm where it
+    has room: plan.scratch_dir); works whatever vLLM does to its weights after loading (its CPU backend repacks them
+    into oneDNN handles, for instance). One tensor at a time: each is dequantised on the device and moved to the host
+    before the next, and shards of ~`shard_bytes` go to disk as they fill, with the index HF's sharded checkpoints
+    have. Dequantising the whole base first held a bf16 copy of every linear on the GPU beside the nf4 one (13 GB for
+    a 7B at start-up) and a second host copy beside the file.
     """
+    import json
+
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     from safetensors.torch import save_file
 
     base = policy_model.get_base_model() if hasattr(policy_model, "get_base_model") else policy_model
-    state: dict[str, torch.Tensor] = {}
-    quantized = set()
-    for name, mod in base.named_modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
+    quantized = {name.replace(".base_layer", ""): mod for name, mod in base.named_modules()
+                 if isinstance(mod, bnb.nn.Linear4bit)}
+
+    def tensors():
+        for clean, mod in quantized.items():
+            yield f"{clean}.weight", lambda mod=mod: F.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+        for name, p in base.named_parameters():
             clean = name.replace(".base_layer", "")
-            state[f"{clean}.weight"] = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
-            quantized.add(clean)
-    for name, p in base.named_parameters():
-        clean = name.replace(".base_layer", "")
-        if "lora_" in name or clean.rsplit(".", 1)[0] in quantized and clean.endswith(".weight"):
-            continue
-        if clean == "lm_head.weight" and base.config.tie_word_embeddings:
-            continue
-        state[clean] = p.data.to(dtype)
+            if "lora_" in name or clean.rsplit(".", 1)[0] in quantized and clean.endswith(".weight"):
+                continue
+            if clean == "lm_head.weight" and base.config.tie_word_embeddings:
+                continue
+            yield clean, lambda p=p: p.data
+
+    shard_bytes = shard_bytes or MIRROR_SHARD_BYTES
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
+
+    def flush():
+        name = f"mirror-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], str(out / name))
+        weight_map.update({k: name for k in shards[-1]})
+        files.append(name)
+        shards[-1] = {}
+
+    for key, make in tensors():
+        t = make().to(dtype).detach().to("cpu").contiguous()
+        if shards[-1] and size + t.numel() * t.element_size() > shard_bytes:
+            flush()
+            size = 0
+        shards[-1][key] = t
+        size += t.numel() * t.element_size()
+    if shards[-1]:
+        flush()
+    total = sum((out / f).stat().st_size for f in files)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
     for f in Path(src).iterdir():
         if f.suffix in (".json", ".jinja", ".txt", ".model") and not f.name.startswith("model.safetensors"):
             shutil.copy(f, out / f.name)

@@ -94,7 +94,9 @@ class VLLMEngine:
         from trainer.rollout import vllm_internals as vi
 
         self.vllm, self.recipe, self.plan, self.vi, self.path = vllm, recipe, plan, vi, path
-        self.shm = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"trainer-{os.getpid()}"
+        # the plan's scratch directory (/dev/shm where it has room for what is staged: plan.scratch_dir)
+        scratch = plan.scratch_dir or ("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp")
+        self.shm = Path(scratch) / f"trainer-{os.getpid()}"
         self.llm = self.vmodel = self.request = self.lora_sync = self.file_sync = None
         self.kv_released = False
         self.on_kv_change = None  # called with the KV bytes released (0 when re-mapped); the run's allocator cap
@@ -121,6 +123,7 @@ class VLLMEngine:
         self.info = {"vllm": self.vi.version(), "weight_format": self.plan.weight_format}
         if self.llm is None:  # bf16_mirror: vLLM loads the trainer's dequantised weights, then shares embeddings
             mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
+            self.info["mirror_shards"] = len(list(mirror.glob("*.safetensors")))
             parked = sync.park_embeddings(policy.model.get_base_model())  # off the GPU while vLLM loads its own
             self._start(mirror)
             sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
