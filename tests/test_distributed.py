@@ -18,7 +18,9 @@ ARGS = ["recipes/tiny-cpu.yaml", "--set", "train.max_steps=4", "--set", "rollout
 
 def train(out, nproc: int, dump=None, extra=()):
     env = {**os.environ, **({"TRAINER_TEST_DUMP_LORA": str(dump)} if dump else {})}
-    pre = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29517"] if nproc > 1 \
+    # --standalone: the rendezvous takes a free port (the fixed --master_port=29517 failed with EADDRINUSE twice on
+    # 2026-12-04 with other test files running beside this one)
+    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 \
         else [sys.executable]
     res = subprocess.run([*pre, "-m", "trainer.cli", *ARGS, *extra, "--output-dir", str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
