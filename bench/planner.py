@@ -38,6 +38,8 @@ FREE = ["rollout.weight_format=", "rollout.kv_release=", "checkpoint.save_final=
         "data.max_prompt_length=30"]
 HF = ["rollout.engine=hf"]
 B = ["grpo.beta=0.04"]
+MB286 = ["train.micro_batch_tokens=286", "train.activation_offload=false", "rollout.kv_release=false",
+         "model.gradient_checkpointing=true"]
 
 
 def lora(r: int) -> list[str]:
@@ -66,6 +68,11 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
     "1.5b-vllm-nf4-8x4096": (["rollout.weight_format=shared_nf4"] + gen(8, 4096), ["min"]),
     # bench/recipes/multigpu-1.5b.yaml's shape of work on one GPU at 20 GB: the -17% row of the issue
     "1.5b-vllm-128x96-20gb": (gen(128, 96), [20.0]),
+    # config A's train phase at eight one-sequence micro-batches, each rollout format, all else pinned alike: the
+    # least-budget rows train ~0.28 s a micro-batch with shared nf4 and the mirror rows ~0.08-0.16 (2026-12-04 note),
+    # though the trainer holds nf4 in both (shared: views into vLLM's packed tensors); this pair separates the format
+    "1.5b-vllm-8x256-mb286-nf4": (gen(8, 256) + MB286 + ["rollout.weight_format=shared_nf4"], [6.6]),
+    "1.5b-vllm-8x256-mb286-mirror": (gen(8, 256) + MB286 + ["rollout.weight_format=bf16_mirror"], [6.6]),
     "7b-vllm-8x512": (shape("qwen2.5-7b") + gen(8, 512), ["min"]),
     # the 7B without checkpointing (the planner's choice at 15 GB since the bf16 refit): NO_CKPT_FIT's second shape
     "7b-vllm-8x1024": (shape("qwen2.5-7b") + gen(8, 1024), [15.0]),
