@@ -130,41 +130,41 @@ def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path,
     quantized = {name.replace(".base_layer", ""): mod for name, mod in base.named_modules()
                  if isinstance(mod, bnb.nn.Linear4bit)}
 
-    def tensors():
+    def tensors():  # lazily: each is made (dequantised on the device) only when the loop below takes it
         for clean, mod in quantized.items():
-            yield f"{clean}.weight", lambda mod=mod: F.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+            yield f"{clean}.weight", F.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
         for name, p in base.named_parameters():
             clean = name.replace(".base_layer", "")
             if "lora_" in name or clean.rsplit(".", 1)[0] in quantized and clean.endswith(".weight"):
                 continue
             if clean == "lm_head.weight" and base.config.tie_word_embeddings:
                 continue
-            yield clean, lambda p=p: p.data
+            yield clean, p.data
 
     shard_bytes = shard_bytes or MIRROR_SHARD_BYTES
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    files: list[str] = []
     weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    files = 0
 
     def flush():
-        name = f"mirror-{len(files) + 1:05d}.safetensors"
-        save_file(shards[-1], str(out / name))
-        weight_map.update({k: name for k in shards[-1]})
-        files.append(name)
-        shards[-1] = {}
+        nonlocal files
+        files += 1
+        name = f"mirror-{files:05d}.safetensors"
+        save_file(shard, str(out / name))
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
 
-    for key, make in tensors():
-        t = make().to(dtype).detach().to("cpu").contiguous()
-        if shards[-1] and size + t.numel() * t.element_size() > shard_bytes:
+    size = 0  # bytes in `shard`
+    for key, t in tensors():
+        t = t.to(dtype).detach().to("cpu").contiguous()
+        if shard and size + t.nbytes > shard_bytes:
             flush()
             size = 0
-        shards[-1][key] = t
-        size += t.numel() * t.element_size()
-    if shards[-1]:
+        shard[key], size = t, size + t.nbytes
+    if shard:
         flush()
-    total = sum((out / f).stat().st_size for f in files)
+    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
     for f in Path(src).iterdir():

@@ -95,8 +95,7 @@ class VLLMEngine:
 
         self.vllm, self.recipe, self.plan, self.vi, self.path = vllm, recipe, plan, vi, path
         # the plan's scratch directory (/dev/shm where it has room for what is staged: plan.scratch_dir)
-        scratch = plan.scratch_dir or ("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp")
-        self.shm = Path(scratch) / f"trainer-{os.getpid()}"
+        self.shm = Path(plan.scratch_dir) / f"trainer-{os.getpid()}"
         self.llm = self.vmodel = self.request = self.lora_sync = self.file_sync = None
         self.kv_released = False
         self.on_kv_change = None  # called with the KV bytes released (0 when re-mapped); the run's allocator cap
