@@ -8,9 +8,10 @@ prompt + completion it accepts, then train two steps at exactly that length and 
                                                           # RUNS=DIR/runs here, from a sitting's tar)
     python bench/long_context.py --write-data             # bench/recipes/data/long_prompts.jsonl (131K-token prompts)
 Rows (ROWS): llama-8b-78gb (G=8, 4K-token completions after the longest prompt that fits 78 GB), llama-8b-24gb (the
-same at 24 GB), qwen-7b-15gb (the longest accepted at 15 GB). The search is a binary search over data.max_prompt_length
-in multiples of STEP tokens with the completion held (trainer.plan.longest_length); when no prompt fits beside the
-completion, over the completion with a PROMPT_MIN-token prompt. The run's prompts are written longer than the length
+same at 24 GB; llama-8b-24gb-65k: at 65,536 tokens), qwen-7b-15gb (the longest accepted at 15 GB). The search is a
+binary search over data.max_prompt_length in multiples of STEP tokens with the completion held
+(trainer.plan.longest_length); when no prompt fits beside the completion, over the completion with a PROMPT_MIN-token
+prompt. The run's prompts are written longer than the length
 and cut to it from the left (data.max_prompt_length), so every prompt is exactly that long; the first step samples
 every completion to max_completion_length (worst_case_first_step), and random-init models rarely stop early in the
 second. Each row is one `train` process under bench/smi.py (nvidia-smi every 0.15 s); OUT_DIR/long_context.json is
@@ -51,12 +52,15 @@ RUNS = Path(os.environ.get("RUNS", "/root/runs"))
 # The device machine: one H100 80GB, 128 GB of host memory (the search here plans for it; on the device it reads both).
 H100_TOTAL, HOST_BYTES = 85_520_000_000, 120 * 10**9
 # cap_tokens: the run's length is the longest accepted up to this (78 GB accepts the model's whole 131,072-token context,
-# predicted at ~11 minutes a step; the mark is 65,536; 24 GB accepts 88,832 with the tiled MLP and four
-# sequences in flight, predicted at ~8 minutes a step: two fit a sitting's 30 device minutes). LONG_CAP=0 runs the
+# predicted at ~11 minutes a step; the mark is 65,536). 24 GB accepts 88,832 with the tiled MLP and four
+# sequences in flight (~8 minutes a step: two fit a sitting's 30 device minutes); llama-8b-24gb-65k is the same model
+# and budget at 65,536, a point of the price of length. LONG_CAP=N caps any row at N tokens, LONG_CAP=0 runs the
 # longest accepted.
 ROWS = {
     "llama-8b-78gb": dict(recipe="bench/recipes/long-llama-8b.yaml", budget_gb=78, completion=4096, cap_tokens=65536),
-    "llama-8b-24gb": dict(recipe="bench/recipes/long-llama-8b.yaml", budget_gb=24, completion=4096, cap_tokens=65536),
+    "llama-8b-24gb": dict(recipe="bench/recipes/long-llama-8b.yaml", budget_gb=24, completion=4096),
+    "llama-8b-24gb-65k": dict(recipe="bench/recipes/long-llama-8b.yaml", budget_gb=24, completion=4096,
+                              cap_tokens=65536, price=False),  # llama-8b-24gb's prices
     "qwen-7b-15gb": dict(recipe="bench/recipes/long-qwen-7b.yaml", budget_gb=15, completion=4096),
 }
 
@@ -253,7 +257,7 @@ def price_of_length(names=None) -> list[dict]:
     from trainer.errors import UserError
 
     out = []
-    for name in names or ROWS:
+    for name in names or [k for k, v in ROWS.items() if v.get("price", True)]:
         comp = ROWS[name]["completion"]
         for total in PRICE_TOKENS:
             row = {"row": name, "tokens": total}

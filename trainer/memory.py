@@ -46,8 +46,8 @@ OFFLOAD_RESIDENT_LAYERS = 2
 # hidden) and flash attention's fp32 dq accumulator (4 bytes a query element), less what is freed by the time they are
 # live. Fitted on the two offloaded long rows measured (one H200, 2026-12-03, bench/results/long_context.json), each at
 # its second step's train-phase peak on nvidia-smi: qwen-7b-15gb (32,768 tokens, MLP in tiles; 14.06 GB, 0.81 GB
-# over the plan without this term) wants 6 bytes a token x hidden, llama-8b-24gb (65,536 tokens, another shape; 20.53
-# GB, 1.58 GB over) wants 11; 9 held both within 3.2%. After the 2026-12-04 refit of the checkpointing constants
+# over the plan without this term) wants 6 bytes a token x hidden, llama-8b-24gb-65k (65,536 tokens, another shape;
+# 20.53 GB, 1.58 GB over) wants 11; 9 held both within 3.2%. After the 2026-12-04 refit of the checkpointing constants
 # above (which the two resident layers use) 9 left the 8B's train phase 5.5% under nvidia-smi (hidden there behind
 # its rollout's peak); 11 puts the 8B's 2.1% under and the 7B's 3.6% over; the offloaded grid rows move <= 0.3
 # points. Two rows of two shapes: what the term scales with beyond tokens x hidden is not separated yet. Nine of the
