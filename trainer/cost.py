@@ -11,10 +11,11 @@ bench/results/step_fit.json: predicted vs measured seconds by phase, each row pr
   reading it per sequence (67 GB a step at 64K tokens) would need twice the card's bandwidth; vLLM's cascade
   attention reads a prefix all requests share once. HF generate: per token step, a cost a decoder layer (host-bound
   Python dispatch of its modules), per generate call of hf_batch_size sequences.
-- Train: per micro-batch, the larger of a launch-bound floor and its FLOPs (linear layers, lm_head, causal attention;
-  forward, recompute with checkpointing, 2x backward) at TRAIN_FLOPS, and LONG_TRAIN_FLOPS for one-sequence
-  micro-batches of >= 4,096 tokens (plan.LONG_SEQUENCE; large GEMMs run closer to the card's peak); each pass without
-  gradients (reference, old policy) a forward; a tiled MLP (trainer/tiled_mlp.py) one more forward of the MLPs.
+- Train: per micro-batch, the larger of a host-bound floor per decoder layer and its FLOPs (linear layers, lm_head,
+  causal attention; forward, recompute with checkpointing, 2x backward) at TRAIN_FLOPS, and LONG_TRAIN_FLOPS for
+  one-sequence micro-batches of >= 4,096 tokens (plan.LONG_SEQUENCE; large GEMMs run closer to the card's peak); each
+  pass without gradients (reference, old policy) a forward; a tiled MLP (trainer/tiled_mlp.py) one more forward of
+  the MLPs.
 The terms the grid cannot separate (one HF row, one long row, no 7B mirror) are marked where they are defined.
 Good enough to rank knobs (format, micro-batch size, checkpointing, KV release, waves) and to tell a user the price
 of a small budget; not a promise of wall time: the first steps also compile.
@@ -45,12 +46,19 @@ WAVE_S = 0.06  # each wave of sequences in flight (1.5B mirror, 16 waves of one 
 # with a per-parameter term on the first two rows (1.64 ms a layer + 20.1 ms per 1e9) predicted the third, unseen,
 # at 2.4x its rollout (45.3 s against 18.6); the 10.4x vLLM's decode before it was fitted on the 0.5B row alone.
 HF_MS_PER_LAYER = 2.4
-# Train micro-batch, forward + backward of completion log-probs: the larger of a launch-bound floor (s; keyed by
-# (compiled layers, checkpointing)) and its FLOPs at TRAIN_FLOPS. The H200 grid's small micro-batches: 0.12 s
-# (7B, one 542-token sequence), 0.13 (1.5B mirror, 94 tokens, with a reference pass) compiled with checkpointing;
-# 0.23 s eager with checkpointing (0.5B, HF rollouts). Without checkpointing the floors keep the H100's ratios
-# (0.15 / 0.24 compiled, 0.26 / 0.37 eager).
-MICRO_BATCH_FLOOR_S = {(False, True): 0.23, (False, False): 0.16, (True, True): 0.13, (True, False): 0.08}
+# Train micro-batch, forward + backward of completion log-probs: the larger of a host-bound floor and its FLOPs at
+# TRAIN_FLOPS. The floor is per decoder layer (s; keyed by (compiled layers, checkpointing)): the profile of a 1.5B
+# step on the H200 (TRAINER_PROFILE_STEP=5, eight 286-token micro-batches, bench/results/planner_2026-12-04/h/) had
+# the GPU busy ~0.3 s of the train phase's 2.1-2.9 s; the host ran each layer's compiled forward (~2.2 ms), its
+# recompute (~2.2) and its backward (~2.3 + autograd), bitsandbytes' and peft's Python around the GEMMs, for every
+# micro-batch. The grid's host-bound rows (compute under half their time) took 5.5-12.8 ms a layer and micro-batch
+# compiled with checkpointing, one config 6.7 and 10.1 in two sittings; 7.0 ms keeps every steady row's step but
+# one within 25% (the flat 0.13 s floor before missed the 8B's eight 286-token micro-batches by -49% in train and
+# two 1.5B rows by -36% and -49% in the step). Rows of one micro-batch (and the 1.5B mirror's 94-token ones with a
+# reference pass) ran at 3-4 ms a layer: STEP_MODEL_MISSES in tests/test_plan.py. Eager with checkpointing (the
+# three HF rows, whose layers do not compile): 9.0-15.2 ms. Without checkpointing: the profile's share without the
+# recompute (0.77).
+LAYER_FLOOR_S = {(True, True): 7.0e-3, (True, False): 5.4e-3, (False, True): 12e-3, (False, False): 9.2e-3}
 # FLOPs of a micro-batch: 2 per parameter per token through the linear layers and lm_head plus causal attention's
 # 2 T^2 heads head_dim per layer, for the forward; x4 with checkpointing (forward, recompute, 2x backward), x3
 # without. Rates fitted on the H200: 300e12 across the grid's compute-bound micro-batches (1.5B 8,064 tokens 357,
@@ -91,24 +99,22 @@ def step_seconds(*args, **kwargs) -> float:
 
 
 def step_breakdown(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
-                   engine: str, compiled: bool = False, fused_nf4: bool = False, dims=None, prompt_len: int = 0,
+                   engine: str, compiled: bool = False, fused_nf4: bool = False, *, dims, prompt_len: int = 0,
                    num_iterations: int = 1, forward_passes: int = 0, group: int = 1) -> dict[str, float]:
     """Seconds by phase: rollout (vLLM's call, waves and decode; HF generate's calls of token steps) and train
-    (`num_iterations` forward + backward passes over the batch and `forward_passes` log-prob passes without gradients: the reference model's
-    when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims) adds the long-sequence terms;
-    `group`: completions per prompt (G)."""
+    (`num_iterations` forward + backward passes over the batch and `forward_passes` log-prob passes without gradients:
+    the reference model's when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims): the
+    layers, attention and KV shapes; `group`: completions per prompt (G)."""
     if engine == "vllm":
         seqs = min(gen, knobs.get("max_num_seqs") or gen)
         waves = math.ceil(gen / max(seqs, 1))
         step_ms = decode_ms(knobs.get("weight_format") or "shared_nf4", seqs, linear_params, fused_nf4)
-        if dims is not None:  # the KV a decode step reads beyond the measured context
-            prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
-            extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
-            step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
+        # the KV a decode step reads beyond the measured context
+        prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
+        extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
+        step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
         rollout = ROLLOUT_CALL_S + waves * WAVE_S + waves * completion_len * step_ms / 1e3
     else:  # HF generate: ceil(G / hf_batch_size) calls of completion_len token steps each
-        if dims is None:
-            raise ValueError("HF generate's cost is per decoder layer: pass dims")
         calls = math.ceil(gen / max(knobs.get("hf_batch_size") or gen, 1))
         rollout = calls * completion_len * HF_MS_PER_LAYER * dims.layers / 1e3
     gc = bool(knobs["gradient_checkpointing"])
@@ -116,19 +122,19 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     micro_batches = math.ceil(step_tokens / mbt)
     # a micro-batch's forward FLOPs: linear layers and lm_head, and causal attention, quadratic in each sequence
     seq = step_tokens / max(gen, 1)
-    head = dims.vocab * dims.hidden if dims is not None else 0
-    attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * mbt / seq if dims is not None else 0.0
+    head = dims.vocab * dims.hidden
+    attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * mbt / seq
     forward = 2 * (linear_params + head) * mbt + attn
     # long sequences, one a micro-batch: large GEMMs, closer to the card's peak than the grid's micro-batches
-    rate = LONG_TRAIN_FLOPS if dims is not None and knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS
-    # each micro-batch costs the larger of its launch-bound floor and its compute (dispatch runs ahead of the GPU);
+    rate = LONG_TRAIN_FLOPS if knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS
+    # each micro-batch costs the larger of its host-bound floor and its compute (dispatch runs ahead of the GPU);
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
-    grad_pass = max(MICRO_BATCH_FLOOR_S[(compiled, gc)], (4 if gc else 3) * forward / rate)
-    free_pass = max(MICRO_BATCH_FLOOR_S[(compiled, False)] / 2, forward / rate)
+    grad_pass = max(LAYER_FLOOR_S[(compiled, gc)] * dims.layers, (4 if gc else 3) * forward / rate)
+    free_pass = max(LAYER_FLOOR_S[(compiled, False)] * dims.layers / 2, forward / rate)
     train = micro_batches * (num_iterations * grad_pass + forward_passes * free_pass)
-    if dims is not None and knobs.get("mlp_tile_tokens"):  # a tiled MLP's backward runs the MLPs' forward once more
+    if knobs.get("mlp_tile_tokens"):  # a tiled MLP's backward runs the MLPs' forward once more
         mlp_forward = 2 * dims.layers * 3 * dims.hidden * dims.intermediate * mbt
         train += micro_batches * num_iterations * mlp_forward / rate
-    if dims is not None and knobs.get("activation_offload"):  # the copies, charged in full (OFFLOAD_BYTES_S)
+    if knobs.get("activation_offload"):  # the copies, charged in full (OFFLOAD_BYTES_S)
         train += micro_batches * 2 * dims.layers * mbt * dims.hidden * 2 / OFFLOAD_BYTES_S
     return {"rollout": rollout, "train": train + TRAIN_STEP_S + (KV_RELEASE_S if knobs.get("kv_release") else 0.0)}
