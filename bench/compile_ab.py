@@ -1,16 +1,21 @@
-"""A/B of the decoder layers' torch.compile shape handling (trainer/policy.py COMPILE_DYNAMIC), one sitting, one GPU.
+"""A/B of a switch of the compiled decoder layers (trainer/policy.py), one sitting, one GPU.
 
-    python bench/compile_ab.py OUT [STEPS]     # on the device; default 10 steps a run
+    python bench/compile_ab.py OUT [STEPS] [SWITCH]     # on the device; default 10 steps a run, SWITCH dynamic
 
-Config A of the side-by-side (bench/peers/ours.yaml: 1.5B shape, 8 x 256) at the fast budget (6.6 GB: all 8 sequences
-in one micro-batch) and the small one (3.3 GB, issue 26's small budget for A: short micro-batches), each trained with TRAINER_COMPILE_DYNAMIC
-unset (torch's automatic dynamic shapes: recompiles as lengths change) and =1 (dynamic from the first compile),
-the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the
-step, rollout and train seconds from metrics.jsonl. OUT/compile_ab.json:
-{"device", "steps", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...], "train_s": [...],
-"first_two_s", "steady_step_s" (median of steps 3+), "steady_train_s"}], "by_config": {config: {"first_two_s_saved",
-"steady_step_ratio" (dynamic / default)}}}. Keep dynamic as the default only where it saves time in the first steps
-and its steady step is not slower (ratio <= 1.02).
+SWITCH dynamic: TRAINER_COMPILE_DYNAMIC (policy.COMPILE_DYNAMIC: torch's automatic dynamic shapes, recompiling as
+lengths change, against dynamic from the first compile), on config A of the side-by-side (bench/peers/ours.yaml: 1.5B
+shape, 8 x 256) at the fast budget (6.6 GB: all 8 sequences in one micro-batch) and the small one (3.3 GB, issue 26's
+small budget for A: short micro-batches). SWITCH ckpt_in_graph: TRAINER_CKPT_IN_GRAPH (policy.CKPT_IN_GRAPH: the
+checkpoint inside each compiled layer's graph, not HF's around it), on config A at 6.6 GB without activation offload
+(which keeps HF's checkpoint): eight 286-token micro-batches on the shared nf4 base (the profiled host-bound row of
+2026-12-04), and the planner's micro-batches. Each config trained with the switch unset and set, the two variants
+alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
+train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
+{"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
+"train_s": [...], "first_two_s", "steady_step_s" (median of steps 3+), "steady_train_s"}], "by_config": {config:
+{"first_two_s_saved", "steady_step_ratio" (switch on / default), "steady_train_ratio"}}}. Keep a switch on by
+default only where its steady step is not slower (ratio <= 1.02), its peak within the plan, and, for dynamic, where it
+saves time in the first steps.
 """
 from __future__ import annotations
 
@@ -23,21 +28,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # 2.9 GB was refused on the H200 (2026-12-03, rc 2): the planner now asks at least 3.11 GB for config A
-CONFIGS = {"A-fast": 6.6, "A-small": 3.3}
-VARIANTS = {"default": None, "dynamic": "1"}
+NO_OFFLOAD = ["train.activation_offload=false", "model.gradient_checkpointing=true"]
+CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
+           "A-mb286": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
+                                          "rollout.weight_format=shared_nf4"]),
+           "A-no-offload": (6.6, NO_OFFLOAD)}
+# switch: (environment variable, its value when on, the configs it is measured on)
+SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
+            "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "1", ["A-mb286", "A-no-offload"])}
 
 
-def run_one(out: Path, config: str, budget: float, variant: str, steps: int) -> dict:
+def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:
     from bench.smi import watched
     from trainer.metrics import read_metrics
 
+    var, value, _ = SWITCHES[switch]
+    budget, overrides = CONFIGS[config]
     name = f"{config}_{variant}"
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / f"compile_ab_{name}"
-    env = {k: v for k, v in os.environ.items() if k != "TRAINER_COMPILE_DYNAMIC"}
-    if VARIANTS[variant]:
-        env["TRAINER_COMPILE_DYNAMIC"] = VARIANTS[variant]
+    env = {k: v for k, v in os.environ.items() if k not in {v[0] for v in SWITCHES.values()}}
+    if variant != "default":
+        env[var] = value
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",
            "--set", f"train.max_steps={steps}", "--set", f"budget.vram_gb={budget}"]
+    for o in overrides:
+        cmd += ["--set", o]
     rc = watched(out / f"{name}.smi.json", out / f"{name}.log", cmd, {**env, "SMI_GPUS": "0"})
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     smi = json.loads((out / f"{name}.smi.json").read_text()) if (out / f"{name}.smi.json").exists() else {}
@@ -54,28 +69,29 @@ def compare(runs: list[dict]) -> dict:
     by: dict = {}
     for config in dict.fromkeys(r["config"] for r in runs):
         got = {r["variant"]: r for r in runs if r["config"] == config and r["steady_step_s"]}
-        if set(got) == set(VARIANTS):
-            d, x = got["default"], got["dynamic"]
+        if len(got) == 2 and "default" in got:
+            d, x = got.pop("default"), got.popitem()[1]
             by[config] = {"first_two_s_saved": round(d["first_two_s"] - x["first_two_s"], 2),
                           "steady_step_ratio": round(x["steady_step_s"] / d["steady_step_s"], 3),
                           "steady_train_ratio": round(x["steady_train_s"] / d["steady_train_s"], 3)}
     return by
 
 
-def main(out: Path, steps: int) -> dict:
+def main(out: Path, steps: int, switch: str = "dynamic") -> dict:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for i, (config, budget) in enumerate(CONFIGS.items()):
-        order = list(VARIANTS) if i % 2 == 0 else list(reversed(VARIANTS))
+    for i, config in enumerate(SWITCHES[switch][2]):
+        order = ["default", switch] if i % 2 == 0 else [switch, "default"]
         for variant in order:
-            r = run_one(out, config, budget, variant, steps)
+            r = run_one(out, config, switch, variant, steps)
             runs.append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("step_s", "train_s", "command")}), flush=True)
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": steps,
-           "command": f"python bench/compile_ab.py OUT {steps}", "runs": runs, "by_config": compare(runs)}
-    (out / "compile_ab.json").write_text(json.dumps(res, indent=1))
+           "switch": switch, "command": f"python bench/compile_ab.py OUT {steps} {switch}", "runs": runs,
+           "by_config": compare(runs)}
+    (out / ("compile_ab.json" if switch == "dynamic" else f"{switch}_ab.json")).write_text(json.dumps(res, indent=1))
     print(json.dumps(res["by_config"]), flush=True)
     return res
 
@@ -83,4 +99,6 @@ def main(out: Path, steps: int) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 10)
+    if len(sys.argv) > 3 and sys.argv[3] not in SWITCHES:
+        raise SystemExit(f"unknown switch {sys.argv[3]!r}: one of {', '.join(SWITCHES)}")
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 10, sys.argv[3] if len(sys.argv) > 3 else "dynamic")

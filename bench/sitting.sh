@@ -17,7 +17,8 @@
 #   microbatch    bench/microbatch.py OUT                                -> bench/results/microbatch.json
 #   multigpu      bench/multigpu.py OUT (a multi-GPU kind)               -> bench/results/multigpu.json
 #   multi_turn    bench/multi_turn.py OUT                                -> bench/results/multi_turn.json
-#   compile       bench/compile_ab.py OUT [STEPS]                        -> bench/results/compile_ab.json
+#   compile       bench/compile_ab.py OUT [STEPS] [SWITCH]               -> bench/results/compile_ab.json (SWITCH
+#                                                                           dynamic) or SWITCH_ab.json
 #   hf            train bench/recipes/toy-digits-0.5b-hf.yaml under bench/smi.py; bench/report.py hf
 #                                                                        -> bench/results/hf_gpu.json
 #   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml

@@ -258,7 +258,7 @@ def test_the_7b_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan
     import trainer.policy
 
     monkeypatch.setattr(trainer.policy, "set_gradient_checkpointing",
-                        lambda model, on, offload=False: switched.append((model, on, offload)))
+                        lambda model, on, offload=False, in_graph=False: switched.append((model, on, offload)))
     rollout, train = p.phase_peaks["rollout"], p.phase_peaks["train"]
     lines = loop.after_step(1, {"used_rollout": 1.06 * rollout, "used_train": 1.008 * train})
     assert p.gradient_checkpointing and switched == [("the policy's model", True, False)]
@@ -297,7 +297,54 @@ def test_runtime_checkpointing_really_recomputes_the_layers():
     n_off, g_off = step()
     set_gradient_checkpointing(model, True)
     n_on, g_on = step()
+    set_gradient_checkpointing(model, True, in_graph=True)  # the checkpoint inside the layer's forward instead
+    n_in, g_in = step()
     set_gradient_checkpointing(model, False)
     n_back, _ = step()
-    assert (n_off, n_on, n_back) == (1, 2, 1)
-    assert torch.allclose(g_off, g_on, atol=1e-6)
+    assert (n_off, n_on, n_in, n_back) == (1, 2, 2, 1)
+    assert torch.allclose(g_off, g_on, atol=1e-6) and torch.allclose(g_off, g_in, atol=1e-6)
+
+
+def test_a_checkpoint_inside_the_compiled_layers_saves_their_inputs_only_and_trains_the_same():
+    """TRAINER_CKPT_IN_GRAPH's path (trainer.policy.CKPT_IN_GRAPH): torch.compile traces the checkpoint in each layer's
+    forward. The compiled layers must still recompute: the activations they keep for backward (tensors saved, less
+    the parameters, each storage once) within one layer input of what HF's checkpoint around the compiled layers
+    keeps, a fraction of what they keep with no checkpoint (a graph that dropped the checkpoint, or a partitioner left free to save what it
+    judges costly, keeps far more); and the gradients must be the same."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from trainer.policy import set_gradient_checkpointing
+
+    ids = torch.randint(0, 64, (1, 256), generator=torch.Generator().manual_seed(0))
+
+    def run(on: bool, in_graph: bool) -> tuple[int, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        set_gradient_checkpointing(model, on, in_graph=in_graph)
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = model.get_base_model().model(input_ids=ids, use_cache=False).last_hidden_state
+        hidden.float().pow(2).mean().backward()
+        return sum(kept.values()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    torch._dynamo.reset()
+    full, g_full = run(False, False)
+    inside, g_inside = run(True, True)
+    around, g_around = run(True, False)
+    hidden_bytes = ids.numel() * 64 * 4  # one layer input: HF's keeps one a layer; inside keeps the stack's output too
+    assert inside <= around + 1.25 * hidden_bytes and inside < 0.25 * full, (inside, around, full)
+    for a, b, c in zip(g_full, g_inside, g_around):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-5)

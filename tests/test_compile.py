@@ -2,6 +2,7 @@
 speed, not its math: the nf4 + LoRA policy's log-probs and LoRA gradients equal the eager ones."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -86,7 +87,28 @@ def test_compile_ab_report_compares_the_first_steps_and_the_steady_ones():
     assert compare([run("default", [1.0] * 4)]) == {}  # one variant alone: nothing to compare
 
 
-def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch):
+def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, monkeypatch):
+    # the checkpoint-in-graph A/B (issue 26): only plans without activation offload keep the switch's checkpoint, so
+    # its configs pin offload off; each run sets the switch it measures and no other
+    import bench.compile_ab as ab
+    import bench.smi
+
+    monkeypatch.setenv("TRAINER_COMPILE_DYNAMIC", "1")  # left in the caller's environment: not passed on
+    seen = []
+    monkeypatch.setattr(bench.smi, "watched", lambda smi, log, cmd, env: seen.append((cmd, env)) or 0)
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    res = ab.main(tmp_path, 3, "ckpt_in_graph")
+    assert [(r["config"], r["variant"]) for r in res["runs"]] == [
+        ("A-mb286", "default"), ("A-mb286", "ckpt_in_graph"), ("A-no-offload", "ckpt_in_graph"),
+        ("A-no-offload", "default")]
+    for (cmd, env), r in zip(seen, res["runs"]):
+        assert env.get("TRAINER_CKPT_IN_GRAPH") == ("1" if r["variant"] == "ckpt_in_graph" else None)
+        assert "TRAINER_COMPILE_DYNAMIC" not in env and "train.activation_offload=false" in cmd
+    assert (tmp_path / "ckpt_in_graph_ab.json").exists() and res["by_config"] == {}  # no steps ran
+
+
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, in_graph):
     # Seen on the H200 (2026-12-03, 1.5B, num_iterations 2, beta 0.04): the layers hit torch's recompile_limit in step
     # 2 (grad / no-grad passes, the reference pass's disabled adapter, masks present or dropped, new lengths), and
     # every variant after it ran eager. The same mix of passes here, dynamo's "eager" backend (same guards, no
@@ -96,6 +118,10 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    # in_graph: the checkpoint inside the compiled layers (TRAINER_CKPT_IN_GRAPH), a guard more on each layer
+    import trainer.policy as tp
+
+    monkeypatch.setattr(tp, "CKPT_IN_GRAPH", in_graph)
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend="eager", **k))
     # load_policy raises the limit process-wide: restored after (monkeypatch.setattr on a torch config module
@@ -106,6 +132,7 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch):
         recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", "model.gradient_checkpointing=true"])
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
         policy = load_policy(recipe, plan)
+        assert tp.checkpoint_in_graph(plan) == in_graph
         # vLLM 0.26 sets the limit to 16 when it imports its flex_attention backend, after load_policy (the H200's
         # next run hit it again): the passes must raise it themselves. 8, torch's default: below this mix's 15
         torch._dynamo.config.recompile_limit = 8

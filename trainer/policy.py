@@ -33,6 +33,16 @@ COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else 
 # graphs; 64 leaves room. Policy.hidden_states raises the limit before each pass: set once at load it was back at 16
 # in the next H200 run (vLLM's import comes later), which hit it again.
 LAYER_RECOMPILE_LIMIT = 64
+# Where the checkpoint sits when the layers are compiled. Default: HF's, torch.utils.checkpoint around each compiled
+# layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
+# in Python for every tensor the compiled layer saves. TRAINER_CKPT_IN_GRAPH=1: the checkpoint inside each layer's
+# compiled graph (Dynamo traces torch.utils.checkpoint; AOTAutograd's backward recomputes the layer in the same
+# compiled backward), one compiled forward and one backward a layer from Python. Measured on the CPU machine, host
+# time only (a 28-layer model of hidden 64, LoRA r16 all-linear, one 48-token sequence a micro-batch): nf4 4.03 ->
+# 3.08 ms a layer and micro-batch, fp32 2.26 -> 1.33 (without checkpointing 0.96). The H200's train phase at small
+# micro-batches is host-bound at 7-13 ms a layer (docs/benchmarks.md, 2026-12-04): an A/B there decides the default.
+# Not with activation offload or the tiled MLP, which replace HF's checkpoint function with their own.
+CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") == "1"
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +204,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     torch.manual_seed(recipe.train.seed)  # LoRA A's init must not depend on what ran before (e.g. building a shape)
     model = get_peft_model(model, lora)
     if plan.gradient_checkpointing:
-        set_gradient_checkpointing(model, True, plan.activation_offload)
+        set_gradient_checkpointing(model, True, plan.activation_offload, checkpoint_in_graph(plan))
     if plan.mlp_tile_tokens:
         from trainer.tiled_mlp import install
 
@@ -206,10 +216,18 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
 
 
-def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False) -> None:
+def checkpoint_in_graph(plan) -> bool:
+    """Checkpoint inside the compiled layers' graphs (CKPT_IN_GRAPH) for this plan's knobs."""
+    return CKPT_IN_GRAPH and plan.compile_layers and not plan.activation_offload and not plan.mlp_tile_tokens
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False) -> None:
     """Recompute each decoder layer's activations in backward (on) or keep them (off), with the checkpointed layer
-    inputs in pinned host memory (offload, trainer/offload.py); may change between steps."""
-    if on:
+    inputs in pinned host memory (offload, trainer/offload.py), or the checkpoint inside each layer's forward, for
+    torch.compile to trace (in_graph, CKPT_IN_GRAPH); may change between steps."""
+    for layer in model.get_base_model().model.layers:
+        _checkpoint_in_forward(layer, on and in_graph)
+    if on and not in_graph:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if offload:
             from trainer.offload import install
@@ -217,6 +235,23 @@ def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool =
             install(model)
     else:
         model.gradient_checkpointing_disable()
+
+
+def _checkpoint_in_forward(layer: torch.nn.Module, on: bool) -> None:
+    """The layer's forward checkpointed when `on` and gradients are being recorded (the flag is read inside the
+    forward: torch.compile guards on it and recompiles once when it changes)."""
+    if not hasattr(layer, "_trainer_forward"):
+        from torch.utils.checkpoint import checkpoint
+
+        layer._trainer_forward = layer.forward
+
+        def forward(*args, **kwargs):
+            if layer._trainer_checkpoint and torch.is_grad_enabled():
+                return checkpoint(layer._trainer_forward, *args, use_reentrant=False, **kwargs)
+            return layer._trainer_forward(*args, **kwargs)
+
+        layer.forward = forward
+    layer._trainer_checkpoint = on
 
 
 def _load_own_base(recipe, plan, path: Path, device: torch.device, dtype: torch.dtype):
