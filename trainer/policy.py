@@ -227,7 +227,8 @@ def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool =
     inputs in pinned host memory (offload, trainer/offload.py), or the checkpoint inside each layer's forward, for
     torch.compile to trace (in_graph, CKPT_IN_GRAPH); may change between steps."""
     for layer in model.get_base_model().model.layers:
-        _checkpoint_in_forward(layer, on and in_graph)
+        if (on and in_graph) or hasattr(layer, "_trainer_forward"):  # HF's path alone leaves the layers untouched
+            _checkpoint_in_forward(layer, on and in_graph)
     if on and not in_graph:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if offload:
