@@ -3,6 +3,7 @@ code paths run on local files of the hub datasets' format."""
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
@@ -14,13 +15,18 @@ def metrics(run_dir):
 
 
 def test_tiny_cpu_recipe_learns(tmp_path):
-    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run")], env={"TRAINER_PROFILE_STEP": "3"})
+    out = run_train(["recipes/tiny-cpu.yaml", "--output-dir", str(tmp_path / "run")],
+                    env={"TRAINER_PROFILE_STEP": "3", "TRAINER_PROFILE_PYTHON": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     prof = (tmp_path / "run" / "profile_step3.txt").read_text()
     assert "aten::" in prof  # torch.profiler table of step 3 only, led by its phases (rollout, train, ...)
     phases = {line.split()[0] for line in prof.split("\n\n")[0].splitlines()[1:]}
     assert {"rollout", "train", "optimizer", "sync"} <= phases, prof[:600]
-    assert [p.name for p in (tmp_path / "run").glob("profile_step*.txt")] == ["profile_step3.txt"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("profile_step*.txt")) == [
+        "profile_step3.txt", "profile_step3_python.txt"]
+    # each Python function's own time, by file and line (the profiler's Python tracer), beside the ops
+    python = (tmp_path / "run" / "profile_step3_python.txt").read_text()
+    assert re.search(r"trainer/\w+\.py\(\d+\): \w+", python) and "aten::" in python, python[:2000]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     threshold = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())["success"]["min_last10_reward"]
     assert "mean reward: first 10 steps" in out.stdout

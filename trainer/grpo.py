@@ -275,20 +275,26 @@ def percentile(x: torch.Tensor, q: float) -> float:
 
 @contextlib.contextmanager
 def _profiled(run_dir: Path, step: int, world: distributed.World):
-    """TRAINER_PROFILE_STEP=k: torch.profiler over step k, tables by CPU and by device time in the run dir."""
+    """TRAINER_PROFILE_STEP=k: torch.profiler over step k, tables by CPU and by device time in the run dir. With
+    TRAINER_PROFILE_PYTHON=1 also each Python function's own time (the profiler's Python tracer: where a host-bound
+    phase's time outside any op goes; it slows the step it profiles), in profile_step{k}_python.txt."""
     if os.environ.get("TRAINER_PROFILE_STEP") != str(step + 1) or not world.main:
         yield
         return
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
+    python = os.environ.get("TRAINER_PROFILE_PYTHON") == "1"
+    with profile(activities=acts, with_stack=python) as prof:
         yield
     avg = prof.key_averages()
     by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     (run_dir / f"profile_step{step + 1}.txt").write_text(
         phase_table(avg) + "\n\n" + avg.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
         + avg.table(sort_by=by, row_limit=40))
+    if python:
+        (run_dir / f"profile_step{step + 1}_python.txt").write_text(
+            avg.table(sort_by="self_cpu_time_total", row_limit=100, max_name_column_width=90))
 
 
 def phase_table(avg) -> str:
