@@ -23,7 +23,7 @@ torchrun (one process when N = 1), one colocated vLLM engine per rank.
     python bench/multigpu.py OUT_DIR    # on the device after staging; writes OUT_DIR/multigpu_x4.json
 Environment: MG_GPUS (1,2,4) MG_MODES (weak,strong) MG_PER_GPU (64) MG_GLOBAL (256) MG_STEPS (8) MG_TOKENS (256,
 grpo.max_completion_length) MG_RESUME (1) MG_RESUME_AT (3) MG_RECIPE, MG_SETS ("key=value ..." after ours: CPU dry
-runs), MG_REUSE (run names to summarise from an earlier sitting instead of rerunning), MG_PORT, RUNS (/root/runs).
+runs), MG_REUSE (run names to summarise from an earlier sitting instead of rerunning), RUNS (/root/runs).
 CPU dry run (gloo, the tiny recipe): see tests/test_multigpu_bench.py.
 """
 from __future__ import annotations
@@ -50,7 +50,6 @@ MODES = os.environ.get("MG_MODES", "weak,strong").split(",")
 PER_GPU, GLOBAL = int(os.environ.get("MG_PER_GPU", "64")), int(os.environ.get("MG_GLOBAL", "256"))
 STEPS, TOKENS = int(os.environ.get("MG_STEPS", "8")), os.environ.get("MG_TOKENS", "256")
 RESUME, RESUME_AT = os.environ.get("MG_RESUME", "1") == "1", int(os.environ.get("MG_RESUME_AT", "3"))
-PORT = os.environ.get("MG_PORT", "29531")
 SKIP = 2  # steps 1-2 are left out of medians and rates: worst-case lengths, first-call warm-up
 PHASES = ("rollout", "reward", "barrier", "recompute", "train", "optimizer", "grad_wait", "grad_allreduce", "sync",
           "kv")
@@ -70,7 +69,8 @@ def runs_to_make(gpus=GPUS, modes=MODES, per_gpu=PER_GPU, global_=GLOBAL) -> lis
 
 
 def command(nproc: int, completions: int, rundir: Path, extra=()) -> list[str]:
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={PORT}"] \
+    # --standalone: a free rendezvous port each launch (a fixed one failed with EADDRINUSE beside other jobs)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     sets = [f"train.generation_batch_size={completions}", f"train.max_steps={STEPS}",
             f"grpo.max_completion_length={TOKENS}", "checkpoint.save_steps=1000", "checkpoint.save_final=false"]

@@ -63,7 +63,7 @@ def test_distributed_term_is_fitted_from_the_weak_runs_less_the_plans_own_error(
 @pytest.mark.slow  # about a minute on 2 idle cores: five short torchrun launches
 def test_dry_run_on_cpu_with_two_gloo_ranks_scales_compares_adapters_and_resumes(tmp_path):
     env = {**os.environ, "MG_RECIPE": "recipes/tiny-cpu.yaml", "MG_GPUS": "1,2", "MG_PER_GPU": "32",
-           "MG_GLOBAL": "64", "MG_TOKENS": "16", "MG_STEPS": "5", "MG_RESUME_AT": "2", "MG_PORT": "29547",
+           "MG_GLOBAL": "64", "MG_TOKENS": "16", "MG_STEPS": "5", "MG_RESUME_AT": "2",
            "MG_SETS": "rollout.hf_batch_size=8 logging.plots=false eval=", "RUNS": str(tmp_path / "runs")}
     out = subprocess.run([sys.executable, "bench/multigpu.py", str(tmp_path / "out")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
