@@ -11,11 +11,11 @@ Rows (ROWS): llama-8b-78gb (G=8, 4K-token completions after the longest prompt t
 same at 24 GB; llama-8b-24gb-65k: at 65,536 tokens), qwen-7b-15gb (the longest accepted at 15 GB). The search is a
 binary search over data.max_prompt_length in multiples of STEP tokens with the completion held
 (trainer.plan.longest_length); when no prompt fits beside the completion, over the completion with a PROMPT_MIN-token
-prompt. The run's prompts are written longer than the length
-and cut to it from the left (data.max_prompt_length), so every prompt is exactly that long; the first step samples
-every completion to max_completion_length (worst_case_first_step), and random-init models rarely stop early in the
-second. Each row is one `train` process under bench/smi.py (nvidia-smi every 0.15 s); OUT_DIR/long_context.json is
-rewritten after each row (rows already there are kept, so rows can run in separate commands). With
+prompt. The run's prompts are written longer than the length and cut to it from the left (data.max_prompt_length), so
+every prompt is exactly that long; the first step samples every completion to max_completion_length
+(worst_case_first_step), and random-init models rarely stop early in the second. Each row is one `train` process
+under bench/smi.py (nvidia-smi every 0.15 s); OUT_DIR/long_context.json is rewritten after each row (rows already
+there are kept, so rows can run in separate commands). With
 TRAINER_MEMORY_HISTORY=start in the environment an OOM at start-up also leaves OUT_DIR/ROW.memory_snapshot.pickle.gz
 (`python bench/memory_snapshot.py` on it prints what held the memory):
     {"device", "runs": [{"name", "shape", "num_generations", "tokens", "prompt_tokens", "completion_tokens",
