@@ -101,4 +101,5 @@ if __name__ == "__main__":
         raise SystemExit(__doc__)
     if len(sys.argv) > 3 and sys.argv[3] not in SWITCHES:
         raise SystemExit(f"unknown switch {sys.argv[3]!r}: one of {', '.join(SWITCHES)}")
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 10, sys.argv[3] if len(sys.argv) > 3 else "dynamic")
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 10,
+         sys.argv[3] if len(sys.argv) > 3 else "dynamic")

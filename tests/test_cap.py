@@ -309,8 +309,8 @@ def test_a_checkpoint_inside_the_compiled_layers_saves_their_inputs_only_and_tra
     """TRAINER_CKPT_IN_GRAPH's path (trainer.policy.CKPT_IN_GRAPH): torch.compile traces the checkpoint in each layer's
     forward. The compiled layers must still recompute: the activations they keep for backward (tensors saved, less
     the parameters, each storage once) within one layer input of what HF's checkpoint around the compiled layers
-    keeps, a fraction of what they keep with no checkpoint (a graph that dropped the checkpoint, or a partitioner left free to save what it
-    judges costly, keeps far more); and the gradients must be the same."""
+    keeps, a fraction of what they keep with no checkpoint (a graph that dropped the checkpoint keeps far more); and
+    the gradients must be the same."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -251,11 +251,12 @@ class Loop:
             setattr(self.plan, k, v)
         if "micro_batch_tokens" in knobs:  # sequences per micro-batch follow it (one long sequence, or packed)
             self.plan.micro_batch_seqs = self.current()["micro_batch_seqs"]
-        if knobs.keys() & {"gradient_checkpointing", "activation_offload", "mlp_tile_tokens"} and self.policy is not None:
+        checkpointing = {"gradient_checkpointing", "activation_offload", "mlp_tile_tokens"}
+        if knobs.keys() & checkpointing and self.policy is not None:
             from trainer.policy import checkpoint_in_graph, set_gradient_checkpointing
 
-            set_gradient_checkpointing(self.policy.model, self.plan.gradient_checkpointing, self.plan.activation_offload,
-                                       checkpoint_in_graph(self.plan))
+            set_gradient_checkpointing(self.policy.model, self.plan.gradient_checkpointing,
+                                       self.plan.activation_offload, checkpoint_in_graph(self.plan))
         if "mlp_tile_tokens" in knobs and self.policy is not None:
             from trainer.tiled_mlp import install
 
