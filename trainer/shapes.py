@@ -213,30 +213,42 @@ def build(shape: str, seed: int, out: Path) -> None:
     model.generation_config.save_pretrained(out)
 
 
-def save_sharded(state: dict, out: Path, shard_bytes: int) -> list[str]:
-    """Write `state` as model.safetensors, or as shards of at most `shard_bytes` with the index file that transformers
-    and vLLM read. Tensors are copied to the host one shard at a time (an 8B model built on the GPU never has all
-    16 GB on the host at once). Returns the file names."""
+def save_sharded(tensors, out: Path, shard_bytes: int, always_index: bool = False) -> list[str]:
+    """Write `tensors` (a dict, or (name, tensor) pairs) as shards of at most `shard_bytes` with the index file that
+    transformers and vLLM read; a checkpoint that fits one shard is model.safetensors alone unless `always_index`.
+    The pairs are taken one at a time and each tensor goes to the host as it is taken, so the host holds one shard
+    (an 8B model built on the GPU never has all 16 GB on the host at once) and a generator may make each tensor only
+    when it is taken (the bf16 mirror dequantises them on the device one by one). Returns the file names."""
     from safetensors.torch import save_file
 
-    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
-    if sum(sizes.values()) <= shard_bytes:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})
+    parts: list[tuple[str, list[str]]] = []  # shards written under temporary names until their count is known
+    shard: dict = {}
+    size = total = 0
+
+    def flush():
+        part = f".part-{len(parts):05d}.safetensors"
+        save_file(shard, str(out / part), metadata={"format": "pt"})
+        parts.append((part, list(shard)))
+        shard.clear()
+
+    for k, v in (tensors.items() if isinstance(tensors, dict) else tensors):
+        v = v.detach().contiguous().cpu()
+        if shard and size + v.nbytes > shard_bytes:
+            flush()
+            size = 0
+        shard[k] = v
+        size += v.nbytes
+        total += v.nbytes
+    if shard or not parts:
+        flush()
+    if len(parts) == 1 and not always_index:
+        (out / parts[0][0]).rename(out / "model.safetensors")
         return ["model.safetensors"]
-    shards: list[list[str]] = [[]]
-    used = 0
-    for k, n in sizes.items():
-        if shards[-1] and used + n > shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(k)
-        used += n
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     weight_map = {}
-    for name, keys in zip(names, shards):
-        save_file({k: state[k].detach().contiguous().cpu() for k in keys}, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
+    for (part, keys), name in zip(parts, names):
+        (out / part).rename(out / name)
+        weight_map.update(dict.fromkeys(keys, name))
     (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return names

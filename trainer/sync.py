@@ -108,65 +108,39 @@ def _finish(model, config):
 MIRROR_SHARD_BYTES = 1 << 30  # the mirror is written in shards of about this size: the host holds one at a time
 
 
-def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path, dtype: torch.dtype,
-                            shard_bytes: int | None = None) -> Path:
+def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path, dtype: torch.dtype) -> Path:
     """bf16_mirror: a checkpoint whose linear weights are the trainer's dequantised nf4 weights, for vLLM to load.
 
     vLLM then samples from exactly the function the trainer trains (not from the original bf16 weights, which
     differ by the quantisation error). Written once at start-up, to the plan's scratch directory (/dev/shm where it
     has room: plan.scratch_dir); works whatever vLLM does to its weights after loading (its CPU backend repacks them
     into oneDNN handles, for instance). One tensor at a time: each is dequantised on the device and moved to the host
-    before the next, and shards of ~`shard_bytes` go to disk as they fill, with the index HF's sharded checkpoints
-    have. Dequantising the whole base first held a bf16 copy of every linear on the GPU beside the nf4 one (13 GB for
-    a 7B at start-up) and a second host copy beside the file.
+    before the next, and shards of ~MIRROR_SHARD_BYTES go to disk as they fill, with the index HF's sharded
+    checkpoints have (shapes.save_sharded). Dequantising the whole base first held a bf16 copy of every linear on the
+    GPU beside the nf4 one (13 GB for a 7B at start-up) and a second host copy beside the file.
     """
-    import json
-
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
-    from safetensors.torch import save_file
+
+    from trainer.shapes import save_sharded
 
     base = policy_model.get_base_model() if hasattr(policy_model, "get_base_model") else policy_model
     quantized = {name.replace(".base_layer", ""): mod for name, mod in base.named_modules()
                  if isinstance(mod, bnb.nn.Linear4bit)}
 
-    def tensors():  # lazily: each is made (dequantised on the device) only when the loop below takes it
+    def tensors():  # lazily: each is made (dequantised on the device) only when save_sharded takes it
         for clean, mod in quantized.items():
-            yield f"{clean}.weight", F.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+            yield f"{clean}.weight", F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
         for name, p in base.named_parameters():
             clean = name.replace(".base_layer", "")
             if "lora_" in name or clean.rsplit(".", 1)[0] in quantized and clean.endswith(".weight"):
                 continue
             if clean == "lm_head.weight" and base.config.tie_word_embeddings:
                 continue
-            yield clean, p.data
+            yield clean, p.data.to(dtype)
 
-    shard_bytes = shard_bytes or MIRROR_SHARD_BYTES
     out.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    files = 0
-
-    def flush():
-        nonlocal files
-        files += 1
-        name = f"mirror-{files:05d}.safetensors"
-        save_file(shard, str(out / name))
-        weight_map.update(dict.fromkeys(shard, name))
-        shard.clear()
-
-    size = 0  # bytes in `shard`
-    for key, t in tensors():
-        t = t.to(dtype).detach().to("cpu").contiguous()
-        if shard and size + t.nbytes > shard_bytes:
-            flush()
-            size = 0
-        shard[key], size = t, size + t.nbytes
-    if shard:
-        flush()
-    total = sum((out / f).stat().st_size for f in set(weight_map.values()))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
+    save_sharded(tensors(), out, MIRROR_SHARD_BYTES, always_index=True)
     for f in Path(src).iterdir():
         if f.suffix in (".json", ".jinja", ".txt", ".model") and not f.name.startswith("model.safetensors"):
             shutil.copy(f, out / f.name)
