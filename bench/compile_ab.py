@@ -46,7 +46,8 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     budget, overrides = CONFIGS[config]
     name = f"{config}_{variant}"
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / f"compile_ab_{name}"
-    env = {k: v for k, v in os.environ.items() if k not in {v[0] for v in SWITCHES.values()}}
+    switch_vars = {name for name, _, _ in SWITCHES.values()}  # each run sets the one it measures and no other
+    env = {k: v for k, v in os.environ.items() if k not in switch_vars}
     if variant != "default":
         env[var] = value
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",

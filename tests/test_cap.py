@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_qwen2
 from trainer import budget, memory
 from trainer.cap import MARGIN, Cap
 from trainer.memory import GB, MiB
@@ -312,17 +312,14 @@ def test_a_checkpoint_inside_the_compiled_layers_saves_their_inputs_only_and_tra
     keeps, a fraction of what they keep with no checkpoint (a graph that dropped the checkpoint keeps far more); and
     the gradients must be the same."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from trainer.policy import set_gradient_checkpointing
 
     ids = torch.randint(0, 64, (1, 256), generator=torch.Generator().manual_seed(0))
 
     def run(on: bool, in_graph: bool) -> tuple[int, list[torch.Tensor]]:
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        model = get_peft_model(tiny_qwen2(vocab=64, hidden=64, layers=2),
+                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
         set_gradient_checkpointing(model, on, in_graph=in_graph)
         for layer in model.get_base_model().model.layers:
             layer.compile()
