@@ -27,7 +27,7 @@ split -b 52M -d -a 1 /tmp/site.tar.xz /tmp/stage_parts/site.tar.xz.part
 if [[ ${1:-} == unsloth ]]; then
   [[ -d .whl_unsloth ]] || bash ../shared/device/stage-unsloth.sh >/dev/null
   pack .whl_unsloth site_unsloth
-  cp /tmp/site_unsloth.tar.xz /tmp/stage_parts/
+  split -b 52M -d -a 1 /tmp/site_unsloth.tar.xz /tmp/stage_parts/site_unsloth.tar.xz.part
 fi
 k=0
 for f in $(ls /tmp/stage_parts | sort); do

@@ -4,7 +4,7 @@
 set -euo pipefail
 mkdir -p /root/site
 cat /root/stage/site.tar.xz.part* | xz -dc -T0 | tar -C /root/site -xf -
-if [[ -f /root/stage/site_unsloth.tar.xz ]]; then
-  mkdir -p /root/site_unsloth && xz -dc -T0 /root/stage/site_unsloth.tar.xz | tar -C /root/site_unsloth -xf -
+if compgen -G "/root/stage/site_unsloth.tar.xz.part*" >/dev/null; then
+  mkdir -p /root/site_unsloth && cat /root/stage/site_unsloth.tar.xz.part* | xz -dc -T0 | tar -C /root/site_unsloth -xf -
 fi
 echo "unpacked $(ls /root/site | wc -l) entries into /root/site$([[ -d /root/site_unsloth ]] && echo ' and /root/site_unsloth')"
