@@ -1,12 +1,16 @@
 """Host time of a micro-batch's forward + backward through many small decoder layers (compute negligible): what each
 way of checkpointing the compiled layers costs the Python side (trainer/policy.py CKPT_IN_GRAPH). CPU or GPU.
 
-    python bench/layer_host.py OUT.json [nf4]    # every variant in a process of its own; ~3 minutes on 2 CPU cores
+    python bench/layer_host.py OUT.json [nf4] [ROUNDS]   # every variant in a process of its own, ROUNDS (default 1)
+                                                         # times in turn; ~4 minutes a round on 2 CPU cores
 
 A Qwen2 of 28 layers, hidden 64 (fp32, or its nf4 base through bitsandbytes with `nf4`), LoRA r16 all-linear, one
 48-token sequence a micro-batch; 10 micro-batches timed after 4 warm-up. Variants: hf_ckpt_eager, hf_ckpt_compiled
 (HF's checkpoint around each compiled layer: the default), ckpt_in_graph_compiled (TRAINER_CKPT_IN_GRAPH),
-nockpt_compiled. OUT.json: {"device", "base", "command", "ms_per_layer": {variant: ...}}.
+nockpt_compiled; with nf4 also the two checkpointed compiled ones with the nf4 layers traced
+(trainer/nf4_linear.py, TRAINER_NF4_TRACED): *_nf4_traced. OUT.json: {"device", "base", "command", "ms_per_layer":
+{variant: median over the rounds}, "rounds": {variant: [ms, ...]}}. The 2-core machine's timings move by up to 40%
+between runs: compare variants within a round.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LAYERS, HIDDEN, TOKENS, WARMUP, TIMED = 28, 64, 48, 4, 10
 VARIANTS = ("hf_ckpt_eager", "hf_ckpt_compiled", "ckpt_in_graph_compiled", "nockpt_compiled")
+NF4_VARIANTS = ("hf_ckpt_compiled_nf4_traced", "ckpt_in_graph_compiled_nf4_traced")
 
 
 def one(variant: str, nf4: bool, device: str) -> float:
@@ -46,10 +51,14 @@ def one(variant: str, nf4: bool, device: str) -> float:
     model = model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
+    if variant.endswith("_nf4_traced"):
+        from trainer.nf4_linear import install
+
+        install(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    if variant != "nockpt_compiled":
-        set_gradient_checkpointing(model, True, in_graph=variant == "ckpt_in_graph_compiled")
-    if variant.endswith("_compiled"):
+    if not variant.startswith("nockpt"):
+        set_gradient_checkpointing(model, True, in_graph=variant.startswith("ckpt_in_graph"))
+    if "_compiled" in variant:
         for layer in model.get_base_model().model.layers:
             layer.compile()
     model.train()
@@ -68,18 +77,22 @@ def one(variant: str, nf4: bool, device: str) -> float:
     return (time.perf_counter() - t0) / TIMED / LAYERS
 
 
-def main(out: Path, nf4: bool) -> dict:
+def main(out: Path, nf4: bool, rounds: int = 1) -> dict:
+    import statistics
+
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    got = {}
-    for v in VARIANTS:  # a process each: compiled code and dynamo's caches do not carry over
-        r = subprocess.run([sys.executable, __file__, "--one", v, device] + (["nf4"] if nf4 else []),
-                           capture_output=True, text=True, check=True)
-        got[v] = round(float(r.stdout.strip().splitlines()[-1]) * 1e3, 2)
-        print(f"{v:24s} {got[v]:6.2f} ms a layer and micro-batch", flush=True)
+    runs: dict[str, list[float]] = {}
+    for k in range(rounds):
+        for v in VARIANTS + (NF4_VARIANTS if nf4 else ()):  # a process each: compiled code and caches do not carry over
+            r = subprocess.run([sys.executable, __file__, "--one", v, device] + (["nf4"] if nf4 else []),
+                               capture_output=True, text=True, check=True)
+            runs.setdefault(v, []).append(round(float(r.stdout.strip().splitlines()[-1]) * 1e3, 2))
+            print(f"round {k + 1} {v:34s} {runs[v][-1]:6.2f} ms a layer and micro-batch", flush=True)
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "base": "nf4" if nf4 else "fp32",
-           "command": f"python bench/layer_host.py {out}" + (" nf4" if nf4 else ""), "ms_per_layer": got}
+           "command": f"python bench/layer_host.py {out}" + (" nf4" if nf4 else "") + (f" {rounds}" if rounds > 1 else ""),
+           "ms_per_layer": {v: round(statistics.median(x), 2) for v, x in runs.items()}, "rounds": runs}
     out.write_text(json.dumps(res, indent=1) + "\n")
     return res
 
@@ -88,6 +101,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         print(one(sys.argv[2], "nf4" in sys.argv[4:], sys.argv[3]))
     elif len(sys.argv) > 1:
-        main(Path(sys.argv[1]), "nf4" in sys.argv[2:])
+        main(Path(sys.argv[1]), "nf4" in sys.argv[2:], int(next((a for a in sys.argv[2:] if a.isdigit()), "1")))
     else:
         raise SystemExit(__doc__)

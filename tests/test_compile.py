@@ -107,8 +107,8 @@ def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, mon
     assert (tmp_path / "ckpt_in_graph_ab.json").exists() and res["by_config"] == {}  # no steps ran
 
 
-@pytest.mark.parametrize("in_graph", [False, True])
-def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, in_graph):
+@pytest.mark.parametrize("in_graph,nf4_traced", [(False, False), (True, False), (True, True)])
+def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, in_graph, nf4_traced):
     # Seen on the H200 (2026-12-03, 1.5B, num_iterations 2, beta 0.04): the layers hit torch's recompile_limit in step
     # 2 (grad / no-grad passes, the reference pass's disabled adapter, masks present or dropped, new lengths), and
     # every variant after it ran eager. The same mix of passes here, dynamo's "eager" backend (same guards, no
@@ -122,6 +122,7 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
     import trainer.policy as tp
 
     monkeypatch.setattr(tp, "CKPT_IN_GRAPH", in_graph)
+    monkeypatch.setattr(tp, "NF4_TRACED", nf4_traced)  # and the nf4 layers traced (TRAINER_NF4_TRACED)
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend="eager", **k))
     # load_policy raises the limit process-wide: restored after (monkeypatch.setattr on a torch config module
@@ -133,6 +134,8 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
         policy = load_policy(recipe, plan)
         assert tp.checkpoint_in_graph(plan) == in_graph
+        traced = [m for m in policy.model.modules() if hasattr(m, "_nf4_packed")]
+        assert len(traced) == (7 * read_config(recipe.model)["num_hidden_layers"] if nf4_traced else 0)
         # vLLM 0.26 sets the limit to 16 when it imports its flex_attention backend, after load_policy (the H200's
         # next run hit it again): the passes must raise it themselves. 8, torch's default: below this mix's 15
         torch._dynamo.config.recompile_limit = 8

@@ -44,6 +44,14 @@ LAYER_RECOMPILE_LIMIT = 64
 # (docs/benchmarks.md, 2026-12-04): an A/B there (bench/compile_ab.py ckpt_in_graph) decides the default.
 # Not with activation offload or the tiled MLP, which replace HF's checkpoint function with their own.
 CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") == "1"
+# The nf4 base layers inside the compiled layers. Default: bitsandbytes' Linear4bit, whose 4-bit ops are opaque custom
+# ops with Python implementations in the graph (~107 us of host time a call on the H200, 2026-12-04).
+# TRAINER_NF4_TRACED=1: trainer/nf4_linear.py's layers, the same values as torch ops that inductor compiles. Host time
+# on the 2-core CPU machine (bench/layer_host.py nf4, medians of 3 alternated rounds), ms a layer and micro-batch,
+# bitsandbytes -> traced: HF's checkpoint 4.78 -> 4.33, checkpoint in graph 2.45 -> 2.20 (the CPU runs bitsandbytes'
+# C++ path, not the CUDA backend's Python one the H200 profile showed). An A/B on the H200 (bench/compile_ab.py
+# nf4_traced) decides the default.
+NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +205,10 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         p.requires_grad_(False)
     if device.type == "cpu":
         keep_cpu_4bit_trainable(model)
+    if NF4_TRACED and plan.compile_layers and plan.quantized:  # before LoRA wraps them and the layers compile
+        from trainer.nf4_linear import install
+
+        log.info("nf4 layers traced by torch.compile: %d", install(model))
 
     target = recipe.lora.target_modules
     check_target_modules(model, target)

@@ -192,7 +192,8 @@ def nf4_shards(weight: torch.Tensor) -> list[tuple]:
     """(packed bytes, absmax, rows, eligible) per shard of a vLLM bnb-packed weight, cached on the weight. Reads the
     attributes vLLM's loader sets: `bnb_quant_state` {shard: QuantState} and `bnb_shard_offsets` (CPU tensor). A shard
     is eligible when it is plain nf4 (blocksize 64, not nested) with bitsandbytes' standard NF4 levels."""
-    from trainer.kernels.nf4_gemm import NF4, QBLOCK
+    from trainer.kernels import NF4
+    from trainer.kernels.nf4_gemm import QBLOCK
 
     cached = getattr(weight, "_trainer_nf4_shards", None)
     if cached is None:
