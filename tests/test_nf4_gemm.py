@@ -13,25 +13,35 @@ from tests.conftest import ROOT
 
 CHECK = r"""
 import os, json, torch, bitsandbytes.functional as F
-from trainer.kernels.nf4_gemm import nf4_matmul
+from trainer.kernels.nf4_gemm import nf4_matmul, nf4_tickets
 torch.manual_seed(int(os.environ["SEED"]))
 rows = []
 # (M, N, K, config or None): decode sizes, ragged N and M, split-K (its partials summed in order, and by atomics: the
 # A/B baseline), a column slice of a wider output
 for m, n, k, cfg in [(8, 96, 256, None), (1, 64, 128, (16, 64, 64, 1)), (3, 64, 512, (16, 64, 128, 2)),
                      (20, 130, 192, (32, 64, 64, 1)), (5, 70, 320, (16, 64, 64, 3)), (40, 64, 128, (64, 64, 128, 1)), (8, 48, 256, (16, 32, 128, 1)), (16, 100, 640, (16, 32, 128, 5))]:
-    # lookup 1: tl.gather, 0: select tree; ordered False: split-K by fp32 atomics
-    for dt, lookup, ordered in ((torch.float32, 1, True), (torch.float16, 1, True), (torch.float32, 0, True),
-                                (torch.float32, 1, False)):
+    # lookup 1: tl.gather, 0: select tree; ordered False: split-K by fp32 atomics; fixup: the ordered sum in the kernel
+    for dt, lookup, ordered, fixup in ((torch.float32, 1, True, False), (torch.float16, 1, True, False),
+                                       (torch.float32, 0, True, False), (torch.float32, 1, False, False),
+                                       (torch.float32, 1, True, True), (torch.float16, 1, True, True)):
         w = torch.randn(n, k)
         q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
         x = torch.randn(m, k).to(dt)
         ref = x.double() @ F.dequantize_4bit(q, st).double().T
         wide = torch.full((m, n + 9), float("nan"), dtype=dt)  # poisoned: every element of the slice must be written
-        nf4_matmul(x, q.view(-1), st.absmax, n, out=wide[:, 4:4 + n], cfg=cfg, lookup=lookup, ordered=ordered)
+        nf4_matmul(x, q.view(-1), st.absmax, n, out=wide[:, 4:4 + n], cfg=cfg, lookup=lookup, ordered=ordered,
+                   fixup=fixup)
         y = wide[:, 4:4 + n].double()
-        rows.append(dict(m=m, n=n, k=k, dtype=str(dt), lookup=lookup, ordered=ordered, rel=float((y - ref).norm() / ref.norm()),
-                         untouched=bool(wide[:, :4].isnan().all() and wide[:, 4 + n:].isnan().all())))
+        row = dict(m=m, n=n, k=k, dtype=str(dt), lookup=lookup, ordered=ordered, fixup=fixup,
+                   rel=float((y - ref).norm() / ref.norm()),
+                   untouched=bool(wide[:, :4].isnan().all() and wide[:, 4 + n:].isnan().all()))
+        if ordered:  # the same bits on a second call (fixup: its tickets were left at zero), and fixup = the two-kernel sum
+            again = nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg, lookup=lookup, fixup=fixup)
+            other = nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg, lookup=lookup, fixup=not fixup)
+            row.update(repeats=bool(torch.equal(again, wide[:, 4:4 + n])),
+                       same_as_other_sum=bool(torch.equal(again, other)),
+                       tickets_zero=bool((nf4_tickets(x.device) == 0).all()))
+        rows.append(row)
 print("ROWS" + json.dumps(rows))
 """
 
@@ -49,6 +59,10 @@ def test_nf4_gemm_equals_bitsandbytes_dequant_matmul(seed):
         tol = 1e-6 if r["dtype"] == "torch.float32" else 2e-3  # fp16 rounds each dequantised weight and x
         assert r["rel"] < tol, r
         assert r["untouched"], r  # columns outside the output slice are left alone
+        if r["ordered"]:
+            assert r["repeats"] and r["tickets_zero"], r
+            assert r["same_as_other_sum"], r  # fp32 partials added in split order, rounded once, either way
+    assert sum(r["fixup"] and r["k"] // 64 >= 2 for r in rows) >= 6  # split-K rows ran through the fixup
 
 
 FUSED = r"""

@@ -10,7 +10,13 @@ bitsandbytes' dequantised value), interleaves them back into [BLOCK_N, BLOCK_K] 
 the tensor cores. Split-K keeps the GPU busy when N is small: each split writes its fp32 partial to its own slice
 of a [split, M, N] buffer, summed in a fixed order afterwards, so the same inputs give the same bits on every call
 (a seeded rollout repeats exactly: tests/test_gpu.py's zero-LoRA check). fp32 atomics into one [M, N] buffer, the
-first version, added in no fixed order; kept only as bench/nf4_bench.py's A/B baseline (`ordered=False`). The fixed
+first version, added in no fixed order; kept only as bench/nf4_bench.py's A/B baseline (`ordered=False`).
+The fixed-order sum costs two more kernels a GEMM (the sum over splits, the copy into `out`): in one H200 rollout of
+the 1.5B shape (8 x 256 tokens, 2026-12-04 profile) 50k sums took 130 ms and the copies ~70-90 ms beside 418 ms of
+the GEMM kernel itself. `fixup` (TRAINER_NF4_FIXUP=1, off until bench/nf4_bench.py's A/B on the H200) sums in the
+kernel: each split stores its partial, takes a ticket from a per-tile counter, and the program that draws the last
+ticket adds the partials in split order (the same bits whichever program finishes last), writes `out` and resets
+the counter for the next call (a per-device buffer made before graph capture, as the level table). The fixed
 order costs 2% of a 7B layer's 4-bit GEMM time at 8 rows, 4% of an 8B's, 7% of a 1.5B's (one H200, 2026-12-02,
 bench/results/nf4_bench_defaults.json); a seeded rollout that does not repeat cost more than that to debug.
 
@@ -29,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trainer.kernels import NF4
+
 QBLOCK = 64  # bitsandbytes' blocksize for nf4 weights (vLLM and HF both use 64)
 # Software-pipelining depth. Triton's default (3) overflows the H100's 227 KB of shared memory at BLOCK_M 64 x
 # BLOCK_K 256 (248 KB asked, seen 2026-11-26); 2 stages with BLOCK_K <= 128 above BLOCK_M 16 fit. At BLOCK_M 16
@@ -39,12 +47,10 @@ NUM_STAGES = 2
 # H200 (343 vs 226 us; bench/results/nf4_bench.json). A load per weight from the table in global memory was 4-6x
 # slower than either and was dropped.
 LOOKUP = int(os.environ.get("TRAINER_NF4_LOOKUP", "1"))
+FIXUP = os.environ.get("TRAINER_NF4_FIXUP") == "1"
+COUNTERS = 16384  # per-tile tickets for `fixup` (output tiles of one GEMM; more fall back to the two-kernel sum)
 
 
-# The 16 nf4 levels (bitsandbytes' NF4 code, fp32), spelled out so the kernel can select them in registers.
-NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 
 
 @triton.jit
@@ -68,8 +74,9 @@ def _nf4_level(q):
 
 @triton.jit
 def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, stride_xm, stride_om, stride_os,
+                     part_ptr, ticket_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     ATOMIC: tl.constexpr, LOOKUP: tl.constexpr):
+                     ATOMIC: tl.constexpr, LOOKUP: tl.constexpr, FIXUP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -105,13 +112,27 @@ def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, str
         w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))  # [row, g, byte, nibble] -> [row, k]
         x = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    # split-K: split pid_k's partial goes to its own [M, N] slice (stride_os; 0 when atomics add into one)
-    out = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
+    if FIXUP:  # partials in part [SPLIT_K, M, N]; the last of the tile's programs sums them in split order into out
+        part = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stored before the ticket's release
+        tile = pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.debug_barrier()
+            total = tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(ticket_ptr + tile, 0)  # the next call starts from zero (graph replays too)
     else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        # split-K: split pid_k's partial goes to its own [M, N] slice (stride_os; 0 when atomics add into one)
+        out = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        if ATOMIC:
+            tl.atomic_add(out, acc, mask=mask)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int | None = None, waves: float = 2.0,
@@ -132,10 +153,12 @@ def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int | None = Non
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, out: torch.Tensor | None = None,
                cfg: tuple[int, int, int, int] | None = None, lookup: int | None = None,
-               num_stages: int | None = None, num_warps: int = 4, ordered: bool = True) -> torch.Tensor:
+               num_stages: int | None = None, num_warps: int = 4, ordered: bool = True,
+               fixup: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, rows contiguous) @ dequant(W [n, K]).T -> [M, n] in x's dtype, written into `out` when
     given (it may be a column slice of a wider tensor: its rows are strided, its columns contiguous). `ordered`:
-    split-K partials summed in a fixed order (bit-reproducible); False adds them by atomics (the A/B baseline)."""
+    split-K partials summed in a fixed order (bit-reproducible); False adds them by atomics (the A/B baseline).
+    `fixup` (default FIXUP): the ordered sum inside the kernel, by its last program per tile (module docstring)."""
     m, k = x.shape
     if k % QBLOCK:
         raise ValueError(f"nf4_matmul needs K % {QBLOCK} == 0, got K={k}")
@@ -150,23 +173,30 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: i
     num_stages = num_stages or (3 if bm == 16 and bk <= 128 else NUM_STAGES)
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
     levels = nf4_levels(x.device)
-    if split == 1:
+    fixup = (FIXUP if fixup is None else fixup) and ordered and split > 1 and grid[0] * grid[2] <= COUNTERS
+    part = tickets = None
+    if split == 1 or fixup:
         dst, stride_os = out, 0
+        if fixup:
+            part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+            tickets = nf4_tickets(x.device)
     elif ordered:
         dst = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         stride_os = dst.stride(0)
     else:
         dst, stride_os = torch.zeros((m, n), dtype=torch.float32, device=x.device), 0
     _nf4_gemm_kernel[grid](x, packed, absmax, dst, levels, m, n, k, x.stride(0), dst.stride(-2), stride_os,
+                           part if fixup else dst, tickets if fixup else levels,
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ATOMIC=split > 1 and not ordered,
-                           LOOKUP=lookup, num_warps=num_warps, num_stages=num_stages)
-    if split > 1:
+                           LOOKUP=lookup, FIXUP=fixup, num_warps=num_warps, num_stages=num_stages)
+    if split > 1 and not fixup:
         out.copy_(dst.sum(0) if ordered else dst)
     return out
 
 
 _SMS: dict = {}
 _LEVELS: dict = {}
+_TICKETS: dict = {}
 
 
 def nf4_levels(device: torch.device) -> torch.Tensor:
@@ -178,6 +208,18 @@ def nf4_levels(device: torch.device) -> torch.Tensor:
     if device not in _LEVELS:
         _LEVELS[device] = torch.tensor(NF4, dtype=torch.float32, device=device)
     return _LEVELS[device]
+
+
+def nf4_tickets(device: torch.device) -> torch.Tensor:
+    """`fixup`'s per-tile counters on `device` (int32 zeros; every call leaves them zero), made at the first call:
+    make them before any CUDA-graph capture, as nf4_levels. Shared by the GEMMs of one stream, which run one after
+    another."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _TICKETS:
+        _TICKETS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _TICKETS[device]
 
 
 def _num_sms(device: torch.device) -> int:

@@ -261,10 +261,12 @@ def install_nf4_gemm(max_rows: int) -> None:
         _NF4_OP = apply
     op = _NF4_OP
     vb.apply_bnb_4bit = lambda x, weight, offsets, out: op(x, weight, offsets, out, max_rows)
-    if torch.cuda.is_available():  # the kernel's level table: a host-to-device copy, not allowed in graph capture
-        from trainer.kernels.nf4_gemm import nf4_levels
+    if torch.cuda.is_available():  # the kernel's level table (a host-to-device copy, not allowed in graph capture) and
+        from trainer.kernels.nf4_gemm import FIXUP, nf4_levels, nf4_tickets  # its split-K tickets
 
         nf4_levels(torch.device("cuda", torch.cuda.current_device()))
+        if FIXUP:
+            nf4_tickets(torch.device("cuda", torch.cuda.current_device()))
 
 
 # ----------------------------------------------------------------------------------------- fp32 logits (issue 19)
