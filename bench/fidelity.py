@@ -46,10 +46,16 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # some of them too), on either weight format: how much of vLLM's disagreement with itself (decode vs prefill) and with
 # the trainer goes when vLLM's reductions no longer depend on the batch. Not covered by the mode: bitsandbytes'
 # 4-bit path, which picks other kernels by row count (0.50.2 backends/cuda/ops.py gemm_4bit).
+# fp32 / fp32_tf32: both sides compute in float32 (model.dtype=float32: vLLM's dtype, the trainer's compute dtype; the
+# nf4 bytes unchanged), the next source issue 27 names after the components of 2026-12-03: if bf16 activations on
+# either side are what disagree, this gap is the floor; fp32_tf32 lets torch's fp32 matmuls use TF32 (10-bit mantissa,
+# about half the bf16 rate) on both sides, the affordable version. vLLM picks an attention backend that takes fp32
+# (FlashAttention 3 does not); our fused nf4 GEMM's tl.dot on fp32 inputs runs TF32 in either case.
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER", "batch_invariant",
-           "batch_invariant_mirror")
+           "batch_invariant_mirror", "fp32", "fp32_tf32")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
                             "trainer_vs_vllm_prefill"]
+FP32_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "trainer_vs_vllm_prefill"]
 PROMPTS, N, SEED, LORA_B_STD = 2, 8, 1234, 0.01
 TOKENS = int(os.environ.get("FIDELITY_TOKENS", "256"))  # shorter only for the CPU smoke test
 # In-process switches, each against the default ("base": vLLM bf16 logits, trainer bf16 logits, trained LoRA,
@@ -103,6 +109,9 @@ SOURCES = [
     ("vllm_batch_dependent_reductions_mirror", "bf16_mirror/base", "batch_invariant_mirror/base"),
     ("vllm_self_disagreement_batch_dependent", "graphs/vllm_prefill_vs_vllm_decode",
      "batch_invariant/vllm_prefill_vs_vllm_decode"),
+    ("bf16_compute_both_sides", "graphs/base", "fp32/base"),
+    ("bf16_compute_both_sides_tf32", "graphs/base", "fp32_tf32/base"),
+    ("vllm_self_disagreement_bf16", "graphs/vllm_prefill_vs_vllm_decode", "fp32/vllm_prefill_vs_vllm_decode"),
 ]
 
 
@@ -134,6 +143,8 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
         sets.append("rollout.enforce_eager=true")
     if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
         sets.append("rollout.nf4_gemm=bitsandbytes")
+    if engine.startswith("fp32"):
+        sets.append("model.dtype=float32")
     return "bench/peers/ours.yaml", sets
 
 
@@ -158,6 +169,17 @@ def _attention_backend(name: str) -> None:
         return kw
 
     tv.engine_kwargs = with_backend
+
+
+def _tf32_everywhere() -> None:
+    """torch's fp32 matmuls on TF32 tensor cores in this process (vLLM's and the trainer's), before vLLM loads."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):  # torch >= 2.9
+        m.fp32_precision = "tf32"
+    else:
+        m.allow_tf32 = True
 
 
 def _set_lora(policy, mode: str, seed: int = 7) -> None:
@@ -259,8 +281,10 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
 
     if engine.startswith("batch_invariant"):
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
-    elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror"):
+    elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "fp32", "fp32_tf32"):
         _attention_backend(engine)
+    if engine == "fp32_tf32":
+        _tf32_everywhere()
     path, sets = _recipe_sets(shape, engine, cpu)
     recipe = load_recipe(path, sets)
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
@@ -300,7 +324,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     cache: dict = {}
     # The other engines are compared with the default on these two only (eager bnb + LoRA decodes at ~90 tokens/s).
     names = (list(SWITCHES) if engine == "graphs" or cpu else
-             BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else ["base", "both_fp32_logits"])
+             BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else
+             FP32_SWITCHES if engine.startswith("fp32") else ["base", "both_fp32_logits"])
     for name in names:
         sw = SWITCHES[name]
         if cpu and sw == {"compiled": False}:  # nothing compiled on the CPU
