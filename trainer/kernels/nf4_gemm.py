@@ -195,31 +195,30 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: i
 
 
 _SMS: dict = {}
-_LEVELS: dict = {}
-_TICKETS: dict = {}
+_PER_DEVICE: dict = {}
+
+
+def _per_device(name: str, device, make) -> torch.Tensor:
+    """One tensor per (name, device), made by make(device) at the first call."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if (name, device) not in _PER_DEVICE:
+        _PER_DEVICE[name, device] = make(device)
+    return _PER_DEVICE[name, device]
 
 
 def nf4_levels(device: torch.device) -> torch.Tensor:
     """The 16 NF4 levels as an fp32 tensor on `device`, made at the first call (a host-to-device copy: make it before
     any CUDA-graph capture, as vllm_internals.install_nf4_gemm does)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _LEVELS:
-        _LEVELS[device] = torch.tensor(NF4, dtype=torch.float32, device=device)
-    return _LEVELS[device]
+    return _per_device("levels", device, lambda d: torch.tensor(NF4, dtype=torch.float32, device=d))
 
 
 def nf4_tickets(device: torch.device) -> torch.Tensor:
     """`fixup`'s per-tile counters on `device` (int32 zeros; every call leaves them zero), made at the first call:
     make them before any CUDA-graph capture, as nf4_levels. Shared by the GEMMs of one stream, which run one after
     another."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _TICKETS:
-        _TICKETS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _TICKETS[device]
+    return _per_device("tickets", device, lambda d: torch.zeros(COUNTERS, dtype=torch.int32, device=d))
 
 
 def _num_sms(device: torch.device) -> int:
