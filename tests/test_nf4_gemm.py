@@ -20,24 +20,30 @@ rows = []
 # A/B baseline), a column slice of a wider output
 for m, n, k, cfg in [(8, 96, 256, None), (1, 64, 128, (16, 64, 64, 1)), (3, 64, 512, (16, 64, 128, 2)),
                      (20, 130, 192, (32, 64, 64, 1)), (5, 70, 320, (16, 64, 64, 3)), (40, 64, 128, (64, 64, 128, 1)), (8, 48, 256, (16, 32, 128, 1)), (16, 100, 640, (16, 32, 128, 5))]:
-    # lookup 1: tl.gather, 0: select tree; ordered False: split-K by fp32 atomics; fixup: the ordered sum in the kernel
-    for dt, lookup, ordered, fixup in ((torch.float32, 1, True, False), (torch.float16, 1, True, False),
-                                       (torch.float32, 0, True, False), (torch.float32, 1, False, False),
-                                       (torch.float32, 1, True, True), (torch.float16, 1, True, True)):
+    # lookup 1: tl.gather, 0: select tree, 3: gather from each block's scaled levels; ordered False: split-K by fp32
+    # atomics; fixup: the ordered sum in the kernel; xsplit: x's even / odd columns against the two nibbles' halves
+    for dt, lookup, ordered, fixup, xsplit in ((torch.float32, 1, True, False, False), (torch.float16, 1, True, False, False),
+                                               (torch.float32, 0, True, False, False), (torch.float32, 1, False, False, False),
+                                               (torch.float32, 1, True, True, False), (torch.float16, 1, True, True, False),
+                                               (torch.float32, 3, True, False, False), (torch.float16, 3, True, False, True),
+                                               (torch.float32, 1, True, False, True), (torch.float16, 3, True, True, True)):
         w = torch.randn(n, k)
         q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
         x = torch.randn(m, k).to(dt)
         ref = x.double() @ F.dequantize_4bit(q, st).double().T
         wide = torch.full((m, n + 9), float("nan"), dtype=dt)  # poisoned: every element of the slice must be written
         nf4_matmul(x, q.view(-1), st.absmax, n, out=wide[:, 4:4 + n], cfg=cfg, lookup=lookup, ordered=ordered,
-                   fixup=fixup)
+                   fixup=fixup, xsplit=xsplit)
         y = wide[:, 4:4 + n].double()
-        row = dict(m=m, n=n, k=k, dtype=str(dt), lookup=lookup, ordered=ordered, fixup=fixup,
+        row = dict(m=m, n=n, k=k, dtype=str(dt), lookup=lookup, ordered=ordered, fixup=fixup, xsplit=xsplit,
                    rel=float((y - ref).norm() / ref.norm()),
                    untouched=bool(wide[:, :4].isnan().all() and wide[:, 4 + n:].isnan().all()))
         if ordered:  # the same bits on a second call (fixup: its tickets were left at zero), and fixup = the two-kernel sum
-            again = nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg, lookup=lookup, fixup=fixup)
-            other = nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg, lookup=lookup, fixup=not fixup)
+            again = nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg, lookup=lookup, fixup=fixup, xsplit=xsplit)
+            other = nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg, lookup=lookup, fixup=not fixup, xsplit=xsplit)
+            if lookup == 3:  # the scaled table holds bitsandbytes' rounded values: the same bits as lookup 1
+                row["same_as_lookup1"] = bool(torch.equal(again, nf4_matmul(x, q.view(-1), st.absmax, n, cfg=cfg, lookup=1,
+                                                                             fixup=fixup, xsplit=xsplit)))
             row.update(repeats=bool(torch.equal(again, wide[:, 4:4 + n])),
                        same_as_other_sum=bool(torch.equal(again, other)),
                        tickets_zero=bool((nf4_tickets(x.device) == 0).all()))
@@ -62,7 +68,9 @@ def test_nf4_gemm_equals_bitsandbytes_dequant_matmul(seed):
         if r["ordered"]:
             assert r["repeats"] and r["tickets_zero"], r
             assert r["same_as_other_sum"], r  # fp32 partials added in split order, rounded once, either way
+            assert r.get("same_as_lookup1", True), r
     assert sum(r["fixup"] and r["k"] // 64 >= 2 for r in rows) >= 6  # split-K rows ran through the fixup
+    assert {(r["lookup"], r["xsplit"]) for r in rows} >= {(3, False), (3, True), (1, True)}
 
 
 FUSED = r"""
@@ -90,3 +98,23 @@ def test_fused_vllm_weight_shards_land_in_their_columns():
     out = subprocess.run([sys.executable, "-c", FUSED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split("REL", 1)[1]) < 2e-3
+
+
+def test_nf4_bench_sums_each_variants_best_tiling_per_layer():
+    # bench/nf4_bench.py's per-layer table (GPU-only bench; its arithmetic here): each variant keyed by lookup, sum,
+    # fixup and xsplit, at its fastest tiling per shard, times the shard's count per layer
+    from bench.nf4_bench import PER_LAYER, per_layer
+
+    def v(lookup, us, fixup=False, xsplit=False, cfg=(16, 64, 128, 4)):
+        return dict(lookup=lookup, ordered=True, fixup=fixup, xsplit=xsplit, cfg=list(cfg), stages=None, warps=4, us=us)
+
+    rows = [dict(model="qwen2.5-1.5b", shard=name, m=8, bnb_us=10.0,
+                 variants=[v(1, 5.0), v(1, 4.0, cfg=(16, 32, 128, 4)), v(3, 3.0, xsplit=True), v(1, 2.0, fixup=True),
+                           dict(lookup=3, ordered=True, fixup=False, xsplit=False, cfg=[16, 64, 128, 4], stages=None,
+                                warps=4, error="mismatch")])
+            for name in PER_LAYER]
+    got = per_layer(rows)["qwen2.5-1.5b m=8"]
+    n = sum(PER_LAYER.values())
+    assert got["bnb_us"] == 10.0 * n and got["lookup1_best_us"] == 4.0 * n
+    assert got["lookup3_xsplit_best_us"] == 3.0 * n and got["lookup1_fixup_best_us"] == 2.0 * n
+    assert "lookup3_best_us" not in got and got["old_default_us"] is None  # failed or never timed

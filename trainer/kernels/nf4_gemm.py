@@ -48,6 +48,14 @@ NUM_STAGES = 2
 # slower than either and was dropped.
 LOOKUP = int(os.environ.get("TRAINER_NF4_LOOKUP", "1"))
 FIXUP = os.environ.get("TRAINER_NF4_FIXUP") == "1"
+# Two more candidates for the dequantisation's instruction count, measured by bench/nf4_bench.py before either becomes
+# a default (the 7B's decode GEMM ran at ~13% of the H200's bandwidth, compute-bound on dequantising, 2026-12-02):
+# TRAINER_NF4_LOOKUP=3 scales and rounds each block's 16 levels once (16 multiplies per 64 weights) and gathers the
+# weights from that [BLOCK_N, G, 16] table, instead of a multiply and a rounding per weight (bitsandbytes' values
+# either way: the same fp32 product, rounded once). TRAINER_NF4_XSPLIT=1 loads x's even and odd columns apart and
+# runs two dots on the high- and low-nibble halves, instead of interleaving them into one weight tile (tl.join +
+# reshape, a register shuffle or a trip through shared memory, as Triton lays it out).
+XSPLIT = os.environ.get("TRAINER_NF4_XSPLIT") == "1"
 COUNTERS = 16384  # per-tile tickets for `fixup` (output tiles of one GEMM; more fall back to the two-kernel sum)
 
 
@@ -76,7 +84,7 @@ def _nf4_level(q):
 def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, stride_xm, stride_om, stride_os,
                      part_ptr, ticket_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     ATOMIC: tl.constexpr, LOOKUP: tl.constexpr, FIXUP: tl.constexpr):
+                     ATOMIC: tl.constexpr, LOOKUP: tl.constexpr, FIXUP: tl.constexpr, XSPLIT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -93,25 +101,39 @@ def _nf4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, out_ptr, levels_ptr, M, N, K, str
     w_base = w_ptr + rows[:, None, None] * (K // 2) + (offs_g[None, :, None] * 32 + offs_b[None, None, :])
     a_base = absmax_ptr + rows[:, None] * (K // 64) + offs_g[None, :]
     x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    # XSPLIT: x's even and odd columns apart (element 2j of the weight is a byte's high nibble, 2j + 1 its low one),
+    # so the two halves of the weight tile go to two dots as they are, never interleaved into [BLOCK_N, BLOCK_K]
+    x_even = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + 2 * tl.arange(0, BLOCK_K // 2)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if LOOKUP == 1:  # the 16 levels (loaded once) as a [BLOCK_N, G, 16] tensor for tl.gather along its last dim
+    if LOOKUP == 1 or LOOKUP == 3:  # the 16 levels (loaded once) as a [BLOCK_N, G, 16] tensor, gathered along its last dim
         table = tl.broadcast_to(tl.reshape(tl.load(levels_ptr + tl.arange(0, 16)), (1, 1, 16)), (BLOCK_N, G, 16))
     for it in range(pid_k, K // BLOCK_K, SPLIT_K):  # split-K: program k takes every SPLIT_K-th tile of K
         k0 = it * BLOCK_K
         packed = tl.load(w_base + k0 // 2, mask=n_ok[:, None, None], other=0).to(tl.int32)
         scale = tl.load(a_base + k0 // 64, mask=n_ok[:, None], other=0.0)[:, :, None]
         # bitsandbytes' dequantised weight: fp32 level x fp32 absmax, rounded to the activation dtype
-        if LOOKUP == 1:  # tl.gather from the 16 levels: one read per weight
-            lv_hi = tl.gather(table, (packed >> 4) & 0xF, 2)
-            lv_lo = tl.gather(table, packed & 0xF, 2)
-        else:  # a select tree in registers: ~25 instructions per weight
-            lv_hi = _nf4_level((packed >> 4) & 0xF)
-            lv_lo = _nf4_level(packed & 0xF)
-        w_hi = (lv_hi * scale).to(x_ptr.dtype.element_ty)  # element 2j
-        w_lo = (lv_lo * scale).to(x_ptr.dtype.element_ty)  # element 2j + 1
-        w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))  # [row, g, byte, nibble] -> [row, k]
-        x = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+        if LOOKUP == 3:  # each block's 16 weights made once (level x absmax, rounded), then one gather per weight
+            scaled = (table * scale).to(x_ptr.dtype.element_ty)  # [BLOCK_N, G, 16]: 16 multiplies per 64 weights
+            w_hi = tl.gather(scaled, (packed >> 4) & 0xF, 2)  # element 2j
+            w_lo = tl.gather(scaled, packed & 0xF, 2)  # element 2j + 1
+        else:
+            if LOOKUP == 1:  # tl.gather from the 16 levels: one read per weight
+                lv_hi = tl.gather(table, (packed >> 4) & 0xF, 2)
+                lv_lo = tl.gather(table, packed & 0xF, 2)
+            else:  # a select tree in registers: ~25 instructions per weight
+                lv_hi = _nf4_level((packed >> 4) & 0xF)
+                lv_lo = _nf4_level(packed & 0xF)
+            w_hi = (lv_hi * scale).to(x_ptr.dtype.element_ty)  # element 2j
+            w_lo = (lv_lo * scale).to(x_ptr.dtype.element_ty)  # element 2j + 1
+        if XSPLIT:
+            xe = tl.load(x_even + k0, mask=m_ok[:, None], other=0.0)
+            xo = tl.load(x_even + k0 + 1, mask=m_ok[:, None], other=0.0)
+            acc = tl.dot(xe, tl.trans(tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 2))), acc)
+            acc = tl.dot(xo, tl.trans(tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 2))), acc)
+        else:
+            w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BLOCK_K))  # [row, g, byte, nibble] -> [row, k]
+            x = tl.load(x_base + k0, mask=m_ok[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
     mask = m_ok[:, None] & n_ok[None, :]
     if FIXUP:  # partials in part [SPLIT_K, M, N]; the last of the tile's programs sums them in split order into out
         part = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -154,11 +176,12 @@ def config(m: int, n: int, k: int, num_sms: int = 132, block_n: int | None = Non
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, out: torch.Tensor | None = None,
                cfg: tuple[int, int, int, int] | None = None, lookup: int | None = None,
                num_stages: int | None = None, num_warps: int = 4, ordered: bool = True,
-               fixup: bool | None = None) -> torch.Tensor:
+               fixup: bool | None = None, xsplit: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16, rows contiguous) @ dequant(W [n, K]).T -> [M, n] in x's dtype, written into `out` when
     given (it may be a column slice of a wider tensor: its rows are strided, its columns contiguous). `ordered`:
     split-K partials summed in a fixed order (bit-reproducible); False adds them by atomics (the A/B baseline).
-    `fixup` (default FIXUP): the ordered sum inside the kernel, by its last program per tile (module docstring)."""
+    `fixup` (default FIXUP): the ordered sum inside the kernel, by its last program per tile (module docstring).
+    `xsplit` (default XSPLIT): x's even and odd columns into two dots instead of one interleaved weight tile."""
     m, k = x.shape
     if k % QBLOCK:
         raise ValueError(f"nf4_matmul needs K % {QBLOCK} == 0, got K={k}")
@@ -188,7 +211,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: i
     _nf4_gemm_kernel[grid](x, packed, absmax, dst, levels, m, n, k, x.stride(0), dst.stride(-2), stride_os,
                            part if fixup else dst, tickets if fixup else levels,
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, ATOMIC=split > 1 and not ordered,
-                           LOOKUP=lookup, FIXUP=fixup, num_warps=num_warps, num_stages=num_stages)
+                           LOOKUP=lookup, FIXUP=fixup, XSPLIT=XSPLIT if xsplit is None else xsplit,
+                           num_warps=num_warps, num_stages=num_stages)
     if split > 1 and not fixup:
         out.copy_(dst.sum(0) if ordered else dst)
     return out
