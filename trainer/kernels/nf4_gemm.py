@@ -49,7 +49,7 @@ NUM_STAGES = 2
 LOOKUP = int(os.environ.get("TRAINER_NF4_LOOKUP", "1"))
 FIXUP = os.environ.get("TRAINER_NF4_FIXUP") == "1"
 # Two more candidates for the dequantisation's instruction count, measured by bench/nf4_bench.py before either becomes
-# a default (the 7B's decode GEMM ran at ~13% of the H200's bandwidth, compute-bound on dequantising, 2026-12-02):
+# a default (the 7B's decode GEMM ran at ~13% of the H200's bandwidth, 2026-12-02; dequantising is the likely limit):
 # TRAINER_NF4_LOOKUP=3 scales and rounds each block's 16 levels once (16 multiplies per 64 weights) and gathers the
 # weights from that [BLOCK_N, G, 16] table, instead of a multiply and a rounding per weight (bitsandbytes' values
 # either way: the same fp32 product, rounded once). TRAINER_NF4_XSPLIT=1 loads x's even and odd columns apart and
