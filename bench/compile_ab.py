@@ -10,7 +10,9 @@ checkpoint inside each compiled layer's graph, not HF's around it), on config A 
 (which keeps HF's checkpoint): eight 286-token micro-batches on the shared nf4 base (the profiled host-bound row of
 2026-12-04), and the planner's micro-batches. SWITCH nf4_traced: TRAINER_NF4_TRACED (policy.NF4_TRACED: the nf4 layers as
 torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A at
-issue 26's small budget (3.3 GB, the planner's knobs). Each config trained with the switch unset and set, the two variants
+issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding: TRAINER_COMPILE_EAGER_ROUNDING=0
+(policy.COMPILE_OPTIONS: inductor's own rounding instead of eager's, the default before 2026-12-04) on config A at
+6.6 GB (one large micro-batch) and the eight 286-token ones: what matching eager's numerics costs. Each config trained with the switch unset and set, the two variants
 alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -38,7 +40,8 @@ CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
 # switch: (environment variable, its value when on, the configs it is measured on)
 SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "1", ["A-mb286", "A-no-offload"]),
-            "nf4_traced": ("TRAINER_NF4_TRACED", "1", ["A-mb286", "A-small"])}
+            "nf4_traced": ("TRAINER_NF4_TRACED", "1", ["A-mb286", "A-small"]),
+            "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"])}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:

@@ -52,6 +52,15 @@ CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") == "1"
 # C++ path, not the CUDA backend's Python one the H200 profile showed). An A/B on the H200 (bench/compile_ab.py
 # nf4_traced) decides the default.
 NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
+# The compiled layers round to bf16 where eager PyTorch does. Inductor's default drops the bf16 down/up-cast pairs
+# between the pointwise ops it fuses (norm, rotary, SiLU x up, residual adds, LoRA's scaling) and lets FMAs contract,
+# so a compiled layer computed other numbers than HF's eager one, whose per-op rounding vLLM's kernels follow: on the
+# H200 (bench/results/fidelity.json, 2026-12-03) the compiled layers added 5% (1.5B) and 9% (7B) to the
+# sampler/trainer gap. With inductor's `emulate_precision_casts` a compiled bf16 Qwen2 equals eager bit for bit on
+# the CPU (0.11 apart in the logits without), and with LoRA under autocast it comes ~7x closer (tests/test_compile.py).
+# Its speed on the H200 is not measured yet: TRAINER_COMPILE_EAGER_ROUNDING=0 is inductor's default, the A/B's other
+# side (bench/compile_ab.py eager_rounding).
+COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" else {"emulate_precision_casts": True}
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +233,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         install(model, plan.mlp_tile_tokens)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=COMPILE_DYNAMIC)
+            layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
 
