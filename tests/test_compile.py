@@ -44,8 +44,10 @@ def test_compiled_layers_give_eager_logprobs_and_gradients():
 
 def test_compiled_bf16_layers_round_where_eager_does():
     # trainer.policy.COMPILE_OPTIONS: inductor's default keeps fused intermediates in fp32 (0.11 apart in these
-    # logits); with the options load_policy passes, the compiled bf16 layers equal eager PyTorch bit for bit, the
-    # per-op rounding vLLM's kernels follow (issue 27: the compiled layers added 5-9% to the H200's gap)
+    # logits); with the options load_policy passes, the compiled bf16 layers round per op as eager PyTorch does and
+    # vLLM's kernels follow (issue 27: the compiled layers added 5-9% to the H200's gap). Here that is bit for bit;
+    # reductions summed in another order (a CPU with other vector units) may still flip a rounding, so the bound is
+    # a quarter of inductor's default deviation
     from tests.conftest import tiny_qwen2
     from trainer.policy import COMPILE_OPTIONS
 
@@ -61,9 +63,10 @@ def test_compiled_bf16_layers_round_where_eager_does():
             return eager, model(input_ids=ids).logits
 
     eager, ours = logits(COMPILE_OPTIONS)
-    assert torch.equal(ours, eager), (ours.float() - eager.float()).abs().max()
+    ours = (ours.float() - eager.float()).abs().max()
     eager, inductors = logits({})
-    assert not torch.equal(inductors, eager)  # so the test above can tell
+    inductors = (inductors.float() - eager.float()).abs().max()
+    assert inductors > 0.02 and ours <= 0.25 * inductors, (ours, inductors)
 
 
 def _without_compile(plan):
