@@ -57,7 +57,8 @@ NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
 # so a compiled layer computed other numbers than HF's eager one, whose per-op rounding vLLM's kernels follow: on the
 # H200 (bench/results/fidelity.json, 2026-12-03) the compiled layers added 5% (1.5B) and 9% (7B) to the
 # sampler/trainer gap. With inductor's `emulate_precision_casts` a compiled bf16 Qwen2 equals eager bit for bit on
-# the CPU (0.11 apart in the logits without), and with LoRA under autocast it comes ~7x closer (tests/test_compile.py).
+# the CPU (0.11 apart in the logits without; tests/test_compile.py), and with LoRA on every linear layer ~7x closer
+# (0.14 -> 0.02; the rest flips with a reduction's order).
 # Its speed on the H200 is not measured yet: TRAINER_COMPILE_EAGER_ROUNDING=0 is inductor's default, the A/B's other
 # side (bench/compile_ab.py eager_rounding).
 COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" else {"emulate_precision_casts": True}
