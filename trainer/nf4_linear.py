@@ -114,7 +114,7 @@ def install(model: torch.nn.Module) -> int:
             continue
         qs = module.weight.quant_state
         plain = torch.Tensor.as_subclass(module.weight.data, torch.Tensor).view(torch.uint8).reshape(-1)
-        bufs = {"packed": plain, "absmax": qs.absmax, "code": qs.code.float(),
+        bufs = {"packed": plain, "absmax": qs.absmax, "code": qs.code.to(plain.device, torch.float32),
                 "nested_absmax": qs.state2.absmax if qs.nested else None,
                 "nested_code": qs.state2.code if qs.nested else None,
                 "offset": qs.offset if qs.nested else None}
