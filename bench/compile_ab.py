@@ -19,7 +19,8 @@ train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SW
 "train_s": [...], "first_two_s", "steady_step_s" (median of steps 3+), "steady_train_s"}], "by_config": {config:
 {"first_two_s_saved", "steady_step_ratio" (switch on / default), "steady_train_ratio"}}}. Keep a switch on by
 default only where its steady step is not slower (ratio <= 1.02), its peak within the plan, and, for dynamic, where it
-saves time in the first steps.
+saves time in the first steps. eager_rounding runs the other way round (the switch restores inductor's rounding, the
+old default): eager rounding stays the default while it costs at most 5% (ratio >= 0.95, issue 27's bar).
 """
 from __future__ import annotations
 
