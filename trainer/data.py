@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer import hub
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,14 @@ def load_rows(data, base_dir: Path):
         except Exception as e:
             raise UserError("data.dataset", f"cannot read {path}: {e.__class__.__name__}: {str(e)[:200]}",
                             "check the file's format") from None
+    hub.offline()  # an offline machine reads the cache at once
     try:
         return datasets.load_dataset(data.dataset, data.subset, split=data.split)
     except Exception as e:
-        raise UserError("data.dataset", f"cannot load hub dataset {data.dataset!r} (subset={data.subset}, "
-                        f"split={data.split}): {e.__class__.__name__}: {str(e)[:200]}",
-                        "check the name, subset and split, or point at a local .jsonl/.parquet/.csv file") from None
+        raise UserError("data.dataset", *(hub.why_not("dataset", data.dataset) or (
+            f"cannot load hub dataset {data.dataset!r} (subset={data.subset}, split={data.split}): "
+            f"{e.__class__.__name__}: {str(e)[:200]}",
+            "check the name, subset and split, or point at a local .jsonl/.parquet/.csv file"))) from None
 
 
 def load_prompts(data, tokenizer, base_dir: Path, rows=None, tools: list[dict] | None = None) -> PromptSet:

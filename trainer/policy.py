@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import hub
 from trainer.errors import UserError
 
 # torch.compile's shape handling for the decoder layers. None (default): a first graph for the first micro-batch's
@@ -129,14 +130,16 @@ def resolve_model_path(model_section) -> Path:
     p = local_checkpoint(model_section)
     if p is not None:
         return p
+    hub.offline()  # an offline machine reads the cache at once
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(model_section.name, revision=model_section.revision,
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as e:  # network, auth, missing repo: all fixable by the user
-        raise UserError("model.name", f"cannot fetch {model_section.name!r} from the Hugging Face hub ({e.__class__.__name__})",
-                        "check the name and your network, or download it and give the local path") from None
+        raise UserError("model.name", *(hub.why_not("model", model_section.name) or (
+            f"cannot fetch {model_section.name!r} from the Hugging Face hub ({e.__class__.__name__})",
+            "check the name and your network, or download it and give the local path"))) from None
 
 
 def local_checkpoint(model_section) -> Path | None:
@@ -160,14 +163,16 @@ def read_config(model_section) -> dict:
     p = local_checkpoint(model_section)
     if p is not None:
         return json.loads((p / "config.json").read_text())
+    hub.offline()
     try:
         from huggingface_hub import hf_hub_download
 
         return json.loads(Path(hf_hub_download(model_section.name, "config.json",
                                                revision=model_section.revision)).read_text())
     except Exception as e:
-        raise UserError("model.name", f"cannot fetch the config of {model_section.name!r} from the Hugging Face hub "
-                        f"({e.__class__.__name__})", "check the name and your network, or give a local path") from None
+        raise UserError("model.name", *(hub.why_not("model", model_section.name) or (
+            f"cannot fetch the config of {model_section.name!r} from the Hugging Face hub ({e.__class__.__name__})",
+            "check the name and your network, or give a local path"))) from None
 
 
 def load_tokenizer(model_section):
@@ -182,15 +187,17 @@ def load_tokenizer(model_section):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(model_section.shape, model_section.seed))
     else:
         p = local_checkpoint(model_section)
+        if p is None:
+            hub.offline()
         try:
             tokenizer = AutoTokenizer.from_pretrained(p or model_section.name,
                                                       revision=None if p else model_section.revision,
                                                       trust_remote_code=remote)
         except Exception as e:  # no tokenizer files, network, auth, missing repo
-            raise UserError("model.name", f"cannot load the tokenizer of {model_section.name!r} "
-                            f"({e.__class__.__name__}: {str(e)[:200]})",
-                            "check the name and your network, or give a local checkpoint directory with its "
-                            "tokenizer files") from None
+            raise UserError("model.name", *((None if p else hub.why_not("model", model_section.name)) or (
+                f"cannot load the tokenizer of {model_section.name!r} ({e.__class__.__name__}: {str(e)[:200]})",
+                "check the name and your network, or give a local checkpoint directory with its tokenizer "
+                "files"))) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
