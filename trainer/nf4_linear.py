@@ -34,14 +34,19 @@ def _absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize: int):
 
 
 def _weight_forward(packed, absmax, code, shape, blocksize: int, dtype):
-    """[N, K] in `dtype`: element 2j of the flat weight in byte j's high nibble, 2j + 1 in its low one."""
-    codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(-1, blocksize).long()
+    """[N, K] in `dtype`: element 2j of the flat weight in byte j's high nibble, 2j + 1 in its low one. Both nibbles
+    come from one broadcast shift of the bytes (a [bytes, 2] pointwise op that inductor fuses into the dequantising
+    kernel; torch.stack of the two nibbles made it write them to a buffer of a byte a weight first, in a second
+    kernel)."""
+    shift = 4 - 4 * torch.arange(2, device=packed.device, dtype=torch.uint8)  # [4, 0]: high nibble first
+    codes = ((packed.view(-1, 1) >> shift) & 15).view(-1, blocksize).long()
     return (code[codes] * absmax.view(-1, 1)).to(dtype).view(shape)
 
 
 def _weight_backward(packed, absmax, code, shape, blocksize: int, dtype):
     """The same values as _weight_forward, spelled otherwise so AOTAutograd cannot merge them (module docstring)."""
-    codes = torch.stack((packed.div(16, rounding_mode="floor"), packed.remainder(16)), dim=-1).view(-1, blocksize)
+    divisor = 16 - 15 * torch.arange(2, device=packed.device)  # [16, 1]
+    codes = packed.view(-1, 1).div(divisor, rounding_mode="floor").remainder(16).view(-1, blocksize)
     return (absmax.view(-1, 1) * code[codes.long()]).to(dtype).view(shape)
 
 
