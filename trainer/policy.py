@@ -49,7 +49,7 @@ CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") == "1"
 # ops with Python implementations in the graph (~107 us of host time a call on the H200, 2026-12-04).
 # TRAINER_NF4_TRACED=1: trainer/nf4_linear.py's layers, the same values as torch ops that inductor compiles. Host time
 # on the 2-core CPU machine (bench/layer_host.py nf4, medians of 3 alternated rounds), ms a layer and micro-batch,
-# bitsandbytes -> traced: HF's checkpoint 4.78 -> 4.33, checkpoint in graph 2.45 -> 2.20 (the CPU runs bitsandbytes'
+# bitsandbytes -> traced: HF's checkpoint 4.47 -> 4.36, checkpoint in graph 2.25 -> 1.59 (the CPU runs bitsandbytes'
 # C++ path, not the CUDA backend's Python one the H200 profile showed). An A/B on the H200 (bench/compile_ab.py
 # nf4_traced) decides the default.
 NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
