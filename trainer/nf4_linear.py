@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.kernels import NF4  # bitsandbytes' levels; modules with others (fp4) keep its forward
+from trainer.kernels import standard_nf4  # bitsandbytes' levels; modules with others (fp4) keep its forward
 
 
 def _absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize: int):
@@ -101,11 +101,11 @@ def eligible(module: torch.nn.Module) -> bool:
     if not isinstance(module, bnb.nn.Linear4bit):
         return False
     qs = getattr(module.weight, "quant_state", None)
-    if qs is None or qs.quant_type != "nf4" or len(qs.shape) != 2 or (qs.shape[0] * qs.shape[1]) % qs.blocksize:
+    if qs is None or len(qs.shape) != 2 or (qs.shape[0] * qs.shape[1]) % qs.blocksize:
         return False
     if qs.nested and qs.state2.blocksize != 256:  # the only nested layout bitsandbytes' gemm_4bit takes either
         return False
-    return torch.equal(qs.code.detach().float().cpu(), torch.tensor(NF4, dtype=torch.float32))
+    return standard_nf4(qs)
 
 
 def install(model: torch.nn.Module) -> int:

@@ -192,7 +192,7 @@ def nf4_shards(weight: torch.Tensor) -> list[tuple]:
     """(packed bytes, absmax, rows, eligible) per shard of a vLLM bnb-packed weight, cached on the weight. Reads the
     attributes vLLM's loader sets: `bnb_quant_state` {shard: QuantState} and `bnb_shard_offsets` (CPU tensor). A shard
     is eligible when it is plain nf4 (blocksize 64, not nested) with bitsandbytes' standard NF4 levels."""
-    from trainer.kernels import NF4
+    from trainer.kernels import standard_nf4
     from trainer.kernels.nf4_gemm import QBLOCK
 
     cached = getattr(weight, "_trainer_nf4_shards", None)
@@ -202,8 +202,7 @@ def nf4_shards(weight: torch.Tensor) -> list[tuple]:
         cached = []
         for i in range(len(states)):
             st = states[i]
-            ok = (st.quant_type == "nf4" and not st.nested and st.blocksize == QBLOCK and st.shape[1] % QBLOCK == 0
-                  and st.code.float().cpu().tolist() == list(NF4))
+            ok = standard_nf4(st) and not st.nested and st.blocksize == QBLOCK and st.shape[1] % QBLOCK == 0
             cached.append((flat[offsets[i]:offsets[i + 1]], st.absmax, st.shape[0], ok))
         weight._trainer_nf4_shards = cached
     return cached
