@@ -171,17 +171,6 @@ def _attention_backend(name: str) -> None:
     tv.engine_kwargs = with_backend
 
 
-def _tf32_everywhere() -> None:
-    """torch's fp32 matmuls on TF32 tensor cores in this process (vLLM's and the trainer's), before vLLM loads."""
-    import torch
-
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # torch >= 2.9
-        m.fp32_precision = "tf32"
-    else:
-        m.allow_tf32 = True
-
-
 def _set_lora(policy, mode: str, seed: int = 7) -> None:
     """A trained-looking adapter: peft's A (kaiming) and B ~ N(0, LORA_B_STD); or B = 0 (a fresh adapter)."""
     import torch
@@ -283,8 +272,10 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
     elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "fp32", "fp32_tf32"):
         _attention_backend(engine)
-    if engine == "fp32_tf32":
-        _tf32_everywhere()
+    if engine == "fp32_tf32":  # torch's fp32 matmuls on TF32 in this process (vLLM's and the trainer's)
+        from trainer.policy import tf32_matmuls_on
+
+        tf32_matmuls_on()
     path, sets = _recipe_sets(shape, engine, cpu)
     recipe = load_recipe(path, sets)
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())

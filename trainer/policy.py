@@ -362,26 +362,25 @@ def completion_logprobs(policy: Policy, input_ids: torch.Tensor, attention_mask:
     return logps, ent_out
 
 
+def tf32_matmuls_on():
+    """torch's fp32 GEMMs on TF32 tensor cores from now on; returns a function that restores the previous setting."""
+    m = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"  # torch >= 2.9 : before
+    old = getattr(m, name)
+    setattr(m, name, "tf32" if name == "fp32_precision" else True)
+    return lambda: setattr(m, name, old)
+
+
 @contextlib.contextmanager
 def _tf32_matmuls():
     """fp32 GEMMs on TF32 tensor cores. Exact for our logits: the operands are bf16 values upcast (7 mantissa bits;
     TF32 keeps 10) and the products accumulate in fp32, so this equals a bf16 GEMM with an unrounded fp32 output at
     about half the bf16 rate, instead of the ~15x slower IEEE fp32 path."""
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # torch >= 2.9
-        old = m.fp32_precision
-        m.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            m.fp32_precision = old
-    else:
-        old = m.allow_tf32
-        m.allow_tf32 = True
-        try:
-            yield
-        finally:
-            m.allow_tf32 = old
+    restore = tf32_matmuls_on()
+    try:
+        yield
+    finally:
+        restore()
 
 
 _FP32_FN = None
