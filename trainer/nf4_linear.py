@@ -19,6 +19,7 @@ the backward must materialise), 2 bytes a parameter per layer, a bf16 copy of th
 """
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 
@@ -69,35 +70,22 @@ class _Nf4Linear(torch.autograd.Function):
         return (grad @ w,) + (None,) * 10
 
 
-def _linear4bit_class():
-    import bitsandbytes as bnb
+class TracedLinear4bit(bnb.nn.Linear4bit):
+    """bitsandbytes' Linear4bit whose forward torch.compile traces (this module's docstring); made by `install`."""
 
-    global _TracedLinear4bit
-    if _TracedLinear4bit is None:
-        class TracedLinear4bit(bnb.nn.Linear4bit):
-            """bitsandbytes' Linear4bit whose forward torch.compile traces (this module's docstring)."""
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                inp_dtype = x.dtype
-                if self.compute_dtype is not None:
-                    x = x.to(self.compute_dtype)
-                bias = None if self.bias is None else self.bias.to(x.dtype)
-                out = _Nf4Linear.apply(x, bias, self._nf4_packed, self._nf4_absmax, self._nf4_code,
-                                       self._nf4_nested_absmax, self._nf4_nested_code, self._nf4_offset,
-                                       self._nf4_shape, self._nf4_blocksize, self._nf4_nested_blocksize)
-                return out.to(inp_dtype)
-
-        _TracedLinear4bit = TracedLinear4bit
-    return _TracedLinear4bit
-
-
-_TracedLinear4bit = None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = _Nf4Linear.apply(x, bias, self._nf4_packed, self._nf4_absmax, self._nf4_code, self._nf4_nested_absmax,
+                               self._nf4_nested_code, self._nf4_offset, self._nf4_shape, self._nf4_blocksize,
+                               self._nf4_nested_blocksize)
+        return out.to(inp_dtype)
 
 
 def eligible(module: torch.nn.Module) -> bool:
     """A bitsandbytes nf4 Linear4bit with the standard levels and whole blocks (every layer HF and vLLM quantise)."""
-    import bitsandbytes as bnb
-
     if not isinstance(module, bnb.nn.Linear4bit):
         return False
     qs = getattr(module.weight, "quant_state", None)
@@ -112,10 +100,9 @@ def install(model: torch.nn.Module) -> int:
     """Every eligible nf4 layer of `model` traced by torch.compile from now on (before the layers are compiled).
     Its packed bytes and quant state are registered as plain, non-persistent buffers that alias the weight (no copy,
     nothing new in the state dict). Returns how many layers changed."""
-    cls = _linear4bit_class()
     n = 0
     for module in model.modules():
-        if type(module) is cls or not eligible(module):
+        if type(module) is TracedLinear4bit or not eligible(module):
             continue
         qs = module.weight.quant_state
         plain = torch.Tensor.as_subclass(module.weight.data, torch.Tensor).view(torch.uint8).reshape(-1)
@@ -127,6 +114,6 @@ def install(model: torch.nn.Module) -> int:
             module.register_buffer(f"_nf4_{name}", t, persistent=False)
         module._nf4_shape = tuple(int(s) for s in qs.shape)
         module._nf4_blocksize, module._nf4_nested_blocksize = qs.blocksize, (qs.state2.blocksize if qs.nested else 0)
-        module.__class__ = cls
+        module.__class__ = TracedLinear4bit
         n += 1
     return n
