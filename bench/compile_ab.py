@@ -12,8 +12,8 @@ checkpoint inside each compiled layer's graph, not HF's around it), on config A 
 torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A at
 issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding: TRAINER_COMPILE_EAGER_ROUNDING=0
 (policy.COMPILE_OPTIONS: inductor's own rounding instead of eager's, the default before 2026-12-04) on config A at
-6.6 GB (one large micro-batch) and the eight 286-token ones: what matching eager's numerics costs. Each config trained with the switch unset and set, the two variants
-alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
+6.6 GB (one large micro-batch) and the eight 286-token ones: what matching eager's numerics costs. Each config
+trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
 "train_s": [...], "first_two_s", "steady_step_s" (median of steps 3+), "steady_train_s"}], "by_config": {config:

@@ -40,8 +40,8 @@ LAYER_RECOMPILE_LIMIT = 64
 # compiled graph (Dynamo traces torch.utils.checkpoint; AOTAutograd's backward recomputes the layer in the same
 # compiled backward), one compiled forward and one backward a layer from Python. Host time on the 2-core CPU machine
 # (bench/layer_host.py: 28 layers of hidden 64, LoRA r16 all-linear, one 48-token sequence a micro-batch), ms a layer
-# and micro-batch, HF's -> in graph: nf4 4.56 -> 2.56 and 4.03 -> 3.08, fp32 2.93 -> 1.33 and 2.82 -> 2.20 (no
-# checkpoint: 1.0-1.6). The H200's train phase at small micro-batches is host-bound at 7-13 ms a layer
+# and micro-batch, HF's -> in graph: nf4 4.47 -> 2.25 (bench/results/layer_host_cpu_nf4.json, medians of 3 rounds;
+# single runs before 4.56 -> 2.56 and 4.03 -> 3.08), fp32 2.93 -> 1.33 and 2.82 -> 2.20 (no checkpoint: 1.0-1.9). The H200's train phase at small micro-batches is host-bound at 7-13 ms a layer
 # (docs/benchmarks.md, 2026-12-04): an A/B there (bench/compile_ab.py ckpt_in_graph) decides the default.
 # Not with activation offload or the tiled MLP, which replace HF's checkpoint function with their own.
 CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") == "1"

@@ -10,15 +10,16 @@ bitsandbytes' dequantised value), interleaves them back into [BLOCK_N, BLOCK_K] 
 the tensor cores. Split-K keeps the GPU busy when N is small: each split writes its fp32 partial to its own slice
 of a [split, M, N] buffer, summed in a fixed order afterwards, so the same inputs give the same bits on every call
 (a seeded rollout repeats exactly: tests/test_gpu.py's zero-LoRA check). fp32 atomics into one [M, N] buffer, the
-first version, added in no fixed order; kept only as bench/nf4_bench.py's A/B baseline (`ordered=False`).
-The fixed-order sum costs two more kernels a GEMM (the sum over splits, the copy into `out`): in one H200 rollout of
-the 1.5B shape (8 x 256 tokens, 2026-12-04 profile) 50k sums took 130 ms, and an elementwise kernel as frequent as
-the copies 69 ms, beside 418 ms of the GEMM kernel itself. `fixup` (TRAINER_NF4_FIXUP=1, off until bench/nf4_bench.py's A/B on the H200) sums in the
-kernel: each split stores its partial, takes a ticket from a per-tile counter, and the program that draws the last
-ticket adds the partials in split order (the same bits whichever program finishes last), writes `out` and resets
-the counter for the next call (a per-device buffer made before graph capture, as the level table). The fixed
+first version, added in no fixed order; kept only as bench/nf4_bench.py's A/B baseline (`ordered=False`). The fixed
 order costs 2% of a 7B layer's 4-bit GEMM time at 8 rows, 4% of an 8B's, 7% of a 1.5B's (one H200, 2026-12-02,
 bench/results/nf4_bench_defaults.json); a seeded rollout that does not repeat cost more than that to debug.
+The fixed-order sum costs two more kernels a GEMM (the sum over splits, the copy into `out`): in one H200 rollout of
+the 1.5B shape (8 x 256 tokens, 2026-12-04 profile) 50k sums took 130 ms, and an elementwise kernel as frequent as
+the copies 69 ms, beside 418 ms of the GEMM kernel itself. `fixup` (TRAINER_NF4_FIXUP=1, off until
+bench/nf4_bench.py's A/B on the H200) sums in the kernel: each split stores its partial, takes a ticket from a
+per-tile counter, and the program that draws the last ticket adds the partials in split order (the same bits
+whichever program finishes last), writes `out` and resets the counter for the next call (a per-device buffer made
+before graph capture, as the level table).
 
 Layout contract (bitsandbytes nf4, blocksize 64, not nested; what vLLM's in-flight bnb quantisation produces):
 W [N, K] row-major, flattened, quantised in blocks of 64 consecutive elements (K % 64 == 0, so no block straddles
