@@ -12,7 +12,11 @@ checkpoint inside each compiled layer's graph, not HF's around it), on config A 
 torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A at
 issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding: TRAINER_COMPILE_EAGER_ROUNDING=0
 (policy.COMPILE_OPTIONS: inductor's own rounding instead of eager's, the default before 2026-12-04) on config A at
-6.6 GB (one large micro-batch) and the eight 286-token ones: what matching eager's numerics costs. Each config
+6.6 GB (one large micro-batch) and the eight 286-token ones: what matching eager's numerics costs. SWITCH hf_compile:
+`train.torch_compile: true` with HF-generate rollouts (config A at 6.6 GB, `rollout.engine: hf`; the planner compiles
+the layers only with vLLM, the Colab path trains eagerly; generate runs the layers eagerly either way). SWITCH
+hf_decode: `rollout.hf_compile: true` on the same config (trainer/rollout/hf.py: a static KV cache and HF's compiled,
+CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -37,12 +41,14 @@ NO_OFFLOAD = ["train.activation_offload=false", "model.gradient_checkpointing=tr
 CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
            "A-mb286": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
                                           "rollout.weight_format=shared_nf4"]),
-           "A-no-offload": (6.6, NO_OFFLOAD)}
-# switch: (environment variable, its value when on, the configs it is measured on)
+           "A-no-offload": (6.6, NO_OFFLOAD), "A-hf": (6.6, ["rollout.engine=hf"])}
+# switch: (environment variable, its value when on, the configs it is measured on); "--set": a recipe override
 SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "1", ["A-mb286", "A-no-offload"]),
             "nf4_traced": ("TRAINER_NF4_TRACED", "1", ["A-mb286", "A-small"]),
-            "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"])}
+            "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"]),
+            "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
+            "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"])}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:
@@ -55,7 +61,9 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / f"compile_ab_{name}"
     switch_vars = {name for name, _, _ in SWITCHES.values()}  # each run sets the one it measures and no other
     env = {k: v for k, v in os.environ.items() if k not in switch_vars}
-    if variant != "default":
+    if variant != "default" and var == "--set":
+        overrides = overrides + [value]
+    elif variant != "default":
         env[var] = value
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",
            "--set", f"train.max_steps={steps}", "--set", f"budget.vram_gb={budget}"]

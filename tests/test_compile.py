@@ -134,6 +134,20 @@ def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, mon
     assert (tmp_path / "ckpt_in_graph_ab.json").exists() and res["by_config"] == {}  # no steps ran
 
 
+def test_compile_ab_switches_a_recipe_field_through_an_override(tmp_path, monkeypatch):
+    # hf_decode / hf_compile switch a recipe field, not an environment variable: only the switched run gets it
+    import bench.compile_ab as ab
+    import bench.smi
+
+    seen = []
+    monkeypatch.setattr(bench.smi, "watched", lambda smi, log, cmd, env: seen.append((cmd, env)) or 0)
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    res = ab.main(tmp_path, 3, "hf_decode")
+    assert [r["variant"] for r in res["runs"]] == ["default", "hf_decode"]
+    assert ["rollout.hf_compile=true" in cmd for cmd, _ in seen] == [False, True]
+    assert all("rollout.engine=hf" in cmd and "--set" not in env for cmd, env in seen)
+
+
 @pytest.mark.parametrize("in_graph,nf4_traced", [(False, False), (True, False), (True, True)])
 def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, in_graph, nf4_traced):
     # Seen on the H200 (2026-12-03, 1.5B, num_iterations 2, beta 0.04): the layers hit torch's recompile_limit in step

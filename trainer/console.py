@@ -86,6 +86,10 @@ def plan_table(plan) -> Group:
                      + (f", fused nf4 GEMM for decode batches <= {plan.nf4_gemm_max_rows}"
                         if plan.nf4_gemm_max_rows else "")
                      + (f", files staged in {plan.scratch_dir}" if plan.scratch_dir else ""))
+    else:
+        lines.append(f"HF generate: {plan.hf_batch_size} sequences a call, "
+                     + ("a static KV cache held all run and a compiled decode step" if plan.hf_compiled_decode
+                        else "eager decode steps (rollout.hf_compile: true compiles them)"))
     return Group(t, *(Text(line) for line in lines + list(plan.notes)))
 
 

@@ -45,6 +45,7 @@ WAVE_S = 0.06  # each wave of sequences in flight (1.5B mirror, 16 waves of one 
 # 7B (28 layers, 6.5e9) at 8 72.5 ms: 1.9-2.6 ms a layer, one constant keeps each row's step within 18%. A fit
 # with a per-parameter term on the first two rows (1.64 ms a layer + 20.1 ms per 1e9) predicted the third, unseen,
 # at 2.4x its rollout (45.3 s against 18.6); the 10.4x vLLM's decode before it was fitted on the 0.5B row alone.
+# The compiled decode step (rollout.hf_compile, trainer/rollout/hf.py) is priced the same until it is measured.
 HF_MS_PER_LAYER = 2.4
 # Train micro-batch, forward + backward of completion log-probs: the larger of a host-bound floor and its FLOPs at
 # TRAIN_FLOPS. The floor is per decoder layer (s; keyed by (compiled layers, checkpointing)): the profile of a 1.5B

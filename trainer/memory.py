@@ -269,11 +269,16 @@ def rollout_phase(ctx: Context, k: dict) -> dict[str, int]:
         if fp32_logits(ctx, k):  # the lm_head writes [max_num_seqs, vocab] in fp32, not bf16 (vllm_internals)
             out["vllm_logits_fp32"] = k["max_num_seqs"] * d.vocab * (4 - ctx.dtype_bytes)
         return out
-    # HF generate: a DynamicCache for the batch plus a few fp32 [batch, vocab] score tensors per step
+    # HF generate: a DynamicCache for the batch (the static cache of a compiled decode step is held all run: static)
+    # plus a few fp32 [batch, vocab] score tensors per step
     bs = k["hf_batch_size"]
-    cache = bs * ctx.max_len * d.kv_bytes_per_token(ctx.dtype_bytes)
+    cache = 0 if k.get("hf_compiled_decode") else hf_cache_bytes(ctx, bs)
     step = bs * d.vocab * 4 * 4 + layer_activation_bytes(ctx, bs * ctx.prompt_len) + dequant_scratch(ctx)
     return {"hf_kv_cache": cache, "hf_generate": step}
+
+
+def hf_cache_bytes(ctx: Context, batch: int) -> int:
+    return batch * ctx.max_len * ctx.dims.kv_bytes_per_token(ctx.dtype_bytes)
 
 
 def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
@@ -289,6 +294,10 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
         static["distributed"] = distributed_bytes(ctx.world_size)
     if ctx.cuda and not vllm:
         static["hf_non_torch"] = HF_NON_TORCH
+    if not vllm and k.get("hf_compiled_decode"):  # rollout/hf.py: one cache, one captured decode graph, all run
+        static["hf_static_cache"] = hf_cache_bytes(ctx, k["hf_batch_size"])
+        if ctx.cuda:  # the graph's pool: its [batch, vocab] logits and scores (an estimate; not measured yet)
+            static["hf_cuda_graphs"] = GRAPH_BASE + GRAPH_PER_SIZE + k["hf_batch_size"] * d.vocab * 4 * 2
     if vllm:
         static["vllm_non_torch"] = VLLM_NON_TORCH
         static["vllm_lora_slots"] = lora * 2

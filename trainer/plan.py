@@ -101,6 +101,9 @@ class Plan:
     vocab_chunk: int  # logits tile columns
     hf_batch_size: int
     max_model_len: int
+    # HF generate: a static KV cache of hf_batch_size x max_model_len held for the whole run and a compiled decode
+    # step (rollout.hf_compile; trainer/rollout/hf.py)
+    hf_compiled_decode: bool = False
     # vLLM (ignored by the HF engine)
     weight_format: str = "shared_nf4"
     kv_cache_memory_bytes: int = 0
@@ -400,7 +403,8 @@ def plan_knobs(plan: Plan) -> dict:
     """The plan's knobs as the candidate dict memory.components reads."""
     keys = ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing", "activation_offload", "mlp_tile_tokens",
             "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
-            "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype")
+            "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype",
+            "hf_compiled_decode")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -560,6 +564,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                      gradient_checkpointing=gc, activation_offload=off, mlp_tile_tokens=mlp_tile_tokens,
                      weight_format=fmt, kv_release=rel,
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
+                     hf_compiled_decode=not vllm and bool(r.hf_compile),
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
                      max_num_batched_tokens=batched if vllm else 0, enforce_eager=eager,
                      cudagraph_capture_sizes=sizes[seqs] if vllm else [])

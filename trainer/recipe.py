@@ -178,6 +178,9 @@ class RolloutSection(Section):
     logits_dtype: Literal["auto", "float32", "model"] = "auto"
     # HF generate: sequences generated at once (None: the planner decides).
     hf_batch_size: int | None = None
+    # HF generate with a static KV cache and its decode step compiled (CUDA graphs on a GPU): the eager decode step is
+    # host-bound (~2.4 ms a layer and token on the H200 host). None: off (not yet measured on a GPU).
+    hf_compile: bool | None = None
     length_mix: LengthMix | None = None  # benchmarks only: stop completions at drawn lengths
 
 

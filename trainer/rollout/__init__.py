@@ -42,7 +42,7 @@ def make_engine(recipe, plan, model_path) -> RolloutEngine:
         return VLLMEngine(recipe, plan, model_path)
     from trainer.rollout.hf import HFEngine
 
-    return HFEngine(batch_size=plan.hf_batch_size)
+    return HFEngine(plan.hf_batch_size, plan.hf_compiled_decode, plan.max_model_len)
 
 
 def sample(engine: RolloutEngine, turns, prompts, idx: list[int], sampling: Sampling) -> Generations:

@@ -3,8 +3,16 @@
 Slow next to vLLM (no paged KV, no continuous batching) but exact: the sampler is the policy. It records the
 logprob of each sampled token under logits / temperature (the distribution the loss uses) without keeping the
 [steps, batch, vocab] scores that `output_logits=True` would hold.
+
+Eager, each decode step is host-bound: Python dispatches every module of every layer (~2.4 ms a layer and token on
+the H200's host, trainer/cost.py HF_MS_PER_LAYER), far above what the GPU spends. With plan.hf_compiled_decode
+(rollout.hf_compile) the engine keeps one static KV cache of hf_batch_size x max_model_len for the run and HF's
+generate compiles the decode step over it (CUDA graphs on a GPU: mode reduce-overhead); every chunk is padded to
+hf_batch_size rows so that one graph serves every call. The prefill stays eager.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -37,9 +45,11 @@ class _SampledLogprobs(LogitsProcessor):
 class HFEngine:
     name = "hf"
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, compiled_decode: bool = False, max_len: int = 0):
         self.policy, self.batch_size = None, batch_size
-        self.info = {"engine": "hf", "base_copies": 1}
+        self.compiled_decode, self.max_len = compiled_decode, max_len
+        self._cache, self._cache_shape = None, (0, 0)
+        self.info = {"engine": "hf", "base_copies": 1, "compiled_decode": compiled_decode}
 
     def attach(self, policy: Policy) -> None:
         self.policy = policy
@@ -59,6 +69,9 @@ class HFEngine:
                 if sampling.seed is not None and not greedy:  # one RNG stream per chunk, keyed by its first global row
                     torch.manual_seed(sampling.seed + sampling.first_row + s)
                 chunk = rows[s:s + self.batch_size]
+                real = len(chunk)
+                if self.compiled_decode:  # one batch shape for the one captured graph; the copies are dropped
+                    chunk = chunk + [chunk[0]] * (self.batch_size - real)
                 width = max(len(p) for p, _ in chunk)
                 inp = torch.full((len(chunk), width), pad, dtype=torch.long)
                 att = torch.zeros_like(inp)
@@ -66,14 +79,16 @@ class HFEngine:
                     inp[r, width - len(p):] = torch.tensor(p)
                     att[r, width - len(p):] = 1
                 cap = _SampledLogprobs(sampling.temperature or 1.0)
-                max_new = max(caps[s:s + len(chunk)])
-                out = self.policy.model.generate(
-                    input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), **how,
-                    max_new_tokens=max_new, min_new_tokens=max_new if sampling.ignore_eos else 0, eos_token_id=eos, pad_token_id=pad,
-                    logits_processor=LogitsProcessorList([cap]), use_cache=True)
+                max_new = max(caps[s:s + real])
+                static = self._static(width + max_new) if self.compiled_decode else contextlib.nullcontext({})
+                with static as kw:
+                    out = self.policy.model.generate(
+                        input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), **how, **kw,
+                        max_new_tokens=max_new, min_new_tokens=max_new if sampling.ignore_eos else 0,
+                        eos_token_id=eos, pad_token_id=pad, logits_processor=LogitsProcessorList([cap]), use_cache=True)
                 gen = out[:, width:]
                 logp = cap.finish(out)
-                for r in range(len(chunk)):
+                for r in range(real):
                     row = gen[r].tolist()
                     n = len(row)
                     if eos in row:
@@ -83,6 +98,33 @@ class HFEngine:
                     lps.append(logp[r, :n].tolist())
                     truncated.append(eos not in row[:n])
         return Generations(completion_ids=ids, logprobs=lps, truncated=truncated)
+
+    @contextlib.contextmanager
+    def _static(self, length: int):
+        """generate's arguments for the compiled decode step over the engine's one static cache: built at the first
+        call for max(max_model_len, this call) tokens, reset in place after (its tensors keep their addresses, which
+        the captured graph reads), rebuilt only for a longer call or another batch size (the budget loop's)."""
+        from transformers import StaticCache
+        from transformers.generation.configuration_utils import CompileConfig
+
+        model = self.policy.model.get_base_model()
+        if self._cache is None or self._cache_shape[0] != self.batch_size or self._cache_shape[1] < length:
+            self._cache = None  # the old one's memory first
+            self._cache_shape = (self.batch_size, max(length, self.max_len))
+            self._cache = StaticCache(config=model.config, max_cache_len=self._cache_shape[1])
+        else:
+            self._cache.reset()
+        cuda = torch.device(self.policy.device).type == "cuda"
+        config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if cuda else "default")
+        # transformers 5.17 compiles the decode step only where the quantizer allows it, and its bitsandbytes 4-bit
+        # quantizer does not (HfQuantizer.is_compileable's default), although bitsandbytes' 4-bit ops are registered
+        # torch ops since 0.45 that Dynamo traces into the step's one graph (tests/test_hf_engine.py). Its other
+        # criteria (a GPU, a compileable cache) hold by construction here.
+        model._valid_auto_compile_criteria = lambda model_kwargs, generation_config: True
+        try:
+            yield dict(past_key_values=self._cache, compile_config=config)
+        finally:
+            del model._valid_auto_compile_criteria
 
     def sync(self, policy) -> dict[str, float]:
         return {}  # the sampler is the policy itself

@@ -1,0 +1,101 @@
+"""The HF-generate engine with the policy's compiled decoder layers and with its own compiled decode step
+(rollout.hf_compile): the same tokens and log-probs as eager generate, and no graph compiled per call."""
+from __future__ import annotations
+
+import torch
+from torch._dynamo.utils import counters
+
+from tests.conftest import ROOT
+from trainer.plan import Device, make_plan
+from trainer.policy import load_policy, read_config
+from trainer.recipe import load_recipe
+from trainer.rollout.hf import HFEngine
+from trainer.types import Sampling
+
+PROMPTS = [list(range(5, 25)), list(range(30, 42))]
+
+
+def _policy(*overrides):
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=hf", *overrides])
+    plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+    return load_policy(recipe, plan), plan
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_the_layers_compiled_for_training_sample_eagerly():
+    # a KV cache that grows each token recompiled the compiled layers at every length: 6 graphs, 19.5 s, 32 tokens
+    torch._dynamo.reset()
+    compiled, plan = _policy("train.torch_compile=true")
+    eager, _ = _policy("train.torch_compile=false")
+    assert plan.compile_layers
+    layers = compiled.model.get_base_model().model.layers
+    impls = [layer._compiled_call_impl for layer in layers]
+    assert all(impls)
+    sampling = Sampling(n=4, max_tokens=24, temperature=1.0, seed=3)
+    before = _graphs()
+    got = _engine(compiled).generate(PROMPTS, sampling)
+    assert _graphs() == before  # nothing compiled while sampling
+    want = _engine(eager).generate(PROMPTS, sampling)
+    assert got.completion_ids == want.completion_ids
+    assert torch.allclose(_flat(got.logprobs), _flat(want.logprobs), atol=1e-5)
+    assert [layer._compiled_call_impl for layer in layers] == impls  # compiled again for the training forward
+
+
+def test_compiled_decode_samples_what_eager_generate_does_with_one_graph_and_one_cache():
+    torch._dynamo.reset()
+    policy, plan = _policy("rollout.hf_compile=true", "rollout.hf_batch_size=8")
+    assert plan.hf_compiled_decode and plan.hf_batch_size == 8
+    static = HFEngine(8, compiled_decode=True, max_len=plan.max_model_len)
+    static.attach(policy)
+    greedy = Sampling(n=3, max_tokens=20, temperature=0.0)  # 6 rows, padded to the engine's 8
+    before = _graphs()
+    first = static.generate(PROMPTS, greedy)
+    compiled = _graphs() - before
+    cache = static._cache
+    assert compiled >= 1 and cache is not None and static._cache_shape == (8, plan.max_model_len)
+    want = _engine(policy).generate(PROMPTS, greedy)
+    assert first.completion_ids == want.completion_ids and len(first.completion_ids) == 6
+    assert torch.allclose(_flat(first.logprobs), _flat(want.logprobs), atol=1e-4)
+    # the next calls (other rows, sampled, a shorter cap) reuse the graph and the cache
+    again = static.generate(PROMPTS[::-1], Sampling(n=4, max_tokens=12, temperature=1.0, seed=1))
+    assert _graphs() - before == compiled and static._cache is cache
+    assert len(again.completion_ids) == 8
+    assert all(len(c) == 12 if cut else len(c) <= 12 for c, cut in zip(again.completion_ids, again.truncated))
+    assert all(lp <= 0 for row in again.logprobs for lp in row)
+    # a call longer than the cache builds a longer one
+    static.generate(PROMPTS[:1], Sampling(n=1, max_tokens=plan.max_model_len, temperature=0.0))
+    assert static._cache is not cache and static._cache_shape[1] >= 20 + plan.max_model_len
+
+
+def test_the_plan_holds_the_static_cache_in_both_phases():
+    from trainer.plan import plan_context, plan_knobs
+    from trainer import memory
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=hf", "rollout.hf_batch_size=16"])
+    config = read_config(recipe.model)
+    for on in (False, True):
+        recipe.rollout.hf_compile = on
+        plan = make_plan(config, recipe, Device("cpu"))
+        comps, phases = memory.components(plan_context(config, recipe, plan, Device("cpu")), plan_knobs(plan))
+        cache = memory.hf_cache_bytes(plan_context(config, recipe, plan, Device("cpu")), 16)
+        assert cache > 0
+        if on:
+            assert comps["hf_static_cache"] == cache and comps["hf_kv_cache"] == 0
+        else:
+            assert "hf_static_cache" not in comps and comps["hf_kv_cache"] == cache
+        if not on:
+            eager = phases
+    assert phases["train"] - eager["train"] >= cache  # held while training, not only while sampling
+
+
+def _engine(policy) -> HFEngine:
+    e = HFEngine(8)
+    e.attach(policy)
+    return e
+
+
+def _flat(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor([x for row in rows for x in row])
