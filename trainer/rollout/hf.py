@@ -42,6 +42,19 @@ class _SampledLogprobs(LogitsProcessor):
         return torch.stack(self.out, dim=1) if self.out else sequences.new_zeros(sequences.size(0), 0).float()
 
 
+def _static_quant_states(model: torch.nn.Module) -> None:
+    """bitsandbytes' quantisation state (absmax, code, the nested absmax) as inputs at fixed addresses of the captured
+    decode graph: plain tensors, not parameters or buffers, which the CUDA graph trees would otherwise copy into
+    buffers of their own before every replay (four tensors per linear layer)."""
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        while qs is not None:
+            for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
+                if isinstance(t, torch.Tensor):
+                    torch._dynamo.mark_static_address(t)
+            qs = getattr(qs, "state2", None)
+
+
 class HFEngine:
     name = "hf"
 
@@ -108,6 +121,8 @@ class HFEngine:
         from transformers.generation.configuration_utils import CompileConfig
 
         model = self.policy.model.get_base_model()
+        if self._cache is None:
+            _static_quant_states(model)
         if self._cache is None or self._cache_shape[0] != self.batch_size or self._cache_shape[1] < length:
             self._cache = None  # the old one's memory first
             self._cache_shape = (self.batch_size, max(length, self.max_len))
