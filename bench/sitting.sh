@@ -19,6 +19,7 @@
 #   multi_turn    bench/multi_turn.py OUT                                -> bench/results/multi_turn.json
 #   compile       bench/compile_ab.py OUT [STEPS] [SWITCH]               -> bench/results/compile_ab.json (SWITCH
 #                                                                           dynamic) or SWITCH_ab.json
+#   hf_decode     bench/hf_decode.py OUT/hf_decode.json [RECIPE] [ROUNDS] -> bench/results/hf_decode.json
 #   hf            train bench/recipes/toy-digits-0.5b-hf.yaml under bench/smi.py; bench/report.py hf
 #                                                                        -> bench/results/hf_gpu.json
 #   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml
@@ -53,6 +54,7 @@ job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
     multigpu) echo "$PY bench/multigpu.py $R $*";;
     multi_turn) echo "$PY bench/multi_turn.py $R $*";;
     compile) echo "$PY bench/compile_ab.py $R $*";;
+    hf_decode) echo "$PY bench/hf_decode.py $R/hf_decode.json $*";;
     hf) echo "$PY bench/smi.py $R/smi_hf.json -- $PY -m trainer.cli bench/recipes/toy-digits-0.5b-hf.yaml" \
              "--output-dir $RUNS/hf --overwrite $* && $PY bench/report.py hf $RUNS/hf $R/smi_hf.json $R/hf_gpu.json";;
     sync) echo "GPU_TESTS_JSON=$R/gpu_tests.json $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py;" \

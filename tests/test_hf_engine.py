@@ -2,6 +2,7 @@
 (rollout.hf_compile): the same tokens and log-probs as eager generate, and no graph compiled per call."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -102,3 +103,42 @@ def _engine(policy) -> HFEngine:
 
 def _flat(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor([x for row in rows for x in row])
+
+
+@pytest.mark.gpu
+def test_compiled_decode_on_the_gpu_replays_cuda_graphs_and_samples_eager_generates_tokens():
+    # mode reduce-overhead: the decode step in CUDA graphs, bitsandbytes' 4-bit kernels captured with it; a graph
+    # skipped (an op it cannot capture, an input it must copy) shows in inductor's counters
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch._dynamo.reset()
+    counters.clear()
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=hf", "rollout.hf_compile=true",
+                                                                "rollout.hf_batch_size=8", "model.dtype=float32"])
+    plan = make_plan(read_config(recipe.model), recipe, Device.detect())
+    assert plan.hf_compiled_decode and plan.device == "cuda"
+    policy = load_policy(recipe, plan)
+    static = HFEngine(8, compiled_decode=True, max_len=plan.max_model_len)
+    static.attach(policy)
+    greedy = Sampling(n=4, max_tokens=32, temperature=0.0)
+    for _ in range(3):  # cudagraph trees warm up, then record, then replay
+        got = static.generate(PROMPTS, greedy)
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["inductor"]["cudagraph_skips"] == 0, dict(counters)
+    want = _engine(policy).generate(PROMPTS, greedy)
+    assert got.completion_ids == want.completion_ids
+    assert torch.allclose(_flat(got.logprobs), _flat(want.logprobs), atol=1e-3)
+
+
+def test_the_decode_benchmark_times_both_engines(tmp_path):
+    # bench/hf_decode.py: the device sitting's A/B of the decode step alone (sitting item hf_decode)
+    import json
+
+    from bench.hf_decode import main
+
+    torch._dynamo.reset()
+    res = main(tmp_path / "hf.json", ROOT / "recipes" / "tiny-cpu.yaml", 1,
+               ["grpo.max_completion_length=8", "train.generation_batch_size=16"])
+    assert json.loads((tmp_path / "hf.json").read_text()) == res
+    assert res["batch"] == 16 and res["completion_tokens"] == 8 and res["layers"] == 2
+    assert set(res["ms_per_token_step"]) == {"eager", "compiled"} and all(len(v) == 1 for v in res["calls_s"].values())
+    assert res["greedy_tokens_equal"] == 1.0  # fp32 on the CPU: the compiled step picks eager's tokens
