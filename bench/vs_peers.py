@@ -8,11 +8,13 @@ ends after the first step, for every system alike.
 Order: the peers first, then ours at budgets taken from the peers' peaks measured in this sitting:
 - ours_fast: budget = the lowest peer peak (the goal: step <= 0.6x the fastest peer at a peak <= that);
 - ours_small: budget = half the lowest peer peak (the goal: step <= the fastest peer's at <= half its peak);
-- A/B levers of issue 15 in the same sitting: ours_fast_eager (train.torch_compile=false) and ours_small_bnb
-  (rollout.nf4_gemm=bitsandbytes: vLLM's own bitsandbytes path instead of the fused nf4 GEMM).
+- with VS_PEERS_AB=1, the A/B levers of issue 15 in the same sitting: ours_fast_eager (train.torch_compile=false) and
+  ours_small_bnb (rollout.nf4_gemm=bitsandbytes: vLLM's own bitsandbytes path instead of the fused nf4 GEMM); off by
+  default, so that the peers and ours fit one device sitting (~18 minutes of runs on the H200 of 2026-12-02).
 Caches (Triton, inductor, vLLM, Unsloth's compiled cache, __pycache__ of the staged packages) are cleared before
 each system's first run, so its startup is a machine's-first-run (cold) startup. Writes OUT_DIR/raw/<run>.{log,
-smi.json,result.json} and OUT_DIR/vs_peers_h100.json (bench/peers/report.py builds the table and plot from them).
+smi.json,result.json} and OUT_DIR/vs_peers_<card>.json, the card named as nvidia-smi names it (vs_peers_h200.json on
+an H200; bench/peers/report.py builds the table and plot from them).
 """
 from __future__ import annotations
 
@@ -123,11 +125,20 @@ def main(out: Path) -> None:
     for cfg in CONFIGS:
         run("ours", cfg, fast[cfg], model, raw, label="ours_fast")
         run("ours", cfg, small[cfg], model, raw, label="ours_small")
-    run("ours", "A", fast["A"], model, raw, extra=["train.torch_compile=false"], label="ours_fast_eager")
-    for cfg in CONFIGS:
-        run("ours", cfg, small[cfg], model, raw, extra=["rollout.nf4_gemm=bitsandbytes"], label="ours_small_bnb")
-    report.build(raw, out / "vs_peers_h100.json", command="python bench/vs_peers.py OUT_DIR  (one GPU, after "
-                 "scripts/device_stage.sh unsloth; bench/peers/report.py RAW OUT.json PLOT.png)")
+    if os.environ.get("VS_PEERS_AB") == "1":
+        run("ours", "A", fast["A"], model, raw, extra=["train.torch_compile=false"], label="ours_fast_eager")
+        for cfg in CONFIGS:
+            run("ours", cfg, small[cfg], model, raw, extra=["rollout.nf4_gemm=bitsandbytes"], label="ours_small_bnb")
+    report.build(raw, out / f"vs_peers_{card_slug(device)}.json", command="python bench/vs_peers.py OUT_DIR  (one "
+                 "GPU, after scripts/device_stage.sh unsloth; bench/peers/report.py RAW OUT.json PLOT.png)")
+
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100', 'Tesla T4' -> 't4': the results file's suffix."""
+    import re
+
+    m = re.search(r"\b([A-Z]+\d+[A-Za-z]*)\b", name.replace("NVIDIA", ""))
+    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "gpu"
 
 
 if __name__ == "__main__":

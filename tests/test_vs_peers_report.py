@@ -32,3 +32,11 @@ def test_ratios_and_goals(tmp_path):
     _run(tmp_path, "ours_small_A", 2.1, 3.4)  # slower than the fastest peer: the small goal fails
     assert not report.build(tmp_path, tmp_path / "vs.json")["configs"][0]["ratios"]["goal_small"]
     assert res["configs"][1]["systems"] == {}  # config B did not run: no rows, no ratios
+
+
+def test_the_results_file_is_named_for_the_card_it_ran_on():
+    # issue 26 asks for bench/results/vs_peers_h200.json; the H100 sitting's file keeps its name
+    from bench.vs_peers import card_slug
+
+    assert card_slug("NVIDIA H200") == "h200" and card_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert card_slug("Tesla T4") == "t4" and card_slug("NVIDIA A100-SXM4-80GB") == "a100"
