@@ -142,3 +142,34 @@ def test_the_decode_benchmark_times_both_engines(tmp_path):
     assert res["batch"] == 16 and res["completion_tokens"] == 8 and res["layers"] == 2
     assert set(res["ms_per_token_step"]) == {"eager", "compiled"} and all(len(v) == 1 for v in res["calls_s"].values())
     assert res["greedy_tokens_equal"] == 1.0  # fp32 on the CPU: the compiled step picks eager's tokens
+
+
+def test_a_checkpoints_generation_config_does_not_reshape_what_is_sampled(tmp_path, tiny_model_dir):
+    # Qwen2.5-Instruct's generation_config.json carries repetition_penalty 1.1, top_k 20, top_p 0.8, temperature 0.7;
+    # transformers fills every field a generate call leaves unset from it, so the HF engine sampled with a repetition
+    # penalty the recipe never asked for and recorded log-probs that were not the policy's
+    import json
+    import shutil
+
+    from trainer.policy import completion_logprobs
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_p": 0.2, "top_k": 20,
+         "top_p": 0.8, "temperature": 0.7}))
+    policy, _ = _policy(f"model.name={model}", "model.shape=null", "model.load_in_4bit=false")
+    gens = _engine(policy).generate(PROMPTS, Sampling(n=4, max_tokens=24, temperature=1.0, seed=3))
+    width, c = max(map(len, PROMPTS)), max(map(len, gens.completion_ids))
+    ids = torch.zeros(8, width + c, dtype=torch.long)
+    mask, valid, sampler = torch.zeros_like(ids), torch.zeros(8, c, dtype=torch.long), torch.zeros(8, c)
+    for r, comp in enumerate(gens.completion_ids):
+        p = PROMPTS[r // 4]
+        ids[r, width - len(p):width], mask[r, width - len(p):width] = torch.tensor(p), 1
+        ids[r, width:width + len(comp)], mask[r, width:width + len(comp)] = torch.tensor(comp), 1
+        valid[r, :len(comp)], sampler[r, :len(comp)] = 1, torch.tensor(gens.logprobs[r])
+    with torch.no_grad():
+        logps, _ = completion_logprobs(policy, ids, mask, ids[:, width:], valid, 1.0, 4096, 512)
+    gap = (logps - sampler).abs()[valid.bool()]
+    assert valid.sum() > 50 and gap.max() < 1e-4, gap.max()
+    assert policy.model.get_base_model().generation_config.repetition_penalty == 1.5  # the checkpoint's, kept

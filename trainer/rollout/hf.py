@@ -55,6 +55,23 @@ def _static_quant_states(model: torch.nn.Module) -> None:
             qs = getattr(qs, "state2", None)
 
 
+@contextlib.contextmanager
+def _recipe_sampling_only(model: torch.nn.Module):
+    """generate with the recipe's sampling and nothing from the checkpoint's generation_config.json, which transformers
+    merges into every field a call leaves unset: Qwen2.5-Instruct's carries repetition_penalty 1.1 (and top_k 20,
+    top_p 0.8, temperature 0.7), which would reshape the distribution sampled from, and the sampler's log-probs would no
+    longer be the policy's that the loss uses. vLLM takes only the SamplingParams it is given."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
+                                               pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class HFEngine:
     name = "hf"
 
@@ -77,7 +94,8 @@ class HFEngine:
         greedy = sampling.temperature == 0  # as in vLLM: temperature 0 is greedy decoding
         how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
                                                         top_p=sampling.top_p, top_k=sampling.top_k or 0)
-        with eval_mode(self.policy.model), self.policy.autocast():  # LoRA as the trainer computes it
+        base = self.policy.model.get_base_model()
+        with eval_mode(self.policy.model), self.policy.autocast(), _recipe_sampling_only(base):  # LoRA as trained
             for s in range(0, len(rows), self.batch_size):
                 if sampling.seed is not None and not greedy:  # one RNG stream per chunk, keyed by its first global row
                     torch.manual_seed(sampling.seed + sampling.first_row + s)
