@@ -173,3 +173,27 @@ def test_a_checkpoints_generation_config_does_not_reshape_what_is_sampled(tmp_pa
     gap = (logps - sampler).abs()[valid.bool()]
     assert valid.sum() > 50 and gap.max() < 1e-4, gap.max()
     assert policy.model.get_base_model().generation_config.repetition_penalty == 1.5  # the checkpoint's, kept
+
+
+def test_completions_end_at_every_eos_of_the_checkpoint_as_in_vllm(tmp_path, tiny_model_dir):
+    # vLLM stops at the tokenizer's EOS and at each eos_token_id of generation_config.json (Qwen2.5-Instruct:
+    # <|im_end|> and <|endoftext|>); HF generate was given the tokenizer's alone and sampled on past the others
+    import json
+    import shutil
+
+    from trainer.rollout.hf import stop_ids
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    policy, _ = _policy(f"model.name={model}", "model.shape=null", "model.load_in_4bit=false")
+    eos = policy.tokenizer.eos_token_id
+    others = [t for t in range(20, 80) if t != eos]  # many, so that several completions end at one
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, *others]}))
+    policy, _ = _policy(f"model.name={model}", "model.shape=null", "model.load_in_4bit=false")
+    assert stop_ids(eos, policy.model.get_base_model().generation_config) == [eos, *others]
+    gens = _engine(policy).generate(PROMPTS, Sampling(n=4, max_tokens=24, temperature=1.0, seed=3))
+    stops = {eos, *others}
+    ended = [c for c, cut in zip(gens.completion_ids, gens.truncated) if not cut]
+    assert ended and all(c[-1] in stops and not stops & set(c[:-1]) for c in ended)
+    assert all(len(c) == 24 and not stops & set(c) for c, cut in zip(gens.completion_ids, gens.truncated) if cut)
+    assert all(len(lp) == len(c) for lp, c in zip(gens.logprobs, gens.completion_ids))

@@ -55,6 +55,15 @@ def _static_quant_states(model: torch.nn.Module) -> None:
             qs = getattr(qs, "state2", None)
 
 
+def stop_ids(eos: int | None, generation_config) -> list[int]:
+    """The tokens a completion ends at, as vLLM takes them (SamplingParams.update_from_generation_config): the
+    tokenizer's EOS and every EOS id of the checkpoint's generation_config.json (Qwen2.5-Instruct's <|im_end|> and
+    <|endoftext|>; Llama 3.1 Instruct's <|end_of_text|>, <|eom_id|> and <|eot_id|>)."""
+    extra = getattr(generation_config, "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(([eos] if eos is not None else []) + extra))
+
+
 @contextlib.contextmanager
 def _recipe_sampling_only(model: torch.nn.Module):
     """generate with the recipe's sampling and nothing from the checkpoint's generation_config.json, which transformers
@@ -87,7 +96,8 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Generations:
         tok = self.policy.tokenizer
-        eos, pad = tok.eos_token_id, tok.pad_token_id
+        pad = tok.pad_token_id
+        stops = stop_ids(tok.eos_token_id, self.policy.model.get_base_model().generation_config)
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
         caps = sampling.max_tokens_per_request or [sampling.max_tokens] * len(rows)
         ids, lps, truncated = [], [], []
@@ -116,18 +126,17 @@ class HFEngine:
                     out = self.policy.model.generate(
                         input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), **how, **kw,
                         max_new_tokens=max_new, min_new_tokens=max_new if sampling.ignore_eos else 0,
-                        eos_token_id=eos, pad_token_id=pad, logits_processor=LogitsProcessorList([cap]), use_cache=True)
+                        eos_token_id=stops, pad_token_id=pad, logits_processor=LogitsProcessorList([cap]),
+                        use_cache=True)
                 gen = out[:, width:]
                 logp = cap.finish(out)
                 for r in range(real):
                     row = gen[r].tolist()
-                    n = len(row)
-                    if eos in row:
-                        n = row.index(eos) + 1
-                    n = min(n, caps[s + r])
+                    end = next((i + 1 for i, t in enumerate(row) if t in stops), None)  # through the first stop
+                    n = min(end or len(row), caps[s + r])
                     ids.append(row[:n])
                     lps.append(logp[r, :n].tolist())
-                    truncated.append(eos not in row[:n])
+                    truncated.append(end is None or end > n)
         return Generations(completion_ids=ids, logprobs=lps, truncated=truncated)
 
     @contextlib.contextmanager
