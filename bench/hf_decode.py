@@ -10,7 +10,8 @@ completion to max_completion_length (ignore_eos), sampled at the recipe's temper
 compiles and captures here), then ROUNDS (default 3) timed calls each, the two alternated. OUT.json: {"device",
 "recipe", "command", "layers", "batch", "prompt_tokens", "completion_tokens", "first_call_s": {variant},
 "calls_s": {variant: [...]}, "ms_per_token_step": {variant: median / completion_tokens}, "ms_per_layer_and_step",
-"speedup" (eager / compiled), "greedy_tokens_equal" (one greedy call of each: the fraction of equal tokens)}.
+"speedup" (eager / compiled), "greedy_tokens_equal" (one greedy call of each: the fraction of equal tokens),
+"failed" ({variant: the traceback's end} for an engine whose call raised; the other's numbers are kept)}.
 """
 from __future__ import annotations
 
@@ -59,24 +60,43 @@ def main(out: Path, recipe_path: Path, rounds: int, overrides: list[str]) -> dic
             torch.cuda.synchronize()
         return time.perf_counter() - t, res
 
-    first, calls = {}, {name: [] for name in engines}
+    first, calls, failed = {}, {name: [] for name in engines}, {}
+
+    def timed(name: str, s: Sampling = sampling):
+        """call(name), or None once that engine has failed (a kernel CUDA graphs cannot capture, say): the other
+        engine's numbers are kept and the traceback's end goes into the results."""
+        if name in failed:
+            return None
+        try:
+            return call(name, s)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            failed[name] = "".join(traceback.format_exception(e))[-4000:]
+            return None
+
     for name, e in engines.items():
         e.attach(policy)
-        first[name] = round(call(name)[0], 3)
+        if (t := timed(name)) is not None:
+            first[name] = round(t[0], 3)
     for i in range(rounds):
         for name in (engines if i % 2 == 0 else list(engines)[::-1]):
-            calls[name].append(round(call(name)[0], 4))
+            if (t := timed(name)) is not None:
+                calls[name].append(round(t[0], 4))
     greedy = Sampling(n=sampling.n, max_tokens=g.max_completion_length, temperature=0.0, ignore_eos=True)
-    a, b = call("eager", greedy)[1].completion_ids, call("compiled", greedy)[1].completion_ids
-    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / max(1, sum(len(r) for r in a))
-    ms = {name: 1e3 * statistics.median(v) / g.max_completion_length for name, v in calls.items()}
+    a, b = timed("eager", greedy), timed("compiled", greedy)
+    same = None if a is None or b is None else sum(
+        x == y for ra, rb in zip(a[1].completion_ids, b[1].completion_ids) for x, y in zip(ra, rb)) / max(
+        1, sum(len(r) for r in a[1].completion_ids))
+    ms = {name: 1e3 * statistics.median(v) / g.max_completion_length for name, v in calls.items() if v}
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "recipe": str(recipe_path), "command": " ".join(["python", "bench/hf_decode.py", *sys.argv[1:]]),
            "layers": layers, "batch": plan.hf_batch_size, "prompt_tokens": prompt_len,
            "completion_tokens": g.max_completion_length, "first_call_s": first, "calls_s": calls,
            "ms_per_token_step": {k: round(v, 3) for k, v in ms.items()},
            "ms_per_layer_and_step": {k: round(v / layers, 4) for k, v in ms.items()},
-           "speedup": round(ms["eager"] / ms["compiled"], 3), "greedy_tokens_equal": round(same, 4)}
+           "speedup": round(ms["eager"] / ms["compiled"], 3) if len(ms) == 2 else None,
+           "greedy_tokens_equal": None if same is None else round(same, 4), "failed": failed}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "calls_s"}), flush=True)

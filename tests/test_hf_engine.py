@@ -141,7 +141,7 @@ def test_the_decode_benchmark_times_both_engines(tmp_path):
     assert json.loads((tmp_path / "hf.json").read_text()) == res
     assert res["batch"] == 16 and res["completion_tokens"] == 8 and res["layers"] == 2
     assert set(res["ms_per_token_step"]) == {"eager", "compiled"} and all(len(v) == 1 for v in res["calls_s"].values())
-    assert res["greedy_tokens_equal"] == 1.0  # fp32 on the CPU: the compiled step picks eager's tokens
+    assert res["greedy_tokens_equal"] == 1.0 and res["failed"] == {}  # fp32 on the CPU: eager's tokens
 
 
 def test_a_checkpoints_generation_config_does_not_reshape_what_is_sampled(tmp_path, tiny_model_dir):
@@ -197,3 +197,16 @@ def test_completions_end_at_every_eos_of_the_checkpoint_as_in_vllm(tmp_path, tin
     assert ended and all(c[-1] in stops and not stops & set(c[:-1]) for c in ended)
     assert all(len(c) == 24 and not stops & set(c) for c, cut in zip(gens.completion_ids, gens.truncated) if cut)
     assert all(len(lp) == len(c) for lp, c in zip(gens.logprobs, gens.completion_ids))
+
+
+def test_the_decode_benchmark_keeps_eager_numbers_when_the_compiled_step_fails(tmp_path, monkeypatch):
+    from bench.hf_decode import main
+
+    def broken(self, length):
+        raise RuntimeError("cannot capture this kernel")
+
+    monkeypatch.setattr(HFEngine, "_static", broken)
+    res = main(tmp_path / "hf.json", ROOT / "recipes" / "tiny-cpu.yaml", 2,
+               ["grpo.max_completion_length=4", "train.generation_batch_size=8"])
+    assert set(res["failed"]) == {"compiled"} and "cannot capture this kernel" in res["failed"]["compiled"]
+    assert len(res["calls_s"]["eager"]) == 2 and res["calls_s"]["compiled"] == [] and res["speedup"] is None
