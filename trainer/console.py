@@ -88,7 +88,8 @@ def plan_table(plan) -> Group:
                      + (f", files staged in {plan.scratch_dir}" if plan.scratch_dir else ""))
     else:
         lines.append(f"HF generate: {plan.hf_batch_size} sequences a call, "
-                     + ("a static KV cache held all run and a compiled decode step" if plan.hf_compiled_decode
+                     + ("a static KV cache held all run and a compiled decode step (its step time not measured yet: "
+                        "priced as the eager step)" if plan.hf_compiled_decode
                         else "eager decode steps (rollout.hf_compile: true compiles them)"))
     return Group(t, *(Text(line) for line in lines + list(plan.notes)))
 
