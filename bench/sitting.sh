@@ -33,6 +33,8 @@
 #                                                  # files (runs/*/metrics.jsonl ...: the steps done so far) into $OUT
 # Each item is 'NAME ARGS' with optional leading VAR=VALUE environment settings; `pytest -m gpu` runs once (GPU_TESTS
 # as above), each item's results under results/NAME as a lone job's (a second item of the same NAME: results/NAME.2).
+# An item that runs past ITEM_TIMEOUT seconds (default 900; an item's own ITEM_TIMEOUT=N setting wins) is killed
+# with rc 124 and the queue goes on: a hung compile or engine must not take the rest of the sitting with it.
 # SITTING_ROOT (default /root) and PYTHON (default python3) let the script run here for a dry run.
 set -uo pipefail
 NAME=${1:-}; ACTION=${2:-}
@@ -72,7 +74,7 @@ fresh() {  # fresh DIR: an empty results dir (an earlier one of that name kept a
 }
 
 test_steps() {  # test_steps DIR: sets $before / $after, the job's `pytest -m gpu` step (GPU_TESTS), output under DIR
-  local tests="$PY -m pytest -m gpu -q -p no:cacheprovider --durations=10 --ignore=tests/test_notebook.py tests > $1/pytest_gpu.txt 2>&1"
+  local tests="timeout -k 30 ${GPU_TESTS_TIMEOUT:-900} $PY -m pytest -m gpu -q -p no:cacheprovider --durations=10 --ignore=tests/test_notebook.py tests > $1/pytest_gpu.txt 2>&1"
   case ${GPU_TESTS:-last} in  # --ignore: the device lacks nbformat; the notebook runs in CI
     first) before=$tests; after=true;; no) before=true; after=true;; *) before=true; after=$tests;;
   esac
@@ -101,7 +103,9 @@ queue_start() {  # queue_start ITEM ...: one job script running each ITEM's driv
     fresh "$R"; cp "$Q/device.txt" "$R/device.txt"
     echo "$dir" >> "$Q/items"
     echo "$(date -u +%FT%TZ) $NAME: $envs$cmd" > "$R/command.txt"
-    echo "( $envs$cmd ) > $R/$NAME.log 2>&1; echo \"rc \$?\" >> $R/$NAME.log; echo done > $R/done" >> "$D/sitting_job.sh"
+    limit=${ITEM_TIMEOUT:-900}; [[ $envs =~ ITEM_TIMEOUT=([0-9]+) ]] && limit=${BASH_REMATCH[1]}
+    echo "( ${envs}timeout -k 30 $limit bash -c $(printf %q "$cmd") ) > $R/$NAME.log 2>&1;" \
+         "echo \"rc \$?\" >> $R/$NAME.log; echo done > $R/done" >> "$D/sitting_job.sh"
   done
   { echo "$after"; echo "echo done > $Q/done"; } >> "$D/sitting_job.sh"
   setsid nohup bash "$D/sitting_job.sh" > "$Q/job.log" 2>&1 < /dev/null &

@@ -65,3 +65,12 @@ def test_queue_wait_tars_the_run_dirs_steps_so_far(tmp_path):
     with tarfile.open(tmp_path / "out" / "queue.tgz") as t:
         names = set(t.getnames())
     assert {"runs/row/metrics.jsonl", "runs/row/plan.json"} <= names and "runs/row/checkpoint-1/w.bin" not in names
+
+
+def test_an_item_past_its_time_limit_is_killed_and_the_queue_goes_on(tmp_path):
+    run = _sitting(tmp_path, 'if [[ $* == *hang* ]]; then sleep 60; fi; echo "$*" >> "$SITTING_ROOT/calls"')
+    assert run("queue", "start", "ITEM_TIMEOUT=2 planner hang", "planner after").returncode == 0
+    assert run("queue", "wait", "60").stdout.strip().endswith("done")
+    res = tmp_path / "results"
+    assert (res / "planner" / "planner.log").read_text().endswith("rc 124\n")
+    assert (tmp_path / "calls").read_text().splitlines() == [f"bench/planner.py {res}/planner.2 after"]
