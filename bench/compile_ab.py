@@ -16,7 +16,9 @@ issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding: TR
 `train.torch_compile: true` with HF-generate rollouts (config A at 6.6 GB, `rollout.engine: hf`; the planner compiles
 the layers only with vLLM, the Colab path trains eagerly; generate runs the layers eagerly either way). SWITCH
 hf_decode: `rollout.hf_compile: true` on the same config (trainer/rollout/hf.py: a static KV cache and HF's compiled,
-CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). Each config
+CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). SWITCH gc_freeze:
+TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
+only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -48,7 +50,8 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "nf4_traced": ("TRAINER_NF4_TRACED", "1", ["A-mb286", "A-small"]),
             "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"]),
             "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
-            "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"])}
+            "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"]),
+            "gc_freeze": ("TRAINER_GC_FREEZE", "1", ["A-mb286", "A-fast"])}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:

@@ -35,7 +35,8 @@ def test_tiny_cpu_recipe_learns(tmp_path):
     assert (tmp_path / "run" / "plots" / "reward.png").is_file()
     m = metrics(tmp_path / "run")
     assert {"loss", "reward_std", "clip_ratio_region", "time_rollout_s", "time_train_s", "tokens_per_s",
-            "peak_memory_gb", "rewards/char_class_fraction/mean", "logp_gap_mean", "time_kv_s"} <= m[0].keys()
+            "peak_memory_gb", "rewards/char_class_fraction/mean", "logp_gap_mean", "time_kv_s", "time_gc_s",
+            "gc_full_collections"} <= m[0].keys()
     ends = [x["unix_time"] for x in m]  # step end times: benchmarks take startup and step gaps from them
     assert all(b > a for a, b in zip(ends, ends[1:]))
     # The HF sampler is the policy; only kernel numerics differ (bitsandbytes decodes one token with a gemv).

@@ -6,6 +6,7 @@ signals and the outer loop live in `run`. This module decides no memory knob: it
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -24,11 +25,18 @@ from trainer.data import PromptSet
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.evaluate import line as eval_line
 from trainer.loss import LossConfig, group_advantages, policy_loss, token_weights
-from trainer.metrics import MemorySampler, MetricsLogger, line, merge_ranks
+from trainer.metrics import GCPauses, MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
 from trainer.rewards import close_rewards, combine, score
 from trainer.rollout import make_engine, sample
 from trainer.types import RolloutBatch, Sampling
+
+# TRAINER_GC_FREEZE=1: after each of the first two steps (which compile the layers and capture the graphs), collect
+# once and move every object the process then tracks into the garbage collector's permanent generation, so that a
+# full collection later walks only what the run allocates after (vLLM freezes its start-up heap the same way; the
+# policy, the compiled layers and their caches come after it). Off until an A/B on the GPU (bench/compile_ab.py
+# gc_freeze) shows what the pauses (time_gc_s) cost a step.
+GC_FREEZE = os.environ.get("TRAINER_GC_FREEZE") == "1"
 
 
 @dataclass
@@ -53,6 +61,9 @@ class State:
     # per phase: how often torch's allocator hit its cap (or the device's end), freed its cache and tried again: each
     # retry synchronises and re-maps memory, so a phase planned close to the budget can run slower than it is priced
     alloc_retries: dict = field(default_factory=lambda: defaultdict(int))
+    gc: GCPauses = field(default_factory=GCPauses)  # the garbage collector's pauses, cumulative
+    gc_times: dict = field(default_factory=lambda: defaultdict(float))  # per phase: inside it, not added again
+    gc_full0: int = 0  # full collections before this step
     phase: str = ""
     step: int = 0
     nan_steps: frozenset = frozenset(int(x) - 1 for x in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").split(",")
@@ -71,7 +82,7 @@ class State:
             retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         if self.mem is not None:
             self.mem.take_peak()
-        t0 = time.perf_counter()
+        gc0, t0 = self.gc.seconds, time.perf_counter()
         with torch.profiler.record_function(f"phase:{name}"):  # TRAINER_PROFILE_STEP's table by phase (_profiled)
             yield
         if cuda:
@@ -82,6 +93,7 @@ class State:
         if self.mem is not None:
             self.peaks[f"used_{name}"] = max(self.peaks.get(f"used_{name}", 0), self.mem.take_peak())
         self.times[name] += time.perf_counter() - t0
+        self.gc_times[name] += self.gc.seconds - gc0
 
 
 def grpo_step(s: State, step: int) -> dict:
@@ -91,6 +103,8 @@ def grpo_step(s: State, step: int) -> dict:
     s.comm.clear()
     s.alloc_retries.clear()
     s.peaks.clear()
+    s.gc_times.clear()
+    s.gc_full0 = s.gc.full
     # 1. Rollout: G completions for each of this rank's prompts, from the current adapter.
     n = plan.prompts_per_step
     worst = step == 0 and r.train.worst_case_first_step
@@ -256,6 +270,9 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     m["time_step_s"] = sum(s.times.values())
     for k, v in s.comm.items():  # inside time_optimizer_s, not added to the step again
         m[f"time_{k}_s"] = v
+    m["time_gc_s"] = sum(s.gc_times.values())  # inside the phases, not added to the step again
+    m["time_gc_train_s"] = s.gc_times.get("train", 0.0)
+    m["gc_full_collections"] = s.gc.full - s.gc_full0
     m["tokens_per_s"] = float(lengths.sum()) / max(s.times["rollout"], 1e-9)
     m.update({f"peak_{k}_gb": v / 1e9 for k, v in s.peaks.items()})
     m.update({f"alloc_retries_{k}": v for k, v in s.alloc_retries.items()})
@@ -415,6 +432,9 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
                     m.update(evaluator.run(engine, world))
                 except torch.cuda.OutOfMemoryError as e:
                     raise oom.explain(s.phase, step, plan, e) from None
+            if GC_FREEZE and step - start < 2:
+                gc.collect()
+                gc.freeze()
             logger.log(m)
             progress.update(m, line(m))
             if "eval/reward_mean" in m:
@@ -442,6 +462,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
         torch.save({k: v.detach().cpu() for k, v in policy.model.named_parameters() if v.requires_grad},
                    Path(os.environ["TRAINER_TEST_DUMP_LORA"]) / f"lora_rank{world.rank}.pt")
     sampler.close()
+    s.gc.close()
     close_rewards(rewards)
     if turns is not None:
         turns.close()  # the tools' worker processes
