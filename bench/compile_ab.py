@@ -1,6 +1,8 @@
 """A/B of a switch of the compiled decoder layers (trainer/policy.py), one sitting, one GPU.
 
     python bench/compile_ab.py OUT [STEPS] [SWITCH]     # on the device; default 10 steps a run, SWITCH dynamic
+    python bench/compile_ab.py OUT STEPS A+B+C          # a ladder: default, A, A+B, A+B+C, default again, on the
+                                                        # configs all of them are measured on -> OUT/ladder_A+B+C_ab.json
 
 SWITCH dynamic: TRAINER_COMPILE_DYNAMIC (policy.COMPILE_DYNAMIC: torch's automatic dynamic shapes, recompiling as
 lengths change, against dynamic from the first compile), on config A of the side-by-side (bench/peers/ours.yaml: 1.5B
@@ -58,16 +60,17 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     from bench.smi import watched
     from trainer.metrics import read_metrics
 
-    var, value, _ = SWITCHES[switch]
     budget, overrides = CONFIGS[config]
     name = f"{config}_{variant}"
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / f"compile_ab_{name}"
-    switch_vars = {name for name, _, _ in SWITCHES.values()}  # each run sets the one it measures and no other
+    switch_vars = {name for name, _, _ in SWITCHES.values()}  # each run sets the ones it measures and no other
     env = {k: v for k, v in os.environ.items() if k not in switch_vars}
-    if variant != "default" and var == "--set":
-        overrides = overrides + [value]
-    elif variant != "default":
-        env[var] = value
+    for part in ([] if variant.startswith("default") else variant.split("+")):  # a ladder's rung sets several
+        var, value, _ = SWITCHES[part]
+        if var == "--set":
+            overrides = overrides + [value]
+        else:
+            env[var] = value
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",
            "--set", f"train.max_steps={steps}", "--set", f"budget.vram_gb={budget}"]
     for o in overrides:
@@ -96,11 +99,50 @@ def compare(runs: list[dict]) -> dict:
     return by
 
 
+def ladder(runs: list[dict]) -> dict:
+    """A ladder's rungs (default, a, a+b, ...; default again last): each rung's steady step and train phase against
+    the rung below it and against the two defaults' mean (the machine's drift over the ladder shows between them)."""
+    by: dict = {}
+    for config in dict.fromkeys(r["config"] for r in runs):
+        rungs = [r for r in runs if r["config"] == config and r["steady_step_s"]]
+        base = [r for r in rungs if r["variant"].startswith("default")]
+        if not base:
+            continue
+        d_step = statistics.mean(r["steady_step_s"] for r in base)
+        d_train = statistics.mean(r["steady_train_s"] for r in base)
+        prev, rows = base[0], {}
+        for r in (r for r in rungs if not r["variant"].startswith("default")):
+            rows[r["variant"]] = {"steady_step_ratio": round(r["steady_step_s"] / d_step, 3),
+                                  "steady_train_ratio": round(r["steady_train_s"] / d_train, 3),
+                                  "steady_step_ratio_vs_rung_below": round(r["steady_step_s"] / prev["steady_step_s"], 3),
+                                  "steady_train_ratio_vs_rung_below": round(r["steady_train_s"] / prev["steady_train_s"],
+                                                                            3)}
+            prev = r
+        by[config] = {"defaults_steady_step_s": [r["steady_step_s"] for r in base], "rungs": rows}
+    return by
+
+
 def main(out: Path, steps: int, switch: str = "dynamic") -> dict:
+    """SWITCH a+b+...: a ladder on the configs all of them are measured on: default, a, a+b, ..., default again (one
+    run each, ~100 s of start-up apiece: four switches for the device time of two separate A/Bs)."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
     runs = []
+    parts = switch.split("+")
+    if len(parts) > 1:
+        configs = [c for c in SWITCHES[parts[0]][2] if all(c in SWITCHES[p][2] for p in parts)]
+        for config in configs:
+            for variant in ["default"] + ["+".join(parts[:k]) for k in range(1, len(parts) + 1)] + ["default_again"]:
+                r = run_one(out, config, switch, variant, steps)
+                runs.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("step_s", "train_s", "command")}), flush=True)
+        res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": steps,
+               "switch": switch, "command": f"python bench/compile_ab.py OUT {steps} {switch}", "runs": runs,
+               "by_config": ladder(runs)}
+        (out / f"ladder_{switch}_ab.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res["by_config"]), flush=True)
+        return res
     for i, config in enumerate(SWITCHES[switch][2]):
         order = ["default", switch] if i % 2 == 0 else [switch, "default"]
         for variant in order:
@@ -118,7 +160,7 @@ def main(out: Path, steps: int, switch: str = "dynamic") -> dict:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    if len(sys.argv) > 3 and sys.argv[3] not in SWITCHES:
-        raise SystemExit(f"unknown switch {sys.argv[3]!r}: one of {', '.join(SWITCHES)}")
+    if len(sys.argv) > 3 and not all(p in SWITCHES for p in sys.argv[3].split("+")):
+        raise SystemExit(f"unknown switch {sys.argv[3]!r}: one of {', '.join(SWITCHES)}, or several joined by +")
     main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 10,
          sys.argv[3] if len(sys.argv) > 3 else "dynamic")

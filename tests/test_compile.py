@@ -200,3 +200,28 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
         torch._dynamo.reset()
     assert counters["frames"]["total"] == counters["frames"]["ok"], dict(counters["frames"])  # none refused
     assert graphs[-1] == graphs[1] and graphs[1] > 8, graphs  # more variants than torch's default limit, then none
+
+
+def test_compile_ab_ladder_adds_one_switch_a_rung_on_the_configs_they_share(tmp_path, monkeypatch):
+    # one sitting's device time for several switches: default, a, a+b, a+b+c, default again (the drift between the
+    # two defaults shows); each rung compared with the rung below and with the defaults' mean
+    import bench.compile_ab as ab
+    import bench.smi
+
+    seen = []
+    monkeypatch.setattr(bench.smi, "watched", lambda smi, log, cmd, env: seen.append((cmd, env)) or 0)
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    res = ab.main(tmp_path, 3, "ckpt_in_graph+nf4_traced+gc_freeze")
+    assert [(r["config"], r["variant"]) for r in res["runs"]] == [
+        ("A-mb286", "default"), ("A-mb286", "ckpt_in_graph"), ("A-mb286", "ckpt_in_graph+nf4_traced"),
+        ("A-mb286", "ckpt_in_graph+nf4_traced+gc_freeze"), ("A-mb286", "default_again")]
+    on = [{k for k in ("TRAINER_CKPT_IN_GRAPH", "TRAINER_NF4_TRACED", "TRAINER_GC_FREEZE") if k in env}
+          for _, env in seen]
+    assert on == [set(), {"TRAINER_CKPT_IN_GRAPH"}, {"TRAINER_CKPT_IN_GRAPH", "TRAINER_NF4_TRACED"},
+                  {"TRAINER_CKPT_IN_GRAPH", "TRAINER_NF4_TRACED", "TRAINER_GC_FREEZE"}, set()]
+    assert (tmp_path / "ladder_ckpt_in_graph+nf4_traced+gc_freeze_ab.json").exists()
+    runs = [dict(r, steady_step_s=t, steady_train_s=t - 1) for r, t in zip(res["runs"], (4.0, 3.0, 2.4, 2.4, 4.4))]
+    rungs = ab.ladder(runs)["A-mb286"]["rungs"]
+    assert rungs["ckpt_in_graph"]["steady_step_ratio"] == round(3.0 / 4.2, 3)
+    assert rungs["ckpt_in_graph+nf4_traced"]["steady_step_ratio_vs_rung_below"] == 0.8
+    assert rungs["ckpt_in_graph+nf4_traced+gc_freeze"]["steady_train_ratio_vs_rung_below"] == 1.0
