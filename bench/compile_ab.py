@@ -112,11 +112,11 @@ def ladder(runs: list[dict]) -> dict:
         d_train = statistics.mean(r["steady_train_s"] for r in base)
         prev, rows = base[0], {}
         for r in (r for r in rungs if not r["variant"].startswith("default")):
-            rows[r["variant"]] = {"steady_step_ratio": round(r["steady_step_s"] / d_step, 3),
-                                  "steady_train_ratio": round(r["steady_train_s"] / d_train, 3),
-                                  "steady_step_ratio_vs_rung_below": round(r["steady_step_s"] / prev["steady_step_s"], 3),
-                                  "steady_train_ratio_vs_rung_below": round(r["steady_train_s"] / prev["steady_train_s"],
-                                                                            3)}
+            step, train = r["steady_step_s"], r["steady_train_s"]
+            rows[r["variant"]] = {"steady_step_ratio": round(step / d_step, 3),
+                                  "steady_train_ratio": round(train / d_train, 3),
+                                  "steady_step_ratio_vs_rung_below": round(step / prev["steady_step_s"], 3),
+                                  "steady_train_ratio_vs_rung_below": round(train / prev["steady_train_s"], 3)}
             prev = r
         by[config] = {"defaults_steady_step_s": [r["steady_step_s"] for r in base], "rungs": rows}
     return by
@@ -124,35 +124,27 @@ def ladder(runs: list[dict]) -> dict:
 
 def main(out: Path, steps: int, switch: str = "dynamic") -> dict:
     """SWITCH a+b+...: a ladder on the configs all of them are measured on: default, a, a+b, ..., default again (one
-    run each, ~100 s of start-up apiece: four switches for the device time of two separate A/Bs)."""
+    run each, ~100 s of start-up apiece: three switches for about the device time of two separate A/Bs)."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
-    runs = []
     parts = switch.split("+")
     if len(parts) > 1:
-        configs = [c for c in SWITCHES[parts[0]][2] if all(c in SWITCHES[p][2] for p in parts)]
-        for config in configs:
-            for variant in ["default"] + ["+".join(parts[:k]) for k in range(1, len(parts) + 1)] + ["default_again"]:
-                r = run_one(out, config, switch, variant, steps)
-                runs.append(r)
-                print(json.dumps({k: v for k, v in r.items() if k not in ("step_s", "train_s", "command")}), flush=True)
-        res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": steps,
-               "switch": switch, "command": f"python bench/compile_ab.py OUT {steps} {switch}", "runs": runs,
-               "by_config": ladder(runs)}
-        (out / f"ladder_{switch}_ab.json").write_text(json.dumps(res, indent=1))
-        print(json.dumps(res["by_config"]), flush=True)
-        return res
-    for i, config in enumerate(SWITCHES[switch][2]):
-        order = ["default", switch] if i % 2 == 0 else [switch, "default"]
-        for variant in order:
-            r = run_one(out, config, switch, variant, steps)
-            runs.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("step_s", "train_s", "command")}), flush=True)
+        rungs = ["default"] + ["+".join(parts[:k]) for k in range(1, len(parts) + 1)] + ["default_again"]
+        plan = [(c, v) for c in SWITCHES[parts[0]][2] if all(c in SWITCHES[p][2] for p in parts) for v in rungs]
+    else:  # the two variants alternated across configs, so neither always runs on a warmer machine
+        plan = [(c, v) for i, c in enumerate(SWITCHES[switch][2])
+                for v in (["default", switch] if i % 2 == 0 else [switch, "default"])]
+    runs = []
+    for config, variant in plan:
+        runs.append(run_one(out, config, switch, variant, steps))
+        print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("step_s", "train_s", "command")}), flush=True)
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "steps": steps,
            "switch": switch, "command": f"python bench/compile_ab.py OUT {steps} {switch}", "runs": runs,
-           "by_config": compare(runs)}
-    (out / ("compile_ab.json" if switch == "dynamic" else f"{switch}_ab.json")).write_text(json.dumps(res, indent=1))
+           "by_config": ladder(runs) if len(parts) > 1 else compare(runs)}
+    name = (f"ladder_{switch}_ab.json" if len(parts) > 1 else
+            "compile_ab.json" if switch == "dynamic" else f"{switch}_ab.json")
+    (out / name).write_text(json.dumps(res, indent=1))
     print(json.dumps(res["by_config"]), flush=True)
     return res
 

@@ -58,7 +58,8 @@ def test_compiled_decode_samples_what_eager_generate_does_with_one_graph_and_one
     cache = static._cache
     assert compiled >= 1 and cache is not None and static._cache_shape == (8, plan.max_model_len)
     # bitsandbytes' quantisation state read at fixed addresses (not copied in before each CUDA graph replay)
-    states = [m.weight.quant_state for m in policy.model.modules() if getattr(getattr(m, "weight", None), "quant_state", None)]
+    states = [m.weight.quant_state for m in policy.model.modules()
+              if getattr(getattr(m, "weight", None), "quant_state", None)]
     assert len(states) >= 14 and all(getattr(qs.absmax, "_dynamo_static_input_type", None) for qs in states)
     want = _engine(policy).generate(PROMPTS, greedy)
     assert first.completion_ids == want.completion_ids and len(first.completion_ids) == 6
