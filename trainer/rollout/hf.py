@@ -95,16 +95,14 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Generations:
-        tok = self.policy.tokenizer
-        pad = tok.pad_token_id
-        stops = stop_ids(tok.eos_token_id, self.policy.model.get_base_model().generation_config)
+        tok, base = self.policy.tokenizer, self.policy.model.get_base_model()
+        pad, stops = tok.pad_token_id, stop_ids(tok.eos_token_id, base.generation_config)
         rows = [(p, i) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
         caps = sampling.max_tokens_per_request or [sampling.max_tokens] * len(rows)
         ids, lps, truncated = [], [], []
         greedy = sampling.temperature == 0  # as in vLLM: temperature 0 is greedy decoding
         how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
                                                         top_p=sampling.top_p, top_k=sampling.top_k or 0)
-        base = self.policy.model.get_base_model()
         with eval_mode(self.policy.model), self.policy.autocast(), _recipe_sampling_only(base):  # LoRA as trained
             for s in range(0, len(rows), self.batch_size):
                 if sampling.seed is not None and not greedy:  # one RNG stream per chunk, keyed by its first global row
