@@ -152,8 +152,6 @@ def test_a_checkpoints_generation_config_does_not_reshape_what_is_sampled(tmp_pa
     import json
     import shutil
 
-    from trainer.policy import completion_logprobs
-
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     (model / "generation_config.json").write_text(json.dumps(
@@ -161,6 +159,15 @@ def test_a_checkpoints_generation_config_does_not_reshape_what_is_sampled(tmp_pa
          "top_p": 0.8, "temperature": 0.7}))
     policy, _ = _policy(f"model.name={model}", "model.shape=null", "model.load_in_4bit=false")
     gens = _engine(policy).generate(PROMPTS, Sampling(n=4, max_tokens=24, temperature=1.0, seed=3))
+    gap = _trainer_gap(policy, gens)
+    assert gap.numel() > 50 and gap.max() < 1e-4, gap.max()
+    assert policy.model.get_base_model().generation_config.repetition_penalty == 1.5  # the checkpoint's, kept
+
+
+def _trainer_gap(policy, gens) -> torch.Tensor:
+    """|sampler log-prob - the trainer's| on every sampled token of PROMPTS x 4 completions."""
+    from trainer.policy import completion_logprobs
+
     width, c = max(map(len, PROMPTS)), max(map(len, gens.completion_ids))
     ids = torch.zeros(8, width + c, dtype=torch.long)
     mask, valid, sampler = torch.zeros_like(ids), torch.zeros(8, c, dtype=torch.long), torch.zeros(8, c)
@@ -171,9 +178,7 @@ def test_a_checkpoints_generation_config_does_not_reshape_what_is_sampled(tmp_pa
         valid[r, :len(comp)], sampler[r, :len(comp)] = 1, torch.tensor(gens.logprobs[r])
     with torch.no_grad():
         logps, _ = completion_logprobs(policy, ids, mask, ids[:, width:], valid, 1.0, 4096, 512)
-    gap = (logps - sampler).abs()[valid.bool()]
-    assert valid.sum() > 50 and gap.max() < 1e-4, gap.max()
-    assert policy.model.get_base_model().generation_config.repetition_penalty == 1.5  # the checkpoint's, kept
+    return (logps - sampler).abs()[valid.bool()]
 
 
 def test_completions_end_at_every_eos_of_the_checkpoint_as_in_vllm(tmp_path, tiny_model_dir):
@@ -198,6 +203,14 @@ def test_completions_end_at_every_eos_of_the_checkpoint_as_in_vllm(tmp_path, tin
     assert ended and all(c[-1] in stops and not stops & set(c[:-1]) for c in ended)
     assert all(len(c) == 24 and not stops & set(c) for c, cut in zip(gens.completion_ids, gens.truncated) if cut)
     assert all(len(lp) == len(c) for lp, c in zip(gens.logprobs, gens.completion_ids))
+    # ignore_eos (the worst-case first step), as vLLM's: every completion at full length, the stop tokens sampled
+    # like any other and not masked out of the recorded log-probs (transformers' min_new_tokens masked them: with a
+    # sixth of the vocabulary as stops the log-probs were renormalised without ~15% of the mass)
+    full = _engine(policy).generate(PROMPTS, Sampling(n=4, max_tokens=24, temperature=1.0, seed=3, ignore_eos=True))
+    assert all(len(c) == 24 for c in full.completion_ids) and all(full.truncated)
+    assert any(stops & set(c[:-1]) for c in full.completion_ids)
+    gap = _trainer_gap(policy, full)
+    assert gap.numel() == 8 * 24 and gap.max() < 1e-4, gap.max()
 
 
 def test_the_decode_benchmark_keeps_eager_numbers_when_the_compiled_step_fails(tmp_path, monkeypatch):

@@ -65,16 +65,17 @@ def stop_ids(eos: int | None, generation_config) -> list[int]:
 
 
 @contextlib.contextmanager
-def _recipe_sampling_only(model: torch.nn.Module):
+def _recipe_sampling_only(model: torch.nn.Module, stop_at_eos: bool = True):
     """generate with the recipe's sampling and nothing from the checkpoint's generation_config.json, which transformers
     merges into every field a call leaves unset: Qwen2.5-Instruct's carries repetition_penalty 1.1 (and top_k 20,
     top_p 0.8, temperature 0.7), which would reshape the distribution sampled from, and the sampler's log-probs would no
-    longer be the policy's that the loss uses. vLLM takes only the SamplingParams it is given."""
+    longer be the policy's that the loss uses. vLLM takes only the SamplingParams it is given. stop_at_eos False: no
+    EOS at all (ignore_eos), so that generate samples through EOS without masking it."""
     from transformers import GenerationConfig
 
     saved = model.generation_config
-    model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
-                                               pad_token_id=saved.pad_token_id)
+    model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, pad_token_id=saved.pad_token_id,
+                                               eos_token_id=saved.eos_token_id if stop_at_eos else None)
     try:
         yield
     finally:
@@ -103,7 +104,10 @@ class HFEngine:
         greedy = sampling.temperature == 0  # as in vLLM: temperature 0 is greedy decoding
         how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature,
                                                         top_p=sampling.top_p, top_k=sampling.top_k or 0)
-        with eval_mode(self.policy.model), self.policy.autocast(), _recipe_sampling_only(base):  # LoRA as trained
+        # ignore_eos (the worst-case first step), as vLLM's: EOS sampled like any token, not masked (transformers'
+        # min_new_tokens would mask it, and the recorded log-probs would be renormalised without its mass)
+        go_on = sampling.ignore_eos
+        with eval_mode(self.policy.model), self.policy.autocast(), _recipe_sampling_only(base, not go_on):
             for s in range(0, len(rows), self.batch_size):
                 if sampling.seed is not None and not greedy:  # one RNG stream per chunk, keyed by its first global row
                     torch.manual_seed(sampling.seed + sampling.first_row + s)
@@ -123,14 +127,13 @@ class HFEngine:
                 with static as kw:
                     out = self.policy.model.generate(
                         input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), **how, **kw,
-                        max_new_tokens=max_new, min_new_tokens=max_new if sampling.ignore_eos else 0,
-                        eos_token_id=stops, pad_token_id=pad, logits_processor=LogitsProcessorList([cap]),
-                        use_cache=True)
+                        max_new_tokens=max_new, eos_token_id=None if go_on else stops, pad_token_id=pad,
+                        logits_processor=LogitsProcessorList([cap]), use_cache=True)
                 gen = out[:, width:]
                 logp = cap.finish(out)
                 for r in range(real):
                     row = gen[r].tolist()
-                    end = next((i + 1 for i, t in enumerate(row) if t in stops), None)  # through the first stop
+                    end = None if go_on else next((i + 1 for i, t in enumerate(row) if t in stops), None)
                     n = min(end or len(row), caps[s + r])
                     ids.append(row[:n])
                     lps.append(logp[r, :n].tolist())
