@@ -127,7 +127,7 @@ class HFEngine:
                 with static as kw:
                     out = self.policy.model.generate(
                         input_ids=inp.to(self.policy.device), attention_mask=att.to(self.policy.device), **how, **kw,
-                        max_new_tokens=max_new, eos_token_id=None if go_on else stops, pad_token_id=pad,
+                        max_new_tokens=max_new, eos_token_id=None if go_on else stops or None, pad_token_id=pad,
                         logits_processor=LogitsProcessorList([cap]), use_cache=True)
                 gen = out[:, width:]
                 logp = cap.finish(out)
