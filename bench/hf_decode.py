@@ -11,7 +11,9 @@ compiles and captures here), then ROUNDS (default 3) timed calls each, the two a
 "recipe", "command", "layers", "batch", "prompt_tokens", "completion_tokens", "first_call_s": {variant},
 "calls_s": {variant: [...]}, "ms_per_token_step": {variant: median / completion_tokens}, "ms_per_layer_and_step",
 "speedup" (eager / compiled), "greedy_tokens_equal" (one greedy call of each: the fraction of equal tokens),
-"failed" ({variant: the traceback's end} for an engine whose call raised; the other's numbers are kept)}.
+"failed" ({variant: the traceback's end} for an engine whose call raised; the other's numbers are kept),
+"peak_allocated_gb" (GPU: torch's peak over each engine's calls, the policy included), "planned_gb" (the plan's hf_*
+components for the compiled engine's knobs: is its static cache and graph pool priced right)}.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def main(out: Path, recipe_path: Path, rounds: int, overrides: list[str]) -> dic
     from trainer.rollout.hf import HFEngine
     from trainer.types import Sampling
 
-    recipe = load_recipe(recipe_path, ["rollout.engine=hf", "budget.vram_gb=null", *overrides])
+    recipe = load_recipe(recipe_path, ["rollout.engine=hf", "rollout.hf_compile=true", "budget.vram_gb=null",
+                                       *overrides])  # planned for the compiled engine; the policy is the same
     device = Device.detect()
     plan = make_plan(read_config(recipe.model), recipe, device)
     policy = load_policy(recipe, plan)
@@ -51,13 +54,18 @@ def main(out: Path, recipe_path: Path, rounds: int, overrides: list[str]) -> dic
     sampling = Sampling(n=min(g.num_generations, plan.hf_batch_size), max_tokens=g.max_completion_length,
                         temperature=g.temperature, seed=0, ignore_eos=True)
 
+    peaks: dict[str, int] = {}
+
     def call(name: str, s: Sampling = sampling):
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         res = engines[name].generate(prompts, s)
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
+            peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
         return time.perf_counter() - t, res
 
     first, calls, failed = {}, {name: [] for name in engines}, {}
@@ -96,7 +104,9 @@ def main(out: Path, recipe_path: Path, rounds: int, overrides: list[str]) -> dic
            "ms_per_token_step": {k: round(v, 3) for k, v in ms.items()},
            "ms_per_layer_and_step": {k: round(v / layers, 4) for k, v in ms.items()},
            "speedup": round(ms["eager"] / ms["compiled"], 3) if len(ms) == 2 else None,
-           "greedy_tokens_equal": None if same is None else round(same, 4), "failed": failed}
+           "greedy_tokens_equal": None if same is None else round(same, 4), "failed": failed,
+           "peak_allocated_gb": {k: round(v / 1e9, 3) for k, v in peaks.items()},  # torch's, over each engine's calls
+           "planned_gb": {k: round(v / 1e9, 3) for k, v in plan.components.items() if k.startswith("hf_")}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "calls_s"}), flush=True)
