@@ -7,14 +7,12 @@
 SWITCH dynamic: TRAINER_COMPILE_DYNAMIC (policy.COMPILE_DYNAMIC: torch's automatic dynamic shapes, recompiling as
 lengths change, against dynamic from the first compile), on config A of the side-by-side (bench/peers/ours.yaml: 1.5B
 shape, 8 x 256) at the fast budget (6.6 GB: all 8 sequences in one micro-batch) and the small one (3.3 GB, issue 26's
-small budget for A: short micro-batches). SWITCH ckpt_in_graph: TRAINER_CKPT_IN_GRAPH=0 (policy.CKPT_IN_GRAPH, on by
-default since the H200 ladder of 2026-12-05: the checkpoint inside each compiled layer's graph; the switch restores
-HF's around it), on config A at 6.6 GB without activation offload (which keeps HF's checkpoint): eight 286-token
-micro-batches on the shared nf4 base (the profiled host-bound row of 2026-12-04), and the planner's micro-batches.
-SWITCH nf4_traced: TRAINER_NF4_TRACED=0 (policy.NF4_TRACED, on by default since the same ladder: the nf4 layers as
-torch ops in the compiled graphs, trainer/nf4_linear.py; the switch restores bitsandbytes' layers) on the same eight
-286-token micro-batches and on config A at issue 26's small budget (3.3 GB, the planner's knobs). (The ladder of
-2026-12-05 ran them the old way round, each switch turning its path on.) SWITCH eager_rounding: TRAINER_COMPILE_EAGER_ROUNDING=0
+small budget for A: short micro-batches). SWITCH ckpt_in_graph: TRAINER_CKPT_IN_GRAPH (policy.CKPT_IN_GRAPH: the
+checkpoint inside each compiled layer's graph, not HF's around it), on config A at 6.6 GB without activation offload
+(which keeps HF's checkpoint): eight 286-token micro-batches on the shared nf4 base (the profiled host-bound row of
+2026-12-04), and the planner's micro-batches. SWITCH nf4_traced: TRAINER_NF4_TRACED (policy.NF4_TRACED: the nf4 layers
+as torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A
+at issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding: TRAINER_COMPILE_EAGER_ROUNDING=0
 (policy.COMPILE_OPTIONS: inductor's own rounding instead of eager's, the default before 2026-12-04) on config A at
 6.6 GB (one large micro-batch) and the eight 286-token ones: what matching eager's numerics costs. SWITCH hf_compile:
 `train.torch_compile: true` with HF-generate rollouts (config A at 6.6 GB, `rollout.engine: hf`; the planner compiles
@@ -50,8 +48,8 @@ CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
            "A-no-offload": (6.6, NO_OFFLOAD), "A-hf": (6.6, ["rollout.engine=hf"])}
 # switch: (environment variable, its value when on, the configs it is measured on); "--set": a recipe override
 SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
-            "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "0", ["A-mb286", "A-no-offload"]),
-            "nf4_traced": ("TRAINER_NF4_TRACED", "0", ["A-mb286", "A-small"]),
+            "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "1", ["A-mb286", "A-no-offload"]),
+            "nf4_traced": ("TRAINER_NF4_TRACED", "1", ["A-mb286", "A-small"]),
             "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"]),
             "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
             "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"]),

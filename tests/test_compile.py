@@ -129,7 +129,7 @@ def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, mon
         ("A-mb286", "default"), ("A-mb286", "ckpt_in_graph"), ("A-no-offload", "ckpt_in_graph"),
         ("A-no-offload", "default")]
     for (cmd, env), r in zip(seen, res["runs"]):
-        assert env.get("TRAINER_CKPT_IN_GRAPH") == ("0" if r["variant"] == "ckpt_in_graph" else None)  # HF's back
+        assert env.get("TRAINER_CKPT_IN_GRAPH") == ("1" if r["variant"] == "ckpt_in_graph" else None)
         assert "TRAINER_COMPILE_DYNAMIC" not in env and "train.activation_offload=false" in cmd
     assert (tmp_path / "ckpt_in_graph_ab.json").exists() and res["by_config"] == {}  # no steps ran
 

@@ -5,8 +5,8 @@ Why: on the H200 a compiled layer's bitsandbytes calls are opaque custom ops who
 every call (`bitsandbytes::gemm_4bit`: ~107 us of host time each, 3,332 calls in one 2.1 s train phase of eight
 286-token micro-batches; docs/benchmarks.md, 2026-12-04), and the Params4bit parameters go through AOTAutograd's
 tensor-subclass wrappers. Traced, the dequantisation is one inductor kernel and the matmul one cuBLAS call, both
-launched from the compiled graph. On by default since the H200's A/B of 2026-12-05 (trainer/policy.py NF4_TRACED: the
-train phase of eight 286-token micro-batches 1.46 -> 1.31 s); TRAINER_NF4_TRACED=0 keeps bitsandbytes' layers.
+launched from the compiled graph. Off by default (trainer/policy.py NF4_TRACED): on the H200 (2026-12-05) it took the
+train phase of eight 286-token micro-batches from 1.46 to 1.31 s, measured on top of the checkpoint in graph only.
 
 Values: bitsandbytes' nf4 dequantisation is one fp32 multiply (level x block absmax) rounded to the compute dtype,
 so the same ops here give the same bits (tests/test_nf4_linear.py holds forward and gradients equal to

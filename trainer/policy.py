@@ -34,24 +34,24 @@ COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else 
 # graphs; 64 leaves room. Policy.hidden_states raises the limit before each pass: set once at load it was back at 16
 # in the next H200 run (vLLM's import comes later), which hit it again.
 LAYER_RECOMPILE_LIMIT = 64
-# Where the checkpoint sits when the layers are compiled. Default since 2026-12-05: inside each layer's compiled graph
-# (Dynamo traces torch.utils.checkpoint; AOTAutograd's backward recomputes the layer in the same compiled backward),
-# one compiled forward and one backward a layer from Python. TRAINER_CKPT_IN_GRAPH=0: HF's, torch.utils.checkpoint
-# around each compiled layer call, whose backward calls the compiled forward again from Python with the non-reentrant
-# checkpoint's hooks in Python for every saved tensor (the default before). Host time on the 2-core CPU machine
-# (bench/layer_host.py: 28 layers of hidden 64, LoRA r16 all-linear, one 48-token sequence a micro-batch), ms a layer
-# and micro-batch, HF's -> in graph: nf4 4.47 -> 2.25 (bench/results/layer_host_cpu_nf4.json), fp32 2.93 -> 1.33. On
-# the H200 (bench/results/ladder_ckpt_in_graph+nf4_traced+gc_freeze_ab.json, config A's eight 286-token micro-batches
-# on shared nf4, 2026-12-05): steady step 3.21/3.38 -> 2.84 s (train 1.87/2.04 -> 1.46), peak 3.17 GB, and ~15 s more
-# compiling in the first two steps. Not with activation offload or the tiled MLP, which bring their own checkpoint.
-CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") != "0"
-# The nf4 base layers inside the compiled layers. Default since 2026-12-05: trainer/nf4_linear.py's layers, the same
-# values as torch ops that inductor compiles. TRAINER_NF4_TRACED=0: bitsandbytes' Linear4bit, whose 4-bit ops are
-# opaque custom ops with Python implementations in the graph (~107 us of host time a call on the H200). CPU host time
-# (bench/layer_host.py nf4), ms a layer and micro-batch, bitsandbytes -> traced: checkpoint in graph 2.25 -> 1.59. On
-# the H200 (the same ladder, on top of the checkpoint in graph): steady step 2.84 -> 2.68 s (train 1.46 -> 1.31), peak
-# 3.16 GB, ~14 s more compiling in the first two steps.
-NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") != "0"
+# Where the checkpoint sits when the layers are compiled. Default: HF's, torch.utils.checkpoint around each compiled
+# layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
+# in Python for every tensor the compiled layer saves. TRAINER_CKPT_IN_GRAPH=1: the checkpoint inside each layer's
+# compiled graph (Dynamo traces torch.utils.checkpoint; AOTAutograd's backward recomputes the layer in the same
+# compiled backward), one compiled forward and one backward a layer from Python. CPU host time (bench/layer_host.py,
+# ms a layer and micro-batch, HF's -> in graph): nf4 4.47 -> 2.25, fp32 2.93 -> 1.33. On the H200
+# (bench/results/ladder_ckpt_in_graph+nf4_traced+gc_freeze_ab.json, config A's eight 286-token micro-batches on
+# shared nf4, 2026-12-05): steady step 3.21/3.38 -> 2.84 s (train 1.87/2.04 -> 1.46), but a peak of 3.17 GB against
+# the plan's 2.98 (the default's 2.77-2.84): off until memory.py prices it, since a budget is a promise.
+# Not with activation offload or the tiled MLP, which bring their own checkpoint.
+CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") == "1"
+# The nf4 base layers inside the compiled layers. Default: bitsandbytes' Linear4bit, whose 4-bit ops are opaque custom
+# ops with Python implementations in the graph (~107 us of host time a call on the H200, 2026-12-04).
+# TRAINER_NF4_TRACED=1: trainer/nf4_linear.py's layers, the same values as torch ops that inductor compiles. CPU host
+# time (bench/layer_host.py nf4), bitsandbytes -> traced: checkpoint in graph 2.25 -> 1.59 ms. On the H200 (the same
+# ladder, on top of the checkpoint in graph): steady step 2.84 -> 2.68 s (train 1.46 -> 1.31), peak 3.16 GB; not
+# measured on HF's checkpoint alone, so not the default yet.
+NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
 # The compiled layers round to bf16 where eager PyTorch does. Inductor's default drops the bf16 down/up-cast pairs
 # between the pointwise ops it fuses (norm, rotary, SiLU x up, residual adds, LoRA's scaling) and lets FMAs contract,
 # so a compiled layer computed other numbers than HF's eager one, whose per-op rounding vLLM's kernels follow: on the
