@@ -10,7 +10,7 @@ shape, 8 x 256) at the fast budget (6.6 GB: all 8 sequences in one micro-batch) 
 small budget for A: short micro-batches). SWITCH ckpt_in_graph: TRAINER_CKPT_IN_GRAPH (policy.CKPT_IN_GRAPH: the
 checkpoint inside each compiled layer's graph, not HF's around it), on config A at 6.6 GB without activation offload
 (which keeps HF's checkpoint): eight 286-token micro-batches on the shared nf4 base (the profiled host-bound row of
-2026-12-04), and the planner's micro-batches. SWITCH nf4_traced: TRAINER_NF4_TRACED (policy.NF4_TRACED: the nf4 layers
+2026-12-04), the planner's micro-batches, and the 0.5B shape's eight 286-token ones (its memory term's second shape). SWITCH nf4_traced: TRAINER_NF4_TRACED (policy.NF4_TRACED: the nf4 layers
 as torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A
 at issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding: TRAINER_COMPILE_EAGER_ROUNDING=0
 (policy.COMPILE_OPTIONS: inductor's own rounding instead of eager's, the default before 2026-12-04) on config A at
@@ -24,7 +24,9 @@ only what the run allocates later; time_gc_s in each run's metrics shows the pau
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
-"train_s": [...], "first_two_s", "steady_step_s" (median of steps 3+), "steady_train_s"}], "by_config": {config:
+"train_s": [...], "first_two_s", "steady_step_s" (median of steps 3+), "steady_train_s", "planned_phases_gb" (the
+run's plan.json), "steady_phase_peaks_gb" (the trainer's torch-allocated and nvidia-smi peaks of the rollout and train
+phases over steps 3+)}], "by_config": {config:
 {"first_two_s_saved", "steady_step_ratio" (switch on / default), "steady_train_ratio"}}}. Keep a switch on by
 default only where its steady step is not slower (ratio <= 1.02), its peak within the plan, and, for dynamic, where it
 saves time in the first steps. eager_rounding runs the other way round (the switch restores inductor's rounding, the
@@ -45,10 +47,13 @@ NO_OFFLOAD = ["train.activation_offload=false", "model.gradient_checkpointing=tr
 CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
            "A-mb286": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
                                           "rollout.weight_format=shared_nf4"]),
-           "A-no-offload": (6.6, NO_OFFLOAD), "A-hf": (6.6, ["rollout.engine=hf"])}
+           "A-no-offload": (6.6, NO_OFFLOAD), "A-hf": (6.6, ["rollout.engine=hf"]),
+           # the same eight 286-token micro-batches on the 0.5B shape: a second shape for a switch's memory term
+           "0.5b-mb286": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
+                                             "rollout.weight_format=shared_nf4", "model.shape=qwen2.5-0.5b"])}
 # switch: (environment variable, its value when on, the configs it is measured on); "--set": a recipe override
 SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
-            "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "1", ["A-mb286", "A-no-offload"]),
+            "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "1", ["A-mb286", "A-no-offload", "0.5b-mb286"]),
             "nf4_traced": ("TRAINER_NF4_TRACED", "1", ["A-mb286", "A-small"]),
             "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"]),
             "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
@@ -61,7 +66,8 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     from trainer.metrics import read_metrics
 
     budget, overrides = CONFIGS[config]
-    name = f"{config}_{variant}"
+    # a switch's own default run, so that two switches' A/Bs in one sitting keep both
+    name = f"{config}_{variant}" if variant != "default" or "+" in switch else f"{config}_default_for_{switch}"
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / f"compile_ab_{name}"
     switch_vars = {name for name, _, _ in SWITCHES.values()}  # each run sets the ones it measures and no other
     env = {k: v for k, v in os.environ.items() if k not in switch_vars}
@@ -80,11 +86,27 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     smi = json.loads((out / f"{name}.smi.json").read_text()) if (out / f"{name}.smi.json").exists() else {}
     step = [r["time_step_s"] for r in rows]
     train = [r["time_step_s"] - r.get("time_rollout_s", 0.0) for r in rows]
+    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
     return {"config": config, "budget_gb": budget, "variant": variant, "rc": rc, "command": " ".join(cmd[1:]),
             "peak_gb": smi.get("peak_gb"), "step_s": step, "train_s": train,
+            "planned_phases_gb": {k: round(v / 1e9, 3) for k, v in (plan.get("phase_peaks") or {}).items()},
+            "steady_phase_peaks_gb": steady_phase_peaks(rows),
             "first_two_s": sum(step[:2]) if len(step) >= 2 else None,
             "steady_step_s": statistics.median(step[2:]) if len(step) > 2 else None,
             "steady_train_s": statistics.median(train[2:]) if len(train) > 2 else None}
+
+
+def steady_phase_peaks(rows: list[dict]) -> dict:
+    """The trainer's own per-phase peaks (trainer/metrics.py: torch's allocated bytes and nvidia-smi's used) over steps
+    3+, the rollout phase (kv, rollout) and the train phase (reward ... sync) apart: what a plan is held to."""
+    phases = {"rollout": ("kv", "rollout"), "train": ("reward", "recompute", "train", "optimizer", "sync")}
+    out = {}
+    for kind in ("torch_alloc", "used"):
+        for ph, subs in phases.items():
+            got = [r[f"peak_{kind}_{s}_gb"] for r in rows[2:] for s in subs if f"peak_{kind}_{s}_gb" in r]
+            if got:
+                out[f"{kind}_{ph}"] = round(max(got), 3)
+    return out
 
 
 def compare(runs: list[dict]) -> dict:

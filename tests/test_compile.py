@@ -114,6 +114,19 @@ def test_compile_ab_report_compares_the_first_steps_and_the_steady_ones():
     assert compare([run("default", [1.0] * 4)]) == {}  # one variant alone: nothing to compare
 
 
+def test_compile_ab_reads_each_phase_peak_of_the_steady_steps():
+    # the memory a switch costs is judged on the trainer's own phase peaks after the compiling steps, beside the plan's
+    from bench.compile_ab import steady_phase_peaks
+
+    rows = [{"peak_torch_alloc_train_gb": 9.0, "peak_used_kv_gb": 9.5}] * 2 + [
+        {"peak_torch_alloc_train_gb": 2.1, "peak_torch_alloc_optimizer_gb": 1.7, "peak_torch_alloc_kv_gb": 1.6,
+         "peak_used_train_gb": 3.1, "peak_used_rollout_gb": 3.0},
+        {"peak_torch_alloc_train_gb": 2.2, "peak_torch_alloc_sync_gb": 1.6, "peak_torch_alloc_rollout_gb": 1.7}]
+    assert steady_phase_peaks(rows) == {"torch_alloc_rollout": 1.7, "torch_alloc_train": 2.2,
+                                        "used_rollout": 3.0, "used_train": 3.1}
+    assert steady_phase_peaks(rows[:2]) == {}
+
+
 def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, monkeypatch):
     # the checkpoint-in-graph A/B (issue 26): only plans without activation offload keep the switch's checkpoint, so
     # its configs pin offload off; each run sets the switch it measures and no other
@@ -127,10 +140,14 @@ def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, mon
     res = ab.main(tmp_path, 3, "ckpt_in_graph")
     assert [(r["config"], r["variant"]) for r in res["runs"]] == [
         ("A-mb286", "default"), ("A-mb286", "ckpt_in_graph"), ("A-no-offload", "ckpt_in_graph"),
-        ("A-no-offload", "default")]
+        ("A-no-offload", "default"), ("0.5b-mb286", "default"), ("0.5b-mb286", "ckpt_in_graph")]
     for (cmd, env), r in zip(seen, res["runs"]):
         assert env.get("TRAINER_CKPT_IN_GRAPH") == ("1" if r["variant"] == "ckpt_in_graph" else None)
         assert "TRAINER_COMPILE_DYNAMIC" not in env and "train.activation_offload=false" in cmd
+        # a switch's default run is named for the switch: two A/Bs in one sitting keep both runs' files
+        run_dir = cmd[cmd.index("--output-dir") + 1]
+        assert run_dir.endswith("_default_for_ckpt_in_graph") == (r["variant"] == "default")
+    assert "model.shape=qwen2.5-0.5b" in seen[-1][0]
     assert (tmp_path / "ckpt_in_graph_ab.json").exists() and res["by_config"] == {}  # no steps ran
 
 
