@@ -299,13 +299,9 @@ STEP_MODEL_MISSES: dict[str, str] = {
 
 
 # Rows memory.py misses by more than 5% today, at the knobs they ran with (bench/planner.py --fit, its "memory" table):
-# none of the 27 rows after the refit of 2026-12-04 (trainer/memory.py: the checkpointing and slack constants searched
-# together on 23 rows, NO_CKPT_FIT from its one row; the two bf16-mirror rows over-planned by 6.2-6.5% are now -3.9%
-# and +0.7%); the 28th, run after it (the 7B row that broke its budget on 2026-12-02), is over-planned by 7.4%.
-MEMORY_MODEL_MISSES: dict[str, str] = {
-    "7b-vllm-8x1024@15gb": "-7.4%, over-planned (H200, 2026-12-05): train phase 14.43 GB planned, 13.36 measured; its "
-                           "rollout phase under by 0.49 GB (8.46 planned, 8.95 measured) and the budget held",
-}
+# none of the 28. The 7B 8 x 1,024 row without checkpointing (-7.4% on 2026-12-05, over-planned) is -3.7% since
+# NO_CKPT_FIT was fitted on both rows without checkpointing (trainer/memory.py).
+MEMORY_MODEL_MISSES: dict[str, str] = {}
 
 
 def test_planner_bench_pins_the_knobs_a_row_ran_with_false_included_and_infers_an_unrecorded_offload():
