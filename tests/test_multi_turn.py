@@ -72,8 +72,8 @@ class Scripted:
     """A sampler that writes given texts: row r's k-th message is scripts[r][k] (EOS added, cut at the call's token
     cap as a real engine stops). It tells rows apart by the contexts it is sent, and records each call's contexts."""
 
-    def __init__(self, tok, scripts: list[list[str]]):
-        self.tok, self.scripts, self.calls = tok, scripts, []
+    def __init__(self, tok, scripts: list[list[str]], stop: int | None = None):
+        self.tok, self.scripts, self.calls, self.stop = tok, scripts, [], stop  # stop: the token that ends a message
 
     def generate(self, prompt_ids, sampling):
         self.calls.append([list(p) for p in prompt_ids])
@@ -85,7 +85,8 @@ class Scripted:
         assert len(live) == len(prompt_ids)
         ids, lps, cut = [], [], []
         for r, p, cap in zip(live, prompt_ids, sampling.max_tokens_per_request):
-            toks = self.tok(self.scripts[r][turn], add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            end = self.tok.eos_token_id if self.stop is None else self.stop
+            toks = self.tok(self.scripts[r][turn], add_special_tokens=False)["input_ids"] + [end]
             cut.append(len(toks) > cap)
             ids.append(toks[:cap])
             lps.append([-0.5] * len(ids[-1]))
@@ -124,11 +125,11 @@ def _call(name, **args) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": args}) + "</tool_call>"
 
 
-def _run(tmp_path, scripts, tools=("add",), **mt):
+def _run(tmp_path, scripts, tools=("add",), stop=None, **mt):
     tok = _tok()
     recipe = _recipe(tmp_path, tools, **mt)
     turns = MultiTurn.build(recipe, tok)
-    engine = Scripted(tok, scripts)
+    engine = Scripted(tok, scripts, stop)
     try:
         gens = turns.generate(engine, _prompts(turns, tok, len(scripts)), list(range(len(scripts))),
                               Sampling(n=1, max_tokens=48))
@@ -170,6 +171,23 @@ def test_loss_mask_is_exactly_the_models_tokens_and_the_tokens_are_the_templates
     lp = batch.sampler_logps[0, :len(traj)]
     assert torch.isnan(lp[len(first):len(traj) - len(second)]).all() and (lp[want.bool()] == -0.5).all()
     assert gens.stats["multi_turn/tool_calls"] == 1.0 and gens.stats["multi_turn/engine_calls"] == 2.0
+
+
+def test_a_message_ended_at_another_stop_token_is_closed_by_the_templates_eos(tmp_path):
+    # vLLM and the HF engine stop at every eos_token_id of generation_config.json (Qwen2.5-Instruct: <|im_end|> and
+    # <|endoftext|>); a message ended at <|endoftext|> keeps that token as sampled, and the template's <|im_end|>
+    # closes the turn before the tool's reply, as the template renders every assistant message
+    call = _call("add", a=2, b=3)
+    tok, turns, engine, gens = _run(tmp_path, [[call, "the answer is 5"]], stop=tok_id(_tok(), "<|endoftext|>"))
+    first = tok(call, add_special_tokens=False)["input_ids"] + [tok_id(tok, "<|endoftext|>")]
+    traj = gens.completion_ids[0]
+    assert traj[:len(first)] == first and gens.sampled[0][:len(first)] == [1] * len(first)
+    assert tok.decode(traj[len(first):]).startswith("<|im_end|>\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n")
+    assert gens.columns["trajectory_end"] == ["answer"]
+
+
+def tok_id(tok, token: str) -> int:
+    return tok.convert_tokens_to_ids(token)
 
 
 def test_a_tool_that_raises_hangs_or_returns_garbage_ends_its_conversation_with_the_configured_reward(tmp_path):

@@ -13,8 +13,9 @@ Tools (`rollout.tools`, module:function) run in worker processes (trainer/reward
 is one object per conversation, in this process: `reset(example)` -> opening messages (None, a string or a list of
 messages, appended to the prompt), `step(assistant_message)` -> (reply messages, done[, reward]).
 
-A message that stops at grpo.max_completion_length before its EOS is read as it stands (the template's EOS, not the
-model's, closes it). A conversation ends when the model answers without a tool call (no environment), the
+A message that stops at grpo.max_completion_length before its EOS, or at another of the engine's stop tokens (e.g.
+Qwen's <|endoftext|>, an eos_token_id of its generation_config.json beside the template's <|im_end|>), is read as it
+stands, and the template's EOS closes it after the model's tokens. A conversation ends when the model answers without a tool call (no environment), the
 environment says done, `max_turns` assistant messages were sampled ("truncated" when the last one was cut), or on a
 failure that fixes its total reward: a tool call that does not parse (`parse_failure_reward`), the
 trajectory running past `max_trajectory_tokens` (`overflow_reward`), a tool or the environment raising, timing out
@@ -62,6 +63,7 @@ class Conversation:
     tool_calls: int = 0
     reply_from: int = 0  # messages[reply_from:]: the latest reply (tool results or the environment's)
     cut: bool = False  # the latest message stopped at grpo.max_completion_length, before an EOS
+    closed: bool = True  # the latest message ended with the template's EOS (not cut, nor at another stop token)
 
 
 def load_tools(recipe) -> list[Tool]:
@@ -196,7 +198,7 @@ class MultiTurn:
         self.fmt = call_format(tokenizer, self.cfg.tool_call_format)
         self.max_prompt = recipe.data.max_prompt_length
         self.turn_cap = recipe.grpo.max_completion_length
-        self.eos_text = tokenizer.eos_token or ""
+        self.eos_text, self.eos_id = tokenizer.eos_token or "", tokenizer.eos_token_id
         self._probe = tokenizer.apply_chat_template(_PROBE, tokenize=False)  # what each reply's rendering extends
         self._tail = self._template_tail()
 
@@ -235,7 +237,7 @@ class MultiTurn:
 
     def reply_ids(self, messages: list[dict], closed: bool = True) -> list[int]:
         """The tokens after a sampled assistant message up to the next assistant header: the template's EOS when the
-        message was cut before the model sampled one (closed=False), its tail, the reply messages, the generation
+        message did not end with it (closed=False: cut, or ended at another stop token), its tail, the reply messages, the generation
         prompt."""
         b = self.tok.apply_chat_template(_PROBE + messages, tokenize=False, add_generation_prompt=True)
         head = self._tail if closed else self.eos_text + self._tail
@@ -301,6 +303,7 @@ class MultiTurn:
                 message = {"role": "assistant", "content": text}
                 c.messages.append(message)
                 c.cut = cut  # stopped at grpo.max_completion_length: the message is read as it stands
+                c.closed = not cut and bool(ids) and ids[-1] == self.eos_id
                 if cut and len(c.ids) >= budget:
                     c.end = "overflow"
                     continue
@@ -323,7 +326,7 @@ class MultiTurn:
                 if turn == turns - 1:
                     c.end = "truncated" if c.cut else "max_turns"
                     continue
-                reply = self.reply_ids(c.messages[c.reply_from:], closed=not c.cut)
+                reply = self.reply_ids(c.messages[c.reply_from:], closed=c.closed)
                 if len(c.ids) + len(reply) >= budget:  # no room left for the model's next message
                     c.end = "overflow"
                     continue
