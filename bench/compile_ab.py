@@ -7,8 +7,9 @@
 SWITCH dynamic: TRAINER_COMPILE_DYNAMIC (policy.COMPILE_DYNAMIC: torch's automatic dynamic shapes, recompiling as
 lengths change, against dynamic from the first compile), on config A of the side-by-side (bench/peers/ours.yaml: 1.5B
 shape, 8 x 256) at the fast budget (6.6 GB: all 8 sequences in one micro-batch) and the small one (3.3 GB, issue 26's
-small budget for A: short micro-batches). SWITCH ckpt_in_graph: TRAINER_CKPT_IN_GRAPH (policy.CKPT_IN_GRAPH: the
-checkpoint inside each compiled layer's graph, not HF's around it), on config A at 6.6 GB without activation offload
+small budget for A: short micro-batches). SWITCH ckpt_in_graph: `train.checkpoint_in_graph` true against false (the
+checkpoint inside each compiled layer's graph wherever it applies, against HF's around it always; unset, the planner
+chooses; before 2026-12-05 TRAINER_CKPT_IN_GRAPH=1 against unset), on config A at 6.6 GB without activation offload
 (which keeps HF's checkpoint): eight 286-token micro-batches on the shared nf4 base (the profiled host-bound row of
 2026-12-04), the planner's micro-batches, and the 0.5B shape's eight 286-token ones (its memory term's second shape). SWITCH nf4_traced: TRAINER_NF4_TRACED (policy.NF4_TRACED: the nf4 layers
 as torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A
@@ -53,12 +54,15 @@ CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
                                              "rollout.weight_format=shared_nf4", "model.shape=qwen2.5-0.5b"])}
 # switch: (environment variable, its value when on, the configs it is measured on); "--set": a recipe override
 SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
-            "ckpt_in_graph": ("TRAINER_CKPT_IN_GRAPH", "1", ["A-mb286", "A-no-offload", "0.5b-mb286"]),
+            "ckpt_in_graph": ("--set", "train.checkpoint_in_graph=true", ["A-mb286", "A-no-offload", "0.5b-mb286"]),
             "nf4_traced": ("TRAINER_NF4_TRACED", "1", ["A-mb286", "A-small"]),
             "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"]),
             "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
             "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"]),
             "gc_freeze": ("TRAINER_GC_FREEZE", "1", ["A-mb286", "A-fast"])}
+# a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's
+# choice since 2026-12-05: unset, the default run could take it too)
+OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false"}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:
@@ -71,9 +75,15 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / f"compile_ab_{name}"
     switch_vars = {name for name, _, _ in SWITCHES.values()}  # each run sets the ones it measures and no other
     env = {k: v for k, v in os.environ.items() if k not in switch_vars}
-    for part in ([] if variant.startswith("default") else variant.split("+")):  # a ladder's rung sets several
+    on = [] if variant.startswith("default") else variant.split("+")  # a ladder's rung sets several
+    for part in switch.split("+"):
         var, value, _ = SWITCHES[part]
-        if var == "--set":
+        if part not in on:
+            if part in OFF and var == "--set":
+                overrides = overrides + [OFF[part]]
+            elif part in OFF:
+                env[var] = OFF[part]
+        elif var == "--set":
             overrides = overrides + [value]
         else:
             env[var] = value

@@ -6,7 +6,7 @@ way of checkpointing the compiled layers costs the Python side (trainer/policy.p
 
 A Qwen2 of 28 layers, hidden 64 (fp32, or its nf4 base through bitsandbytes with `nf4`), LoRA r16 all-linear, one
 48-token sequence a micro-batch; 10 micro-batches timed after 4 warm-up. Variants: hf_ckpt_eager, hf_ckpt_compiled
-(HF's checkpoint around each compiled layer: the default), ckpt_in_graph_compiled (TRAINER_CKPT_IN_GRAPH),
+(HF's checkpoint around each compiled layer: the default), ckpt_in_graph_compiled (plan.checkpoint_in_graph),
 nockpt_compiled; with nf4 also the two checkpointed compiled ones with the nf4 layers traced
 (trainer/nf4_linear.py, TRAINER_NF4_TRACED): *_nf4_traced. OUT.json: {"device", "base", "command", "ms_per_layer":
 {variant: median over the rounds}, "rounds": {variant: [ms, ...]}}. The 2-core machine's timings move by up to 40%

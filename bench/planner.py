@@ -185,7 +185,7 @@ def run(out: Path, names: list[str]) -> None:
                             "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
                             "cudagraph_capture_sizes", "enforce_eager", "token_chunk", "vocab_chunk", "rollout_engine",
                             "hf_batch_size", "allocator_cap_bytes", "activation_offload", "mlp_tile_tokens",
-                            "micro_batch_seqs", "compile_layers", "logits_dtype")}})
+                            "micro_batch_seqs", "compile_layers", "logits_dtype", "checkpoint_in_graph")}})
             m = read_metrics(run_dir)
             summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
             row.update({"steps": len(m),
@@ -277,7 +277,7 @@ def measured_phases(row: dict, logs: list[Path]) -> dict | None:
 PIN = {"weight_format": "rollout.weight_format", "kv_release": "rollout.kv_release",
        "micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
        "max_num_seqs": "rollout.max_num_seqs", "activation_offload": "train.activation_offload",
-       "mlp_tile_tokens": "train.mlp_tiles"}
+       "mlp_tile_tokens": "train.mlp_tiles", "checkpoint_in_graph": "train.checkpoint_in_graph"}
 
 
 # and the memory knobs that size what cost.py does not price (the KV pool, the prefill batch, HF's batch)
@@ -318,7 +318,8 @@ def ran_knobs(row: dict) -> dict:
     """The knobs a grid row ran with. Rows before 2026-12-03 evening did not record activation_offload (the 0.5B r128
     row at its least budget offloaded at 4,126 tokens a micro-batch): taken as the choice whose activations today's
     formulas put nearer the run's plan's (components_gb)."""
-    ran = dict(row.get("knobs") or {})
+    # rows before 2026-12-05 ran HF's checkpoint (the checkpoint in graph was an environment switch, off)
+    ran = {"checkpoint_in_graph": False, **(row.get("knobs") or {})}
     if "activation_offload" in ran or not row.get("components_gb") or not ran.get("gradient_checkpointing"):
         return ran
     acts = row["components_gb"].get("activations", 0.0)

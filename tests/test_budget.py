@@ -280,7 +280,11 @@ def test_an_oom_notch_is_one_knob_smaller_in_the_phase_that_ran_out():
     assert {a.reason for a in changes} == {"out of memory"} and changes[0].measured_gb is None
     assert loop.after_oom(2, "optimizer") == [] and loop.after_oom(2, "kv") == []
     _, p, small = setup(["budget.vram_gb=6", "model.gradient_checkpointing=true", "train.micro_batch_tokens=384"])
-    assert small.after_oom(2, "train") == []  # nothing the recipe leaves free is smaller (KV already released)
+    # the checkpoint in graph keeps more than HF's: putting HF's back is the notch, then nothing the recipe leaves
+    # free is smaller (KV already released)
+    assert p.checkpoint_in_graph
+    assert [(a.knob, a.old, a.new) for a in small.after_oom(2, "train")] == [("checkpoint_in_graph", True, False)]
+    assert not p.checkpoint_in_graph and small.after_oom(3, "train") == []
 
 
 # ---------------------------------------------------------------------------------------------- the step wrapper

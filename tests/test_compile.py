@@ -142,7 +142,8 @@ def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, mon
         ("A-mb286", "default"), ("A-mb286", "ckpt_in_graph"), ("A-no-offload", "ckpt_in_graph"),
         ("A-no-offload", "default"), ("0.5b-mb286", "default"), ("0.5b-mb286", "ckpt_in_graph")]
     for (cmd, env), r in zip(seen, res["runs"]):
-        assert env.get("TRAINER_CKPT_IN_GRAPH") == ("1" if r["variant"] == "ckpt_in_graph" else None)
+        want = "true" if r["variant"] == "ckpt_in_graph" else "false"
+        assert f"train.checkpoint_in_graph={want}" in cmd and "TRAINER_CKPT_IN_GRAPH" not in env
         assert "TRAINER_COMPILE_DYNAMIC" not in env and "train.activation_offload=false" in cmd
         # a switch's default run is named for the switch: two A/Bs in one sitting keep both runs' files
         run_dir = cmd[cmd.index("--output-dir") + 1]
@@ -176,10 +177,9 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    # in_graph: the checkpoint inside the compiled layers (TRAINER_CKPT_IN_GRAPH), a guard more on each layer
+    # in_graph: the checkpoint inside the compiled layers (plan.checkpoint_in_graph), a guard more on each layer
     import trainer.policy as tp
 
-    monkeypatch.setattr(tp, "CKPT_IN_GRAPH", in_graph)
     monkeypatch.setattr(tp, "NF4_TRACED", nf4_traced)  # and the nf4 layers traced (TRAINER_NF4_TRACED)
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend="eager", **k))
@@ -190,6 +190,7 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
         counters.clear()
         recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", "model.gradient_checkpointing=true"])
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+        plan.checkpoint_in_graph = in_graph  # the planner's choice on CUDA (the CPU's plans keep HF's checkpoint)
         policy = load_policy(recipe, plan)
         assert tp.checkpoint_in_graph(plan) == in_graph
         traced = [m for m in policy.model.modules() if hasattr(m, "_nf4_packed")]
@@ -232,10 +233,11 @@ def test_compile_ab_ladder_adds_one_switch_a_rung_on_the_configs_they_share(tmp_
     assert [(r["config"], r["variant"]) for r in res["runs"]] == [
         ("A-mb286", "default"), ("A-mb286", "ckpt_in_graph"), ("A-mb286", "ckpt_in_graph+nf4_traced"),
         ("A-mb286", "ckpt_in_graph+nf4_traced+gc_freeze"), ("A-mb286", "default_again")]
-    on = [{k for k in ("TRAINER_CKPT_IN_GRAPH", "TRAINER_NF4_TRACED", "TRAINER_GC_FREEZE") if k in env}
-          for _, env in seen]
-    assert on == [set(), {"TRAINER_CKPT_IN_GRAPH"}, {"TRAINER_CKPT_IN_GRAPH", "TRAINER_NF4_TRACED"},
-                  {"TRAINER_CKPT_IN_GRAPH", "TRAINER_NF4_TRACED", "TRAINER_GC_FREEZE"}, set()]
+    on = [{k for k in ("TRAINER_NF4_TRACED", "TRAINER_GC_FREEZE") if k in env} for _, env in seen]
+    assert on == [set(), set(), {"TRAINER_NF4_TRACED"}, {"TRAINER_NF4_TRACED", "TRAINER_GC_FREEZE"}, set()]
+    # off is off: the planner's own choice would take the checkpoint in graph in the default rungs too
+    assert [next(c for c in cmd if c.startswith("train.checkpoint_in_graph=")) for cmd, _ in seen] == [
+        "train.checkpoint_in_graph=" + v for v in ("false", "true", "true", "true", "false")]
     assert (tmp_path / "ladder_ckpt_in_graph+nf4_traced+gc_freeze_ab.json").exists()
     runs = [dict(r, steady_step_s=t, steady_train_s=t - 1) for r, t in zip(res["runs"], (4.0, 3.0, 2.4, 2.4, 4.4))]
     rungs = ab.ladder(runs)["A-mb286"]["rungs"]

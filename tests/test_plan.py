@@ -126,9 +126,9 @@ def _speed(plan, model: str, length: int) -> float:
     """What the planner maximises: minus its predicted step time (trainer/cost.py), recomputed from the plan's knobs."""
     from trainer import cost
 
-    knobs = {k: getattr(plan, k) for k in ("micro_batch_tokens", "gradient_checkpointing", "weight_format",
-                                           "kv_release", "max_num_seqs", "activation_offload", "micro_batch_seqs",
-                                           "hf_batch_size")}
+    knobs = {k: getattr(plan, k) for k in ("micro_batch_tokens", "gradient_checkpointing", "checkpoint_in_graph",
+                                           "weight_format", "kv_release", "max_num_seqs", "activation_offload",
+                                           "micro_batch_seqs", "hf_batch_size")}
     dims = ModelDims.from_config(cfg(model))
     got = -cost.step_seconds(dims.linear_params, plan.generation_batch_size, length,
                              plan.generation_batch_size * plan.max_model_len, knobs, plan.rollout_engine,
@@ -145,7 +145,8 @@ def test_predicted_step_prices_every_pass_over_the_batch():
     # 2026-12-02): each iteration's forward + backward and each gradient-free log-prob pass now costs its time.
     from trainer import cost
 
-    fixed = ["train.micro_batch_tokens=4096", "model.gradient_checkpointing=true", "rollout.weight_format=bf16_mirror",
+    fixed = ["train.micro_batch_tokens=4096", "model.gradient_checkpointing=true", "train.checkpoint_in_graph=false",
+             "rollout.weight_format=bf16_mirror",
              "grpo.max_completion_length=1024", "train.generation_batch_size=32", "budget.vram_gb=40"]
     one, ref, two = (make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(fixed + o), H100)
                      for o in ([], ["grpo.beta=0.04"], ["grpo.beta=0.04", "grpo.num_iterations=2"]))
@@ -389,3 +390,60 @@ def test_scratch_space_lists_this_machines_writable_scratch_directories(_scratch
     space = _scratch_room()  # the real trainer.plan.scratch_space
     assert tempfile.gettempdir() in space and all(v >= 0 for v in space.values())
     assert list(space)[0] == ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+
+
+def test_the_checkpoint_in_graph_is_priced_and_chosen_only_where_it_applies():
+    # the checkpoint inside the compiled layers keeps ~4 bytes a token x (hidden + intermediate) a layer more than
+    # HF's (memory.CKPT_IN_GRAPH_BYTES) and costs a forward's host floor and FLOPs less (trainer/cost.py)
+    base = ["train.micro_batch_tokens=512", "model.gradient_checkpointing=true", "train.activation_offload=false",
+            "budget.vram_gb=40"]
+    hf, ig = (make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(base + [f"train.checkpoint_in_graph={v}"]), H100)
+              for v in ("false", "true"))
+    assert (hf.checkpoint_in_graph, ig.checkpoint_in_graph) == (False, True)
+    d = ModelDims.from_config(cfg("qwen2.5-1.5b-instruct"))
+    extra = memory.CKPT_IN_GRAPH_BYTES * d.layers * 512 * (d.hidden + d.intermediate)
+    assert ig.components["activations"] - hf.components["activations"] == pytest.approx(extra, abs=d.layers)
+    assert ig.phase_peaks["train"] > hf.phase_peaks["train"] and ig.predicted_step_s < hf.predicted_step_s
+    # left to the planner at the same knobs, it is taken (faster, and it fits)
+    free = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(base), H100)
+    assert free.checkpoint_in_graph and free.predicted_step_s == ig.predicted_step_s
+    # never where the layers do not compile, nor with offload (its own checkpoint); asked for there: one message
+    for o in (["rollout.engine=hf"], ["train.torch_compile=false"]):
+        assert not make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(base + o), H100).checkpoint_in_graph
+        with pytest.raises(UserError) as e:
+            make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(base + o + ["train.checkpoint_in_graph=true"]), H100)
+        assert e.value.field == "train.checkpoint_in_graph"
+    off = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(base[:-2] + ["train.activation_offload=true",
+                                                                       "budget.vram_gb=40"]), H100)
+    assert off.activation_offload and not off.checkpoint_in_graph
+
+
+def test_the_checkpoint_in_graph_runs_measured_on_the_h200_stay_within_their_plans():
+    # bench/results/ckpt_in_graph_ab.json (2026-12-05): each config with the checkpoint in graph and without, the
+    # trainer's own train-phase peaks over steps 3-6. Re-planned at their knobs with the checkpoint where each ran, the
+    # plan holds nvidia-smi's train peak, and the term covers what torch allocated beyond HF's checkpoint.
+    from bench.compile_ab import CONFIGS
+    from bench.planner import H200
+
+    ab = json.loads((ROOT / "bench" / "results" / "ckpt_in_graph_ab.json").read_text())
+    runs = {(r["config"], r["variant"]): r for r in ab["runs"] if r["rc"] == 0}
+    measured = 0
+    for config in {c for c, _ in runs}:
+        if (config, "ckpt_in_graph") not in runs or (config, "default") not in runs:
+            continue
+        budget, overrides = CONFIGS[config]
+        plans = {}
+        for variant, on in (("default", "false"), ("ckpt_in_graph", "true")):
+            r = load_recipe(ROOT / "bench" / "peers" / "ours.yaml",
+                            [*overrides, f"budget.vram_gb={budget}", f"train.checkpoint_in_graph={on}"])
+            from trainer.policy import read_config
+
+            plans[variant] = make_plan(read_config(r.model), r, Device(**H200))
+            got = runs[(config, variant)]["steady_phase_peaks_gb"]
+            assert got["used_train"] * 1e9 <= plans[variant].phase_peaks["train"], (config, variant)
+        torch_extra = (runs[(config, "ckpt_in_graph")]["steady_phase_peaks_gb"]["torch_alloc_train"]
+                       - runs[(config, "default")]["steady_phase_peaks_gb"]["torch_alloc_train"]) * 1e9
+        planned_extra = plans["ckpt_in_graph"].components["activations"] - plans["default"].components["activations"]
+        assert torch_extra > 0.1e9 and torch_extra <= planned_extra <= 1.1 * torch_extra, config
+        measured += 1
+    assert measured >= 2  # two shapes (1.5B, 0.5B)

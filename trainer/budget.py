@@ -251,7 +251,7 @@ class Loop:
             setattr(self.plan, k, v)
         if "micro_batch_tokens" in knobs:  # sequences per micro-batch follow it (one long sequence, or packed)
             self.plan.micro_batch_seqs = self.current()["micro_batch_seqs"]
-        checkpointing = {"gradient_checkpointing", "activation_offload", "mlp_tile_tokens"}
+        checkpointing = {"gradient_checkpointing", "checkpoint_in_graph", "activation_offload", "mlp_tile_tokens"}
         if knobs.keys() & checkpointing and self.policy is not None:
             from trainer.policy import checkpoint_in_graph, set_gradient_checkpointing
 

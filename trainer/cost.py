@@ -60,6 +60,12 @@ HF_MS_PER_LAYER = 2.4
 # three HF rows, whose layers do not compile): 9.0-15.2 ms. Without checkpointing: the profile's share without the
 # recompute (0.77).
 LAYER_FLOOR_S = {(True, True): 7.0e-3, (True, False): 5.4e-3, (False, True): 12e-3, (False, False): 9.2e-3}
+# The checkpoint inside the compiled layers' graphs (plan.checkpoint_in_graph): one compiled forward and one backward
+# a layer from Python, as without checkpointing, so that floor (5.4 ms); and the backward recomputes the pointwise ops
+# only (the matmul outputs are kept: memory.CKPT_IN_GRAPH_BYTES), 3 forwards' FLOPs as without checkpointing. Measured
+# on the H200 against HF's checkpoint (2026-12-05, eight 286-token micro-batches): train phase 0.60x and 0.78x on the
+# 1.5B in two sittings, 0.76x on the 0.5B (5.4 / 7.0 = 0.77x). Priced the same as no checkpointing, the planner takes
+# no checkpointing where both fit (an in-graph candidate comes after it, trainer/plan.py).
 # FLOPs of a micro-batch: 2 per parameter per token through the linear layers and lm_head plus causal attention's
 # 2 T^2 heads head_dim per layer, for the forward; x4 with checkpointing (forward, recompute, 2x backward), x3
 # without. Rates fitted on the H200: 300e12 across the grid's compute-bound micro-batches (1.5B 8,064 tokens 357,
@@ -118,7 +124,7 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     else:  # HF generate: ceil(G / hf_batch_size) calls of completion_len token steps each
         calls = math.ceil(gen / max(knobs.get("hf_batch_size") or gen, 1))
         rollout = calls * completion_len * HF_MS_PER_LAYER * dims.layers / 1e3
-    gc = bool(knobs["gradient_checkpointing"])
+    gc = bool(knobs["gradient_checkpointing"]) and not knobs.get("checkpoint_in_graph")
     mbt = max(min(knobs["micro_batch_tokens"], step_tokens), 1)
     micro_batches = math.ceil(step_tokens / mbt)
     # a micro-batch's forward FLOPs: linear layers and lm_head, and causal attention, quadratic in each sequence

@@ -37,6 +37,15 @@ GRAPH_BASE, GRAPH_PER_SIZE = 90 * MiB, 16 * MiB  # measured: LoRA + bnb graphs, 
 # 1.5B row's torch-allocated ratio before the 7B ran, had them -4.3% and -7.4%, the 7B the grid's one row past 5%).
 CKPT_BYTES_PER_LH, CKPT_BYTES_PER_LI = 1.8, 0.65
 NO_CKPT_FIT = 0.82
+# The checkpoint inside the compiled layers' graphs (plan.checkpoint_in_graph, trainer/policy.py): each layer keeps,
+# beyond HF's checkpoint, this many bytes a token per (hidden + intermediate) for its backward (AOTAutograd's
+# partitioner saves what it will not recompute; with the nf4 base that is the 4-bit matmuls' outputs, not the inputs
+# alone as on the CPU's fp32 layers, tests/test_cap.py). Measured on one H200 (2026-12-05, bench/results/
+# ckpt_in_graph_ab.json): torch's train-phase peak over steps 3-6 with it against without, eight 286-token
+# micro-batches, +0.342 GB on the 1.5B shape (4.07 bytes a token x (hidden + intermediate) x layer) and +0.164 GB on
+# the 0.5B (4.15); the larger. Two bf16 tensors of each width a layer would be 4.0. The 1.5B's one 2,232-token
+# micro-batch, unpriced, ran out of memory at 6.6 GB with it (and again at 1,116 tokens).
+CKPT_IN_GRAPH_BYTES = 4.15
 # Activation offload (plan.activation_offload, trainer/offload.py): the checkpointed layer inputs go to pinned host
 # memory as the forward passes each layer and come back one layer ahead of the backward, so the device holds at most
 # this many layers' checkpoints (one being copied out or prefetched, one in use) besides the layer being recomputed.
@@ -232,6 +241,8 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
                 + t * d.hidden * 4 + OFFLOAD_BACKWARD_BYTES_PER_TH * t * d.hidden)
     elif k["gradient_checkpointing"] and ctx.cuda:
         acts = int(d.layers * per_layer)
+        if k.get("checkpoint_in_graph"):
+            acts += int(CKPT_IN_GRAPH_BYTES * d.layers * t * (d.hidden + d.intermediate))
     elif k["gradient_checkpointing"]:
         acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t, mlp_t)
     elif ctx.cuda:

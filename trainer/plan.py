@@ -22,8 +22,8 @@ BUDGET_PRESETS = {"t4-15gb": 15.0, "24gb": 24.0, "a100-40gb": 40.0, "h100-80gb":
 # Everything else, vLLM's weights, KV pool and CUDA-graph pools included, is allocated through torch.
 NON_TORCH = ("cuda_context", "vllm_non_torch", "hf_non_torch", "distributed")
 # Knobs that can change between steps without rebuilding the engine or the policy (trainer/budget.py changes them).
-RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "activation_offload", "mlp_tile_tokens",
-                 "kv_release", "hf_batch_size")
+RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", "checkpoint_in_graph",
+                 "activation_offload", "mlp_tile_tokens", "kv_release", "hf_batch_size")
 LONG_SEQUENCE = 4096  # from this many tokens a micro-batch of one sequence's tokens holds that sequence alone
 PREFILL_CHUNK = 8192  # vLLM prefill tokens per engine step (max_num_batched_tokens) at long lengths
 
@@ -125,6 +125,9 @@ class Plan:
     # Each decoder layer's MLP over a one-sequence micro-batch in tiles of this many tokens, recomputed tile by tile in
     # the backward (trainer/tiled_mlp.py); 0: not tiled. Chosen where a long sequence's MLP would not fit otherwise.
     mlp_tile_tokens: int = 0
+    # The checkpoint inside each compiled layer's graph instead of HF's around it (trainer/policy.py
+    # set_gradient_checkpointing): faster, and the layers keep more for the backward (memory.CKPT_IN_GRAPH_BYTES).
+    checkpoint_in_graph: bool = False
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     predicted_phases_s: dict[str, float] = field(default_factory=dict)  # the same by phase (rollout, train)
     # accounting
@@ -302,6 +305,7 @@ def _host_free(device: Device) -> int:
 def _describe(c: dict) -> str:
     parts = [f"micro-batch of {c['micro_batch_tokens']} tokens",
              "checkpointing " + ("on, offloaded to host memory" if c["activation_offload"] else
+                                 "on, inside the compiled layers" if c.get("checkpoint_in_graph") else
                                  "on" if c["gradient_checkpointing"] else "off")]
     if c.get("mlp_tile_tokens"):
         parts.append(f"MLP in tiles of {c['mlp_tile_tokens']} tokens")
@@ -401,7 +405,8 @@ def plan_context(config: dict, recipe, plan: Plan, device: Device) -> "memory.Co
 
 def plan_knobs(plan: Plan) -> dict:
     """The plan's knobs as the candidate dict memory.components reads."""
-    keys = ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing", "activation_offload", "mlp_tile_tokens",
+    keys = ("micro_batch_tokens", "micro_batch_seqs", "gradient_checkpointing", "checkpoint_in_graph",
+            "activation_offload", "mlp_tile_tokens",
             "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
             "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype",
             "hf_compiled_decode")
@@ -417,6 +422,8 @@ def free_runtime_knobs(recipe, plan: Plan) -> set[str]:
         free |= {"micro_batch_tokens", "token_chunk"}
     if recipe.model.gradient_checkpointing is None:
         free.add("gradient_checkpointing")
+    if t.checkpoint_in_graph is None:
+        free.add("checkpoint_in_graph")
     if t.activation_offload is None:
         free.add("activation_offload")
     if t.mlp_tiles is None:
@@ -444,6 +451,8 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
         held.model.gradient_checkpointing = plan.gradient_checkpointing
     if "activation_offload" not in free:
         held.train.activation_offload = plan.activation_offload
+    if "checkpoint_in_graph" not in free:  # the recipe's (held's own copy); a free one is among the candidates
+        assert held.train.checkpoint_in_graph is not None
     if "kv_release" not in free:
         r.kv_release = plan.kv_release
     sizes = ([plan.hf_batch_size] if "hf_batch_size" not in free
@@ -468,7 +477,8 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
     def row(c: dict) -> dict:
         fitting = c in fits
         rank = 1 + sum(f["score"] > c["score"] for f in fits) if fitting else None
-        return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "activation_offload",
+        return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "checkpoint_in_graph",
+                                     "activation_offload",
                                      "weight_format", "kv_release", "max_num_seqs")},
                 "peak_bytes": c["peak"], "budget_needed_bytes": _needs(c), "score": c["score"],
                 "predicted_step_s": round(-c["score"], 3), "rank": rank, "fits": fitting}
@@ -561,7 +571,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         if mlp_tile_tokens not in tiles(mbt) or ((off or mlp_tile_tokens) and not gc):
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
-                     gradient_checkpointing=gc, activation_offload=off, mlp_tile_tokens=mlp_tile_tokens,
+                     gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off, mlp_tile_tokens=mlp_tile_tokens,
                      weight_format=fmt, kv_release=rel,
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
@@ -571,17 +581,59 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         comps, phases = memory.components(ctx, knobs)
         peak = max(phases.values())
         # Rank by predicted step time (trainer/cost.py): higher score = faster plan.
-        phase_s = cost.step_breakdown(ctx.dims.linear_params, ctx.gen, ctx.completion_len, step_tokens, knobs,
-                                      r.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0, dims=ctx.dims,
-                                      prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
-                                      forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
-                                      group=recipe.grpo.num_generations)
+        phase_s = _phase_seconds(recipe, ctx, knobs, compiled, device)
         score = -sum(phase_s.values())
         out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=score,
                         predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()},
                         headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0,
                         host_bytes=memory.offload_host_bytes(ctx, knobs)))
+    return out + _in_graph_candidates(out, ctx, compiled, recipe, device)
+
+
+def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device: Device) -> list[dict]:
+    """Each checkpointed candidate with the checkpoint inside the compiled layers' graphs (plan.checkpoint_in_graph),
+    where it applies: compiled layers on CUDA, neither offload nor the tiled MLP (which bring their own checkpoint).
+    train.checkpoint_in_graph unset: beside the others, for the planner to weigh; true: in place of HF's checkpoint
+    wherever it applies; false: none (HF's checkpoint, the only one before 2026-12-05)."""
+    want = recipe.train.checkpoint_in_graph
+    if want and (not compiled or device.kind != "cuda" or recipe.model.gradient_checkpointing is False):
+        raise UserError("train.checkpoint_in_graph", "the checkpoint goes inside the compiled decoder layers, and this "
+                        "run " + ("does not checkpoint (model.gradient_checkpointing: false)"
+                                  if recipe.model.gradient_checkpointing is False else
+                                  "does not compile them (the CPU, HF rollouts or train.torch_compile: false)"),
+                        "leave train.checkpoint_in_graph unset, or compile the layers (vLLM rollouts on a GPU)")
+    if want is False or not compiled or device.kind != "cuda":
+        return []
+    out = []
+    for c in cands:
+        if not c["gradient_checkpointing"] or c["activation_offload"] or c["mlp_tile_tokens"]:
+            continue
+        knobs = {k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}
+        knobs["checkpoint_in_graph"] = True
+        comps, phases = memory.components(ctx, knobs)
+        phase_s = _phase_seconds(recipe, ctx, knobs, compiled, device)
+        out.append(dict(c, checkpoint_in_graph=True, components=comps, phase_peaks=phases,
+                        peak_bytes=max(phases.values()), peak=max(phases.values()), score=-sum(phase_s.values()),
+                        predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()}))
+    if want:  # in place of HF's checkpoint wherever it applies
+        replaced = {id(c) for c in cands if c["gradient_checkpointing"] and not c["activation_offload"]
+                    and not c["mlp_tile_tokens"]}
+        cands[:] = [c for c in cands if id(c) not in replaced]
     return out
+
+
+# what _candidates adds to a candidate's knobs
+CANDIDATE_RESULTS = ("components", "phase_peaks", "peak_bytes", "peak", "score", "predicted_phases_s", "headroom",
+                     "host_bytes")
+
+
+def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict[str, float]:
+    """trainer/cost.py's seconds by phase for a candidate's knobs."""
+    return cost.step_breakdown(ctx.dims.linear_params, ctx.gen, ctx.completion_len, ctx.gen * ctx.max_len, knobs,
+                               recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0,
+                               dims=ctx.dims, prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
+                               forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
+                               group=recipe.grpo.num_generations)
 
 
 # rollout.logits_dtype: auto takes this one where it fits the budget, else "model". "model" (bf16 logits on both

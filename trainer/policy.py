@@ -34,17 +34,16 @@ COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else 
 # graphs; 64 leaves room. Policy.hidden_states raises the limit before each pass: set once at load it was back at 16
 # in the next H200 run (vLLM's import comes later), which hit it again.
 LAYER_RECOMPILE_LIMIT = 64
-# Where the checkpoint sits when the layers are compiled. Default: HF's, torch.utils.checkpoint around each compiled
+# Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
+# 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
 # layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
-# in Python for every tensor the compiled layer saves. TRAINER_CKPT_IN_GRAPH=1: the checkpoint inside each layer's
-# compiled graph (Dynamo traces torch.utils.checkpoint; AOTAutograd's backward recomputes the layer in the same
-# compiled backward), one compiled forward and one backward a layer from Python. CPU host time (bench/layer_host.py,
-# ms a layer and micro-batch, HF's -> in graph): nf4 4.47 -> 2.25, fp32 2.93 -> 1.33. On the H200
-# (bench/results/ladder_ckpt_in_graph+nf4_traced+gc_freeze_ab.json, config A's eight 286-token micro-batches on
-# shared nf4, 2026-12-05): steady step 3.21/3.38 -> 2.84 s (train 1.87/2.04 -> 1.46), but a peak of 3.17 GB against
-# the plan's 2.98 (the default's 2.77-2.84): off until memory.py prices it, since a budget is a promise.
+# in Python for every tensor the compiled layer saves. In graph: the checkpoint inside each layer's compiled graph
+# (Dynamo traces torch.utils.checkpoint; AOTAutograd's backward recomputes the layer in the same compiled backward),
+# one compiled forward and one backward a layer from Python. CPU host time (bench/layer_host.py, ms a layer and
+# micro-batch, HF's -> in graph): nf4 4.47 -> 2.25, fp32 2.93 -> 1.33. On the H200 the layers then keep more for the
+# backward than HF's checkpoint (~4 bytes a token x (hidden + intermediate) a layer on the nf4 base: the partitioner
+# saves what it cannot recompute; memory.CKPT_IN_GRAPH_BYTES) and train faster: bench/results/ckpt_in_graph_ab.json.
 # Not with activation offload or the tiled MLP, which bring their own checkpoint.
-CKPT_IN_GRAPH = os.environ.get("TRAINER_CKPT_IN_GRAPH") == "1"
 # The nf4 base layers inside the compiled layers. Default: bitsandbytes' Linear4bit, whose 4-bit ops are opaque custom
 # ops with Python implementations in the graph (~107 us of host time a call on the H200, 2026-12-04).
 # TRAINER_NF4_TRACED=1: trainer/nf4_linear.py's layers, the same values as torch ops that inductor compiles. CPU host
@@ -246,14 +245,15 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
 
 
 def checkpoint_in_graph(plan) -> bool:
-    """Checkpoint inside the compiled layers' graphs (CKPT_IN_GRAPH) for this plan's knobs."""
-    return CKPT_IN_GRAPH and plan.compile_layers and not plan.activation_offload and not plan.mlp_tile_tokens
+    """Checkpoint inside the compiled layers' graphs for this plan's knobs (the planner's choice)."""
+    return bool(plan.checkpoint_in_graph and plan.compile_layers and plan.gradient_checkpointing
+                and not plan.activation_offload and not plan.mlp_tile_tokens)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False) -> None:
     """Recompute each decoder layer's activations in backward (on) or keep them (off), with the checkpointed layer
     inputs in pinned host memory (offload, trainer/offload.py), or the checkpoint inside each layer's forward, for
-    torch.compile to trace (in_graph, CKPT_IN_GRAPH); may change between steps."""
+    torch.compile to trace (in_graph, plan.checkpoint_in_graph); may change between steps."""
     for layer in model.get_base_model().model.layers:
         if (on and in_graph) or hasattr(layer, "_trainer_forward"):  # HF's path alone leaves the layers untouched
             _checkpoint_in_forward(layer, on and in_graph)

@@ -204,6 +204,10 @@ class TrainSection(Section):
     # None: planner, on only where nothing untiled fits; true: on CUDA, wherever a micro-batch is one sequence of at
     # least two tiles)
     mlp_tiles: bool | None = None
+    # the checkpoint inside each compiled layer's graph instead of HF's around it: faster, the layers keep more for the
+    # backward (None: planner, weighed against HF's checkpoint and none; true: wherever the layers compile on CUDA
+    # with checkpointing and neither offload nor tiles; false: HF's)
+    checkpoint_in_graph: bool | None = None
     torch_compile: bool | None = None  # torch.compile the decoder layers (None: planner; on with vLLM on CUDA)
     gradient_accumulation_steps: int | None = None  # TRL-style alternative to generation_batch_size
     lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"

@@ -9,11 +9,11 @@ from trainer.plan import RUNTIME_KNOBS
 # Sub-phases of the loop (State.timed) by the plan phase whose peak they belong to.
 SUBPHASES = {"rollout": ("kv", "rollout"), "train": ("reward", "recompute", "train", "optimizer", "sync")}
 KNOB_PHASE = {"micro_batch_tokens": "train", "token_chunk": "train", "gradient_checkpointing": "train",
-              "activation_offload": "train", "mlp_tile_tokens": "train",
+              "checkpoint_in_graph": "train", "activation_offload": "train", "mlp_tile_tokens": "train",
               "kv_release": "train", "hf_batch_size": "rollout"}
 # The knobs a notch changes; token_chunk follows micro_batch_tokens in the planner's candidates.
-NOTCH_KNOBS = ("micro_batch_tokens", "gradient_checkpointing", "activation_offload", "mlp_tile_tokens", "kv_release",
-               "hf_batch_size")
+NOTCH_KNOBS = ("micro_batch_tokens", "gradient_checkpointing", "checkpoint_in_graph", "activation_offload",
+               "mlp_tile_tokens", "kv_release", "hf_batch_size")
 
 
 class Readings:
