@@ -451,8 +451,6 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
         held.model.gradient_checkpointing = plan.gradient_checkpointing
     if "activation_offload" not in free:
         held.train.activation_offload = plan.activation_offload
-    if "checkpoint_in_graph" not in free:  # the recipe's (held's own copy); a free one is among the candidates
-        assert held.train.checkpoint_in_graph is not None
     if "kv_release" not in free:
         r.kv_release = plan.kv_release
     sizes = ([plan.hf_batch_size] if "hf_batch_size" not in free
@@ -571,7 +569,8 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         if mlp_tile_tokens not in tiles(mbt) or ((off or mlp_tile_tokens) and not gc):
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
-                     gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off, mlp_tile_tokens=mlp_tile_tokens,
+                     gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off,
+                     mlp_tile_tokens=mlp_tile_tokens,
                      weight_format=fmt, kv_release=rel,
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
@@ -587,14 +586,23 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                         predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()},
                         headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0,
                         host_bytes=memory.offload_host_bytes(ctx, knobs)))
-    return out + _in_graph_candidates(out, ctx, compiled, recipe, device)
+    in_graph = _in_graph_candidates(out, ctx, compiled, recipe, device)
+    if recipe.train.checkpoint_in_graph:  # in place of HF's checkpoint wherever it applies
+        out = [c for c in out if not _in_graph_applies(c)]
+    return out + in_graph
+
+
+def _in_graph_applies(c: dict) -> bool:
+    """The checkpoint can go inside the compiled layers: checkpointing, without offload or the tiled MLP (which bring
+    their own checkpoint)."""
+    return c["gradient_checkpointing"] and not c["activation_offload"] and not c["mlp_tile_tokens"]
 
 
 def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device: Device) -> list[dict]:
     """Each checkpointed candidate with the checkpoint inside the compiled layers' graphs (plan.checkpoint_in_graph),
-    where it applies: compiled layers on CUDA, neither offload nor the tiled MLP (which bring their own checkpoint).
-    train.checkpoint_in_graph unset: beside the others, for the planner to weigh; true: in place of HF's checkpoint
-    wherever it applies; false: none (HF's checkpoint, the only one before 2026-12-05)."""
+    where it applies (compiled layers on CUDA, _in_graph_applies). train.checkpoint_in_graph unset: beside the others,
+    for the planner to weigh; true: in place of HF's checkpoint (_candidates drops those); false: none (HF's
+    checkpoint, the only one before 2026-12-05)."""
     want = recipe.train.checkpoint_in_graph
     if want and (not compiled or device.kind != "cuda" or recipe.model.gradient_checkpointing is False):
         raise UserError("train.checkpoint_in_graph", "the checkpoint goes inside the compiled decoder layers, and this "
@@ -605,9 +613,7 @@ def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device:
     if want is False or not compiled or device.kind != "cuda":
         return []
     out = []
-    for c in cands:
-        if not c["gradient_checkpointing"] or c["activation_offload"] or c["mlp_tile_tokens"]:
-            continue
+    for c in filter(_in_graph_applies, cands):
         knobs = {k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}
         knobs["checkpoint_in_graph"] = True
         comps, phases = memory.components(ctx, knobs)
@@ -615,10 +621,6 @@ def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device:
         out.append(dict(c, checkpoint_in_graph=True, components=comps, phase_peaks=phases,
                         peak_bytes=max(phases.values()), peak=max(phases.values()), score=-sum(phase_s.values()),
                         predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()}))
-    if want:  # in place of HF's checkpoint wherever it applies
-        replaced = {id(c) for c in cands if c["gradient_checkpointing"] and not c["activation_offload"]
-                    and not c["mlp_tile_tokens"]}
-        cands[:] = [c for c in cands if id(c) not in replaced]
     return out
 
 
