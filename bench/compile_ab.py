@@ -11,8 +11,8 @@ small budget for A: short micro-batches). SWITCH ckpt_in_graph: `train.checkpoin
 checkpoint inside each compiled layer's graph wherever it applies, against HF's around it always; unset, the planner
 chooses; before 2026-12-05 TRAINER_CKPT_IN_GRAPH=1 against unset), on config A at 6.6 GB without activation offload
 (which keeps HF's checkpoint): eight 286-token micro-batches on the shared nf4 base (the profiled host-bound row of
-2026-12-04), the planner's micro-batches, and the 0.5B shape's eight 286-token ones (its memory term's second shape). SWITCH nf4_traced: TRAINER_NF4_TRACED (policy.NF4_TRACED: the nf4 layers
-as torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A
+2026-12-04), the planner's micro-batches, and the 0.5B shape's eight 286-token ones (its memory term's second
+shape). SWITCH nf4_traced: TRAINER_NF4_TRACED (policy.NF4_TRACED: the nf4 layers as torch ops in the compiled graphs, trainer/nf4_linear.py) on the same eight 286-token micro-batches and on config A
 at issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding: TRAINER_COMPILE_EAGER_ROUNDING=0
 (policy.COMPILE_OPTIONS: inductor's own rounding instead of eager's, the default before 2026-12-04) on config A at
 6.6 GB (one large micro-batch) and the eight 286-token ones: what matching eager's numerics costs. SWITCH hf_compile:
@@ -78,12 +78,10 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     on = [] if variant.startswith("default") else variant.split("+")  # a ladder's rung sets several
     for part in switch.split("+"):
         var, value, _ = SWITCHES[part]
-        if part not in on:
-            if part in OFF and var == "--set":
-                overrides = overrides + [OFF[part]]
-            elif part in OFF:
-                env[var] = OFF[part]
-        elif var == "--set":
+        value = value if part in on else OFF.get(part)
+        if value is None:  # off, and unset is off
+            continue
+        if var == "--set":
             overrides = overrides + [value]
         else:
             env[var] = value
@@ -108,11 +106,12 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
 
 def steady_phase_peaks(rows: list[dict]) -> dict:
     """The trainer's own per-phase peaks (trainer/metrics.py: torch's allocated bytes and nvidia-smi's used) over steps
-    3+, the rollout phase (kv, rollout) and the train phase (reward ... sync) apart: what a plan is held to."""
-    phases = {"rollout": ("kv", "rollout"), "train": ("reward", "recompute", "train", "optimizer", "sync")}
+    3+, the rollout phase and the train phase apart (trainer/replan.py's sub-phases of each): what a plan is held to."""
+    from trainer.replan import SUBPHASES
+
     out = {}
     for kind in ("torch_alloc", "used"):
-        for ph, subs in phases.items():
+        for ph, subs in SUBPHASES.items():
             got = [r[f"peak_{kind}_{s}_gb"] for r in rows[2:] for s in subs if f"peak_{kind}_{s}_gb" in r]
             if got:
                 out[f"{kind}_{ph}"] = round(max(got), 3)

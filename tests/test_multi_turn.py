@@ -178,16 +178,14 @@ def test_a_message_ended_at_another_stop_token_is_closed_by_the_templates_eos(tm
     # <|endoftext|>); a message ended at <|endoftext|> keeps that token as sampled, and the template's <|im_end|>
     # closes the turn before the tool's reply, as the template renders every assistant message
     call = _call("add", a=2, b=3)
-    tok, turns, engine, gens = _run(tmp_path, [[call, "the answer is 5"]], stop=tok_id(_tok(), "<|endoftext|>"))
-    first = tok(call, add_special_tokens=False)["input_ids"] + [tok_id(tok, "<|endoftext|>")]
+    stop = _tok().convert_tokens_to_ids("<|endoftext|>")
+    tok, turns, engine, gens = _run(tmp_path, [[call, "the answer is 5"]], stop=stop)
+    first = tok(call, add_special_tokens=False)["input_ids"] + [stop]
     traj = gens.completion_ids[0]
     assert traj[:len(first)] == first and gens.sampled[0][:len(first)] == [1] * len(first)
-    assert tok.decode(traj[len(first):]).startswith("<|im_end|>\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(traj[len(first):]).startswith(
+        "<|im_end|>\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n")
     assert gens.columns["trajectory_end"] == ["answer"]
-
-
-def tok_id(tok, token: str) -> int:
-    return tok.convert_tokens_to_ids(token)
 
 
 def test_a_tool_that_raises_hangs_or_returns_garbage_ends_its_conversation_with_the_configured_reward(tmp_path):

@@ -67,7 +67,8 @@ def plan_table(plan) -> Group:
     if plan.allocator_cap_bytes is not None:
         t.add_row(f"torch allocator cap ({plan.allocator_fraction:.4f} of the GPU)", f"{plan.allocator_cap_bytes / GB:.3f}")
     lines = [f"engine {plan.rollout_engine}, dtype {plan.compute_dtype}, 4-bit {plan.quantized}, "
-             f"checkpointing {'in graph' if plan.checkpoint_in_graph else plan.gradient_checkpointing}, micro-batch {plan.micro_batch_tokens} tokens, "
+             f"checkpointing {'in graph' if plan.checkpoint_in_graph else plan.gradient_checkpointing}, "
+             f"micro-batch {plan.micro_batch_tokens} tokens, "
              f"logits tile {plan.token_chunk}x{plan.vocab_chunk}, decoder layers compiled {plan.compile_layers}, "
              f"predicted step {plan.predicted_step_s:.2f} s"
              + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted_phases_s.items()) + ")"

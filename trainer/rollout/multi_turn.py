@@ -15,8 +15,8 @@ messages, appended to the prompt), `step(assistant_message)` -> (reply messages,
 
 A message that stops at grpo.max_completion_length before its EOS, or at another of the engine's stop tokens (e.g.
 Qwen's <|endoftext|>, an eos_token_id of its generation_config.json beside the template's <|im_end|>), is read as it
-stands, and the template's EOS closes it after the model's tokens. A conversation ends when the model answers without a tool call (no environment), the
-environment says done, `max_turns` assistant messages were sampled ("truncated" when the last one was cut), or on a
+stands, and the template's EOS closes it after the model's tokens. A conversation ends when the model answers without
+a tool call (no environment), the environment says done, `max_turns` assistant messages were sampled ("truncated" when the last one was cut), or on a
 failure that fixes its total reward: a tool call that does not parse (`parse_failure_reward`), the
 trajectory running past `max_trajectory_tokens` (`overflow_reward`), a tool or the environment raising, timing out
 or returning something that is not text or JSON (`tool_error_reward`).
@@ -237,8 +237,8 @@ class MultiTurn:
 
     def reply_ids(self, messages: list[dict], closed: bool = True) -> list[int]:
         """The tokens after a sampled assistant message up to the next assistant header: the template's EOS when the
-        message did not end with it (closed=False: cut, or ended at another stop token), its tail, the reply messages, the generation
-        prompt."""
+        message did not end with it (closed=False: cut, or ended at another stop token), its tail, the reply messages,
+        the generation prompt."""
         b = self.tok.apply_chat_template(_PROBE + messages, tokenize=False, add_generation_prompt=True)
         head = self._tail if closed else self.eos_text + self._tail
         return self.tok(head + b[len(self._probe):], add_special_tokens=False)["input_ids"]
