@@ -363,6 +363,15 @@ def _plan_with_scratch(monkeypatch, space: dict, sets=()):
     return make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=40", *sets]), H100, max_prompt_tokens=100)
 
 
+def test_the_fused_nf4_gemm_decodes_bf16_models_only():
+    """In float32 the kernel's tl.dot would run TF32 and round the weight elsewhere than bitsandbytes' matmul_4bit,
+    which the trainer's 4-bit layers call: a float32 plan leaves vLLM's decode on bitsandbytes' path too."""
+    sets = ["budget.vram_gb=40", "rollout.weight_format=shared_nf4"]
+    bf16 = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=bfloat16"]), H100)
+    fp32 = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float32"]), H100)
+    assert bf16.nf4_gemm_max_rows > 0 and fp32.compute_dtype == "float32" and fp32.nf4_gemm_max_rows == 0
+
+
 def test_the_engine_stages_its_files_where_there_is_room_and_the_mirror_only_where_it_fits(monkeypatch):
     """Docker gives a container 64 MB of /dev/shm unless run with --shm-size: the bf16 mirror (3.5 GB for a 1.5B)
     written there would fail with ENOSPC after the weights had loaded. The plan stages in the first scratch directory

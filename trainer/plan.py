@@ -238,7 +238,8 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
-                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
+                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device, ctx),
+                compile_layers=_compile_layers(recipe, device),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
                 if r.engine == "vllm" and device.here else None,
@@ -632,7 +633,7 @@ CANDIDATE_RESULTS = ("components", "phase_peaks", "peak_bytes", "peak", "score",
 def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict[str, float]:
     """trainer/cost.py's seconds by phase for a candidate's knobs."""
     return cost.step_breakdown(ctx.dims.linear_params, ctx.gen, ctx.completion_len, ctx.gen * ctx.max_len, knobs,
-                               recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0,
+                               recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device, ctx) > 0,
                                dims=ctx.dims, prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
                                forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
                                group=recipe.grpo.num_generations)
@@ -688,9 +689,13 @@ def _no_room(ctx: "memory.Context", fmt: str, device: Device) -> str:
             f"scratch directory has room (free: {space})")
 
 
-def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:
+def _nf4_gemm_rows(recipe, knobs: dict, device: Device, ctx: memory.Context) -> int:
+    """Decode batches up to this many rows take trainer/kernels/nf4_gemm.py. Not in float32: the kernel's tl.dot runs
+    TF32 on float32 inputs and rounds the weight elsewhere than bitsandbytes' gemm_4bit, which the trainer's layers
+    call (vLLM's bf16 and fp16 models compute the 4-bit layers in bf16, where the two agree)."""
     r = recipe.rollout
-    if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or r.nf4_gemm == "bitsandbytes":
+    if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or \
+            r.nf4_gemm == "bitsandbytes" or ctx.dtype_bytes == 4:
         return 0
     return cost.NF4_GEMM_MAX_ROWS
 
