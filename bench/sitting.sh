@@ -11,6 +11,7 @@
 #   planner       bench/planner.py OUT [NAME ...]                        -> bench/results/planner.json
 #   long_context  bench/long_context.py OUT [ROW ...]                    -> bench/results/long_context.json
 #   fidelity      bench/fidelity.py variants OUT [SHAPE ...]             -> bench/results/fidelity.json (its `report`)
+#                 (`fidelity train SHAPE STEPS DTYPE` / `fidelity trl [STEPS] [SHAPE]`: those subcommands instead)
 #   vs_peers      bench/vs_peers.py OUT (staged with `unsloth`)          -> bench/results/vs_peers.json
 #   decode        bench/decode_profile.py OUT [VARIANT ...]              -> bench/results/decode_profile.json
 #   nf4           bench/nf4_bench.py OUT/nf4_bench.json [--defaults]     -> bench/results/nf4_bench.json
@@ -48,7 +49,10 @@ job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
     scale) echo "$PY bench/scale.py --build && $PY bench/scale.py $R $*";;
     planner) echo "$PY bench/planner.py $R $*";;
     long_context) echo "$PY bench/long_context.py $R $*";;
-    fidelity) echo "$PY bench/fidelity.py variants $R $*";;
+    fidelity) case ${1:-} in  # `fidelity train SHAPE STEPS DTYPE`, `fidelity trl [STEPS] [SHAPE]`; else variants
+                train|trl) echo "$PY bench/fidelity.py $1 $R ${*:2}";;
+                *) echo "$PY bench/fidelity.py variants $R $*";;
+              esac;;
     vs_peers) echo "$PY bench/vs_peers.py $R $*";;
     decode) echo "$PY bench/decode_profile.py $R $*";;
     nf4) echo "$PY bench/nf4_bench.py $R/nf4_bench.json $*";;
@@ -122,8 +126,9 @@ queue_wait() {  # queue_wait [SECONDS]
     tail -n 2 "$D/results/$n/${n%.*}.log" 2>/dev/null | cut -c1-300
   done < "$Q/items"
   tail -n 2 "$Q/pytest_gpu.txt" 2>/dev/null
+  local runs; runs=$(run_files)  # none yet: no trailing -C (GNU tar fails on a -C with nothing after it)
   mkdir -p "${OUT:-$D/out}" && tar -czf "${OUT:-$D/out}/queue.tgz" -C "$D/results" queue $(cat "$Q/items") \
-    -C "$D" $(run_files)
+    ${runs:+-C "$D" $runs}
   [[ -f $Q/done ]] && echo "done" || echo "still running"
 }
 

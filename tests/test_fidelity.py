@@ -250,11 +250,14 @@ def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_tim
     run("float32", [0.05] + [0.008] * 199, [30.0] + [1.05] * 199)  # step 1 (worst case, compile) is left out
     run("model", [0.05] + [0.024] * 199, [30.0] + [1.0] * 199)
     (tmp_path / "trl.json").write_text(json.dumps({"logp_gap_mean": [0.024, 0.026]}))
+    (tmp_path / "trl_qwen2.5-7b.json").write_text(json.dumps({"shape": "qwen2.5-7b", "logp_gap_mean": [0.05, 0.07]}))
+    (tmp_path / "trl_qwen2.5-7b.result.json").write_text(json.dumps({"logp_gap_mean": [9.0]}))  # TRL's raw result
     rep = fidelity.report(tmp_path / "f.json", [tmp_path])
     shipped = rep["shipped"]["qwen2.5-1.5b"]
     assert shipped["gap_mean"] == pytest.approx(0.008) and shipped["gap_max"] == pytest.approx(0.072)
     assert shipped["gap_mean_last_over_first"] == pytest.approx(1.0) and shipped["steps"] == 200
     assert rep["step_time_cost"] == pytest.approx(0.05) and rep["trl_gap_mean"] == pytest.approx(0.025)
+    assert rep["trl_gap_mean_by_shape"] == pytest.approx({"qwen2.5-1.5b": 0.025, "qwen2.5-7b": 0.06})
 
 
 def test_train_with_float32_logits_patches_vllm_and_logs_the_gap_percentile(tmp_path):

@@ -27,6 +27,7 @@ def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all
     assert started.returncode == 0 and "a queue of 3" in started.stdout, started.stderr
     waited = run("queue", "wait", "60")
     assert waited.stdout.strip().endswith("done"), waited.stdout
+    assert "tar:" not in waited.stderr, waited.stderr  # no run dirs yet: tar failed on a trailing -C (2026-12-05)
     calls = (tmp_path / "calls").read_text().splitlines()
     res = tmp_path / "results"
     assert calls == [f"FOO=unset bench/compile_ab.py {res}/compile 4",  # in order; FOO only where the item set it
@@ -38,6 +39,20 @@ def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all
         names = set(t.getnames())
     assert {"queue/items", "compile/compile.log", "fidelity/command.txt", "planner/planner.log"} <= names
     assert run("queue", "start", "nosuchbench").returncode == 2
+
+
+def test_fidelity_items_run_the_drift_and_trl_subcommands_in_the_queue(tmp_path):
+    # 2026-12-05: the drift run was started with nohup in a device call of its own and killed at step 145 when the
+    # next call began; as queue items they run detached like the rest
+    run = _sitting(tmp_path, 'echo "$*" >> "$SITTING_ROOT/calls"')
+    assert run("queue", "start", "fidelity qwen2.5-7b:fp32", "fidelity train qwen2.5-7b 200 model",
+               "fidelity trl 8 qwen2.5-7b").returncode == 0
+    assert run("queue", "wait", "60").stdout.strip().endswith("done")
+    res = tmp_path / "results"
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"bench/fidelity.py variants {res}/fidelity qwen2.5-7b:fp32",
+        f"bench/fidelity.py train {res}/fidelity.2 qwen2.5-7b 200 model",
+        f"bench/fidelity.py trl {res}/fidelity.3 8 qwen2.5-7b"]
 
 
 def test_two_items_of_one_benchmark_keep_their_own_results_dir(tmp_path):
