@@ -456,3 +456,23 @@ def test_the_checkpoint_in_graph_runs_measured_on_the_h200_stay_within_their_pla
         assert torch_extra > 0.1e9 and torch_extra <= planned_extra <= 1.1 * torch_extra, config
         measured += 1
     assert measured >= 2  # two shapes (1.5B, 0.5B)
+
+
+def test_a_t4_plans_float16_though_torch_can_emulate_bfloat16_there(monkeypatch):
+    """torch.cuda.is_bf16_supported() is True on a T4 (sm75) by default: a bf16 tensor can be made there, its matmuls
+    emulated. Device.detect asks without emulation, so `model.dtype: auto` plans float16 on the Colab card."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (14_500_000_000, 15_800_000_000))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(major=7, minor=5))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda *a: True)  # what a T4 answers
+    assert torch.cuda.is_bf16_supported()  # torch's default: counts the emulation
+    t4 = Device.detect()
+    assert t4.kind == "cuda" and not t4.bf16
+    plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.engine=hf", "budget.vram_gb=14"]), t4)
+    assert plan.compute_dtype == "float16"

@@ -55,7 +55,10 @@ class Device:
                 vllm_cpu = os.environ.get("TRAINER_FORCE_VLLM_CPU") == "1"  # test hook
             return cls("cpu", world_size=world_size, vllm_cpu=vllm_cpu, host_free_bytes=host_available_bytes())
         free, total = torch.cuda.mem_get_info()
-        return cls("cuda", torch.cuda.get_device_name(), total, free, torch.cuda.is_bf16_supported(), world_size,
+        # including_emulation=False: torch's default counts a T4 (sm75) as bfloat16-capable because a bf16 tensor
+        # can be made there; its matmuls are emulated, and the plan's float16 is what the card runs
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return cls("cuda", torch.cuda.get_device_name(), total, free, bf16, world_size,
                    host_free_bytes=host_available_bytes())
 
     @classmethod
