@@ -42,8 +42,8 @@ def test_queue_runs_each_item_in_turn_with_its_own_environment_and_tars_them_all
 
 
 def test_fidelity_items_run_the_drift_and_trl_subcommands_in_the_queue(tmp_path):
-    # 2026-12-05: the drift run was started with nohup in a device call of its own and killed at step 145 when the
-    # next call began; as queue items they run detached like the rest
+    # 2026-12-05: the drift run was started with nohup in a device call of its own and killed at step 145 when that
+    # call returned; as queue items they run detached (setsid) like the rest
     run = _sitting(tmp_path, 'echo "$*" >> "$SITTING_ROOT/calls"')
     assert run("queue", "start", "fidelity qwen2.5-7b:fp32", "fidelity train qwen2.5-7b 200 model",
                "fidelity trl 8 qwen2.5-7b").returncode == 0
