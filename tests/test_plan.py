@@ -364,8 +364,8 @@ def _plan_with_scratch(monkeypatch, space: dict, sets=()):
 
 
 def test_the_fused_nf4_gemm_decodes_bf16_models_only():
-    """In float32 the kernel's tl.dot would run TF32 and round the weight elsewhere than bitsandbytes' matmul_4bit,
-    which the trainer's 4-bit layers call: a float32 plan leaves vLLM's decode on bitsandbytes' path too."""
+    """In float32 the kernel's tl.dot would run TF32 where bitsandbytes' matmul_4bit, which the trainer's 4-bit
+    layers call, multiplies in IEEE float32: a float32 plan leaves vLLM's decode on bitsandbytes' path too."""
     sets = ["budget.vram_gb=40", "rollout.weight_format=shared_nf4"]
     bf16 = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=bfloat16"]), H100)
     fp32 = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float32"]), H100)

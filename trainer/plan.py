@@ -694,8 +694,9 @@ def _no_room(ctx: "memory.Context", fmt: str, device: Device) -> str:
 
 def _nf4_gemm_rows(recipe, knobs: dict, device: Device, ctx: memory.Context) -> int:
     """Decode batches up to this many rows take trainer/kernels/nf4_gemm.py. Not in float32: the kernel's tl.dot runs
-    TF32 on float32 inputs and rounds the weight elsewhere than bitsandbytes' gemm_4bit, which the trainer's layers
-    call (vLLM's bf16 and fp16 models compute the 4-bit layers in bf16, where the two agree)."""
+    TF32 on float32 inputs, where bitsandbytes' gemm_4bit (the trainer's 4-bit layers; it dequantises into the
+    input's dtype, as the kernel does) multiplies in IEEE float32. vLLM's bf16 and fp16 models run the 4-bit layers
+    in bf16."""
     r = recipe.rollout
     if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or \
             r.nf4_gemm == "bitsandbytes" or ctx.dtype_bytes == 4:
