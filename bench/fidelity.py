@@ -51,7 +51,7 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # either side are what disagree, this gap is the floor; fp32_tf32 lets torch's fp32 matmuls use TF32 (10-bit mantissa,
 # about half the bf16 rate) on both sides, the affordable version. vLLM picks an attention backend that takes fp32
 # (FlashAttention 3 does not); the 4-bit layers run bitsandbytes' matmul_4bit in fp32 on both sides (the plan leaves
-# our fused nf4 GEMM out in float32, vllm_internals.install_bnb_float32 keeps vLLM's layers in float32).
+# our fused nf4 GEMM out in float32, vllm_internals.install_bnb_in_model_dtype keeps vLLM's layers in float32).
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER", "batch_invariant",
            "batch_invariant_mirror", "fp32", "fp32_tf32")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",

@@ -192,11 +192,14 @@ def test_start_up_allocation_history_names_the_engines_and_the_trainers_allocati
     assert "vllm/" in text and "GB live in" in text, text
 
 
-def test_vllm_4bit_layers_load_and_compute_a_float32_model_in_float32():
-    """model.dtype: float32 on the shared nf4 base: vLLM 0.26 sized the packed weight for four nf4 values a byte (a
-    bare AssertionError at load, the H100 2026-12-05) and computed the 4-bit layers in bf16. With
-    vllm_internals.install_bnb_float32 a fused layer of two shards holds bitsandbytes' bytes and its output is
-    bitsandbytes' own float32 matmul_4bit bit for bit, not the bf16 computation vLLM did."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vllm_4bit_layers_load_and_compute_in_the_model_dtype(dtype):
+    """model.dtype float32 or float16 (a T4's) on the shared nf4 base: vLLM 0.26 sized a float32 model's packed
+    weight for four nf4 values a byte (a bare AssertionError at load, the H100 2026-12-05) and computed the 4-bit
+    layers in bf16 whatever the model dtype. With vllm_internals.install_bnb_in_model_dtype a fused layer of two
+    shards holds bitsandbytes' bytes and its output is bitsandbytes' own matmul_4bit in the model dtype bit for bit,
+    not the bf16 computation vLLM did. 32 rows in float16: past the fused decode GEMM's 16, which an engine started
+    earlier in this process may have installed."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     from vllm.model_executor.layers.quantization.bitsandbytes import BitsAndBytesConfig, BitsAndBytesLinearMethod
@@ -204,22 +207,22 @@ def test_vllm_4bit_layers_load_and_compute_a_float32_model_in_float32():
 
     from trainer.rollout import vllm_internals as vi
 
-    vi.install_bnb_float32()
+    vi.install_bnb_in_model_dtype()
     method = BitsAndBytesLinearMethod(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     layer, k, rows = torch.nn.Module(), 512, [256, 128]
-    method.create_weights(layer, k, rows, k, sum(rows), torch.float32)
+    method.create_weights(layer, k, rows, k, sum(rows), dtype)
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [torch.randn(n, k, device="cuda", generator=g).bfloat16() for n in rows]  # a bf16 checkpoint's shards
     packed = [F.quantize_4bit(w, quant_type="nf4", compress_statistics=False) for w in ws]  # as vLLM's loader does
     data = torch.cat([q for q, _ in packed])
-    assert layer.weight.shape == data.shape  # four values a byte: half of it
+    assert layer.weight.shape == data.shape  # two values a byte
     layer.weight.data = data
     set_weight_attrs(layer.weight, {"bnb_quant_state": {i: st for i, (_, st) in enumerate(packed)},
                                     "bnb_shard_offsets": torch.tensor([0, packed[0][0].numel(), data.numel()])})
-    x = torch.randn(8, k, device="cuda", generator=g)
+    x = torch.randn(8 if dtype == torch.float32 else 32, k, device="cuda", generator=g).to(dtype)
     with torch.no_grad():
         out = method.apply(layer, x)
         lib = torch.cat([bnb.matmul_4bit(x, q.t(), st) for q, st in packed], 1)
-        in_bf16 = torch.cat([bnb.matmul_4bit(x.bfloat16(), q.t(), st) for q, st in packed], 1).float()
-    assert out.dtype == torch.float32 and torch.equal(out, lib)
+        in_bf16 = torch.cat([bnb.matmul_4bit(x.bfloat16(), q.t(), st) for q, st in packed], 1).to(dtype)
+    assert out.dtype == dtype and torch.equal(out, lib)
     assert (in_bf16 - lib).abs().max() > 1e-3  # what vLLM computed before: the test tells the two apart

@@ -695,8 +695,7 @@ def _no_room(ctx: "memory.Context", fmt: str, device: Device) -> str:
 def _nf4_gemm_rows(recipe, knobs: dict, device: Device, ctx: memory.Context) -> int:
     """Decode batches up to this many rows take trainer/kernels/nf4_gemm.py. Not in float32: the kernel's tl.dot runs
     TF32 on float32 inputs, where bitsandbytes' gemm_4bit (the trainer's 4-bit layers; it dequantises into the
-    input's dtype, as the kernel does) multiplies in IEEE float32. vLLM's bf16 and fp16 models run the 4-bit layers
-    in bf16."""
+    input's dtype, as the kernel does) multiplies in IEEE float32."""
     r = recipe.rollout
     if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or \
             r.nf4_gemm == "bitsandbytes" or ctx.dtype_bytes == 4:

@@ -107,8 +107,8 @@ class VLLMEngine:
         t0 = time.perf_counter()
         if self.plan.nf4_gemm_max_rows and self.plan.weight_format == "shared_nf4":
             self.vi.install_nf4_gemm(self.plan.nf4_gemm_max_rows)  # before graph capture: graphs keep this path
-        if self.plan.weight_format == "shared_nf4" and self.plan.compute_dtype == "float32":
-            self.vi.install_bnb_float32()  # vLLM 0.26's 4-bit layers neither load nor compute in float32 without it
+        if self.plan.weight_format == "shared_nf4" and self.plan.compute_dtype != "bfloat16":
+            self.vi.install_bnb_in_model_dtype()  # vLLM 0.26's 4-bit layers compute in bf16 (float32: fail to load)
         self.llm = self.vllm.LLM(**engine_kwargs(self.recipe, self.plan, path))
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)

@@ -268,28 +268,29 @@ def install_nf4_gemm(max_rows: int) -> None:
             nf4_tickets(torch.device("cuda", torch.cuda.current_device()))
 
 
-# ----------------------------------------------------------------------------------------- bnb 4-bit in float32
+# ----------------------------------------------------------------------------------------- bnb 4-bit in the model dtype
 
-_BNB_FLOAT32 = [False]
+_BNB_MODEL_DTYPE = [False]
 
 
-def install_bnb_float32() -> None:
-    """A float32 model on the shared nf4 base (model.dtype: float32). vLLM 0.26's bitsandbytes 4-bit layers
-    (quantization/bitsandbytes.py) (1) size the packed weight by the model dtype's width (`calculate_quant_ratio`:
-    four values a byte for float32) where bitsandbytes packs two nf4 values a byte (uint8 storage) whatever the
-    dtype: the loader's tensors do not fit (a bare AssertionError in `weight_loader`, seen on the H100 2026-12-05)
-    and the shard offsets come out halved; (2) cast the input to bf16 and compute in bf16 (`_apply_4bit_weight`)
-    whatever the model dtype. Patched: two values a byte; a float32 input computed in float32 by bitsandbytes' own op
-    (`torch.ops.vllm.apply_bnb_4bit`: bitsandbytes' matmul_4bit, as the trainer's layers call it). bf16 and fp16
-    models are unchanged (their ratio is 2 already, their inputs take the original path). Call before the engine
-    starts; idempotent."""
+def install_bnb_in_model_dtype() -> None:
+    """A float16 or float32 model on the shared nf4 base (model.dtype; a T4 plans float16). vLLM 0.26's bitsandbytes
+    4-bit layers (quantization/bitsandbytes.py) (1) size the packed weight by the model dtype's width
+    (`calculate_quant_ratio`: four values a byte for float32) where bitsandbytes packs two nf4 values a byte (uint8
+    storage) whatever the dtype: a float32 model's loader tensors do not fit (a bare AssertionError in
+    `weight_loader`, seen on the H100 2026-12-05) and its shard offsets come out halved; (2) cast the input to bf16
+    and compute in bf16 (`_apply_4bit_weight`) whatever the model dtype, where the trainer's layers compute in the
+    model dtype (and a T4 has no bf16 units). Patched: two values a byte; an input that is not bf16 is computed in
+    its own dtype: float16 through `apply_bnb_4bit` as vLLM calls it (our fused decode GEMM where installed, which
+    rounds the weight into the input's dtype as bitsandbytes does), float32 through bitsandbytes' own op (the plan
+    leaves the fused GEMM out in float32). bf16 models are unchanged. Call before the engine starts; idempotent."""
     import vllm.model_executor.layers.quantization.bitsandbytes as vb
 
     method = getattr(vb, "BitsAndBytesLinearMethod", None)
     if not hasattr(vb, "calculate_quant_ratio") or method is None or not hasattr(method, "_apply_4bit_weight"):
         raise _fail("vllm.model_executor.layers.quantization.bitsandbytes.calculate_quant_ratio or "
                     "BitsAndBytesLinearMethod._apply_4bit_weight is missing")
-    if _BNB_FLOAT32[0]:
+    if _BNB_MODEL_DTYPE[0]:
         return
     ratio, apply = vb.calculate_quant_ratio, method._apply_4bit_weight
 
@@ -297,18 +298,19 @@ def install_bnb_float32() -> None:
         return 2 if dtype.is_floating_point else ratio(dtype)
 
     def apply_4bit(self, layer, x, bias=None):
-        if x.dtype != torch.float32:
+        if x.dtype == torch.bfloat16:
             return apply(self, layer, x, bias)
         flat = x.reshape(-1, x.shape[-1])
         weight = layer.weight
         n = sum(st.shape[0] for st in weight.bnb_quant_state.values())
-        out = torch.empty(flat.shape[0], n, dtype=torch.float32, device=x.device)
-        torch.ops.vllm.apply_bnb_4bit(flat, weight, weight.bnb_shard_offsets, out)  # not our fused decode GEMM
+        out = torch.empty(flat.shape[0], n, dtype=x.dtype, device=x.device)
+        op = torch.ops.vllm.apply_bnb_4bit if x.dtype == torch.float32 else vb.apply_bnb_4bit
+        op(flat, weight, weight.bnb_shard_offsets, out)
         out = out.view(*x.shape[:-1], n)
         return out + bias if bias is not None else out
 
     vb.calculate_quant_ratio, method._apply_4bit_weight = quant_ratio, apply_4bit
-    _BNB_FLOAT32[0] = True
+    _BNB_MODEL_DTYPE[0] = True
 
 
 # ----------------------------------------------------------------------------------------- fp32 logits (issue 19)
