@@ -198,8 +198,9 @@ def test_vllm_4bit_layers_load_and_compute_in_the_model_dtype(dtype):
     weight for four nf4 values a byte (a bare AssertionError at load, the H100 2026-12-05) and computed the 4-bit
     layers in bf16 whatever the model dtype. With vllm_internals.install_bnb_in_model_dtype a fused layer of two
     shards holds bitsandbytes' bytes and its output is bitsandbytes' own matmul_4bit in the model dtype bit for bit,
-    not the bf16 computation vLLM did. 32 rows in float16: past the fused decode GEMM's 16, which an engine started
-    earlier in this process may have installed."""
+    not the bf16 computation vLLM did. 64 rows in float16: past the fused decode GEMM's 16 (an engine started earlier
+    in this process may have installed it) and bitsandbytes 0.50.2's own small-M kernel on an H100 (<= 32 rows for
+    this shape), so both sides dequantise and call F.linear, which repeats bit for bit."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     from vllm.model_executor.layers.quantization.bitsandbytes import BitsAndBytesConfig, BitsAndBytesLinearMethod
@@ -219,7 +220,7 @@ def test_vllm_4bit_layers_load_and_compute_in_the_model_dtype(dtype):
     layer.weight.data = data
     set_weight_attrs(layer.weight, {"bnb_quant_state": {i: st for i, (_, st) in enumerate(packed)},
                                     "bnb_shard_offsets": torch.tensor([0, packed[0][0].numel(), data.numel()])})
-    x = torch.randn(8 if dtype == torch.float32 else 32, k, device="cuda", generator=g).to(dtype)
+    x = torch.randn(8 if dtype == torch.float32 else 64, k, device="cuda", generator=g).to(dtype)
     with torch.no_grad():
         out = method.apply(layer, x)
         lib = torch.cat([bnb.matmul_4bit(x, q.t(), st) for q, st in packed], 1)
