@@ -50,7 +50,8 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # nf4 bytes unchanged), the next source issue 27 names after the components of 2026-12-03: if bf16 activations on
 # either side are what disagree, this gap is the floor; fp32_tf32 lets torch's fp32 matmuls use TF32 (10-bit mantissa,
 # about half the bf16 rate) on both sides, the affordable version. vLLM picks an attention backend that takes fp32
-# (FlashAttention 3 does not); the 4-bit layers run bitsandbytes' matmul_4bit in fp32 on both sides (the plan leaves
+# (FlashAttention 3 does not: Triton's, whose tl.dot runs TF32 on fp32 inputs unless TRITON_F32_DEFAULT=ieee, which
+# the fp32 engine sets); the 4-bit layers run bitsandbytes' matmul_4bit in fp32 on both sides (the plan leaves
 # our fused nf4 GEMM out in float32, vllm_internals.install_bnb_in_model_dtype keeps vLLM's layers in float32).
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER", "batch_invariant",
            "batch_invariant_mirror", "fp32", "fp32_tf32")
@@ -273,6 +274,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
     elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "fp32", "fp32_tf32"):
         _attention_backend(engine)
+    if engine == "fp32":  # Triton's fp32 dots (vLLM's Triton attention, its LoRA kernels) default to TF32: IEEE here
+        os.environ["TRITON_F32_DEFAULT"] = "ieee"
     if engine == "fp32_tf32":  # torch's fp32 matmuls on TF32 in this process (vLLM's and the trainer's)
         from trainer.policy import tf32_matmuls_on
 
