@@ -194,7 +194,8 @@ def test_start_up_allocation_history_names_the_engines_and_the_trainers_allocati
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_vllm_4bit_layers_load_and_compute_in_the_model_dtype(dtype):
-    """model.dtype float32 or float16 (a T4's) on the shared nf4 base: vLLM 0.26 sized a float32 model's packed
+    """float16 (a T4's model.dtype) or float32 (bench/fidelity.py's LoRA-less engines) on the shared nf4 base: vLLM
+    0.26 sized a float32 model's packed
     weight for four nf4 values a byte (a bare AssertionError at load, the H100 2026-12-05) and computed the 4-bit
     layers in bf16 whatever the model dtype. With vllm_internals.install_bnb_in_model_dtype a fused layer of two
     shards holds bitsandbytes' bytes and its output is bitsandbytes' own matmul_4bit in the model dtype bit for bit,

@@ -363,13 +363,17 @@ def _plan_with_scratch(monkeypatch, space: dict, sets=()):
     return make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=40", *sets]), H100, max_prompt_tokens=100)
 
 
-def test_the_fused_nf4_gemm_decodes_bf16_models_only():
-    """In float32 the kernel's tl.dot would run TF32 where bitsandbytes' matmul_4bit, which the trainer's 4-bit
-    layers call, multiplies in IEEE float32: a float32 plan leaves vLLM's decode on bitsandbytes' path too."""
+def test_a_float32_model_with_vllm_is_refused_before_anything_loads():
+    """vLLM 0.26's LoRA shrink kernel asserts float16/bfloat16 activations: a float32 model would stop at the engine's
+    LoRA warm-up after its weights loaded. The plan refuses it on the GPU, naming the field; float16 (a T4's) and the
+    HF engine in float32 plan."""
     sets = ["budget.vram_gb=40", "rollout.weight_format=shared_nf4"]
-    bf16 = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=bfloat16"]), H100)
-    fp32 = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float32"]), H100)
-    assert bf16.nf4_gemm_max_rows > 0 and fp32.compute_dtype == "float32" and fp32.nf4_gemm_max_rows == 0
+    with pytest.raises(UserError) as e:
+        make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float32"]), H100)
+    assert e.value.field == "model.dtype" and "rollout.engine: hf" in str(e.value)
+    assert make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float16"]), H100).nf4_gemm_max_rows
+    hf = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float32", "rollout.engine=hf"]), H100)
+    assert hf.compute_dtype == "float32"
 
 
 def test_the_engine_stages_its_files_where_there_is_room_and_the_mirror_only_where_it_fits(monkeypatch):

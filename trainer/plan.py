@@ -182,6 +182,11 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         dtype = {"auto": "bfloat16" if device.bf16 else "float16"}.get(recipe.model.dtype, recipe.model.dtype)
         if dtype == "bfloat16" and not device.bf16:
             raise UserError("model.dtype", f"{device.name} has no bfloat16 support", "set model.dtype: float16 (or auto)")
+        if dtype == "float32" and r.engine == "vllm":  # vLLM 0.26 lora_shrink_op: fp16/bf16 inputs only, asserted in
+            # the LoRA warm-up that compiles the engine's graphs
+            raise UserError("model.dtype", "vLLM's LoRA kernels take float16 or bfloat16 activations only: a float32 "
+                            "model stops at the engine's start", "set model.dtype: auto (bfloat16; float16 on a card "
+                            "without it), or rollout.engine: hf for float32")
     else:
         dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
     quantized = recipe.model.load_in_4bit and _bnb_available()
@@ -241,8 +246,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
-                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device, ctx),
-                compile_layers=_compile_layers(recipe, device),
+                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
                 if r.engine == "vllm" and device.here else None,
@@ -636,7 +640,7 @@ CANDIDATE_RESULTS = ("components", "phase_peaks", "peak_bytes", "peak", "score",
 def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict[str, float]:
     """trainer/cost.py's seconds by phase for a candidate's knobs."""
     return cost.step_breakdown(ctx.dims.linear_params, ctx.gen, ctx.completion_len, ctx.gen * ctx.max_len, knobs,
-                               recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device, ctx) > 0,
+                               recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0,
                                dims=ctx.dims, prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
                                forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
                                group=recipe.grpo.num_generations)
@@ -692,13 +696,9 @@ def _no_room(ctx: "memory.Context", fmt: str, device: Device) -> str:
             f"scratch directory has room (free: {space})")
 
 
-def _nf4_gemm_rows(recipe, knobs: dict, device: Device, ctx: memory.Context) -> int:
-    """Decode batches up to this many rows take trainer/kernels/nf4_gemm.py. Not in float32: the kernel's tl.dot runs
-    TF32 on float32 inputs, where bitsandbytes' gemm_4bit (the trainer's 4-bit layers; it dequantises into the
-    input's dtype, as the kernel does) multiplies in IEEE float32."""
+def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:
     r = recipe.rollout
-    if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or \
-            r.nf4_gemm == "bitsandbytes" or ctx.dtype_bytes == 4:
+    if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or r.nf4_gemm == "bitsandbytes":
         return 0
     return cost.NF4_GEMM_MAX_ROWS
 

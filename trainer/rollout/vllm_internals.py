@@ -275,7 +275,8 @@ _BNB_MODEL_DTYPE = [False]
 
 
 def install_bnb_in_model_dtype() -> None:
-    """A float16 or float32 model on the shared nf4 base (model.dtype; a T4 plans float16). vLLM 0.26's bitsandbytes
+    """A float16 model on the shared nf4 base (a T4 plans float16), or a float32 one (bench/fidelity.py's engines
+    without LoRA; the plan refuses float32 with vLLM, whose LoRA kernels take fp16/bf16 only). vLLM 0.26's bitsandbytes
     4-bit layers (quantization/bitsandbytes.py) (1) size the packed weight by the model dtype's width
     (`calculate_quant_ratio`: four values a byte for float32) where bitsandbytes packs two nf4 values a byte (uint8
     storage) whatever the dtype: a float32 model's loader tensors do not fit (a bare AssertionError in
