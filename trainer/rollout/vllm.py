@@ -122,13 +122,7 @@ class VLLMEngine:
         from trainer import sync
 
         self.info = {"vllm": self.vi.version(), "weight_format": self.plan.weight_format}
-        if self.llm is None:  # bf16_mirror: vLLM loads the trainer's dequantised weights, then shares embeddings
-            mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
-            self.info["mirror_shards"] = len(list(mirror.glob("*.safetensors")))
-            parked = sync.park_embeddings(policy.model.get_base_model())  # off the GPU while vLLM loads its own
-            self._start(mirror)
-            sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
-            shutil.rmtree(mirror, ignore_errors=True)
+        self.start_on_mirror(policy)
         path = self.shm / "v0"
         policy.model.save_pretrained(str(path), safe_serialization=True)
         self.request = LoRARequest("policy", LORA_ID, str(path))
@@ -145,6 +139,19 @@ class VLLMEngine:
         copies, outside = sync.count_base_copies(policy.model, self.vmodel)
         self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8],
                          logits_dtype=self.vi.logits_dtype(self.vmodel))
+
+    def start_on_mirror(self, policy) -> None:
+        """bf16_mirror (no engine yet): vLLM loads the trainer's dequantised weights, then shares its embeddings."""
+        from trainer import sync
+
+        if self.llm is not None:
+            return
+        mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
+        self.info["mirror_shards"] = len(list(mirror.glob("*.safetensors")))
+        parked = sync.park_embeddings(policy.model.get_base_model())  # off the GPU while vLLM loads its own
+        self._start(mirror)
+        sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
+        shutil.rmtree(mirror, ignore_errors=True)
 
     def sync(self, policy) -> dict[str, float]:
         if self.lora_sync is not None:
