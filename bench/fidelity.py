@@ -176,6 +176,14 @@ def _attention_backend(name: str) -> None:
     tv.engine_kwargs = with_backend
 
 
+def _as_float32(plan) -> None:
+    """The fp32 engines' plan: planned in bf16 (the plan refuses float32 with vLLM, whose LoRA kernels these engines
+    leave out), then float32 compute on both sides, bitsandbytes' path for every 4-bit GEMM (the fused kernel's dot
+    would run TF32), and a KV pool that holds as many fp32 tokens."""
+    plan.compute_dtype, plan.nf4_gemm_max_rows = "float32", 0
+    plan.kv_cache_memory_bytes *= 2
+
+
 def _without_lora() -> None:
     """vLLM without LoRA for this process (the fp32 engines): engine_kwargs without its LoRA arguments."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm's first import, as import_vllm does
@@ -305,9 +313,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     recipe = load_recipe(path, sets)
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
     plan.logits_dtype = "model"  # the switches below set each side explicitly
-    if fp32:  # planned in bf16 (users get float32 with vLLM refused); the KV pool holds as many fp32 tokens
-        plan.compute_dtype, plan.nf4_gemm_max_rows = "float32", 0
-        plan.kv_cache_memory_bytes *= 2
+    if fp32:
+        _as_float32(plan)
     t0 = time.perf_counter()
     eng = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, eng)

@@ -123,8 +123,9 @@ def test_logits_dtype_defaults_to_todays_behaviour_and_fp32_is_priced():
 
 
 def test_fidelity_fp32_engines_plan_float32_compute_on_the_shared_nf4_base_for_the_shapes_of_issue_27():
-    # bench/fidelity.py's fp32 / fp32_tf32 engine processes: both sides in float32 from the recipe's model.dtype
-    from bench.fidelity import _recipe_sets
+    # bench/fidelity.py's fp32 / fp32_tf32 engine processes: planned as the default engine (shared nf4, bf16: a float32
+    # recipe with vLLM is refused), then both sides in float32 without the fused nf4 GEMM, the KV pool doubled
+    from bench.fidelity import _as_float32, _recipe_sets
     from trainer.plan import Device, make_plan
     from trainer.policy import read_config
     from trainer.recipe import load_recipe
@@ -132,11 +133,15 @@ def test_fidelity_fp32_engines_plan_float32_compute_on_the_shared_nf4_base_for_t
     dev = Device(kind="cuda", name="NVIDIA H200", total_bytes=150 * 10**9, free_bytes=149 * 10**9, bf16=True,
                  world_size=1)
     for shape in ("qwen2.5-1.5b", "qwen2.5-7b"):
-        for engine, dtype in (("graphs", "bfloat16"), ("fp32", "float32"), ("fp32_tf32", "float32")):
+        for engine in ("graphs", "fp32", "fp32_tf32"):
             path, sets = _recipe_sets(shape, engine, cpu=False)
             recipe = load_recipe(ROOT / path, sets)
             plan = make_plan(read_config(recipe.model), recipe, dev)
-            assert (plan.compute_dtype, plan.weight_format, plan.quantized) == (dtype, "shared_nf4", True), engine
+            assert (plan.compute_dtype, plan.weight_format, plan.quantized) == ("bfloat16", "shared_nf4", True), engine
+            assert plan.nf4_gemm_max_rows > 0
+            kv = plan.kv_cache_memory_bytes
+            _as_float32(plan)
+            assert (plan.compute_dtype, plan.nf4_gemm_max_rows, plan.kv_cache_memory_bytes) == ("float32", 0, 2 * kv)
 
 
 # ----------------------------------------------------------------------------------------- the vLLM side, live
