@@ -585,15 +585,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
                      max_num_batched_tokens=batched if vllm else 0, enforce_eager=eager,
                      cudagraph_capture_sizes=sizes[seqs] if vllm else [])
-        comps, phases = memory.components(ctx, knobs)
-        peak = max(phases.values())
-        # Rank by predicted step time (trainer/cost.py): higher score = faster plan.
-        phase_s = _phase_seconds(recipe, ctx, knobs, compiled, device)
-        score = -sum(phase_s.values())
-        out.append(dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=score,
-                        predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()},
-                        headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0,
-                        host_bytes=memory.offload_host_bytes(ctx, knobs)))
+        out.append(_priced(recipe, ctx, knobs, compiled, device))
     in_graph = _in_graph_candidates(out, ctx, compiled, recipe, device)
     if recipe.train.checkpoint_in_graph:  # in place of HF's checkpoint wherever it applies
         out = [c for c in out if not _in_graph_applies(c)]
@@ -620,21 +612,25 @@ def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device:
                         "leave train.checkpoint_in_graph unset, or compile the layers (vLLM rollouts on a GPU)")
     if want is False or not compiled or device.kind != "cuda":
         return []
-    out = []
-    for c in filter(_in_graph_applies, cands):
-        knobs = {k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}
-        knobs["checkpoint_in_graph"] = True
-        comps, phases = memory.components(ctx, knobs)
-        phase_s = _phase_seconds(recipe, ctx, knobs, compiled, device)
-        out.append(dict(c, checkpoint_in_graph=True, components=comps, phase_peaks=phases,
-                        peak_bytes=max(phases.values()), peak=max(phases.values()), score=-sum(phase_s.values()),
-                        predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()}))
-    return out
+    return [_priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS},
+                                  "checkpoint_in_graph": True}, compiled, device)
+            for c in filter(_in_graph_applies, cands)]
 
 
-# what _candidates adds to a candidate's knobs
+# what _priced adds to a candidate's knobs
 CANDIDATE_RESULTS = ("components", "phase_peaks", "peak_bytes", "peak", "score", "predicted_phases_s", "headroom",
                      "host_bytes")
+
+
+def _priced(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict:
+    """A candidate: its knobs with memory.py's components and phase peaks, and trainer/cost.py's step time as its
+    score (higher = faster: the planner ranks by it)."""
+    comps, phases = memory.components(ctx, knobs)
+    peak = max(phases.values())
+    phase_s = _phase_seconds(recipe, ctx, knobs, compiled, device)
+    return dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=-sum(phase_s.values()),
+                predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()},
+                headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0, host_bytes=memory.offload_host_bytes(ctx, knobs))
 
 
 def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict[str, float]:
