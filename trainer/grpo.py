@@ -25,6 +25,7 @@ from trainer.data import PromptSet
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.evaluate import line as eval_line
 from trainer.loss import LossConfig, group_advantages, policy_loss, token_weights
+from trainer.loss_scale import LossScale
 from trainer.metrics import GCPauses, MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
 from trainer.rewards import close_rewards, combine, score
@@ -55,6 +56,7 @@ class State:
     mem: MemorySampler | None = None
     cap: Cap | None = None  # the process-level allocator cap (trainer/cap.py), enforced at each phase boundary
     turns: object = None  # rollout.multi_turn.MultiTurn: conversations with tools / an environment (None: one turn)
+    loss_scale: LossScale = field(default_factory=lambda: LossScale(False))  # plan.loss_scaling: float16's
     times: dict = field(default_factory=lambda: defaultdict(float))  # phases; they add up to time_step_s
     comm: dict = field(default_factory=dict)  # collectives inside a phase (grad wait / all-reduce: in "optimizer")
     peaks: dict = field(default_factory=dict)  # per phase: device memory used (sampled) and torch's allocated peak
@@ -165,7 +167,7 @@ def grpo_step(s: State, step: int) -> dict:
                                        take(batch.ref_logps, mb, logps.device), isr)
                 if step in s.nan_steps:  # test hook: a non-finite loss, as a diverging run would produce
                     loss = loss * float("nan")
-                loss.backward()
+                s.loss_scale.backward(loss)  # x 2**k in float16 (trainer/loss_scale.py), as is otherwise
                 if it == 0:
                     _accumulate(stats, {**st, **is_st}, loss, logps, ent, sampler, mb)
         with s.timed("optimizer"):
@@ -202,12 +204,15 @@ def logprobs_pass(s: State, batch: RolloutBatch, groups: list[list[int]]) -> tor
 
 
 def optimizer_step(s: State) -> float:
-    """Sum gradients over ranks, clip, step; a non-finite gradient skips the update (returns NaN)."""
+    """Sum gradients over ranks, unscale, clip, step; a non-finite gradient skips the update (returns its norm: NaN
+    or inf; under float16's loss scale an overflow halves the scale, s.loss_scale.overflowed)."""
     params = s.policy.trainable_parameters()
     distributed.sum_gradients(params, s.world, s.comm)
+    s.loss_scale.unscale(params)
     norm = float(torch.nn.utils.clip_grad_norm_(params, s.recipe.train.max_grad_norm or float("inf")))
     if math.isfinite(norm):
         s.optimizer.step()
+    s.loss_scale.update(math.isfinite(norm))
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     return norm
@@ -261,6 +266,8 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     m.update(batch.rollout_stats)  # multi_turn/...: turns, tool calls, how conversations ended
     if "kl_sum" in st:
         m["kl"] = st["kl_sum"] / tok
+    if s.loss_scale.enabled:  # float16: the scale the next step takes; an overflow only skipped this step's update
+        m["loss_scale"], m["loss_scale_overflow"] = s.loss_scale.scale, int(s.loss_scale.overflowed)
     if st.get("gap_n"):
         m["logp_gap_mean"], m["logp_gap_max"] = st["gap_sum"] / st["gap_n"], st["gap_max"]
         m["logp_gap_p99"] = percentile(torch.cat(st["gaps"]), 0.99)
@@ -399,15 +406,17 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
     if hasattr(engine, "on_kv_change"):
         engine.on_kv_change = cap.kv_change
     loop = budget.Loop(recipe, plan, policy, engine, world.size, cap=cap)
+    loss_scale = LossScale(plan.loss_scaling)
     start = 0
     if resume is not None:
         state = checkpoint.load(resume, policy.model, optimizer, scheduler)
         start = state["step"]
         loop.restore(state.get("budget"))
+        loss_scale.load_state_dict(state.get("loss_scale"))
     engine.sync(policy)
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
               LossConfig.from_grpo(recipe.grpo), is_correction.SamplerCorrection(recipe.grpo), mem=sampler, cap=cap,
-              turns=turns)
+              turns=turns, loss_scale=loss_scale)
     sampler.phase = lambda: s.phase or "start"
     logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
     stop, bad = _Stop(run_dir), 0
@@ -417,7 +426,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
     distributed.barrier(world)
     code, step = 0, start
     save = lambda k: checkpoint.save(run_dir, k, policy.model, optimizer, scheduler,  # noqa: E731
-                                     {"recipe": recipe.name, "budget": loop.state()},
+                                     {"recipe": recipe.name, "budget": loop.state(),
+                                      "loss_scale": loss_scale.state_dict()},
                                      recipe.checkpoint.save_total_limit) if world.main else None
     from trainer.console import Progress
 
@@ -439,7 +449,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
             progress.update(m, line(m))
             if "eval/reward_mean" in m:
                 progress.note(eval_line(m))
-            bad = bad + 1 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) else 0
+            bad = bad + 1 if not (math.isfinite(m["loss"]) and (math.isfinite(m["grad_norm"])
+                                                                 or m.get("loss_scale_overflow"))) else 0
             if bad >= recipe.train.max_nonfinite_steps:
                 progress.note(f"stopping: {bad} consecutive steps with non-finite loss or gradient; "
                               f"the last checkpoint is kept")

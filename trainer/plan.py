@@ -118,6 +118,7 @@ class Plan:
     sync: str = "inplace"
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
+    loss_scaling: bool = False  # float16 compute: dynamic loss scaling (trainer/loss_scale.py); bf16/fp32 need none
     compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
     # where the vLLM engine stages the files it loads (the LoRA adapter; the bf16 mirror's weights): scratch_dir
     scratch_dir: str | None = None
@@ -245,7 +246,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
     plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
-                max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync,
+                max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync, loss_scaling=dtype == "float16",
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
@@ -254,6 +255,9 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
+    if plan.loss_scaling:
+        plan.notes.append("float16: the loss is scaled (from 2^16, halved on an overflow, which skips that step's "
+                          "update) so its gradients do not underflow; metrics log loss_scale")
     if device.kind == "cpu":
         plan.notes.append("CPU: memory is reported, not budgeted")
     elif budget is None and plan.peak_bytes > device.total_bytes:
