@@ -80,3 +80,14 @@ def test_float16_run_scales_its_loss_and_checkpoints_the_scale_float32_does_not(
     # the norm is taken after the scale is divided out: the same size as float32's (2**16 off if either half of
     # scale-then-unscale were missing; the two runs sample different completions, hence the factor)
     assert 0.5 < m16[0]["grad_norm"] / m32[0]["grad_norm"] < 2, (m16[0]["grad_norm"], m32[0]["grad_norm"])
+    # a resume takes the checkpoint's scale (edited to another of the same length: the manifest holds file sizes)
+    path = next((tmp_path / "float16").glob("checkpoints/step-*/state.json"))
+    text = path.read_text()
+    path.write_text(text.replace('"scale": 65536.0', '"scale": 32768.0'))
+    assert path.read_text() != text
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "model.dtype=float16", "--set", "train.max_steps=3",
+                     "--set", "checkpoint.save_steps=2", "--set", "eval=null", "--output-dir", str(tmp_path / "float16"),
+                     "--resume"])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    m = [json.loads(x) for x in (tmp_path / "float16" / "metrics.jsonl").read_text().splitlines()]
+    assert m[-1]["step"] == 3 and m[-1]["loss_scale"] == 32768.0
