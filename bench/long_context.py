@@ -68,7 +68,8 @@ ROWS = {
 def h100(host_bytes: int = HOST_BYTES):
     from trainer.plan import Device
 
-    return Device("cuda", "NVIDIA H100 80GB HBM3", H100_TOTAL, H100_TOTAL - 10**9, True, host_free_bytes=host_bytes)
+    return Device("cuda", "NVIDIA H100 80GB HBM3", H100_TOTAL, H100_TOTAL - 10**9, True, host_free_bytes=host_bytes,
+                  capability=(9, 0))
 
 
 def row_recipe(name: str, prompt: int | None = None, completion: int | None = None, extra=()):
@@ -182,7 +183,7 @@ def detected_device():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     fields = json.loads(out.strip().splitlines()[-1])
     assert set(fields) == set(asdict(Device("cpu")))
-    return Device(**fields)
+    return Device(**{**fields, "capability": tuple(fields["capability"]) if fields["capability"] else None})
 
 
 def run(out: Path, names: list[str]) -> None:

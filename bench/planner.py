@@ -86,7 +86,7 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
 # the card the grid runs on (143,771 MiB as nvidia-smi reports it): "min" budgets are searched for this device
 # host_free_bytes: the device machine's available host memory (128 GiB), for the offload's check; not this machine's
 H200 = dict(kind="cuda", name="NVIDIA H200", total_bytes=150_754_820_096, free_bytes=150_000_000_000, bf16=True,
-            host_free_bytes=120 * 10**9)
+            host_free_bytes=120 * 10**9, capability=(9, 0))
 
 
 def _plan(overrides: list[str], budget_gb: float | None):

@@ -72,7 +72,8 @@ def plans() -> None:
     from trainer.policy import read_config
     from trainer.recipe import load_recipe
 
-    dev = Device("cuda", "NVIDIA H200", H200_TOTAL, H200_TOTAL - 10**9, True, host_free_bytes=120 * 10**9)
+    dev = Device("cuda", "NVIDIA H200", H200_TOTAL, H200_TOTAL - 10**9, True, host_free_bytes=120 * 10**9,
+                 capability=(9, 0))
     for name, row in ROWS.items():  # recipe rows: planned for data.max_prompt_length (the run: its longest prompt)
         r = load_recipe(ROOT / row.get("recipe", RECIPE), overrides(name))
         p = make_plan(read_config(r.model), r, dev, max_prompt_tokens=None if "recipe" in row else 24)

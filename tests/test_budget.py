@@ -19,7 +19,7 @@ from trainer.memory import GB
 from trainer.plan import Device, make_plan, plan_context, plan_knobs
 from trainer.recipe import load_recipe
 
-H100 = Device("cuda", "NVIDIA H100 80GB HBM3", 85_000_000_000, 84_000_000_000, True)
+H100 = Device("cuda", "NVIDIA H100 80GB HBM3", 85_000_000_000, 84_000_000_000, True, capability=(9, 0))
 CFG = json.loads((ROOT / "tests" / "data" / "models" / "qwen2.5-1.5b-instruct.json").read_text())
 
 

