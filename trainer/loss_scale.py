@@ -10,7 +10,7 @@ already finds a non-finite gradient in the clip's norm, and its state would need
 Why (bench/fp16_grad.py on the CPU, 2026-12-05): the GRPO loss weighs each token by 1/tokens,
 so the gradient entering the float16 backward shrinks with the batch; with vocab 151,936, hidden 256, 32 x 256
 completion tokens, the LoRA gradient under float16 autocast was 1.9% off the float32 one unscaled and 0.11% off
-with the scale, and the unscaled error grows with the tokens a step trains on.
+with the scale; at 64 x 512 tokens 8.4% unscaled, 0.12% scaled (bench/results/fp16_grad/).
 """
 from __future__ import annotations
 
