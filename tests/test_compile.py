@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from trainer.plan import Device, make_plan
+from trainer.plan import Device, checkpoint_in_graph, make_plan
 from trainer.policy import completion_logprobs, load_policy, read_config
 from trainer.recipe import load_recipe
 
@@ -192,7 +192,7 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
         plan.checkpoint_in_graph = in_graph  # the planner's choice on CUDA (the CPU's plans keep HF's checkpoint)
         policy = load_policy(recipe, plan)
-        assert tp.checkpoint_in_graph(plan) == in_graph
+        assert checkpoint_in_graph(plan) == in_graph
         traced = [m for m in policy.model.modules() if hasattr(m, "_nf4_packed")]
         assert len(traced) == (7 * read_config(recipe.model)["num_hidden_layers"] if nf4_traced else 0)
         # vLLM 0.26 sets the limit to 16 when it imports its flex_attention backend, after load_policy (the H200's

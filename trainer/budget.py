@@ -46,7 +46,7 @@ from trainer import oom, replan
 from trainer.cap import Cap
 from trainer.checkpoint import rng_state, set_rng_state
 from trainer.memory import GB
-from trainer.plan import RUNTIME_KNOBS, Device, free_runtime_knobs, runtime_candidates
+from trainer.plan import RUNTIME_KNOBS, Device, checkpoint_in_graph, free_runtime_knobs, runtime_candidates
 from trainer.replan import KNOB_PHASE, Readings
 
 # Sub-phases whose OOM is retried (nothing of the step is applied before the optimizer), by the plan phase to shrink.
@@ -254,7 +254,7 @@ class Loop:
             self.plan.micro_batch_seqs = self.current()["micro_batch_seqs"]
         checkpointing = {"gradient_checkpointing", "checkpoint_in_graph", "activation_offload", "mlp_tile_tokens"}
         if knobs.keys() & checkpointing and self.policy is not None:
-            from trainer.policy import checkpoint_in_graph, set_gradient_checkpointing
+            from trainer.policy import set_gradient_checkpointing
 
             set_gradient_checkpointing(self.policy.model, self.plan.gradient_checkpointing,
                                        self.plan.activation_offload, checkpoint_in_graph(self.plan))

@@ -596,19 +596,25 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         out.append(_priced(recipe, ctx, knobs, compiled, device))
     in_graph = _in_graph_candidates(out, ctx, compiled, recipe, device)
     if recipe.train.checkpoint_in_graph:  # in place of HF's checkpoint wherever it applies
-        out = [c for c in out if not _in_graph_applies(c)]
+        out = [c for c in out if not in_graph_applies(c)]
     return out + in_graph
 
 
-def _in_graph_applies(c: dict) -> bool:
+def in_graph_applies(c: dict) -> bool:
     """The checkpoint can go inside the compiled layers: checkpointing, without offload or the tiled MLP (which bring
-    their own checkpoint)."""
-    return c["gradient_checkpointing"] and not c["activation_offload"] and not c["mlp_tile_tokens"]
+    their own checkpoint). `c`: a candidate, or plan_knobs(plan)."""
+    return bool(c["gradient_checkpointing"] and not c["activation_offload"] and not c["mlp_tile_tokens"])
+
+
+def checkpoint_in_graph(plan: Plan) -> bool:
+    """The checkpoint inside the compiled layers' graphs for the plan's knobs as they are now (the closed loop may
+    have turned offload or the tiled MLP on since the planner chose it)."""
+    return bool(plan.checkpoint_in_graph and plan.compile_layers and in_graph_applies(plan_knobs(plan)))
 
 
 def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device: Device) -> list[dict]:
     """Each checkpointed candidate with the checkpoint inside the compiled layers' graphs (plan.checkpoint_in_graph),
-    where it applies (compiled layers on CUDA, _in_graph_applies). train.checkpoint_in_graph unset: beside the others,
+    where it applies (compiled layers on CUDA, in_graph_applies). train.checkpoint_in_graph unset: beside the others,
     for the planner to weigh; true: in place of HF's checkpoint (_candidates drops those); false: none (HF's
     checkpoint, the only one before 2026-12-05)."""
     want = recipe.train.checkpoint_in_graph
@@ -622,7 +628,7 @@ def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device:
         return []
     return [_priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS},
                                   "checkpoint_in_graph": True}, compiled, device)
-            for c in filter(_in_graph_applies, cands)]
+            for c in filter(in_graph_applies, cands)]
 
 
 # what _priced adds to a candidate's knobs

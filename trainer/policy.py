@@ -17,6 +17,7 @@ import torch
 
 from trainer import hub
 from trainer.errors import UserError
+from trainer.plan import checkpoint_in_graph
 
 # torch.compile's shape handling for the decoder layers. None (default): a first graph for the first micro-batch's
 # shape, then recompiles as lengths change until the dimensions are marked dynamic (every H200 planner run of
@@ -242,12 +243,6 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
             layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
-
-
-def checkpoint_in_graph(plan) -> bool:
-    """Checkpoint inside the compiled layers' graphs for this plan's knobs (the planner's choice)."""
-    return bool(plan.checkpoint_in_graph and plan.compile_layers and plan.gradient_checkpointing
-                and not plan.activation_offload and not plan.mlp_tile_tokens)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False) -> None:
