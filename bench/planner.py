@@ -178,6 +178,7 @@ def run(out: Path, names: list[str]) -> None:
             # the plan and the peak first: a run that failed (an OOM) still says how close it came to its budget
             row.update({"device_name": plan["device_name"], "predicted_peak_gb": plan["peak_bytes"] / 1e9, "measured_peak_gb": s["peak_gb"],
                         "within_budget": s["peak_gb"] <= b, "predicted_step_s": plan.get("predicted_step_s"),
+                        "host_us_per_op": plan.get("host_us_per_op"),  # this host's speed, for the step model's fit
                         "predicted_phases_gb": {k: v / 1e9 for k, v in plan["phase_peaks"].items()},
                         "components_gb": {k: v / 1e9 for k, v in plan["components"].items()},
                         "knobs": {k: plan.get(k) for k in (

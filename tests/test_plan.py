@@ -500,3 +500,27 @@ def test_a_t4_plans_float16_though_torch_can_emulate_bfloat16_there(monkeypatch)
     assert t4.kind == "cuda" and not t4.bf16
     plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.engine=hf", "budget.vram_gb=14"]), t4)
     assert plan.compute_dtype == "float16"
+
+
+def test_the_plan_records_how_fast_this_host_dispatches_small_ops():
+    """env.host_us_per_op times the ops themselves (a dispatch slowed by 200 us an op reads at least that), and
+    Device.detect puts it in the plan, where bench/planner.py's rows pick it up for the step model's fit."""
+    import time
+
+    from torch.overrides import TorchFunctionMode
+
+    from trainer.env import host_us_per_op
+
+    class Slow(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            time.sleep(2e-4)
+            return func(*args, **(kwargs or {}))
+
+    fast = host_us_per_op()
+    with Slow():
+        slow = host_us_per_op(ops=16, rounds=2)
+    assert 0 < fast < 200 <= slow, (fast, slow)
+    device = Device.detect()
+    assert device.host_us_per_op and device.host_us_per_op < 200
+    assert make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.engine=hf"]), device).host_us_per_op == \
+        device.host_us_per_op

