@@ -495,11 +495,16 @@ def test_a_t4_plans_float16_though_torch_can_emulate_bfloat16_there(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(major=7, minor=5))
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda *a: True)  # what a T4 answers
+    from trainer import env
+
+    monkeypatch.setattr(env, "host_us_per_op", lambda device: 5.0)  # it would launch kernels on the (absent) card
     assert torch.cuda.is_bf16_supported()  # torch's default: counts the emulation
     t4 = Device.detect()
-    assert t4.kind == "cuda" and not t4.bf16
+    assert t4.kind == "cuda" and not t4.bf16 and t4.capability == (7, 5) and t4.host_us_per_op == 5.0
     plan = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.engine=hf", "budget.vram_gb=14"]), t4)
-    assert plan.compute_dtype == "float16"
+    assert plan.compute_dtype == "float16" and plan.loss_scaling
+    vllm = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.weight_format=shared_nf4", "budget.vram_gb=14"]), t4)
+    assert vllm.compute_dtype == "float16" and vllm.nf4_gemm_max_rows == 0  # bitsandbytes' GEMM on sm75
 
 
 def test_the_plan_records_how_fast_this_host_dispatches_small_ops():
