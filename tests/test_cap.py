@@ -207,7 +207,8 @@ def test_a_shared_gpu_reads_this_processs_own_memory(monkeypatch):
     cap.calibrate()
     assert cap.shared
     neighbour = int(20 * GB)
-    assert cap.observe(gpu.used() + neighbour) is False  # the reading passed in is the device's; not used
+    for _ in range(3):  # the cap moves on two readings in a row over it: three, so one alone cannot pass the test
+        assert cap.observe(gpu.used() + neighbour) is False  # the reading passed in is the device's; not used
     assert p.allocator_cap_bytes == p.budget_bytes - int(0.8 * GB) - MARGIN
 
 

@@ -37,11 +37,16 @@ def start(out_dir, extra=(), env=None):
 def test_kill_9_at_random_moments_loses_nothing(tmp_path):
     ref = run_train(ARGS + ["--output-dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stdout[-2000:]
-    run_dir, rng, kills, attempts = tmp_path / "crashy", random.Random(7), 0, 0
+    run_dir, rng, kills, attempts, kept = tmp_path / "crashy", random.Random(7), 0, 0, []
     while True:
         attempts += 1
         assert attempts < 40, "the run never finished"
         resume = checkpoint.latest(run_dir) is not None
+        if resume:  # the lines the checkpoint covers, as this attempt finds them: a resume must keep them as they are
+            step = json.loads((checkpoint.latest(run_dir) / "state.json").read_text())["step"]
+            text = (run_dir / "metrics.jsonl").read_text()  # a kill may leave a partial last line: complete ones only
+            kept = [m for m in map(json.loads, filter(str.strip, text.split("\n")[:-1])) if m["step"] <= step]
+            assert [m["step"] for m in kept] == list(range(1, step + 1))
         # every other attempt stretches the window between writing a checkpoint and renaming it into place
         env = {"TRAINER_TEST_SLOW_CHECKPOINT": "0.4"} if kills % 2 else {}
         proc = start(run_dir, ["--resume"] if resume else ["--overwrite"], env)
@@ -69,6 +74,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
     assert kills >= 10
     a, b = metrics(tmp_path / "ref"), metrics(run_dir)
     assert [m["step"] for m in b] == list(range(1, 41))
+    assert kept and b[:len(kept)] == kept  # the last attempt went on from its checkpoint, it did not start over
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["reward_mean"] - y["reward_mean"]) < 1e-6, (x, y)
 

@@ -51,12 +51,17 @@ def test_signal_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     cut = run_train(args + ["--output-dir", str(tmp_path / "cut")], env={"TRAINER_TEST_SIGNAL_AFTER_STEP": "3"})
     assert cut.returncode == 3, cut.stdout[-2000:] + cut.stderr[-2000:]
     assert "resume with --resume" in cut.stdout
+    before = metrics(tmp_path / "cut")  # steps 1-3, each with the time it ended
+    assert [m["step"] for m in before] == [1, 2, 3]
     again = run_train(args + ["--output-dir", str(tmp_path / "cut")])
     assert again.returncode == 2 and "--resume" in again.stdout  # an existing run is never silently overwritten
     resumed = run_train(args + ["--output-dir", str(tmp_path / "cut"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    # the resume went on from the checkpoint: steps 1-3 are the cut run's own lines (a run that started over would
+    # have rewritten them, with later end times, and the same losses: the runs are deterministic)
+    assert b[:3] == before and b[3]["unix_time"] > before[-1]["unix_time"]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["reward_mean"] - y["reward_mean"]) < 1e-6
 
