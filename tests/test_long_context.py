@@ -331,7 +331,7 @@ def test_a_refusal_names_the_longest_lengths_that_fit():
     with pytest.raises(UserError):
         make_plan(config, load_recipe(recipe, ["budget.vram_gb=24", f"data.max_prompt_length={prompt + 64}"]), H100)
     # and the completion that fits beside the 100,000-token prompt: none, which the message says
-    assert "grpo.max_completion_length: " not in fix or int(fix.split("grpo.max_completion_length: ")[1].split()[0]) > 0
+    assert "grpo.max_completion_length: " not in fix
     with pytest.raises(UserError) as e:
         make_plan(config, load_recipe(recipe, ["budget.vram_gb=24", "data.max_prompt_length=20000",
                                                "grpo.max_completion_length=100000"]), H100)
