@@ -19,7 +19,9 @@ at issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding:
 `train.torch_compile: true` with HF-generate rollouts (config A at 6.6 GB, `rollout.engine: hf`; the planner compiles
 the layers only with vLLM, the Colab path trains eagerly; generate runs the layers eagerly either way). SWITCH
 hf_decode: `rollout.hf_compile: true` on the same config (trainer/rollout/hf.py: a static KV cache and HF's compiled,
-CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). SWITCH gc_freeze:
+CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). SWITCH sampler_rounding: TRAINER_SAMPLER_ROUNDING (trainer/sampler_rounding.py: the trainer's RMSNorm,
+rotary and 4-bit q/k/v bias rounding where vLLM's kernels do) on config A at 6.6 GB and the eight 286-token
+micro-batches: its step-time cost and, in each run's gap_mean, what it removes of the sampler/trainer gap. SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
 only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
@@ -59,7 +61,8 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "eager_rounding": ("TRAINER_COMPILE_EAGER_ROUNDING", "0", ["A-fast", "A-mb286"]),
             "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
             "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"]),
-            "gc_freeze": ("TRAINER_GC_FREEZE", "1", ["A-mb286", "A-fast"])}
+            "gc_freeze": ("TRAINER_GC_FREEZE", "1", ["A-mb286", "A-fast"]),
+            "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"])}
 # a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's
 # choice since 2026-12-05: unset, the default run could take it too)
 OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false"}
@@ -101,7 +104,9 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
             "steady_phase_peaks_gb": steady_phase_peaks(rows),
             "first_two_s": sum(step[:2]) if len(step) >= 2 else None,
             "steady_step_s": statistics.median(step[2:]) if len(step) > 2 else None,
-            "steady_train_s": statistics.median(train[2:]) if len(train) > 2 else None}
+            "steady_train_s": statistics.median(train[2:]) if len(train) > 2 else None,
+            # the sampler/trainer log-prob gap of each step (what sampler_rounding is for)
+            "gap_mean": [r["logp_gap_mean"] for r in rows if "logp_gap_mean" in r]}
 
 
 def steady_phase_peaks(rows: list[dict]) -> dict:

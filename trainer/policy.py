@@ -52,6 +52,10 @@ LAYER_RECOMPILE_LIMIT = 64
 # ladder, on top of the checkpoint in graph): steady step 2.84 -> 2.68 s (train 1.46 -> 1.31), peak 3.16 GB; not
 # measured on HF's checkpoint alone, so not the default yet.
 NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
+# TRAINER_SAMPLER_ROUNDING=1: the trainer's RMSNorm, rotary and 4-bit q/k/v bias round where vLLM's CUDA kernels do
+# (trainer/sampler_rounding.py), for the sampler/trainer log-prob gap; off until bench/compile_ab.py sampler_rounding
+# (step time and each step's gap) and bench/fidelity.py's trainer_uncompiled_sampler_rounding measure it on the GPU
+SAMPLER_ROUNDING = os.environ.get("TRAINER_SAMPLER_ROUNDING") == "1"
 # The compiled layers round to bf16 where eager PyTorch does. Inductor's default drops the bf16 down/up-cast pairs
 # between the pointwise ops it fuses (norm, rotary, SiLU x up, residual adds, LoRA's scaling) and lets FMAs contract,
 # so a compiled layer computed other numbers than HF's eager one, whose per-op rounding vLLM's kernels follow: on the
@@ -221,6 +225,11 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         p.requires_grad_(False)
     if device.type == "cpu":
         keep_cpu_4bit_trainable(model)
+    if SAMPLER_ROUNDING and sampler_rounding_applies(recipe, plan):  # before LoRA wraps the layers and they compile
+        from trainer import sampler_rounding
+
+        log.info("trainer rounds as vLLM's kernels: %d patched", sampler_rounding.install(
+            model, bias=plan.weight_format == "shared_nf4"))
     if NF4_TRACED and plan.compile_layers and plan.quantized:  # before LoRA wraps them and the layers compile
         from trainer.nf4_linear import install
 
@@ -243,6 +252,12 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
             layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
+
+
+def sampler_rounding_applies(recipe, plan) -> bool:
+    """vLLM samples with its CUDA kernels (not compiled: `rollout.compile` runs its torch-native ops, HF's roundings)
+    in a 16-bit dtype; HF rollouts sample with the policy itself."""
+    return plan.rollout_engine == "vllm" and not recipe.rollout.compile and plan.compute_dtype != "float32"
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False) -> None:

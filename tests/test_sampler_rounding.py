@@ -1,0 +1,124 @@
+"""trainer/sampler_rounding.py rounds where vLLM 0.26's CUDA kernels round: each patched op equals the exact (float64)
+value rounded once to bf16, where HF's own rounds two or three times; install and remove leave the model as it was."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import tiny_qwen2
+from trainer import sampler_rounding as sr
+
+
+def share_equal(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a == b).float().mean())
+
+
+def test_rms_norm_rounds_once_where_hfs_rounds_twice():
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    torch.manual_seed(0)
+    norm = Qwen2RMSNorm(1536, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(1536) * 0.3 + 1.0)
+    x = (torch.randn(64, 1536) * 4).bfloat16()
+    x64, w64 = x.double(), norm.weight.detach().bfloat16().double()
+    exact = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64).bfloat16()  # the kernel: one rounding
+    norm = norm.bfloat16()
+    hf = norm(x)
+    sr.install(norm, bias=False)
+    ours = norm(x)
+    assert share_equal(ours, exact) > 0.999 and share_equal(hf, exact) < 0.9, (share_equal(ours, exact),
+                                                                                  share_equal(hf, exact))
+    sr.remove(norm)
+    assert torch.equal(norm(x), hf)
+
+
+def test_rotary_rounds_once_where_hfs_rounds_three_times():
+    from transformers.models.qwen2 import modeling_qwen2 as mq
+
+    torch.manual_seed(1)
+    q, k = (torch.randn(2, 12, 64, 128) * 3).bfloat16(), (torch.randn(2, 2, 64, 128) * 3).bfloat16()
+    angles = torch.arange(64)[:, None] * (10000.0 ** (-torch.arange(64) / 64))[None]
+    emb = torch.cat([angles, angles], -1)[None]
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()  # both sides take bf16 cos/sin
+    c, s = cos[:, None].double(), sin[:, None].double()
+    exact = [(t.double() * c + sr.rotate_half(t.double()) * s).bfloat16() for t in (q, k)]
+    hf = mq.apply_rotary_pos_emb(q, k, cos, sin)
+    ours = sr.apply_rotary_pos_emb(q, k, cos, sin)
+    for o, h, e in zip(ours, hf, exact):
+        assert share_equal(o, e) > 0.999 and share_equal(h, e) < 0.9, (share_equal(o, e), share_equal(h, e))
+
+
+def test_the_4bit_bias_is_added_after_the_products_rounding_and_the_model_comes_back_unchanged():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from transformers.models.qwen2 import modeling_qwen2 as mq
+
+    torch.manual_seed(2)
+    lin = bnb.nn.Linear4bit(256, 128, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    with torch.no_grad():
+        lin.bias.normal_(0, 0.5)
+    lin = lin.to("cpu")  # quantises the weight to nf4
+    assert lin.weight.quant_state is not None
+    model = torch.nn.Sequential(lin)
+    x = torch.randn(32, 256).bfloat16()
+    fused = lin(x)
+    w = F.dequantize_4bit(lin.weight.data, lin.weight.quant_state).bfloat16()
+    reference = torch.nn.functional.linear(x, w) + lin.bias.bfloat16()  # vLLM: rd(rd(x @ W.T) + b)
+    names = [n for n, _ in model.named_parameters()]
+    assert sr.install(model, bias=True) == 1
+    after = lin(x)
+    assert torch.equal(after, reference) and not torch.equal(fused, reference)
+    assert [n for n, _ in model.named_parameters()] == [n for n in names if n != "0.bias"]
+    sr.remove(model)
+    assert [n for n, _ in model.named_parameters()] == names and torch.equal(lin(x), fused)
+    assert mq.apply_rotary_pos_emb is not sr.apply_rotary_pos_emb
+
+
+@pytest.mark.parametrize("peft_first", [False, True])
+def test_a_qwen2_model_patched_changes_its_logits_by_rounding_only_and_is_restored(peft_first):
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.qwen2 import modeling_qwen2 as mq
+
+    model = tiny_qwen2(vocab=256, hidden=128, layers=2).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    if peft_first:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        before = model(ids).logits.float()
+    n = sr.install(model, bias=False)
+    assert n == 2 * 2 + 1 + 1  # two norms a layer, the final norm, the modeling module's rotary
+    assert mq.apply_rotary_pos_emb is sr.apply_rotary_pos_emb
+    if not peft_first:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        patched = model(ids).logits.float()
+    assert 0 < (patched - before).abs().max() < 0.25  # bf16 rounding, not another model
+    sr.remove(model)
+    assert mq.apply_rotary_pos_emb is not sr.apply_rotary_pos_emb
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits.float(), before)
+
+
+def test_the_policy_installs_it_under_its_switch_for_vllm_rollouts_only(monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2 as mq
+
+    from tests.conftest import ROOT
+    from trainer import policy as tp
+    from trainer.plan import Device, make_plan
+    from trainer.recipe import load_recipe
+
+    monkeypatch.setattr(tp, "SAMPLER_ROUNDING", True)
+    for engine, compile_, applies in (("vllm", False, True), ("vllm", True, False), ("hf", False, False)):
+        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [f"rollout.engine={engine}", "model.dtype=bfloat16",
+                                                                 f"rollout.compile={str(compile_).lower()}"])
+        plan = make_plan(tp.read_config(recipe.model), recipe, Device("cpu", vllm_cpu=True))
+        assert tp.sampler_rounding_applies(recipe, plan) == applies
+        policy = tp.load_policy(recipe, plan)
+        try:
+            patched = [m for m in policy.model.modules() if "forward" in m.__dict__
+                       and getattr(m.forward, "__func__", None) is sr.rms_norm]
+            assert len(patched) == (2 * 2 + 1 if applies else 0)
+            assert (mq.apply_rotary_pos_emb is sr.apply_rotary_pos_emb) == applies
+        finally:
+            sr.remove(policy.model)
