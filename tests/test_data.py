@@ -21,8 +21,12 @@ def tok():
 def test_local_files_with_template(tok, ext):
     d = DataSection(dataset=f"gsm8k_sample.{ext}", prompt_template="Q: {question}", chat_template=False)
     ps = load_prompts(d, tok, DATA)
-    assert len(ps) == 24 and ps.prompts[0].startswith("Q: ") and "answer" in ps.columns
-    assert ps.prompt_ids[0] == tok("Q: " + ps.prompts[0][3:])["input_ids"]
+    import json
+
+    rows = [json.loads(x) for x in (DATA / "gsm8k_sample.jsonl").read_text().splitlines() if x.strip()]
+    assert len(ps) == len(rows) == 24  # the three files hold the same rows, in the same order
+    assert ps.prompts == ["Q: " + r["question"] for r in rows] and ps.columns["answer"] == [r["answer"] for r in rows]
+    assert ps.prompt_ids[0] == tok(ps.prompts[0])["input_ids"]
 
 
 def test_missing_prompt_column_lists_the_columns(tok):

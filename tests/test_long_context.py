@@ -225,9 +225,9 @@ def test_long_sequences_get_a_micro_batch_each_and_no_quadratic_term():
     assert short.micro_batch_seqs is None  # short rows are packed by tokens, as before
 
 
-def test_reference_and_old_logprob_passes_use_the_training_micro_batches():
-    # grpo.grpo_step hands logprobs_pass the same `groups` as the training loop: the same token budget (one long
-    # sequence each), without the gradient's memory. Here: what the plan sizes is one micro-batch for all three.
+def test_a_reference_model_and_two_iterations_keep_one_long_sequence_per_micro_batch():
+    # The plan side: with a reference pass and old log-probs to compute, the long rows still get one micro-batch each
+    # (the no-grad passes take the training loop's micro-batches: the next test runs a step and holds that).
     config, r = llama(["budget.vram_gb=78", "grpo.beta=0.04", "grpo.num_iterations=2"])
     plan = make_plan(config, r, H100)
     assert plan.micro_batch_seqs == 1 and plan.micro_batch_tokens == plan.max_model_len
