@@ -95,3 +95,25 @@ def trl_loss_and_grads(trainer, model, inputs) -> tuple[list, torch.Tensor, list
     grads = [p.grad.clone() for p in params]
     model.zero_grad()
     return params, loss, grads
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path) -> list:
+    """Every way a command loads or builds weights raises instead (and TRAINER_CACHE is empty, so a shape built
+    anyway would show in it): for tests that a mistake is reported, or a plan printed, before anything loads. The
+    list collects what was attempted."""
+    from trainer import api, grpo, policy, shapes
+
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "empty-cache"))
+    tried: list = []
+
+    def forbidden(name):
+        def spy(*a, **k):
+            tried.append(name)
+            raise AssertionError(f"{name} ran: weights loaded")
+        return spy
+
+    for module, name in ((policy, "load_policy"), (grpo, "load_policy"), (grpo, "make_engine"),
+                         (api, "load_trained"), (shapes, "build")):
+        monkeypatch.setattr(module, name, forbidden(f"{module.__name__}.{name}"))
+    return tried

@@ -81,8 +81,10 @@ def test_gsm8k_recipe_code_path_on_local_files(tmp_path):
     assert m[1]["eval/prompts"] == 4 and "eval/rewards/math_answer/pass@1" in m[1]  # greedy accuracy at the end
 
 
-def test_plan_flag_prints_without_loading(tmp_path):
-    out = run_train(["recipes/tiny-cpu.yaml", "--plan", "--json"])
-    assert out.returncode == 0, out.stderr
-    plan = json.loads(out.stdout)
+def test_plan_flag_prints_without_loading(no_weights, capsys):
+    from trainer import cli
+
+    assert cli.main([str(ROOT / "recipes" / "tiny-cpu.yaml"), "--plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert no_weights == []
     assert plan["rollout_engine"] == "hf" and plan["quantized"] is True and "lora_and_optimizer" in plan["components"]

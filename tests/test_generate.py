@@ -82,15 +82,16 @@ def test_prompts_are_rendered_as_the_recipes_data(tiny_model_dir, tmp_path):
     assert e.value.field.startswith("--prompts-file") and "'question'" in e.value.problem
 
 
-def test_generate_mistakes_exit_2_before_loading(trained_run, tmp_path):
+def test_generate_mistakes_exit_2_before_loading(trained_run, tmp_path, no_weights, capsys):
+    from trainer import cli
+
     for args, words in [([str(trained_run)], "no prompt given"),
                         ([str(tmp_path / "nope"), "--prompt", "x"], "not found"),
                         ([str(trained_run), "--prompts-file", str(tmp_path / "none.txt")], "file not found"),
                         ([str(trained_run), "--prompt", "x", "--step", "3"], "steps: 2, 4"),
                         ([str(trained_run), "--prompt", "x", "--greedy", "--n", "4"], "same completion")]:
-        out = run_train(["generate", *args])
-        assert out.returncode == 2 and words in out.stdout, (args, out.stdout + out.stderr)
-        assert "Traceback" not in out.stderr
+        code, text = cli.main(["generate", *args]), capsys.readouterr().out
+        assert code == 2 and words in text and no_weights == [], (args, text, no_weights)
 
 
 @pytest.mark.slow
