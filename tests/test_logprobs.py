@@ -37,14 +37,19 @@ def test_chunked_logprobs_equal_full_log_softmax():
     assert torch.allclose(ent, full_ent, atol=1e-4)
 
 
-def test_gradients_flow_to_lora_only_through_chunks():
+def test_lora_gradients_through_the_chunks_equal_the_full_log_softmaxs():
     policy = _policy(vocab=500)
-    ids = torch.randint(0, 500, (2, 10))
+    ids = torch.randint(0, 500, (2, 10), generator=torch.Generator().manual_seed(1))
     lp, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, 4:], torch.ones(2, 6), 1.0, 3, 64)
     lp.sum().backward()
-    lora = [p for n, p in policy.model.named_parameters() if "lora_B" in n]  # lora_A's grad is 0 while B is 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
-    assert policy.lm_head_weight.grad is None
+    lora = {n: p for n, p in policy.model.named_parameters() if "lora_B" in n}  # lora_A's grad is 0 while B is 0
+    chunked = {n: p.grad.clone() for n, p in lora.items()}
+    assert all(g.abs().sum() > 0 for g in chunked.values())
+    policy.model.zero_grad(set_to_none=True)
+    logits = policy.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, 3:9]  # predicts tokens 4-9
+    torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 4:, None]).sum().backward()
+    for n, p in lora.items():
+        assert torch.allclose(chunked[n], p.grad, rtol=1e-4, atol=1e-6), n
 
 
 PEAK_SCRIPT = r"""
