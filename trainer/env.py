@@ -64,8 +64,9 @@ def host_us_per_op(device: str = "cpu", ops: int = 64, rounds: int = 5) -> float
     """Host time of one small autograd op on this machine and device, in microseconds: the median of `rounds` rounds
     of `ops` element-wise ops on an 8-element tensor and their backward, synchronised (a few ms in all). The kernels
     are too small for the device to be the limit, so this is the host's Python, dispatch and launch speed: the same
-    work that bounds a step's small micro-batches and HF decode steps, which ran 2-3x apart on hosts of the same card
-    (config A's eight 286-token micro-batches: 0.9 s a train phase on one host, 3.0 s on another, 2026-12-05).
+    work that bounds a step's small micro-batches and HF decode steps, which ran up to 3x apart from host to host
+    (config A's eight 286-token micro-batches, 2026-12-05: train phase 0.9 s on an H100 host, 1.6-2.1 and 2.7-3.3 s
+    on two H200 hosts, with the rollout's GPU time equal on all three).
     Recorded in the plan (plan.host_us_per_op) so the step model's host terms can be fitted across hosts."""
     cuda = device == "cuda"
     x = torch.ones(8, device=device, requires_grad=True)

@@ -167,7 +167,7 @@ def grpo_step(s: State, step: int) -> dict:
                                        take(batch.ref_logps, mb, logps.device), isr)
                 if step in s.nan_steps:  # test hook: a non-finite loss, as a diverging run would produce
                     loss = loss * float("nan")
-                s.loss_scale.backward(loss)  # x 2**k in float16 (trainer/loss_scale.py), as is otherwise
+                s.loss_scale.backward(loss)  # scaled by 2**k in float16 (trainer/loss_scale.py), else as it is
                 if it == 0:
                     _accumulate(stats, {**st, **is_st}, loss, logps, ent, sampler, mb)
         with s.timed("optimizer"):
