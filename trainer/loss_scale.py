@@ -3,10 +3,10 @@ the gradients the float16 activations carry stay above float16's underflow, and 
 before clipping; an overflow skips the update and halves the scale, a run of finite steps doubles it.
 
 The rule and its defaults are torch.amp.GradScaler's (init 2**16, x2 after 2000 finite steps, x0.5 on an overflow;
-tests/test_loss_scale.py holds the two to the same sequence of scales). GradScaler itself is not used: the step
-already finds a non-finite gradient in the clip's norm (after summing over ranks), where GradScaler runs its own
-check inside unscale_, and its once-per-update bookkeeping raises if a step is retried after an out-of-memory
-between unscale_ and update (trainer/budget.py retries a step); this keeps a scale and a counter, in state.json.
+tests/test_loss_scale.py holds the two to the same sequence of scales). GradScaler would do the same arithmetic; it is
+not used so that one check decides a skipped step, the one the step already had (a non-finite norm at the clip, after
+the sum over ranks), where GradScaler keeps its own found-inf per optimizer and skips inside its step(); the state
+is a scale and a counter, written to each checkpoint's state.json.
 
 Why (bench/fp16_grad.py on the CPU, 2026-12-05): the GRPO loss weighs each token by 1/tokens,
 so the gradient entering the float16 backward shrinks with the batch; with vocab 151,936, hidden 256, 32 x 256
