@@ -103,4 +103,17 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_keeping_its_checkpoint(t
     assert [x["skipped"] for x in m] == [0, 0, 1, 0, 1, 1, 1]  # step 4 recovered; 5-7: three in a row -> stop
     # skipped steps leave the weights untouched, so step 6's checkpoint is good; the stop at 7 writes nothing newer
     assert checkpoint.latest(run_dir).name == "step-0000006"
-    assert "non-finite" in out.stdout
+    assert "non-finite" in out.stdout and "float16" not in out.stdout  # the float16 hint is for float16 runs
+
+
+def test_a_float16_run_counts_a_nan_loss_as_non_finite_whatever_its_loss_scale_and_says_why_it_may_happen(tmp_path):
+    """Under float16's loss scale a non-finite gradient at a scale above 1 is an overflow (skipped, not counted); a
+    non-finite loss is the model's and counts. The stop names float16's range as a cause."""
+    run_dir = tmp_path / "nan16"
+    out = run_train(ARGS + ["--output-dir", str(run_dir), "--set", "train.max_nonfinite_steps=2", "--set",
+                            "train.max_steps=5", "--set", "model.dtype=float16", "--set", "eval=null"],
+                    env={"TRAINER_TEST_NAN_AT_STEPS": "2,3"})
+    assert out.returncode == 5, out.stdout[-3000:]
+    m = metrics(run_dir)
+    assert [x["skipped"] for x in m] == [0, 1, 1] and [x["loss_scale"] for x in m] == [2.0 ** 16, 2.0 ** 15, 2.0 ** 14]
+    assert "float16" in out.stdout and "65,504" in out.stdout

@@ -453,7 +453,10 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
                                                                  or m.get("loss_scale_overflow"))) else 0
             if bad >= recipe.train.max_nonfinite_steps:
                 progress.note(f"stopping: {bad} consecutive steps with non-finite loss or gradient; "
-                              f"the last checkpoint is kept")
+                              f"the last checkpoint is kept" + (
+                                  "; in float16 a forward whose activations pass 65,504 gives this too: try "
+                                  "model.dtype: float32, or a card with bfloat16" if plan.compute_dtype == "float16"
+                                  else ""))
                 code = EXIT_NONFINITE
                 break
             done = step + 1
