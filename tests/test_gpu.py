@@ -228,3 +228,16 @@ def test_vllm_4bit_layers_load_and_compute_in_the_model_dtype(dtype):
         in_bf16 = torch.cat([bnb.matmul_4bit(x.bfloat16(), q.t(), st) for q, st in packed], 1).to(dtype)
     assert out.dtype == dtype and torch.equal(out, lib)
     assert (in_bf16 - lib).abs().max() > 1e-3  # what vLLM computed before: the test tells the two apart
+
+
+def test_the_trainers_vllm_rounding_equals_vllms_cuda_kernels():
+    """trainer/sampler_rounding.py follows vLLM 0.26's CUDA rms_norm, fused_add_rms_norm and rotary_embedding as read
+    from their machine code (one rounding each, in fp32): on the card the patched ops equal the kernels' outputs
+    (all but fp32 reduction-order flips), where HF's own match ~75-85%."""
+    from tests.test_sampler_rounding import agreement_with_vllm_ops
+
+    share = agreement_with_vllm_ops("cuda")
+    RESULTS["sampler_rounding_agreement"] = share
+    for op in ("rms_norm", "fused_add_rms_norm", "rotary_q", "rotary_k"):
+        assert share[f"{op}_ours"] > 0.999, share
+    assert max(share["rms_norm_hf"], share["fused_add_rms_norm_hf"], share["rotary_q_hf"]) < 0.9, share
