@@ -21,7 +21,9 @@ the layers only with vLLM, the Colab path trains eagerly; generate runs the laye
 hf_decode: `rollout.hf_compile: true` on the same config (trainer/rollout/hf.py: a static KV cache and HF's compiled,
 CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). SWITCH sampler_rounding: TRAINER_SAMPLER_ROUNDING (trainer/sampler_rounding.py: the trainer's RMSNorm,
 rotary and 4-bit q/k/v bias rounding where vLLM's kernels do) on config A at 6.6 GB and the eight 286-token
-micro-batches: its step-time cost and, in each run's gap_mean, what it removes of the sampler/trainer gap. SWITCH gc_freeze:
+micro-batches: its step-time cost and, in each run's gap_mean, what it removes of the sampler/trainer gap. SWITCH
+lora_tuned: VLLM_TUNED_CONFIG_FOLDER at bench/lora_tune.py's configs (the queue item `lora_tune` runs first) on config
+A at 6.6 and 3.3 GB: vLLM's LoRA kernels tuned for the shape against its defaults. SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
 only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
@@ -62,7 +64,11 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
             "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"]),
             "gc_freeze": ("TRAINER_GC_FREEZE", "1", ["A-mb286", "A-fast"]),
-            "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"])}
+            "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"]),
+            # vLLM's LoRA kernels under the configs bench/lora_tune.py wrote earlier in the sitting (queue item
+            # `lora_tune` before it), against vLLM's defaults: the fast budget (bf16 mirror) and the small one
+            "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",
+                           ["A-fast", "A-small"])}
 # a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's
 # choice since 2026-12-05: unset, the default run could take it too)
 OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false"}
