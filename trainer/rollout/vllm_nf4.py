@@ -79,8 +79,9 @@ def register() -> str:
             w, states = layer.weight, layer.weight.bnb_quant_state
             offsets = layer.weight.bnb_shard_offsets
             flat = x.reshape(-1, x.shape[-1])
-            out = torch.cat([bnb.matmul_4bit(flat, w[int(offsets[i]):int(offsets[i + 1])].t(), states[i])
-                             for i in range(len(states))], dim=-1)
+            outs = [bnb.matmul_4bit(flat, w[int(offsets[i]):int(offsets[i + 1])].t(), states[i])
+                    for i in range(len(states))]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if bias is not None:
                 out = out + bias  # after the product's rounding, as vLLM's bitsandbytes layer
             return out.view(*x.shape[:-1], out.shape[-1])
