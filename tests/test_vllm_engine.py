@@ -18,16 +18,14 @@ if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm")
 
 
-@pytest.fixture(scope="module")
-def stack():
+def engine_stack(overrides: list[str]):
+    """The tiny recipe's vLLM engine and policy as `train` builds them (yields recipe, plan, engine, policy)."""
     from trainer.plan import Device, make_plan
     from trainer.policy import load_policy, read_config, resolve_model_path
     from trainer.recipe import load_recipe
     from trainer.rollout import make_engine
 
-    # prompts of up to 200 tokens: room for the multi-turn test's conversations (a context of 216 tokens)
-    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=vllm", "logging.wandb=false",
-                                                              "data.max_prompt_length=200"])
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=vllm", "logging.wandb=false", *overrides])
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, engine)
@@ -36,6 +34,12 @@ def stack():
         engine.attach(policy)
     yield recipe, plan, engine, policy
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    # prompts of up to 200 tokens: room for the multi-turn test's conversations (a context of 216 tokens)
+    yield from engine_stack(["data.max_prompt_length=200"])
 
 
 def _sample(engine, policy, seed=5):
@@ -75,8 +79,9 @@ def test_every_lora_module_maps_to_a_vllm_slot(stack):
     assert str(engine.shm).startswith(plan.scratch_dir) and not (engine.shm / "mirror").exists()
 
 
-def test_lora_sync_reaches_sampling_and_logprobs_match_the_trainer(stack):
-    _, _, engine, policy = stack
+def assert_lora_sync_reaches_sampling(engine, policy) -> None:
+    """Two adapters synced in turn: vLLM samples other tokens with the same seeds, and each time the trainer's
+    log-probs of vLLM's samples equal vLLM's (the same weights and the same float32 arithmetic on the CPU)."""
     _randomize_lora(policy, 0.3, seed=1)
     engine.sync(policy)
     prompts, g1 = _sample(engine, policy)
@@ -91,6 +96,11 @@ def test_lora_sync_reaches_sampling_and_logprobs_match_the_trainer(stack):
     assert gap1 < 1e-3 and gap2 < 1e-3, (float(gap1), float(gap2))  # vLLM samples exactly the trainer's policy
     _randomize_lora(policy, 0.0, seed=0)
     engine.sync(policy)
+
+
+def test_lora_sync_reaches_sampling_and_logprobs_match_the_trainer(stack):
+    _, _, engine, policy = stack
+    assert_lora_sync_reaches_sampling(engine, policy)
 
 
 def test_multi_turn_trajectories_sampled_by_vllm_line_up_with_the_trainer_token_for_token(stack, tmp_path):

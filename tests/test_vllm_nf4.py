@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_train
-from tests.test_vllm_engine import _randomize_lora, _sample, _trainer_logps
+from tests.test_vllm_engine import assert_lora_sync_reaches_sampling, engine_stack
 
 if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm")
@@ -17,19 +17,7 @@ if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
 
 @pytest.fixture(scope="module")
 def nf4_stack():
-    from trainer.plan import Device, make_plan
-    from trainer.policy import load_policy, read_config, resolve_model_path
-    from trainer.recipe import load_recipe
-    from trainer.rollout import make_engine
-
-    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["rollout.engine=vllm", "logging.wandb=false",
-                                                              "rollout.weight_format=shared_nf4"])
-    plan = make_plan(read_config(recipe.model), recipe, Device.detect())
-    engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
-    policy = load_policy(recipe, plan, engine)
-    engine.attach(policy)
-    yield recipe, plan, engine, policy
-    engine.close()
+    yield from engine_stack(["rollout.weight_format=shared_nf4"])
 
 
 def test_vllm_holds_bitsandbytes_nf4_of_the_checkpoint_and_the_trainer_views_it(nf4_stack):
@@ -55,20 +43,8 @@ def test_vllm_holds_bitsandbytes_nf4_of_the_checkpoint_and_the_trainer_views_it(
 
 
 def test_lora_sync_reaches_sampling_on_the_shared_nf4_base(nf4_stack):
-    _, _, engine, policy = nf4_stack
-    _randomize_lora(policy, 0.3, seed=1)
-    engine.sync(policy)
-    prompts, g1 = _sample(engine, policy)
-    lp1, b = _trainer_logps(policy, prompts, g1)
-    _randomize_lora(policy, 0.3, seed=2)
-    engine.sync(policy)
-    _, g2 = _sample(engine, policy)  # same seeds: only the adapter differs
-    lp2, b2 = _trainer_logps(policy, prompts, g2)
-    assert g1.completion_ids != g2.completion_ids
-    for lp, bb in ((lp1, b), (lp2, b2)):  # both sides multiply the same nf4 bytes through bitsandbytes
-        assert ((lp - bb.sampler_logps).abs() * bb.completion_valid).max() < 1e-3
-    _randomize_lora(policy, 0.0, seed=0)
-    engine.sync(policy)
+    _, _, engine, policy = nf4_stack  # both sides multiply the same nf4 bytes through bitsandbytes
+    assert_lora_sync_reaches_sampling(engine, policy)
 
 
 def test_train_runs_on_the_shared_nf4_base_on_the_cpu(tmp_path):
