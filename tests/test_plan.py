@@ -390,6 +390,17 @@ def test_the_fused_nf4_gemm_is_planned_by_default_only_on_the_cards_it_won_on():
         assert make_plan(cfg("qwen2.5-1.5b-instruct"), recipe([*sets, "rollout.nf4_gemm=fused"]), dev).nf4_gemm_max_rows
     hopper = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(sets), H100)
     assert hopper.nf4_gemm_max_rows > 0 and hopper.device_capability == (9, 0)
+    # from a login node: `--gpu 80:sm90` plans what the H100 itself would; `15:fp16:sm75` is a T4
+    remote = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(sets), Device.elsewhere("80:sm90"))
+    assert remote.nf4_gemm_max_rows == hopper.nf4_gemm_max_rows and remote.device_capability == (9, 0)
+    assert not any("--gpu N:sm90" in n for n in remote.notes)
+    assert any("--gpu N:sm90" in n for n in make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(sets),
+                                                      Device.elsewhere("80")).notes)
+    t4_remote = Device.elsewhere("15:fp16:sm75")
+    assert (t4_remote.bf16, t4_remote.capability) == (False, (7, 5))
+    with pytest.raises(UserError) as e:
+        Device.elsewhere("80:sm9x")
+    assert e.value.field == "--gpu" and "sm90" in e.value.fix
     # the closed loop re-plans on the plan's card: its candidates price the same GEMM as the plan did
     from trainer.budget import Loop
 

@@ -20,10 +20,10 @@ def parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. --set grpo.beta=0.04 (repeatable)")
     p.add_argument("--plan", action="store_true", help="print the VRAM plan and exit without loading weights")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan (and its alternatives) as JSON")
-    p.add_argument("--gpu", metavar="GB[:fp16]",
+    p.add_argument("--gpu", metavar="GB[:fp16][:smXY]",
                    help="with --plan: plan for a CUDA GPU of this many GB that is not on this machine (a Slurm login "
                         "node, a laptop before renting one), e.g. --gpu 24; ':fp16' for a card without bfloat16 "
-                        "(T4, V100)")
+                        "(T4, V100), ':smXY' for its compute capability (--gpu 80:sm90 an H100, 15:fp16:sm75 a T4)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of the run dir, or the given checkpoint dir; "
                         "'auto': continue if a checkpoint exists, else start fresh (for requeued jobs)")

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 from trainer import cost, memory
@@ -70,19 +71,26 @@ class Device:
     @classmethod
     def elsewhere(cls, spec: str, world_size: int = 1) -> "Device":
         """A CUDA GPU that is not on this machine, for `train RECIPE --plan --gpu SPEC` (a Slurm login node, a laptop
-        before renting a card): SPEC is its memory in GB (1e9 bytes), `24` or `24gb`, with `:fp16` for a card without
-        bfloat16 (T4, V100). All of it counts as free; host memory for activation offload is this machine's."""
-        size, _, dtype = str(spec).strip().lower().partition(":")
+        before renting a card): SPEC is its memory in GB (1e9 bytes), `24` or `24gb`, then optionally `:fp16` for a
+        card without bfloat16 (T4, V100) and `:smXY` for its compute capability (`80:sm90` an H100: the plan then
+        takes what that card gets, e.g. the fused nf4 GEMM on sm90). All of it counts as free; host memory for
+        activation offload is this machine's."""
+        size, *rest = str(spec).strip().lower().split(":")
         try:
             gb = float(size.removesuffix("gb"))
         except ValueError:
             gb = 0.0
-        if not (gb > 0 and math.isfinite(gb)) or dtype not in ("", "bf16", "fp16"):
-            raise UserError("--gpu", f"{spec!r} is not a GPU size", "give its memory in GB, e.g. --gpu 24, or "
-                            "--gpu 15:fp16 for a card without bfloat16 (T4, V100)")
+        dtypes = [r for r in rest if r in ("bf16", "fp16")]
+        sms = [r for r in rest if re.fullmatch(r"sm\d{2,3}", r)]
+        if not (gb > 0 and math.isfinite(gb)) or len(dtypes) > 1 or len(sms) > 1 or len(dtypes) + len(sms) != len(rest):
+            raise UserError("--gpu", f"{spec!r} is not a GPU size", "give its memory in GB, e.g. --gpu 24, with :fp16 "
+                            "for a card without bfloat16 (--gpu 15:fp16:sm75 a T4) and :smXY for its compute "
+                            "capability (--gpu 80:sm90 an H100)")
+        capability = (int(sms[0][2:-1]), int(sms[0][-1])) if sms else None
+        bf16 = dtypes != ["fp16"] and (capability is None or capability >= (8, 0) or dtypes == ["bf16"])
         total = int(gb * GB)
-        return cls("cuda", f"a {gb:g} GB GPU, not this machine's", total, total, dtype != "fp16", world_size,
-                   here=False)
+        return cls("cuda", f"a {gb:g} GB GPU, not this machine's", total, total, bf16, world_size,
+                   here=False, capability=capability)
 
 
 def host_available_bytes() -> int:
@@ -188,8 +196,9 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     if not device.here:
         notes.append(f"planned for {device.name} ({'bfloat16' if device.bf16 else 'no bfloat16'}): its memory as "
                      f"that card would hold the run; step times are trainer/cost.py's, fitted on an H200 (a smaller "
-                     f"card takes longer), with bitsandbytes' 4-bit decode GEMM (the fused one is planned where a "
-                     f"Hopper card is detected); activation offload is sized to this machine's host memory")
+                     f"card takes longer)" + ("" if device.capability else ", with bitsandbytes' 4-bit decode GEMM (the "
+                     f"fused one is planned on sm90: --gpu N:sm90)") + "; activation offload is sized to this "
+                     "machine's host memory")
     if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
         if unusable:
             raise UserError("rollout.engine", f"vllm needs a CUDA GPU, and {unusable[0]}", unusable[1])
