@@ -86,6 +86,8 @@ def plan_table(plan) -> Group:
                      f"KV released while training: {plan.kv_release}"
                      + (f", fused nf4 GEMM for decode batches <= {plan.nf4_gemm_max_rows}"
                         if plan.nf4_gemm_max_rows else "")
+                     + (", the adapter merged into its weights each step (no LoRA in vLLM)" if plan.sync == "merge"
+                        else "")
                      + (f", files staged in {plan.scratch_dir}" if plan.scratch_dir else ""))
     else:
         lines.append(f"HF generate: {plan.hf_batch_size} sequences a call, "

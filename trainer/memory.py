@@ -257,12 +257,19 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     batch = ctx.gen * ctx.max_len * 8 * 6  # ids, masks and logprob tensors of the step on the device
     out = {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch,
            "attention_mask": attention_mask_bytes(ctx, k)}
+    if k.get("sync") == "merge":  # the sync at the phase's end adds the adapter to the mirror in fp32 row blocks
+        out["lora_merge"] = min(LORA_MERGE_BLOCK_BYTES, 4 * d.hidden * d.intermediate)
     if fp32_logits(ctx, k):
         # policy.completion_logprobs in fp32: the tile doubles, TRL's kernel casts each [vocab_chunk, hidden] slice of
         # lm_head to fp32, and the micro-batch's completion hidden states are held in fp32 for the backward.
         completion_tokens = t * ctx.completion_len // ctx.max_len
         out["logits_fp32"] = tile + k["vocab_chunk"] * d.hidden * 4 + completion_tokens * d.hidden * 2
     return out
+
+
+# rollout.sync merge (trainer/sync.py MergedSync): the fp32 rows of scaling x B @ A + the base that one block holds
+# before it is rounded into vLLM's weight; a projection's whole fp32 copy where it is smaller
+LORA_MERGE_BLOCK_BYTES = 64 * 2**20
 
 
 def fp32_logits(ctx: Context, k: dict) -> bool:
@@ -311,7 +318,8 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
             static["hf_cuda_graphs"] = GRAPH_BASE + GRAPH_PER_SIZE + k["hf_batch_size"] * d.vocab * 4 * 2
     if vllm:
         static["vllm_non_torch"] = VLLM_NON_TORCH
-        static["vllm_lora_slots"] = lora * 2
+        if k.get("sync") != "merge":  # merged into the bf16 mirror instead: vLLM runs without LoRA slots
+            static["vllm_lora_slots"] = lora * 2
         static["cuda_graphs"] = 0 if k["enforce_eager"] else GRAPH_BASE + GRAPH_PER_SIZE * len(
             k["cudagraph_capture_sizes"])
         if k["weight_format"] == "bf16_mirror":

