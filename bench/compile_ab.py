@@ -23,7 +23,10 @@ CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of
 rotary and 4-bit q/k/v bias rounding where vLLM's kernels do) on config A at 6.6 GB and the eight 286-token
 micro-batches: its step-time cost and, in each run's gap_mean, what it removes of the sampler/trainer gap. SWITCH
 lora_tuned: VLLM_TUNED_CONFIG_FOLDER at bench/lora_tune.py's configs (the queue item `lora_tune` runs first) on config
-A at 6.6 and 3.3 GB: vLLM's LoRA kernels tuned for the shape against its defaults. SWITCH gc_freeze:
+A at 6.6 and 3.3 GB: vLLM's LoRA kernels tuned for the shape against its defaults. SWITCH lora_merge: `rollout.sync:
+merge` against vLLM's LoRA slots (inplace) on the bf16 mirror, config A at 6.6 GB and B (64 x 512) at 14.5 GB: the
+adapter merged into the mirror's weights each step (trainer/sync.py MergedSync), so the decode step runs no LoRA
+kernels; each run's gap_mean says what the merge's rounding costs in fidelity. SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
 only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
@@ -53,6 +56,11 @@ CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
            "A-mb286": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
                                           "rollout.weight_format=shared_nf4"]),
            "A-no-offload": (6.6, NO_OFFLOAD), "A-hf": (6.6, ["rollout.engine=hf"]),
+           # config A and B (64 x 512) at their fast budgets on the bf16 mirror (the format the planner took there on
+           # the H200, 2026-12-02), for rollout.sync merge against vLLM's LoRA slots
+           "A-mirror": (6.6, ["rollout.weight_format=bf16_mirror"]),
+           "B-mirror": (14.5, ["rollout.weight_format=bf16_mirror", "train.generation_batch_size=64",
+                               "grpo.max_completion_length=512"]),
            # the same eight 286-token micro-batches on the 0.5B shape: a second shape for a switch's memory term
            "0.5b-mb286": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
                                              "rollout.weight_format=shared_nf4", "model.shape=qwen2.5-0.5b"])}
@@ -67,11 +75,12 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"]),
             # vLLM's LoRA kernels under the configs bench/lora_tune.py wrote earlier in the sitting (queue item
             # `lora_tune` before it), against vLLM's defaults: the fast budget (bf16 mirror) and the small one
+            "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",
                            ["A-fast", "A-small"])}
 # a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's
 # choice since 2026-12-05: unset, the default run could take it too)
-OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false"}
+OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollout.sync=inplace"}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:
