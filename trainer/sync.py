@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -206,6 +207,12 @@ class LoraSync:
         return (time.perf_counter() - t0) * 1000
 
 
+class _MergeRows(NamedTuple):
+    lin: torch.nn.Module  # the trainer's Linear4bit: the nf4 rows to dequantise
+    lora: tuple | None  # (A, B, scaling) of its adapter, or None
+    rows: torch.Tensor  # its rows of vLLM's weight, written in place
+
+
 class MergedSync:
     """bf16_mirror with rollout.sync merge: vLLM runs without LoRA, and each push rewrites, in place, the rows of its
     16-bit linear weights that the adapter changes, as the trainer's dequantised nf4 rows plus scaling x B @ A, summed
@@ -218,23 +225,24 @@ class MergedSync:
 
         base = policy_model.get_base_model()
         lins = {n.removesuffix(".base_layer"): m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-        rows = vi.mirror_rows(vmodel, {n: m.out_features for n, m in lins.items()})
-        weights: dict[torch.nn.Module, tuple[torch.Tensor, bool]] = {}
-        self.entries = []  # (Linear4bit, (A, B, scaling) or None, its rows of vLLM's weight)
-        for name, lin in lins.items():
-            layer, start, end = rows[name]
+        weights: dict[torch.nn.Module, tuple[torch.Tensor, bool]] = {}  # vLLM layer -> (its weight, made anew)
+        self.adapted: list[_MergeRows] = []
+        self.pending: list[_MergeRows] = []  # the rows of a remade weight that no adapter covers: written once
+        for name, (layer, start, end) in vi.mirror_rows(vmodel, {n: m.out_features for n, m in lins.items()}).items():
             if layer not in weights:
                 weights[layer] = vi.writable_weight(layer, dtype)
-            mod = base.get_submodule(name)
-            lora = None
+            weight, remade = weights[layer]
+            mod, lora = base.get_submodule(name), None
             if "default" in getattr(mod, "lora_A", {}):
                 lora = (mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"])
-            self.entries.append((lin, lora, weights[layer][0][start:end], weights[layer][1]))
-        if not any(e[1] for e in self.entries):
+            entry = _MergeRows(lins[name], lora, weight[start:end])
+            if lora is not None:
+                self.adapted.append(entry)
+            elif remade:
+                self.pending.append(entry)
+        if not self.adapted:
             raise vi.LayoutError("no LoRA module of the policy maps onto a vLLM linear layer")
-        self.adapted = [e for e in self.entries if e[1] is not None]
-        self.pending = [e for e in self.entries if e[3] and e[1] is None]  # remade weights' rows without an adapter
-        self.bytes = sum(e[2].numel() * e[2].element_size() for e in self.adapted)
+        self.bytes = sum(e.rows.numel() * e.rows.element_size() for e in self.adapted)
 
     @torch.no_grad()
     def push(self) -> float:
@@ -243,7 +251,7 @@ class MergedSync:
 
         _sync()
         t0 = time.perf_counter()
-        for lin, lora, rows, _ in self.pending + self.adapted:
+        for lin, lora, rows in self.pending + self.adapted:
             qs = lin.weight.quant_state
             if rows.is_cuda and rows.dtype == qs.dtype:  # (the policy loads the base in the compute dtype, vLLM's)
                 F.dequantize_4bit(lin.weight.data, qs, out=rows)
