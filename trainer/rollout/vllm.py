@@ -171,6 +171,10 @@ class VLLMEngine:
         parked = sync.park_embeddings(policy.model.get_base_model())  # off the GPU while vLLM loads its own
         self._start(mirror)
         sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
+        if sync.MIRROR_VIEWS and self.plan.sync != "merge":  # the trainer's linears: views of the mirror's rows
+            self.info["nf4_freed_bytes"] = sync.view_mirror_linears(policy.model, self.vmodel, policy.compute_dtype)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         shutil.rmtree(mirror, ignore_errors=True)
 
     def sync(self, policy) -> dict[str, float]:

