@@ -3,7 +3,8 @@
 It never copies the base after start-up. `shared_nf4`: the trainer's frozen 4-bit linears, embeddings and norms
 are zero-copy views of vLLM's tensors (vLLM's fused qkv/gate_up buffers are sliced by shard, each with vLLM's own
 bitsandbytes QuantState), so the base is held once. `bf16_mirror`: vLLM loads, once, a checkpoint of the trainer's dequantised nf4
-weights (the same function as the policy, so no off-policy gap), and shares its embeddings with the trainer. Each step,
+weights (the same function as the policy, so no off-policy gap), and shares its embeddings with the trainer (with
+TRAINER_MIRROR_VIEWS its linear rows too: view_mirror_linears). Each step,
 `LoraSync.push` copies LoRA A and B*scaling into vLLM's active slot in place; `AdapterFileSync` is the fallback
 that writes a new adapter version to /dev/shm and registers it with add_lora; `MergedSync` (bf16_mirror, rollout.sync
 merge) instead rewrites the mirror's adapted rows on the device, from the trainer's nf4 base plus the adapter, and
@@ -239,16 +240,15 @@ class LoraSync:
         base = policy_model.get_base_model()
         self.pairs = []
         for slot in slots:
-            mod = base.get_submodule(slot.peft_name) if _has(base, slot.peft_name) else None
-            lora_a = getattr(mod, "lora_A", None)
-            if mod is None or lora_a is None or "default" not in lora_a:
+            lora = _adapter(base.get_submodule(slot.peft_name)) if _has(base, slot.peft_name) else None
+            if lora is None:
                 continue  # a vLLM module the adapter does not target: its slot stays zero
-            a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+            a, b, scale = lora
             r = a.shape[0]
             if r > slot.a.shape[0] or a.shape[1] != slot.a.shape[1] or b.shape[0] != slot.b.shape[0]:
                 raise vi.LayoutError(f"vLLM {vi.version()}: slot of {slot.peft_name} is A{tuple(slot.a.shape)} "
                                      f"B{tuple(slot.b.shape)}, adapter is A{tuple(a.shape)} B{tuple(b.shape)}")
-            self.pairs.append((a, b, mod.scaling["default"], slot.a[:r], slot.b[:, :r]))
+            self.pairs.append((a, b, scale, slot.a[:r], slot.b[:, :r]))
         if not self.pairs:
             raise vi.LayoutError("no LoRA module of the policy maps onto a vLLM slot")
         self.bytes = sum(sa.numel() * sa.element_size() + sb.numel() * sb.element_size()
@@ -284,9 +284,7 @@ class MergedSync:
         self.adapted: list[_MergeRows] = []
         self.pending: list[_MergeRows] = []  # the rows of a remade weight that no adapter covers: written once
         for name, lin, _, _, rows, remade in _mirror_targets(base, vmodel, dtype):
-            mod, lora = base.get_submodule(name.removesuffix(".base_layer")), None
-            if "default" in getattr(mod, "lora_A", {}):
-                lora = (mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"])
+            lora = _adapter(base.get_submodule(name.removesuffix(".base_layer")))
             if lora is not None:
                 self.adapted.append(_MergeRows(lin, lora, rows))
             elif remade:
@@ -315,6 +313,13 @@ class MergedSync:
         self.pending = []
         _sync()
         return (time.perf_counter() - t0) * 1000
+
+
+def _adapter(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """A peft module's adapter as (A, B, scaling), or None where the adapter does not target it."""
+    if "default" not in getattr(mod, "lora_A", {}):
+        return None
+    return mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"]
 
 
 def _sync() -> None:
