@@ -78,9 +78,21 @@ def test_the_trainer_on_the_mirror_views_samples_with_vllm(monkeypatch):
     from trainer import sync
 
     monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    allocated = []  # torch's allocated bytes around the views (vLLM's engine already up)
+    views = sync.view_mirror_linears
+
+    def watched(*args):
+        allocated.append(torch.cuda.memory_allocated())
+        freed = views(*args)
+        allocated.append(torch.cuda.memory_allocated())
+        return freed
+
+    monkeypatch.setattr(sync, "view_mirror_linears", watched)
     for plan, engine, policy in mirror_stack("inplace"):
         assert sync.count_base_copies(policy.model, engine.vmodel) == (1, [])  # the nf4 copy is gone
         assert engine.info["nf4_freed_bytes"] > 0.15e9  # the 0.5B shape's 4-bit linears: 0.18 GB packed
+        # and its bytes left the device (a reference cycle kept them once: the 2026-12-05 H100 A/B freed nothing)
+        assert allocated[0] - allocated[1] >= engine.info["nf4_freed_bytes"], allocated
         prompts, g0 = _sample(engine, policy)
         _randomize_lora(policy, 0.02, seed=1)
         engine.sync(policy)

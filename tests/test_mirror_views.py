@@ -16,15 +16,28 @@ if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
 
 
 def test_the_trainer_views_the_mirror_and_samples_match(monkeypatch):
+    import gc
+    import weakref
+
     import bitsandbytes as bnb
 
     from trainer import sync
 
     monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    nf4 = []  # weak references to the trainer's 4-bit weights, taken as the views replace them
+    views = sync.view_mirror_linears
+
+    def watched(policy_model, vmodel, dtype):
+        nf4.extend(weakref.ref(m.weight) for m in policy_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        return views(policy_model, vmodel, dtype)
+
+    monkeypatch.setattr(sync, "view_mirror_linears", watched)
     for _, plan, engine, policy in engine_stack([]):
         assert plan.weight_format == "bf16_mirror" and plan.sync == "inplace"
         base = policy.model.get_base_model()
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())  # the nf4 copy is gone
+        gc.collect()  # (vLLM froze the heap at its start: a cycle among the old layers would outlive any collection)
+        assert nf4 and not any(r() is not None for r in nf4), "the nf4 weights are still alive after the views"
         assert engine.info["nf4_freed_bytes"] > 0
         assert sync.count_base_copies(policy.model, engine.vmodel) == (1, [])  # every frozen tensor is vLLM's
         assert_lora_sync_reaches_sampling(engine, policy)  # the same function on both sides: gap < 1e-3 (fp32)

@@ -208,6 +208,10 @@ def view_mirror_linears(policy_model: torch.nn.Module, vmodel: torch.nn.Module, 
         freed += lin.weight.data.numel() * lin.weight.data.element_size()
         parent, leaf = name.rsplit(".", 1)
         setattr(base.get_submodule(parent), leaf, plain)
+        # bitsandbytes' Params4bit points back at its Linear4bit (`.module`): a reference cycle, and vLLM froze the
+        # garbage collector's heap when its engine started (vllm/v1/engine/core.py freeze_gc_heap), so no collection
+        # would ever free it. Dropping the layer's parameters breaks the cycle and lets the nf4 bytes go now.
+        lin._parameters.clear()
     return freed
 
 
