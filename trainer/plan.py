@@ -693,9 +693,9 @@ LOGITS_DTYPE_PREFERRED = "model"
 
 
 # rollout.sync: auto merges the adapter into the bf16 mirror (no LoRA kernels in vLLM's decode step: ~1 ms of the
-# 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) when this is True; until
-# `compile 6 lora_merge` (bench/compile_ab.py) and the fidelity engine bf16_mirror_merged have measured its step time
-# and its sampler/trainer gap on a GPU, auto keeps vLLM's LoRA slots (inplace).
+# 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) when this is True. Measured
+# on an H100 (2026-12-05, bench/results/lora_merge_ab.json, fidelity_h100.json): 0.83x the slots' step at 8 x 256,
+# none at 64 x 512, and a gap 26% (1.5B) / 31% (7B) wider from the adapter's rounding; auto keeps the slots.
 LORA_MERGE_PREFERRED = False
 
 
