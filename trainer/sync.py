@@ -287,10 +287,13 @@ class MergedSync:
         base = policy_model.get_base_model()
         self.adapted: list[_MergeRows] = []
         self.pending: list[_MergeRows] = []  # the rows of a remade weight that no adapter covers: written once
+        self.layers: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (peft LoRA layer, its merged rows)
         for name, lin, _, _, rows, remade in _mirror_targets(base, vmodel, dtype):
-            lora = _adapter(base.get_submodule(name.removesuffix(".base_layer")))
+            layer = base.get_submodule(name.removesuffix(".base_layer"))
+            lora = _adapter(layer)
             if lora is not None:
                 self.adapted.append(_MergeRows(lin, lora, rows))
+                self.layers.append((layer, rows))
             elif remade:
                 self.pending.append(_MergeRows(lin, lora, rows))
         if not self.adapted:

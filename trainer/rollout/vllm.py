@@ -135,11 +135,22 @@ class VLLMEngine:
         if self.plan.sync == "merge":  # no adapter in vLLM: each sync writes it into the mirror's weights
             self.merge_sync = sync.MergedSync(policy.model, self.vmodel, getattr(torch, self.plan.compute_dtype))
             self.info.update(merged_bytes=self.merge_sync.bytes, merge_ms=round(self.merge_sync.push(), 2))
+            if sync.MIRROR_VIEWS:  # the trainer computes with the merged rows too (trainer/merged_linear.py)
+                self.info["merged_rows_layers"] = self._merged_rows()
         else:
             self._register_adapter(policy)
         copies, outside = sync.count_base_copies(policy.model, self.vmodel)
         self.info.update(startup_s=round(self.startup_s, 1), base_copies=copies, trainer_tensors_outside_vllm=outside[:8],
                          logits_dtype=self.vi.logits_dtype(self.vmodel))
+
+    def _merged_rows(self) -> int:
+        from trainer import merged_linear
+
+        why = merged_linear.eligible(self.recipe)
+        if why is not None:
+            log.info("TRAINER_MIRROR_VIEWS with rollout.sync merge: the trainer keeps its nf4 path: %s", why)
+            return 0
+        return merged_linear.install(self.merge_sync.layers)
 
     def _register_adapter(self, policy) -> None:
         from vllm.lora.request import LoRARequest

@@ -1,0 +1,78 @@
+"""With rollout.sync merge, the trainer's adapted linear layers compute with the very rows vLLM samples from (base +
+adapter, rounded once into its bf16 mirror by sync.MergedSync) while their gradients reach the LoRA factors as peft's.
+
+Merging alone widened the sampler/trainer logprob gap by 26-31% on an H100 (2026-12-05, docs/benchmarks.md): vLLM
+multiplied round(W + s·B·A) and the trainer W + s·B·A in two terms. Here the trainer's forward is F.linear(x, merged
+rows), the function vLLM computes; the backward is the exact gradient of x·(W + s·B·A)ᵀ in A and B (the LoRA branch's,
+in the adapter's dtype) and the merged rows' product for x. Installed by TRAINER_MIRROR_VIEWS=1 with rollout.sync
+merge, when every forward between two merges sees one adapter: one optimizer step a rollout (num_iterations 1) and no
+LoRA dropout. The reference pass (peft's adapter disabled) keeps the trainer's nf4 path: the base without the adapter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """y = x·Wmᵀ + bias, Wm = round(W + s·B·A); dA, dB as of y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ; dx = g·Wm."""
+
+    @staticmethod
+    def forward(ctx, x, merged, bias, lora_a, lora_b, scaling: float):
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, merged, a, b = ctx.saved_tensors
+        gx = grad @ merged if ctx.needs_input_grad[0] else None
+        g2 = grad.reshape(-1, grad.shape[-1]).to(a.dtype)  # as peft's branch: the adapter's dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)
+        ga = gb = None
+        if ctx.needs_input_grad[4]:
+            gb = (g2.t() @ (x2 @ a.t())).mul_(ctx.scaling)
+        if ctx.needs_input_grad[3]:
+            ga = ((g2 @ b).t() @ x2).mul_(ctx.scaling)
+        return gx, None, None, ga, gb, None
+
+
+class MergedRowsLoRA:
+    """Mixed into a peft LoRA linear layer (its class swapped in place): the merged-rows forward while the layer's one
+    adapter is active, peft's own forward otherwise (adapter disabled for the reference, or several adapters)."""
+
+    merged_rows: torch.Tensor
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self.active_adapters
+        if (self.disable_adapters or self.merged or args or kwargs or len(names) != 1 or names[0] not in self.lora_A
+                or names[0] in self.lora_variant):
+            return super().forward(x, *args, **kwargs)
+        name = names[0]
+        base = self.get_base_layer()
+        return _MergedLoRA.apply(x, self.merged_rows, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                 self.scaling[name])
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def install(layers: list[tuple[torch.nn.Module, torch.Tensor]]) -> int:
+    """(peft LoRA layer, its merged rows in vLLM's mirror) pairs: each layer computes with its rows from now on.
+    Returns how many layers were switched."""
+    for layer, rows in layers:
+        cls = type(layer)
+        if cls not in _CLASSES:
+            _CLASSES[cls] = type(f"MergedRows{cls.__name__}", (MergedRowsLoRA, cls), {})
+        layer.__class__ = _CLASSES[cls]
+        layer.merged_rows = rows
+    return len(layers)
+
+
+def eligible(recipe) -> str | None:
+    """Why the merged rows cannot stand in for the trainer's base + adapter under this recipe, or None."""
+    if recipe.grpo.num_iterations != 1:
+        return "grpo.num_iterations > 1 (the adapter changes between a merge and the next iteration's forward)"
+    if recipe.lora.lora_dropout:
+        return "lora.lora_dropout > 0 (dropout acts on the adapter's branch alone)"
+    return None
