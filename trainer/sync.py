@@ -8,7 +8,8 @@ TRAINER_MIRROR_VIEWS its linear rows too: view_mirror_linears). Each step,
 `LoraSync.push` copies LoRA A and B*scaling into vLLM's active slot in place; `AdapterFileSync` is the fallback
 that writes a new adapter version to /dev/shm and registers it with add_lora; `MergedSync` (bf16_mirror, rollout.sync
 merge) instead rewrites the mirror's adapted rows on the device, from the trainer's nf4 base plus the adapter, and
-vLLM runs without LoRA (the one sync that writes base-sized tensors each step; none of it crosses the host).
+vLLM runs without LoRA (the one sync that writes base-sized tensors each step; none of it crosses the host; with
+TRAINER_MIRROR_VIEWS the trainer computes on those merged rows: trainer/merged_linear.py).
 """
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path,
 
 # bf16_mirror with LoRA slots: the trainer's frozen linear layers become views of the mirror's rows and its nf4 copy
 # is freed (view_mirror_linears). Off until a GPU A/B (bench/compile_ab.py mirror_views) measures the train phase and
-# the memory it frees; the plan still counts the trainer's nf4 copy, so turning it on can only lower the peak.
+# the memory it frees; the plan still counts the trainer's nf4 copy, so turning it on can only lower the peak. With
+# rollout.sync merge the switch means the merged rows instead (trainer/merged_linear.py; the nf4 stays, the merge reads it).
 MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") == "1"
 
 
