@@ -149,13 +149,12 @@ def test_the_trainer_on_the_merged_rows_has_peft_gradients(monkeypatch):
         assert_lora_sync_reaches_sampling(engine, policy)
 
 
-def test_merged_rows_only_where_one_adapter_meets_each_forward():
+def test_merged_rows_only_without_lora_dropout():
     from trainer.merged_linear import eligible
     from trainer.recipe import load_recipe
 
     tiny = ROOT / "recipes" / "tiny-cpu.yaml"
-    assert eligible(load_recipe(tiny, ["rollout.sync=merge"])) is None
-    assert "num_iterations" in eligible(load_recipe(tiny, ["grpo.num_iterations=2"]))
+    assert eligible(load_recipe(tiny, ["rollout.sync=merge", "grpo.num_iterations=2"])) is None
     assert "lora_dropout" in eligible(load_recipe(tiny, ["lora.lora_dropout=0.05"]))
 
 
@@ -169,3 +168,38 @@ def test_train_on_the_merged_rows(tmp_path):
     assert engine["merged_rows_layers"] > 0, engine
     assert len(m) == 4 and max(x["logp_gap_mean"] for x in m) < 1e-3, m
     assert len({round(x["loss"], 6) for x in m}) > 1 or any(x.get("grad_norm", 0) > 0 for x in m), m  # it trains
+
+
+def test_every_forward_of_the_trainer_sees_the_rows_of_its_adapter(monkeypatch, tmp_path):
+    """grpo.run with num_iterations 2 on the merged rows: before each of the trainer's passes (old log-probs, then
+    each iteration's training forward) the rows vLLM and the trainer multiply are base + the adapter the trainer
+    holds then; the second iteration follows an optimizer step, so it needs the sync after every update."""
+    import bitsandbytes.functional as F
+
+    from trainer import distributed, grpo, sync
+    from trainer.api import inputs
+    from trainer.plan import Device, make_plan
+    from trainer.policy import read_config
+    from trainer.recipe import load_recipe
+
+    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    r = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
+                    ["rollout.engine=vllm", "rollout.sync=merge", "grpo.num_iterations=2", "train.max_steps=2",
+                     "eval=null", "train.learning_rate=1e-2", "logging.wandb=false"])
+    plan = make_plan(read_config(r.model), r, Device.detect())
+    fresh, passes = [], grpo.completion_logprobs
+
+    def watched(policy, *args, **kwargs):
+        layer = policy.model.get_base_model().get_submodule("model.layers.0.mlp.up_proj")
+        w = layer.base_layer.weight
+        want = F.dequantize_4bit(w.data, w.quant_state).float() + layer.get_delta_weight("default").float()
+        fresh.append(bool(torch.allclose(layer.merged_rows, want.to(layer.merged_rows.dtype), rtol=1e-6, atol=1e-7)))
+        return passes(policy, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "completion_logprobs", watched)
+    tokenizer, prompts, rewards, evaluator, _ = inputs(r)
+    (tmp_path / "run").mkdir()
+    assert grpo.run(r, plan, tmp_path / "run", distributed.World(), tokenizer=tokenizer, prompts=prompts,
+                    rewards=rewards, evaluator=evaluator) == 0
+    assert len(fresh) >= 2 * 3 and all(fresh), fresh  # per step: the old log-probs' pass, then one per iteration
+

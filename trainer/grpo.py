@@ -149,7 +149,9 @@ def grpo_step(s: State, step: int) -> dict:
                 batch.ref_logps = logprobs_pass(s, batch, groups)
         if g.num_iterations > 1:
             batch.old_logps = logprobs_pass(s, batch, groups)
-    # 4. Policy-gradient update(s): backward over micro-batches, then one optimizer step per iteration.
+    # 4. Policy-gradient update(s): backward over micro-batches, then one optimizer step per iteration, and
+    # 5. weight sync after each: the engine samples the next step from the updated adapter (and where the trainer
+    # computes on the engine's merged rows, trainer/merged_linear.py, its next iteration sees that adapter too).
     stats: dict = defaultdict(float)
     for it in range(g.num_iterations):
         with s.timed("train"):
@@ -172,9 +174,8 @@ def grpo_step(s: State, step: int) -> dict:
                     _accumulate(stats, {**st, **is_st}, loss, logps, ent, sampler, mb)
         with s.timed("optimizer"):
             grad_norm = optimizer_step(s)
-    # 5. Weight sync: the engine samples the next step from the updated adapter.
-    with s.timed("sync"):
-        sync_stats = s.engine.sync(s.policy)
+        with s.timed("sync"):
+            sync_stats = s.engine.sync(s.policy)
     return _metrics(s, step, batch, stats, grad_norm, failures, sync_stats)
 
 

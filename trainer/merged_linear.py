@@ -5,8 +5,8 @@ Merging alone widened the sampler/trainer logprob gap by 26-31% on an H100 (2026
 multiplied round(W + s·B·A) and the trainer W + s·B·A in two terms. Here the trainer's forward is F.linear(x, merged
 rows), the function vLLM computes; the backward is the exact gradient of x·(W + s·B·A)ᵀ in A and B (the LoRA branch's,
 in the adapter's dtype) and the merged rows' product for x. Installed by TRAINER_MIRROR_VIEWS=1 with rollout.sync
-merge, when every forward between two merges sees one adapter: one optimizer step a rollout (num_iterations 1) and no
-LoRA dropout. The reference pass (peft's adapter disabled) keeps the trainer's nf4 path: the base without the adapter.
+merge, without LoRA dropout (which acts on the adapter's branch alone); every optimizer step is followed by a merge, so
+each forward sees the adapter it trains. The reference pass (peft's adapter disabled) keeps the trainer's nf4 path.
 """
 from __future__ import annotations
 
@@ -70,9 +70,8 @@ def install(layers: list[tuple[torch.nn.Module, torch.Tensor]]) -> int:
 
 
 def eligible(recipe) -> str | None:
-    """Why the merged rows cannot stand in for the trainer's base + adapter under this recipe, or None."""
-    if recipe.grpo.num_iterations != 1:
-        return "grpo.num_iterations > 1 (the adapter changes between a merge and the next iteration's forward)"
+    """Why the merged rows cannot stand in for the trainer's base + adapter under this recipe, or None. (Every
+    optimizer step is followed by a sync, grpo.grpo_step, so each forward sees the rows of the adapter it trains.)"""
     if recipe.lora.lora_dropout:
         return "lora.lora_dropout > 0 (dropout acts on the adapter's branch alone)"
     return None
