@@ -31,7 +31,9 @@ TRAINER_MIRROR_VIEWS (trainer/sync.py view_mirror_linears: with the LoRA slots, 
 mirror's rows, its nf4 copy freed) on the same two configs: the train phase without bitsandbytes' dequantisation, and
 in steady_phase_peaks_gb the memory it frees (the plan still counts it); in the ladder lora_merge+mirror_views, with
 merge, the trainer's adapted linears compute on the merged rows instead (trainer/merged_linear.py: the function vLLM
-samples, peft's gradients), whose gap_mean is the point. SWITCH gc_freeze:
+samples, peft's gradients), whose gap_mean is the point. SWITCH mirror_direct: TRAINER_MIRROR_DIRECT (trainer/sync.py
+load_mirror: vLLM on dummy weights, the trainer's base written into them on the device, no checkpoint staged) on the
+same two configs: first_two_s (start-up) and gap_mean (the same weights: unchanged). SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
 only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
@@ -80,6 +82,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
+            "mirror_direct": ("TRAINER_MIRROR_DIRECT", "1", ["A-mirror", "B-mirror"]),
             # vLLM's LoRA kernels under the configs bench/lora_tune.py wrote earlier in the sitting (queue item
             # `lora_tune` before it), against vLLM's defaults: the fast budget (bf16 mirror) and the small one
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",

@@ -128,3 +128,20 @@ def test_the_trainer_on_the_merged_rows_samples_with_vllm(monkeypatch):
         grads = [p.grad for n, p in policy.model.named_parameters() if "lora_A" in n]
         assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
+
+def test_vllm_on_the_written_mirror_samples_the_trainers_policy(monkeypatch):
+    """TRAINER_MIRROR_DIRECT: vLLM 0.26 starts on dummy weights (its CUDA graphs captured on them) and the trainer's
+    dequantised base is written into those weights in place: the graphs then sample the trainer's policy."""
+    from trainer import sync
+
+    monkeypatch.setattr(sync, "MIRROR_DIRECT", True)
+    for plan, engine, policy in mirror_stack("inplace"):
+        assert engine.info["mirror_shards"] == 0 and engine.info["mirror_written_bytes"] > 0.5e9, engine.info
+        prompts, g0 = _sample(engine, policy)
+        assert _gap(policy, prompts, g0)[0] < 0.02  # random dummy weights would give a gap of several nats
+        _randomize_lora(policy, 0.02, seed=1)
+        engine.sync(policy)
+        _, g1 = _sample(engine, policy)
+        gap = _gap(policy, prompts, g1)
+        assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap
+

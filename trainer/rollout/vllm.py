@@ -111,9 +111,11 @@ class VLLMEngine:
         if plan.weight_format == "shared_nf4":  # vLLM loads (and quantises) the base; the policy shares it
             self._start(path)
 
-    def _start(self, path: Path) -> None:
+    def _start(self, path: Path, dummy: bool = False) -> None:
         t0 = time.perf_counter()
         kw = engine_kwargs(self.recipe, self.plan, path)
+        if dummy:  # sync.MIRROR_DIRECT: no weights in `path`; start_on_mirror writes them once vLLM is up
+            kw["load_format"] = "dummy"
         if kw.get("quantization") == "bitsandbytes":  # patches of vLLM's own bitsandbytes method
             if self.plan.nf4_gemm_max_rows:
                 self.vi.install_nf4_gemm(self.plan.nf4_gemm_max_rows)  # before graph capture: graphs keep this path
@@ -177,10 +179,17 @@ class VLLMEngine:
 
         if self.llm is not None:
             return
-        mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
+        if sync.MIRROR_DIRECT:  # vLLM on dummy weights, then the trainer's base written into them on the device
+            mirror = sync.write_mirror_config(self.path, self.shm / "mirror")
+        else:
+            mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
         self.info["mirror_shards"] = len(list(mirror.glob("*.safetensors")))
         parked = sync.park_embeddings(policy.model.get_base_model())  # off the GPU while vLLM loads its own
-        self._start(mirror)
+        self._start(mirror, dummy=sync.MIRROR_DIRECT)
+        if sync.MIRROR_DIRECT:
+            t0 = time.perf_counter()
+            self.info["mirror_written_bytes"] = sync.load_mirror(policy.model, self.vmodel, policy.compute_dtype)
+            self.info["mirror_write_s"] = round(time.perf_counter() - t0, 3)
         sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
         if sync.MIRROR_VIEWS and self.plan.sync != "merge":  # the trainer's linears: views of the mirror's rows
             self.info["nf4_freed_bytes"] = sync.view_mirror_linears(policy.model, self.vmodel, policy.compute_dtype)

