@@ -13,17 +13,22 @@ if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm")
 
 
-def test_vllm_on_the_written_mirror_samples_as_on_the_checkpoint(monkeypatch):
+def _samples(direct: bool, monkeypatch):
+    """One engine's samples, the engine gone when this returns: a second LLM must not start while a first one is
+    still referenced (dropped later, its teardown destroys the process groups the second one runs in)."""
     from trainer import sync
 
-    samples = {}
-    for direct in (False, True):
-        monkeypatch.setattr(sync, "MIRROR_DIRECT", direct)
-        for _, plan, engine, policy in engine_stack([]):
-            assert plan.weight_format == "bf16_mirror"
-            if direct:  # nothing staged but the config and tokenizer files; every tensor written on the device
-                assert engine.info["mirror_shards"] == 0 and engine.info["mirror_written_bytes"] > 0, engine.info
-            _, samples[direct] = _sample(engine, policy)
-            if direct:
-                assert_lora_sync_reaches_sampling(engine, policy)  # the adapter's slots on top: gap < 1e-3 (fp32)
-    assert samples[True].completion_ids == samples[False].completion_ids  # the same seeds, the same weights
+    monkeypatch.setattr(sync, "MIRROR_DIRECT", direct)
+    for _, plan, engine, policy in engine_stack([]):
+        assert plan.weight_format == "bf16_mirror"
+        if direct:  # nothing staged but the config and tokenizer files; every tensor written on the device
+            assert engine.info["mirror_shards"] == 0 and engine.info["mirror_written_bytes"] > 0, engine.info
+        _, samples = _sample(engine, policy)
+        if direct:
+            assert_lora_sync_reaches_sampling(engine, policy)  # the adapter's slots on top: gap < 1e-3 (fp32)
+    return samples.completion_ids
+
+
+def test_vllm_on_the_written_mirror_samples_as_on_the_checkpoint(monkeypatch):
+    checkpoint = _samples(False, monkeypatch)
+    assert _samples(True, monkeypatch) == checkpoint  # the same seeds, the same weights
