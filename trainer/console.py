@@ -88,6 +88,7 @@ def plan_table(plan) -> Group:
                         if plan.nf4_gemm_max_rows else "")
                      + (", the adapter merged into its weights each step (no LoRA in vLLM)" if plan.sync == "merge"
                         else "")
+                     + _trainer_on_mirror(plan)
                      + (f", files staged in {plan.scratch_dir}" if plan.scratch_dir else ""))
     else:
         lines.append(f"HF generate: {plan.hf_batch_size} sequences a call, "
@@ -95,6 +96,20 @@ def plan_table(plan) -> Group:
                         "priced as the eager step)" if plan.hf_compiled_decode
                         else "eager decode steps (rollout.hf_compile: true compiles them)"))
     return Group(t, *(Text(line) for line in lines + list(plan.notes)))
+
+
+def _trainer_on_mirror(plan) -> str:
+    """What the trainer's layers compute on with the bf16 mirror (trainer/plan.py MIRROR_VIEWS)."""
+    from trainer.plan import MIRROR_VIEWS
+
+    if plan.weight_format != "bf16_mirror":
+        return ""
+    if not MIRROR_VIEWS:
+        return ", the trainer on its own nf4 copy (TRAINER_MIRROR_VIEWS=0)"
+    if plan.sync == "merge":  # unless the recipe keeps the trainer off them: a plan note says why
+        return "" if any(n.startswith("rollout.sync merge: the trainer keeps") for n in plan.notes) \
+            else ", the trainer on the merged rows"
+    return ", the trainer's linears views of the mirror (its nf4 copy let go)"
 
 
 def alternatives_table(alts: dict, engine: str) -> Table:

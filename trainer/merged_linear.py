@@ -70,8 +70,8 @@ def install(layers: list[tuple[torch.nn.Module, torch.Tensor]]) -> int:
 
 
 def eligible(recipe) -> str | None:
-    """Why the merged rows cannot stand in for the trainer's base + adapter under this recipe, or None. (Every
-    optimizer step is followed by a sync, grpo.grpo_step, so each forward sees the rows of the adapter it trains.)"""
-    if recipe.lora.lora_dropout:
-        return "lora.lora_dropout > 0 (dropout acts on the adapter's branch alone)"
-    return None
+    """Why the merged rows cannot stand in for the trainer's layers under this recipe, or None (the planner's rule,
+    trainer/plan.py merged_rows_refusal, which auto's choice of merge follows)."""
+    from trainer.plan import merged_rows_refusal
+
+    return merged_rows_refusal(recipe)

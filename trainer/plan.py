@@ -282,6 +282,11 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
+    refusal = merged_rows_refusal(recipe)
+    if plan.sync == "merge" and MIRROR_VIEWS and refusal:
+        plan.notes.append(f"rollout.sync merge: the trainer keeps its nf4 layers, as {refusal}, so vLLM samples the "
+                          "merged adapter's rounding and the trainer does not (the gap was 26-31% wider on an H100, "
+                          "bench/results/fidelity_h100.json); rollout.sync: auto keeps vLLM's LoRA slots here")
     if plan.loss_scaling:
         plan.notes.append("float16: the loss is scaled (from 2^16, halved on an overflow, which skips that step's "
                           "update) so its gradients do not underflow; metrics log loss_scale")
@@ -617,7 +622,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
                      gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off,
                      mlp_tile_tokens=mlp_tile_tokens,
-                     weight_format=fmt, kv_release=rel, sync=_sync(r.sync, fmt) if vllm else "inplace",
+                     weight_format=fmt, kv_release=rel, sync=_sync(r.sync, fmt, recipe) if vllm else "inplace",
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
@@ -692,17 +697,40 @@ def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> 
 LOGITS_DTYPE_PREFERRED = "model"
 
 
+# The trainer computes on vLLM's bf16 mirror (on unless TRAINER_MIRROR_VIEWS=0; read by trainer/sync.py and here):
+# with the LoRA slots its frozen linears become views of the mirror's rows and its nf4 copy is let go
+# (sync.view_mirror_linears); with rollout.sync merge its adapted linears compute on the merged rows, the function
+# vLLM samples (trainer/merged_linear.py). Measured on one H100 (2026-12-05, bench/results/mirror_views_ab.json and
+# ladder_lora_merge+mirror_views_ab.json, same sitting): the slots' step 0.876x (A, 8 x 256) and 0.763x (B, 64 x 512),
+# the train phase 0.56x, B's peak 11.96 -> 6.79 GB (the checkpoint inside the compiled layers keeps the 4-bit
+# matmuls' outputs, not plain linears'); the memory model still counts the nf4 copy and those outputs, so the switch
+# only lowers a run's peak below its plan until a planner sitting measures it.
+MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") != "0"
 # rollout.sync: auto merges the adapter into the bf16 mirror (no LoRA kernels in vLLM's decode step: ~1 ms of the
-# 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) when this is True. Measured
-# on an H100 (2026-12-05, bench/results/lora_merge_ab.json, fidelity_h100.json): 0.83x the slots' step at 8 x 256,
-# none at 64 x 512, and a gap 26% (1.5B) / 31% (7B) wider from the adapter's rounding; auto keeps the slots.
-LORA_MERGE_PREFERRED = False
+# 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) where the trainer computes on
+# the merged rows. Measured on an H100 (2026-12-05): merge alone 0.83x the slots' step at 8 x 256 and none at
+# 64 x 512, with a gap 26% (1.5B) / 31% (7B) wider, the adapter's rounding into bf16 (lora_merge_ab.json,
+# fidelity_h100.json lora_slots_vs_merged_mirror); with the trainer on the merged rows, in one later sitting,
+# 0.733x (A) and 0.763x (B) the slots' step and the gap 2.3% (1.5B) / 4.1% (7B) below the slots'
+# (lora_slots_vs_merged_rows_both_sides), the peak unchanged. Where the rows cannot stand in for the trainer's
+# layers (merged_rows_refusal) auto keeps the slots.
+LORA_MERGE_PREFERRED = True
 
 
-def _sync(asked: str, fmt: str) -> str:
-    """The LoRA sync for a weight format: merge only into the bf16 mirror (shared nf4 has no 16-bit weights)."""
+def merged_rows_refusal(recipe) -> str | None:
+    """Why the merged rows cannot stand in for the trainer's base + adapter under this recipe, or None. (Every
+    optimizer step is followed by a sync, grpo.grpo_step, so each forward sees the rows of the adapter it trains.)"""
+    if recipe.lora.lora_dropout:
+        return "lora.lora_dropout > 0 (dropout acts on the adapter's branch alone)"
+    return None
+
+
+def _sync(asked: str, fmt: str, recipe) -> str:
+    """The LoRA sync for a weight format: merge only into the bf16 mirror (shared nf4 has no 16-bit weights), and by
+    default only where the trainer computes on the merged rows (without them merge widens the gap)."""
     if asked == "auto":
-        return "merge" if fmt == "bf16_mirror" and LORA_MERGE_PREFERRED else "inplace"
+        rows = MIRROR_VIEWS and merged_rows_refusal(recipe) is None
+        return "merge" if fmt == "bf16_mirror" and LORA_MERGE_PREFERRED and rows else "inplace"
     return asked
 
 

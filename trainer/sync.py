@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from trainer.memory import LORA_MERGE_BLOCK_BYTES
+from trainer.plan import MIRROR_VIEWS as _plan_mirror_views
 from trainer.rollout import vllm_internals as vi
 
 
@@ -202,10 +203,10 @@ def load_mirror(policy_model: torch.nn.Module, vmodel: torch.nn.Module, dtype: t
 
 
 # bf16_mirror with LoRA slots: the trainer's frozen linear layers become views of the mirror's rows and its nf4 copy
-# is freed (view_mirror_linears). Off until a GPU A/B (bench/compile_ab.py mirror_views) measures the train phase and
-# the memory it frees; the plan still counts the trainer's nf4 copy, so turning it on can only lower the peak. With
-# rollout.sync merge the switch means the merged rows instead (trainer/merged_linear.py; the nf4 stays, the merge reads it).
-MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") == "1"
+# is freed (view_mirror_linears); with rollout.sync merge the trainer computes on the merged rows instead
+# (trainer/merged_linear.py; the nf4 stays, the merge reads it). On unless TRAINER_MIRROR_VIEWS=0: the planner's flag
+# (trainer/plan.py MIRROR_VIEWS, with the measurements that made it the default).
+MIRROR_VIEWS = _plan_mirror_views
 
 
 def _mirror_targets(base: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype):
