@@ -31,7 +31,9 @@ TRAINER_MIRROR_VIEWS (trainer/sync.py view_mirror_linears: with the LoRA slots, 
 mirror's rows, its nf4 copy freed) on the same two configs: the train phase without bitsandbytes' dequantisation, and
 in steady_phase_peaks_gb the memory it frees (the plan still counts it); in the ladder lora_merge+mirror_views, with
 merge, the trainer's adapted linears compute on the merged rows instead (trainer/merged_linear.py: the function vLLM
-samples, peft's gradients), whose gap_mean is the point. SWITCH mirror_direct: TRAINER_MIRROR_DIRECT (trainer/sync.py
+samples, peft's gradients), whose gap_mean is the point. On by default since 2026-12-05 (trainer/plan.py
+MIRROR_VIEWS): its off runs set it to 0, and as auto then plans merge only with it on, `mirror_views` alone now sets
+the shipped default (merge + rows) against the slots with the trainer on its nf4. SWITCH mirror_direct: TRAINER_MIRROR_DIRECT (trainer/sync.py
 load_mirror: vLLM on dummy weights, the trainer's base written into them on the device, no checkpoint staged) on the
 same two configs: first_two_s (start-up) and gap_mean (the same weights: unchanged). SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
