@@ -220,3 +220,38 @@ def test_every_forward_of_the_trainer_sees_the_rows_of_its_adapter(monkeypatch, 
                     rewards=rewards, evaluator=evaluator) == 0
     assert len(fresh) >= 2 * 3 and all(fresh), fresh  # per step: the old log-probs' pass, then one per iteration
 
+
+
+@pytest.mark.parametrize("kind", ["q_proj", "down_proj"])
+def test_the_merged_rows_backward_is_peft_under_the_trainers_lora_autocast(kind):
+    """Under lora_autocast (bf16 compute, fp32 adapter: every GPU run) peft's branch multiplies in bf16; the merged
+    rows' backward must too, with the scaling where peft applies it, so A and B get peft's gradients to the bit. (An
+    fp32 backward gives other bits, and holds an fp32 copy of x and of the output gradient per layer, the
+    [tokens, intermediate] fp32 tensors that ran the long-context rows out of memory on the H200, trainer/policy.py.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer import merged_linear
+    from trainer.policy import lora_autocast
+
+    in_f, out_f = (64, 64) if kind == "q_proj" else (176, 64)
+    net = torch.nn.Sequential()
+    net.add_module(kind, torch.nn.Linear(in_f, out_f, bias=kind == "q_proj", dtype=torch.bfloat16))
+    model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=[kind], init_lora_weights=False))
+    layer = model.get_base_model().get_submodule(kind)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == torch.float32  # peft keeps the adapter in fp32
+    rows = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 33, in_f, generator=g).to(torch.bfloat16)
+    up = torch.randn(4, 33, out_f, generator=g).to(torch.bfloat16)
+
+    def grads():
+        with lora_autocast(torch.device("cpu"), torch.bfloat16):
+            out = layer(x)
+        return torch.autograd.grad(out, (a, b), up)
+
+    want = grads()
+    merged_linear.install([(layer, rows)])
+    got = grads()
+    for w, h, what in zip(want, got, ("dA", "dB")):
+        assert h.dtype == torch.float32 and torch.equal(h, w), (what, (h - w).abs().max())
