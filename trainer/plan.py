@@ -282,9 +282,9 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
-    refusal = merged_rows_refusal(recipe)
-    if plan.sync == "merge" and MIRROR_VIEWS and refusal:
-        plan.notes.append(f"rollout.sync merge: the trainer keeps its nf4 layers, as {refusal}, so vLLM samples the "
+    off_rows = merged_rows_refusal(recipe) or (None if MIRROR_VIEWS else "TRAINER_MIRROR_VIEWS=0")
+    if plan.sync == "merge" and off_rows:
+        plan.notes.append(f"rollout.sync merge: the trainer keeps its nf4 layers, as {off_rows}, so vLLM samples the "
                           "merged adapter's rounding and the trainer does not (the gap was 26-31% wider on an H100, "
                           "bench/results/fidelity_h100.json); rollout.sync: auto keeps vLLM's LoRA slots here")
     if plan.loss_scaling:
