@@ -49,6 +49,9 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # some of them too), on either weight format: how much of vLLM's disagreement with itself (decode vs prefill) and with
 # the trainer goes when vLLM's reductions no longer depend on the batch. Not covered by the mode: bitsandbytes'
 # 4-bit path, which picks other kernels by row count (0.50.2 backends/cuda/ops.py gemm_4bit).
+# batch_invariant_mirror_merged_views: the shipped mirror path (merge + the trainer on the merged rows, one set of
+# weights on both sides) under batch invariance, whose overrides then reach the trainer's GEMMs too: what is left of
+# the gap when the weights and vLLM's decode-vs-prefill reductions are both out of it.
 # fp32 / fp32_tf32: both sides compute in float32 (vLLM's dtype and the trainer's compute dtype; the nf4 bytes
 # unchanged), the next source issue 27 names after the components of 2026-12-03: if bf16 activations on either side
 # are what disagree, this gap is the floor; fp32_tf32 lets torch's fp32 matmuls use TF32 (10-bit mantissa, about half
@@ -61,7 +64,7 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # keeps vLLM's layers in float32).
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views", "TRITON_ATTN",
            "FLASHINFER",
-           "batch_invariant", "batch_invariant_mirror", "fp32", "fp32_tf32")
+           "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views", "fp32", "fp32_tf32")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
                             "trainer_vs_vllm_prefill"]
 FP32_SWITCHES = ["lora_zero", "vllm_prefill_vs_vllm_decode_lora_zero", "trainer_vs_vllm_prefill_lora_zero"]
@@ -130,6 +133,8 @@ SOURCES = [
     ("vllm_flash_attention_vs_flashinfer", "graphs/base", "FLASHINFER/base"),
     ("vllm_batch_dependent_reductions", "graphs/base", "batch_invariant/base"),
     ("vllm_batch_dependent_reductions_mirror", "bf16_mirror/base", "batch_invariant_mirror/base"),
+    ("vllm_batch_dependent_reductions_merged_rows", "bf16_mirror_merged_views/base",
+     "batch_invariant_mirror_merged_views/base"),
     ("vllm_self_disagreement_batch_dependent", "graphs/vllm_prefill_vs_vllm_decode",
      "batch_invariant/vllm_prefill_vs_vllm_decode"),
     ("bf16_compute_both_sides", "graphs/lora_zero", "fp32/lora_zero"),

@@ -357,3 +357,23 @@ def test_fidelity_report_pairs_a_sources_variants_from_the_sitting_that_measured
     assert (merged["on"], merged["off"]) == (0.020, 0.030)  # both from the first sitting, not the later slots
     rows = rep["sources"]["lora_slots_vs_merged_rows_both_sides"]
     assert (rows["on"], rows["off"]) == (0.025, 0.022)  # both from the later one
+
+
+def test_each_fidelity_engine_names_its_weights_sync_and_trainer_side(monkeypatch):
+    """An engine measures what its name says whatever the planner's defaults are: the mirror or shared nf4, merge or
+    vLLM's LoRA slots (auto plans merge on the mirror since 2026-12-05), the trainer on the rows (_views) or not."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import fidelity
+
+    def sets(engine):
+        return fidelity._recipe_sets("qwen2.5-1.5b", engine, False)[1]
+
+    assert {"rollout.weight_format=bf16_mirror", "rollout.sync=inplace"} <= set(sets("bf16_mirror"))
+    assert {"rollout.weight_format=bf16_mirror", "rollout.sync=merge"} <= set(sets("bf16_mirror_merged"))
+    assert {"rollout.weight_format=bf16_mirror", "rollout.sync=merge"} <= set(
+        sets("batch_invariant_mirror_merged_views"))
+    assert {"rollout.weight_format=shared_nf4", "rollout.sync=inplace"} <= set(sets("graphs"))
+    assert "rollout.sync=inplace" in fidelity._recipe_sets("tiny", "eager", True)[1]
+    assert "batch_invariant_mirror_merged_views" in fidelity.ENGINES
