@@ -4,9 +4,11 @@ adapter, rounded once into its bf16 mirror by sync.MergedSync) while their gradi
 Merging alone widened the sampler/trainer logprob gap by 26-31% on an H100 (2026-12-05, docs/benchmarks.md): vLLM
 multiplied round(W + s·B·A) and the trainer W + s·B·A in two terms. Here the trainer's forward is F.linear(x, merged
 rows), the function vLLM computes; the backward is the exact gradient of x·(W + s·B·A)ᵀ in A and B (the LoRA branch's,
-in the adapter's dtype) and the merged rows' product for x. Installed by TRAINER_MIRROR_VIEWS=1 with rollout.sync
-merge, without LoRA dropout (which acts on the adapter's branch alone); every optimizer step is followed by a merge, so
-each forward sees the adapter it trains. The reference pass (peft's adapter disabled) keeps the trainer's nf4 path.
+in the adapter's dtype, or the compute dtype under the trainer's LoRA autocast, as peft's) and the merged rows' product
+for x. Installed wherever rollout.sync is merge (auto's choice on the bf16 mirror since 2026-12-05: 0.733x / 0.763x the
+slots' step on an H100, the gap 2-4% below theirs), unless TRAINER_MIRROR_VIEWS=0 or LoRA dropout (which acts on the
+adapter's branch alone, trainer/plan.py merged_rows_refusal); every optimizer step is followed by a merge, so each
+forward sees the adapter it trains. The reference pass (peft's adapter disabled) keeps the trainer's nf4 path.
 """
 from __future__ import annotations
 
