@@ -331,11 +331,11 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
         from trainer.policy import tf32_matmuls_on
 
         tf32_matmuls_on()
-    from trainer import plan as planmod, sync
+    from trainer import plan as planmod
 
     # the trainer on vLLM's rows only where the engine's name says so (merged_views: the merged rows,
     # trainer/merged_linear.py); bf16_mirror and bf16_mirror_merged keep the trainer's nf4 path, as first measured
-    sync.MIRROR_VIEWS = planmod.MIRROR_VIEWS = engine.endswith("_views")
+    planmod.MIRROR_VIEWS = engine.endswith("_views")
     fp32 = engine.startswith("fp32")
     if fp32:
         _without_lora()

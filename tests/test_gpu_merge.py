@@ -75,9 +75,9 @@ def test_merged_weights_reach_the_captured_decode_graphs(merged):
 
 
 def test_the_trainer_on_the_mirror_views_samples_with_vllm(monkeypatch):
-    from trainer import sync
+    from trainer import plan as planmod, sync
 
-    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
     allocated = []  # torch's allocated bytes around the views (vLLM's engine already up)
     views = sync.view_mirror_linears
 
@@ -104,9 +104,9 @@ def test_the_trainer_on_the_mirror_views_samples_with_vllm(monkeypatch):
 def test_the_trainer_on_the_merged_rows_samples_with_vllm(monkeypatch):
     """TRAINER_MIRROR_VIEWS with merge: the trainer's compiled layers compute on the merged rows (trainer/merged_linear.py)
     and their log-probs of vLLM's samples stay within the slots' bound; a backward reaches the adapter."""
-    from trainer import sync
+    from trainer import plan as planmod
 
-    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
     for plan, engine, policy in mirror_stack("merge"):
         assert engine.info["merged_rows_layers"] == 7 * policy.model.get_base_model().config.num_hidden_layers
         prompts, g0 = _sample(engine, policy)

@@ -116,9 +116,9 @@ def test_the_trainer_on_the_merged_rows_has_peft_gradients(monkeypatch):
     """TRAINER_MIRROR_VIEWS with merge (trainer/merged_linear.py): every adapted layer computes F.linear on its rows of
     vLLM's merged weight, and its gradients in x, A and B equal those of peft's own forward (nf4 base + LoRA branch);
     the reference pass (adapter disabled) is the nf4 base alone; vLLM still samples exactly the trainer's policy."""
-    from trainer import sync
+    from trainer import plan as planmod
 
-    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
     for _, plan, engine, policy in engine_stack(["rollout.sync=merge"]):
         base = policy.model.get_base_model()
         assert engine.info["merged_rows_layers"] == 7 * base.config.num_hidden_layers
@@ -157,13 +157,12 @@ def test_the_trainer_on_the_merged_rows_has_peft_gradients(monkeypatch):
 
 def test_merged_rows_only_without_lora_dropout(monkeypatch):
     from trainer import api, plan as planmod
-    from trainer.merged_linear import eligible
-    from trainer.plan import Device
+    from trainer.plan import Device, merged_rows_refusal
     from trainer.recipe import load_recipe
 
     tiny = ROOT / "recipes" / "tiny-cpu.yaml"
-    assert eligible(load_recipe(tiny, ["rollout.sync=merge", "grpo.num_iterations=2"])) is None
-    assert "lora_dropout" in eligible(load_recipe(tiny, ["lora.lora_dropout=0.05"]))
+    assert merged_rows_refusal(load_recipe(tiny, ["rollout.sync=merge", "grpo.num_iterations=2"])) is None
+    assert "lora_dropout" in merged_rows_refusal(load_recipe(tiny, ["lora.lora_dropout=0.05"]))
     # merge asked with dropout: the plan says the trainer keeps its nf4 layers and what that costs
     sets = ["rollout.engine=vllm", "model.shape=qwen2.5-1.5b", "logging.wandb=false", "rollout.sync=merge"]
     _, plan = api.plan(tiny, sets + ["lora.lora_dropout=0.05"], device=Device.elsewhere("24"))
@@ -196,13 +195,13 @@ def test_every_forward_of_the_trainer_sees_the_rows_of_its_adapter(monkeypatch, 
     holds then; the second iteration follows an optimizer step, so it needs the sync after every update."""
     import bitsandbytes.functional as F
 
-    from trainer import distributed, grpo, sync
+    from trainer import distributed, grpo, plan as planmod
     from trainer.api import inputs
     from trainer.plan import Device, make_plan
     from trainer.policy import read_config
     from trainer.recipe import load_recipe
 
-    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
     r = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
                     ["rollout.engine=vllm", "rollout.sync=merge", "grpo.num_iterations=2", "train.max_steps=2",
                      "eval=null", "train.learning_rate=1e-2", "logging.wandb=false"])

@@ -21,9 +21,9 @@ def test_the_trainer_views_the_mirror_and_samples_match(monkeypatch):
 
     import bitsandbytes as bnb
 
-    from trainer import sync
+    from trainer import plan as planmod, sync
 
-    monkeypatch.setattr(sync, "MIRROR_VIEWS", True)
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
     nf4 = []  # weak references to the trainer's 4-bit weights, taken as the views replace them
     views = sync.view_mirror_linears
 

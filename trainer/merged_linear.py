@@ -80,10 +80,3 @@ def install(layers: list[tuple[torch.nn.Module, torch.Tensor]]) -> int:
         layer.merged_rows = rows
     return len(layers)
 
-
-def eligible(recipe) -> str | None:
-    """Why the merged rows cannot stand in for the trainer's layers under this recipe, or None (the planner's rule,
-    trainer/plan.py merged_rows_refusal, which auto's choice of merge follows)."""
-    from trainer.plan import merged_rows_refusal
-
-    return merged_rows_refusal(recipe)

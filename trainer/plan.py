@@ -282,7 +282,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
-    off_rows = merged_rows_refusal(recipe) or (None if MIRROR_VIEWS else "TRAINER_MIRROR_VIEWS=0")
+    off_rows = merged_rows_refusal(recipe)
     if plan.sync == "merge" and off_rows:
         plan.notes.append(f"rollout.sync merge: the trainer keeps its nf4 layers, as {off_rows}, so vLLM samples the "
                           "merged adapter's rounding and the trainer does not (the gap was 26-31% wider on an H100, "
@@ -697,7 +697,7 @@ def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> 
 LOGITS_DTYPE_PREFERRED = "model"
 
 
-# The trainer computes on vLLM's bf16 mirror (on unless TRAINER_MIRROR_VIEWS=0; read by trainer/sync.py and here):
+# The trainer computes on vLLM's bf16 mirror (on unless TRAINER_MIRROR_VIEWS=0; the engine reads it here too):
 # with the LoRA slots its frozen linears become views of the mirror's rows and its nf4 copy is let go
 # (sync.view_mirror_linears); with rollout.sync merge its adapted linears compute on the merged rows, the function
 # vLLM samples (trainer/merged_linear.py). Measured on one H100 (2026-12-05, bench/results/mirror_views_ab.json and
@@ -718,8 +718,11 @@ LORA_MERGE_PREFERRED = True
 
 
 def merged_rows_refusal(recipe) -> str | None:
-    """Why the merged rows cannot stand in for the trainer's base + adapter under this recipe, or None. (Every
-    optimizer step is followed by a sync, grpo.grpo_step, so each forward sees the rows of the adapter it trains.)"""
+    """Why the trainer does not compute on the merged rows under this recipe (they cannot stand in for its base +
+    adapter, or the switch is off), or None. (Every optimizer step is followed by a sync, grpo.grpo_step, so each
+    forward sees the rows of the adapter it trains.)"""
+    if not MIRROR_VIEWS:
+        return "TRAINER_MIRROR_VIEWS=0"
     if recipe.lora.lora_dropout:
         return "lora.lora_dropout > 0 (dropout acts on the adapter's branch alone)"
     return None
@@ -729,7 +732,7 @@ def _sync(asked: str, fmt: str, recipe) -> str:
     """The LoRA sync for a weight format: merge only into the bf16 mirror (shared nf4 has no 16-bit weights), and by
     default only where the trainer computes on the merged rows (without them merge widens the gap)."""
     if asked == "auto":
-        rows = MIRROR_VIEWS and merged_rows_refusal(recipe) is None
+        rows = merged_rows_refusal(recipe) is None
         return "merge" if fmt == "bf16_mirror" and LORA_MERGE_PREFERRED and rows else "inplace"
     return asked
 

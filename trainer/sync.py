@@ -22,7 +22,6 @@ from typing import NamedTuple
 import torch
 
 from trainer.memory import LORA_MERGE_BLOCK_BYTES
-from trainer.plan import MIRROR_VIEWS as _plan_mirror_views
 from trainer.rollout import vllm_internals as vi
 
 
@@ -204,9 +203,8 @@ def load_mirror(policy_model: torch.nn.Module, vmodel: torch.nn.Module, dtype: t
 
 # bf16_mirror with LoRA slots: the trainer's frozen linear layers become views of the mirror's rows and its nf4 copy
 # is freed (view_mirror_linears); with rollout.sync merge the trainer computes on the merged rows instead
-# (trainer/merged_linear.py; the nf4 stays, the merge reads it). On unless TRAINER_MIRROR_VIEWS=0: the planner's flag
-# (trainer/plan.py MIRROR_VIEWS, with the measurements that made it the default).
-MIRROR_VIEWS = _plan_mirror_views
+# (trainer/merged_linear.py; the nf4 stays, the merge reads it). On unless TRAINER_MIRROR_VIEWS=0: trainer/plan.py
+# MIRROR_VIEWS, with the measurements that made it the default, read by the engine (trainer/rollout/vllm.py).
 
 
 def _mirror_targets(base: torch.nn.Module, vmodel: torch.nn.Module, dtype: torch.dtype):

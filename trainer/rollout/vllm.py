@@ -137,8 +137,7 @@ class VLLMEngine:
         if self.plan.sync == "merge":  # no adapter in vLLM: each sync writes it into the mirror's weights
             self.merge_sync = sync.MergedSync(policy.model, self.vmodel, getattr(torch, self.plan.compute_dtype))
             self.info.update(merged_bytes=self.merge_sync.bytes, merge_ms=round(self.merge_sync.push(), 2))
-            if sync.MIRROR_VIEWS:  # the trainer computes with the merged rows too (trainer/merged_linear.py)
-                self.info["merged_rows_layers"] = self._merged_rows()
+            self.info["merged_rows_layers"] = self._merged_rows()  # the trainer on them (trainer/merged_linear.py)
         else:
             self._register_adapter(policy)
         copies, outside = sync.count_base_copies(policy.model, self.vmodel)
@@ -147,10 +146,11 @@ class VLLMEngine:
 
     def _merged_rows(self) -> int:
         from trainer import merged_linear
+        from trainer.plan import merged_rows_refusal
 
-        why = merged_linear.eligible(self.recipe)
+        why = merged_rows_refusal(self.recipe)
         if why is not None:
-            log.info("TRAINER_MIRROR_VIEWS with rollout.sync merge: the trainer keeps its nf4 path: %s", why)
+            log.info("rollout.sync merge: the trainer keeps its nf4 path: %s", why)
             return 0
         return merged_linear.install(self.merge_sync.layers)
 
@@ -175,7 +175,7 @@ class VLLMEngine:
 
     def start_on_mirror(self, policy) -> None:
         """bf16_mirror (no engine yet): vLLM loads the trainer's dequantised weights, then shares its embeddings."""
-        from trainer import sync
+        from trainer import plan as planmod, sync
 
         if self.llm is not None:
             return
@@ -191,7 +191,7 @@ class VLLMEngine:
             self.info["mirror_written_bytes"] = sync.load_mirror(policy.model, self.vmodel, policy.compute_dtype)
             self.info["mirror_write_s"] = round(time.perf_counter() - t0, 3)
         sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
-        if sync.MIRROR_VIEWS and self.plan.sync != "merge":  # the trainer's linears: views of the mirror's rows
+        if planmod.MIRROR_VIEWS and self.plan.sync != "merge":  # the trainer's linears: views of the mirror's rows
             self.info["nf4_freed_bytes"] = sync.view_mirror_linears(policy.model, self.vmodel, policy.compute_dtype)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
