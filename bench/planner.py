@@ -18,6 +18,7 @@ their own before the watched run, so the peak is the trainer's, not the random-i
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -64,6 +65,11 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
     "1.5b-vllm-8x256": (gen(8, 256), ["min", 6.6]),
     "1.5b-vllm-64x512": (gen(64, 512), ["min"]),
     "1.5b-vllm-mirror-16x64-beta": (["rollout.weight_format=bf16_mirror"] + gen(16, 64) + B, ["min"]),
+    # the bf16 mirror's two trainer paths (plan.trainer_linears, priced 2026-12-05): config B's shape at its least
+    # budget (the slots + views: the nf4 and the in-graph checkpoint's outputs let go) and at 14.5 GB (merge + the
+    # merged rows); the 7B at its least (views) and at 24 GB (merge + rows: recipes/gsm8k-qwen2.5-7b.yaml's plan)
+    "1.5b-vllm-mirror-64x512": (["rollout.weight_format=bf16_mirror"] + gen(64, 512), ["min", 14.5]),
+    "7b-vllm-mirror-8x512": (["rollout.weight_format=bf16_mirror"] + shape("qwen2.5-7b") + gen(8, 512), ["min", 24.0]),
     "1.5b-hf-8x512-r64": (HF + gen(8, 512) + lora(64), ["min"]),
     "1.5b-vllm-nf4-8x4096": (["rollout.weight_format=shared_nf4"] + gen(8, 4096), ["min"]),
     # bench/recipes/multigpu-1.5b.yaml's shape of work on one GPU at 20 GB: the -17% row of the issue
@@ -186,7 +192,8 @@ def run(out: Path, names: list[str]) -> None:
                             "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
                             "cudagraph_capture_sizes", "enforce_eager", "token_chunk", "vocab_chunk", "rollout_engine",
                             "hf_batch_size", "allocator_cap_bytes", "activation_offload", "mlp_tile_tokens",
-                            "micro_batch_seqs", "compile_layers", "logits_dtype", "checkpoint_in_graph")}})
+                            "micro_batch_seqs", "compile_layers", "logits_dtype", "checkpoint_in_graph", "sync",
+                            "trainer_linears")}})
             m = read_metrics(run_dir)
             summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
             row.update({"steps": len(m),
@@ -278,7 +285,7 @@ def measured_phases(row: dict, logs: list[Path]) -> dict | None:
 PIN = {"weight_format": "rollout.weight_format", "kv_release": "rollout.kv_release",
        "micro_batch_tokens": "train.micro_batch_tokens", "gradient_checkpointing": "model.gradient_checkpointing",
        "max_num_seqs": "rollout.max_num_seqs", "activation_offload": "train.activation_offload",
-       "mlp_tile_tokens": "train.mlp_tiles", "checkpoint_in_graph": "train.checkpoint_in_graph"}
+       "mlp_tile_tokens": "train.mlp_tiles", "checkpoint_in_graph": "train.checkpoint_in_graph", "sync": "rollout.sync"}
 
 
 # and the memory knobs that size what cost.py does not price (the KV pool, the prefill batch, HF's batch)
@@ -315,18 +322,34 @@ def _pin_run(knobs: dict) -> list[str]:
     return _pin(knobs) + [f"{PIN_MEMORY[k]}={v}" for k, v in knobs.items() if k in PIN_MEMORY and v]
 
 
+@contextlib.contextmanager
+def trainer_linears(knobs: dict):
+    """Re-plan with what the trainer's linears computed on in a run (plan.trainer_linears; a recipe cannot pin it): the
+    views and the merged rows off (plan.MIRROR_VIEWS) for a run whose trainer kept its nf4."""
+    from trainer import plan as planmod
+
+    was = planmod.MIRROR_VIEWS
+    planmod.MIRROR_VIEWS = knobs.get("trainer_linears", "nf4") != "nf4"
+    try:
+        yield
+    finally:
+        planmod.MIRROR_VIEWS = was
+
+
 def ran_knobs(row: dict) -> dict:
     """The knobs a grid row ran with. Rows before 2026-12-03 evening did not record activation_offload (the 0.5B r128
     row at its least budget offloaded at 4,126 tokens a micro-batch): taken as the choice whose activations today's
     formulas put nearer the run's plan's (components_gb)."""
-    # rows before 2026-12-05 ran HF's checkpoint (the checkpoint in graph was an environment switch, off)
-    ran = {"checkpoint_in_graph": False, **(row.get("knobs") or {})}
+    # rows before 2026-12-05 ran HF's checkpoint (the checkpoint in graph was an environment switch, off), vLLM's LoRA
+    # slots and the trainer on its own nf4 (the views and the merged rows came later that day: plan.trainer_linears)
+    ran = {"checkpoint_in_graph": False, "sync": "inplace", "trainer_linears": "nf4", **(row.get("knobs") or {})}
     if "activation_offload" in ran or not row.get("components_gb") or not ran.get("gradient_checkpointing"):
         return ran
     acts = row["components_gb"].get("activations", 0.0)
 
     def gap(off: bool) -> float:
-        plan, _ = _plan(row["overrides"][:-1] + _pin({**ran, "activation_offload": off}), None)
+        with trainer_linears(ran):
+            plan, _ = _plan(row["overrides"][:-1] + _pin({**ran, "activation_offload": off}), None)
         return abs(plan.components["activations"] / 1e9 - acts)
 
     return {**ran, "activation_offload": min((False, True), key=gap)}
@@ -362,7 +385,9 @@ def fit(out: Path) -> None:
         same = all(getattr(plan, k) == v for k, v in ran.items() if k in PIN)
         # the cost and memory models judged on what ran: the run's knobs pinned (today's planner may choose others at
         # the budget), its KV pool and batch sizes too (memory.py sizes them; cost.py does not read them)
-        pinned, _ = _plan(row["overrides"][:-1] + _pin_run(ran), None)
+        with trainer_linears(ran):
+            pinned, _ = _plan(row["overrides"][:-1] + _pin_run(ran), None)
+        assert pinned.trainer_linears == ran["trainer_linears"], row["name"]
         log = next((p for p in reversed(logs) if p.name == f"{row['name']}.log"), None)
         # torch's recompile_limit hit: the layers ran eager from then on (before trainer/policy.py's
         # LAYER_RECOMPILE_LIMIT); a row that measured that is kept, marked, and not one cost.py is held to
@@ -382,7 +407,8 @@ def fit(out: Path) -> None:
         knobs = row.get("knobs") or {}  # re-planned at the knobs it ran with, as the grid's rows
         r = lc.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"],
                           _pin_run(knobs) + ["budget.vram_gb=140"])
-        plan = make_plan(read_config(r.model), r, Device(**H200))
+        with trainer_linears(knobs):
+            plan = make_plan(read_config(r.model), r, Device(**H200))
         last = row["phase_s"][-1]  # two steps: the second (the first compiles the layers for the length)
         train = sum(v for k, v in last.items() if k != "rollout")
         used = [x.get("phase_peaks_gb") or {} for x in row.get("per_step", [])]

@@ -279,7 +279,8 @@ def test_an_oom_notch_is_one_knob_smaller_in_the_phase_that_ran_out():
     assert {a.knob for a in changes} == {"micro_batch_tokens", "token_chunk"} and p.micro_batch_tokens == mbt // 2
     assert {a.reason for a in changes} == {"out of memory"} and changes[0].measured_gb is None
     assert loop.after_oom(2, "optimizer") == [] and loop.after_oom(2, "kv") == []
-    _, p, small = setup(["budget.vram_gb=6", "model.gradient_checkpointing=true", "train.micro_batch_tokens=384"])
+    _, p, small = setup(["budget.vram_gb=6", "model.gradient_checkpointing=true", "train.micro_batch_tokens=384",
+                         "rollout.weight_format=shared_nf4"])
     # the checkpoint in graph keeps more than HF's: putting HF's back is the notch, then nothing the recipe leaves
     # free is smaller (KV already released)
     assert p.checkpoint_in_graph

@@ -93,9 +93,14 @@ def test_the_plan_keeps_merge_to_the_mirror_and_counts_it(monkeypatch):
     _, merged = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", sets + ["rollout.sync=merge"], device=gpu)
     assert merged.weight_format == "bf16_mirror" and merged.sync == "merge"
     assert "vllm_lora_slots" not in merged.components and 0 < merged.components["lora_merge"] <= 64 * 2**20
-    mirror = sets + ["rollout.weight_format=bf16_mirror"]
+    mirror = sets + ["rollout.weight_format=bf16_mirror", "grpo.max_completion_length=256"]
     _, auto = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", mirror, device=gpu)
     assert auto.sync == "merge" and auto.components["lora_merge"] > 0  # auto: merge + the rows on the mirror
+    assert auto.trainer_linears == "rows"
+    # 16-token completions: the merge after each step costs more than the LoRA kernels it takes out of 16 decode
+    # steps (trainer/cost.py), so auto keeps the slots, the trainer on views of the mirror
+    _, short = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", mirror + ["grpo.max_completion_length=16"], device=gpu)
+    assert (short.sync, short.trainer_linears) == ("inplace", "views")
     # the slots where the merged rows cannot stand in for the trainer's layers, or the trainer stays off the mirror
     _, slots = api.plan(ROOT / "recipes" / "tiny-cpu.yaml", mirror + ["lora.lora_dropout=0.05"], device=gpu)
     assert slots.sync == "inplace" and slots.components["vllm_lora_slots"] > 0 and "lora_merge" not in slots.components
@@ -144,8 +149,10 @@ def test_the_trainer_on_the_merged_rows_has_peft_gradients(monkeypatch):
             got, want = run(merged_cls), run(peft_cls)
             layer.__class__ = merged_cls
             torch.testing.assert_close(got[0], torch.nn.functional.linear(x, layer.merged_rows, layer.base_layer.bias))
-            for g_, w_, what in zip(got, want, ("value", "dx", "dA", "dB")):  # fp32: equal up to summation order
-                torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-5, msg=f"{name} {what}")
+            # fp32: equal up to summation order, whose error scales with the sums' magnitude, not each element's (the
+            # value of down_proj: 2.3e-5 off at outputs of up to 42 on this machine's CPU, under CI's 1e-5 elsewhere)
+            for g_, w_, what in zip(got, want, ("value", "dx", "dA", "dB")):
+                torch.testing.assert_close(g_, w_, rtol=1e-4, atol=2e-6 * float(w_.abs().max()), msg=f"{name} {what}")
             assert b.grad is not None and a.grad.abs().max() > 0
             with policy.reference(), torch.no_grad():  # adapter off: the nf4 base, not the merged rows
                 assert torch.equal(layer(x), layer.base_layer(x))
@@ -175,8 +182,9 @@ def test_merged_rows_only_without_lora_dropout(monkeypatch):
 
 
 def test_train_on_the_merged_rows(tmp_path):
-    # the defaults: vLLM on the bf16 mirror, auto's merge and the trainer on the merged rows
-    out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm",
+    # vLLM on the bf16 mirror (the default format), merge, and the trainer on the merged rows (auto's choice for
+    # completions long enough that the merge pays: test_the_plan_keeps_merge_to_the_mirror_and_counts_it)
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "rollout.engine=vllm", "--set", "rollout.sync=merge",
                      "--set", "train.max_steps=4", "--set", "eval=null", "--set", "train.learning_rate=1e-3",
                      "--output-dir", str(tmp_path / "run")])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

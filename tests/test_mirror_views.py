@@ -55,3 +55,47 @@ def test_train_on_the_mirror_views(tmp_path):
     assert "the trainer's linears views of the mirror" in out.stdout + out.stderr
     assert len(m) == 4 and max(x["logp_gap_mean"] for x in m) < 1e-3, m
     assert len({round(x["loss"], 6) for x in m}) > 1 or any(x.get("grad_norm", 0) > 0 for x in m), m  # it trains
+
+
+def test_the_plan_prices_the_views_and_takes_them_where_the_rows_do_not_fit(monkeypatch):
+    """memory.py: with the views the train phase holds the mirror alone (no nf4 linears, no dequantisation scratch, no
+    in-graph checkpoint's 4-bit outputs), the rollout phase still both (the engine starts before the views); the
+    merged rows keep all three. So at config B's shape a budget too small for merge + rows gets the slots + views."""
+    from trainer import api, memory, plan as planmod
+    from trainer.plan import Device, plan_context, plan_knobs
+    from trainer.policy import read_config
+
+    tiny = ROOT / "recipes" / "tiny-cpu.yaml"
+    sets = ["rollout.engine=vllm", "model.shape=qwen2.5-1.5b", "logging.wandb=false", "rollout.weight_format=bf16_mirror",
+            "train.generation_batch_size=64", "grpo.max_completion_length=512", "model.gradient_checkpointing=true",
+            "train.checkpoint_in_graph=true", "train.activation_offload=false", "train.micro_batch_tokens=4336"]
+    gpu = Device.elsewhere("24")
+    r, rows = api.plan(tiny, sets + ["rollout.sync=merge"], device=gpu)
+    _, views = api.plan(tiny, sets + ["rollout.sync=inplace"], device=gpu)
+    assert (rows.trainer_linears, views.trainer_linears) == ("rows", "views")
+    ctx = plan_context(read_config(r.model), r, rows, gpu)
+    nf4 = memory.linear_base_bytes(ctx, vllm_layout=True)
+    in_graph = memory.CKPT_IN_GRAPH_BYTES * ctx.dims.layers * 4336 * (ctx.dims.hidden + ctx.dims.intermediate)
+    scratch = memory.dequant_scratch(ctx)
+    assert nf4 > 0.6e9 and in_graph > 4e9 and scratch > 0
+    slack = 1 + memory.SLACK_FRACTION
+    # the train phase: the nf4, the scratch and the in-graph outputs (with their slack) less; merge's block and the
+    # slots' LoRA tensors the small difference of the two syncs
+    sync_diff = views.components["vllm_lora_slots"] - rows.components["lora_merge"] * slack
+    got = rows.phase_peaks["train"] - views.phase_peaks["train"]
+    assert abs(got - (nf4 + (in_graph + scratch) * slack - sync_diff)) < 2e6, (got, nf4, in_graph, scratch)
+    # the rollout phase (the engine's start-up) holds the nf4 with either
+    assert abs(rows.phase_peaks["rollout"] - views.phase_peaks["rollout"]) < 0.1e9
+    # off the views (TRAINER_MIRROR_VIEWS=0), the slots' train phase is the rows' again
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", False)
+    _, nf4_plan = api.plan(tiny, sets + ["rollout.sync=inplace"], device=gpu)
+    assert nf4_plan.trainer_linears == "nf4" and nf4_plan.phase_peaks["train"] > rows.phase_peaks["train"] - 0.1e9
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
+    # auto, all else free: merge + rows where they fit; at a budget between the two plans' peaks, the views
+    free = [s for s in sets if not s.startswith(("model.gradient", "train.checkpoint", "train.activation",
+                                                  "train.micro"))]
+    _, wide = api.plan(tiny, free + ["budget.vram_gb=14.5"], device=gpu)
+    _, tight = api.plan(tiny, free + ["budget.vram_gb=7.25"], device=gpu)
+    assert (wide.sync, wide.trainer_linears) == ("merge", "rows")
+    assert (tight.sync, tight.trainer_linears, tight.weight_format) == ("inplace", "views", "bf16_mirror")
+    assert plan_knobs(tight)["trainer_linears"] == "views"  # what the closed loop re-prices with

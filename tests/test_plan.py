@@ -128,7 +128,7 @@ def _speed(plan, model: str, length: int) -> float:
 
     knobs = {k: getattr(plan, k) for k in ("micro_batch_tokens", "gradient_checkpointing", "checkpoint_in_graph",
                                            "weight_format", "kv_release", "max_num_seqs", "activation_offload",
-                                           "micro_batch_seqs", "hf_batch_size")}
+                                           "micro_batch_seqs", "hf_batch_size", "sync", "trainer_linears")}
     dims = ModelDims.from_config(cfg(model))
     got = -cost.step_seconds(dims.linear_params, plan.generation_batch_size, length,
                              plan.generation_batch_size * plan.max_model_len, knobs, plan.rollout_engine,
@@ -140,16 +140,21 @@ def _speed(plan, model: str, length: int) -> float:
     return got
 
 
-def test_predicted_step_prices_every_pass_over_the_batch():
+@pytest.mark.parametrize("linears", ["nf4", "views", "rows"])
+def test_predicted_step_prices_every_pass_over_the_batch(linears, monkeypatch):
     # num_iterations 2 and beta > 0 were predicted as one pass (7.1 s a step against 11.6 s measured on one H200,
-    # 2026-12-02): each iteration's forward + backward and each gradient-free log-prob pass now costs its time.
-    from trainer import cost
+    # 2026-12-02): each iteration's forward + backward and each gradient-free log-prob pass now costs its time; on
+    # the mirror's bf16 linears (views, merged rows) at cost.BF16_LINEARS_TRAIN of it, except the reference pass under
+    # the merged rows (peft's adapter disabled: the trainer's nf4 path).
+    from trainer import cost, plan as planmod
 
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", linears != "nf4")
     fixed = ["train.micro_batch_tokens=4096", "model.gradient_checkpointing=true", "train.checkpoint_in_graph=false",
-             "rollout.weight_format=bf16_mirror",
+             "rollout.weight_format=bf16_mirror", "rollout.sync=" + ("merge" if linears == "rows" else "inplace"),
              "grpo.max_completion_length=1024", "train.generation_batch_size=32", "budget.vram_gb=40"]
     one, ref, two = (make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(fixed + o), H100)
                      for o in ([], ["grpo.beta=0.04"], ["grpo.beta=0.04", "grpo.num_iterations=2"]))
+    assert one.trainer_linears == ref.trainer_linears == two.trainer_linears == linears
     assert one.micro_batch_tokens == ref.micro_batch_tokens == two.micro_batch_tokens == 4096
     n = math.ceil(32 * one.max_model_len / 4096)
     d = ModelDims.from_config(cfg("qwen2.5-1.5b-instruct"))
@@ -157,9 +162,12 @@ def test_predicted_step_prices_every_pass_over_the_batch():
     forward_flops = 2 * (d.linear_params + d.vocab * d.hidden) * 4096 + 2 * t * t * d.heads * d.head_dim * d.layers * 4096 / t
     train = n * max(cost.LAYER_FLOOR_S[(one.compile_layers, True)] * d.layers, 4 * forward_flops / cost.TRAIN_FLOPS)
     forward = n * max(cost.LAYER_FLOOR_S[(one.compile_layers, False)] * d.layers / 2, forward_flops / cost.TRAIN_FLOPS)
-    assert ref.predicted_step_s - one.predicted_step_s == pytest.approx(forward, abs=2e-3)  # the reference pass
+    bf16 = 1.0 if linears == "nf4" else cost.BF16_LINEARS_TRAIN
+    # the reference pass
+    assert ref.predicted_step_s - one.predicted_step_s == pytest.approx(forward * (1.0 if linears == "rows" else bf16),
+                                                                        abs=2e-3)
     # the second iteration (forward, recompute, 2x backward) and the old policy's pass
-    assert two.predicted_step_s - ref.predicted_step_s == pytest.approx(train + forward, abs=2e-3)
+    assert two.predicted_step_s - ref.predicted_step_s == pytest.approx((train + forward) * bf16, abs=2e-3)
 
 
 def test_hf_generate_is_priced_per_call_and_decoder_layer():

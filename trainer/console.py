@@ -99,17 +99,12 @@ def plan_table(plan) -> Group:
 
 
 def _trainer_on_mirror(plan) -> str:
-    """What the trainer's layers compute on with the bf16 mirror (trainer/plan.py MIRROR_VIEWS)."""
-    from trainer.plan import MIRROR_VIEWS
-
+    """What the trainer's layers compute on with the bf16 mirror (Plan.trainer_linears)."""
     if plan.weight_format != "bf16_mirror":
         return ""
-    if not MIRROR_VIEWS:
-        return ", the trainer on its own nf4 copy (TRAINER_MIRROR_VIEWS=0)"
-    if plan.sync == "merge":  # unless the recipe keeps the trainer off them: a plan note says why
-        return "" if any(n.startswith("rollout.sync merge: the trainer keeps") for n in plan.notes) \
-            else ", the trainer on the merged rows"
-    return ", the trainer's linears views of the mirror (its nf4 copy let go)"
+    return {"rows": ", the trainer on the merged rows",
+            "views": ", the trainer's linears views of the mirror (its nf4 copy let go)"}.get(
+        plan.trainer_linears, ", the trainer on its own nf4 copy")
 
 
 def alternatives_table(alts: dict, engine: str) -> Table:

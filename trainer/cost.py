@@ -84,6 +84,21 @@ TRAIN_STEP_S = 0.1
 # (61,440 + 8 x 2,048 - 8 x 384) tokens x 131,072 bytes of KV read a step.
 DECODE_KV_BYTES_S = 0.95e12
 MEASURED_CONTEXT = 384  # the decode constants above were measured at about this many tokens of context
+# The bf16 mirror's two trainer-side paths (plan.trainer_linears), measured on one H100 against the slots with the
+# trainer on its nf4 (2026-12-05, bench/results/ladder_lora_merge+mirror_views_ab.json and mirror_views_ab.json, the
+# 1.5B shape, config A 8 x 256 and B 64 x 512, medians of steps 3-6), not yet on the H200 grid:
+# - rollout.sync merge (no LoRA kernels in vLLM's decode step): the step less its train phase fell 1.04 -> 0.74 s (A,
+#   256 token steps at 8 sequences) and 3.16 -> 2.88 s (B, 512 at 64), 1.16 and 0.55 ms a token step, here per
+#   decoder layer (the LoRA kernels are launched per layer) at 8 and 64 sequences, interpolated in t as DECODE_GROWTH;
+#   each merge (sync.MergedSync.push) took 31-47 ms: priced per decoder layer (its ~40 launches) plus the bytes it
+#   moves (dequantise, fp32 block, add, round: ~22 a parameter) at the card's bandwidth (an estimate beyond the 1.5B).
+LORA_DECODE_MS_PER_LAYER = (1.16 / 28, 0.55 / 28)
+MERGE_S_PER_LAYER, MERGE_BYTES_PER_PARAM, MERGE_BYTES_S = 1.0e-3, 22, 3e12
+# - the trainer's linears in bf16 (views of the mirror, or the merged rows): no bitsandbytes dequantisation or its
+#   Python around each GEMM; the train phase fell 0.40-0.43 -> 0.22-0.26 s (A) and 2.31-2.54 -> 1.46 s (B): 0.48-0.58
+#   of its micro-batches' share (the phase less TRAIN_STEP_S). The reference pass under the merged rows (peft's
+#   adapter disabled) keeps the nf4 path.
+BF16_LINEARS_TRAIN = 0.55
 # Activation offload: each checkpointed layer input goes to the host and back over PCIe. Charged in full, as if the
 # copies were not overlapped with compute (an upper bound: they run on a side stream), so that the planner turns
 # offload on only where the checkpoints do not fit on the device. Estimate (PCIe Gen5 x16, pinned), not measured.
@@ -107,11 +122,12 @@ def step_seconds(*args, **kwargs) -> float:
 
 def step_breakdown(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
                    engine: str, compiled: bool = False, fused_nf4: bool = False, *, dims, prompt_len: int = 0,
-                   num_iterations: int = 1, forward_passes: int = 0, group: int = 1) -> dict[str, float]:
+                   num_iterations: int = 1, forward_passes: int = 0, group: int = 1,
+                   reference_pass: bool = False) -> dict[str, float]:
     """Seconds by phase: rollout (vLLM's call, waves and decode; HF generate's calls of token steps) and train
     (`num_iterations` forward + backward passes over the batch and `forward_passes` log-prob passes without gradients:
-    the reference model's when beta > 0, the old policy's when num_iterations > 1). `dims` (memory.ModelDims): the
-    layers, attention and KV shapes; `group`: completions per prompt (G)."""
+    the reference model's when beta > 0, the old policy's when num_iterations > 1; `reference_pass`: one of them is the
+    reference's). `dims` (memory.ModelDims): the layers, attention and KV shapes; `group`: completions per prompt (G)."""
     if engine == "vllm":
         seqs = min(gen, knobs.get("max_num_seqs") or gen)
         waves = math.ceil(gen / max(seqs, 1))
@@ -120,6 +136,10 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
         prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
         extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
         step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
+        if knobs.get("sync") == "merge":  # no LoRA kernels in the decode step (the adapter is in the weights)
+            t = min(max((math.log2(max(seqs, 1)) - 3) / 3, 0.0), 1.0)
+            at8, at64 = LORA_DECODE_MS_PER_LAYER
+            step_ms = max(step_ms - dims.layers * (at8 + (at64 - at8) * t), 0.5)
         rollout = ROLLOUT_CALL_S + waves * WAVE_S + waves * completion_len * step_ms / 1e3
     else:  # HF generate: ceil(G / hf_batch_size) calls of completion_len token steps each
         calls = math.ceil(gen / max(knobs.get("hf_batch_size") or gen, 1))
@@ -138,7 +158,14 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
     grad_pass = max(LAYER_FLOOR_S[(compiled, gc)] * dims.layers, (4 if gc else 3) * forward / rate)
     free_pass = max(LAYER_FLOOR_S[(compiled, False)] * dims.layers / 2, forward / rate)
-    train = micro_batches * (num_iterations * grad_pass + forward_passes * free_pass)
+    linears = knobs.get("trainer_linears", "nf4")
+    if linears != "nf4":  # bf16 linears (the mirror's views or merged rows): BF16_LINEARS_TRAIN
+        grad_pass *= BF16_LINEARS_TRAIN
+    nf4_passes = forward_passes if linears == "nf4" else int(reference_pass and linears == "rows")
+    train = micro_batches * (num_iterations * grad_pass + nf4_passes * free_pass
+                             + (forward_passes - nf4_passes) * free_pass * BF16_LINEARS_TRAIN)
+    if knobs.get("sync") == "merge":  # the merge after each optimizer step
+        train += dims.layers * MERGE_S_PER_LAYER + MERGE_BYTES_PER_PARAM * linear_params / MERGE_BYTES_S
     if knobs.get("mlp_tile_tokens"):  # a tiled MLP's backward runs the MLPs' forward once more
         mlp_forward = 2 * dims.layers * 3 * dims.hidden * dims.intermediate * mbt
         train += micro_batches * num_iterations * mlp_forward / rate

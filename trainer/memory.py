@@ -46,6 +46,12 @@ NO_CKPT_FIT = 0.82
 # the 0.5B (4.15); the larger. Two bf16 tensors of each width a layer would be 4.0. The 1.5B's one 2,232-token
 # micro-batch, unpriced, ran out of memory at 6.6 GB with it (and again at 1,116 tokens).
 CKPT_IN_GRAPH_BYTES = 4.15
+# Not where the trainer's linears are views of the bf16 mirror (plan trainer_linears "views"): plain bf16 linears,
+# whose outputs the partitioner recomputes. Measured on one H100 (2026-12-05, bench/results/mirror_views_ab.json,
+# config B 64 x 512 at 14.5 GB, eight 4,280-token micro-batches, the KV released): torch's train-phase peak 11.92 GB on the
+# nf4 layers, 6.21 GB on the views (the term is 5.2 GB there). The merged rows (trainer/merged_linear.py, "rows")
+# kept it: 11.72 GB in the same sitting (their autograd function saves its input; why the partitioner does not
+# recompute it is not known), so it stays counted for them.
 # Activation offload (plan.activation_offload, trainer/offload.py): the checkpointed layer inputs go to pinned host
 # memory as the forward passes each layer and come back one layer ahead of the backward, so the device holds at most
 # this many layers' checkpoints (one being copied out or prefetched, one in use) besides the layer being recomputed.
@@ -184,14 +190,18 @@ def kv_pool_bytes(dims: ModelDims, seqs: int, max_len: int, shared_prompt: int =
 
 def base_bytes(ctx: Context, vllm_layout: bool) -> int:
     """The frozen base: 4-bit linear layers (+ absmax) and bf16 embeddings, norms and biases."""
-    d, n = ctx.dims, ctx.dims.linear_params
+    d = ctx.dims
+    small = d.layers * (2 * d.hidden + d.heads * d.head_dim + 2 * d.kv_heads * d.head_dim) + d.hidden
+    return linear_base_bytes(ctx, vllm_layout) + (d.embed_params + small) * ctx.dtype_bytes
+
+
+def linear_base_bytes(ctx: Context, vllm_layout: bool) -> int:
+    """The base's linear layers alone (what the trainer lets go when its linears become views of the bf16 mirror)."""
+    n = ctx.dims.linear_params
     if ctx.quantized:
         # vLLM's in-flight bnb: fp32 absmax per 64 weights. HF double quant: uint8 absmax + fp32 per 256 blocks.
-        linear = n // 2 + (n // 64 * 4 if vllm_layout else n // 64 + n // 64 // 256 * 4)
-    else:
-        linear = n * ctx.dtype_bytes
-    small = d.layers * (2 * d.hidden + d.heads * d.head_dim + 2 * d.kv_heads * d.head_dim) + d.hidden
-    return linear + (d.embed_params + small) * ctx.dtype_bytes
+        return n // 2 + (n // 64 * 4 if vllm_layout else n // 64 + n // 64 // 256 * 4)
+    return n * ctx.dtype_bytes
 
 
 def layer_activation_bytes(ctx: Context, tokens: int, mlp_tokens: int | None = None) -> int:
@@ -206,9 +216,10 @@ def layer_activation_bytes(ctx: Context, tokens: int, mlp_tokens: int | None = N
     return tokens * (per_token * ctx.dtype_bytes + lora) + mlp_tokens * mlp * ctx.dtype_bytes
 
 
-def dequant_scratch(ctx: Context) -> int:
-    """bitsandbytes dequantises the largest weight for each matmul (twice in backward)."""
-    if not ctx.quantized:
+def dequant_scratch(ctx: Context, k: dict | None = None) -> int:
+    """bitsandbytes dequantises the largest weight for each matmul (twice in backward); none where the trainer's
+    linears are views of the bf16 mirror (no 4-bit weight left to dequantise)."""
+    if not ctx.quantized or (k or {}).get("trainer_linears") == "views":
         return 0
     return 2 * max(o * i for o, i in ctx.dims.linears().values()) * ctx.dtype_bytes
 
@@ -241,7 +252,7 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
                 + t * d.hidden * 4 + OFFLOAD_BACKWARD_BYTES_PER_TH * t * d.hidden)
     elif k["gradient_checkpointing"] and ctx.cuda:
         acts = int(d.layers * per_layer)
-        if k.get("checkpoint_in_graph"):
+        if k.get("checkpoint_in_graph") and k.get("trainer_linears", "nf4") != "views":
             acts += int(CKPT_IN_GRAPH_BYTES * d.layers * t * (d.hidden + d.intermediate))
     elif k["gradient_checkpointing"]:
         acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t, mlp_t)
@@ -255,7 +266,7 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
     tile = rows * k["vocab_chunk"] * max(ctx.dtype_bytes, 2) * (1 if ctx.cuda else 16)
     logits = tile + rows * d.hidden * 4
     batch = ctx.gen * ctx.max_len * 8 * 6  # ids, masks and logprob tensors of the step on the device
-    out = {"activations": acts + dequant_scratch(ctx), "logits": logits, "batch_tensors": batch,
+    out = {"activations": acts + dequant_scratch(ctx, k), "logits": logits, "batch_tensors": batch,
            "attention_mask": attention_mask_bytes(ctx, k)}
     if k.get("sync") == "merge":  # the sync at the phase's end adds the adapter to the mirror in fp32 row blocks
         out["lora_merge"] = min(LORA_MERGE_BLOCK_BYTES, 4 * d.hidden * d.intermediate)
@@ -331,7 +342,11 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
     slack = lambda dyn: int(SLACK_FIXED + SLACK_FRACTION * dyn) if ctx.cuda else 0  # noqa: E731
     kv_held = sum(kv.values())  # one allocation at engine start, no slack of its own (see SLACK_FRACTION)
     roll_dyn, train_dyn = sum(roll.values()), sum(train.values())
+    # The trainer's linears as views of the bf16 mirror (trainer_linears "views", sync.view_mirror_linears): its own
+    # copy of them is let go once vLLM has started on the mirror, so the train phase holds the mirror alone. The rollout
+    # phase keeps both, as the engine's start-up does (KV pool, profiling run and graph capture before the views).
+    let_go = linear_base_bytes(ctx, vllm_layout=vllm) if k.get("trainer_linears") == "views" else 0
     phases = {"rollout": base + kv_held + roll_dyn + slack(roll_dyn),
-              "train": base + (0 if k["kv_release"] else kv_held) + train_dyn + slack(train_dyn)}
+              "train": base - let_go + (0 if k["kv_release"] else kv_held) + train_dyn + slack(train_dyn)}
     comps["allocator_slack"] = max(slack(roll_dyn), slack(train_dyn))
     return comps, phases

@@ -130,6 +130,10 @@ class Plan:
     cudagraph_capture_sizes: list[int] = field(default_factory=list)
     kv_release: bool = False
     sync: str = "inplace"
+    # What the trainer's linear layers compute on: "nf4" (its own 4-bit base), "views" (views of vLLM's bf16 mirror,
+    # its nf4 let go: sync.view_mirror_linears) or "rows" (the adapted linears on the merged rows vLLM samples from,
+    # rollout.sync merge: trainer/merged_linear.py). Decided with the sync (trainer_linears below).
+    trainer_linears: str = "nf4"
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     loss_scaling: bool = False  # float16 compute: dynamic loss scaling (trainer/loss_scale.py); bf16/fp32 need none
@@ -453,7 +457,7 @@ def plan_knobs(plan: Plan) -> dict:
             "activation_offload", "mlp_tile_tokens",
             "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
             "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype",
-            "hf_compiled_decode", "sync")
+            "hf_compiled_decode", "sync", "trainer_linears")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -615,14 +619,15 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         return {None: [0, tile], True: [tile], False: [0]}[t.mlp_tiles]
 
     out = []
-    for seqs, mbt, gc, off, fmt, rel, ld, mlp_tile_tokens in itertools.product(
-            seq_opts, mbts, gcs, offloads, formats, releases, _logits_dtypes(recipe), sorted({0, tile, mlp_tile or 0})):
+    for seqs, mbt, gc, off, (fmt, sync), rel, ld, mlp_tile_tokens in itertools.product(
+            seq_opts, mbts, gcs, offloads, [(f, y) for f in formats for y in _syncs(r.sync, f, recipe, vllm)],
+            releases, _logits_dtypes(recipe), sorted({0, tile, mlp_tile or 0})):
         if mlp_tile_tokens not in tiles(mbt) or ((off or mlp_tile_tokens) and not gc):
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
                      gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off,
-                     mlp_tile_tokens=mlp_tile_tokens,
-                     weight_format=fmt, kv_release=rel, sync=_sync(r.sync, fmt, recipe) if vllm else "inplace",
+                     mlp_tile_tokens=mlp_tile_tokens, weight_format=fmt, kv_release=rel, sync=sync,
+                     trainer_linears=trainer_linears(fmt, sync, recipe) if vllm else "nf4",
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
@@ -688,7 +693,7 @@ def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> 
                                recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0,
                                dims=ctx.dims, prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
                                forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
-                               group=recipe.grpo.num_generations)
+                               group=recipe.grpo.num_generations, reference_pass=recipe.grpo.beta != 0.0)
 
 
 # rollout.logits_dtype: auto takes this one where it fits the budget, else "model". "model" (bf16 logits on both
@@ -728,13 +733,26 @@ def merged_rows_refusal(recipe) -> str | None:
     return None
 
 
-def _sync(asked: str, fmt: str, recipe) -> str:
-    """The LoRA sync for a weight format: merge only into the bf16 mirror (shared nf4 has no 16-bit weights), and by
-    default only where the trainer computes on the merged rows (without them merge widens the gap)."""
+def _syncs(asked: str, fmt: str, recipe, vllm: bool = True) -> list[str]:
+    """The LoRA syncs the planner weighs for a weight format: merge only into the bf16 mirror (shared nf4 has no
+    16-bit weights), and under auto only where the trainer computes on the merged rows (without them merge widens
+    the gap); auto there weighs merge against the slots (the merged rows keep the trainer's nf4 and the in-graph
+    checkpoint's outputs, the slots' views let both go: memory.py), merge first where both fit alike."""
+    if not vllm:
+        return ["inplace"]
     if asked == "auto":
         rows = merged_rows_refusal(recipe) is None
-        return "merge" if fmt == "bf16_mirror" and LORA_MERGE_PREFERRED and rows else "inplace"
-    return asked
+        return ["merge", "inplace"] if fmt == "bf16_mirror" and LORA_MERGE_PREFERRED and rows else ["inplace"]
+    return [asked]
+
+
+def trainer_linears(fmt: str, sync: str, recipe) -> str:
+    """What the trainer's linears compute on (Plan.trainer_linears) for a vLLM weight format and sync."""
+    if fmt != "bf16_mirror" or not MIRROR_VIEWS:
+        return "nf4"
+    if sync == "merge":
+        return "rows" if merged_rows_refusal(recipe) is None else "nf4"
+    return "views"
 
 
 def _logits_dtypes(recipe) -> list[str]:

@@ -148,9 +148,8 @@ class VLLMEngine:
         from trainer import merged_linear
         from trainer.plan import merged_rows_refusal
 
-        why = merged_rows_refusal(self.recipe)
-        if why is not None:
-            log.info("rollout.sync merge: the trainer keeps its nf4 path: %s", why)
+        if self.plan.trainer_linears != "rows":
+            log.info("rollout.sync merge: the trainer keeps its nf4 path: %s", merged_rows_refusal(self.recipe))
             return 0
         return merged_linear.install(self.merge_sync.layers)
 
@@ -175,7 +174,7 @@ class VLLMEngine:
 
     def start_on_mirror(self, policy) -> None:
         """bf16_mirror (no engine yet): vLLM loads the trainer's dequantised weights, then shares its embeddings."""
-        from trainer import plan as planmod, sync
+        from trainer import sync
 
         if self.llm is not None:
             return
@@ -191,7 +190,7 @@ class VLLMEngine:
             self.info["mirror_written_bytes"] = sync.load_mirror(policy.model, self.vmodel, policy.compute_dtype)
             self.info["mirror_write_s"] = round(time.perf_counter() - t0, 3)
         sync.share_non_linear(policy.model.get_base_model(), self.vmodel, parked)
-        if planmod.MIRROR_VIEWS and self.plan.sync != "merge":  # the trainer's linears: views of the mirror's rows
+        if self.plan.trainer_linears == "views":  # the trainer's linears: views of the mirror's rows
             self.info["nf4_freed_bytes"] = sync.view_mirror_linears(policy.model, self.vmodel, policy.compute_dtype)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
