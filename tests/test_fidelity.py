@@ -245,10 +245,14 @@ def test_fidelity_bench_runs_every_in_process_switch_on_the_cpu(tmp_path):
     v = part["variants"]
     assert v["trainer_uncompiled_sampler_rounding"]["mean"] < 0.95 * v["base"]["mean"], v
     # rollout.sync merge: with B = 0 the merged mirror is the dequantised base to the bit, so vLLM samples and scores
-    # exactly as the LoRA-slot engine does; with the adapter, its rounding into the weights shows in the gap
-    # (0.0161 against the slots' 0.0118 at 256 tokens, 2026-12-05) but stays a rounding, not a wrong weight
+    # as the LoRA-slot engine does (on CI's CPU to the bit; on another x86 CPU 0.010966 against 0.010967, vLLM's
+    # LoRA-wrapped layers reaching oneDNN's GEMM otherwise: a wrong weight would be tenths off); with the adapter, its
+    # rounding into the weights shows in the gap (0.0161 against the slots' 0.0118 at 256 tokens, 2026-12-05) but
+    # stays a rounding, not a wrong weight
     merged = json.loads((tmp_path / "variants_tiny_bf16_mirror_merged.json").read_text())["variants"]
-    assert merged["lora_zero"] == {**v["lora_zero"], "trainer_s": merged["lora_zero"]["trainer_s"]}, merged["lora_zero"]
+    same, slots = merged["lora_zero"], v["lora_zero"]
+    assert same["tokens"] == slots["tokens"] and abs(same["mean"] - slots["mean"]) <= 1e-3 * slots["mean"], (same, slots)
+    assert abs(same["max"] - slots["max"]) <= 1e-2 * slots["max"], (same, slots)
     assert merged["base"]["mean"] < 0.05 and merged["base"]["max"] < 0.5, merged["base"]
     subprocess.run([sys.executable, "bench/fidelity.py", "report", str(tmp_path / "f.json"), str(tmp_path)], cwd=ROOT,
                    env=env, check=True, timeout=120)
