@@ -215,11 +215,13 @@ def run(out: Path, names: list[str]) -> None:
 
 
 def keep_run_files(run_dir: Path, out: Path, name: str) -> None:
-    """The run's plan, summary, per-phase memory series and torch.profiler tables (TRAINER_PROFILE_STEP=k in the
-    sitting's environment) beside its log as NAME.FILE: the run dir stays on the device, which goes back."""
+    """The run's plan, summary, per-phase memory series, torch.profiler tables (TRAINER_PROFILE_STEP=k in the
+    sitting's environment) and allocation history at an OOM (TRAINER_MEMORY_HISTORY=start) beside its log as
+    NAME.FILE: the run dir stays on the device, which goes back."""
     import shutil
 
-    for f in ["plan.json", "summary.json", "memory.jsonl", *sorted(p.name for p in run_dir.glob("profile_step*.txt"))]:
+    for f in ["plan.json", "summary.json", "memory.jsonl", "memory_snapshot.pickle",  # TRAINER_MEMORY_HISTORY's, at an OOM
+              *sorted(p.name for p in run_dir.glob("profile_step*.txt"))]:
         if (run_dir / f).exists():
             shutil.copy(run_dir / f, out / f"{name}.{f}")
 
