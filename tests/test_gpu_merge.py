@@ -145,3 +145,50 @@ def test_vllm_on_the_written_mirror_samples_the_trainers_policy(monkeypatch):
         gap = _gap(policy, prompts, g1)
         assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap
 
+
+
+@pytest.mark.parametrize("sync", ["inplace", "merge"])
+def test_the_parked_base_is_off_the_device_while_vllm_starts(sync, monkeypatch):
+    """plan.park_base (TRAINER_PARK_BASE=1): the trainer's nf4 linears wait in host memory while vLLM starts on the
+    mirror: torch holds less than their bytes beside vLLM's weights then; with the views they never come back, with
+    merge they return for the merge and the reference pass; either way vLLM samples the trainer's policy."""
+    import bitsandbytes as bnb
+
+    from trainer import plan as planmod
+    from trainer.rollout.vllm import VLLMEngine
+
+    monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
+    monkeypatch.setattr(planmod, "PARK_BASE", True)
+    seen = {}
+    start = VLLMEngine._start
+
+    def watched(self, *args, **kwargs):  # torch's allocated bytes as vLLM starts, and the nf4 on the device then
+        seen["before"] = torch.cuda.memory_allocated()
+        seen["nf4_on_device"] = sum(m.weight.data.nbytes for m in self._policy_base.modules()
+                                    if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cuda")
+        return start(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLLMEngine, "_start", watched)
+    attach = VLLMEngine.attach
+
+    def remember(self, policy):
+        self._policy_base = policy.model.get_base_model()
+        return attach(self, policy)
+
+    monkeypatch.setattr(VLLMEngine, "attach", remember)
+    for plan, engine, policy in mirror_stack(sync):
+        assert plan.park_base and engine.info["parked_linears"] == 7 * policy.model.get_base_model().config.num_hidden_layers
+        assert seen["nf4_on_device"] == 0, seen  # every 4-bit layer was in host memory while vLLM started
+        base = policy.model.get_base_model()
+        left = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        if sync == "inplace":  # the views replaced them
+            assert plan.trainer_linears == "views" and not left
+        else:  # back on the device for the merge
+            assert plan.trainer_linears == "rows" and left and all(m.weight.device.type == "cuda" for m in left)
+            assert all(m.weight.quant_state.absmax.device.type == "cuda" for m in left)
+        prompts, g0 = _sample(engine, policy)
+        _randomize_lora(policy, 0.02, seed=1)
+        engine.sync(policy)
+        _, g1 = _sample(engine, policy)
+        gap = _gap(policy, prompts, g1)
+        assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap

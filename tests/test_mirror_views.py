@@ -99,3 +99,40 @@ def test_the_plan_prices_the_views_and_takes_them_where_the_rows_do_not_fit(monk
     assert (wide.sync, wide.trainer_linears) == ("merge", "rows")
     assert (tight.sync, tight.trainer_linears, tight.weight_format) == ("inplace", "views", "bf16_mirror")
     assert plan_knobs(tight)["trainer_linears"] == "views"  # what the closed loop re-prices with
+
+
+def test_a_parked_base_takes_the_nf4_out_of_the_views_start_up(monkeypatch):
+    """plan.park_base (TRAINER_PARK_BASE=1, sync.park_linears): the nf4 waits in host memory while vLLM starts, so the
+    views' rollout phase (their start-up's bound) holds the mirror alone, and the 7B's least budget on the mirror
+    falls by its nf4; merge reads the nf4 back, so its phases stay; never on the CPU, whose memory is not budgeted."""
+    from trainer import api, memory, plan as planmod
+    from trainer.plan import Device, plan_context
+    from trainer.policy import read_config
+
+    tiny = ROOT / "recipes" / "tiny-cpu.yaml"
+    sets = ["rollout.engine=vllm", "model.shape=qwen2.5-7b", "logging.wandb=false", "rollout.weight_format=bf16_mirror",
+            "train.generation_batch_size=8", "grpo.max_completion_length=512", "rollout.max_num_seqs=8",
+            "rollout.kv_release=false", "model.gradient_checkpointing=true", "train.micro_batch_tokens=1084"]
+    gpu = Device.elsewhere("80")
+    plans = {}
+    for park in (False, True):
+        monkeypatch.setattr(planmod, "PARK_BASE", park)
+        for sync in ("inplace", "merge"):
+            plans[park, sync] = api.plan(tiny, sets + [f"rollout.sync={sync}"], device=gpu)
+    r, views = plans[True, "inplace"]
+    nf4 = memory.linear_base_bytes(plan_context(read_config(r.model), r, views, gpu), vllm_layout=True)
+    assert nf4 > 3e9 and views.park_base and views.trainer_linears == "views"
+    assert plans[False, "inplace"][1].phase_peaks["rollout"] - views.phase_peaks["rollout"] == nf4
+    assert plans[False, "inplace"][1].phase_peaks["train"] == views.phase_peaks["train"]
+    assert plans[True, "merge"][1].phase_peaks == plans[False, "merge"][1].phase_peaks  # the nf4 comes back
+    assert plans[True, "merge"][1].park_base
+    # the least budget auto finds on the mirror moves with it (the views' start-up bound it)
+    least = {}
+    for park in (False, True):
+        monkeypatch.setattr(planmod, "PARK_BASE", park)
+        auto, p = api.plan(tiny, sets[:6], device=gpu)
+        alts = planmod.alternatives(read_config(auto.model), auto, p, gpu)
+        least[park] = alts["smallest"]["budget_needed_bytes"]
+    assert least[False] - least[True] > 0.8 * nf4, least
+    _, cpu = api.plan(tiny, ["rollout.engine=vllm", "logging.wandb=false"], device=Device.detect())
+    assert cpu.weight_format == "bf16_mirror" and not cpu.park_base

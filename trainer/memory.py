@@ -344,9 +344,10 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
     roll_dyn, train_dyn = sum(roll.values()), sum(train.values())
     # The trainer's linears as views of the bf16 mirror (trainer_linears "views", sync.view_mirror_linears): its own
     # copy of them is let go once vLLM has started on the mirror, so the train phase holds the mirror alone. The rollout
-    # phase keeps both, as the engine's start-up does (KV pool, profiling run and graph capture before the views).
+    # phase keeps both, as the engine's start-up does (KV pool, profiling run and graph capture before the views),
+    # unless the nf4 waits in host memory through that start-up (park_base, sync.park_linears).
     let_go = linear_base_bytes(ctx, vllm_layout=vllm) if k.get("trainer_linears") == "views" else 0
-    phases = {"rollout": base + kv_held + roll_dyn + slack(roll_dyn),
+    phases = {"rollout": base - (let_go if k.get("park_base") else 0) + kv_held + roll_dyn + slack(roll_dyn),
               "train": base - let_go + (0 if k["kv_release"] else kv_held) + train_dyn + slack(train_dyn)}
     comps["allocator_slack"] = max(slack(roll_dyn), slack(train_dyn))
     return comps, phases

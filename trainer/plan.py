@@ -134,6 +134,9 @@ class Plan:
     # its nf4 let go: sync.view_mirror_linears) or "rows" (the adapted linears on the merged rows vLLM samples from,
     # rollout.sync merge: trainer/merged_linear.py). Decided with the sync (trainer_linears below).
     trainer_linears: str = "nf4"
+    # bf16_mirror on CUDA: the trainer's nf4 linears wait in host memory while vLLM starts (sync.park_linears;
+    # PARK_BASE below); with the views they never come back
+    park_base: bool = False
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     loss_scaling: bool = False  # float16 compute: dynamic loss scaling (trainer/loss_scale.py); bf16/fp32 need none
@@ -457,7 +460,7 @@ def plan_knobs(plan: Plan) -> dict:
             "activation_offload", "mlp_tile_tokens",
             "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
             "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype",
-            "hf_compiled_decode", "sync", "trainer_linears")
+            "hf_compiled_decode", "sync", "trainer_linears", "park_base")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -628,6 +631,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                      gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off,
                      mlp_tile_tokens=mlp_tile_tokens, weight_format=fmt, kv_release=rel, sync=sync,
                      trainer_linears=trainer_linears(fmt, sync, recipe) if vllm else "nf4",
+                     park_base=PARK_BASE and vllm and fmt == "bf16_mirror" and not cpu,
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
@@ -711,6 +715,14 @@ LOGITS_DTYPE_PREFERRED = "model"
 # matmuls' outputs, not plain linears'); the memory model still counts the nf4 copy and those outputs, so the switch
 # only lowers a run's peak below its plan until a planner sitting measures it.
 MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") != "0"
+# The trainer's nf4 linears in host memory while vLLM starts on the mirror (Plan.park_base, sync.park_linears): vLLM's
+# start-up (weights, profiling run, KV pool, graph capture) then holds no trainer base beside the mirror, and with the
+# views the nf4 never comes back (the views' start-up peak loses it: memory.py). Behind TRAINER_PARK_BASE=1 until a
+# sitting measures it: on one H100 (2026-12-05, docs/benchmarks.md) the 7B's mirror (merge + rows, the KV released)
+# ran out of memory in vLLM's start-up at 22 GB asking 1.02 GiB with torch holding 20.09 GB reserved for 17.80
+# allocated, the trainer's nf4 load (bitsandbytes quantises each bf16 weight on the device) being the suspect; and
+# the views' least budget for the 7B is set by that start-up holding the nf4 (3.4 GB) beside the mirror.
+PARK_BASE = os.environ.get("TRAINER_PARK_BASE") == "1"
 # rollout.sync: auto merges the adapter into the bf16 mirror (no LoRA kernels in vLLM's decode step: ~1 ms of the
 # 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) where the trainer computes on
 # the merged rows. Measured on an H100 (2026-12-05): merge alone 0.83x the slots' step at 8 x 256 and none at

@@ -87,6 +87,45 @@ def park_embeddings(model: torch.nn.Module) -> list[torch.nn.Module]:
     return parked
 
 
+def park_linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.device]]:
+    """bf16_mirror start-up with plan.park_base: the trainer's 4-bit linear layers (packed weights, quantisation
+    state, biases) wait in host memory while vLLM loads the mirror, captures its graphs and sizes its KV pool, so that
+    vLLM starts on a device holding no trainer base: its start-up peak is the mirror's alone, and the segments the
+    trainer's load left partly used (bitsandbytes quantises each bf16 weight on the device) are handed back whole
+    before vLLM's pools take memory. Returns the layers moved, with their device (unpark_linears brings them back;
+    the views replace them instead: view_mirror_linears)."""
+    import bitsandbytes as bnb
+
+    parked = []
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and mod.weight.device.type == "cuda":
+            parked.append((mod, mod.weight.device))
+            _move_linear(mod, torch.device("cpu"))
+    if parked:
+        torch.cuda.empty_cache()
+    return parked
+
+
+def unpark_linears(parked: list[tuple[torch.nn.Module, torch.device]]) -> int:
+    """The parked layers back on their device (rollout.sync merge reads them each sync; the trainer's nf4 path computes
+    with them); returns the bytes moved."""
+    moved = 0
+    for mod, device in parked:
+        if mod.weight.device != device:
+            _move_linear(mod, device)
+            moved += mod.weight.data.numel() * mod.weight.data.element_size()
+    return moved
+
+
+def _move_linear(mod: torch.nn.Module, device: torch.device) -> None:
+    w = mod.weight
+    w.data = w.data.to(device)
+    if getattr(w, "quant_state", None) is not None:
+        w.quant_state.to(device)  # absmax, code and the nested state, in place
+    if mod.bias is not None:
+        mod.bias.data = mod.bias.data.to(device)
+
+
 def share_non_linear(model: torch.nn.Module, vmodel: torch.nn.Module, parked=()) -> None:
     """bf16_mirror: the trainer loaded its own nf4 linears; embeddings and norms become vLLM's tensors (a parked
     tensor vLLM has no match for goes back to its device)."""
@@ -229,7 +268,8 @@ def _dequantize_into(lin: torch.nn.Module, rows: torch.Tensor) -> None:
     import bitsandbytes.functional as F
 
     qs = lin.weight.quant_state
-    if rows.is_cuda and rows.dtype == qs.dtype:  # (the policy loads the base in the compute dtype, vLLM's)
+    if rows.is_cuda and rows.dtype == qs.dtype and lin.weight.device == rows.device:  # (the policy loads the base in
+        # the compute dtype, vLLM's; a layer parked in host memory dequantises there: park_linears)
         F.dequantize_4bit(lin.weight.data, qs, out=rows)
     else:  # bitsandbytes' CPU backend has no dequantize_4bit.out (0.50.2); the CPU's memory is not budgeted
         rows.copy_(F.dequantize_4bit(lin.weight.data, qs))

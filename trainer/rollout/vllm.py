@@ -184,7 +184,12 @@ class VLLMEngine:
             mirror = sync.write_mirror_checkpoint(policy.model, self.path, self.shm / "mirror", policy.compute_dtype)
         self.info["mirror_shards"] = len(list(mirror.glob("*.safetensors")))
         parked = sync.park_embeddings(policy.model.get_base_model())  # off the GPU while vLLM loads its own
+        # plan.park_base: the trainer's nf4 linears in host memory while vLLM starts (sync.park_linears)
+        linears = sync.park_linears(policy.model.get_base_model()) if self.plan.park_base else []
+        self.info["parked_linears"] = len(linears)
         self._start(mirror, dummy=sync.MIRROR_DIRECT)
+        if sync.MIRROR_DIRECT or self.plan.trainer_linears != "views":  # the nf4 is read again (load_mirror,
+            sync.unpark_linears(linears)  # the merge, the trainer's nf4 path); the views let it go instead
         if sync.MIRROR_DIRECT:
             t0 = time.perf_counter()
             self.info["mirror_written_bytes"] = sync.load_mirror(policy.model, self.vmodel, policy.compute_dtype)
