@@ -37,6 +37,18 @@ def mirror_stack(sync: str):
     engine.close()
 
 
+def synced_samples_match(engine, policy):
+    """Another adapter synced: vLLM samples other tokens with the same seed, and the trainer's log-probs of them stay
+    within 0.02 of vLLM's on average (bf16 rounding; a wrong weight is tenths off). Returns the prompts and samples."""
+    prompts, g0 = _sample(engine, policy)
+    _randomize_lora(policy, 0.02, seed=1)
+    engine.sync(policy)
+    _, g1 = _sample(engine, policy)
+    gap = _gap(policy, prompts, g1)
+    assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap
+    return prompts, g1
+
+
 @pytest.fixture
 def merged():  # closed after its test: the next one starts an engine of its own (one vLLM at a time)
     yield from mirror_stack("merge")
@@ -93,12 +105,7 @@ def test_the_trainer_on_the_mirror_views_samples_with_vllm(monkeypatch):
         assert engine.info["nf4_freed_bytes"] > 0.15e9  # the 0.5B shape's 4-bit linears: 0.18 GB packed
         # and its bytes left the device (a reference cycle kept them once: the 2026-12-05 H100 A/B freed nothing)
         assert allocated[0] - allocated[1] >= engine.info["nf4_freed_bytes"], allocated
-        prompts, g0 = _sample(engine, policy)
-        _randomize_lora(policy, 0.02, seed=1)
-        engine.sync(policy)
-        _, g1 = _sample(engine, policy)
-        gap = _gap(policy, prompts, g1)
-        assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap  # as the nf4 trainer's (test_gpu.py)
+        synced_samples_match(engine, policy)  # as the nf4 trainer's (test_gpu.py)
 
 
 def test_the_trainer_on_the_merged_rows_samples_with_vllm(monkeypatch):
@@ -109,12 +116,7 @@ def test_the_trainer_on_the_merged_rows_samples_with_vllm(monkeypatch):
     monkeypatch.setattr(planmod, "MIRROR_VIEWS", True)
     for plan, engine, policy in mirror_stack("merge"):
         assert engine.info["merged_rows_layers"] == 7 * policy.model.get_base_model().config.num_hidden_layers
-        prompts, g0 = _sample(engine, policy)
-        _randomize_lora(policy, 0.02, seed=1)
-        engine.sync(policy)
-        _, g1 = _sample(engine, policy)
-        gap = _gap(policy, prompts, g1)
-        assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap
+        prompts, g1 = synced_samples_match(engine, policy)
         from trainer.batch import build_batch
         from trainer.policy import completion_logprobs
 
@@ -186,9 +188,4 @@ def test_the_parked_base_is_off_the_device_while_vllm_starts(sync, monkeypatch):
         else:  # back on the device for the merge
             assert plan.trainer_linears == "rows" and left and all(m.weight.device.type == "cuda" for m in left)
             assert all(m.weight.quant_state.absmax.device.type == "cuda" for m in left)
-        prompts, g0 = _sample(engine, policy)
-        _randomize_lora(policy, 0.02, seed=1)
-        engine.sync(policy)
-        _, g1 = _sample(engine, policy)
-        gap = _gap(policy, prompts, g1)
-        assert g1.completion_ids != g0.completion_ids and gap[0] < 0.02, gap
+        synced_samples_match(engine, policy)
