@@ -220,7 +220,7 @@ def keep_run_files(run_dir: Path, out: Path, name: str) -> None:
     NAME.FILE: the run dir stays on the device, which goes back."""
     import shutil
 
-    for f in ["plan.json", "summary.json", "memory.jsonl", "memory_snapshot.pickle",  # TRAINER_MEMORY_HISTORY's, at an OOM
+    for f in ["plan.json", "summary.json", "memory.jsonl", "memory_snapshot.pickle",  # at an OOM, if recorded
               *sorted(p.name for p in run_dir.glob("profile_step*.txt"))]:
         if (run_dir / f).exists():
             shutil.copy(run_dir / f, out / f"{name}.{f}")

@@ -179,7 +179,8 @@ def test_the_parked_base_is_off_the_device_while_vllm_starts(sync, monkeypatch):
 
     monkeypatch.setattr(VLLMEngine, "attach", remember)
     for plan, engine, policy in mirror_stack(sync):
-        assert plan.park_base and engine.info["parked_linears"] == 7 * policy.model.get_base_model().config.num_hidden_layers
+        layers = policy.model.get_base_model().config.num_hidden_layers
+        assert plan.park_base and engine.info["parked_linears"] == 7 * layers
         assert seen["nf4_on_device"] == 0, seen  # every 4-bit layer was in host memory while vLLM started
         base = policy.model.get_base_model()
         left = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -66,8 +66,8 @@ def test_the_plan_prices_the_views_and_takes_them_where_the_rows_do_not_fit(monk
     from trainer.policy import read_config
 
     tiny = ROOT / "recipes" / "tiny-cpu.yaml"
-    sets = ["rollout.engine=vllm", "model.shape=qwen2.5-1.5b", "logging.wandb=false", "rollout.weight_format=bf16_mirror",
-            "train.generation_batch_size=64", "grpo.max_completion_length=512", "model.gradient_checkpointing=true",
+    sets = ["rollout.engine=vllm", "model.shape=qwen2.5-1.5b", "logging.wandb=false",
+            "rollout.weight_format=bf16_mirror", "train.generation_batch_size=64", "grpo.max_completion_length=512", "model.gradient_checkpointing=true",
             "train.checkpoint_in_graph=true", "train.activation_offload=false", "train.micro_batch_tokens=4336"]
     gpu = Device.elsewhere("24")
     r, rows = api.plan(tiny, sets + ["rollout.sync=merge"], device=gpu)

@@ -48,8 +48,8 @@ NO_CKPT_FIT = 0.82
 CKPT_IN_GRAPH_BYTES = 4.15
 # Not where the trainer's linears are views of the bf16 mirror (plan trainer_linears "views"): plain bf16 linears,
 # whose outputs the partitioner recomputes. Measured on one H100 (2026-12-05, bench/results/mirror_views_ab.json,
-# config B 64 x 512 at 14.5 GB, eight 4,280-token micro-batches, the KV released): torch's train-phase peak 11.92 GB on the
-# nf4 layers, 6.21 GB on the views (the term is 5.2 GB there). The merged rows (trainer/merged_linear.py, "rows")
+# config B 64 x 512 at 14.5 GB, eight 4,280-token micro-batches, the KV released): torch's train-phase peak 11.92 GB
+# on the nf4 layers, 6.21 GB on the views (the term is 5.2 GB there). The merged rows (trainer/merged_linear.py, "rows")
 # kept it: 11.72 GB in the same sitting (their autograd function saves its input; why the partitioner does not
 # recompute it is not known), so it stays counted for them.
 # Activation offload (plan.activation_offload, trainer/offload.py): the checkpointed layer inputs go to pinned host

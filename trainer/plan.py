@@ -712,8 +712,8 @@ LOGITS_DTYPE_PREFERRED = "model"
 # vLLM samples (trainer/merged_linear.py). Measured on one H100 (2026-12-05, bench/results/mirror_views_ab.json and
 # ladder_lora_merge+mirror_views_ab.json, same sitting): the slots' step 0.876x (A, 8 x 256) and 0.763x (B, 64 x 512),
 # the train phase 0.56x, B's peak 11.96 -> 6.79 GB (the checkpoint inside the compiled layers keeps the 4-bit
-# matmuls' outputs, not plain linears'); the memory model still counts the nf4 copy and those outputs, so the switch
-# only lowers a run's peak below its plan until a planner sitting measures it.
+# matmuls' outputs, not plain linears'). Priced since 2026-12-05 evening (Plan.trainer_linears, memory.py): the views'
+# train phase without the nf4 and those outputs, within 1.1-3.6% of nvidia-smi on config B at 7.25 and 8 GB (H100).
 MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") != "0"
 # The trainer's nf4 linears in host memory while vLLM starts on the mirror (Plan.park_base, sync.park_linears): vLLM's
 # start-up (weights, profiling run, KV pool, graph capture) then holds no trainer base beside the mirror, and with the
