@@ -95,10 +95,22 @@ def test_the_plan_prices_the_views_and_takes_them_where_the_rows_do_not_fit(monk
     free = [s for s in sets if not s.startswith(("model.gradient", "train.checkpoint", "train.activation",
                                                   "train.micro"))]
     _, wide = api.plan(tiny, free + ["budget.vram_gb=14.5"], device=gpu)
-    _, tight = api.plan(tiny, free + ["budget.vram_gb=7.25"], device=gpu)
+    tight_recipe, tight = api.plan(tiny, free + ["budget.vram_gb=7.25"], device=gpu)
     assert (wide.sync, wide.trainer_linears) == ("merge", "rows")
     assert (tight.sync, tight.trainer_linears, tight.weight_format) == ("inplace", "views", "bf16_mirror")
     assert plan_knobs(tight)["trainer_linears"] == "views"  # what the closed loop re-prices with
+    # --plan's table of what the budget buys names the trainer path of each mirror plan
+    from rich.console import Console
+
+    from trainer.console import alternatives_table
+
+    alts = planmod.alternatives(read_config(tight_recipe.model), tight_recipe, tight, gpu)
+    assert (alts["fastest"]["sync"], alts["fastest"]["trainer_linears"]) == ("inplace", "views")
+    assert alts["fastest_any_budget"]["trainer_linears"] == "rows"  # merge + rows, faster, past 7.25 GB
+    con = Console(record=True, width=200)
+    con.print(alternatives_table(alts, "vllm"))
+    text = con.export_text()
+    assert "bf16 mirror, views" in text and "bf16 mirror, merge" in text, text
 
 
 def test_a_parked_base_takes_the_nf4_out_of_the_views_start_up(monkeypatch):

@@ -121,8 +121,9 @@ def alternatives_table(alts: dict, engine: str) -> Table:
         knobs = [str(r["micro_batch_tokens"]), ("on, host" if r.get("activation_offload") else
                                                  "in graph" if r.get("checkpoint_in_graph") else "on")
                  if r["gradient_checkpointing"] else "off"]
-        if engine == "vllm":
-            knobs += [r["weight_format"].replace("_", " "), "yes" if r["kv_release"] else "no"]
+        if engine == "vllm":  # the mirror's trainer path beside it (Plan.trainer_linears): merged rows or views
+            path = {"rows": ", merge", "views": ", views"}.get(r.get("trainer_linears"), "")
+            knobs += [r["weight_format"].replace("_", " ") + path, "yes" if r["kv_release"] else "no"]
         t.add_row(name, *knobs, f"{r['peak_bytes'] / GB:.2f}", f"{r['predicted_step_s']:.2f}", str(r["rank"]) if r["fits"] else "-")
     t.caption = ("step s: the planner's predicted seconds per step (trainer/cost.py, fitted on an H200; a ranking, "
                  "not a promise); rank among the plans that fit, 1 = fastest")

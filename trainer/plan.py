@@ -528,8 +528,8 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
         fitting = c in fits
         rank = 1 + sum(f["score"] > c["score"] for f in fits) if fitting else None
         return {**{k: c[k] for k in ("micro_batch_tokens", "gradient_checkpointing", "checkpoint_in_graph",
-                                     "activation_offload",
-                                     "weight_format", "kv_release", "max_num_seqs")},
+                                     "activation_offload", "weight_format", "sync", "trainer_linears", "kv_release",
+                                     "max_num_seqs")},
                 "peak_bytes": c["peak"], "budget_needed_bytes": _needs(c), "score": c["score"],
                 "predicted_step_s": round(-c["score"], 3), "rank": rank, "fits": fitting}
 
