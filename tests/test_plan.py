@@ -313,6 +313,27 @@ STEP_MODEL_MISSES: dict[str, str] = {
 MEMORY_MODEL_MISSES: dict[str, str] = {}
 
 
+def test_memory_model_holds_every_completed_h100_row_of_the_mirror_paths():
+    """memory.py against the H100 rows of the bf16 mirror's trainer paths (bench/results/planner_h100.json, 2026-12-05:
+    views and merged rows, 1.5B and 7B, none fitted on but config B's merged rows, which set IN_GRAPH_SLACK), each
+    re-planned at the knobs it ran with: within 5% of nvidia-smi's peak, and never more than 5% above the plan."""
+    import json
+
+    from bench.planner import _pin_run, _plan, ran_knobs, trainer_linears
+
+    rows = json.loads((ROOT / "bench" / "results" / "planner_h100.json").read_text())["configs"]
+    done = [r for r in rows if r.get("rc") == 0]
+    assert len(done) >= 6 and {r["knobs"]["trainer_linears"] for r in done} == {"views", "rows"}
+    err = {}
+    for row in done:
+        ran = ran_knobs(row)
+        with trainer_linears(ran):
+            plan, _ = _plan(row["overrides"][:-1] + _pin_run(ran), None)
+        assert plan.trainer_linears == ran["trainer_linears"] and plan.sync == ran["sync"], row["name"]
+        err[row["name"]] = row["measured_peak_gb"] / (plan.peak_bytes / 1e9) - 1
+    assert all(abs(e) <= 0.05 for e in err.values()), err
+
+
 def test_planner_bench_pins_the_knobs_a_row_ran_with_false_included_and_infers_an_unrecorded_offload():
     # Re-planned at 80 GB with the run's knobs pinned, the 0.5B r128 row at its least budget (3.9 GB) was priced
     # without the activation offload it ran with (not recorded then): 3.96 GB of plan against 3.60 at the time.

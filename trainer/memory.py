@@ -46,6 +46,11 @@ NO_CKPT_FIT = 0.82
 # the 0.5B (4.15); the larger. Two bf16 tensors of each width a layer would be 4.0. The 1.5B's one 2,232-token
 # micro-batch, unpriced, ran out of memory at 6.6 GB with it (and again at 1,116 tokens).
 CKPT_IN_GRAPH_BYTES = 4.15
+# The allocator's slack (SLACK_FRACTION) on those outputs: none. At config B's eight 4,336-token micro-batches (one
+# H100, 2026-12-05, bench/results/planner_h100.json, merge + rows at 14.5 GB) torch reserved 0.15 GB beyond the 11.54 GB
+# it allocated in the train phase where the plan put 1.53 GB of slack, 1.0 GB of it on the in-graph term's 5.3 GB; the
+# plan was 12% over nvidia-smi (the slots with the trainer on nf4, same shape, earlier that day: 10%).
+IN_GRAPH_SLACK = 0.0
 # Not where the trainer's linears are views of the bf16 mirror (plan trainer_linears "views"): plain bf16 linears,
 # whose outputs the partitioner recomputes. Measured on one H100 (2026-12-05, bench/results/mirror_views_ab.json,
 # config B 64 x 512 at 14.5 GB, eight 4,280-token micro-batches, the KV released): torch's train-phase peak 11.92 GB
@@ -231,6 +236,17 @@ def offload_host_bytes(ctx: Context, k: dict) -> int:
     return ctx.dims.layers * k["micro_batch_tokens"] * ctx.dims.hidden * ctx.dtype_bytes
 
 
+def in_graph_bytes(ctx: Context, k: dict) -> int:
+    """What the checkpoint inside the compiled layers keeps beyond HF's (CKPT_IN_GRAPH_BYTES): the 4-bit matmuls'
+    outputs of every layer for the micro-batch; none under the views (plain linears', recomputed) or where offload or
+    the tiled MLP bring their own checkpoint (plan.in_graph_applies)."""
+    if not (ctx.cuda and k.get("checkpoint_in_graph") and k["gradient_checkpointing"] and not k.get("activation_offload")
+            and k.get("trainer_linears", "nf4") != "views"):
+        return 0
+    d = ctx.dims
+    return int(CKPT_IN_GRAPH_BYTES * d.layers * k["micro_batch_tokens"] * (d.hidden + d.intermediate))
+
+
 def attention_mask_bytes(ctx: Context, k: dict) -> int:
     """The [rows, 1, T, T] boolean mask HF builds for sdpa when a micro-batch holds padding: rows x T <= the
     micro-batch's tokens, so at most tokens x the longest row. None is built for a micro-batch of one sequence
@@ -251,9 +267,7 @@ def train_phase(ctx: Context, k: dict) -> dict[str, int]:
         acts = (int(min(d.layers, OFFLOAD_RESIDENT_LAYERS) * per_layer) + layer_activation_bytes(ctx, t, mlp_t)
                 + t * d.hidden * 4 + OFFLOAD_BACKWARD_BYTES_PER_TH * t * d.hidden)
     elif k["gradient_checkpointing"] and ctx.cuda:
-        acts = int(d.layers * per_layer)
-        if k.get("checkpoint_in_graph") and k.get("trainer_linears", "nf4") != "views":
-            acts += int(CKPT_IN_GRAPH_BYTES * d.layers * t * (d.hidden + d.intermediate))
+        acts = int(d.layers * per_layer) + in_graph_bytes(ctx, k)
     elif k["gradient_checkpointing"]:
         acts = d.layers * t * d.hidden * ctx.dtype_bytes + layer_activation_bytes(ctx, t, mlp_t)
     elif ctx.cuda:
@@ -342,12 +356,15 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
     slack = lambda dyn: int(SLACK_FIXED + SLACK_FRACTION * dyn) if ctx.cuda else 0  # noqa: E731
     kv_held = sum(kv.values())  # one allocation at engine start, no slack of its own (see SLACK_FRACTION)
     roll_dyn, train_dyn = sum(roll.values()), sum(train.values())
+    # the in-graph checkpoint's outputs are the micro-batch's largest tensors, whole [tokens, width] blocks a layer: no
+    # slack on them (IN_GRAPH_SLACK)
+    train_slack = slack(train_dyn - in_graph_bytes(ctx, k) * (1 - IN_GRAPH_SLACK))
     # The trainer's linears as views of the bf16 mirror (trainer_linears "views", sync.view_mirror_linears): its own
     # copy of them is let go once vLLM has started on the mirror, so the train phase holds the mirror alone. The rollout
     # phase keeps both, as the engine's start-up does (KV pool, profiling run and graph capture before the views),
     # unless the nf4 waits in host memory through that start-up (park_base, sync.park_linears).
     let_go = linear_base_bytes(ctx, vllm_layout=vllm) if k.get("trainer_linears") == "views" else 0
     phases = {"rollout": base - (let_go if k.get("park_base") else 0) + kv_held + roll_dyn + slack(roll_dyn),
-              "train": base - let_go + (0 if k["kv_release"] else kv_held) + train_dyn + slack(train_dyn)}
-    comps["allocator_slack"] = max(slack(roll_dyn), slack(train_dyn))
+              "train": base - let_go + (0 if k["kv_release"] else kv_held) + train_dyn + train_slack}
+    comps["allocator_slack"] = max(slack(roll_dyn), train_slack)
     return comps, phases
