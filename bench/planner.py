@@ -155,6 +155,7 @@ def predict(names: list[str]) -> None:
         est = 60 + 60 + STEPS * p.predicted_step_s + (90 if name.startswith(("7b", "8b")) else 0)
         total += est
         print(f"{name:36s} budget {b:5.1f} ({spec:7s}) plan {p.peak_bytes / 1e9:6.2f} GB  fmt {p.weight_format or '-':11s} "
+              f"sync {p.sync:7s} trainer {p.trainer_linears:5s} seqs {p.max_num_seqs:3d} "
               f"rel {p.kv_release!s:5s} mbt {p.micro_batch_tokens:6d} gc {p.gradient_checkpointing!s:5s} "
               f"step ~{p.predicted_step_s:.1f} s  run ~{est:.0f} s")
     print(f"{len(todo)} runs, ~{total / 60:.0f} min of device time")
