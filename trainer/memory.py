@@ -241,7 +241,7 @@ def in_graph_bytes(ctx: Context, k: dict) -> int:
     outputs of every layer for the micro-batch; none under the views (plain linears', recomputed) or where offload or
     the tiled MLP bring their own checkpoint (plan.in_graph_applies)."""
     if not (ctx.cuda and k.get("checkpoint_in_graph") and k["gradient_checkpointing"] and not k.get("activation_offload")
-            and k.get("trainer_linears", "nf4") != "views"):
+            and not k.get("mlp_tile_tokens") and k.get("trainer_linears", "nf4") != "views"):
         return 0
     d = ctx.dims
     return int(CKPT_IN_GRAPH_BYTES * d.layers * k["micro_batch_tokens"] * (d.hidden + d.intermediate))
