@@ -326,7 +326,7 @@ def _pin_run(knobs: dict) -> list[str]:
 
 
 @contextlib.contextmanager
-def trainer_linears(knobs: dict):
+def linears_as_ran(knobs: dict):
     """Re-plan with what the trainer's linears computed on in a run (plan.trainer_linears; a recipe cannot pin it): the
     views and the merged rows off (plan.MIRROR_VIEWS) for a run whose trainer kept its nf4."""
     from trainer import plan as planmod
@@ -351,7 +351,7 @@ def ran_knobs(row: dict) -> dict:
     acts = row["components_gb"].get("activations", 0.0)
 
     def gap(off: bool) -> float:
-        with trainer_linears(ran):
+        with linears_as_ran(ran):
             plan, _ = _plan(row["overrides"][:-1] + _pin({**ran, "activation_offload": off}), None)
         return abs(plan.components["activations"] / 1e9 - acts)
 
@@ -388,7 +388,7 @@ def fit(out: Path) -> None:
         same = all(getattr(plan, k) == v for k, v in ran.items() if k in PIN)
         # the cost and memory models judged on what ran: the run's knobs pinned (today's planner may choose others at
         # the budget), its KV pool and batch sizes too (memory.py sizes them; cost.py does not read them)
-        with trainer_linears(ran):
+        with linears_as_ran(ran):
             pinned, _ = _plan(row["overrides"][:-1] + _pin_run(ran), None)
         assert pinned.trainer_linears == ran["trainer_linears"], row["name"]
         log = next((p for p in reversed(logs) if p.name == f"{row['name']}.log"), None)
@@ -410,7 +410,7 @@ def fit(out: Path) -> None:
         knobs = row.get("knobs") or {}  # re-planned at the knobs it ran with, as the grid's rows
         r = lc.row_recipe(row["name"], row["prompt_tokens"], row["completion_tokens"],
                           _pin_run(knobs) + ["budget.vram_gb=140"])
-        with trainer_linears(knobs):
+        with linears_as_ran(knobs):
             plan = make_plan(read_config(r.model), r, Device(**H200))
         last = row["phase_s"][-1]  # two steps: the second (the first compiles the layers for the length)
         train = sum(v for k, v in last.items() if k != "rollout")

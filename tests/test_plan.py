@@ -319,7 +319,7 @@ def test_memory_model_holds_every_completed_h100_row_of_the_mirror_paths():
     re-planned at the knobs it ran with: within 5% of nvidia-smi's peak, and never more than 5% above the plan."""
     import json
 
-    from bench.planner import _pin_run, _plan, ran_knobs, trainer_linears
+    from bench.planner import _pin_run, _plan, linears_as_ran, ran_knobs
 
     rows = json.loads((ROOT / "bench" / "results" / "planner_h100.json").read_text())["configs"]
     done = [r for r in rows if r.get("rc") == 0]
@@ -327,7 +327,7 @@ def test_memory_model_holds_every_completed_h100_row_of_the_mirror_paths():
     err = {}
     for row in done:
         ran = ran_knobs(row)
-        with trainer_linears(ran):
+        with linears_as_ran(ran):
             plan, _ = _plan(row["overrides"][:-1] + _pin_run(ran), None)
         assert plan.trainer_linears == ran["trainer_linears"] and plan.sync == ran["sync"], row["name"]
         err[row["name"]] = row["measured_peak_gb"] / (plan.peak_bytes / 1e9) - 1

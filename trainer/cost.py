@@ -105,14 +105,18 @@ BF16_LINEARS_TRAIN = 0.55
 OFFLOAD_BYTES_S = 25e9
 
 
+def seqs_scale(seqs: int, top: float) -> float:
+    """t = (log2(sequences) - 3) / 3: 0 at 8 sequences (and below), 1 at 64, at most `top`."""
+    return min(max((math.log2(max(seqs, 1)) - 3) / 3, 0.0), top)
+
+
 def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) -> float:
     """One decode step of `seqs` sequences."""
     fixed, per_billion = DECODE_MS_AT_8[fmt]
     ms = fixed + per_billion * linear_params / 1e9
     if fmt == "shared_nf4" and not (fused_nf4 and seqs <= NF4_GEMM_MAX_ROWS):
         ms *= BNB_OVER_FUSED
-    t = min(max((math.log2(max(seqs, 1)) - 3) / 3, 0.0), 2.0)  # 0 at 8 (and below), 1 at 64
-    return max(ms * (1 + DECODE_GROWTH[fmt] * t), 0.5)
+    return max(ms * (1 + DECODE_GROWTH[fmt] * seqs_scale(seqs, 2.0)), 0.5)
 
 
 def step_seconds(*args, **kwargs) -> float:
@@ -137,9 +141,8 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
         extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
         step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
         if knobs.get("sync") == "merge":  # no LoRA kernels in the decode step (the adapter is in the weights)
-            t = min(max((math.log2(max(seqs, 1)) - 3) / 3, 0.0), 1.0)
-            at8, at64 = LORA_DECODE_MS_PER_LAYER
-            step_ms = max(step_ms - dims.layers * (at8 + (at64 - at8) * t), 0.5)
+            at8, at64 = LORA_DECODE_MS_PER_LAYER  # measured at 8 and 64: not extrapolated past 64
+            step_ms = max(step_ms - dims.layers * (at8 + (at64 - at8) * seqs_scale(seqs, 1.0)), 0.5)
         rollout = ROLLOUT_CALL_S + waves * WAVE_S + waves * completion_len * step_ms / 1e3
     else:  # HF generate: ceil(G / hf_batch_size) calls of completion_len token steps each
         calls = math.ceil(gen / max(knobs.get("hf_batch_size") or gen, 1))

@@ -289,11 +289,11 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
-    off_rows = merged_rows_refusal(recipe)
-    if plan.sync == "merge" and off_rows:
-        plan.notes.append(f"rollout.sync merge: the trainer keeps its nf4 layers, as {off_rows}, so vLLM samples the "
-                          "merged adapter's rounding and the trainer does not (the gap was 26-31% wider on an H100, "
-                          "bench/results/fidelity_h100.json); rollout.sync: auto keeps vLLM's LoRA slots here")
+    if plan.sync == "merge" and plan.trainer_linears != "rows":
+        plan.notes.append(f"rollout.sync merge: the trainer keeps its nf4 layers, as {merged_rows_refusal(recipe)}, so "
+                          "vLLM samples the merged adapter's rounding and the trainer does not (the gap was 26-31% "
+                          "wider on an H100, bench/results/fidelity_h100.json); rollout.sync: auto keeps vLLM's LoRA "
+                          "slots here")
     if plan.loss_scaling:
         plan.notes.append("float16: the loss is scaled (from 2^16, halved on an overflow, which skips that step's "
                           "update) so its gradients do not underflow; metrics log loss_scale")

@@ -106,15 +106,12 @@ def park_linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.de
     return parked
 
 
-def unpark_linears(parked: list[tuple[torch.nn.Module, torch.device]]) -> int:
+def unpark_linears(parked: list[tuple[torch.nn.Module, torch.device]]) -> None:
     """The parked layers back on their device (rollout.sync merge reads them each sync; the trainer's nf4 path computes
-    with them); returns the bytes moved."""
-    moved = 0
+    with them)."""
     for mod, device in parked:
         if mod.weight.device != device:
             _move_linear(mod, device)
-            moved += mod.weight.data.numel() * mod.weight.data.element_size()
-    return moved
 
 
 def _move_linear(mod: torch.nn.Module, device: torch.device) -> None:
