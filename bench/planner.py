@@ -177,7 +177,7 @@ def run(out: Path, names: list[str]) -> None:
         smi = out / f"smi_{name}.json"
         rc = watched(smi, out / f"{name}.log", [sys.executable, "-m", "trainer.cli", BASE, "--output-dir", str(run_dir),
                                                 "--overwrite", *[x for o in ov for x in ("--set", o)]])
-        row = {"name": name, "budget_spec": spec, "budget_gb": b, "overrides": ov, "rc": rc}
+        row = {"name": name, "budget_spec": spec, "budget_gb": b, "overrides": ov, "rc": rc, "env": switches()}
         keep_run_files(run_dir, out, name)
         try:
             plan = json.loads((run_dir / "plan.json").read_text())
@@ -213,6 +213,15 @@ def run(out: Path, names: list[str]) -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), flush=True)
         _write(out / "planner.json", rows, "python bench/planner.py OUT_DIR " + " ".join(names))
+
+
+SWITCHES = ("TRAINER_", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "CUDA_LAUNCH_BLOCKING", "PLANNER_STEPS")
+
+
+def switches() -> dict[str, str]:
+    """The environment settings a queue item ran under that change what a run does (a row of the same name without
+    them is another measurement), minus the sitting's own paths."""
+    return {k: v for k, v in os.environ.items() if k.startswith(SWITCHES) and k != "TRAINER_CACHE"}
 
 
 def keep_run_files(run_dir: Path, out: Path, name: str) -> None:
