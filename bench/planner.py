@@ -225,12 +225,13 @@ def switches() -> dict[str, str]:
 
 
 def keep_run_files(run_dir: Path, out: Path, name: str) -> None:
-    """The run's plan, summary, per-phase memory series, torch.profiler tables (TRAINER_PROFILE_STEP=k in the
-    sitting's environment) and allocation history at an OOM (TRAINER_MEMORY_HISTORY=start) beside its log as
-    NAME.FILE: the run dir stays on the device, which goes back."""
+    """The run's plan, summary, per-phase memory series, torch.compile's compiles (step, phase, seconds, the guard
+    that failed), torch.profiler tables (TRAINER_PROFILE_STEP=k in the sitting's environment) and allocation history
+    at an OOM (TRAINER_MEMORY_HISTORY=start) beside its log as NAME.FILE: the run dir stays on the device, which goes
+    back."""
     import shutil
 
-    for f in ["plan.json", "summary.json", "memory.jsonl", "memory_snapshot.pickle",  # at an OOM, if recorded
+    for f in ["plan.json", "summary.json", "memory.jsonl", "compiles.jsonl", "memory_snapshot.pickle",  # at an OOM
               *sorted(p.name for p in run_dir.glob("profile_step*.txt"))]:
         if (run_dir / f).exists():
             shutil.copy(run_dir / f, out / f"{name}.{f}")

@@ -244,3 +244,48 @@ def test_compile_ab_ladder_adds_one_switch_a_rung_on_the_configs_they_share(tmp_
     assert rungs["ckpt_in_graph"]["steady_step_ratio"] == round(3.0 / 4.2, 3)
     assert rungs["ckpt_in_graph+nf4_traced"]["steady_step_ratio_vs_rung_below"] == 0.8
     assert rungs["ckpt_in_graph+nf4_traced+gc_freeze"]["steady_train_ratio_vs_rung_below"] == 1.0
+
+
+def test_compile_watch_reports_each_compile_once_with_the_guard_that_failed(tmp_path):
+    # trainer/metrics.py CompileWatch: what a phase compiled (count, seconds, why), each compile once, none from
+    # before the watch started (vLLM's own graphs at its start-up are not the run's)
+    import json
+
+    from trainer.metrics import CompileWatch
+
+    f = torch.compile(lambda x: (x * 2).sum(), backend="eager")
+    f(torch.ones(3))
+    watch = CompileWatch(tmp_path / "compiles.jsonl")
+    assert watch.take(0, "train") == (0, 0.0, [])
+    f(torch.ones(3))  # the cached graph: nothing compiled
+    assert watch.take(0, "train")[0] == 0
+    f(torch.ones(4))
+    f(torch.ones(4, 2))
+    n, seconds, reasons = watch.take(1, "recompute")
+    assert n == 2 and seconds > 0 and len(reasons) == 2
+    assert "size mismatch at index 0. expected 3, actual 4" in reasons[0] and "rank mismatch" in reasons[1]
+    assert watch.take(1, "train") == (0, 0.0, [])
+    rows = [json.loads(x) for x in (tmp_path / "compiles.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in rows] == [(2, "recompute")] * 2 and rows[0]["reason"] == reasons[0]
+
+
+def test_a_compiled_run_reports_its_compiles_per_step(tmp_path):
+    # the step's metrics carry what torch.compile spent inside it, and compiles.jsonl lists each: step 1 compiles
+    # the layers' forward and backward; the planner's rows keep both (bench/planner.py), the console line shows it
+    import json
+
+    from tests.conftest import run_train
+
+    run = tmp_path / "run"
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "train.max_steps=2", "--set", "train.torch_compile=true",
+                     "--set", "eval=null", "--output-dir", str(run)])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run / "compiles.jsonl").read_text().splitlines()]
+    assert steps[0]["compile_graphs"] >= 2 and {r["forward"] for r in rows if r["step"] == 1} == {True, False}
+    for m in steps:
+        mine = [r for r in rows if r["step"] == m["step"]]
+        assert m["compile_graphs"] == len(mine)
+        assert m["time_compile_s"] == pytest.approx(sum(r["s"] for r in mine), abs=1e-6)
+        assert m["time_compile_s"] <= m["time_train_s"] + m.get("time_recompute_s", 0.0)
+    assert "compile " in out.stdout.split("step    1", 1)[1].splitlines()[0]

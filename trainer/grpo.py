@@ -26,7 +26,7 @@ from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.evaluate import line as eval_line
 from trainer.loss import LossConfig, group_advantages, policy_loss, token_weights
 from trainer.loss_scale import LossScale
-from trainer.metrics import GCPauses, MemorySampler, MetricsLogger, line, merge_ranks
+from trainer.metrics import CompileWatch, GCPauses, MemorySampler, MetricsLogger, line, merge_ranks
 from trainer.policy import Policy, completion_logprobs, load_policy, resolve_model_path
 from trainer.rewards import close_rewards, combine, score
 from trainer.rollout import make_engine, sample
@@ -66,6 +66,10 @@ class State:
     gc: GCPauses = field(default_factory=GCPauses)  # the garbage collector's pauses, cumulative
     gc_times: dict = field(default_factory=lambda: defaultdict(float))  # per phase: inside it, not added again
     gc_full0: int = 0  # full collections before this step
+    compiles: CompileWatch | None = None  # torch.compile's graphs made inside the phases (the run's compiles.jsonl)
+    compile_times: dict = field(default_factory=lambda: defaultdict(float))  # per phase: inside it, not added again
+    compile_graphs: int = 0  # this step's
+    compile_reasons: list = field(default_factory=list)  # this step's failed guards, in order
     phase: str = ""
     step: int = 0
     nan_steps: frozenset = frozenset(int(x) - 1 for x in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").split(",")
@@ -84,6 +88,8 @@ class State:
             retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         if self.mem is not None:
             self.mem.take_peak()
+        if self.compiles is not None:  # what compiled outside the phases (an evaluation) is logged, not the step's
+            self.compiles.take(self.step, "outside the phases")
         gc0, t0 = self.gc.seconds, time.perf_counter()
         with torch.profiler.record_function(f"phase:{name}"):  # TRAINER_PROFILE_STEP's table by phase (_profiled)
             yield
@@ -96,6 +102,11 @@ class State:
             self.peaks[f"used_{name}"] = max(self.peaks.get(f"used_{name}", 0), self.mem.take_peak())
         self.times[name] += time.perf_counter() - t0
         self.gc_times[name] += self.gc.seconds - gc0
+        if self.compiles is not None:
+            n, seconds, reasons = self.compiles.take(self.step, name)
+            self.compile_times[name] += seconds
+            self.compile_graphs += n
+            self.compile_reasons += reasons
 
 
 def grpo_step(s: State, step: int) -> dict:
@@ -106,6 +117,9 @@ def grpo_step(s: State, step: int) -> dict:
     s.alloc_retries.clear()
     s.peaks.clear()
     s.gc_times.clear()
+    s.compile_times.clear()
+    s.compile_reasons.clear()
+    s.compile_graphs = 0
     s.gc_full0 = s.gc.full
     # 1. Rollout: G completions for each of this rank's prompts, from the current adapter.
     n = plan.prompts_per_step
@@ -281,6 +295,8 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     m["time_gc_s"] = sum(s.gc_times.values())  # inside the phases, not added to the step again
     m["time_gc_train_s"] = s.gc_times.get("train", 0.0)
     m["gc_full_collections"] = s.gc.full - s.gc_full0
+    m["compile_graphs"] = s.compile_graphs
+    m["time_compile_s"] = sum(s.compile_times.values())  # inside the phases, not added to the step again
     m["tokens_per_s"] = float(lengths.sum()) / max(s.times["rollout"], 1e-9)
     m.update({f"peak_{k}_gb": v / 1e9 for k, v in s.peaks.items()})
     m.update({f"alloc_retries_{k}": v for k, v in s.alloc_retries.items()})
@@ -291,6 +307,12 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     if s.world.size > 1:
         m["_rewards"] = batch.reward.tolist()
     return m
+
+
+def _recompiled(m: dict, reasons: list[str], run_dir: Path) -> str:
+    first = reasons[0].splitlines()[0] if reasons else "no guard failure recorded (a first compile)"
+    return (f"step {m['step']}: torch.compile made {m['compile_graphs']} graph(s), {m['time_compile_s']:.1f} s of the "
+            f"step; first cause: {first[:200]}; every compile in {run_dir / 'compiles.jsonl'}")
 
 
 def percentile(x: torch.Tensor, q: float) -> float:
@@ -417,7 +439,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
     engine.sync(policy)
     s = State(recipe, plan, policy, engine, prompts, rewards, optimizer, scheduler, world,
               LossConfig.from_grpo(recipe.grpo), is_correction.SamplerCorrection(recipe.grpo), mem=sampler, cap=cap,
-              turns=turns, loss_scale=loss_scale)
+              turns=turns, loss_scale=loss_scale,
+              compiles=CompileWatch(run_dir / "compiles.jsonl" if world.main else None))
     sampler.phase = lambda: s.phase or "start"
     logger = MetricsLogger(run_dir, recipe, world.rank, resume_step=start)
     stop, bad = _Stop(run_dir), 0
@@ -448,6 +471,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
                 gc.freeze()
             logger.log(m)
             progress.update(m, line(m))
+            if m.get("compile_graphs") and step - start >= 2:  # the first two steps compile for the lengths they see
+                progress.note(_recompiled(m, s.compile_reasons, run_dir))
             if "eval/reward_mean" in m:
                 progress.note(eval_line(m))
             bad = bad + 1 if not (math.isfinite(m["loss"]) and (math.isfinite(m["grad_norm"])

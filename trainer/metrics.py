@@ -42,6 +42,49 @@ class GCPauses:
             gc.callbacks.remove(self._on)
 
 
+class CompileWatch:
+    """torch.compile's work inside the steps, from torch._dynamo's compilation metrics: each frame compiled (the
+    decoder layers: a first graph, then one per guard that fails, e.g. a new length, grad mode, an attention mask
+    present or not) and each backward compiled at its first use. A step that compiles spends seconds there, in
+    whichever phase hit it (on one H100, 2026-12-05, mirror rows past step 2: 10-25 s in the train phase, cause not
+    known); the step's metrics carry them (compile_graphs, time_compile_s, inside the phases like time_gc_s) and
+    `log` (the run dir's compiles.jsonl) each compile: step, phase, seconds, the guard that failed.
+
+    Reads nothing unless torch._dynamo is imported (no compile, no cost). Dynamo keeps its last 64 entries: more
+    compiles than that inside one phase are counted from what is left."""
+
+    def __init__(self, log: Path | None = None):
+        self.log = log
+        self._last = self._entries()[-1:]  # compiled before the run (vLLM's own graphs at its start): not ours
+
+    @staticmethod
+    def _entries() -> list:
+        import sys
+
+        utils = sys.modules.get("torch._dynamo.utils")
+        return list(utils.get_compilation_metrics()) if utils is not None else []
+
+    def take(self, step: int, phase: str) -> tuple[int, float, list[str]]:
+        """Compiles since the last call: (count, seconds, the guard failures that caused them)."""
+        entries = self._entries()
+        at = next((i for i in range(len(entries) - 1, -1, -1) if self._last and entries[i] is self._last[0]), -1)
+        new = entries[at + 1:]
+        if not new:
+            return 0, 0.0, []
+        self._last = new[-1:]
+        rows = []
+        for e in new:
+            us = getattr(e, "duration_us", None)
+            seconds = us / 1e6 if us is not None else (getattr(e, "entire_frame_compile_time_s", None) or 0.0)
+            rows.append({"step": step + 1, "phase": phase, "s": round(seconds, 3), "id": str(e.compile_id),
+                         "forward": getattr(e, "is_forward", True), "code": getattr(e, "co_name", None),
+                         "reason": getattr(e, "recompile_reason", None) or getattr(e, "fail_reason", None)})
+        if self.log is not None:
+            with self.log.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        return len(rows), sum(r["s"] for r in rows), [r["reason"] for r in rows if r["reason"]]
+
+
 class MemorySampler:
     """Samples device memory every `interval` seconds in a daemon thread; `take_peak()` returns and resets.
 
@@ -196,7 +239,7 @@ def merge_ranks(per_rank: list[dict]) -> dict:
             out[k] = v
         elif k in SUM_KEYS:
             out[k] = sum(vals)
-        elif k.startswith(("time_", "peak_")) or k.endswith(("_max", "/max", "_p99")):  # p99: an upper bound
+        elif k.startswith(("time_", "peak_", "compile_")) or k.endswith(("_max", "/max", "_p99")):  # p99: a bound
             out[k] = max(vals)
         elif k.endswith(("_min", "/min")):
             out[k] = min(vals)
@@ -219,8 +262,9 @@ def line(m: dict) -> str:
         parts.append(f"kl {m['kl']:.4f}")
     if "logp_gap_mean" in m:
         parts.append(f"gap {m['logp_gap_mean']:.4f}")
-    parts += [f"{m['time_step_s']:.2f}s (roll {m['time_rollout_s']:.2f}, reward {m.get('time_reward_s', 0.0):.2f})",
-              f"{m['tokens_per_s']:.0f} tok/s"]
+    compiled = f", compile {m['time_compile_s']:.2f}" if m.get("time_compile_s") else ""
+    parts += [f"{m['time_step_s']:.2f}s (roll {m['time_rollout_s']:.2f}, reward {m.get('time_reward_s', 0.0):.2f}"
+              f"{compiled})", f"{m['tokens_per_s']:.0f} tok/s"]
     if m.get("peak_memory_gb"):
         parts.append(f"peak {m['peak_memory_gb']:.2f}GB")
     return " | ".join(parts)
