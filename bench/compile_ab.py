@@ -37,7 +37,9 @@ the shipped default (merge + rows) against the slots with the trainer on its nf4
 load_mirror: vLLM on dummy weights, the trainer's base written into them on the device, no checkpoint staged) on the
 same two configs: first_two_s (start-up) and gap_mean (the same weights: unchanged). SWITCH gc_freeze:
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
-only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). Each config
+only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). SWITCH
+dynamic_dims: TRAINER_COMPILE_DYNAMIC_DIMS (trainer/compile_shapes.py: the layers' inputs dynamic in batch and length
+from the first compile; each run's compile_s says where the compiles went). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -81,6 +83,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "hf_compile": ("--set", "train.torch_compile=true", ["A-hf"]),
             "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"]),
             "gc_freeze": ("TRAINER_GC_FREEZE", "1", ["A-mb286", "A-fast"]),
+            "dynamic_dims": ("TRAINER_COMPILE_DYNAMIC_DIMS", "1", ["A-fast", "A-small"]),
             "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
@@ -129,6 +132,9 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
             "peak_gb": smi.get("peak_gb"), "step_s": step, "train_s": train,
             "planned_phases_gb": {k: round(v / 1e9, 3) for k, v in (plan.get("phase_peaks") or {}).items()},
             "steady_phase_peaks_gb": steady_phase_peaks(rows),
+            # what torch.compile spent in each step (trainer/metrics.py CompileWatch): a steady step that compiles
+            # is the guard variants, not the switch's kernels
+            "compile_s": [r.get("time_compile_s") for r in rows],
             "first_two_s": sum(step[:2]) if len(step) >= 2 else None,
             "steady_step_s": statistics.median(step[2:]) if len(step) > 2 else None,
             "steady_train_s": statistics.median(train[2:]) if len(train) > 2 else None,

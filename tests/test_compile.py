@@ -289,3 +289,61 @@ def test_a_compiled_run_reports_its_compiles_per_step(tmp_path):
         assert m["time_compile_s"] == pytest.approx(sum(r["s"] for r in mine), abs=1e-6)
         assert m["time_compile_s"] <= m["time_train_s"] + m.get("time_recompute_s", 0.0)
     assert "compile " in out.stdout.split("step    1", 1)[1].splitlines()[0]
+
+
+def _graphs_per_step(monkeypatch, dynamic_dims: bool, in_graph: bool, backend: str) -> tuple[list[int], list]:
+    """GRPO's passes (reference, old policy, two iterations with grad), one micro-batch a step, over lengths that
+    change every step and a first step without padding (the worst-case first step: the mask dropped): the graphs
+    Dynamo has made after each step, and each step's log-probs."""
+    import random
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import trainer.policy as tp
+
+    compile_ = torch.nn.Module.compile
+    with monkeypatch.context() as m, torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        m.setattr(tp, "COMPILE_DYNAMIC_DIMS", dynamic_dims)
+        m.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend=backend, **k))
+        torch._dynamo.reset()
+        counters.clear()
+        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", "model.gradient_checkpointing=true"])
+        plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+        plan.checkpoint_in_graph = in_graph
+        policy = load_policy(recipe, plan)
+        rng, g = random.Random(0), torch.Generator().manual_seed(0)
+        graphs, logps = [], []
+        for step in range(4):
+            n, plen, clen = 4, 24, [16, 13, 9, 11][step]
+            ids = torch.randint(3, 300, (n, plen + clen), generator=g)
+            mask, valid = torch.ones_like(ids), torch.ones(n, clen, dtype=torch.long)
+            if step:  # completions of several lengths: padding, so HF keeps the mask
+                valid[rng.randrange(n), clen - 3:] = 0
+                mask[:, plen:] = valid
+            batch = (ids, mask, ids[:, plen:], valid, 1.0, 4096, 8192)
+            with torch.no_grad():
+                with policy.model.disable_adapter():
+                    completion_logprobs(policy, *batch)
+                completion_logprobs(policy, *batch)
+            for _ in range(2):
+                lp = completion_logprobs(policy, *batch)[0]
+                lp.sum().backward()
+            logps.append(lp.detach())
+            graphs.append(counters["stats"]["unique_graphs"])
+        torch._dynamo.reset()
+    return graphs, logps
+
+
+def test_dynamic_dims_compile_each_variant_once_with_the_same_logprobs(monkeypatch):
+    # TRAINER_COMPILE_DYNAMIC_DIMS (trainer/compile_shapes.py): the variants a step first meets compile dynamic at
+    # once; by default each compiles static, then again when its length changes (steps 2-3 here; the H100's mirror
+    # rows paid 10-25 s a step for it). With the checkpoint in graph (the planner's choice where layers compile) and
+    # AOTAutograd's partitioner (its backward), as inductor runs them.
+    base, lp_base = _graphs_per_step(monkeypatch, False, True, "aot_eager")
+    marked, lp_marked = _graphs_per_step(monkeypatch, True, True, "aot_eager")
+    assert marked[-1] < base[-1], (marked, base)
+    assert marked[2:] == [marked[1]] * 2, marked  # nothing compiled after the first padded step
+    assert base[2] > base[1], base  # the default's static graphs recompile when the length changes
+    for a, b in zip(lp_base, lp_marked):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -35,6 +35,11 @@ COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else 
 # graphs; 64 leaves room. Policy.hidden_states raises the limit before each pass: set once at load it was back at 16
 # in the next H200 run (vLLM's import comes later), which hit it again.
 LAYER_RECOMPILE_LIMIT = 64
+# TRAINER_COMPILE_DYNAMIC_DIMS=1: the layers' inputs marked dynamic in batch and length from the first compile
+# (trainer/compile_shapes.py), so each guard variant compiles once. On the CPU (tiny recipe, one micro-batch a step,
+# beta 0.04, 12 steps): 6 graphs in steps 1-2 (11.8 s) against 11 in steps 1-3 (41 s), the same losses. Off until
+# bench/compile_ab.py dynamic_dims measures it on the GPU (first steps and steady ones).
+COMPILE_DYNAMIC_DIMS = os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS") == "1"
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
 # layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
@@ -250,6 +255,10 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
+        if COMPILE_DYNAMIC_DIMS:
+            from trainer.compile_shapes import install as mark_dynamic
+
+            mark_dynamic(model.get_base_model().model)
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
 

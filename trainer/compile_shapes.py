@@ -1,0 +1,80 @@
+"""The compiled decoder layers take the batch and length dimensions of their inputs as dynamic from their first
+compile (TRAINER_COMPILE_DYNAMIC_DIMS=1), instead of compiling each guard variant static first and again once its
+length changes.
+
+Each compiled layer sees several variants (grad mode on / off, its input requiring grad or not, an attention mask
+present or dropped because nothing is padded, the adapter disabled for the reference pass). By default Dynamo
+compiles a variant for the shape it first meets and again, dynamic, once a length changes; a step of one micro-batch
+shows each variant one shape, so the compiles spread over the first steps (on the CPU, tiny recipe, one micro-batch a
+step, beta 0.04: 11 graphs in steps 1-3, 41 s; the H100's 1.5B mirror rows spent 10-25 s of steps 3-5 in the train
+phase). Marked here, at the decoder stack's entry where the code is eager (only the layers are compiled), each
+variant compiles once, dynamic in batch and length and static in every width, as `dynamic=True` is not
+(`trainer.policy.COMPILE_DYNAMIC`: rejected, all dimensions dynamic). Sizes 0 and 1 still get graphs of their own
+(a micro-batch of one sequence). torch.compiler.config.dynamic_sources would say the same by name, per dimension
+only from torch 2.12 on; the device's torch is 2.11.
+
+What is marked: the input embeddings (computed here from input_ids, as the stack would), position ids, the rotary
+cos / sin, and the attention masks, built here with the modeling module's own mask functions and handed to the
+stack as the mapping it accepts ready-made (transformers 5.x: `create_causal_mask`, `has_sliding_layers`).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+BATCH_AND_LENGTH = (0, 1)
+MASK_DIMS = (0, 2, 3)  # [batch, 1, query length, key length]
+
+
+def install(backbone: torch.nn.Module) -> None:
+    """Hooks on the decoder stack (not compiled) and its rotary embedding that mark what the layers receive."""
+    backbone.register_forward_pre_hook(_mark_inputs, with_kwargs=True)
+    backbone.rotary_emb.register_forward_hook(_mark_outputs)
+
+
+def _dynamic(t: torch.Tensor, dims) -> torch.Tensor:
+    for d in dims:
+        if d < t.dim():
+            torch._dynamo.maybe_mark_dynamic(t, d)  # "maybe": a size of 1 specialises, without an error
+    return t
+
+
+def _mark_inputs(module, args, kwargs):
+    ids = kwargs.get("input_ids")
+    if args or ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
+        return None  # not a trainer pass (generate's cached decode, positional inputs): left as it came
+    embeds = _dynamic(module.embed_tokens(ids), BATCH_AND_LENGTH)
+    positions = kwargs.get("position_ids")
+    if positions is not None:
+        _dynamic(positions, BATCH_AND_LENGTH)
+    out = {**kwargs, "input_ids": None, "inputs_embeds": embeds}
+    masks = _masks(module, embeds, kwargs.get("attention_mask"), positions)
+    if masks is not None:
+        out["attention_mask"] = masks
+    return (), out
+
+
+def _masks(module, embeds, mask, positions) -> dict | None:
+    """The stack's own mask mapping, built as its forward builds it, the masks marked; None where this stack's
+    modeling module has no such functions (then the stack builds them, unmarked)."""
+    modeling = sys.modules[type(module).__module__]
+    make = getattr(modeling, "create_causal_mask", None)
+    if make is None or isinstance(mask, dict):
+        return None
+    kw = {"config": module.config, "inputs_embeds": embeds, "attention_mask": mask, "past_key_values": None,
+          "position_ids": positions}
+    masks = {"full_attention": make(**kw)}
+    if getattr(module, "has_sliding_layers", False):
+        masks["sliding_attention"] = modeling.create_sliding_window_causal_mask(**kw)
+    for m in masks.values():
+        if isinstance(m, torch.Tensor) and m.dim() == 4:
+            _dynamic(m, MASK_DIMS)
+    return masks
+
+
+def _mark_outputs(module, args, output):
+    for t in output if isinstance(output, tuple) else (output,):
+        if isinstance(t, torch.Tensor):
+            _dynamic(t, BATCH_AND_LENGTH)
+    return output
