@@ -242,6 +242,9 @@ def _write(path: Path, rows: list[dict], command: str) -> None:
         if len(r.get("step_s") or []) >= 3 and r.get("predicted_step_s"):
             r["step_s_steady"] = statistics.median(r["step_s"][2:])
             r["step_error_frac"] = r["step_s_steady"] / r["predicted_step_s"] - 1
+            compiled = [p.get("compile") for p in (r.get("phase_s") or [])[2:]]
+            if compiled and None not in compiled:  # rows since CompileWatch: the same steps less their compiling
+                r["step_s_steady_less_compile"] = statistics.median(t - c for t, c in zip(r["step_s"][2:], compiled))
     ok = [r for r in rows if "error_frac" in r]
     path.write_text(json.dumps({
         "device": next((r["device_name"] for r in rows if r.get("device_name")), None), "command": command,

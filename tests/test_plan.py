@@ -376,13 +376,29 @@ def test_planner_bench_keeps_the_runs_profile_and_memory_files_beside_its_log(tm
 
     run, out = tmp_path / "run", tmp_path / "out"
     run.mkdir(), out.mkdir()
-    for f in ("plan.json", "memory.jsonl", "profile_step5.txt", "metrics.jsonl"):
+    for f in ("plan.json", "memory.jsonl", "compiles.jsonl", "profile_step5.txt", "metrics.jsonl"):
         (run / f).write_text(f)
     keep_run_files(run, out, "1.5b@10gb")
-    assert sorted(p.name for p in out.iterdir()) == ["1.5b@10gb.memory.jsonl", "1.5b@10gb.plan.json",
-                                                      "1.5b@10gb.profile_step5.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["1.5b@10gb.compiles.jsonl", "1.5b@10gb.memory.jsonl",
+                                                      "1.5b@10gb.plan.json", "1.5b@10gb.profile_step5.txt"]
     assert (out / "1.5b@10gb.profile_step5.txt").read_text() == "profile_step5.txt"
     keep_run_files(tmp_path / "never-started", out, "x")  # a run that died before its dir: nothing, no error
+
+
+def test_planner_rows_give_their_steady_step_with_and_without_the_steps_compiling(tmp_path):
+    # the H100's A row (2026-12-05): steps 4-5 spent ~10 s compiling the layers, and the steady step (the median of
+    # steps 3-5) was 10.5 s against a 1.3 s step; the row now says both, from its metrics' time_compile_s
+    import json
+
+    from bench.planner import _write
+
+    row = {"name": "a", "predicted_step_s": 1.0, "step_s": [20.0, 9.0, 1.2, 10.8, 10.6],
+           "phase_s": [{"compile": 15.0}, {"compile": 7.5}, {"compile": 0.0}, {"compile": 9.6}, {"compile": 9.5}]}
+    old = {"name": "b", "predicted_step_s": 1.0, "step_s": [20.0, 9.0, 1.2, 10.8, 10.6], "phase_s": [{}] * 5}
+    _write(tmp_path / "p.json", [row, old], "cmd")
+    a, b = json.loads((tmp_path / "p.json").read_text())["configs"]
+    assert a["step_s_steady"] == 10.6 and a["step_s_steady_less_compile"] == pytest.approx(1.2)
+    assert "step_s_steady_less_compile" not in b  # rows from before CompileWatch: not known
 
 
 def _plan_with_scratch(monkeypatch, space: dict, sets=()):
