@@ -46,9 +46,10 @@ class CompileWatch:
     """torch.compile's work inside the steps, from torch._dynamo's compilation metrics: each frame compiled (the
     decoder layers: a first graph, then one per guard that fails, e.g. a new length, grad mode, an attention mask
     present or not) and each backward compiled at its first use. A step that compiles spends seconds there, in
-    whichever phase hit it (on one H100, 2026-12-05, mirror rows past step 2: 10-25 s in the train phase, cause not
-    known); the step's metrics carry them (compile_graphs, time_compile_s, inside the phases like time_gc_s) and
-    `log` (the run dir's compiles.jsonl) each compile: step, phase, seconds, the guard that failed.
+    whichever phase hit it (on one H100, 2026-12-05, mirror rows past step 2: 10-25 s in the train phase; on the CPU
+    the same pattern came from guard variants compiled static, then again dynamic: trainer/compile_shapes.py); the
+    step's metrics carry them (compile_graphs, time_compile_s, inside the phases like time_gc_s) and `log` (the run
+    dir's compiles.jsonl) each compile: step, phase, seconds, the guard that failed.
 
     Reads nothing unless torch._dynamo is imported (no compile, no cost). Dynamo keeps its last 64 entries: more
     compiles than that inside one phase are counted from what is left."""
