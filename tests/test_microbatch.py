@@ -157,7 +157,7 @@ def test_each_phase_counts_the_allocators_cap_retries_it_caused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {"num_alloc_retries": count["n"]})
     s = SimpleNamespace(phase="", step=0, policy=SimpleNamespace(device=torch.device("cuda")), cap=None, mem=None,
                         peaks={}, times=defaultdict(float), alloc_retries=defaultdict(int), gc=GCPauses(),
-                        gc_times=defaultdict(float))
+                        gc_times=defaultdict(float), compiles=None)
     with State.timed(s, "rollout"):
         pass
     with State.timed(s, "train"):
@@ -179,7 +179,7 @@ def test_each_phase_counts_the_garbage_collectors_pauses_inside_it():
 
     s = SimpleNamespace(phase="", step=0, policy=SimpleNamespace(device=torch.device("cpu")), cap=None, mem=None,
                         peaks={}, times=defaultdict(float), alloc_retries=defaultdict(int), gc=GCPauses(),
-                        gc_times=defaultdict(float))
+                        gc_times=defaultdict(float), compiles=None)
     gc.disable()  # no automatic collection in between: only the one below
     try:
         with State.timed(s, "rollout"):
@@ -191,6 +191,36 @@ def test_each_phase_counts_the_garbage_collectors_pauses_inside_it():
         s.gc.close()
     assert s.gc.full == 1 and s.gc_times["train"] > 0 and s.gc_times["rollout"] == 0
     assert s.gc_times["train"] <= s.times["train"]
+
+
+def test_each_phase_counts_what_torch_compile_spent_inside_it(tmp_path):
+    # the H100's mirror rows (2026-12-05) spent 10-25 s of steps 3-5 in the train phase and nothing said whether it was
+    # compiling: each phase now takes the compiles made inside it (trainer/metrics.py CompileWatch), none twice
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trainer.grpo import State
+    from trainer.metrics import CompileWatch
+
+    s = SimpleNamespace(phase="", step=3, policy=SimpleNamespace(device=torch.device("cpu")), cap=None, mem=None,
+                        peaks={}, times=defaultdict(float), alloc_retries=defaultdict(int), gc=GCPauses(),
+                        gc_times=defaultdict(float), compiles=CompileWatch(tmp_path / "compiles.jsonl"),
+                        compile_times=defaultdict(float), compile_graphs=0, compile_reasons=[])
+    f = torch.compile(lambda x: x.cos() + 1, backend="eager")
+    try:
+        f(torch.ones(2))  # between the phases: logged, not the step's
+        with State.timed(s, "rollout"):
+            pass
+        with State.timed(s, "train"):
+            f(torch.ones(2, 3))
+    finally:
+        s.gc.close()
+    assert s.compile_graphs == 1 and s.compile_times["train"] > 0 and s.compile_times["rollout"] == 0
+    assert "rank mismatch" in s.compile_reasons[0] and s.compile_times["train"] <= s.times["train"]
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "compiles.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in rows] == [(4, "outside the phases"), (4, "train")]
 
 
 def test_snapshot_summary_names_what_was_live_at_the_oom_and_what_grew_before_it():
