@@ -215,13 +215,13 @@ def run(out: Path, names: list[str]) -> None:
         _write(out / "planner.json", rows, "python bench/planner.py OUT_DIR " + " ".join(names))
 
 
-SWITCHES = ("TRAINER_", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "CUDA_LAUNCH_BLOCKING", "PLANNER_STEPS")
+RUN_SWITCHES = ("TRAINER_", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "CUDA_LAUNCH_BLOCKING", "PLANNER_STEPS")
 
 
 def switches() -> dict[str, str]:
     """The environment settings a queue item ran under that change what a run does (a row of the same name without
     them is another measurement), minus the sitting's own paths."""
-    return {k: v for k, v in os.environ.items() if k.startswith(SWITCHES) and k != "TRAINER_CACHE"}
+    return {k: v for k, v in os.environ.items() if k.startswith(RUN_SWITCHES) and k != "TRAINER_CACHE"}
 
 
 def keep_run_files(run_dir: Path, out: Path, name: str) -> None:

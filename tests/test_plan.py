@@ -385,6 +385,19 @@ def test_planner_bench_keeps_the_runs_profile_and_memory_files_beside_its_log(tm
     keep_run_files(tmp_path / "never-started", out, "x")  # a run that died before its dir: nothing, no error
 
 
+def test_planner_rows_record_the_switches_they_ran_under(monkeypatch):
+    # a queue runs one config under several switches (2026-12-05: the 7B at 22 GB with and without the parked base
+    # or expandable segments): the rows share a name, so each says what it ran under, not the sitting's paths
+    from bench.planner import switches
+
+    for k in [k for k in os.environ if k.startswith(("TRAINER_", "PYTORCH_CUDA_ALLOC_CONF"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("TRAINER_PARK_BASE", "1")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("TRAINER_CACHE", "/root/cache")
+    assert switches() == {"TRAINER_PARK_BASE": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
 def test_planner_rows_give_their_steady_step_with_and_without_the_steps_compiling(tmp_path):
     # the H100's A row (2026-12-05): steps 4-5 spent ~10 s compiling the layers, and the steady step (the median of
     # steps 3-5) was 10.5 s against a 1.3 s step; the row now says both, from its metrics' time_compile_s
