@@ -5,6 +5,7 @@ measures above plan (trainer/budget.py), also when the rollout phase is above pl
 from __future__ import annotations
 
 import json
+import os
 import time
 import types
 
@@ -349,3 +350,34 @@ def test_a_checkpoint_inside_the_compiled_layers_saves_their_inputs_only_and_tra
     assert inside <= around + 1.25 * hidden_bytes and inside < 0.25 * full, (inside, around, full)
     for a, b, c in zip(g_full, g_inside, g_around):
         assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-5)
+
+
+def test_expandable_segments_where_vllm_loads_the_mirror_into_its_sleep_mode_pool(monkeypatch):
+    # On an H100 (2026-12-05) the 7B's start-up on the bf16 mirror at 22 GB (KV released: vLLM's sleep-mode pool)
+    # asked 1.09 GB with 2.26 GB cached in torch's default pool, the segments bitsandbytes' on-device quantisation
+    # left split; with expandable segments it started and ran at 20.87 GB. The plan asks for them exactly there.
+    from trainer import api
+    from trainer.cap import apply_segments
+
+    tiny = ROOT / "recipes" / "tiny-cpu.yaml"
+    sets = ["rollout.engine=vllm", "model.shape=qwen2.5-7b", "logging.wandb=false", "train.generation_batch_size=8",
+            "grpo.max_completion_length=512"]
+    gpu = Device.elsewhere("80")
+    want = {("bf16_mirror", "true"): True, ("bf16_mirror", "false"): False, ("shared_nf4", "true"): False}
+    for (fmt, rel), on in want.items():
+        _, plan = api.plan(tiny, sets + [f"rollout.weight_format={fmt}", f"rollout.kv_release={rel}"], device=gpu)
+        assert plan.expandable_segments is on, (fmt, rel)
+    _, cpu = api.plan(tiny, ["rollout.engine=vllm", "logging.wandb=false"], device=Device.detect())
+    assert cpu.weight_format == "bf16_mirror" and not cpu.expandable_segments
+    # applied before anything allocates, in torch and in the variable vLLM reads; a user's own setting stands
+    set_in_torch = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", set_in_torch.append)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    on = types.SimpleNamespace(expandable_segments=True)
+    assert apply_segments(on) and set_in_torch == ["expandable_segments:True"]
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert not apply_segments(on) and len(set_in_torch) == 1
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert not apply_segments(types.SimpleNamespace(expandable_segments=False)) and len(set_in_torch) == 1

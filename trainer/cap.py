@@ -45,6 +45,19 @@ from trainer.memory import GB, MiB
 MARGIN = 96 * MiB
 
 
+def apply_segments(plan) -> bool:
+    """Expandable segments for torch's allocator where the plan asks for them (Plan.expandable_segments), before
+    anything allocates: set in torch and in PYTORCH_CUDA_ALLOC_CONF, which vLLM reads to turn them off around its
+    sleep-mode pool (vllm/device_allocator/cumem.py). A PYTORCH_CUDA_ALLOC_CONF that names expandable segments
+    already is the user's and stands. Returns whether they were turned on."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if not plan.expandable_segments or not torch.cuda.is_available() or "expandable_segments" in conf:
+        return False
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(x for x in (conf, "expandable_segments:True") if x)
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return True
+
+
 class Cap:
     """The allocator cap of one run. `enabled` only with a budget on a CUDA device."""
 

@@ -20,7 +20,7 @@ import torch
 
 from trainer import budget, checkpoint, distributed, is_correction, oom
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
-from trainer.cap import Cap
+from trainer.cap import Cap, apply_segments
 from trainer.data import PromptSet
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.evaluate import line as eval_line
@@ -406,6 +406,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
     the loop loads nothing of the recipe's inputs itself."""
     torch.manual_seed(recipe.train.seed)
     model_path = resolve_model_path(recipe.model)  # a `shape` is built here, before the cap (test models only)
+    apply_segments(plan)  # before anything allocates (Plan.expandable_segments)
     cap = Cap(plan)
     cap.apply()  # before vLLM or any weight allocates: the planner's estimate of what torch does not hold
     oom.record_history(run_dir, world.rank)  # TRAINER_MEMORY_HISTORY=start|all (oom.py)

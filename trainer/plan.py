@@ -137,6 +137,13 @@ class Plan:
     # bf16_mirror on CUDA: the trainer's nf4 linears wait in host memory while vLLM starts (sync.park_linears;
     # PARK_BASE below); with the views they never come back
     park_base: bool = False
+    # torch's allocator grows expandable segments (trainer/cap.py apply_segments): the bf16 mirror with vLLM's
+    # sleep-mode pool (kv_release), where vLLM allocates its 16-bit weights in that pool after the trainer's nf4 load.
+    # bitsandbytes quantises each weight on the device and the nf4 tensors split the freed bf16 segments, which
+    # empty_cache cannot return and the pool cannot use: on an H100 (2026-12-05) the 7B's start-up at 22 GB held
+    # 2.26 GB cached in the default pool and failed to allocate 1.09 GB; with the segments it started and ran at
+    # 20.87 GB (bench/results/queue_2026-12-05/j). vLLM 0.26 turns them off around its own pool.
+    expandable_segments: bool = False
     nf4_gemm_max_rows: int = 0  # shared_nf4: batches of up to this many rows use the fused nf4 GEMM (0: bitsandbytes)
     logits_dtype: str = "model"  # sampler and trainer logits: "model" (compute dtype) or "float32" (unrounded)
     loss_scaling: bool = False  # float16 compute: dynamic loss scaling (trainer/loss_scale.py); bf16/fp32 need none
@@ -632,6 +639,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                      mlp_tile_tokens=mlp_tile_tokens, weight_format=fmt, kv_release=rel, sync=sync,
                      trainer_linears=trainer_linears(fmt, sync, recipe) if vllm else "nf4",
                      park_base=PARK_BASE and vllm and fmt == "bf16_mirror" and not cpu,
+                     expandable_segments=vllm and fmt == "bf16_mirror" and rel and not cpu,
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
