@@ -37,8 +37,10 @@ COMPILE_DYNAMIC = True if os.environ.get("TRAINER_COMPILE_DYNAMIC") == "1" else 
 LAYER_RECOMPILE_LIMIT = 64
 # TRAINER_COMPILE_DYNAMIC_DIMS=1: the layers' inputs marked dynamic in batch and length from the first compile
 # (trainer/compile_shapes.py), so each guard variant compiles once. On the CPU (tiny recipe, one micro-batch a step,
-# beta 0.04, 12 steps): 6 graphs in steps 1-2 (11.8 s) against 11 in steps 1-3 (41 s), the same losses. Off until
-# bench/compile_ab.py dynamic_dims measures it on the GPU (first steps and steady ones).
+# beta 0.04, 12 steps): 6 graphs in steps 1-2 (11.8 s) against 11 in steps 1-3 (41 s), the same losses. On an H100
+# (bench/results/dynamic_dims_ab.json, 2026-12-05) no consistent win: config A at 6.6 GB's first two steps 5.35 s
+# shorter, at 3.3 GB 15.07 s longer (dynamic graphs compiled slower), steady train x1.04 / x0.82; neither default run
+# recompiled after step 2 there. Off.
 COMPILE_DYNAMIC_DIMS = os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS") == "1"
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
