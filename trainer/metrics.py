@@ -49,7 +49,8 @@ class CompileWatch:
     whichever phase hit it (on one H100, 2026-12-05, mirror rows past step 2: 10-25 s in the train phase; on the CPU
     the same pattern came from guard variants compiled static, then again dynamic: trainer/compile_shapes.py); the
     step's metrics carry them (compile_graphs, time_compile_s, inside the phases like time_gc_s) and `log` (the run
-    dir's compiles.jsonl) each compile: step, phase, seconds, the guard that failed.
+    dir's compiles.jsonl) each compile: step, phase, seconds, a guard that failed (Dynamo keeps the newest graph's
+    first; every graph's failure is TORCH_LOGS=recompiles' output).
 
     Reads nothing unless torch._dynamo is imported (no compile, no cost). Dynamo keeps its last 64 entries: more
     compiles than that inside one phase are counted from what is left."""
