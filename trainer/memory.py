@@ -236,12 +236,18 @@ def offload_host_bytes(ctx: Context, k: dict) -> int:
     return ctx.dims.layers * k["micro_batch_tokens"] * ctx.dims.hidden * ctx.dtype_bytes
 
 
+def in_graph_applies(c: dict) -> bool:
+    """The checkpoint can go inside the compiled layers: checkpointing, without offload or the tiled MLP (which bring
+    their own checkpoint). `c`: a candidate, or plan.plan_knobs(plan)."""
+    return bool(c["gradient_checkpointing"] and not c["activation_offload"] and not c["mlp_tile_tokens"])
+
+
 def in_graph_bytes(ctx: Context, k: dict) -> int:
     """What the checkpoint inside the compiled layers keeps beyond HF's (CKPT_IN_GRAPH_BYTES): the 4-bit matmuls'
     outputs of every layer for the micro-batch; none under the views (plain linears', recomputed) or where offload or
-    the tiled MLP bring their own checkpoint (plan.in_graph_applies)."""
-    if not (ctx.cuda and k.get("checkpoint_in_graph") and k["gradient_checkpointing"] and not k.get("activation_offload")
-            and not k.get("mlp_tile_tokens") and k.get("trainer_linears", "nf4") != "views"):
+    the tiled MLP bring their own checkpoint (in_graph_applies)."""
+    if not (ctx.cuda and k.get("checkpoint_in_graph") and in_graph_applies(k)
+            and k.get("trainer_linears", "nf4") != "views"):
         return 0
     d = ctx.dims
     return int(CKPT_IN_GRAPH_BYTES * d.layers * k["micro_batch_tokens"] * (d.hidden + d.intermediate))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from trainer import cost, memory
 from trainer.errors import UserError
-from trainer.memory import GB, ModelDims
+from trainer.memory import GB, ModelDims, in_graph_applies
 
 BUDGET_PRESETS = {"t4-15gb": 15.0, "24gb": 24.0, "a100-40gb": 40.0, "h100-80gb": 80.0}
 # Components (memory.py's names) that torch's caching allocator does not own; the allocator cap leaves room for them.
@@ -650,12 +650,6 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
     if recipe.train.checkpoint_in_graph:  # in place of HF's checkpoint wherever it applies
         out = [c for c in out if not in_graph_applies(c)]
     return out + in_graph
-
-
-def in_graph_applies(c: dict) -> bool:
-    """The checkpoint can go inside the compiled layers: checkpointing, without offload or the tiled MLP (which bring
-    their own checkpoint). `c`: a candidate, or plan_knobs(plan)."""
-    return bool(c["gradient_checkpointing"] and not c["activation_offload"] and not c["mlp_tile_tokens"])
 
 
 def checkpoint_in_graph(plan: Plan) -> bool:
