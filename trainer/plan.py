@@ -719,11 +719,11 @@ LOGITS_DTYPE_PREFERRED = "model"
 MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") != "0"
 # The trainer's nf4 linears in host memory while vLLM starts on the mirror (Plan.park_base, sync.park_linears): vLLM's
 # start-up (weights, profiling run, KV pool, graph capture) then holds no trainer base beside the mirror, and with the
-# views the nf4 never comes back (the views' start-up peak loses it: memory.py). Behind TRAINER_PARK_BASE=1 until a
-# sitting measures it: on one H100 (2026-12-05, docs/benchmarks.md) the 7B's mirror (merge + rows, the KV released)
-# ran out of memory in vLLM's start-up at 22 GB asking 1.02 GiB with torch holding 20.09 GB reserved for 17.80
-# allocated, the trainer's nf4 load (bitsandbytes quantises each bf16 weight on the device) being the suspect; and
-# the views' least budget for the 7B is set by that start-up holding the nf4 (3.4 GB) beside the mirror.
+# views the nf4 never comes back (the views' start-up peak loses it: memory.py). Behind TRAINER_PARK_BASE=1: on one
+# H100 (2026-12-05, docs/benchmarks.md) the 7B's mirror (merge + rows, the KV released) ran out of memory in vLLM's
+# start-up at 22 GB with it as without it (the cache the nf4 load leaves split stays; Plan.expandable_segments fixed
+# that start-up); its use, the views' least budget for the 7B (set by that start-up holding the nf4, 3.4 GB, beside
+# the mirror), is not measured yet.
 PARK_BASE = os.environ.get("TRAINER_PARK_BASE") == "1"
 # rollout.sync: auto merges the adapter into the bf16 mirror (no LoRA kernels in vLLM's decode step: ~1 ms of the
 # 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) where the trainer computes on

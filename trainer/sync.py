@@ -90,10 +90,11 @@ def park_embeddings(model: torch.nn.Module) -> list[torch.nn.Module]:
 def park_linears(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.device]]:
     """bf16_mirror start-up with plan.park_base: the trainer's 4-bit linear layers (packed weights, quantisation
     state, biases) wait in host memory while vLLM loads the mirror, captures its graphs and sizes its KV pool, so that
-    vLLM starts on a device holding no trainer base: its start-up peak is the mirror's alone, and the segments the
-    trainer's load left partly used (bitsandbytes quantises each bf16 weight on the device) are handed back whole
-    before vLLM's pools take memory. Returns the layers moved, with their device (unpark_linears brings them back;
-    the views replace them instead: view_mirror_linears)."""
+    vLLM starts on a device holding no trainer base: its start-up peak is the mirror's alone. It does not hand back
+    the segments the trainer's load left split (bitsandbytes quantises each bf16 weight on the device): on an H100
+    (2026-12-05) the 7B at 22 GB still ran out of memory in vLLM's start-up with it, torch holding 21.19 GB reserved for
+    15.68 allocated; expandable segments (Plan.expandable_segments) are what fixed that start-up. Returns the layers
+    moved, with their device (unpark_linears brings them back; the views replace them instead: view_mirror_linears)."""
     import bitsandbytes as bnb
 
     parked = []
