@@ -30,10 +30,14 @@ BATCH_AND_LENGTH = (0, 1)
 MASK_DIMS = (0, 2, 3)  # [batch, 1, query length, key length]
 
 
-def install(backbone: torch.nn.Module) -> None:
-    """Hooks on the decoder stack (not compiled) and its rotary embedding that mark what the layers receive."""
-    backbone.register_forward_pre_hook(_mark_inputs, with_kwargs=True)
-    backbone.rotary_emb.register_forward_hook(_mark_outputs)
+def install(backbone: torch.nn.Module, which: str = "all") -> None:
+    """Hooks on the decoder stack (not compiled) and its rotary embedding that mark what the layers receive: every
+    input ("all"), or the attention masks alone ("mask")."""
+    if which not in ("all", "mask"):
+        raise ValueError(f"compile_shapes.install: which={which!r}, expected 'all' or 'mask'")
+    backbone.register_forward_pre_hook(_mark_masks if which == "mask" else _mark_inputs, with_kwargs=True)
+    if which == "all":
+        backbone.rotary_emb.register_forward_hook(_mark_outputs)
 
 
 def _dynamic(t: torch.Tensor, dims) -> torch.Tensor:
@@ -56,6 +60,18 @@ def _mark_inputs(module, args, kwargs):
     if masks is not None:
         out["attention_mask"] = masks
     return (), out
+
+
+def _mark_masks(module, args, kwargs):
+    """"mask": the masks alone marked (maybe) dynamic; the embeddings and positions left to Dynamo."""
+    ids = kwargs.get("input_ids")
+    if args or ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
+        return None
+    embeds = module.embed_tokens(ids)
+    masks = _masks(module, embeds, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+    if masks is None:
+        return None
+    return (), {**kwargs, "input_ids": None, "inputs_embeds": embeds, "attention_mask": masks}
 
 
 def _masks(module, embeds, mask, positions) -> dict | None:

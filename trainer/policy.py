@@ -41,7 +41,7 @@ LAYER_RECOMPILE_LIMIT = 64
 # (bench/results/dynamic_dims_ab.json, 2026-12-05) no consistent win: config A at 6.6 GB's first two steps 5.35 s
 # shorter, at 3.3 GB 15.07 s longer (dynamic graphs compiled slower), steady train x1.04 / x0.82; neither default run
 # recompiled after step 2 there. Off.
-COMPILE_DYNAMIC_DIMS = os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS") == "1"
+COMPILE_DYNAMIC_DIMS = {"1": "all", "mask": "mask"}.get(os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
 # layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
@@ -260,7 +260,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         if COMPILE_DYNAMIC_DIMS:
             from trainer.compile_shapes import install as mark_dynamic
 
-            mark_dynamic(model.get_base_model().model)
+            mark_dynamic(model.get_base_model().model, COMPILE_DYNAMIC_DIMS)
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
 
