@@ -40,7 +40,10 @@ LAYER_RECOMPILE_LIMIT = 64
 # beta 0.04, 12 steps): 6 graphs in steps 1-2 (11.8 s) against 11 in steps 1-3 (41 s), the same losses. On an H100
 # (bench/results/dynamic_dims_ab.json, 2026-12-05) no consistent win: config A at 6.6 GB's first two steps 5.35 s
 # shorter, at 3.3 GB 15.07 s longer (dynamic graphs compiled slower), steady train x1.04 / x0.82; neither default run
-# recompiled after step 2 there. Off.
+# recompiled after step 2 there. Off. TRAINER_COMPILE_DYNAMIC_DIMS=mask: the attention masks alone marked, the first
+# graphs static as the default's; a variant's mask then follows the length Dynamo marks dynamic instead of
+# specialising it back (CPU, the 16 x 64 beta shape: 9 graphs in steps 1-3 against 12 in steps 1-5). Off until the
+# GPU A/B (docs/benchmarks.md, 2026-12-05 22:40).
 COMPILE_DYNAMIC_DIMS = {"1": "all", "mask": "mask"}.get(os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
