@@ -388,9 +388,9 @@ def test_planner_bench_keeps_the_runs_profile_and_memory_files_beside_its_log(tm
 def test_planner_rows_record_the_switches_they_ran_under(monkeypatch):
     # a queue runs one config under several switches (2026-12-05: the 7B at 22 GB with and without the parked base
     # or expandable segments): the rows share a name, so each says what it ran under, not the sitting's paths
-    from bench.planner import switches
+    from bench.planner import RUN_SWITCHES, switches
 
-    for k in [k for k in os.environ if k.startswith(("TRAINER_", "PYTORCH_CUDA_ALLOC_CONF"))]:
+    for k in [k for k in os.environ if k.startswith(RUN_SWITCHES)]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("TRAINER_PARK_BASE", "1")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
