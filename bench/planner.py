@@ -95,13 +95,13 @@ H200 = dict(kind="cuda", name="NVIDIA H200", total_bytes=150_754_820_096, free_b
             host_free_bytes=120 * 10**9, capability=(9, 0))
 
 
-def _plan(overrides: list[str], budget_gb: float | None):
+def _plan(overrides: list[str], budget_gb: float | None, card: dict = H200):
     from trainer.plan import Device, make_plan
     from trainer.policy import read_config
     from trainer.recipe import load_recipe
 
     r = load_recipe(BASE, overrides + [f"budget.vram_gb={budget_gb if budget_gb is not None else 80}"])
-    return make_plan(read_config(r.model), r, Device(**H200)), r
+    return make_plan(read_config(r.model), r, Device(**card)), r
 
 
 @functools.cache

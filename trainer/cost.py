@@ -105,15 +105,43 @@ BF16_LINEARS_TRAIN = 0.55
 OFFLOAD_BYTES_S = 25e9
 
 
+# Other cards: every constant above was measured on an H200 (4.8 TB/s of HBM, 989e12 dense bf16 FLOP/s on its data
+# sheet). What reads memory (the decode's per-parameter term: the weights each token step reads; the KV read) scales
+# with a card's bandwidth, the train phase's compute (TRAIN_FLOPS, LONG_TRAIN_FLOPS) with its dense 16-bit tensor
+# FLOP/s; the host-bound terms (the decode's fixed term, the layer floors, HF generate's per-layer cost, the LoRA
+# launches) do not. On one H100 (3.35 TB/s; bench/results/planner_h100.json, the 7 bf16-mirror rows of 2026-12-05,
+# none fitted on) the steady rollouts measured 1.06-1.55x the H200-priced ones (the 7B's 1.54-1.55x: its 13 GB of bf16
+# weights read 512 times), and 0.98-1.29x with the bandwidth scaled. The other rows of this table are data-sheet
+# figures, not measured here. (name fragment as torch reports the card, TB/s, dense 16-bit tensor TFLOP/s); the first
+# fragment found in the card's name is taken, so the more specific come first.
+REFERENCE_CARD = (4.8, 989.0)
+CARDS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 4.8, 989.0), ("GH200", 4.0, 989.0), ("H100 PCIe", 2.0, 756.0), ("H100 NVL", 3.9, 835.0),
+    ("H100", 3.35, 989.0), ("A100-SXM4-40GB", 1.56, 312.0), ("A100-PCIE-40GB", 1.56, 312.0), ("A100", 2.0, 312.0),
+    ("L40S", 0.864, 362.0), ("L4", 0.3, 121.0), ("A10G", 0.6, 70.0), ("A10", 0.6, 125.0), ("RTX 6000 Ada", 0.96, 365.0),
+    ("A6000", 0.768, 155.0), ("RTX 4090", 1.008, 165.0), ("RTX 3090", 0.936, 71.0), ("V100", 0.9, 125.0),
+    ("T4", 0.32, 65.0),
+)
+
+
+def card_speed(name: str | None) -> tuple[float, float] | None:
+    """(bandwidth, compute) relative to the H200 for a card torch names `name`; None for a card not in CARDS (priced
+    at the H200's speed)."""
+    for fragment, tb_s, tflops in CARDS:
+        if name and fragment.lower() in name.lower():
+            return tb_s / REFERENCE_CARD[0], tflops / REFERENCE_CARD[1]
+    return None
+
+
 def seqs_scale(seqs: int, top: float) -> float:
     """t = (log2(sequences) - 3) / 3: 0 at 8 sequences (and below), 1 at 64, at most `top`."""
     return min(max((math.log2(max(seqs, 1)) - 3) / 3, 0.0), top)
 
 
-def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False) -> float:
-    """One decode step of `seqs` sequences."""
+def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False, bandwidth: float = 1.0) -> float:
+    """One decode step of `seqs` sequences; `bandwidth`: the card's memory bandwidth relative to the H200's."""
     fixed, per_billion = DECODE_MS_AT_8[fmt]
-    ms = fixed + per_billion * linear_params / 1e9
+    ms = fixed + per_billion * linear_params / 1e9 / bandwidth
     if fmt == "shared_nf4" and not (fused_nf4 and seqs <= NF4_GEMM_MAX_ROWS):
         ms *= BNB_OVER_FUSED
     return max(ms * (1 + DECODE_GROWTH[fmt] * seqs_scale(seqs, 2.0)), 0.5)
@@ -127,19 +155,21 @@ def step_seconds(*args, **kwargs) -> float:
 def step_breakdown(linear_params: int, gen: int, completion_len: int, step_tokens: int, knobs: dict,
                    engine: str, compiled: bool = False, fused_nf4: bool = False, *, dims, prompt_len: int = 0,
                    num_iterations: int = 1, forward_passes: int = 0, group: int = 1,
-                   reference_pass: bool = False) -> dict[str, float]:
+                   reference_pass: bool = False, speed: tuple[float, float] | None = None) -> dict[str, float]:
     """Seconds by phase: rollout (vLLM's call, waves and decode; HF generate's calls of token steps) and train
     (`num_iterations` forward + backward passes over the batch and `forward_passes` log-prob passes without gradients:
     the reference model's when beta > 0, the old policy's when num_iterations > 1; `reference_pass`: one of them is the
-    reference's). `dims` (memory.ModelDims): the layers, attention and KV shapes; `group`: completions per prompt (G)."""
+    reference's). `dims` (memory.ModelDims): the layers, attention and KV shapes; `group`: completions per prompt (G);
+    `speed`: the card's (bandwidth, compute) relative to the H200 (card_speed; None: the H200's)."""
+    bandwidth, compute = speed or (1.0, 1.0)
     if engine == "vllm":
         seqs = min(gen, knobs.get("max_num_seqs") or gen)
         waves = math.ceil(gen / max(seqs, 1))
-        step_ms = decode_ms(knobs.get("weight_format") or "shared_nf4", seqs, linear_params, fused_nf4)
+        step_ms = decode_ms(knobs.get("weight_format") or "shared_nf4", seqs, linear_params, fused_nf4, bandwidth)
         # the KV a decode step reads beyond the measured context
         prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
         extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
-        step_ms += 1e3 * extra * dims.kv_bytes_per_token() / DECODE_KV_BYTES_S
+        step_ms += 1e3 * extra * dims.kv_bytes_per_token() / (DECODE_KV_BYTES_S * bandwidth)
         if knobs.get("sync") == "merge":  # no LoRA kernels in the decode step (the adapter is in the weights)
             at8, at64 = LORA_DECODE_MS_PER_LAYER  # measured at 8 and 64: not extrapolated past 64
             step_ms = max(step_ms - dims.layers * (at8 + (at64 - at8) * seqs_scale(seqs, 1.0)), 0.5)
@@ -156,7 +186,7 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * mbt / seq
     forward = 2 * (linear_params + head) * mbt + attn
     # long sequences, one a micro-batch: large GEMMs, closer to the card's peak than the grid's micro-batches
-    rate = LONG_TRAIN_FLOPS if knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS
+    rate = (LONG_TRAIN_FLOPS if knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS) * compute
     # each micro-batch costs the larger of its host-bound floor and its compute (dispatch runs ahead of the GPU);
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
     grad_pass = max(LAYER_FLOOR_S[(compiled, gc)] * dims.layers, (4 if gc else 3) * forward / rate)

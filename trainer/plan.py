@@ -209,10 +209,13 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         notes.append(f"WARNING: {unusable[0]}, so this run trains on the CPU; to use the GPU: {unusable[1]}")
     if not device.here:
         notes.append(f"planned for {device.name} ({'bfloat16' if device.bf16 else 'no bfloat16'}): its memory as "
-                     f"that card would hold the run; step times are trainer/cost.py's, fitted on an H200 (a smaller "
-                     f"card takes longer)" + ("" if device.capability else ", with bitsandbytes' 4-bit decode GEMM (the "
+                     f"that card would hold the run; step times are trainer/cost.py's, fitted on an H200 and scaled "
+                     f"to a card's bandwidth and FLOP/s (cost.CARDS)" + ("" if device.capability else ", with bitsandbytes' 4-bit decode GEMM (the "
                      f"fused one is planned on sm90: --gpu N:sm90)") + "; activation offload is sized to this "
                      "machine's host memory")
+    if device.kind == "cuda" and cost.card_speed(device.name) is None:
+        notes.append(f"step times are priced at an H200's speed: {device.name} is not in trainer/cost.py's CARDS "
+                     f"(its memory bandwidth and FLOP/s); the memory plan does not depend on it")
     if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
         if unusable:
             raise UserError("rollout.engine", f"vllm needs a CUDA GPU, and {unusable[0]}", unusable[1])
@@ -699,7 +702,8 @@ def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> 
                                recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0,
                                dims=ctx.dims, prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
                                forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
-                               group=recipe.grpo.num_generations, reference_pass=recipe.grpo.beta != 0.0)
+                               group=recipe.grpo.num_generations, reference_pass=recipe.grpo.beta != 0.0,
+                               speed=cost.card_speed(device.name) if device.kind == "cuda" else None)
 
 
 # rollout.logits_dtype: auto takes this one where it fits the budget, else "model". "model" (bf16 logits on both
