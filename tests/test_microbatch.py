@@ -95,6 +95,18 @@ def test_pack_covers_every_row_once_within_budget_and_pads_less_than_fixed():
     assert padded(groups) < 0.8 * padded(fixed) and len(groups) <= len(fixed) // 2
 
 
+def test_pack_leaves_no_lone_row_behind_a_micro_batch_of_several():
+    # GRPO rows often share one length (every completion at max_completion_length): 9 rows where 8 fit made 8 + 1,
+    # and the one-row micro-batch compiled the layers again (a batch of one is specialised)
+    assert [len(g) for g in pack([100] * 9, token_budget=800)] == [5, 4]
+    lengths = [100, 90, 90, 80, 80, 80, 80, 80, 80, 70]
+    groups = pack(lengths, token_budget=400)
+    assert sorted(i for g in groups for i in g) == list(range(10)) and min(len(g) for g in groups) > 1
+    assert all(len(g) * max(lengths[i] for i in g) <= 400 for g in groups)
+    assert [len(g) for g in pack([300, 250, 100], token_budget=320)] == [1, 1, 1]  # nothing to share: each alone
+    assert [len(g) for g in pack([50] * 8, token_budget=400)] == [8]
+
+
 PHASES = ["rollout", "recompute", "train", "optimizer", "sync"]
 
 
