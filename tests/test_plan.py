@@ -349,6 +349,9 @@ def test_rollouts_on_the_h100_are_priced_at_its_bandwidth():
     assert cost.card_speed(h100["name"]) == pytest.approx((3.35 / 4.8, 1.0))
     assert cost.card_speed("NVIDIA H100 PCIe")[0] == pytest.approx(2.0 / 4.8)  # not the SXM card's
     assert cost.card_speed(H200["name"]) == (1.0, 1.0) and cost.card_speed("NVIDIA B300") is None
+    assert cost.card_speed("NVIDIA GH200 480GB")[0] == pytest.approx(4.0 / 4.8)  # not an H200 by a fragment
+    assert cost.card_speed("NVIDIA A10")[1] != cost.card_speed("NVIDIA A100-SXM4-80GB")[1]
+    assert cost.card_speed("NVIDIA L40S")[1] != cost.card_speed("NVIDIA L4")[1] != cost.card_speed("NVIDIA L40")[1]
     rows = json.loads((ROOT / "bench" / "results" / "planner_h100.json").read_text())["configs"]
     scaled, unscaled = {}, {}
     for row in [r for r in rows if r.get("rc") == 0]:

@@ -23,6 +23,7 @@ of a small budget; not a promise of wall time: the first steps also compile.
 from __future__ import annotations
 
 import math
+import re
 
 # vLLM decode, ms per token step at 8 sequences: (fixed, per 1e9 linear parameters), and the step's growth per unit of
 # t = (log2(sequences) - 3) / 3 (0 at 8, 1 at 64; no speed-up below 8: the H200 grid's 1- and 4-sequence rollouts ran
@@ -112,15 +113,15 @@ OFFLOAD_BYTES_S = 25e9
 # launches) do not. On one H100 (3.35 TB/s; bench/results/planner_h100.json, the 7 bf16-mirror rows of 2026-12-05,
 # none fitted on) the steady rollouts measured 1.06-1.55x the H200-priced ones (the 7B's 1.54-1.55x: its 13 GB of bf16
 # weights read 512 times), and 0.98-1.29x with the bandwidth scaled. The other rows of this table are data-sheet
-# figures, not measured here. (name fragment as torch reports the card, TB/s, dense 16-bit tensor TFLOP/s); the first
-# fragment found in the card's name is taken, so the more specific come first.
+# figures, not measured here. (name fragment as torch reports the card, a whole word or words of it, TB/s, dense
+# 16-bit tensor TFLOP/s); the first fragment found in the card's name is taken, so the more specific come first.
 REFERENCE_CARD = (4.8, 989.0)
 CARDS: tuple[tuple[str, float, float], ...] = (
-    ("H200", 4.8, 989.0), ("GH200", 4.0, 989.0), ("H100 PCIe", 2.0, 756.0), ("H100 NVL", 3.9, 835.0),
+    ("GH200", 4.0, 989.0), ("H200", 4.8, 989.0), ("H100 PCIe", 2.0, 756.0), ("H100 NVL", 3.9, 835.0),
     ("H100", 3.35, 989.0), ("A100-SXM4-40GB", 1.56, 312.0), ("A100-PCIE-40GB", 1.56, 312.0), ("A100", 2.0, 312.0),
-    ("L40S", 0.864, 362.0), ("L4", 0.3, 121.0), ("A10G", 0.6, 70.0), ("A10", 0.6, 125.0), ("RTX 6000 Ada", 0.96, 365.0),
-    ("A6000", 0.768, 155.0), ("RTX 4090", 1.008, 165.0), ("RTX 3090", 0.936, 71.0), ("V100", 0.9, 125.0),
-    ("T4", 0.32, 65.0),
+    ("L40S", 0.864, 362.0), ("L40", 0.864, 181.0), ("L4", 0.3, 121.0), ("A10G", 0.6, 70.0), ("A10", 0.6, 125.0),
+    ("RTX 6000 Ada", 0.96, 365.0), ("A6000", 0.768, 155.0), ("RTX 4090", 1.008, 165.0), ("RTX 3090", 0.936, 71.0),
+    ("V100", 0.9, 125.0), ("T4", 0.32, 65.0),
 )
 
 
@@ -128,7 +129,7 @@ def card_speed(name: str | None) -> tuple[float, float] | None:
     """(bandwidth, compute) relative to the H200 for a card torch names `name`; None for a card not in CARDS (priced
     at the H200's speed)."""
     for fragment, tb_s, tflops in CARDS:
-        if name and fragment.lower() in name.lower():
+        if name and re.search(rf"\b{re.escape(fragment)}\b", name, re.IGNORECASE):
             return tb_s / REFERENCE_CARD[0], tflops / REFERENCE_CARD[1]
     return None
 
