@@ -209,11 +209,12 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         notes.append(f"WARNING: {unusable[0]}, so this run trains on the CPU; to use the GPU: {unusable[1]}")
     if not device.here:
         notes.append(f"planned for {device.name} ({'bfloat16' if device.bf16 else 'no bfloat16'}): its memory as "
-                     f"that card would hold the run; step times are trainer/cost.py's, fitted on an H200 and scaled "
-                     f"to a card's bandwidth and FLOP/s (cost.CARDS)" + ("" if device.capability else ", with bitsandbytes' 4-bit decode GEMM (the "
+                     f"that card would hold the run; step times are trainer/cost.py's at an H200's speed (a card "
+                     f"named by its size has no bandwidth or FLOP/s to scale them by: a smaller card takes longer)"
+                     + ("" if device.capability else ", with bitsandbytes' 4-bit decode GEMM (the "
                      f"fused one is planned on sm90: --gpu N:sm90)") + "; activation offload is sized to this "
                      "machine's host memory")
-    if device.kind == "cuda" and cost.card_speed(device.name) is None:
+    if device.kind == "cuda" and device.here and cost.card_speed(device.name) is None:
         notes.append(f"step times are priced at an H200's speed: {device.name} is not in trainer/cost.py's CARDS "
                      f"(its memory bandwidth and FLOP/s); the memory plan does not depend on it")
     if r.engine == "vllm" and device.kind != "cuda" and not device.vllm_cpu:
