@@ -27,6 +27,7 @@ A's first two steps at 6.6 GB and cost 15.07 s at 3.3 GB, where its dynamic grap
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -40,7 +41,7 @@ def install(backbone: torch.nn.Module, which: str = "all") -> None:
     input ("all"), or the attention masks alone ("mask")."""
     if which not in ("all", "mask"):
         raise ValueError(f"compile_shapes.install: which={which!r}, expected 'all' or 'mask'")
-    backbone.register_forward_pre_hook(_mark_masks if which == "mask" else _mark_inputs, with_kwargs=True)
+    backbone.register_forward_pre_hook(functools.partial(_mark_inputs, which=which), with_kwargs=True)
     if which == "all":
         backbone.rotary_emb.register_forward_hook(_mark_outputs)
 
@@ -52,31 +53,24 @@ def _dynamic(t: torch.Tensor, dims) -> torch.Tensor:
     return t
 
 
-def _mark_inputs(module, args, kwargs):
+def _mark_inputs(module, args, kwargs, which: str):
+    """"all": the embeddings, position ids and masks marked; "mask": the masks alone (the embeddings and positions
+    left to Dynamo, and the inputs left as they came where there is no mask mapping to hand over)."""
     ids = kwargs.get("input_ids")
     if args or ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
         return None  # not a trainer pass (generate's cached decode, positional inputs): left as it came
-    embeds = _dynamic(module.embed_tokens(ids), BATCH_AND_LENGTH)
-    positions = kwargs.get("position_ids")
-    if positions is not None:
-        _dynamic(positions, BATCH_AND_LENGTH)
-    out = {**kwargs, "input_ids": None, "inputs_embeds": embeds}
+    embeds, positions = module.embed_tokens(ids), kwargs.get("position_ids")
+    if which == "all":
+        _dynamic(embeds, BATCH_AND_LENGTH)
+        if positions is not None:
+            _dynamic(positions, BATCH_AND_LENGTH)
     masks = _masks(module, embeds, kwargs.get("attention_mask"), positions)
+    if masks is None and which == "mask":
+        return None
+    out = {**kwargs, "input_ids": None, "inputs_embeds": embeds}
     if masks is not None:
         out["attention_mask"] = masks
     return (), out
-
-
-def _mark_masks(module, args, kwargs):
-    """"mask": the masks alone marked (maybe) dynamic; the embeddings and positions left to Dynamo."""
-    ids = kwargs.get("input_ids")
-    if args or ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
-        return None
-    embeds = module.embed_tokens(ids)
-    masks = _masks(module, embeds, kwargs.get("attention_mask"), kwargs.get("position_ids"))
-    if masks is None:
-        return None
-    return (), {**kwargs, "input_ids": None, "inputs_embeds": embeds, "attention_mask": masks}
 
 
 def _masks(module, embeds, mask, positions) -> dict | None:
