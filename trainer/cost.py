@@ -22,6 +22,7 @@ of a small budget; not a promise of wall time: the first steps also compile.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -125,6 +126,7 @@ CARDS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+@functools.cache  # the planner prices every candidate on one card
 def card_speed(name: str | None) -> tuple[float, float] | None:
     """(bandwidth, compute) relative to the H200 for a card torch names `name`; None for a card not in CARDS (priced
     at the H200's speed)."""
