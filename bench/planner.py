@@ -215,7 +215,8 @@ def run(out: Path, names: list[str]) -> None:
         _write(out / "planner.json", rows, "python bench/planner.py OUT_DIR " + " ".join(names))
 
 
-RUN_SWITCHES = ("TRAINER_", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "CUDA_LAUNCH_BLOCKING", "PLANNER_STEPS", "TORCHINDUCTOR_FORCE_DISABLE_CACHES")
+RUN_SWITCHES = ("TRAINER_", "PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "CUDA_LAUNCH_BLOCKING", "PLANNER_STEPS",
+                "TORCHINDUCTOR_FORCE_DISABLE_CACHES")
 
 
 def switches() -> dict[str, str]:
