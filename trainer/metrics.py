@@ -69,7 +69,8 @@ class CompileWatch:
     def take(self, step: int, phase: str) -> tuple[int, float, list[str]]:
         """Compiles since the last call: (count, seconds, the guard failures that caused them)."""
         entries = self._entries()
-        at = next((i for i in range(len(entries) - 1, -1, -1) if self._last and entries[i] is self._last[0]), -1)
+        last = self._last[0] if self._last else None
+        at = next((i for i in range(len(entries) - 1, -1, -1) if entries[i] is last), -1)
         new = entries[at + 1:]
         if not new:
             return 0, 0.0, []
