@@ -291,10 +291,11 @@ def test_a_compiled_run_reports_its_compiles_per_step(tmp_path):
     assert "compile " in out.stdout.split("step    1", 1)[1].splitlines()[0]
 
 
-def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: str) -> tuple[list[int], list]:
+def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: str, lengths=(16, 13, 9, 11),
+                     unpadded=(0,)) -> tuple[list[int], list]:
     """GRPO's passes (reference, old policy, two iterations with grad), one micro-batch a step, over lengths that
-    change every step and a first step without padding (the worst-case first step: the mask dropped): the graphs
-    Dynamo has made after each step, and each step's log-probs."""
+    change every step and steps without padding (by default the first: the worst-case first step, the mask
+    dropped): the graphs Dynamo has made after each step, and each step's log-probs."""
     import random
 
     import torch._dynamo
@@ -314,11 +315,11 @@ def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: st
         policy = load_policy(recipe, plan)
         rng, g = random.Random(0), torch.Generator().manual_seed(0)
         graphs, logps = [], []
-        for step in range(4):
-            n, plen, clen = 4, 24, [16, 13, 9, 11][step]
+        for step, clen in enumerate(lengths):
+            n, plen = 4, 24
             ids = torch.randint(3, 300, (n, plen + clen), generator=g)
             mask, valid = torch.ones_like(ids), torch.ones(n, clen, dtype=torch.long)
-            if step:  # completions of several lengths: padding, so HF keeps the mask
+            if step not in unpadded:  # completions of several lengths: padding, so HF keeps the mask
                 valid[rng.randrange(n), clen - 3:] = 0
                 mask[:, plen:] = valid
             batch = (ids, mask, ids[:, plen:], valid, 1.0, 4096, 8192)
@@ -360,4 +361,17 @@ def test_dynamic_masks_alone_stop_the_recompiles_after_the_first_padded_step(mon
     assert masked[2:] == [masked[1]] * 2, masked  # nothing compiled after the first padded step
     assert masked[-1] < base[-1], (masked, base)
     for a, b in zip(lp_base, lp_masked):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_masks_built_always_leave_no_variant_for_a_batch_without_padding(monkeypatch):
+    # TRAINER_COMPILE_DYNAMIC_DIMS=mask_always: as "mask", and a mask even where nothing is padded (HF would pass None
+    # for SDPA's is_causal, a guard variant of its own). A micro-batch without padding at a new length (step 5 here:
+    # every completion ran to its limit) then reuses the masked graphs; with "mask" its None variant compiles again.
+    lengths, unpadded = (16, 13, 9, 11, 7, 14), (0, 4)
+    masked, lp_masked = _graphs_per_step(monkeypatch, "mask", True, "aot_eager", lengths, unpadded)
+    always, lp_always = _graphs_per_step(monkeypatch, "mask_always", True, "aot_eager", lengths, unpadded)
+    assert always[2:] == [always[1]] * 4, always  # nothing compiled after the first padded step
+    assert masked[4] > masked[3], masked  # the None variant's graphs at the unpadded step's new length
+    for a, b in zip(lp_masked, lp_always):
         assert torch.allclose(a, b, atol=1e-5)

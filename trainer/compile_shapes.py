@@ -21,6 +21,10 @@ TRAINER_COMPILE_DYNAMIC_DIMS=mask marks the masks alone: the first graphs stay s
 variant's mask follows the length once Dynamo has marked it dynamic; by default the first mask a variant meets is
 static and SDPA's guard Eq(88, s) specialises the length back, so the variant compiles again at the next length
 (CPU, tiny recipe, 16 x 64, beta 0.04: 9 graphs in steps 1-3 against 12 in steps 1-5).
+TRAINER_COMPILE_DYNAMIC_DIMS=mask_always also builds a mask where nothing is padded (HF passes None there and SDPA
+takes is_causal, a guard variant of its own that compiles again at each new length until marked): one variant fewer,
+SDPA's masked kernel instead of its causal one (tests/test_compile.py, six steps with two unpadded: 16 graphs by
+default, 12 with "mask", 8 with "mask_always"; the same log-probs).
 
 Off (TRAINER_COMPILE_DYNAMIC_DIMS unset): on one H100 (bench/results/dynamic_dims_ab.json) it saved 5.35 s of config
 A's first two steps at 6.6 GB and cost 15.07 s at 3.3 GB, where its dynamic graphs compiled slower.
@@ -39,8 +43,8 @@ MASK_DIMS = (0, 2, 3)  # [batch, 1, query length, key length]
 def install(backbone: torch.nn.Module, which: str = "all") -> None:
     """Hooks on the decoder stack (not compiled) and its rotary embedding that mark what the layers receive: every
     input ("all"), or the attention masks alone ("mask")."""
-    if which not in ("all", "mask"):
-        raise ValueError(f"compile_shapes.install: which={which!r}, expected 'all' or 'mask'")
+    if which not in ("all", "mask", "mask_always"):
+        raise ValueError(f"compile_shapes.install: which={which!r}, expected 'all', 'mask' or 'mask_always'")
     backbone.register_forward_pre_hook(functools.partial(_mark_inputs, which=which), with_kwargs=True)
     if which == "all":
         backbone.rotary_emb.register_forward_hook(_mark_outputs)
@@ -64,8 +68,8 @@ def _mark_inputs(module, args, kwargs, which: str):
         _dynamic(embeds, BATCH_AND_LENGTH)
         if positions is not None:
             _dynamic(positions, BATCH_AND_LENGTH)
-    masks = _masks(module, embeds, kwargs.get("attention_mask"), positions)
-    if masks is None and which == "mask":
+    masks = _masks(module, embeds, kwargs.get("attention_mask"), positions, always=which == "mask_always")
+    if masks is None and which != "all":
         return None
     out = {**kwargs, "input_ids": None, "inputs_embeds": embeds}
     if masks is not None:
@@ -73,15 +77,18 @@ def _mark_inputs(module, args, kwargs, which: str):
     return (), out
 
 
-def _masks(module, embeds, mask, positions) -> dict | None:
+def _masks(module, embeds, mask, positions, always: bool = False) -> dict | None:
     """The stack's own mask mapping, built as its forward builds it, the masks marked; None where this stack's
-    modeling module has no such functions (then the stack builds them, unmarked)."""
+    modeling module has no such functions (then the stack builds them, unmarked). always: a mask even where nothing
+    is padded (HF would pass None and let SDPA take is_causal: a guard variant of its own)."""
     modeling = sys.modules[type(module).__module__]
     make = getattr(modeling, "create_causal_mask", None)
     if make is None or isinstance(mask, dict):
         return None
     kw = {"config": module.config, "inputs_embeds": embeds, "attention_mask": mask, "past_key_values": None,
           "position_ids": positions}
+    if always:
+        kw["allow_is_causal_skip"] = False
     masks = {"full_attention": make(**kw)}
     if getattr(module, "has_sliding_layers", False):
         masks["sliding_attention"] = modeling.create_sliding_window_causal_mask(**kw)
