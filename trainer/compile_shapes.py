@@ -42,7 +42,7 @@ MASK_DIMS = (0, 2, 3)  # [batch, 1, query length, key length]
 
 def install(backbone: torch.nn.Module, which: str = "all") -> None:
     """Hooks on the decoder stack (not compiled) and its rotary embedding that mark what the layers receive: every
-    input ("all"), or the attention masks alone ("mask")."""
+    input ("all"), the attention masks alone ("mask"), or those built even where nothing is padded ("mask_always")."""
     if which not in ("all", "mask", "mask_always"):
         raise ValueError(f"compile_shapes.install: which={which!r}, expected 'all', 'mask' or 'mask_always'")
     backbone.register_forward_pre_hook(functools.partial(_mark_inputs, which=which), with_kwargs=True)

@@ -45,7 +45,8 @@ LAYER_RECOMPILE_LIMIT = 64
 # specialising it back (CPU, the 16 x 64 beta shape: 9 graphs in steps 1-3 against 12 in steps 1-5). Off until the
 # GPU A/B (docs/benchmarks.md, 2026-12-05 22:40). TRAINER_COMPILE_DYNAMIC_DIMS=mask_always: as "mask", and a mask
 # built where nothing is padded, so that micro-batch is no variant of its own (CPU: 8 graphs against "mask"'s 12).
-COMPILE_DYNAMIC_DIMS = {"1": "all", "mask": "mask", "mask_always": "mask_always"}.get(os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
+COMPILE_DYNAMIC_DIMS = {"1": "all", "mask": "mask", "mask_always": "mask_always"}.get(
+    os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
 # layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
