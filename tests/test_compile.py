@@ -188,7 +188,8 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
     with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
         torch._dynamo.reset()
         counters.clear()
-        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", "model.gradient_checkpointing=true"])
+        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
+                             ["train.torch_compile=true", "model.gradient_checkpointing=true"])
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
         plan.checkpoint_in_graph = in_graph  # the planner's choice on CUDA (the CPU's plans keep HF's checkpoint)
         policy = load_policy(recipe, plan)
@@ -309,7 +310,8 @@ def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: st
         m.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend=backend, **k))
         torch._dynamo.reset()
         counters.clear()
-        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", "model.gradient_checkpointing=true"])
+        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
+                             ["train.torch_compile=true", "model.gradient_checkpointing=true"])
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
         plan.checkpoint_in_graph = in_graph
         policy = load_policy(recipe, plan)
