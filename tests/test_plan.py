@@ -304,8 +304,6 @@ STEP_MODEL_MISSES: dict[str, str] = {
     "1.5b-vllm-8x256-mb286-mirror@6.6gb": "step -36%, train -44%: 12.8 ms a layer and micro-batch, the slowest host",
     "1.5b-vllm-mirror-16x64-beta@5.7gb": "train +71% (step +24%): sixteen 94-token micro-batches and a reference "
                                          "pass at 3.7 ms a layer",
-    "1.5b-vllm-mirror-64x512@14.5gb": "step -28% (rollout -31%, train -30%): 64 sequences on the mirror's merged "
-                                      "rows, the H200 of 2026-12-06 (the H100's same row: rollout within 2%)",
     "0.5b-vllm-16x2048-r64-beta@9gb": "step -70%, train -95%: steps 3-4 still compiled the reference and train "
                                       "variants (9.2 and 15.4 s, 2026-12-06); step 5, past them, 7.75 s against "
                                       "4.61 (rollout 6.92 against 4.10)",
@@ -344,8 +342,9 @@ def test_memory_model_holds_every_completed_h100_row_of_the_mirror_paths():
 
 def test_rollouts_on_the_h100_are_priced_at_its_bandwidth():
     """trainer/cost.py's constants are the H200's; planned for the H100 they ran on (cost.CARDS: 3.35 TB/s against
-    4.8), the H100 rows' steady rollouts (bench/results/planner_h100.json, 2026-12-05, none fitted on) come within 30%,
-    where priced at the H200's speed the 7B's read of its 13 GB of bf16 weights missed by 55%."""
+    4.8), the H100 rows' steady rollouts (bench/results/planner_h100.json, 2026-12-05, none fitted on) come within 25%
+    and the two 7B rows (13 GB of bf16 weights read at each token step) within 5%, where priced at the H200's speed
+    the 7B's missed by 29% (55% before the mirror's slope was refitted on the H200's 7B row, 2026-12-06)."""
     import json
     import statistics
 
@@ -371,8 +370,9 @@ def test_rollouts_on_the_h100_are_priced_at_its_bandwidth():
         scaled[row["name"]] = measured / on_h100.predicted_phases_s["rollout"] - 1
         unscaled[row["name"]] = measured / on_h200.predicted_phases_s["rollout"] - 1
     assert len(scaled) >= 7 and any("7b" in n for n in scaled)
-    assert all(abs(e) <= 0.30 for e in scaled.values()), scaled
-    assert max(unscaled.values()) > 0.5 and max(scaled.values()) < max(unscaled.values()) - 0.25, (scaled, unscaled)
+    assert all(abs(e) <= 0.25 for e in scaled.values()), scaled
+    sevens = [n for n in scaled if n.startswith("7b")]
+    assert all(abs(scaled[n]) <= 0.05 and unscaled[n] > 0.25 for n in sevens), (scaled, unscaled)
 
 
 def test_a_card_the_cost_model_does_not_know_is_priced_as_an_h200_and_says_so():

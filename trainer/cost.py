@@ -30,9 +30,12 @@ import re
 # t = (log2(sequences) - 3) / 3 (0 at 8, 1 at 64; no speed-up below 8: the H200 grid's 1- and 4-sequence rollouts ran
 # at 8's step time). Fitted to the H200 grid's steady rollouts with ROLLOUT_CALL_S and WAVE_S taken out first
 # (bench/results/step_fit.json): shared nf4 through the fused GEMM 3.8-4.2 ms (0.5B shape), 4.3 (1.5B), 8.4-9.3 (7B),
-# 10.4 (8B); bf16 mirror 2.6 (0.5B at 16 sequences, 1.5B at 8), its slope the bf16 weights' read at the card's
-# bandwidth (2 bytes a parameter at ~4.8 TB/s), which the grid's two small shapes cannot resolve.
-DECODE_MS_AT_8 = {"shared_nf4": (3.33, 0.93), "bf16_mirror": (2.2, 0.42)}
+# 10.4 (8B); bf16 mirror 2.6 (0.5B at 16 sequences, 1.5B at 8). The mirror's slope, 2 bytes a parameter read each
+# step, from the first 7B mirror row on the H200 (2026-12-06, bench/results/queue_2026-12-06/a: 8 x 512 with the
+# adapter merged, 4.73 ms a token step) and config A's 1.5B (1.72 ms) with the fixed term kept: 0.55 ms per 1e9 (~3.6
+# TB/s achieved; 0.42 before, the data sheet's 4.8, under-priced the 7B's rollout by 18%). Checked on rows not fitted
+# on: the two 7B mirror rows of one H100 (bandwidth-scaled) 0.99x, the H100's 1.5B mirror rows 0.90-1.21x.
+DECODE_MS_AT_8 = {"shared_nf4": (3.33, 0.93), "bf16_mirror": (2.2, 0.55)}
 DECODE_GROWTH = {"shared_nf4": 0.059, "bf16_mirror": 0.2}
 BNB_OVER_FUSED = 1.177  # bitsandbytes' nf4 path over the fused GEMM's (H100, 8 sequences: 6.93 vs 5.89 ms)
 # Decode batches up to this many rows take the fused nf4 GEMM (the plan's nf4_gemm_max_rows); larger ones (prefill)
