@@ -16,7 +16,7 @@ bench/results/step_fit.json: predicted vs measured seconds by phase, each row pr
   one-sequence micro-batches of >= 4,096 tokens (plan.LONG_SEQUENCE; large GEMMs run closer to the card's peak); each
   pass without gradients (reference, old policy) a forward; a tiled MLP (trainer/tiled_mlp.py) one more forward of
   the MLPs.
-The terms the grid cannot separate (one HF row, one long row, no 7B mirror) are marked where they are defined.
+The terms the grid cannot separate (one HF row, one long row, one 7B mirror row) are marked where they are defined.
 Good enough to rank knobs (format, micro-batch size, checkpointing, KV release, waves) and to tell a user the price
 of a small budget; not a promise of wall time: the first steps also compile.
 """
@@ -116,7 +116,8 @@ OFFLOAD_BYTES_S = 25e9
 # FLOP/s; the host-bound terms (the decode's fixed term, the layer floors, HF generate's per-layer cost, the LoRA
 # launches) do not. On one H100 (3.35 TB/s; bench/results/planner_h100.json, the 7 bf16-mirror rows of 2026-12-05,
 # none fitted on) the steady rollouts measured 1.06-1.55x the H200-priced ones (the 7B's 1.54-1.55x: its 13 GB of bf16
-# weights read 512 times), and 0.98-1.29x with the bandwidth scaled. The other rows of this table are data-sheet
+# weights read 512 times), and 0.98-1.29x with the bandwidth scaled; since the mirror's slope was refitted on the H200's
+# 7B row (2026-12-06), 1.00-1.32x and 0.90-1.21x (the 7B's 0.99x). The other rows of this table are data-sheet
 # figures, not measured here. (name fragment as torch reports the card, a whole word or words of it, TB/s, dense
 # 16-bit tensor TFLOP/s); the first fragment found in the card's name is taken, so the more specific come first.
 REFERENCE_CARD = (4.8, 989.0)
