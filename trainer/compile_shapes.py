@@ -38,13 +38,14 @@ import torch
 
 BATCH_AND_LENGTH = (0, 1)
 MASK_DIMS = (0, 2, 3)  # [batch, 1, query length, key length]
+MODES = ("all", "mask", "mask_always")  # what install marks (TRAINER_COMPILE_DYNAMIC_DIMS: 1 is "all")
 
 
 def install(backbone: torch.nn.Module, which: str = "all") -> None:
     """Hooks on the decoder stack (not compiled) and its rotary embedding that mark what the layers receive: every
     input ("all"), the attention masks alone ("mask"), or those built even where nothing is padded ("mask_always")."""
-    if which not in ("all", "mask", "mask_always"):
-        raise ValueError(f"compile_shapes.install: which={which!r}, expected 'all', 'mask' or 'mask_always'")
+    if which not in MODES:
+        raise ValueError(f"compile_shapes.install: which={which!r}, expected one of {MODES}")
     backbone.register_forward_pre_hook(functools.partial(_mark_inputs, which=which), with_kwargs=True)
     if which == "all":
         backbone.rotary_emb.register_forward_hook(_mark_outputs)
@@ -58,8 +59,8 @@ def _dynamic(t: torch.Tensor, dims) -> torch.Tensor:
 
 
 def _mark_inputs(module, args, kwargs, which: str):
-    """"all": the embeddings, position ids and masks marked; "mask": the masks alone (the embeddings and positions
-    left to Dynamo, and the inputs left as they came where there is no mask mapping to hand over)."""
+    """"all": the embeddings, position ids and masks marked; "mask" / "mask_always": the masks alone (the embeddings
+    and positions left to Dynamo, and the inputs left as they came where there is no mask mapping to hand over)."""
     ids = kwargs.get("input_ids")
     if args or ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
         return None  # not a trainer pass (generate's cached decode, positional inputs): left as it came

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import hub
+from trainer import compile_shapes, hub
 from trainer.errors import UserError
 from trainer.plan import checkpoint_in_graph
 
@@ -45,7 +45,7 @@ LAYER_RECOMPILE_LIMIT = 64
 # specialising it back (CPU, the 16 x 64 beta shape: 9 graphs in steps 1-3 against 12 in steps 1-5). Off until the
 # GPU A/B (docs/benchmarks.md, 2026-12-05 22:40). TRAINER_COMPILE_DYNAMIC_DIMS=mask_always: as "mask", and a mask
 # built where nothing is padded, so that micro-batch is no variant of its own (CPU: 8 graphs against "mask"'s 12).
-COMPILE_DYNAMIC_DIMS = {"1": "all", "mask": "mask", "mask_always": "mask_always"}.get(
+COMPILE_DYNAMIC_DIMS = {"1": "all", **{m: m for m in compile_shapes.MODES if m != "all"}}.get(
     os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
@@ -263,9 +263,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
         if COMPILE_DYNAMIC_DIMS:
-            from trainer.compile_shapes import install as mark_dynamic
-
-            mark_dynamic(model.get_base_model().model, COMPILE_DYNAMIC_DIMS)
+            compile_shapes.install(model.get_base_model().model, COMPILE_DYNAMIC_DIMS)
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
 
