@@ -293,7 +293,7 @@ def test_a_compiled_run_reports_its_compiles_per_step(tmp_path):
 
 
 def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: str, lengths=(16, 13, 9, 11),
-                     unpadded=(0,)) -> tuple[list[int], list]:
+                     unpadded=(0,), input_grad: bool = False) -> tuple[list[int], list, list]:
     """GRPO's passes (reference, old policy, two iterations with grad), one micro-batch a step, over lengths that
     change every step and steps without padding (by default the first: the worst-case first step, the mask
     dropped): the graphs Dynamo has made after each step, and each step's log-probs."""
@@ -307,6 +307,7 @@ def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: st
     compile_ = torch.nn.Module.compile
     with monkeypatch.context() as m, torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
         m.setattr(tp, "COMPILE_DYNAMIC_DIMS", dynamic_dims)
+        m.setattr(tp, "COMPILE_INPUT_GRAD", input_grad)
         m.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend=backend, **k))
         torch._dynamo.reset()
         counters.clear()
@@ -334,8 +335,9 @@ def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: st
                 lp.sum().backward()
             logps.append(lp.detach())
             graphs.append(counters["stats"]["unique_graphs"])
+        grads = [p.grad.clone() for p in policy.trainable_parameters()]
         torch._dynamo.reset()
-    return graphs, logps
+    return graphs, logps, grads
 
 
 def test_dynamic_dims_compile_each_variant_once_with_the_same_logprobs(monkeypatch):
@@ -343,8 +345,8 @@ def test_dynamic_dims_compile_each_variant_once_with_the_same_logprobs(monkeypat
     # once; by default each compiles static, then again when its length changes (steps 2-3 here; the H100's mirror
     # rows paid 10-25 s a step for it). With the checkpoint in graph (the planner's choice where layers compile) and
     # AOTAutograd's partitioner (its backward), as inductor runs them.
-    base, lp_base = _graphs_per_step(monkeypatch, "", True, "aot_eager")
-    marked, lp_marked = _graphs_per_step(monkeypatch, "all", True, "aot_eager")
+    base, lp_base, _ = _graphs_per_step(monkeypatch, "", True, "aot_eager")
+    marked, lp_marked, _ = _graphs_per_step(monkeypatch, "all", True, "aot_eager")
     assert marked[-1] < base[-1], (marked, base)
     assert marked[2:] == [marked[1]] * 2, marked  # nothing compiled after the first padded step
     assert base[2] > base[1], base  # the default's static graphs recompile when the length changes
@@ -357,8 +359,8 @@ def test_dynamic_masks_alone_stop_the_recompiles_after_the_first_padded_step(mon
     # graphs slower), the masks alone marked. Without it the first mask a variant meets is static, so the length
     # Dynamo had marked dynamic is specialised back to it at the attention (Eq(88, s) on the CPU 16 x 64 run) and the
     # variant compiles again when the length next changes.
-    base, lp_base = _graphs_per_step(monkeypatch, "", True, "aot_eager")
-    masked, lp_masked = _graphs_per_step(monkeypatch, "mask", True, "aot_eager")
+    base, lp_base, _ = _graphs_per_step(monkeypatch, "", True, "aot_eager")
+    masked, lp_masked, _ = _graphs_per_step(monkeypatch, "mask", True, "aot_eager")
     assert masked[0] == base[0], (masked, base)  # the first step's graphs: static, as the default's
     assert masked[2:] == [masked[1]] * 2, masked  # nothing compiled after the first padded step
     assert masked[-1] < base[-1], (masked, base)
@@ -371,9 +373,25 @@ def test_masks_built_always_leave_no_variant_for_a_batch_without_padding(monkeyp
     # for SDPA's is_causal, a guard variant of its own). A micro-batch without padding at a new length (step 5 here:
     # every completion ran to its limit) then reuses the masked graphs; with "mask" its None variant compiles again.
     lengths, unpadded = (16, 13, 9, 11, 7, 14), (0, 4)
-    masked, lp_masked = _graphs_per_step(monkeypatch, "mask", True, "aot_eager", lengths, unpadded)
-    always, lp_always = _graphs_per_step(monkeypatch, "mask_always", True, "aot_eager", lengths, unpadded)
+    masked, lp_masked, _ = _graphs_per_step(monkeypatch, "mask", True, "aot_eager", lengths, unpadded)
+    always, lp_always, _ = _graphs_per_step(monkeypatch, "mask_always", True, "aot_eager", lengths, unpadded)
     assert always[2:] == [always[1]] * 4, always  # nothing compiled after the first padded step
     assert masked[4] > masked[3], masked  # the None variant's graphs at the unpadded step's new length
     for a, b in zip(lp_masked, lp_always):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_first_layer_input_needing_grad_leaves_one_train_variant(monkeypatch):
+    # TRAINER_COMPILE_INPUT_GRAD=1 (compile_shapes.first_input_needs_grad): the frozen embeddings need no grad, so
+    # by default the first layer's train pass is a guard variant of its own ("requires_grad mismatch" on args[0]:
+    # the H200's B row compiled ten forward graphs for it). Made to need grad, every layer's train pass shares one
+    # graph; the gradient that reaches the embeddings is dropped, the LoRA gradients are the same.
+    lengths = (16, 13)
+    base, lp_base, g_base = _graphs_per_step(monkeypatch, "", True, "aot_eager", lengths)
+    one, lp_one, g_one = _graphs_per_step(monkeypatch, "", True, "aot_eager", lengths, input_grad=True)
+    assert [b - o for b, o in zip(base, one)] == [1, 2], (base, one)  # the unpadded, then the padded step's variant
+    for a, b in zip(lp_base, lp_one):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert len(g_base) == len(g_one) > 0
+    for a, b in zip(g_base, g_one):
         assert torch.allclose(a, b, atol=1e-5)

@@ -26,6 +26,13 @@ takes is_causal, a guard variant of its own that compiles again at each new leng
 SDPA's masked kernel instead of its causal one (tests/test_compile.py, six steps with two unpadded: 16 graphs by
 default, 12 with "mask", 8 with "mask_always"; the same log-probs).
 
+TRAINER_COMPILE_INPUT_GRAD=1 (`first_input_needs_grad`, apart from the modes): with gradients on, the first layer's
+input needs grad as every other layer's does (the embeddings are frozen, so by default it does not), so the layers'
+train pass is one guard variant, not two (Dynamo's "requires_grad mismatch" on args[0]: the H200's B row at 14.5 GB
+compiled ten forward graphs for it in steps 1-3, 2026-12-06). CPU, tiny recipe, six steps with two unpadded: 16 ->
+12 graphs by default, 8 -> 6 with "mask_always"; the same log-probs and LoRA gradients. Its cost is the first
+layer's input gradient, computed and dropped. Off until a GPU A/B.
+
 Off (TRAINER_COMPILE_DYNAMIC_DIMS unset): on one H100 (bench/results/dynamic_dims_ab.json) it saved 5.35 s of config
 A's first two steps at 6.6 GB and cost 15.07 s at 3.3 GB, where its dynamic graphs compiled slower.
 """
@@ -49,6 +56,37 @@ def install(backbone: torch.nn.Module, which: str = "all") -> None:
     backbone.register_forward_pre_hook(functools.partial(_mark_inputs, which=which), with_kwargs=True)
     if which == "all":
         backbone.rotary_emb.register_forward_hook(_mark_outputs)
+
+
+def first_input_needs_grad(backbone: torch.nn.Module) -> None:
+    """With gradients on, the embeddings the first layer takes need grad (as the later layers' inputs do), through a
+    zero-size tensor that does: its gradient is dropped there, not kept in a .grad as HF's enable_input_require_grads
+    keeps it. With gradients off (reference and old-policy passes) nothing changes."""
+    anchors: dict[torch.device, torch.Tensor] = {}
+
+    def hook(module, args, out):
+        if not torch.is_grad_enabled() or out.requires_grad:
+            return None
+        anchor = anchors.get(out.device)
+        if anchor is None:
+            anchor = anchors[out.device] = torch.empty(0, device=out.device, requires_grad=True)
+        return _NeedsGrad.apply(out, anchor)
+
+    backbone.embed_tokens.register_forward_hook(hook)
+
+
+class _NeedsGrad(torch.autograd.Function):
+    """A copy of x, needing grad because `anchor` does; the gradient that reaches it goes nowhere. A copy, not a view:
+    Dynamo guards a view input apart from the later layers' inputs (a variant again in the second step on the CPU);
+    the original is freed when the hook returns."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
 
 
 def _dynamic(t: torch.Tensor, dims) -> torch.Tensor:

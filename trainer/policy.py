@@ -47,6 +47,9 @@ LAYER_RECOMPILE_LIMIT = 64
 # built where nothing is padded, so that micro-batch is no variant of its own (CPU: 8 graphs against "mask"'s 12).
 COMPILE_DYNAMIC_DIMS = {"1": "all", **{m: m for m in compile_shapes.MODES if m != "all"}}.get(
     os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
+# TRAINER_COMPILE_INPUT_GRAD=1: the first layer's input needs grad in the train pass as the others' do, one guard
+# variant fewer (compile_shapes.first_input_needs_grad; CPU 16 -> 12 graphs in six steps). Off until the GPU A/B.
+COMPILE_INPUT_GRAD = os.environ.get("TRAINER_COMPILE_INPUT_GRAD") == "1"
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
 # layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
@@ -264,6 +267,8 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
             layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
         if COMPILE_DYNAMIC_DIMS:
             compile_shapes.install(model.get_base_model().model, COMPILE_DYNAMIC_DIMS)
+        if COMPILE_INPUT_GRAD:
+            compile_shapes.first_input_needs_grad(model.get_base_model().model)
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
 
