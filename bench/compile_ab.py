@@ -39,7 +39,10 @@ same two configs: first_two_s (start-up) and gap_mean (the same weights: unchang
 TRAINER_GC_FREEZE (trainer/grpo.py GC_FREEZE: the heap frozen after the first two steps, so full collections walk
 only what the run allocates later; time_gc_s in each run's metrics shows the pauses either way). SWITCH
 dynamic_dims: TRAINER_COMPILE_DYNAMIC_DIMS (trainer/compile_shapes.py: the layers' inputs dynamic in batch and length
-from the first compile; each run's compile_s says where the compiles went). Each config
+from the first compile; each run's compile_s says where the compiles went). SWITCH input_grad:
+TRAINER_COMPILE_INPUT_GRAD (compile_shapes.first_input_needs_grad: the first layer's train-pass input needs grad as
+the later layers' do, one guard variant fewer) on B at 14.5 GB (the H200 row that compiled ten graphs for that
+variant) and A at 3.3 GB (short micro-batches): first_two_s and compile_s say what it saves. Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -84,6 +87,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "hf_decode": ("--set", "rollout.hf_compile=true", ["A-hf"]),
             "gc_freeze": ("TRAINER_GC_FREEZE", "1", ["A-mb286", "A-fast"]),
             "dynamic_dims": ("TRAINER_COMPILE_DYNAMIC_DIMS", "1", ["A-fast", "A-small"]),
+            "input_grad": ("TRAINER_COMPILE_INPUT_GRAD", "1", ["B-mirror", "A-small"]),
             "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
