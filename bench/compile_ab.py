@@ -97,9 +97,9 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",
                            ["A-fast", "A-small"])}
 # a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's
-# choice since 2026-12-05: unset, the default run could take it too)
+# choice since 2026-12-05: unset, the default run could take it too; input_grad on by default since 2026-12-06)
 OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollout.sync=inplace",
-       "mirror_views": "0"}  # on by default since 2026-12-05 (trainer/plan.py MIRROR_VIEWS): its A/B turns it off
+       "mirror_views": "0", "input_grad": "0"}  # on by default since 2026-12-05 (trainer/plan.py MIRROR_VIEWS): its A/B turns it off
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:

@@ -382,10 +382,11 @@ def test_masks_built_always_leave_no_variant_for_a_batch_without_padding(monkeyp
 
 
 def test_first_layer_input_needing_grad_leaves_one_train_variant(monkeypatch):
-    # TRAINER_COMPILE_INPUT_GRAD=1 (compile_shapes.first_input_needs_grad): the frozen embeddings need no grad, so
-    # by default the first layer's train pass is a guard variant of its own ("requires_grad mismatch" on args[0]:
-    # the H200's B row compiled ten forward graphs for it). Made to need grad, every layer's train pass shares one
-    # graph; the gradient that reaches the embeddings is dropped, the LoRA gradients are the same.
+    # compile_shapes.first_input_needs_grad (on by default, TRAINER_COMPILE_INPUT_GRAD=0 turns it off): the frozen
+    # embeddings need no grad, so without it the first layer's train pass is a guard variant of its own
+    # ("requires_grad mismatch" on args[0]: the H200's B row compiled ten forward graphs for it). Made to need grad,
+    # every layer's train pass shares one graph; the gradient that reaches the embeddings is dropped, the LoRA
+    # gradients are the same.
     lengths = (16, 13)
     base, lp_base, g_base = _graphs_per_step(monkeypatch, "", True, "aot_eager", lengths)
     one, lp_one, g_one = _graphs_per_step(monkeypatch, "", True, "aot_eager", lengths, input_grad=True)

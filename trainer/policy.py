@@ -47,9 +47,12 @@ LAYER_RECOMPILE_LIMIT = 64
 # built where nothing is padded, so that micro-batch is no variant of its own (CPU: 8 graphs against "mask"'s 12).
 COMPILE_DYNAMIC_DIMS = {"1": "all", **{m: m for m in compile_shapes.MODES if m != "all"}}.get(
     os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
-# TRAINER_COMPILE_INPUT_GRAD=1: the first layer's input needs grad in the train pass as the others' do, one guard
-# variant fewer (compile_shapes.first_input_needs_grad; CPU 16 -> 12 graphs in six steps). Off until the GPU A/B.
-COMPILE_INPUT_GRAD = os.environ.get("TRAINER_COMPILE_INPUT_GRAD") == "1"
+# The first layer's input needs grad in the train pass as the others' do, one guard variant fewer
+# (compile_shapes.first_input_needs_grad; CPU 16 -> 12 graphs in six steps). On by default since 2026-12-06: on one
+# H100, B (64 x 512) at 14.5 GB, inductor's caches off on both sides, compiling in steps 1-2 44.1 -> 25.4 s, steady
+# step 2.34 -> 2.33 s, peak 12.82 -> 12.89 GB (plan 13.42; bench/results/queue_2026-12-06/b). TRAINER_COMPILE_INPUT_GRAD=0
+# turns it off.
+COMPILE_INPUT_GRAD = os.environ.get("TRAINER_COMPILE_INPUT_GRAD", "1") != "0"
 # Where the checkpoint sits when the layers are compiled (plan.checkpoint_in_graph, the planner's choice since
 # 2026-12-05; train.checkpoint_in_graph: false keeps HF's). HF's: torch.utils.checkpoint around each compiled
 # layer call; the backward calls the compiled forward again from Python, and the non-reentrant checkpoint's hooks run
