@@ -321,15 +321,15 @@ MEMORY_MODEL_MISSES: dict[str, str] = {
 
 def test_memory_model_holds_every_completed_h100_row_of_the_mirror_paths():
     """memory.py against the H100 rows of the bf16 mirror's trainer paths (bench/results/planner_h100.json, 2026-12-05:
-    views and merged rows, 1.5B and 7B, none fitted on but config B's merged rows, which set IN_GRAPH_SLACK), each
-    re-planned at the knobs it ran with: within 5% of nvidia-smi's peak, and never more than 5% above the plan."""
+    views and merged rows, 1.5B and 7B, none fitted on but config B's merged rows, which set IN_GRAPH_SLACK; and
+    since 2026-12-06 a shared nf4 row, config A at its least budget), each re-planned at the knobs it ran with: within 5% of nvidia-smi's peak, and never more than 5% above the plan."""
     import json
 
     from bench.planner import _pin_run, _plan, linears_as_ran, ran_knobs
 
     rows = json.loads((ROOT / "bench" / "results" / "planner_h100.json").read_text())["configs"]
     done = [r for r in rows if r.get("rc") == 0]
-    assert len(done) >= 6 and {r["knobs"]["trainer_linears"] for r in done} == {"views", "rows"}
+    assert len(done) >= 6 and {r["knobs"]["trainer_linears"] for r in done} >= {"views", "rows"}
     err = {}
     for row in done:
         ran = ran_knobs(row)
