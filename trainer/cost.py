@@ -89,6 +89,14 @@ TRAIN_STEP_S = 0.1
 # (61,440 + 8 x 2,048 - 8 x 384) tokens x 131,072 bytes of KV read a step.
 DECODE_KV_BYTES_S = 0.95e12
 MEASURED_CONTEXT = 384  # the decode constants above were measured at about this many tokens of context
+# ... but never less than this per token of context and decoder layer: a small model's attention does not read its few
+# KV bytes at the long row's rate. The H200 grid's 0.5B rows (2 KV heads x 64: 512 bytes a token and layer, 0.54 ns at
+# DECODE_KV_BYTES_S) ran their long decodes at 1.9-3.7 ns a token-layer beyond MEASURED_CONTEXT (8 x 4,096 on the
+# shared nf4 base, 16 x 2,048 on the mirror: predicted 9-28% under their rollouts on bytes alone); 2.2 ns, what the
+# 7B's 2,048 bytes cost at that rate, brings them within 13% and leaves the 7B and 8B rows where they were (the long
+# Qwen-7B row +1%). Checked on a row not fitted on: the 16 x 2,048 row on one H100 (2026-12-06), measured over
+# predicted +61% -> +26% (tests/test_plan.py H100_ROLLOUT_MISSES: its slower host, recompiling steps).
+DECODE_ATTN_S_PER_TOKEN_LAYER = 2.2e-9
 # The bf16 mirror's two trainer-side paths (plan.trainer_linears), measured on one H100 against the slots with the
 # trainer on its nf4 (2026-12-05, bench/results/ladder_lora_merge+mirror_views_ab.json and mirror_views_ab.json, the
 # 1.5B shape, config A 8 x 256 and B 64 x 512, medians of steps 3-6), not yet on the H200 grid:
@@ -176,7 +184,8 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
         # the KV a decode step reads beyond the measured context
         prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
         extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
-        step_ms += 1e3 * extra * dims.kv_bytes_per_token() / (DECODE_KV_BYTES_S * bandwidth)
+        kv_s = max(dims.kv_bytes_per_token() / DECODE_KV_BYTES_S, dims.layers * DECODE_ATTN_S_PER_TOKEN_LAYER)
+        step_ms += 1e3 * extra * kv_s / bandwidth
         if knobs.get("sync") == "merge":  # no LoRA kernels in the decode step (the adapter is in the weights)
             at8, at64 = LORA_DECODE_MS_PER_LAYER  # measured at 8 and 64: not extrapolated past 64
             step_ms = max(step_ms - dims.layers * (at8 + (at64 - at8) * seqs_scale(seqs, 1.0)), 0.5)
