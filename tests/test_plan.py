@@ -304,9 +304,10 @@ STEP_MODEL_MISSES: dict[str, str] = {
     "1.5b-vllm-8x256-mb286-mirror@6.6gb": "step -36%, train -44%: 12.8 ms a layer and micro-batch, the slowest host",
     "1.5b-vllm-mirror-16x64-beta@5.7gb": "train +71% (step +24%): sixteen 94-token micro-batches and a reference "
                                          "pass at 3.7 ms a layer",
-    "0.5b-vllm-16x2048-r64-beta@9gb": "step -70%, train -95%: steps 3-4 still compiled the reference and train "
+    "0.5b-vllm-16x2048-r64-beta@9gb": "step -65%, train -95%: steps 3-4 still compiled the reference and train "
                                       "variants (9.2 and 15.4 s, 2026-12-06); step 5, past them, 7.75 s against "
-                                      "4.61 (rollout 6.92 against 4.10)",
+                                      "5.49 (rollout 6.92 against 4.98); TRAINER_COMPILE_DYNAMIC_DIMS=mask_always "
+                                      "ends its compiling at step 2 (one H100, 2026-12-06 08:58)",
 }
 
 
