@@ -342,15 +342,17 @@ def _pin_run(knobs: dict) -> list[str]:
 @contextlib.contextmanager
 def linears_as_ran(knobs: dict):
     """Re-plan with what the trainer's linears computed on in a run (plan.trainer_linears; a recipe cannot pin it): the
-    views and the merged rows off (plan.MIRROR_VIEWS) for a run whose trainer kept its nf4."""
+    views and the merged rows off (plan.MIRROR_VIEWS) for a run whose trainer kept its nf4; and with torch's expandable
+    segments only where the run had them (plan.EXPANDABLE_SEGMENTS: rows from before the knob recorded none)."""
     from trainer import plan as planmod
 
-    was = planmod.MIRROR_VIEWS
+    was = planmod.MIRROR_VIEWS, planmod.EXPANDABLE_SEGMENTS
     planmod.MIRROR_VIEWS = knobs.get("trainer_linears", "nf4") != "nf4"
+    planmod.EXPANDABLE_SEGMENTS = bool(knobs.get("expandable_segments"))
     try:
         yield
     finally:
-        planmod.MIRROR_VIEWS = was
+        planmod.MIRROR_VIEWS, planmod.EXPANDABLE_SEGMENTS = was
 
 
 def ran_knobs(row: dict) -> dict:

@@ -643,7 +643,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
                      mlp_tile_tokens=mlp_tile_tokens, weight_format=fmt, kv_release=rel, sync=sync,
                      trainer_linears=trainer_linears(fmt, sync, recipe) if vllm else "nf4",
                      park_base=PARK_BASE and vllm and fmt == "bf16_mirror" and not cpu,
-                     expandable_segments=vllm and fmt == "bf16_mirror" and rel and not cpu,
+                     expandable_segments=EXPANDABLE_SEGMENTS and vllm and fmt == "bf16_mirror" and rel and not cpu,
                      token_chunk=min(4096, int(mbt)), vocab_chunk=vocab_chunk, hf_batch_size=hf_bs,
                      hf_compiled_decode=not vllm and bool(r.hf_compile),
                      kv_cache_memory_bytes=kvs[seqs] if vllm else 0, max_num_seqs=seqs if vllm else 0,
@@ -730,6 +730,9 @@ MIRROR_VIEWS = os.environ.get("TRAINER_MIRROR_VIEWS") != "0"
 # that start-up); its use, the views' least budget for the 7B (set by that start-up holding the nf4, 3.4 GB, beside
 # the mirror), is not measured yet.
 PARK_BASE = os.environ.get("TRAINER_PARK_BASE") == "1"
+# Plan.expandable_segments where the plan qualifies (the bf16 mirror with the KV released); off only to re-plan a run
+# from before the knob existed (bench/planner.py as_ran), whose memory had no such segments.
+EXPANDABLE_SEGMENTS = True
 # rollout.sync: auto merges the adapter into the bf16 mirror (no LoRA kernels in vLLM's decode step: ~1 ms of the
 # 1.5B's 4.1 ms at 8 sequences in the H100 profile, bench/results/decode_profile.json) where the trainer computes on
 # the merged rows. Measured on an H100 (2026-12-05): merge alone 0.83x the slots' step at 8 x 256 and none at
