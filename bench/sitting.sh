@@ -93,8 +93,17 @@ new_job() {  # new_job DIR: stops a running job, makes DIR fresh with the device
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$1/device.txt" 2>&1
 }
 
+staged() {  # the GPU stack unpacked at $D/site (scripts/device_unpack.sh), or no job starts: on a fresh machine a
+  # queue started without it ran each item to a FileNotFoundError, 140 s of device time (2026-12-06)
+  [[ -d $D/site ]] && return 0
+  echo "the GPU stack is not staged at $D/site (a fresh machine?): make the staging calls first (here, bash" \
+       "scripts/device_stage.sh prints them), then start again"
+  exit 2
+}
+
 queue_start() {  # queue_start ITEM ...: one job script running each ITEM's driver in turn
   local Q=$D/results/queue before after item envs rest
+  staged
   new_job "$Q"
   test_steps "$Q"
   { echo "cd $PWD"; echo "$before"; } > "$D/sitting_job.sh"
@@ -153,6 +162,7 @@ case "$ACTION" in
   start)
     shift 2
     cmd=$(job "$@") || { echo "unknown sitting: '$NAME' (see the header of $0)"; exit 2; }
+    staged
     new_job "$R"
     echo "$(date -u +%FT%TZ) $NAME: $cmd" > "$R/command.txt"
     test_steps "$R"

@@ -15,6 +15,7 @@ def _sitting(tmp_path, python: str):
     fake = tmp_path / "py"
     fake.write_text("#!/usr/bin/env bash\n" + python + "\n")
     fake.chmod(0o755)
+    (tmp_path / "site").mkdir(exist_ok=True)  # the staged GPU stack (scripts/device_unpack.sh) the script checks for
     env = {**os.environ, "SITTING_ROOT": str(tmp_path), "PYTHON": str(fake), "GPU_TESTS": "no",
            "OUT": str(tmp_path / "out")}
     return lambda *a: subprocess.run(["bash", "bench/sitting.sh", *a], cwd=ROOT, env=env, capture_output=True,
@@ -89,3 +90,13 @@ def test_an_item_past_its_time_limit_is_killed_and_the_queue_goes_on(tmp_path):
     res = tmp_path / "results"
     assert (res / "planner" / "planner.log").read_text().endswith("rc 124\n")
     assert (tmp_path / "calls").read_text().splitlines() == [f"bench/planner.py {res}/planner.2 after"]
+
+
+def test_nothing_starts_on_a_machine_without_the_staged_stack(tmp_path):
+    # a fresh machine (the previous one went back idle): each item would run to a FileNotFoundError on device time
+    run = _sitting(tmp_path, 'echo "$*" >> "$SITTING_ROOT/calls"')
+    (tmp_path / "site").rmdir()
+    for args in (("queue", "start", "planner X@min"), ("planner", "start", "X@min")):
+        started = run(*args)
+        assert started.returncode == 2 and "not staged" in started.stdout, started.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "calls").exists()
