@@ -206,3 +206,33 @@ def test_the_gemm_probe_reads_each_operand_then_computes_what_vllm_computes_and_
     finally:
         remove()
     assert UnquantizedLinearMethod.apply.__name__ == "apply" and "probe" not in UnquantizedLinearMethod.apply.__qualname__
+
+
+def test_vllm_starts_with_torchs_split_limit_left_alone(monkeypatch):
+    # vLLM's Worker sets max_split_size_mb:20 around its weight load (and, in 0.32, its profile run); under a tight
+    # allocator cap torch then cudaFrees oversize free blocks that are first pieces of split segments, under live
+    # tensors (the 7B mirror at 21.3 GB, 2026-12-06). Simulated CUDA: vLLM's own scope calls the setter; once
+    # vllm_internals.keep_allocator_split_limit is installed, it does not.
+    from vllm.platforms import current_platform
+    from vllm.v1.worker import gpu_worker
+
+    from trainer.rollout import vllm_internals as vi
+
+    calls = []
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "", raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    scopes = vars(gpu_worker.Worker)  # vLLM's own scope, kept aside where an engine started here already replaced it
+    monkeypatch.setattr(gpu_worker.Worker, "_scoped_allocator_max_split",
+                        scopes.get("_vllm_split_scope", scopes["_scoped_allocator_max_split"]))  # restored after
+    worker = object.__new__(gpu_worker.Worker)
+    with worker._scoped_allocator_max_split(max_split_size_mb=20):
+        pass
+    assert any("max_split_size_mb:20" in c for c in calls), calls  # vLLM's scope, as shipped
+    calls.clear()
+    assert vi.keep_allocator_split_limit()
+    with worker._scoped_allocator_max_split(max_split_size_mb=20):
+        pass
+    assert calls == []

@@ -8,6 +8,7 @@ bitsandbytes. Nothing here copies model weights (writable_weight allocates a lay
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -446,6 +447,39 @@ def set_logits_dtype(vmodel: torch.nn.Module, dtype: str) -> None:
 
 def logits_dtype(vmodel: torch.nn.Module) -> str:
     return "float32" if lm_head(vmodel).quant_method.__dict__.get("apply") is _fp32_head_apply else "model"
+
+
+
+# -------------------------------------------------------------------------------------- torch's allocator split limit
+
+def keep_allocator_split_limit() -> bool:
+    """Leave torch's max_split_size where it is while vLLM starts. vLLM 0.26's Worker.load_model (0.32's profile run
+    too) sets it to 20 MB for that scope (Worker._scoped_allocator_max_split). torch then counts every cached free block
+    of >= 20 MB as oversize, and when an allocation fails (the run's allocator cap refuses it at a tight budget)
+    release_available_cached_blocks cudaFrees such blocks without asking whether they are pieces of a larger segment
+    (c10/cuda/CUDACachingAllocator.cpp, torch 2.11): the free first piece of a segment split before the limit, as the
+    trainer's nf4 load leaves them, takes the whole segment with it, under the live tensors after it. Seen on one H100
+    (2026-12-06, the 7B on the bf16 mirror at 21.3 GB, TRAINER_GEMM_PROBE): torch counting 3.26 GB more than its
+    segments hold, new tensors at addresses the driver did not know, an illegal memory access in vLLM's profile run.
+    With torch's default (no limit) that path returns at once. The plan sizes vLLM's KV pool in bytes, so the
+    fragmentation vLLM's limit keeps out of its memory profile sizes nothing here. 0.26's scope also set the limit as a
+    bare settings string, which resets the allocator's other options (expandable segments: Plan.expandable_segments).
+    Returns whether this vLLM has the scope."""
+    from vllm.v1.worker import gpu_worker
+
+    worker = getattr(gpu_worker, "Worker", None)
+    scope = vars(worker).get("_scoped_allocator_max_split") if worker is not None else None
+    if scope is None:
+        return False
+    if scope is not _split_limit_unchanged:
+        worker._vllm_split_scope = scope  # vLLM's own (tests/test_vllm_engine.py runs it)
+        worker._scoped_allocator_max_split = _split_limit_unchanged
+    return True
+
+
+@contextlib.contextmanager
+def _split_limit_unchanged(self, max_split_size_mb: int):
+    yield
 
 
 # ------------------------------------------------------------------------------------------------- the GEMM probe
