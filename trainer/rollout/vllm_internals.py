@@ -463,7 +463,7 @@ def keep_allocator_split_limit() -> bool:
     segments hold, new tensors at addresses the driver did not know, an illegal memory access in vLLM's profile run.
     With torch's default (no limit) that path returns at once. The plan sizes vLLM's KV pool in bytes, so the
     fragmentation vLLM's limit keeps out of its memory profile sizes nothing here. 0.26's scope also set the limit as a
-    bare settings string, which resets the allocator's other options (expandable segments: Plan.expandable_segments).
+    bare settings string, which by 0.32's own comment resets the allocator's other options (Plan.expandable_segments).
     Returns whether this vLLM has the scope."""
     from vllm.v1.worker import gpu_worker
 
