@@ -71,3 +71,31 @@ def test_the_export_merge_holds_one_layer_on_the_device(policy):
     grew, state = _grown(lambda: merged_state_dict(policy.model, torch.bfloat16))
     assert all(t.device.type == "cpu" for t in state.values())
     assert grew <= 4 * largest and grew < total / 10, (grew, largest, total)
+
+
+def test_vllms_weight_load_scope_leaves_torchs_split_limit_alone():
+    """vLLM's Worker sets max_split_size_mb:20 around its weight load; torch then will not carve a large request out of
+    a larger cached block, and under the run's allocator cap it cudaFrees oversize free blocks that head split segments,
+    under live tensors (the 7B mirror at 21.3 GB, 2026-12-06). With vllm_internals.keep_allocator_split_limit the scope
+    leaves torch's default: a 100 MB request is carved from a cached 200 MB block (same address), as outside it."""
+    from vllm.v1.worker import gpu_worker
+
+    from trainer.rollout import vllm_internals as vi
+
+    def carved(scope) -> bool:
+        torch.cuda.empty_cache()
+        x = torch.empty(200 * 2**20, dtype=torch.uint8, device="cuda")
+        at = x.data_ptr()
+        del x  # cached: one free 200 MB segment
+        with scope:
+            y = torch.empty(100 * 2**20, dtype=torch.uint8, device="cuda")
+        same = y.data_ptr() == at
+        del y
+        torch.cuda.empty_cache()
+        return same
+
+    worker = object.__new__(gpu_worker.Worker)
+    shipped = vars(gpu_worker.Worker).get("_vllm_split_scope") or vars(gpu_worker.Worker)["_scoped_allocator_max_split"]
+    assert not carved(shipped(worker, max_split_size_mb=20))  # vLLM's own scope: a new segment
+    assert vi.keep_allocator_split_limit()
+    assert carved(worker._scoped_allocator_max_split(max_split_size_mb=20))
