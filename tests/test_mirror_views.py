@@ -96,8 +96,9 @@ def test_the_plan_prices_the_views_and_takes_them_where_the_rows_do_not_fit(monk
     # auto, all else free: merge + rows where they fit; at a budget between the two plans' peaks, the views
     free = [s for s in sets if not s.startswith(("model.gradient", "train.checkpoint", "train.activation",
                                                   "train.micro"))]
+    # (7.0 GB: since memory.EXPANDABLE_SLACK, merge + rows with the KV released fits 7.25 and is the faster there)
     _, wide = api.plan(tiny, free + ["budget.vram_gb=14.5"], device=gpu)
-    tight_recipe, tight = api.plan(tiny, free + ["budget.vram_gb=7.25"], device=gpu)
+    tight_recipe, tight = api.plan(tiny, free + ["budget.vram_gb=7.0"], device=gpu)
     assert (wide.sync, wide.trainer_linears) == ("merge", "rows")
     assert (tight.sync, tight.trainer_linears, tight.weight_format) == ("inplace", "views", "bf16_mirror")
     assert plan_knobs(tight)["trainer_linears"] == "views"  # what the closed loop re-prices with
