@@ -449,7 +449,6 @@ def logits_dtype(vmodel: torch.nn.Module) -> str:
     return "float32" if lm_head(vmodel).quant_method.__dict__.get("apply") is _fp32_head_apply else "model"
 
 
-
 # -------------------------------------------------------------------------------------- torch's allocator split limit
 
 def keep_allocator_split_limit() -> bool:
@@ -513,10 +512,10 @@ def install_gemm_probe(calls: int):
         if left[0] <= 0:
             return original(self, layer, x, bias)
         left[0] -= 1
-        w = getattr(layer, "weight", None)
+        w, first = getattr(layer, "weight", None), left[0] == calls - 1
         if x.is_cuda:
-            _probe_allocator(x.device, log, first=left[0] == calls - 1, n=calls - left[0])
-            if left[0] == calls - 1:
+            _probe_allocator(x.device, log, first=first, n=calls - left[0])
+            if first:
                 scratch = torch.empty(x.shape, dtype=torch.float32, device=x.device)
                 where = _where(scratch.data_ptr())
                 log.warning("gemm probe: a new %d-byte tensor %s", scratch.nbytes, where)
@@ -564,19 +563,34 @@ def _probe_allocator(device, log, first: bool, n: int) -> None:
                 os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), torch.cuda.is_current_stream_capturing(), stats)
 
 
+# CUpointer_attribute codes (cuda.h) the probe asks the driver for
+_MAPPED, _RANGE_START, _RANGE_SIZE, _MANAGED = 13, 11, 12, 8
+
+
+def _pointer_attr(cuda, ptr: int, code: int) -> tuple[int, int]:
+    """cuPointerGetAttribute(code) of a device address: (the driver's return code, the value)."""
+    import ctypes
+
+    val = ctypes.c_uint64(0)
+    return cuda.cuPointerGetAttribute(ctypes.byref(val), code, ctypes.c_uint64(ptr)), val.value
+
+
+def _libcuda():
+    import ctypes
+
+    return ctypes.CDLL("libcuda.so.1")
+
+
 def _where(ptr: int) -> str:
     """What the driver and torch's allocator know of a device address: the driver's range holding it and whether that
     range is mapped (cuPointerGetAttribute), and the torch segment holding it (pool, size), or that none does."""
-    import ctypes
-
-    attrs = {"mapped": 13, "range_start": 11, "range_size": 12, "managed": 8}  # CUpointer_attribute
+    attrs = {"mapped": _MAPPED, "range_start": _RANGE_START, "range_size": _RANGE_SIZE, "managed": _MANAGED}
     out = []
     try:
-        cuda = ctypes.CDLL("libcuda.so.1")
+        cuda = _libcuda()
         for name, code in attrs.items():
-            val = ctypes.c_uint64(0)
-            rc = cuda.cuPointerGetAttribute(ctypes.byref(val), code, ctypes.c_uint64(ptr))
-            out.append(f"{name}={val.value:#x}" if rc == 0 else f"{name}=rc{rc}")
+            rc, val = _pointer_attr(cuda, ptr, code)
+            out.append(f"{name}={val:#x}" if rc == 0 else f"{name}=rc{rc}")
     except OSError as e:
         out.append(f"no libcuda ({e})")
     for seg in torch.cuda.memory._snapshot().get("segments", []):
@@ -592,17 +606,14 @@ def _where(ptr: int) -> str:
 def _segments_mapped() -> str:
     """Torch's segments against the driver: how many, their bytes, and those whose address the driver does not map
     (or maps over a shorter range), with the first few named."""
-    import ctypes
-
-    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda = _libcuda()
     segs = torch.cuda.memory._snapshot().get("segments", [])
     bad, total = [], 0
     for seg in segs:
         total += seg["total_size"]
-        mapped, size = ctypes.c_uint64(0), ctypes.c_uint64(0)
-        rc1 = cuda.cuPointerGetAttribute(ctypes.byref(mapped), 13, ctypes.c_uint64(seg["address"]))
-        rc2 = cuda.cuPointerGetAttribute(ctypes.byref(size), 12, ctypes.c_uint64(seg["address"]))
-        if rc1 or rc2 or not mapped.value or size.value < seg["total_size"]:
-            bad.append((seg["address"], seg["total_size"], rc1, rc2, mapped.value, size.value))
+        rc1, mapped = _pointer_attr(cuda, seg["address"], _MAPPED)
+        rc2, size = _pointer_attr(cuda, seg["address"], _RANGE_SIZE)
+        if rc1 or rc2 or not mapped or size < seg["total_size"]:
+            bad.append((seg["address"], seg["total_size"], rc1, rc2, mapped, size))
     return (f"{len(segs)} segments, {total} bytes; {len(bad)} not mapped whole, {sum(b[1] for b in bad)} bytes: "
             + "; ".join(f"{a:#x}+{n} rc {r1}/{r2} mapped {m} range {z}" for a, n, r1, r2, m, z in bad[:6]))
