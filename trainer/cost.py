@@ -119,9 +119,9 @@ OFFLOAD_BYTES_S = 25e9
 
 
 # Other cards: every constant above was measured on an H200 (4.8 TB/s of HBM, 989e12 dense bf16 FLOP/s on its data
-# sheet). What reads memory (the decode's per-parameter term: the weights each token step reads; the KV read) scales
-# with a card's bandwidth, the train phase's compute (TRAIN_FLOPS, LONG_TRAIN_FLOPS) with its dense 16-bit tensor
-# FLOP/s; the host-bound terms (the decode's fixed term, the layer floors, HF generate's per-layer cost, the LoRA
+# sheet). What reads memory (the bf16 mirror's per-parameter decode term: the weights each token step reads; the KV
+# read) scales with a card's bandwidth, the nf4 base's per-parameter decode term (NF4_SCALES_WITH) and the train
+# phase's compute (TRAIN_FLOPS, LONG_TRAIN_FLOPS) with its dense 16-bit tensor FLOP/s; the host-bound terms (the decode's fixed term, the layer floors, HF generate's per-layer cost, the LoRA
 # launches) do not. On one H100 (3.35 TB/s; bench/results/planner_h100.json, the 7 bf16-mirror rows of 2026-12-05,
 # none fitted on) the steady rollouts measured 1.06-1.55x the H200-priced ones (the 7B's 1.54-1.55x: its 13 GB of bf16
 # weights read 512 times), and 0.98-1.29x with the bandwidth scaled; since the mirror's slope was refitted on the H200's
@@ -129,6 +129,12 @@ OFFLOAD_BYTES_S = 25e9
 # figures, not measured here. (name fragment as torch reports the card, a whole word or words of it, TB/s, dense
 # 16-bit tensor TFLOP/s); the first fragment found in the card's name is taken, so the more specific come first.
 REFERENCE_CARD = (4.8, 989.0)
+# The nf4 base's decode term scales with the card's compute (index 1 of card_speed), not its bandwidth (index 0): on
+# one H100 (2026-12-06, bench/results/queue_2026-12-06/h-i, not fitted on) the three shared-nf4 rows' steady rollouts
+# ran 0.92-0.99x their H200-priced ones (the 7B's 8 x 1,024 0.99x) where the bandwidth-scaled price had them at
+# 0.77-0.88x: the dequantising GEMM does not wait on its bytes. Data-sheet FLOP/s stand for the SM throughput it does
+# wait on, a guess on cards other than these two.
+NF4_SCALES_WITH = 1
 CARDS: tuple[tuple[str, float, float], ...] = (
     ("GH200", 4.0, 989.0), ("H200", 4.8, 989.0), ("H100 PCIe", 2.0, 756.0), ("H100 NVL", 3.9, 835.0),
     ("H100", 3.35, 989.0), ("A100-SXM4-40GB", 1.56, 312.0), ("A100-PCIE-40GB", 1.56, 312.0), ("A100", 2.0, 312.0),
@@ -153,10 +159,14 @@ def seqs_scale(seqs: int, top: float) -> float:
     return min(max((math.log2(max(seqs, 1)) - 3) / 3, 0.0), top)
 
 
-def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False, bandwidth: float = 1.0) -> float:
-    """One decode step of `seqs` sequences; `bandwidth`: the card's memory bandwidth relative to the H200's."""
+def decode_ms(fmt: str, seqs: int, linear_params: int, fused_nf4: bool = False,
+              speed: tuple[float, float] = (1.0, 1.0)) -> float:
+    """One decode step of `seqs` sequences; `speed`: the card's (bandwidth, compute) relative to the H200's. The bf16
+    mirror's per-parameter term is its weights' bytes, at the card's bandwidth; the nf4 base's is its dequantising
+    GEMM's arithmetic (0.93 ms per 1e9 parameters is 0.54 TB/s of nf4 bytes, a ninth of the H200's bandwidth), at the
+    card's compute (NF4_SCALES_WITH)."""
     fixed, per_billion = DECODE_MS_AT_8[fmt]
-    ms = fixed + per_billion * linear_params / 1e9 / bandwidth
+    ms = fixed + per_billion * linear_params / 1e9 / speed[NF4_SCALES_WITH if fmt == "shared_nf4" else 0]
     if fmt == "shared_nf4" and not (fused_nf4 and seqs <= NF4_GEMM_MAX_ROWS):
         ms *= BNB_OVER_FUSED
     return max(ms * (1 + DECODE_GROWTH[fmt] * seqs_scale(seqs, 2.0)), 0.5)
@@ -180,7 +190,8 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     if engine == "vllm":
         seqs = min(gen, knobs.get("max_num_seqs") or gen)
         waves = math.ceil(gen / max(seqs, 1))
-        step_ms = decode_ms(knobs.get("weight_format") or "shared_nf4", seqs, linear_params, fused_nf4, bandwidth)
+        step_ms = decode_ms(knobs.get("weight_format") or "shared_nf4", seqs, linear_params, fused_nf4,
+                            (bandwidth, compute))
         # the KV a decode step reads beyond the measured context
         prompts_read = prompt_len if seqs <= group else seqs * prompt_len  # one prompt in flight: read once
         extra = max(0.0, prompts_read + seqs * (completion_len / 2 - MEASURED_CONTEXT))
