@@ -70,6 +70,11 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
     # merged rows); the 7B at its least (views) and at 24 GB (merge + rows: recipes/gsm8k-qwen2.5-7b.yaml's plan)
     "1.5b-vllm-mirror-64x512": (["rollout.weight_format=bf16_mirror"] + gen(64, 512), ["min", 14.5]),
     "7b-vllm-mirror-8x512": (["rollout.weight_format=bf16_mirror"] + shape("qwen2.5-7b") + gen(8, 512), ["min", 24.0]),
+    # the plan that faulted in vLLM's profile run at 21.3 GB (2026-12-06: the KV kept, so no expandable segments, two
+    # sequences, sync inplace, the views), where the planner now releases the KV and takes expandable segments: the
+    # split-limit fix (vllm_internals.keep_allocator_split_limit) on the allocator path it is for
+    "7b-vllm-mirror-8x512-kv-kept": (["rollout.weight_format=bf16_mirror", "rollout.kv_release=false"]
+                                     + shape("qwen2.5-7b") + gen(8, 512), [21.3]),
     "1.5b-hf-8x512-r64": (HF + gen(8, 512) + lora(64), ["min"]),
     "1.5b-vllm-nf4-8x4096": (["rollout.weight_format=shared_nf4"] + gen(8, 4096), ["min"]),
     # bench/recipes/multigpu-1.5b.yaml's shape of work on one GPU at 20 GB: the -17% row of the issue
