@@ -199,7 +199,7 @@ def run(out: Path, names: list[str]) -> None:
                             "cudagraph_capture_sizes", "enforce_eager", "token_chunk", "vocab_chunk", "rollout_engine",
                             "hf_batch_size", "allocator_cap_bytes", "activation_offload", "mlp_tile_tokens",
                             "micro_batch_seqs", "compile_layers", "logits_dtype", "checkpoint_in_graph", "sync",
-                            "trainer_linears", "expandable_segments")}})
+                            "trainer_linears", "expandable_segments", "compile_masks")}})
             m = read_metrics(run_dir)
             summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
             row.update({"steps": len(m),

@@ -192,6 +192,7 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
                              ["train.torch_compile=true", "model.gradient_checkpointing=true"])
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
         plan.checkpoint_in_graph = in_graph  # the planner's choice on CUDA (the CPU's plans keep HF's checkpoint)
+        plan.compile_masks = False  # every variant (the masks built always leave 6 here, under the limit)
         policy = load_policy(recipe, plan)
         assert checkpoint_in_graph(plan) == in_graph
         traced = [m for m in policy.model.modules() if hasattr(m, "_nf4_packed")]
@@ -292,11 +293,12 @@ def test_a_compiled_run_reports_its_compiles_per_step(tmp_path):
     assert "compile " in out.stdout.split("step    1", 1)[1].splitlines()[0]
 
 
-def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: str, lengths=(16, 13, 9, 11),
-                     unpadded=(0,), input_grad: bool = False) -> tuple[list[int], list, list]:
+def _graphs_per_step(monkeypatch, dynamic_dims: str | None, in_graph: bool, backend: str, lengths=(16, 13, 9, 11),
+                     unpadded=(0,), input_grad: bool = False, plan_masks: bool = False) -> tuple[list[int], list, list]:
     """GRPO's passes (reference, old policy, two iterations with grad), one micro-batch a step, over lengths that
     change every step and steps without padding (by default the first: the worst-case first step, the mask
-    dropped): the graphs Dynamo has made after each step, and each step's log-probs."""
+    dropped): the graphs Dynamo has made after each step, and each step's log-probs. `dynamic_dims`:
+    TRAINER_COMPILE_DYNAMIC_DIMS ("": nothing marked; None: unset, the plan's compile_masks, `plan_masks`, decides)."""
     import random
 
     import torch._dynamo
@@ -314,7 +316,7 @@ def _graphs_per_step(monkeypatch, dynamic_dims: str, in_graph: bool, backend: st
         recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
                              ["train.torch_compile=true", "model.gradient_checkpointing=true"])
         plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
-        plan.checkpoint_in_graph = in_graph
+        plan.checkpoint_in_graph, plan.compile_masks = in_graph, plan_masks
         policy = load_policy(recipe, plan)
         rng, g = random.Random(0), torch.Generator().manual_seed(0)
         graphs, logps = [], []
@@ -375,10 +377,34 @@ def test_masks_built_always_leave_no_variant_for_a_batch_without_padding(monkeyp
     lengths, unpadded = (16, 13, 9, 11, 7, 14), (0, 4)
     masked, lp_masked, _ = _graphs_per_step(monkeypatch, "mask", True, "aot_eager", lengths, unpadded)
     always, lp_always, _ = _graphs_per_step(monkeypatch, "mask_always", True, "aot_eager", lengths, unpadded)
+    # the plan's choice where one micro-batch holds the step (plan.compile_masks), the variable unset: the same graphs
+    planned, _, _ = _graphs_per_step(monkeypatch, None, True, "aot_eager", lengths, unpadded, plan_masks=True)
+    assert planned == always, (planned, always)
     assert always[2:] == [always[1]] * 4, always  # nothing compiled after the first padded step
     assert masked[4] > masked[3], masked  # the None variant's graphs at the unpadded step's new length
     for a, b in zip(lp_masked, lp_always):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_plans_mask_choice_is_what_the_layers_get_unless_the_variable_says(monkeypatch):
+    # plan.compile_masks (one micro-batch a step) installs "mask_always" where TRAINER_COMPILE_DYNAMIC_DIMS is unset;
+    # set to 0 the variable marks nothing whatever the plan says
+    from types import SimpleNamespace
+
+    import trainer.policy as tp
+
+    # (the graphs: test_masks_built_always_leave_no_variant_for_a_batch_without_padding)
+    plan = SimpleNamespace(compile_masks=True)
+    with monkeypatch.context() as m:
+        m.setattr(tp, "COMPILE_DYNAMIC_DIMS", None)
+        assert tp.compile_marks(plan) == "mask_always"
+        m.setattr(tp, "COMPILE_DYNAMIC_DIMS", tp.COMPILE_DIMS_SETTINGS["0"])
+        assert tp.compile_marks(plan) == ""
+        m.setattr(tp, "COMPILE_DYNAMIC_DIMS", tp.COMPILE_DIMS_SETTINGS["1"])
+        assert tp.compile_marks(plan) == "all"
+        m.setattr(tp, "COMPILE_DYNAMIC_DIMS", None)
+        plan.compile_masks = False
+        assert tp.compile_marks(plan) == ""
 
 
 def test_first_layer_input_needing_grad_leaves_one_train_variant(monkeypatch):

@@ -673,3 +673,25 @@ def test_the_plan_records_how_fast_this_host_dispatches_small_ops():
     assert device.host_us_per_op and device.host_us_per_op < 200
     assert make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.engine=hf"]), device).host_us_per_op == \
         device.host_us_per_op
+
+
+def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_the_step():
+    """plan.compile_masks (trainer/compile_shapes.py "mask_always"), on the shapes of the A/Bs behind it (one H100,
+    2026-12-06): on for the 0.5B's 16 x 2,048 at 9 GB and the 16 x 64 mirror row (one micro-batch a step: compiling
+    65.1 -> 41.2 s and 58.1 -> 20.8 s, the steady train phase the same), off for config B at 14.5 GB (eight
+    micro-batches a step: +2.4% a step), off where a step is split however small, and where nothing compiles."""
+    from bench.planner import CONFIGS, _plan
+
+    def planned(name, budget, extra=()):
+        plan, _ = _plan(CONFIGS[name][0] + list(extra), budget)
+        one = plan.micro_batch_tokens >= plan.generation_batch_size * plan.max_model_len
+        return plan.compile_masks, one, plan.compile_layers
+
+    assert planned("0.5b-vllm-16x2048-r64-beta", 9.0) == (True, True, True)
+    assert planned("1.5b-vllm-mirror-16x64-beta", 5.7) == (True, True, True)
+    assert planned("1.5b-vllm-mirror-64x512", 14.5) == (False, False, True)
+    assert planned("1.5b-vllm-8x256", 3.2) == (False, False, True)  # one sequence a micro-batch at its least
+    assert planned("1.5b-vllm-8x256", 6.6, ["train.micro_batch_tokens=1144"]) == (False, False, True)
+    assert planned("1.5b-vllm-8x256", 6.6, ["train.per_device_train_batch_size=8"])[0] is False  # fixed sequences
+    assert planned("1.5b-hf-8x512-r64", 6.0)[::2] == (False, False)  # HF rollouts: the layers are not compiled
+    assert planned("1.5b-vllm-8x256", 6.6, ["train.torch_compile=false"])[0] is False

@@ -45,8 +45,11 @@ LAYER_RECOMPILE_LIMIT = 64
 # specialising it back (CPU, the 16 x 64 beta shape: 9 graphs in steps 1-3 against 12 in steps 1-5). Off until the
 # GPU A/B (docs/benchmarks.md, 2026-12-05 22:40). TRAINER_COMPILE_DYNAMIC_DIMS=mask_always: as "mask", and a mask
 # built where nothing is padded, so that micro-batch is no variant of its own (CPU: 8 graphs against "mask"'s 12).
-COMPILE_DYNAMIC_DIMS = {"1": "all", **{m: m for m in compile_shapes.MODES if m != "all"}}.get(
-    os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""), "")
+# Unset, the plan decides (plan.compile_masks: "mask_always" where one micro-batch holds the whole step, since
+# 2026-12-06, the A/Bs in plan._compile_masks; nothing marked elsewhere); TRAINER_COMPILE_DYNAMIC_DIMS=0 marks
+# nothing whatever the plan says.
+COMPILE_DIMS_SETTINGS = {"1": "all", "0": "", **{m: m for m in compile_shapes.MODES if m != "all"}}
+COMPILE_DYNAMIC_DIMS = COMPILE_DIMS_SETTINGS.get(os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""))
 # The first layer's input needs grad in the train pass as the others' do, one guard variant fewer
 # (compile_shapes.first_input_needs_grad; CPU 16 -> 12 graphs in six steps). On by default since 2026-12-06: on one
 # H100, B (64 x 512) at 14.5 GB, inductor's caches off on both sides, compiling in steps 1-2 44.1 -> 25.4 s, steady
@@ -268,12 +271,21 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
             layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
-        if COMPILE_DYNAMIC_DIMS:
-            compile_shapes.install(model.get_base_model().model, COMPILE_DYNAMIC_DIMS)
+        marks = compile_marks(plan)
+        if marks:
+            compile_shapes.install(model.get_base_model().model, marks)
         if COMPILE_INPUT_GRAD:
             compile_shapes.first_input_needs_grad(model.get_base_model().model)
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
+
+
+def compile_marks(plan) -> str:
+    """What compile_shapes marks on the compiled layers' inputs: TRAINER_COMPILE_DYNAMIC_DIMS where set, else the
+    plan's choice ("mask_always" where plan.compile_masks; "": nothing)."""
+    if COMPILE_DYNAMIC_DIMS is not None:
+        return COMPILE_DYNAMIC_DIMS
+    return "mask_always" if plan.compile_masks else ""
 
 
 def sampler_rounding_applies(recipe, plan) -> bool:
