@@ -120,14 +120,15 @@ OFFLOAD_BYTES_S = 25e9
 
 # Other cards: every constant above was measured on an H200 (4.8 TB/s of HBM, 989e12 dense bf16 FLOP/s on its data
 # sheet). What reads memory (the bf16 mirror's per-parameter decode term: the weights each token step reads; the KV
-# read) scales with a card's bandwidth, the nf4 base's per-parameter decode term (NF4_SCALES_WITH) and the train
-# phase's compute (TRAIN_FLOPS, LONG_TRAIN_FLOPS) with its dense 16-bit tensor FLOP/s; the host-bound terms (the decode's fixed term, the layer floors, HF generate's per-layer cost, the LoRA
-# launches) do not. On one H100 (3.35 TB/s; bench/results/planner_h100.json, the 7 bf16-mirror rows of 2026-12-05,
-# none fitted on) the steady rollouts measured 1.06-1.55x the H200-priced ones (the 7B's 1.54-1.55x: its 13 GB of bf16
-# weights read 512 times), and 0.98-1.29x with the bandwidth scaled; since the mirror's slope was refitted on the H200's
-# 7B row (2026-12-06), 1.00-1.32x and 0.90-1.21x (the 7B's 0.99x). The other rows of this table are data-sheet
-# figures, not measured here. (name fragment as torch reports the card, a whole word or words of it, TB/s, dense
-# 16-bit tensor TFLOP/s); the first fragment found in the card's name is taken, so the more specific come first.
+# read) scales with a card's bandwidth, the nf4 base's per-parameter decode term (NF4_SCALES_WITH) and the train phase's
+# compute (TRAIN_FLOPS, LONG_TRAIN_FLOPS) with its dense 16-bit tensor FLOP/s; the host-bound terms (the decode's fixed
+# term, the layer floors, HF generate's per-layer cost, the LoRA launches) do not. On one H100 (3.35 TB/s;
+# bench/results/planner_h100.json, the 7 bf16-mirror rows of 2026-12-05, none fitted on) the steady rollouts measured
+# 1.06-1.55x the H200-priced ones (the 7B's 1.54-1.55x: its 13 GB of bf16 weights read 512 times), and 0.98-1.29x with
+# the bandwidth scaled; since the mirror's slope was refitted on the H200's 7B row (2026-12-06), 1.00-1.32x and
+# 0.90-1.21x (the 7B's 0.99x). The other rows of this table are data-sheet figures, not measured here. (name fragment as
+# torch reports the card, a whole word or words of it, TB/s, dense 16-bit tensor TFLOP/s); the first fragment found in
+# the card's name is taken, so the more specific come first.
 REFERENCE_CARD = (4.8, 989.0)
 # The nf4 base's decode term scales with the card's compute (index 1 of card_speed), not its bandwidth (index 0): on
 # one H100 (2026-12-06, bench/results/queue_2026-12-06/h-i, not fitted on) the three shared-nf4 rows' steady rollouts

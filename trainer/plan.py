@@ -290,13 +290,14 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
     if r.engine == "vllm" and device.here and not r.weight_format and device.kind == "cuda" and \
             scratch_dir(staging_bytes(ctx, "bf16_mirror", device)) is None:
         notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
+    compiled = _compile_layers(recipe, device)
     plan = Plan(device=device.kind, device_name=device.name, device_capability=device.capability,
                 host_us_per_op=device.host_us_per_op,
                 compute_dtype=dtype, quantized=quantized,
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, loss_scaling=dtype == "float16",
-                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=_compile_layers(recipe, device),
-                compile_masks=_compile_masks(_compile_layers(recipe, device), best, ctx.gen * ctx.max_len),
+                nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=compiled,
+                compile_masks=_compile_masks(compiled, best, ctx.gen * ctx.max_len),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
                 if r.engine == "vllm" and device.here else None,
