@@ -695,3 +695,14 @@ def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_t
     assert planned("1.5b-vllm-8x256", 6.6, ["train.per_device_train_batch_size=8"])[0] is False  # fixed sequences
     assert planned("1.5b-hf-8x512-r64", 6.0)[::2] == (False, False)  # HF rollouts: the layers are not compiled
     assert planned("1.5b-vllm-8x256", 6.6, ["train.torch_compile=false"])[0] is False
+    # and `--plan` says so
+    from rich.console import Console
+
+    from trainer.console import show_plan
+
+    said = []
+    for budget in (6.6, 3.2):
+        console = Console(record=True, width=400)
+        show_plan(console, _plan(CONFIGS["1.5b-vllm-8x256"][0], budget)[0])
+        said.append("attention masks always: one micro-batch a step" in console.export_text())
+    assert said == [True, False]
