@@ -75,6 +75,10 @@ CONFIGS: dict[str, tuple[list[str], list]] = {
     # split-limit fix (vllm_internals.keep_allocator_split_limit) on the allocator path it is for
     "7b-vllm-mirror-8x512-kv-kept": (["rollout.weight_format=bf16_mirror", "rollout.kv_release=false"]
                                      + shape("qwen2.5-7b") + gen(8, 512), [21.3]),
+    # B at 7.25 GB with the slots + views, the plan it took before EXPANDABLE_SLACK (predicted 2.84 s a step against
+    # merge + rows' 2.79, a near tie the planner now breaks for merge): the two in one sitting settle the ranking
+    "1.5b-vllm-mirror-64x512-inplace": (["rollout.weight_format=bf16_mirror", "rollout.sync=inplace"] + gen(64, 512),
+                                        [7.25]),
     "1.5b-hf-8x512-r64": (HF + gen(8, 512) + lora(64), ["min"]),
     "1.5b-vllm-nf4-8x4096": (["rollout.weight_format=shared_nf4"] + gen(8, 4096), ["min"]),
     # bench/recipes/multigpu-1.5b.yaml's shape of work on one GPU at 20 GB: the -17% row of the issue
