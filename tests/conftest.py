@@ -117,3 +117,12 @@ def no_weights(monkeypatch, tmp_path) -> list:
                          (api, "load_trained"), (shapes, "build")):
         monkeypatch.setattr(module, name, forbidden(f"{module.__name__}.{name}"))
     return tried
+
+
+def vllm_split_scope():
+    """vLLM's Worker._scoped_allocator_max_split as shipped: kept aside as _vllm_split_scope where an engine started in
+    this process already replaced it (trainer/rollout/vllm_internals.py keep_allocator_split_limit)."""
+    from vllm.v1.worker import gpu_worker
+
+    scopes = vars(gpu_worker.Worker)
+    return scopes.get("_vllm_split_scope", scopes["_scoped_allocator_max_split"])

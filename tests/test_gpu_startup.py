@@ -78,6 +78,7 @@ def test_vllms_weight_load_scope_leaves_torchs_split_limit_alone():
     a larger cached block, and under the run's allocator cap it cudaFrees oversize free blocks that head split segments,
     under live tensors (the 7B mirror at 21.3 GB, 2026-12-06). With vllm_internals.keep_allocator_split_limit the scope
     leaves torch's default: a 100 MB request is carved from a cached 200 MB block (same address), as outside it."""
+    from conftest import vllm_split_scope
     from vllm.v1.worker import gpu_worker
 
     from trainer.rollout import vllm_internals as vi
@@ -95,7 +96,6 @@ def test_vllms_weight_load_scope_leaves_torchs_split_limit_alone():
         return same
 
     worker = object.__new__(gpu_worker.Worker)
-    shipped = vars(gpu_worker.Worker).get("_vllm_split_scope") or vars(gpu_worker.Worker)["_scoped_allocator_max_split"]
-    assert not carved(shipped(worker, max_split_size_mb=20))  # vLLM's own scope: a new segment
+    assert not carved(vllm_split_scope()(worker, max_split_size_mb=20))  # vLLM's own scope: a new segment
     assert vi.keep_allocator_split_limit()
     assert carved(worker._scoped_allocator_max_split(max_split_size_mb=20))

@@ -213,6 +213,7 @@ def test_vllm_starts_with_torchs_split_limit_left_alone(monkeypatch):
     # allocator cap torch then cudaFrees oversize free blocks that are first pieces of split segments, under live
     # tensors (the 7B mirror at 21.3 GB, 2026-12-06). Simulated CUDA: vLLM's own scope calls the setter; once
     # vllm_internals.keep_allocator_split_limit is installed, it does not.
+    from conftest import vllm_split_scope
     from vllm.platforms import current_platform
     from vllm.v1.worker import gpu_worker
 
@@ -224,9 +225,7 @@ def test_vllm_starts_with_torchs_split_limit_left_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: "native")
     monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "", raising=False)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
-    scopes = vars(gpu_worker.Worker)  # vLLM's own scope, kept aside where an engine started here already replaced it
-    monkeypatch.setattr(gpu_worker.Worker, "_scoped_allocator_max_split",
-                        scopes.get("_vllm_split_scope", scopes["_scoped_allocator_max_split"]))  # restored after
+    monkeypatch.setattr(gpu_worker.Worker, "_scoped_allocator_max_split", vllm_split_scope())  # restored after
     worker = object.__new__(gpu_worker.Worker)
     with worker._scoped_allocator_max_split(max_split_size_mb=20):
         pass
