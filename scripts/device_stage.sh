@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Stage the GPU stack for the lent device in 3-4 calls instead of ../shared/device/stage.sh's 9: the same wheels
+# Stage the GPU stack for the lent device in 4-5 calls instead of ../shared/device/stage.sh's 9: the same wheels
 # (../shared/device/wheels.txt, downloaded by stage.sh into ./.whl), unpacked and packed as one xz tarball split in
-# <= 52 MiB parts under ./.stage_xz/<k>/ (a call carries 64 MiB with the working tree, ~6 MB of it now: 58 MiB parts
-# were refused on 2026-12-04). Left out of the tarball, because this machine never loads them: the bitsandbytes
-# libraries for other CUDA/ROCm/XPU versions than 13.0, and vLLM's FlashAttention-2 library (Hopper runs
-# FlashAttention-3; vllm_flash_attn imports FA2 inside try/except). With `unsloth`, the Unsloth peer's wheels
+# <= 40 MiB parts under ./.stage_xz/<k>/ (a call carries 64 MiB with the working tree: 58 MiB parts were refused
+# on 2026-12-04 with a 6 MB tree, 52 MiB parts on 2026-12-06 with a 16 MB one). Left out of the tarball, because
+# this machine never loads them: the bitsandbytes libraries for other CUDA/ROCm/XPU versions than 13.0, and vLLM's
+# FlashAttention-2 library (Hopper runs FlashAttention-3; vllm_flash_attn imports FA2 inside try/except). With `unsloth`, the Unsloth peer's wheels
 # (../shared/device/wheels-unsloth.txt via stage-unsloth.sh) go into a second tarball for /root/site_unsloth.
 #   bash scripts/device_stage.sh [unsloth]      # prints the device calls to make, back to back
 set -euo pipefail
@@ -23,11 +23,11 @@ pack() {  # pack WHEEL_DIR NAME
 }
 rm -rf .stage_xz /tmp/stage_parts && mkdir -p .stage_xz /tmp/stage_parts
 pack .whl site
-split -b 52M -d -a 1 /tmp/site.tar.xz /tmp/stage_parts/site.tar.xz.part
+split -b 40M -d -a 1 /tmp/site.tar.xz /tmp/stage_parts/site.tar.xz.part
 if [[ ${1:-} == unsloth ]]; then
   [[ -d .whl_unsloth ]] || bash ../shared/device/stage-unsloth.sh >/dev/null
   pack .whl_unsloth site_unsloth
-  split -b 52M -d -a 1 /tmp/site_unsloth.tar.xz /tmp/stage_parts/site_unsloth.tar.xz.part
+  split -b 40M -d -a 1 /tmp/site_unsloth.tar.xz /tmp/stage_parts/site_unsloth.tar.xz.part
 fi
 k=0
 for f in $(ls /tmp/stage_parts | sort); do
