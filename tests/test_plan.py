@@ -689,9 +689,11 @@ def test_the_plan_records_how_fast_this_host_dispatches_small_ops():
 
 def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_the_step():
     """plan.compile_masks (trainer/compile_shapes.py "mask_always"), on the shapes of the A/Bs behind it (one H100,
-    2026-12-06): on for the 0.5B's 16 x 2,048 at 9 GB and the 16 x 64 mirror row (one micro-batch a step: compiling
-    65.1 -> 41.2 s and 58.1 -> 20.8 s, the steady train phase the same), off for config B at 14.5 GB (eight
-    micro-batches a step: +2.4% a step), off where a step is split however small, and where nothing compiles."""
+    2026-12-06): on for the 0.5B's 16 x 2,048 at 9 GB and the 16 x 64 mirror row (one micro-batch a step beside the
+    reference pass, beta 0.04: compiling 65.1 -> 41.2 s and 58.1 -> 20.8 s, the steady train phase the same); off for
+    config A at 6.6 GB (one micro-batch, the train pass alone: one graph fewer, 18.6 -> 17.4 s, against ~+3% every
+    step), on there with beta or num_iterations 2; off for config B at 14.5 GB (eight micro-batches a step: +2.4% a
+    step), off where a step is split however small, and where nothing compiles."""
     from bench.planner import CONFIGS, _plan
 
     def planned(name, budget, extra=()):
@@ -701,20 +703,23 @@ def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_t
 
     assert planned("0.5b-vllm-16x2048-r64-beta", 9.0) == (True, True, True)
     assert planned("1.5b-vllm-mirror-16x64-beta", 5.7) == (True, True, True)
+    assert planned("1.5b-vllm-8x256", 6.6) == (False, True, True)  # the train pass alone
+    assert planned("1.5b-vllm-8x256", 6.6, ["grpo.beta=0.04"]) == (True, True, True)
+    assert planned("1.5b-vllm-8x256", 6.6, ["grpo.num_iterations=2"]) == (True, True, True)
     assert planned("1.5b-vllm-mirror-64x512", 14.5) == (False, False, True)
-    assert planned("1.5b-vllm-8x256", 3.2) == (False, False, True)  # one sequence a micro-batch at its least
-    assert planned("1.5b-vllm-8x256", 6.6, ["train.micro_batch_tokens=1144"]) == (False, False, True)
-    assert planned("1.5b-vllm-8x256", 6.6, ["train.per_device_train_batch_size=8"])[0] is False  # fixed sequences
-    assert planned("1.5b-hf-8x512-r64", 6.0)[::2] == (False, False)  # HF rollouts: the layers are not compiled
-    assert planned("1.5b-vllm-8x256", 6.6, ["train.torch_compile=false"])[0] is False
+    assert planned("1.5b-vllm-8x256", 3.2, ["grpo.beta=0.04"]) == (False, False, True)  # one sequence a micro-batch
+    assert planned("1.5b-vllm-8x256", 6.6, ["grpo.beta=0.04", "train.micro_batch_tokens=1144"]) == (False, False, True)
+    assert planned("1.5b-vllm-8x256", 6.6, ["grpo.beta=0.04", "train.per_device_train_batch_size=8"])[0] is False
+    assert planned("1.5b-hf-8x512-r64", 6.0, ["grpo.beta=0.04"])[::2] == (False, False)  # HF: nothing compiled
+    assert planned("1.5b-vllm-8x256", 6.6, ["grpo.beta=0.04", "train.torch_compile=false"])[0] is False
     # and `--plan` says so
     from rich.console import Console
 
     from trainer.console import show_plan
 
     said = []
-    for budget in (6.6, 3.2):
+    for extra in (["grpo.beta=0.04"], []):
         console = Console(record=True, width=400)
-        show_plan(console, _plan(CONFIGS["1.5b-vllm-8x256"][0], budget)[0])
-        said.append("attention masks always: one micro-batch a step" in console.export_text())
+        show_plan(console, _plan(CONFIGS["1.5b-vllm-8x256"][0] + extra, 6.6)[0])
+        said.append("attention masks always: one micro-batch a step beside a no-grad pass" in console.export_text())
     assert said == [True, False]

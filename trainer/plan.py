@@ -152,7 +152,7 @@ class Plan:
     host_us_per_op: float | None = None
     compile_layers: bool = False  # torch.compile the policy's decoder layers (train phase)
     # The compiled layers get an attention mask even where nothing is padded, marked dynamic (compile_shapes'
-    # "mask_always"): where one micro-batch holds the whole step (_compile_masks)
+    # "mask_always"): where one micro-batch holds the whole step beside a no-grad pass (_compile_masks)
     compile_masks: bool = False
     # where the vLLM engine stages the files it loads (the LoRA adapter; the bf16 mirror's weights): scratch_dir
     scratch_dir: str | None = None
@@ -297,7 +297,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                 rollout_engine=r.engine, generation_batch_size=gen, prompts_per_step=gen // g.num_generations,
                 max_model_len=max_len, budget_bytes=budget, notes=notes, loss_scaling=dtype == "float16",
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=compiled,
-                compile_masks=_compile_masks(compiled, best, ctx.gen * ctx.max_len),
+                compile_masks=_compile_masks(recipe, compiled, best, ctx.gen * ctx.max_len),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
                 if r.engine == "vllm" and device.here else None,
@@ -851,16 +851,23 @@ def _compile_layers(recipe, device: Device) -> bool:
     return device.kind == "cuda" and recipe.rollout.engine == "vllm"
 
 
-def _compile_masks(compiled: bool, knobs: dict, step_tokens: int) -> bool:
+def _compile_masks(recipe, compiled: bool, knobs: dict, step_tokens: int) -> bool:
     """A mask for the compiled layers where nothing is padded too (compile_shapes' "mask_always") where one
-    micro-batch holds the whole step. There the layers see one micro-batch a pass, padded or not as the completions
-    end, and HF's None mask for an unpadded one is a guard variant compiled again at each new length: on one H100
-    (2026-12-06) the 0.5B's 16 x 2,048 at 9 GB compiled in steps 1-4 (65.1 s) by default and in steps 1-2 (41.2 s)
-    with the masks, its five steps 103.6 -> 75.7 s; the 1.5B mirror's 16 x 64 at 5.7 GB 58.1 -> 20.8 s of compiling;
-    the train phase past the compiling the same in both. Where a step is several micro-batches (config B, 64 x 512 at
-    14.5 GB: eight) the unpadded ones are many and SDPA's masked kernel cost B's steady train phase 0.77-0.79 ->
-    0.81-0.85 s (+2.4% a step): off there. TRAINER_COMPILE_DYNAMIC_DIMS overrides (trainer/policy.py)."""
-    return compiled and knobs.get("micro_batch_seqs") is None and knobs["micro_batch_tokens"] >= step_tokens
+    micro-batch holds the whole step and a no-grad pass (the reference model's, beta > 0, or the old policy's,
+    num_iterations > 1) runs the layers beside the train pass. There the layers see one micro-batch a pass, padded or
+    not as the completions end, and HF's None mask for an unpadded one is a guard variant compiled again at each new
+    length and in each grad mode: on one H100 (2026-12-06) the 0.5B's 16 x 2,048 r64 beta 0.04 at 9 GB compiled in
+    steps 1-4 (65.1 s) by default and in steps 1-2 (41.2 s) with the masks, its five steps 103.6 -> 75.7 s; the 1.5B
+    mirror's 16 x 64 beta 0.04 at 5.7 GB 58.1 -> 20.8 s of compiling; the train phase past the compiling the same in
+    both. With the train pass alone (config A, 8 x 256 at 6.6 GB, beta 0; one H100, 2026-12-06 14:12) the None mask
+    is one graph more, compiled once: 18.6 s of compiling in steps 1-3 without the masks against 17.4 s in steps 1-2
+    with them, and SDPA's masked kernel cost the steady train phase 0.13-0.14 -> 0.14-0.18 s (about +3% a step, every
+    step): off there. Where a step is several micro-batches (config B, 64 x 512 at 14.5 GB: eight) the unpadded ones
+    are many and the masked kernel cost B's steady train phase 0.77-0.79 -> 0.81-0.85 s (+2.4% a step): off there.
+    TRAINER_COMPILE_DYNAMIC_DIMS overrides (trainer/policy.py)."""
+    no_grad_pass = recipe.grpo.beta != 0.0 or recipe.grpo.num_iterations > 1
+    return (compiled and no_grad_pass and knobs.get("micro_batch_seqs") is None
+            and knobs["micro_batch_tokens"] >= step_tokens)
 
 
 def _pow2_upto(n: int) -> list[int]:
