@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stage the GPU stack for the lent device in 4-5 calls instead of ../shared/device/stage.sh's 9: the same wheels
 # (../shared/device/wheels.txt, downloaded by stage.sh into ./.whl), unpacked and packed as one xz tarball split in
-# <= 40 MiB parts under ./.stage_xz/<k>/ (a call carries 64 MiB with the working tree: 58 MiB parts were refused
-# on 2026-12-04 with a 6 MB tree, 52 MiB parts on 2026-12-06 with a 16 MB one). Left out of the tarball, because
+# parts under ./.stage_xz/<k>/ sized to what a call carries beside the working tree (64 MiB in all: 58 MiB parts were
+# refused on 2026-12-04 with a 6 MB tree, 52 MiB parts on 2026-12-06 with a 12.5 MB one; so the tree's bytes and 8
+# MiB of margin come off, at most 52 MiB, at least 16). Left out of the tarball, because
 # this machine never loads them: the bitsandbytes libraries for other CUDA/ROCm/XPU versions than 13.0, and vLLM's
 # FlashAttention-2 library (Hopper runs FlashAttention-3; vllm_flash_attn imports FA2 inside try/except). With `unsloth`, the Unsloth peer's wheels
 # (../shared/device/wheels-unsloth.txt via stage-unsloth.sh) go into a second tarball for /root/site_unsloth.
@@ -21,19 +22,21 @@ pack() {  # pack WHEEL_DIR NAME
   tar -C "$site" -cf - . | xz -T0 -6 > "/tmp/$2.tar.xz"
   rm -rf "$site"
 }
+tree=$(git ls-files -co --exclude-standard -z | du --files0-from=- -cb 2>/dev/null | tail -1 | cut -f1)
+part=$(( (64 * 1048576 - tree) / 1048576 - 8 )); part=$(( part > 52 ? 52 : part < 16 ? 16 : part ))
 rm -rf .stage_xz /tmp/stage_parts && mkdir -p .stage_xz /tmp/stage_parts
 pack .whl site
-split -b 40M -d -a 1 /tmp/site.tar.xz /tmp/stage_parts/site.tar.xz.part
+split -b ${part}M -d -a 1 /tmp/site.tar.xz /tmp/stage_parts/site.tar.xz.part
 if [[ ${1:-} == unsloth ]]; then
   [[ -d .whl_unsloth ]] || bash ../shared/device/stage-unsloth.sh >/dev/null
   pack .whl_unsloth site_unsloth
-  split -b 40M -d -a 1 /tmp/site_unsloth.tar.xz /tmp/stage_parts/site_unsloth.tar.xz.part
+  split -b ${part}M -d -a 1 /tmp/site_unsloth.tar.xz /tmp/stage_parts/site_unsloth.tar.xz.part
 fi
 k=0
 for f in $(ls /tmp/stage_parts | sort); do
   k=$((k + 1)); mkdir -p .stage_xz/$k; mv /tmp/stage_parts/$f .stage_xz/$k/
 done
-echo "staged $(du -sh .stage_xz | cut -f1) in $k parts. Device calls, back to back (carry .stage_xz/<k>):"
+echo "staged $(du -sh .stage_xz | cut -f1) in $k parts of <= $part MiB (the working tree: $((tree / 1048576)) MiB). Device calls, back to back (carry .stage_xz/<k>):"
 for i in $(seq 1 $k); do
   if (( i < k )); then echo "  run carry=[\".stage_xz/$i\"]: mkdir -p /root/stage && cp .stage_xz/$i/* /root/stage/"
   else echo "  run carry=[\".stage_xz/$i\"]: cp .stage_xz/$i/* /root/stage/ && bash scripts/device_unpack.sh && <command>"; fi
