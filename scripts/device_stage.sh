@@ -3,10 +3,10 @@
 # (../shared/device/wheels.txt, downloaded by stage.sh into ./.whl), unpacked and packed as one xz tarball split in
 # parts under ./.stage_xz/<k>/ sized to what a call carries beside the working tree (64 MiB in all: 58 MiB parts were
 # refused on 2026-12-04 with a 6 MB tree, 52 MiB parts on 2026-12-06 with a 12.5 MB one; so the tree's bytes and 8
-# MiB of margin come off, at most 52 MiB, at least 16). Left out of the tarball, because
-# this machine never loads them: the bitsandbytes libraries for other CUDA/ROCm/XPU versions than 13.0, and vLLM's
-# FlashAttention-2 library (Hopper runs FlashAttention-3; vllm_flash_attn imports FA2 inside try/except). With `unsloth`, the Unsloth peer's wheels
-# (../shared/device/wheels-unsloth.txt via stage-unsloth.sh) go into a second tarball for /root/site_unsloth.
+# MiB of margin come off, at most 52 MiB, at least 16). Left out of the tarball, because this machine never loads
+# them: the bitsandbytes libraries for other CUDA/ROCm/XPU versions than 13.0, and vLLM's FlashAttention-2 library
+# (Hopper runs FlashAttention-3; vllm_flash_attn imports FA2 inside try/except). With `unsloth`, the Unsloth peer's
+# wheels (../shared/device/wheels-unsloth.txt via stage-unsloth.sh) go into a second tarball for /root/site_unsloth.
 #   bash scripts/device_stage.sh [unsloth]      # prints the device calls to make, back to back
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
