@@ -38,7 +38,8 @@ peak 12.82 -> 12.89 GB.
 "all" is off: on one H100 (bench/results/dynamic_dims_ab.json) it saved 5.35 s of config A's first two steps at 6.6 GB
 and cost 15.07 s at 3.3 GB, where its dynamic graphs compiled slower. "mask_always" is the plan's where one
 micro-batch holds the whole step beside a no-grad pass (beta > 0 or num_iterations > 1; plan.compile_masks, since
-2026-12-06: the A/Bs in its docstring), nothing marked elsewhere; TRAINER_COMPILE_DYNAMIC_DIMS, where set, overrides the plan (0: nothing marked).
+2026-12-06: the A/Bs in its docstring), nothing marked elsewhere; TRAINER_COMPILE_DYNAMIC_DIMS, where set, overrides
+the plan (0: nothing marked).
 """
 from __future__ import annotations
 

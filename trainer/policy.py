@@ -46,8 +46,8 @@ LAYER_RECOMPILE_LIMIT = 64
 # GPU A/B (docs/benchmarks.md, 2026-12-05 22:40). TRAINER_COMPILE_DYNAMIC_DIMS=mask_always: as "mask", and a mask
 # built where nothing is padded, so that micro-batch is no variant of its own (CPU: 8 graphs against "mask"'s 12).
 # Unset, the plan decides (plan.compile_masks: "mask_always" where one micro-batch holds the whole step beside a
-# reference or old-policy pass, since 2026-12-06, the A/Bs in plan._compile_masks; nothing marked elsewhere); TRAINER_COMPILE_DYNAMIC_DIMS=0 marks
-# nothing whatever the plan says.
+# reference or old-policy pass, since 2026-12-06, the A/Bs in plan._compile_masks; nothing marked elsewhere);
+# TRAINER_COMPILE_DYNAMIC_DIMS=0 marks nothing whatever the plan says.
 COMPILE_DIMS_SETTINGS = {"1": "all", "0": "", **{m: m for m in compile_shapes.MODES if m != "all"}}
 COMPILE_DYNAMIC_DIMS = COMPILE_DIMS_SETTINGS.get(os.environ.get("TRAINER_COMPILE_DYNAMIC_DIMS", ""))
 # The first layer's input needs grad in the train pass as the others' do, one guard variant fewer

@@ -462,9 +462,9 @@ def keep_allocator_split_limit() -> bool:
     3.26 GB more than its segments hold, new tensors at addresses the driver did not know, an illegal memory access in
     vLLM's profile run. With torch's default (no limit) that path returns at once: with the limit left alone that plan
     (the KV kept, no expandable segments) ran its five steps on one H100 (2026-12-06 14:12), every torch segment
-    mapped whole. The plan sizes vLLM's KV pool in bytes, so the
-    fragmentation vLLM's limit keeps out of its memory profile sizes nothing here. 0.26's scope also set the limit as a
-    bare settings string, which by 0.32's own comment resets the allocator's other options (Plan.expandable_segments).
+    mapped whole. The plan sizes vLLM's KV pool in bytes, so the fragmentation vLLM's limit keeps out of its memory
+    profile sizes nothing here. 0.26's scope also set the limit as a bare settings string, which by 0.32's own comment
+    resets the allocator's other options (Plan.expandable_segments).
     Returns whether this vLLM has the scope."""
     from vllm.v1.worker import gpu_worker
 
