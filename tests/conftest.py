@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# torch.compile's cache in one directory under /tmp that the xdist workers and the processes tests start share, not
+# ~/.cache/trainer/torch_compile (trainer/compile_cache.py, which keeps a directory the environment chose): tests
+# write nothing to home
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "trainer_tests_torchinductor"))
 
 
 # Under pytest-xdist (README's `-n auto --maxprocesses 4 --dist loadfile`): a file's tests run on one worker, so its

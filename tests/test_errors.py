@@ -89,13 +89,18 @@ def case(tmp_path, name):
         return [str(TINY), "--set", "model.shape=gpt5"], ["model.shape", "tiny"]
     if name == "no model source":
         return [str(TINY), "--set", "model.shape="], ["model", "exactly one"]
+    if name == "compile cache not writable":
+        (tmp_path / "a_file").write_text("")
+        return [str(TINY), "--set", f"train.compile_cache_dir={tmp_path / 'a_file' / 'cache'}"], \
+            ["train.compile_cache_dir", "cannot write", "a_file"]
     raise KeyError(name)
 
 
 CATALOGUE = ["unknown key", "wrong type", "yaml syntax", "missing recipe", "dataset missing", "prompt column missing",
              "reward not importable", "reward wrong length", "reward nan", "reward not a number", "reward raises",
              "lora target absent", "budget infeasible", "completion beyond context", "resume without checkpoint",
-             "resume corrupt checkpoint", "existing run dir", "bad override syntax", "unknown shape", "no model source"]
+             "resume corrupt checkpoint", "existing run dir", "bad override syntax", "unknown shape", "no model source",
+             "compile cache not writable"]
 
 
 # Run as users run them, in a `train` process of their own: the reward mistakes (each case's reward module is

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer import compile_cache
 from trainer.errors import UserError
 
 
@@ -84,6 +85,7 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
     world = distributed.init()
     ready = prepare(recipe_path, overrides, world.size)
     recipe, the_plan = ready.recipe, ready.plan
+    compile_cache.use(recipe)  # before anything compiles; a directory that cannot be written, before any weight
     run_dir = Path(output_dir or recipe.train.output_dir or Path("runs") / recipe.name)
     # rank 0 decides (and may clear the directory); the others take its answer
     start = distributed.broadcast_object(resume_point(run_dir, resume, overwrite) if world.main else None, world)
@@ -200,6 +202,7 @@ def load_trained(recipe, adapter: Path, console=None, tokenizer=None):
     if plan is None:  # HF generate: the recipe's engine, or the fallback
         plan = make_plan(config, recipe, device)
     apply_segments(plan)  # before anything allocates, as in training (Plan.expandable_segments)
+    compile_cache.use(recipe)  # before anything compiles, as in training
     engine = make_engine(recipe, plan, resolve_model_path(recipe.model))
     try:
         policy = load_policy(recipe, plan, engine, tokenizer)

@@ -213,6 +213,9 @@ class TrainSection(Section):
     # with checkpointing and neither offload nor tiles; false: HF's)
     checkpoint_in_graph: bool | None = None
     torch_compile: bool | None = None  # torch.compile the decoder layers (None: planner; on with vLLM on CUDA)
+    # where the compiled layers' graphs and kernels are kept across runs (trainer/compile_cache.py; None:
+    # $TORCHINDUCTOR_CACHE_DIR where set, else ~/.cache/trainer/torch_compile, not torch's /tmp default)
+    compile_cache_dir: str | None = None
     gradient_accumulation_steps: int | None = None  # TRL-style alternative to generation_batch_size
     lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
