@@ -85,7 +85,7 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
     world = distributed.init()
     ready = prepare(recipe_path, overrides, world.size)
     recipe, the_plan = ready.recipe, ready.plan
-    compile_cache.use(recipe)  # before anything compiles; a directory that cannot be written, before any weight
+    compile_cache.use(recipe)  # before anything compiles or loads: a named directory must be writable
     run_dir = Path(output_dir or recipe.train.output_dir or Path("runs") / recipe.name)
     # rank 0 decides (and may clear the directory); the others take its answer
     start = distributed.broadcast_object(resume_point(run_dir, resume, overwrite) if world.main else None, world)
