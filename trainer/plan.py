@@ -707,7 +707,7 @@ def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> 
     return cost.step_breakdown(ctx.dims.linear_params, ctx.gen, ctx.completion_len, ctx.gen * ctx.max_len, knobs,
                                recipe.rollout.engine, compiled, _nf4_gemm_rows(recipe, knobs, device) > 0,
                                dims=ctx.dims, prompt_len=ctx.prompt_len, num_iterations=recipe.grpo.num_iterations,
-                               forward_passes=int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1),
+                               forward_passes=_no_grad_passes(recipe),
                                group=recipe.grpo.num_generations, reference_pass=recipe.grpo.beta != 0.0,
                                speed=cost.card_speed(device.name) if device.kind == "cuda" else None)
 
@@ -865,9 +865,14 @@ def _compile_masks(recipe, compiled: bool, knobs: dict, step_tokens: int) -> boo
     step): off there. Where a step is several micro-batches (config B, 64 x 512 at 14.5 GB: eight) the unpadded ones
     are many and the masked kernel cost B's steady train phase 0.77-0.79 -> 0.81-0.85 s (+2.4% a step): off there.
     TRAINER_COMPILE_DYNAMIC_DIMS overrides (trainer/policy.py)."""
-    no_grad_pass = recipe.grpo.beta != 0.0 or recipe.grpo.num_iterations > 1
-    return (compiled and no_grad_pass and knobs.get("micro_batch_seqs") is None
+    return (compiled and _no_grad_passes(recipe) > 0 and knobs.get("micro_batch_seqs") is None
             and knobs["micro_batch_tokens"] >= step_tokens)
+
+
+def _no_grad_passes(recipe) -> int:
+    """The log-prob passes a step runs without grad before training (grpo.py's recompute phase): the reference
+    model's where beta > 0, the old policy's where num_iterations > 1."""
+    return int(recipe.grpo.beta != 0.0) + int(recipe.grpo.num_iterations > 1)
 
 
 def _pow2_upto(n: int) -> list[int]:
