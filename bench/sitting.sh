@@ -23,6 +23,7 @@
 #   hf_decode     bench/hf_decode.py OUT/hf_decode.json [RECIPE] [ROUNDS] -> bench/results/hf_decode.json
 #   lora_tune     bench/lora_tune.py OUT [SHAPE[:RANK] ...]              -> bench/results/lora_tune/ (configs for
 #                                                                           VLLM_TUNED_CONFIG_FOLDER; `compile 6 lora_tuned`)
+#   vllm_inspect  bench/vllm_inspect.py OUT [ROUNDS]                      -> bench/results/vllm_inspect.json
 #   hf            train bench/recipes/toy-digits-0.5b-hf.yaml under bench/smi.py; bench/report.py hf
 #                                                                        -> bench/results/hf_gpu.json
 #   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml
@@ -64,6 +65,7 @@ job() {  # the driver commands of NAME's job; "$@": the ARGS of `start`
     compile) echo "$PY bench/compile_ab.py $R $*";;
     hf_decode) echo "$PY bench/hf_decode.py $R/hf_decode.json $*";;
     lora_tune) echo "$PY bench/lora_tune.py $R $*";;
+    vllm_inspect) echo "$PY bench/vllm_inspect.py $R $*";;
     hf) echo "$PY bench/smi.py $R/smi_hf.json -- $PY -m trainer.cli bench/recipes/toy-digits-0.5b-hf.yaml" \
              "--output-dir $RUNS/hf --overwrite $* && $PY bench/report.py hf $RUNS/hf $R/smi_hf.json $R/hf_gpu.json";;
     sync) echo "GPU_TESTS_JSON=$R/gpu_tests.json $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py;" \

@@ -203,3 +203,36 @@ def test_vllm_starts_with_torchs_split_limit_left_alone(monkeypatch):
     with worker._scoped_allocator_max_split(max_split_size_mb=20):
         pass
     assert calls == []
+
+
+def test_vllm_inspects_a_model_class_it_has_not_met_in_this_process(stack, monkeypatch, tmp_path):
+    # vLLM inspects a model class the first time a machine meets it (its interfaces: LoRA, pipeline parallelism, ...)
+    # in a fresh Python, registry._run_in_subprocess, and caches the answer in $VLLM_CACHE_ROOT/modelinfos. The
+    # engine the trainer starts has it done in its own process (vllm_internals.inspect_models_in_process): the same
+    # answer, no child, the cache written as vLLM writes it.
+    import subprocess
+    from dataclasses import asdict
+
+    from vllm.model_executor.models import registry
+
+    from trainer.rollout import vllm_internals as vi
+
+    assert registry._run_in_subprocess is vi._in_process  # the stack's engine installed it when it started
+    cache = tmp_path / "modelinfos"
+    monkeypatch.setattr(registry._LazyRegisteredModel, "_get_cache_dir", staticmethod(lambda: cache))
+    children, run = [], subprocess.run
+    monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: children.append(a) or run(*a, **k))
+    model = registry._LazyRegisteredModel("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM")
+    with monkeypatch.context() as m:  # vLLM as shipped: a child process
+        m.setattr(registry, "_run_in_subprocess", registry._vllm_run_in_subprocess)
+        shipped = model.inspect_model_cls()
+    assert len(children) == 1 and len(list(cache.iterdir())) == 1
+    for f in cache.iterdir():
+        f.unlink()
+    ours = model.inspect_model_cls()  # the cache empty again: a machine's first start
+    assert len(children) == 1, "vLLM started a child process to inspect the model class"
+    assert asdict(ours) == asdict(shipped) and ours.supports_pp
+    cached = json.loads(next(cache.iterdir()).read_text())
+    assert cached["modelinfo"]["architecture"] == "Qwen2ForCausalLM"
+    # read back from the cache as vLLM reads it (its JSON turns tuples into lists, for vLLM's own cache as well)
+    assert asdict(model.inspect_model_cls()) == json.loads(json.dumps(asdict(shipped)))
