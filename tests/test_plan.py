@@ -344,9 +344,9 @@ def test_memory_model_holds_every_completed_h100_row_of_the_mirror_paths():
 # H100 rows memory.py misses by more than 5% (and less than 6%), with why.
 H100_MEMORY_MISSES: dict[str, str] = {
     "1.5b-vllm-mirror-64x512-inplace@7.25gb": "-5.0% (6.25 GB against 6.58 planned; one H100, 2026-12-06 14:12 "
-    "sitting, and 6.25 again at 16:58 on another H100, run before the merge + rows' row): the peak came in vLLM's start-up (30 s in, nvidia-smi's samples), priced as the slots + views' "
-    "rollout phase: the nf4 linears and the mirror both held, the KV pool, the rollout's activations and their slack. "
-    "Without those activations the price would be 6.19, under what the start-up took: between the two, so it stays "
+    "sitting, and 6.25 again at 16:58 on another H100, run before the merge + rows' row): the peak came in vLLM's "
+    "start-up (30 s in, nvidia-smi's samples), priced as the slots + views' rollout phase: the nf4 linears and the "
+    "mirror both held, the KV pool, the rollout's activations and their slack. Without those activations the price would be 6.19, under what the start-up took: between the two, so it stays "
     "(the rollout phase after the start-up 5.89; the train phase 6.21 against 6.02 planned, +3.3%, where the closed "
     "loop took the checkpoint out of the graph and offloaded from step 2). A forced-knob row (rollout.sync=inplace): "
     "the planner takes merge + rows here",

@@ -490,10 +490,11 @@ def inspect_models_in_process() -> bool:
     answer in $VLLM_CACHE_ROOT/modelinfos (~/.cache/vllm): every new machine, container or job with a home of its own
     pays a child that imports torch and vLLM again. Here the engine runs in the trainer's process and forks no
     workers (VLLM_ENABLE_V1_MULTIPROCESSING=0; torchrun's ranks start their own), and it imports the model's module
-    anyway to load it; the cache is written as vLLM writes it, and the answer is the same _ModelInfo (tests/test_vllm_engine.py). On the 2-core CPU, the tiny recipe with vLLM and empty caches:
-    the engine's start 10.8-10.9 -> 3.5-3.6 s, `train` of one step 29.9-30.5 -> 22.2-23.3 s. On one H100 (2026-12-06,
-    config A, before this) the window it falls in, between the trainer's load and vLLM's weights, took 25 s with an
-    empty cache home and 6 s with a warm one. Returns whether this vLLM has the hook."""
+    anyway to load it; the cache is written as vLLM writes it, and the answer is the same _ModelInfo
+    (tests/test_vllm_engine.py). On the 2-core CPU, the tiny recipe with vLLM and empty caches: the engine's start
+    10.8-10.9 -> 3.5-3.6 s, `train` of one step 29.9-30.5 -> 22.2-23.3 s (bench/results/vllm_inspect_cpu). On one H100
+    (2026-12-06, config A, before this) the window it falls in, between the trainer's load and vLLM's weights, took
+    25 s with an empty cache home and 6 s with a warm one. Returns whether this vLLM has the hook."""
     from vllm.model_executor.models import registry
 
     if not callable(getattr(registry, "_run_in_subprocess", None)):
