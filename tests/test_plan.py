@@ -346,10 +346,10 @@ H100_MEMORY_MISSES: dict[str, str] = {
     "1.5b-vllm-mirror-64x512-inplace@7.25gb": "-5.0% (6.25 GB against 6.58 planned; one H100, 2026-12-06 14:12 "
     "sitting, and 6.25 again at 16:58 on another H100, run before the merge + rows' row): the peak came in vLLM's "
     "start-up (30 s in, nvidia-smi's samples), priced as the slots + views' rollout phase: the nf4 linears and the "
-    "mirror both held, the KV pool, the rollout's activations and their slack. Without those activations the price would be 6.19, under what the start-up took: between the two, so it stays "
-    "(the rollout phase after the start-up 5.89; the train phase 6.21 against 6.02 planned, +3.3%, where the closed "
-    "loop took the checkpoint out of the graph and offloaded from step 2). A forced-knob row (rollout.sync=inplace): "
-    "the planner takes merge + rows here",
+    "mirror both held, the KV pool, the rollout's activations and their slack. Without those activations the price "
+    "would be 6.19, under what the start-up took: between the two, so it stays (the rollout phase after the start-up "
+    "5.89; the train phase 6.21 against 6.02 planned, +3.3%, where the closed loop took the checkpoint out of the "
+    "graph and offloaded from step 2). A forced-knob row (rollout.sync=inplace): the planner takes merge + rows here",
     "1.5b-vllm-32x1024-iter2-beta@10gb": "-5.7%, over-planned (8.72 GB against 9.25; one H100, 2026-12-06 16:58 "
     "sitting): the train phase at 8,432-token micro-batches (4,216 when the H200 ran it, 2026-12-03: -3.9% at its "
     "knobs today). torch's allocated peak 7.33 GB against 7.54 priced and the reserve above it ~0.4 GB against the "
