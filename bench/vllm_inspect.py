@@ -7,8 +7,6 @@ with an empty $VLLM_CACHE_ROOT/modelinfos, as on a new machine or a job with a h
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -24,7 +22,6 @@ ARCHS = (("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"),
 
 
 def main(out: Path, rounds: int = 2) -> dict:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
     import vllm
     from vllm.model_executor.models import registry
@@ -51,7 +48,7 @@ def main(out: Path, rounds: int = 2) -> dict:
     same = all(len({json.dumps(a, sort_keys=True, default=list) for a in v.values()}) == 1 for v in answers.values())
     result = {
         "command": "python bench/vllm_inspect.py OUT " + str(rounds),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "vllm": vllm.__version__, "archs": [c for _, c in ARCHS],
         "seconds": seconds, "median_s": {a: statistics.median(s) for a, s in seconds.items()},
         "same_answer": same,
