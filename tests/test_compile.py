@@ -342,12 +342,23 @@ def _graphs_per_step(monkeypatch, dynamic_dims: str | None, in_graph: bool, back
     return graphs, logps, grads
 
 
+_BASELINE: dict = {}
+
+
+def _baseline(monkeypatch) -> tuple[list[int], list, list]:
+    """The default's graphs over the default lengths, nothing marked: two tests compare against it, and a run costs
+    ~20 s of a 2-core CI machine, so it runs once a session."""
+    if "base" not in _BASELINE:
+        _BASELINE["base"] = _graphs_per_step(monkeypatch, "", True, "aot_eager")
+    return _BASELINE["base"]
+
+
 def test_dynamic_dims_compile_each_variant_once_with_the_same_logprobs(monkeypatch):
     # TRAINER_COMPILE_DYNAMIC_DIMS (trainer/compile_shapes.py): the variants a step first meets compile dynamic at
     # once; by default each compiles static, then again when its length changes (steps 2-3 here; the H100's mirror
     # rows paid 10-25 s a step for it). With the checkpoint in graph (the planner's choice where layers compile) and
     # AOTAutograd's partitioner (its backward), as inductor runs them.
-    base, lp_base, _ = _graphs_per_step(monkeypatch, "", True, "aot_eager")
+    base, lp_base, _ = _baseline(monkeypatch)
     marked, lp_marked, _ = _graphs_per_step(monkeypatch, "all", True, "aot_eager")
     assert marked[-1] < base[-1], (marked, base)
     assert marked[2:] == [marked[1]] * 2, marked  # nothing compiled after the first padded step
@@ -361,7 +372,7 @@ def test_dynamic_masks_alone_stop_the_recompiles_after_the_first_padded_step(mon
     # graphs slower), the masks alone marked. Without it the first mask a variant meets is static, so the length
     # Dynamo had marked dynamic is specialised back to it at the attention (Eq(88, s) on the CPU 16 x 64 run) and the
     # variant compiles again when the length next changes.
-    base, lp_base, _ = _graphs_per_step(monkeypatch, "", True, "aot_eager")
+    base, lp_base, _ = _baseline(monkeypatch)
     masked, lp_masked, _ = _graphs_per_step(monkeypatch, "mask", True, "aot_eager")
     assert masked[0] == base[0], (masked, base)  # the first step's graphs: static, as the default's
     assert masked[2:] == [masked[1]] * 2, masked  # nothing compiled after the first padded step
