@@ -23,7 +23,7 @@
 #   hf_decode     bench/hf_decode.py OUT/hf_decode.json [RECIPE] [ROUNDS] -> bench/results/hf_decode.json
 #   lora_tune     bench/lora_tune.py OUT [SHAPE[:RANK] ...]              -> bench/results/lora_tune/ (configs for
 #                                                                           VLLM_TUNED_CONFIG_FOLDER; `compile 6 lora_tuned`)
-#   vllm_inspect  bench/vllm_inspect.py OUT [ROUNDS]                      -> bench/results/vllm_inspect.json
+#   vllm_inspect  bench/vllm_inspect.py OUT [ROUNDS]                      -> bench/results/vllm_inspect_<card>.json
 #   hf            train bench/recipes/toy-digits-0.5b-hf.yaml under bench/smi.py; bench/report.py hf
 #                                                                        -> bench/results/hf_gpu.json
 #   sync          pytest -m gpu tests/test_gpu.py (GPU_TESTS_JSON), train bench/recipes/toy-digits-1.5b-vllm.yaml
