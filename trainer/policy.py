@@ -74,8 +74,9 @@ COMPILE_INPUT_GRAD = os.environ.get("TRAINER_COMPILE_INPUT_GRAD", "1") != "0"
 # measured on HF's checkpoint alone, so not the default yet.
 NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
 # TRAINER_SAMPLER_ROUNDING=1: the trainer's RMSNorm, rotary and 4-bit q/k/v bias round where vLLM's CUDA kernels do
-# (trainer/sampler_rounding.py), for the sampler/trainer log-prob gap; off until bench/compile_ab.py sampler_rounding
-# (step time and each step's gap) and bench/fidelity.py's trainer_uncompiled_sampler_rounding measure it on the GPU
+# (trainer/sampler_rounding.py), for the sampler/trainer log-prob gap. Off by default: on one H100 (2026-12-06) it took
+# the gap down 10-15% in training and its step up 2.5% (bf16 mirror) and 8.1% (shared nf4), over issue 27's 5% on the
+# nf4 row, one short run a side (docs/benchmarks.md, "Sampler/trainer fidelity"); a longer A/B is queued
 SAMPLER_ROUNDING = os.environ.get("TRAINER_SAMPLER_ROUNDING") == "1"
 # The compiled layers round to bf16 where eager PyTorch does. Inductor's default drops the bf16 down/up-cast pairs
 # between the pointwise ops it fuses (norm, rotary, SiLU x up, residual adds, LoRA's scaling) and lets FMAs contract,
