@@ -36,7 +36,11 @@ SITE, UNSLOTH_SITE = os.environ.get("SITE", "/root/site"), os.environ.get("UNSLO
 RUNS = Path(os.environ.get("RUNS", "/root/runs"))
 STEPS = int(os.environ.get("STEPS", "7"))
 H100_MIB = 81559  # memory.total of the H100 80GB HBM3 the peers' utilisations were tuned on
-CACHES = ["~/.triton/cache", "~/.cache/vllm", "/tmp/torchinductor_root", "~/.cache/torch/kernels", "unsloth_compiled_cache"]
+# every cache a run writes that a later system's run could load: ours keeps its compiled layers in
+# ~/.cache/trainer/torch_compile (trainer/compile_cache.py) since 2026-12-06, vLLM's FlashInfer its JIT in
+# ~/.cache/flashinfer
+CACHES = ["~/.triton/cache", "~/.cache/vllm", "/tmp/torchinductor_root", "~/.cache/torch/kernels",
+          "unsloth_compiled_cache", "~/.cache/trainer", "~/.cache/flashinfer"]
 
 
 def util_scale() -> float:

@@ -40,3 +40,18 @@ def test_the_results_file_is_named_for_the_card_it_ran_on():
 
     assert card_slug("NVIDIA H200") == "h200" and card_slug("NVIDIA H100 80GB HBM3") == "h100"
     assert card_slug("Tesla T4") == "t4" and card_slug("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+def test_the_cold_start_clears_our_compile_cache(monkeypatch, tmp_path):
+    # issue 26's cold start is a machine's first run: the caches are cleared before each system's first run, and
+    # since 2026-12-06 ours keeps its compiled layers in a home directory (trainer/compile_cache.py), not /tmp
+    from pathlib import Path
+
+    from bench import vs_peers
+    from trainer import compile_cache
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    ours = compile_cache.default_dir()
+    cleared = [Path(c).expanduser() for c in vs_peers.CACHES]
+    assert any(ours == c or c in ours.parents for c in cleared), (ours, cleared)
