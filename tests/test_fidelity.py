@@ -151,10 +151,12 @@ def test_fidelity_fp32_engines_plan_float32_compute_on_the_shared_nf4_base_for_t
 def bf16_engine():
     if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm")
+    from trainer.rollout import vllm_internals as vi
     from trainer.rollout.vllm import import_vllm
     from trainer.shapes import model_dir
 
     vllm = import_vllm()
+    vi.count_ranks_eagerly()  # as the trainer's engine: the V1 sampler's ranks not compiled (~13 s of this CPU)
     path = str(model_dir("tiny", 0))
     llm = vllm.LLM(model=path, tokenizer=path, dtype="bfloat16", enforce_eager=True, max_model_len=128,
                    max_num_seqs=2, kv_cache_memory_bytes=32 << 20, logprobs_mode="processed_logprobs", seed=0,
