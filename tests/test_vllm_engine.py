@@ -240,7 +240,7 @@ def test_vllm_inspects_a_model_class_it_has_not_met_in_this_process(stack, monke
 
 
 def test_the_samplers_ranks_are_counted_without_compiling(stack, monkeypatch):
-    # vLLM's V1 sampler counts each sampled token's rank with a torch.compile'd function (inductor: 10.9 s of the
+    # vLLM's V1 sampler counts each sampled token's rank with a torch.compile'd function (inductor: ~13 s of the
     # first rollout on this CPU); the engine puts an eager count in its place (vllm_internals.count_ranks_eagerly)
     from torch._dynamo.utils import get_compilation_metrics
     from vllm.v1.sample import sampler

