@@ -449,6 +449,14 @@ def logits_dtype(vmodel: torch.nn.Module) -> str:
     return "float32" if lm_head(vmodel).quant_method.__dict__.get("apply") is _fp32_head_apply else "model"
 
 
+def _swap(owner, name: str, ours, keep: str) -> None:
+    """Put `ours` where vLLM has owner.<name>, keeping vLLM's own as owner.<keep> (the tests run it); installing
+    twice changes nothing."""
+    if getattr(owner, name) is not ours:
+        setattr(owner, keep, getattr(owner, name))
+        setattr(owner, name, ours)
+
+
 # -------------------------------------------------------------------------------------- torch's allocator split limit
 
 def keep_allocator_split_limit() -> bool:
@@ -472,9 +480,7 @@ def keep_allocator_split_limit() -> bool:
     scope = vars(worker).get("_scoped_allocator_max_split") if worker is not None else None
     if scope is None:
         return False
-    if scope is not _split_limit_unchanged:
-        worker._vllm_split_scope = scope  # vLLM's own (tests/test_vllm_engine.py runs it)
-        worker._scoped_allocator_max_split = _split_limit_unchanged
+    _swap(worker, "_scoped_allocator_max_split", _split_limit_unchanged, "_vllm_split_scope")
     return True
 
 
@@ -499,9 +505,7 @@ def inspect_models_in_process() -> bool:
 
     if not callable(getattr(registry, "_run_in_subprocess", None)):
         return False
-    if registry._run_in_subprocess is not _in_process:
-        registry._vllm_run_in_subprocess = registry._run_in_subprocess  # vLLM's own (tests/test_vllm_engine.py)
-        registry._run_in_subprocess = _in_process
+    _swap(registry, "_run_in_subprocess", _in_process, "_vllm_run_in_subprocess")
     return True
 
 
@@ -532,9 +536,7 @@ def count_ranks_eagerly() -> bool:
 
     if not callable(getattr(sampler, "batched_count_greater_than", None)):
         return False
-    if sampler.batched_count_greater_than is not _count_greater_or_equal:
-        sampler._vllm_batched_count_greater_than = sampler.batched_count_greater_than  # vLLM's own (tests)
-        sampler.batched_count_greater_than = _count_greater_or_equal
+    _swap(sampler, "batched_count_greater_than", _count_greater_or_equal, "_vllm_batched_count_greater_than")
     return True
 
 
