@@ -560,13 +560,18 @@ def report(dest: Path, dirs: list[Path]) -> dict:
             engine, name = ("graphs" if (*key, shape, "graphs") in table else "eager"), spec
         return table.get((*key, shape, engine), {}).get("variants", {}).get(name)
 
+    def latest(shape, spec):
+        """A variant from the last sitting that measured it (a later sitting of the same engine may have run other
+        switches: 12-06's `graphs` had no lora_zero, 12-05's had)."""
+        return next((v for d in reversed([str(d) for d in dirs]) if (v := gap(shape, spec, by_dir, (d,)))), None)
+
     def pair(shape, on, off):
         """The two variants of a source from the last sitting that measured both, else each one's latest."""
         for d in reversed([str(d) for d in dirs]):
             a, b = gap(shape, on, by_dir, (d,)), gap(shape, off, by_dir, (d,))
             if a and b:
                 return a, b
-        return gap(shape, on), gap(shape, off)
+        return latest(shape, on), latest(shape, off)
 
     shapes = sorted({s for s, _ in var})
     for src, on, off in SOURCES:

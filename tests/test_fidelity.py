@@ -363,6 +363,14 @@ def test_fidelity_report_pairs_a_sources_variants_from_the_sitting_that_measured
     assert (merged["on"], merged["off"]) == (0.020, 0.030)  # both from the first sitting, not the later slots
     rows = rep["sources"]["lora_slots_vs_merged_rows_both_sides"]
     assert (rows["on"], rows["off"]) == (0.025, 0.022)  # both from the later one
+    # no sitting measured both: each side from the last sitting that measured it, though a later sitting of the
+    # same engine ran other switches (the H100's 12-06 `graphs` had no lora_zero, 12-05's had; fp32 came 12-07)
+    variants(first, "graphs", {"base": 0.024, "lora_zero": 0.021})
+    variants(later, "graphs", {"base": 0.023})
+    variants(later / "c", "fp32", {"lora_zero": 4e-6})
+    rep = fidelity.report(tmp_path / "f.json", [first, later, later / "c"])
+    fp32 = rep["sources"]["bf16_compute_both_sides"]
+    assert (fp32["on"], fp32["off"]) == (0.021, 4e-6)
 
 
 def test_each_fidelity_engine_names_its_weights_sync_and_trainer_side(monkeypatch):
