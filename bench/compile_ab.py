@@ -19,7 +19,7 @@ at issue 26's small budget (3.3 GB, the planner's knobs). SWITCH eager_rounding:
 `train.torch_compile: true` with HF-generate rollouts (config A at 6.6 GB, `rollout.engine: hf`; the planner compiles
 the layers only with vLLM, the Colab path trains eagerly; generate runs the layers eagerly either way). SWITCH
 hf_decode: `rollout.hf_compile: true` on the same config (trainer/rollout/hf.py: a static KV cache and HF's compiled,
-CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). SWITCH sampler_rounding: TRAINER_SAMPLER_ROUNDING (trainer/sampler_rounding.py: the trainer's RMSNorm,
+CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). SWITCH sampler_rounding: TRAINER_SAMPLER_ROUNDING=1 against =0 (trainer/sampler_rounding.py: the trainer's RMSNorm,
 rotary and 4-bit q/k/v bias rounding where vLLM's kernels do) on config A at 6.6 GB and the eight 286-token
 micro-batches: its step-time cost and, in each run's gap_mean, what it removes of the sampler/trainer gap. SWITCH
 lora_tuned: VLLM_TUNED_CONFIG_FOLDER at bench/lora_tune.py's configs (the queue item `lora_tune` runs first) on config
@@ -97,9 +97,11 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",
                            ["A-fast", "A-small"])}
 # a switch's value in the runs that leave it off, where unset is not off (the checkpoint in graph is the planner's
-# choice since 2026-12-05: unset, the default run could take it too; input_grad on by default since 2026-12-06)
+# choice since 2026-12-05: unset, the default run could take it too; input_grad on by default since 2026-12-06;
+# mirror_views on by default since 2026-12-05, trainer/plan.py MIRROR_VIEWS; sampler_rounding the plan's choice on the
+# mirror's rows since 2026-12-07, Plan.sampler_rounding)
 OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollout.sync=inplace",
-       "mirror_views": "0", "input_grad": "0"}  # on by default since 2026-12-05 (trainer/plan.py MIRROR_VIEWS): its A/B turns it off
+       "mirror_views": "0", "input_grad": "0", "sampler_rounding": "0"}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:

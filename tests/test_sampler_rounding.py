@@ -179,3 +179,36 @@ def test_the_patched_ops_equal_vllms_own_kernels_on_the_cpu():
     assert share["rms_norm_ours"] == 1.0 and share["rotary_q_ours"] == 1.0 and share["rotary_k_ours"] == 1.0, share
     assert share["fused_add_rms_norm_ours"] > 0.98, share
     assert max(share["rms_norm_hf"], share["fused_add_rms_norm_hf"], share["rotary_q_hf"]) < 0.9, share
+
+
+def test_the_plan_turns_it_on_where_the_trainer_computes_on_the_mirrors_rows(monkeypatch):
+    """Plan.sampler_rounding: on for the trainer on vLLM's bf16 rows (views, merged rows), where two H100 A/Bs found no
+    step cost above their noise; off on the trainer's nf4 (+6-8% a step), for HF rollouts and in float32; and
+    load_policy follows the plan where TRAINER_SAMPLER_ROUNDING is unset, the variable where set."""
+    from transformers.models.qwen2 import modeling_qwen2 as mq
+
+    from tests.conftest import ROOT
+    from trainer import policy as tp
+    from trainer.plan import Device, make_plan
+    from trainer.recipe import load_recipe
+
+    def plan(*sets):
+        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", list(sets))
+        return recipe, make_plan(tp.read_config(recipe.model), recipe, Device("cpu", vllm_cpu=True))
+
+    bf16 = ("rollout.engine=vllm", "model.dtype=bfloat16")
+    for sets, linears, on in ((bf16, "views", True), ((*bf16, "rollout.sync=merge"), "rows", True),
+                              ((*bf16, "rollout.weight_format=shared_nf4"), "nf4", False),
+                              ((*bf16, "rollout.compile=true"), "views", False),
+                              (("rollout.engine=vllm", "model.dtype=float32"), "views", False),
+                              (("rollout.engine=hf", "model.dtype=bfloat16"), "nf4", False)):
+        recipe, p = plan(*sets)
+        assert (p.trainer_linears, p.sampler_rounding) == (linears, on), sets
+    recipe, p = plan(*bf16)
+    for env, installed in ((None, True), (False, False)):
+        monkeypatch.setattr(tp, "SAMPLER_ROUNDING", env)
+        policy = tp.load_policy(recipe, p)
+        try:
+            assert (mq.apply_rotary_pos_emb is sr.apply_rotary_pos_emb) == installed, env
+        finally:
+            sr.remove(policy.model)

@@ -137,6 +137,9 @@ class Plan:
     # bf16_mirror on CUDA: the trainer's nf4 linears wait in host memory while vLLM starts (sync.park_linears;
     # PARK_BASE below); with the views they never come back
     park_base: bool = False
+    # the trainer's RMSNorm and rotary round where vLLM's CUDA kernels round (trainer/sampler_rounding.py; the q/k/v
+    # bias too on shared nf4): decided by SAMPLER_ROUNDING_LINEARS below, TRAINER_SAMPLER_ROUNDING=0/1 overrides
+    sampler_rounding: bool = False
     # torch's allocator grows expandable segments (trainer/cap.py apply_segments): the bf16 mirror with vLLM's
     # sleep-mode pool (kv_release), where vLLM allocates its 16-bit weights in that pool after the trainer's nf4 load.
     # bitsandbytes quantises each weight on the device and the nf4 tensors split the freed bf16 segments, which
@@ -298,6 +301,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                 max_model_len=max_len, budget_bytes=budget, notes=notes, loss_scaling=dtype == "float16",
                 nf4_gemm_max_rows=_nf4_gemm_rows(recipe, best, device), compile_layers=compiled,
                 compile_masks=_compile_masks(recipe, compiled, best, ctx.gen * ctx.max_len),
+                sampler_rounding=_sampler_rounding(recipe, dtype, best["trainer_linears"]),
                 predicted_step_s=round(-best["score"], 3), host_offload_bytes=best["host_bytes"],
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
                 if r.engine == "vllm" and device.here else None,
@@ -747,6 +751,21 @@ EXPANDABLE_SEGMENTS = True
 # (lora_slots_vs_merged_rows_both_sides), the peak unchanged. Where the rows cannot stand in for the trainer's
 # layers (merged_rows_refusal) auto keeps the slots.
 LORA_MERGE_PREFERRED = True
+# Plan.sampler_rounding where the trainer computes on the mirror's bf16 rows. Two A/Bs of config A at 6.6 GB (merge +
+# rows) on H100s, TRAINER_SAMPLER_ROUNDING=1 against off, the gap of every step -10% both times (0.0214-0.0221 ->
+# 0.0192-0.0202, 2026-12-06, 6 steps; 0.0218 -> 0.0195 mean of 12, 2026-12-07), the train phase +13% and -8%, the
+# step +2.5% and -14% (rollouts vary more than that between two runs): no cost above their noise. On the trainer's
+# nf4 (shared nf4, 286-token micro-batches) the gap fell 15% both times at +8.1% / +6.3% a step (the train phase
+# +18% / +11%: the bias added outside bitsandbytes' GEMM, and the fp32 norm and rotary in many small micro-batches),
+# over issue 27's 5%: off there. (docs/benchmarks.md, "Sampler/trainer fidelity".)
+SAMPLER_ROUNDING_LINEARS = ("views", "rows")
+
+
+def _sampler_rounding(recipe, dtype: str, linears: str) -> bool:
+    """Plan.sampler_rounding: vLLM samples with its CUDA kernels (`rollout.compile` runs its torch-native ops, HF's
+    roundings) in a 16-bit dtype, and the trainer computes on the mirror's rows."""
+    return (recipe.rollout.engine == "vllm" and not recipe.rollout.compile and dtype != "float32"
+            and linears in SAMPLER_ROUNDING_LINEARS)
 
 
 def merged_rows_refusal(recipe) -> str | None:

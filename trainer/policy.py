@@ -73,11 +73,10 @@ COMPILE_INPUT_GRAD = os.environ.get("TRAINER_COMPILE_INPUT_GRAD", "1") != "0"
 # ladder, on top of the checkpoint in graph): steady step 2.84 -> 2.68 s (train 1.46 -> 1.31), peak 3.16 GB; not
 # measured on HF's checkpoint alone, so not the default yet.
 NF4_TRACED = os.environ.get("TRAINER_NF4_TRACED") == "1"
-# TRAINER_SAMPLER_ROUNDING=1: the trainer's RMSNorm, rotary and 4-bit q/k/v bias round where vLLM's CUDA kernels do
-# (trainer/sampler_rounding.py), for the sampler/trainer log-prob gap. Off by default: on one H100 (2026-12-06) it took
-# the gap down 10-15% in training and its step up 2.5% (bf16 mirror) and 8.1% (shared nf4), over issue 27's 5% on the
-# nf4 row, one short run a side (docs/benchmarks.md, "Sampler/trainer fidelity"); a longer A/B is queued
-SAMPLER_ROUNDING = os.environ.get("TRAINER_SAMPLER_ROUNDING") == "1"
+# The trainer's RMSNorm, rotary and 4-bit q/k/v bias round where vLLM's CUDA kernels do (trainer/sampler_rounding.py),
+# for the sampler/trainer log-prob gap: where the plan says (Plan.sampler_rounding: the trainer on the mirror's rows,
+# plan.SAMPLER_ROUNDING_LINEARS has the A/Bs); TRAINER_SAMPLER_ROUNDING=1 / 0 turns it on / off wherever it applies
+SAMPLER_ROUNDING = {"1": True, "0": False}.get(os.environ.get("TRAINER_SAMPLER_ROUNDING", ""))
 # The compiled layers round to bf16 where eager PyTorch does. Inductor's default drops the bf16 down/up-cast pairs
 # between the pointwise ops it fuses (norm, rotary, SiLU x up, residual adds, LoRA's scaling) and lets FMAs contract,
 # so a compiled layer computed other numbers than HF's eager one, whose per-op rounding vLLM's kernels follow: on the
@@ -247,7 +246,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         p.requires_grad_(False)
     if device.type == "cpu":
         keep_cpu_4bit_trainable(model)
-    if SAMPLER_ROUNDING and sampler_rounding_applies(recipe, plan):  # before LoRA wraps the layers and they compile
+    if sampler_rounding_on(recipe, plan):  # before LoRA wraps the layers and they compile
         from trainer import sampler_rounding
 
         log.info("trainer rounds as vLLM's kernels: %d patched", sampler_rounding.install(
@@ -293,6 +292,13 @@ def sampler_rounding_applies(recipe, plan) -> bool:
     """vLLM samples with its CUDA kernels (not compiled: `rollout.compile` runs its torch-native ops, HF's roundings)
     in a 16-bit dtype; HF rollouts sample with the policy itself."""
     return plan.rollout_engine == "vllm" and not recipe.rollout.compile and plan.compute_dtype != "float32"
+
+
+def sampler_rounding_on(recipe, plan) -> bool:
+    """The plan's choice (Plan.sampler_rounding), or TRAINER_SAMPLER_ROUNDING's where set and it applies."""
+    if SAMPLER_ROUNDING is None:
+        return plan.sampler_rounding
+    return SAMPLER_ROUNDING and sampler_rounding_applies(recipe, plan)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False) -> None:

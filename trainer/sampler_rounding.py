@@ -18,8 +18,10 @@ This matches vLLM's custom CUDA ops, which it runs without `rollout.compile` (th
 torch-native versions (HF's roundings, and the norm over the unrounded residual sum).
 
 install(model, bias=...) patches a model in place (before LoRA wraps its layers and before they compile, or on
-uncompiled layers); remove(model) undoes it. Opt-in (TRAINER_SAMPLER_ROUNDING=1, trainer/policy.py): on one H100
-(2026-12-06) it removed 7-23% of the gap (the most on the 7B shape) and cost the train phase 13-18%, the step 2.5-8.1%.
+uncompiled layers); remove(model) undoes it. The plan turns it on where the trainer computes on vLLM's bf16 mirror
+(Plan.sampler_rounding; TRAINER_SAMPLER_ROUNDING=0/1 overrides, trainer/policy.py): on H100s (2026-12-06/07) it removed
+7-23% of the gap (the most on the 7B shape), at no step cost above the runs' noise on the mirror's rows and 6-8% a step
+on the trainer's nf4 (plan.SAMPLER_ROUNDING_LINEARS).
 """
 from __future__ import annotations
 
