@@ -188,7 +188,10 @@ def test_the_plan_turns_it_on_where_the_trainer_computes_on_the_mirrors_rows(mon
     from transformers.models.qwen2 import modeling_qwen2 as mq
 
     from tests.conftest import ROOT
+    from rich.console import Console
+
     from trainer import policy as tp
+    from trainer.console import plan_table
     from trainer.plan import Device, make_plan
     from trainer.recipe import load_recipe
 
@@ -204,6 +207,9 @@ def test_the_plan_turns_it_on_where_the_trainer_computes_on_the_mirrors_rows(mon
                               (("rollout.engine=hf", "model.dtype=bfloat16"), "nf4", False)):
         recipe, p = plan(*sets)
         assert (p.trainer_linears, p.sampler_rounding) == (linears, on), sets
+        shown = Console(width=400, record=True)
+        shown.print(plan_table(p))
+        assert ("rounding where vLLM's kernels round" in shown.export_text()) == on, sets  # what --plan prints
     recipe, p = plan(*bf16)
     for env, installed in ((None, True), (False, False)):
         monkeypatch.setattr(tp, "SAMPLER_ROUNDING", env)

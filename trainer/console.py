@@ -105,7 +105,8 @@ def _trainer_on_mirror(plan) -> str:
         return ""
     return {"rows": ", the trainer on the merged rows",
             "views": ", the trainer's linears views of the mirror (its nf4 copy let go)"}.get(
-        plan.trainer_linears, ", the trainer on its own nf4 copy")
+        plan.trainer_linears, ", the trainer on its own nf4 copy") + (
+        ", its norms and rotary rounding where vLLM's kernels round" if plan.sampler_rounding else "")
 
 
 def alternatives_table(alts: dict, engine: str) -> Table:
