@@ -22,6 +22,8 @@ hf_decode: `rollout.hf_compile: true` on the same config (trainer/rollout/hf.py:
 CUDA-graphed decode step instead of eager generate, ~2.4 ms a layer and token of host time). SWITCH sampler_rounding: TRAINER_SAMPLER_ROUNDING=1 against =0 (trainer/sampler_rounding.py: the trainer's RMSNorm,
 rotary and 4-bit q/k/v bias rounding where vLLM's kernels do) on config A at 6.6 GB and the eight 286-token
 micro-batches: its step-time cost and, in each run's gap_mean, what it removes of the sampler/trainer gap. SWITCH
+fp16: `model.dtype: float16` on both sides (the loss scaled, as on a T4) on the same two configs: the gap of each step
+and the step time against bfloat16 (bench/fidelity.py's fp16 engines say why). SWITCH
 lora_tuned: VLLM_TUNED_CONFIG_FOLDER at bench/lora_tune.py's configs (the queue item `lora_tune` runs first) on config
 A at 6.6 and 3.3 GB: vLLM's LoRA kernels tuned for the shape against its defaults. SWITCH lora_merge: `rollout.sync:
 merge` against vLLM's LoRA slots (inplace) on the bf16 mirror, config A at 6.6 GB and B (64 x 512) at 14.5 GB: the
@@ -89,6 +91,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "dynamic_dims": ("TRAINER_COMPILE_DYNAMIC_DIMS", "1", ["A-fast", "A-small"]),
             "input_grad": ("TRAINER_COMPILE_INPUT_GRAD", "1", ["B-mirror", "A-small"]),
             "sampler_rounding": ("TRAINER_SAMPLER_ROUNDING", "1", ["A-fast", "A-mb286"]),
+            "fp16": ("--set", "model.dtype=float16", ["A-fast", "A-mb286"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
             "mirror_direct": ("TRAINER_MIRROR_DIRECT", "1", ["A-mirror", "B-mirror"]),

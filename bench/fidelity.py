@@ -62,12 +62,21 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # fp32 inputs unless TRITON_F32_DEFAULT=ieee, which the fp32 engine sets); the 4-bit layers run bitsandbytes'
 # matmul_4bit in fp32 on both sides (run_engine leaves our fused nf4 GEMM out, vllm_internals.install_bnb_in_model_dtype
 # keeps vLLM's layers in float32).
+# fp16 / fp16_mirror_merged_views: `graphs` and the shipped mirror (merge + the trainer on the merged rows) with
+# `model.dtype: float16` on both sides (the plan's loss scaling, as on a T4). fp32 took the gap to 4e-6 / 2e-5 and
+# TF32 to 0.0014 / 0.0043 (H100, 2026-12-07): 16-bit rounding is the whole gap. float16 keeps 10 mantissa bits where
+# bfloat16 keeps 7, at bf16's tensor-core rate, so its rounding errors are ~8x smaller (Qi et al. 2025, "Defeating the
+# Training-Inference Mismatch via FP16", arXiv 2510.26788, found the same in VeRL and Oat): if the gap scales with
+# them, ~0.003 / ~0.007, under issue 27's 0.01 at no step cost; float16's range (65504) is the risk, on trained
+# checkpoints more than on these random-init shapes.
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views", "TRITON_ATTN",
            "FLASHINFER",
-           "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views", "fp32", "fp32_tf32")
+           "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views", "fp32", "fp32_tf32",
+           "fp16", "fp16_mirror_merged_views")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
                             "trainer_vs_vllm_prefill"]
 FP32_SWITCHES = ["lora_zero", "vllm_prefill_vs_vllm_decode_lora_zero", "trainer_vs_vllm_prefill_lora_zero"]
+FP16_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "trainer_vs_vllm_prefill"]
 PROMPTS, N, SEED, LORA_B_STD = 2, 8, 1234, 0.01
 TOKENS = int(os.environ.get("FIDELITY_TOKENS", "256"))  # shorter only for the CPU smoke test
 # In-process switches, each against the default ("base": vLLM bf16 logits, trainer bf16 logits, trained LoRA,
@@ -141,6 +150,9 @@ SOURCES = [
     ("bf16_compute_both_sides_tf32", "graphs/lora_zero", "fp32_tf32/lora_zero"),
     ("vllm_self_disagreement_bf16", "graphs/vllm_prefill_vs_vllm_decode_lora_zero",
      "fp32/vllm_prefill_vs_vllm_decode_lora_zero"),
+    ("bf16_vs_fp16_compute", "graphs/base", "fp16/base"),
+    ("bf16_vs_fp16_compute_shipped_mirror", "bf16_mirror_merged_views/base", "fp16_mirror_merged_views/base"),
+    ("vllm_self_disagreement_bf16_vs_fp16", "graphs/vllm_prefill_vs_vllm_decode", "fp16/vllm_prefill_vs_vllm_decode"),
 ]
 
 
@@ -176,6 +188,8 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
         sets.append("rollout.enforce_eager=true")
     if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
         sets.append("rollout.nf4_gemm=bitsandbytes")
+    if engine.startswith("fp16"):
+        sets.append("model.dtype=float16")
     return "bench/peers/ours.yaml", sets
 
 
@@ -323,7 +337,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     if engine.startswith("batch_invariant"):
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
     elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views",
-                        "fp32", "fp32_tf32"):
+                        "fp32", "fp32_tf32", "fp16", "fp16_mirror_merged_views"):
         _attention_backend(engine)
     if engine == "fp32":  # Triton's fp32 dots (vLLM's Triton attention) default to TF32: IEEE here
         os.environ["TRITON_F32_DEFAULT"] = "ieee"
@@ -385,7 +399,8 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
     cache: dict = {}
     # The other engines are compared with the default on these two only (eager bnb + LoRA decodes at ~90 tokens/s).
     names = (FP32_SWITCHES if fp32 else list(SWITCHES) if engine == "graphs" or cpu else
-             BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else ["base", "both_fp32_logits"])
+             BATCH_INVARIANT_SWITCHES if engine.startswith("batch_invariant") else
+             FP16_SWITCHES if engine.startswith("fp16") else ["base", "both_fp32_logits"])
     if os.environ.get("FIDELITY_SWITCHES"):  # these, in this order, on every engine named (e.g. the trainer's rounding
         names = [n for n in os.environ["FIDELITY_SWITCHES"].split(",") if n in SWITCHES]  # under batch invariance)
     for name in names:

@@ -391,3 +391,17 @@ def test_each_fidelity_engine_names_its_weights_sync_and_trainer_side(monkeypatc
     assert {"rollout.weight_format=shared_nf4", "rollout.sync=inplace"} <= set(sets("graphs"))
     assert "rollout.sync=inplace" in fidelity._recipe_sets("tiny", "eager", True)[1]
     assert "batch_invariant_mirror_merged_views" in fidelity.ENGINES
+    # the float16 engines: the same weights and syncs as their bf16 twins, planned in float16 on an H100 (loss scaled)
+    from tests.test_plan import H100
+    from trainer.plan import make_plan
+    from trainer.policy import read_config
+    from trainer.recipe import load_recipe
+
+    for engine, twin, fmt, linears in (("fp16", "graphs", "shared_nf4", "nf4"),
+                                       ("fp16_mirror_merged_views", "bf16_mirror_merged_views", "bf16_mirror", "rows")):
+        assert set(sets(engine)) - set(sets(twin)) == {"model.dtype=float16"}
+        recipe = load_recipe(ROOT / "bench" / "peers" / "ours.yaml", sets(engine))
+        plan = make_plan(read_config(recipe.model), recipe, H100)
+        assert (plan.compute_dtype, plan.weight_format, plan.trainer_linears, plan.loss_scaling) == (
+            "float16", fmt, linears, True), engine
+        assert engine in fidelity.ENGINES
