@@ -159,9 +159,11 @@ def predict(names: list[str]) -> None:
     total, todo = 0.0, runs(names)
     for name, ov, b, spec in todo:
         p, _ = _plan(ov[:-1], b)
-        # start-up (engine; building a 7-8B shape) + the steps + the first steps' compiling (2026-12-03's rows: 42, 62
-        # and 74 s over their steady steps; 30 s before, and the 64 x 512 row ran out of the sitting's time)
-        est = 60 + 60 + STEPS * p.predicted_step_s + (90 if name.startswith(("7b", "8b")) else 0)
+        # start-up and the first steps' compiling + the steps (+ building a 7-8B shape). Refitted 2026-12-07 to the 34
+        # runs of the 2026-12-06 sittings g-s (nvidia-smi's wall_s, H100 and H200): 3,109 s measured, 3,221 s by this
+        # (median 1.07x a run, 0.67-1.67x); the constants before (120 s, +90 s for 7-8B) said 5,141 s, and a
+        # sitting's queue priced at twice its time left device time unused.
+        est = 75 + STEPS * p.predicted_step_s + (25 if name.startswith(("7b", "8b")) else 0)
         total += est
         print(f"{name:36s} budget {b:5.1f} ({spec:7s}) plan {p.peak_bytes / 1e9:6.2f} GB  fmt {p.weight_format or '-':11s} "
               f"sync {p.sync:7s} trainer {p.trainer_linears:5s} seqs {p.max_num_seqs:3d} "
