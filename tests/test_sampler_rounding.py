@@ -185,11 +185,10 @@ def test_the_plan_turns_it_on_where_the_trainer_computes_on_the_mirrors_rows(mon
     """Plan.sampler_rounding: on for the trainer on vLLM's bf16 rows (views, merged rows), where two H100 A/Bs found no
     step cost above their noise; off on the trainer's nf4 (+6-8% a step), for HF rollouts and in float32; and
     load_policy follows the plan where TRAINER_SAMPLER_ROUNDING is unset, the variable where set."""
+    from rich.console import Console
     from transformers.models.qwen2 import modeling_qwen2 as mq
 
     from tests.conftest import ROOT
-    from rich.console import Console
-
     from trainer import policy as tp
     from trainer.console import plan_table
     from trainer.plan import Device, make_plan
