@@ -105,7 +105,7 @@ def test_the_policy_installs_it_under_its_switch_for_vllm_rollouts_only(monkeypa
 
     from tests.conftest import ROOT
     from trainer import policy as tp
-    from trainer.plan import Device, make_plan
+    from trainer.plan import Device, make_plan, sampler_rounding_applies
     from trainer.recipe import load_recipe
 
     monkeypatch.setattr(tp, "SAMPLER_ROUNDING", True)
@@ -113,7 +113,7 @@ def test_the_policy_installs_it_under_its_switch_for_vllm_rollouts_only(monkeypa
         recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [f"rollout.engine={engine}", "model.dtype=bfloat16",
                                                                  f"rollout.compile={str(compile_).lower()}"])
         plan = make_plan(tp.read_config(recipe.model), recipe, Device("cpu", vllm_cpu=True))
-        assert tp.sampler_rounding_applies(recipe, plan) == applies
+        assert sampler_rounding_applies(recipe, plan.compute_dtype) == applies
         policy = tp.load_policy(recipe, plan)
         try:
             patched = [m for m in policy.model.modules() if "forward" in m.__dict__

@@ -761,11 +761,15 @@ LORA_MERGE_PREFERRED = True
 SAMPLER_ROUNDING_LINEARS = ("views", "rows")
 
 
+def sampler_rounding_applies(recipe, dtype: str) -> bool:
+    """Whether rounding as vLLM's kernels do means anything: vLLM samples with its CUDA kernels (`rollout.compile`
+    runs its torch-native ops, HF's roundings) in a 16-bit dtype; HF rollouts sample with the policy itself."""
+    return recipe.rollout.engine == "vllm" and not recipe.rollout.compile and dtype != "float32"
+
+
 def _sampler_rounding(recipe, dtype: str, linears: str) -> bool:
-    """Plan.sampler_rounding: vLLM samples with its CUDA kernels (`rollout.compile` runs its torch-native ops, HF's
-    roundings) in a 16-bit dtype, and the trainer computes on the mirror's rows."""
-    return (recipe.rollout.engine == "vllm" and not recipe.rollout.compile and dtype != "float32"
-            and linears in SAMPLER_ROUNDING_LINEARS)
+    """Plan.sampler_rounding: where it applies and the trainer computes on the mirror's rows."""
+    return sampler_rounding_applies(recipe, dtype) and linears in SAMPLER_ROUNDING_LINEARS
 
 
 def merged_rows_refusal(recipe) -> str | None:

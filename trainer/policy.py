@@ -17,7 +17,7 @@ import torch
 
 from trainer import compile_shapes, hub
 from trainer.errors import UserError
-from trainer.plan import checkpoint_in_graph
+from trainer.plan import checkpoint_in_graph, sampler_rounding_applies
 
 # torch.compile's shape handling for the decoder layers. None (default): a first graph for the first micro-batch's
 # shape, then recompiles as lengths change until the dimensions are marked dynamic (every H200 planner run of
@@ -288,17 +288,11 @@ def compile_marks(plan) -> str:
     return "mask_always" if plan.compile_masks else ""
 
 
-def sampler_rounding_applies(recipe, plan) -> bool:
-    """vLLM samples with its CUDA kernels (not compiled: `rollout.compile` runs its torch-native ops, HF's roundings)
-    in a 16-bit dtype; HF rollouts sample with the policy itself."""
-    return plan.rollout_engine == "vllm" and not recipe.rollout.compile and plan.compute_dtype != "float32"
-
-
 def sampler_rounding_on(recipe, plan) -> bool:
     """The plan's choice (Plan.sampler_rounding), or TRAINER_SAMPLER_ROUNDING's where set and it applies."""
     if SAMPLER_ROUNDING is None:
         return plan.sampler_rounding
-    return SAMPLER_ROUNDING and sampler_rounding_applies(recipe, plan)
+    return SAMPLER_ROUNDING and sampler_rounding_applies(recipe, plan.compute_dtype)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False) -> None:
