@@ -475,23 +475,28 @@ def variants(out: Path, shapes: list[str], cpu: bool) -> None:
 
 # ----------------------------------------------------------------------------------------- training runs, TRL
 
-def train(out: Path, shape: str, steps: int, dtype: str) -> dict:
-    """`train` as users run it (config A), rollout.logits_dtype=dtype; per-step gap mean/p99/max and step time."""
+def train(out: Path, shape: str, steps: int, dtype: str, sets: list[str] = ()) -> dict:
+    """`train` as users run it (config A), rollout.logits_dtype=dtype; per-step gap mean/p99/max and step time.
+    `sets`: recipe overrides (`model.dtype=float16`) that make the run an arm beside the shipped default, which is
+    the run without any (the report tells them apart by that)."""
     from bench.smi import watched
     from trainer.metrics import read_metrics
 
-    name = f"train_{shape}_{dtype}_{steps}"
+    name = f"train_{shape}_{dtype}_{steps}" + "".join(f"_{x.rsplit('.', 1)[-1].replace('=', '-')}" for x in sets)
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / name
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",
-           "--set", f"model.shape={shape}", "--set", f"train.max_steps={steps}", "--set", f"rollout.logits_dtype={dtype}"]
+           "--set", f"model.shape={shape}", "--set", f"train.max_steps={steps}", "--set", f"rollout.logits_dtype={dtype}",
+           *[a for x in sets for a in ("--set", x)]]
     rc = watched(out / f"{name}.smi.json", out / f"{name}.log", cmd, {**os.environ, "SMI_GPUS": "0"})
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    res = {"shape": shape, "logits_dtype": dtype, "steps": len(rows), "rc": rc, "command": " ".join(cmd[1:]),
+    res = {"shape": shape, "logits_dtype": dtype, "sets": list(sets), "steps": len(rows), "rc": rc,
+           "command": " ".join(cmd[1:]),
            "gap_mean": [r.get("logp_gap_mean") for r in rows], "gap_p99": [r.get("logp_gap_p99") for r in rows],
            "gap_max": [r.get("logp_gap_max") for r in rows], "step_s": [r.get("time_step_s") for r in rows],
            "plan": {k: v for k, v in json.loads((run_dir / "plan.json").read_text()).items() if k in (
-               "logits_dtype", "weight_format", "sync", "nf4_gemm_max_rows", "compile_layers", "micro_batch_tokens")}
+               "compute_dtype", "logits_dtype", "weight_format", "sync", "nf4_gemm_max_rows", "compile_layers",
+               "micro_batch_tokens", "sampler_rounding")}
            if (run_dir / "plan.json").exists() else None}  # the planner's own choices (no budget: the fastest)
     res.update(summary(res))
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
@@ -596,17 +601,22 @@ def report(dest: Path, dirs: list[Path]) -> dict:
             out["sources"][src] = {"on": first["on"]["mean"], "off": first["off"]["mean"], "by_shape": by}
     for (s, e), p in sorted(var.items()):
         out["variants"][f"{s}/{e}"] = {k: {m: v[m] for m in ("mean", "p99", "max")} for k, v in p["variants"].items()}
-    for r in runs:  # the shipped default's runs; "model" runs are the step-time baseline
+    arms: dict = {}  # runs with recipe overrides (an A/B's other side, a candidate default), by shape
+    for r in runs:  # a run without overrides trained the shipped default
         if r.get("steps"):
-            key = "shipped" if r["logits_dtype"] != "model" else "baseline_runs"
-            out.setdefault(key, {})[r["shape"]] = {
-                "gap_mean": r.get("gap_mean_run"), "gap_p99": r.get("gap_p99_run"), "gap_max": r.get("gap_max_run"),
-                **{k: r.get(k) for k in ("steps", "logits_dtype", "gap_mean_last_over_first",
-                                         "gap_mean_slope_per_100_steps", "step_s_median", "plan", "command")}}
-    base = out.get("baseline_runs", {})
-    cost = {s: v["step_s_median"] / base[s]["step_s_median"] - 1 for s, v in out["shipped"].items()
-            if base.get(s, {}).get("step_s_median") and v.get("step_s_median")}
-    out["step_time_cost"] = statistics.fmean(cost.values()) if cost else None  # (shipped / baseline median step) - 1
+            row = {"gap_mean": r.get("gap_mean_run"), "gap_p99": r.get("gap_p99_run"), "gap_max": r.get("gap_max_run"),
+                   **{k: r.get(k) for k in ("steps", "logits_dtype", "sets", "gap_mean_last_over_first",
+                                            "gap_mean_slope_per_100_steps", "step_s_median", "plan", "command")}}
+            if r.get("sets"):
+                arms.setdefault(r["shape"], {})[" ".join(r["sets"])] = row
+            else:
+                out["shipped"][r["shape"]] = row
+    out["runs_with_overrides"] = arms
+    # (shipped / arm median step) - 1, for each arm of the shape: the shipped default's cost against the other side
+    cost = {s: {a: v["step_s_median"] / b["step_s_median"] - 1 for a, b in arms.get(s, {}).items()
+                if b.get("step_s_median")} for s, v in out["shipped"].items() if v.get("step_s_median")}
+    cost = {s: c for s, c in cost.items() if c}
+    out["step_time_cost"] = statistics.fmean(x for c in cost.values() for x in c.values()) if cost else None
     out["step_time_cost_by_shape"] = cost
     if trl_part.get("logp_gap_mean"):
         out["trl_gap_mean"] = statistics.fmean(trl_part["logp_gap_mean"])
@@ -626,7 +636,7 @@ if __name__ == "__main__":
     elif a[0] == "variants":
         variants(Path(a[1]), a[2:] or list(SHAPES), cpu)
     elif a[0] == "train":
-        train(Path(a[1]), a[2], int(a[3]), a[4])
+        train(Path(a[1]), a[2], int(a[3]), a[4], a[5:])
     elif a[0] == "trl":
         trl(Path(a[1]), int(a[2]) if len(a) > 2 else 8, a[3] if len(a) > 3 else "qwen2.5-1.5b")
     elif a[0] == "report":

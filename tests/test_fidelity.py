@@ -269,14 +269,14 @@ def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_tim
     sys.path.insert(0, str(ROOT))
     from bench import fidelity
 
-    def run(dtype, gap, step_s):
-        r = {"shape": "qwen2.5-1.5b", "logits_dtype": dtype, "steps": 200, "gap_mean": gap,
+    def run(sets, gap, step_s):
+        r = {"shape": "qwen2.5-1.5b", "logits_dtype": "model", "sets": sets, "steps": 200, "gap_mean": gap,
              "gap_p99": [3 * g for g in gap], "gap_max": [9 * g for g in gap], "step_s": step_s}
         r.update(fidelity.summary(r))
-        (tmp_path / f"train_qwen2.5-1.5b_{dtype}_200.json").write_text(json.dumps(r))
+        (tmp_path / f"train_qwen2.5-1.5b_model_200{''.join('_' + s for s in sets)}.json").write_text(json.dumps(r))
 
-    run("float32", [0.05] + [0.008] * 199, [30.0] + [1.05] * 199)  # step 1 (worst case, compile) is left out
-    run("model", [0.05] + [0.024] * 199, [30.0] + [1.0] * 199)
+    run([], [0.05] + [0.008] * 199, [30.0] + [1.05] * 199)  # the shipped default; step 1 (compile) is left out
+    run(["model.dtype=bfloat16"], [0.05] + [0.024] * 199, [30.0] + [1.0] * 199)  # the A/B's other side
     (tmp_path / "trl.json").write_text(json.dumps({"logp_gap_mean": [0.024, 0.026]}))
     (tmp_path / "trl_qwen2.5-7b.json").write_text(json.dumps({"shape": "qwen2.5-7b", "logp_gap_mean": [0.05, 0.07]}))
     (tmp_path / "trl_qwen2.5-7b.result.json").write_text(json.dumps({"logp_gap_mean": [9.0]}))  # TRL's raw result
@@ -285,7 +285,9 @@ def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_tim
     shipped = rep["shipped"]["qwen2.5-1.5b"]
     assert shipped["gap_mean"] == pytest.approx(0.008) and shipped["gap_max"] == pytest.approx(0.072)
     assert shipped["gap_mean_last_over_first"] == pytest.approx(1.0) and shipped["steps"] == 200
+    assert rep["runs_with_overrides"]["qwen2.5-1.5b"]["model.dtype=bfloat16"]["gap_mean"] == pytest.approx(0.024)
     assert rep["step_time_cost"] == pytest.approx(0.05) and rep["trl_gap_mean"] == pytest.approx(0.025)
+    assert rep["step_time_cost_by_shape"] == {"qwen2.5-1.5b": {"model.dtype=bfloat16": pytest.approx(0.05)}}
     assert rep["trl_gap_mean_by_shape"] == pytest.approx({"qwen2.5-1.5b": 0.025, "qwen2.5-7b": 0.06})
 
 
