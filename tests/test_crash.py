@@ -117,3 +117,4 @@ def test_a_float16_run_counts_a_nan_loss_as_non_finite_whatever_its_loss_scale_a
     m = metrics(run_dir)
     assert [x["skipped"] for x in m] == [0, 1, 1] and [x["loss_scale"] for x in m] == [2.0 ** 16, 2.0 ** 15, 2.0 ** 14]
     assert "float16" in out.stdout and "65,504" in out.stdout
+    assert "try model.dtype: bfloat16" in out.stdout  # the CPU (and an Ampere or later card) has bfloat16
