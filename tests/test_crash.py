@@ -118,3 +118,19 @@ def test_a_float16_run_counts_a_nan_loss_as_non_finite_whatever_its_loss_scale_a
     assert [x["skipped"] for x in m] == [0, 1, 1] and [x["loss_scale"] for x in m] == [2.0 ** 16, 2.0 ** 15, 2.0 ** 14]
     assert "float16" in out.stdout and "65,504" in out.stdout
     assert "try model.dtype: bfloat16" in out.stdout  # the CPU (and an Ampere or later card) has bfloat16
+
+
+def test_the_float16_stop_names_the_dtype_this_card_and_engine_can_go_back_to():
+    """bfloat16 where the card has it; on a T4 (sm75) float32, with the HF engine where the run used vLLM (its LoRA
+    kernels take 16-bit activations only, and the plan refuses float32 with vLLM)."""
+    from types import SimpleNamespace
+
+    from trainer.grpo import _float16_hint
+
+    def hint(dtype, capability, engine):
+        return _float16_hint(SimpleNamespace(compute_dtype=dtype, device_capability=capability, rollout_engine=engine))
+
+    assert hint("float16", (9, 0), "vllm").endswith("try model.dtype: bfloat16")
+    assert "try model.dtype: float32 with rollout.engine: hf" in hint("float16", (7, 5), "vllm")
+    assert "try model.dtype: float32;" in hint("float16", (7, 5), "hf")
+    assert hint("bfloat16", (9, 0), "vllm") == "" and hint("float32", None, "hf") == ""

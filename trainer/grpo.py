@@ -314,7 +314,8 @@ def _float16_hint(plan) -> str:
     if plan.compute_dtype != "float16":
         return ""
     back = ("model.dtype: bfloat16" if (plan.device_capability or (8, 0)) >= (8, 0)
-            else "model.dtype: float32 (this card has no bfloat16)")
+            else "model.dtype: float32" + (" with rollout.engine: hf (vLLM's LoRA kernels take 16-bit only)"
+                                           if plan.rollout_engine == "vllm" else "") + "; this card has no bfloat16")
     return f"; in float16 a forward whose activations pass 65,504 gives this too: try {back}"
 
 
