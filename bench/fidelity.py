@@ -69,9 +69,9 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # Training-Inference Mismatch via FP16", arXiv 2510.26788, found the same in VeRL and Oat): if the gap scales with
 # them, ~0.003 / ~0.007, under issue 27's 0.01 at no step cost; float16's range (65504) is the risk, on trained
 # checkpoints more than on these random-init shapes.
-ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views", "TRITON_ATTN",
-           "FLASHINFER",
-           "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views", "fp32", "fp32_tf32",
+ATTENTION_BACKENDS = ("TRITON_ATTN", "FLASHINFER")  # engines named by vLLM's attention backend (an unknown name is one)
+ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views",
+           *ATTENTION_BACKENDS, "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views", "fp32", "fp32_tf32",
            "fp16", "fp16_mirror_merged_views")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
                             "trainer_vs_vllm_prefill"]
@@ -336,8 +336,7 @@ def run_engine(shape: str, engine: str, out: Path, cpu: bool = False) -> dict:
 
     if engine.startswith("batch_invariant"):
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when vllm is first imported (its LoRA kernels: at import)
-    elif engine not in ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views",
-                        "fp32", "fp32_tf32", "fp16", "fp16_mirror_merged_views"):
+    elif engine in ATTENTION_BACKENDS or engine not in ENGINES:
         _attention_backend(engine)
     if engine == "fp32":  # Triton's fp32 dots (vLLM's Triton attention) default to TF32: IEEE here
         os.environ["TRITON_F32_DEFAULT"] = "ieee"
