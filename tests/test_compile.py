@@ -108,9 +108,10 @@ def test_compile_ab_report_compares_the_first_steps_and_the_steady_ones():
 
     def run(variant, steps):
         return {"config": "A-fast", "variant": variant, "first_two_s": sum(steps[:2]), "steady_step_s": steps[3],
-                "steady_train_s": steps[3] / 2}
-    got = compare([run("default", [20.0, 9.0, 1.5, 1.4, 1.4]), run("dynamic", [21.0, 1.5, 1.5, 1.5, 1.5])])
-    assert got == {"A-fast": {"first_two_s_saved": 6.5, "steady_step_ratio": 1.071, "steady_train_ratio": 1.071}}
+                "steady_train_s": steps[3] / 2, "steady_step_min_s": min(steps[2:])}
+    got = compare([run("default", [20.0, 9.0, 1.5, 1.4, 1.3]), run("dynamic", [21.0, 1.5, 1.5, 1.5, 1.5])])
+    assert got == {"A-fast": {"first_two_s_saved": 6.5, "steady_step_ratio": 1.071, "steady_train_ratio": 1.071,
+                              "steady_step_min_ratio": 1.154}}  # 1.5 / 1.3: the fastest steady steps
     assert compare([run("default", [1.0] * 4)]) == {}  # one variant alone: nothing to compare
 
 
