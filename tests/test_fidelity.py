@@ -289,6 +289,9 @@ def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_tim
     assert rep["step_time_cost"] == pytest.approx(0.05) and rep["trl_gap_mean"] == pytest.approx(0.025)
     assert rep["step_time_cost_by_shape"] == {"qwen2.5-1.5b": {"model.dtype=bfloat16": pytest.approx(0.05)}}
     assert rep["trl_gap_mean_by_shape"] == pytest.approx({"qwen2.5-1.5b": 0.025, "qwen2.5-7b": 0.06})
+    short = {"gap_mean": [0.05, 0.01, 0.01, 0.01], "gap_p99": [0.1] * 4, "gap_max": [0.2] * 4,
+             "step_s": [30.0, 8.0, 1.0, 1.1]}  # steps 1 and 2 compile: the median is of 1.0 and 1.1
+    assert fidelity.summary(short)["step_s_median"] == pytest.approx(1.05)
 
 
 def test_train_with_float32_logits_patches_vllm_and_logs_the_gap_percentile(tmp_path):
