@@ -73,6 +73,10 @@ def test_float16_run_scales_its_loss_and_checkpoints_the_scale_float32_does_not(
         m = [json.loads(x) for x in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
         state = json.loads(next((tmp_path / dtype).glob("checkpoints/step-*/state.json")).read_text())
         runs[dtype] = m, state
+        # the start-up range check (trainer/fp16_range.py) ran in float16 only, and found the tiny model's headroom
+        seen = json.loads((tmp_path / dtype / "engine.json").read_text()).get("float16_largest_activation")
+        assert (seen is not None) == (dtype == "float16"), seen
+        assert seen is None or (seen["finite"] and 0 < seen["max_abs"] < 65504 and seen["layer"] in (0, 1)), seen
     (m16, state16), (m32, state32) = runs["float16"], runs["float32"]
     assert [x["loss_scale"] for x in m16] == [2.0 ** 16] * 2 and [x["loss_scale_overflow"] for x in m16] == [0, 0]
     assert state16["loss_scale"] == {"scale": 2.0 ** 16, "good_steps": 2}

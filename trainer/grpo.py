@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import budget, checkpoint, distributed, is_correction, oom
+from trainer import budget, checkpoint, distributed, fp16_range, is_correction, oom
 from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
 from trainer.cap import Cap, apply_segments
 from trainer.data import PromptSet
@@ -313,10 +313,7 @@ def _float16_hint(plan) -> str:
     """Why a float16 run may stop on non-finite steps, and the dtype to go back to (bfloat16 where the card has it)."""
     if plan.compute_dtype != "float16":
         return ""
-    back = ("model.dtype: bfloat16" if (plan.device_capability or (8, 0)) >= (8, 0)
-            else "model.dtype: float32" + (" with rollout.engine: hf (vLLM's LoRA kernels take 16-bit only)"
-                                           if plan.rollout_engine == "vllm" else "") + "; this card has no bfloat16")
-    return f"; in float16 a forward whose activations pass 65,504 gives this too: try {back}"
+    return f"; in float16 a forward whose activations pass 65,504 gives this too: try {fp16_range.fallback(plan)}"
 
 
 def _recompiled(m: dict, reasons: list[str], run_dir: Path) -> str:
@@ -425,6 +422,10 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
         engine = make_engine(recipe, plan, model_path)
         policy = load_policy(recipe, plan, engine, tokenizer)
         engine.attach(policy)
+        fp16 = fp16_range.check(plan, policy, prompts.prompt_ids,
+                                note=console.print if console and world.main else None)
+        if fp16:  # the checkpoint's headroom in float16, in engine.json
+            engine.info["float16_largest_activation"] = fp16
     except torch.cuda.OutOfMemoryError as e:  # the plan's start-up estimate was short: one message, no traceback
         raise oom.explain("start", 0, plan, e) from None
     oom.started()

@@ -1,0 +1,91 @@
+"""trainer/fp16_range.py: a float16 run reads a few of its prompts before the first step and stops at start-up, naming
+the layer and the dtype to use, when the checkpoint's activations pass float16's 65,504."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_train
+from trainer import fp16_range
+from trainer.errors import UserError
+from trainer.plan import Device, make_plan
+from trainer.policy import load_policy, read_config
+from trainer.recipe import load_recipe
+
+PROMPTS = [list(range(5, 25)), list(range(30, 42))]
+
+
+def _scaled_model(tmp_path, tiny_model_dir, factor: float):
+    """The tiny checkpoint with layer 0's MLP up and down projections x factor: at 300 its weights stay inside
+    float16 (|w| < 140) while the layer's output passes 65,504, as a bf16-trained checkpoint's outliers can."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / f"scaled_{factor:g}"
+    shutil.copytree(tiny_model_dir, out)
+    w = load_file(out / "model.safetensors")
+    for k in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        w[k] = w[k] * factor
+    assert max(float(v.abs().max()) for v in w.values()) < 65504 / 100
+    save_file(w, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _policy(model, dtype="float16"):
+    sets = ["rollout.engine=hf", f"model.dtype={dtype}"]
+    sets += [f"model.name={model}", "model.shape=null"] if model else []
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", sets)
+    plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+    return plan, load_policy(recipe, plan)
+
+
+def test_the_range_check_passes_a_fitting_checkpoint_notes_a_close_one_and_stops_an_overflowing_one(
+        tmp_path, tiny_model_dir):
+    notes = []
+    plan, policy = _policy(None)
+    got = fp16_range.check(plan, policy, PROMPTS, note=notes.append)
+    assert got["finite"] and 0 < got["max_abs"] < 65504 / fp16_range.HEADROOM and got["layer"] in (0, 1) and not notes
+
+    plan, policy = _policy(_scaled_model(tmp_path, tiny_model_dir, 100.0))  # ~50,000: fits, within 4x of the range
+    got = fp16_range.check(plan, policy, PROMPTS, note=notes.append)
+    assert got["finite"] and 65504 / fp16_range.HEADROOM < got["max_abs"] <= 65504 and got["layer"] == 0, got
+    assert len(notes) == 1 and "model.dtype: bfloat16" in notes[0] and "layer 0" in notes[0], notes
+
+    plan, policy = _policy(_scaled_model(tmp_path, tiny_model_dir, 300.0))
+    with pytest.raises(UserError) as e:
+        fp16_range.check(plan, policy, PROMPTS)
+    assert e.value.field == "model.dtype" and "layer 0 of 2" in e.value.problem
+    assert e.value.fix == "set model.dtype: bfloat16"
+    # the same weights in float32 hold the same activations without overflow: the check is float16's alone
+    plan32, policy32 = _policy(tmp_path / "scaled_300", "float32")
+    assert fp16_range.check(plan32, policy32, PROMPTS) is None
+    with torch.no_grad():
+        h = policy32.hidden_states(input_ids=torch.tensor([PROMPTS[0]]), use_cache=False)
+    assert torch.isfinite(h).all()
+
+
+def test_the_fallback_is_bfloat16_where_the_card_has_it_else_float32_with_the_hf_engine():
+    plan = make_plan(read_config(load_recipe(ROOT / "recipes" / "tiny-cpu.yaml").model),
+                     load_recipe(ROOT / "recipes" / "tiny-cpu.yaml"), Device("cpu"))
+    t4 = dataclasses.replace(plan, device_capability=(7, 5), rollout_engine="vllm")
+    assert fp16_range.fallback(dataclasses.replace(plan, device_capability=(9, 0))) == "model.dtype: bfloat16"
+    assert fp16_range.fallback(t4).startswith("model.dtype: float32 with rollout.engine: hf")
+    assert fp16_range.fallback(dataclasses.replace(t4, rollout_engine="hf")) == (
+        "model.dtype: float32; this card has no bfloat16")
+
+
+def test_train_stops_at_start_up_with_exit_2_when_float16_overflows(tmp_path, tiny_model_dir):
+    model = _scaled_model(tmp_path, tiny_model_dir, 300.0)
+    run_dir = tmp_path / "run"
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", f"model.name={model}", "--set", "model.shape=null", "--set",
+                     "model.dtype=float16", "--set", "train.max_steps=2", "--set", "eval=null",
+                     "--output-dir", str(run_dir)])
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "model.dtype" in text and "layer 0 of 2 overflows" in text and "set model.dtype: bfloat16" in text
+    assert "Traceback" not in text
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
+    assert json.loads((run_dir / "plan.json").read_text())["compute_dtype"] == "float16"

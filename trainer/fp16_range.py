@@ -1,0 +1,73 @@
+"""Whether a float16 run's checkpoint fits float16's range: before the first step, the trainer's policy reads a few of
+the recipe's own prompts in float16 and each decoder layer's largest activation is checked against 65,504.
+
+Why: real checkpoints trained in bfloat16 can carry activations float16 cannot hold (Qwen2-family reports: QwenLM/Qwen3
+issues 761, 826, 868 in HF's eager paths, vLLM issue 14126 in vLLM's). Random-init shapes never show it, and a run
+that overflows samples "!!!!" completions and skips non-finite steps until train.max_nonfinite_steps stops it. Here
+it stops at start-up, before any step, naming the layer and the dtype to use instead. The check costs a few
+forwards of one prompt each (no padding, no cache, the compiled layers bypassed as in generation), well inside the
+train phase's planned memory; it runs only where the plan's compute dtype is float16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.errors import UserError
+
+FP16_MAX = 65504.0
+PROMPTS = 4  # the dataset's first prompts: activation outliers sit at fixed positions (the first token, delimiters)
+HEADROOM = 4.0  # a largest activation within 4x of the range: a note, since longer inputs or training may cross it
+
+
+def fallback(plan) -> str:
+    """The dtype a float16 run goes back to: bfloat16 where the card has it, else float32 (with the HF engine where the
+    run used vLLM: its LoRA kernels take 16-bit activations only, and the plan refuses float32 with vLLM)."""
+    if (plan.device_capability or (8, 0)) >= (8, 0):
+        return "model.dtype: bfloat16"
+    return ("model.dtype: float32" + (" with rollout.engine: hf (vLLM's LoRA kernels take 16-bit only)"
+                                      if plan.rollout_engine == "vllm" else "") + "; this card has no bfloat16")
+
+
+def check(plan, policy, prompt_ids: list[list[int]], note=None) -> dict | None:
+    """In a float16 plan: raise UserError("model.dtype", ...) when a layer's output is non-finite; returns the largest
+    |activation| and the layer it was in (None in other dtypes: nothing to check)."""
+    from trainer.policy import eval_mode
+
+    if plan.compute_dtype != "float16":
+        return None
+
+    layers = list(policy.backbone.layers)
+    worst = {"max_abs": 0.0, "layer": None, "finite": True}
+
+    def hook(i):
+        def record(_module, _inputs, out):
+            h = out[0] if isinstance(out, tuple) else out
+            m = float(h.detach().abs().amax().float())
+            if not math.isfinite(m) and worst["finite"]:
+                worst.update(finite=False, layer=i, max_abs=m)
+            elif worst["finite"] and m > worst["max_abs"]:
+                worst.update(max_abs=m, layer=i)
+        return record
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with eval_mode(policy.model), torch.no_grad():
+            for ids in prompt_ids[:PROMPTS]:
+                x = torch.tensor([ids], device=policy.device)
+                policy.hidden_states(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+                if not worst["finite"]:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    if not worst["finite"]:
+        raise UserError("model.dtype", f"in float16 decoder layer {worst['layer']} of {len(layers)} overflows on the "
+                        f"recipe's own prompts (an activation past 65,504, float16's largest value): this checkpoint "
+                        f"does not fit float16's range", f"set {fallback(plan)}")
+    if note is not None and worst["max_abs"] > FP16_MAX / HEADROOM:
+        note(f"float16: the largest activation on the first prompts is {worst['max_abs']:,.0f} (layer "
+             f"{worst['layer']}), within {FP16_MAX / worst['max_abs']:.1f}x of float16's 65,504; if steps turn "
+             f"non-finite, set {fallback(plan)}")
+    return worst
