@@ -89,3 +89,17 @@ def test_train_stops_at_start_up_with_exit_2_when_float16_overflows(tmp_path, ti
     assert "Traceback" not in text
     assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
     assert json.loads((run_dir / "plan.json").read_text())["compute_dtype"] == "float16"
+
+
+def test_the_check_reads_at_most_TOKENS_of_each_prompt(monkeypatch):
+    # a long-context recipe's 32k-token prompt, read whole and untiled, would not fit its plan
+    plan, policy = _policy(None)
+    seen = []
+    handle = policy.backbone.layers[0].register_forward_hook(lambda m, i, o: seen.append(
+        (o[0] if isinstance(o, tuple) else o).shape[-2]))
+    monkeypatch.setattr(fp16_range, "TOKENS", 5)
+    try:
+        fp16_range.check(plan, policy, PROMPTS + [[7] * 3])
+    finally:
+        handle.remove()
+    assert seen == [5, 5, 3], seen  # 20 and 12 tokens cut to 5; 3 kept

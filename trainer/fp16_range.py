@@ -5,8 +5,9 @@ Why: real checkpoints trained in bfloat16 can carry activations float16 cannot h
 issues 761, 826, 868 in HF's eager paths, vLLM issue 14126 in vLLM's). Random-init shapes never show it, and a run
 that overflows samples "!!!!" completions and skips non-finite steps until train.max_nonfinite_steps stops it. Here
 it stops at start-up, before any step, naming the layer and the dtype to use instead. The check costs a few
-forwards of one prompt each (no padding, no cache, the compiled layers bypassed as in generation), well inside the
-train phase's planned memory; it runs only where the plan's compute dtype is float16.
+forwards of one prompt each, cut to its first 256 tokens (no padding, no cache, the compiled layers bypassed as in
+generation): a 32k-token prompt's untiled MLP would not fit a long-context plan, 256 tokens of a 7B's take ~10 MB. It
+runs only where the plan's compute dtype is float16.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from trainer.errors import UserError
 
 FP16_MAX = 65504.0
 PROMPTS = 4  # the dataset's first prompts: activation outliers sit at fixed positions (the first token, delimiters)
+TOKENS = 256  # of each
 HEADROOM = 4.0  # a largest activation within 4x of the range: a note, since longer inputs or training may cross it
 
 
@@ -55,7 +57,7 @@ def check(plan, policy, prompt_ids: list[list[int]], note=None) -> dict | None:
     try:
         with eval_mode(policy.model), torch.no_grad():
             for ids in prompt_ids[:PROMPTS]:
-                x = torch.tensor([ids], device=policy.device)
+                x = torch.tensor([ids[:TOKENS]], device=policy.device)
                 policy.hidden_states(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
                 if not worst["finite"]:
                     break
