@@ -71,8 +71,8 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # checkpoints more than on these random-init shapes.
 ATTENTION_BACKENDS = ("TRITON_ATTN", "FLASHINFER")  # engines named by vLLM's attention backend (an unknown name is one)
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views",
-           *ATTENTION_BACKENDS, "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views", "fp32", "fp32_tf32",
-           "fp16", "fp16_mirror_merged_views")
+           *ATTENTION_BACKENDS, "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views",
+           "fp32", "fp32_tf32", "fp16", "fp16_mirror_merged_views")
 BATCH_INVARIANT_SWITCHES = ["base", "lora_zero", "vllm_prefill_vs_vllm_decode", "vllm_prefill_vs_vllm_decode_lora_zero",
                             "trainer_vs_vllm_prefill"]
 FP32_SWITCHES = ["lora_zero", "vllm_prefill_vs_vllm_decode_lora_zero", "trainer_vs_vllm_prefill_lora_zero"]

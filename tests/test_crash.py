@@ -125,10 +125,10 @@ def test_the_float16_stop_names_the_dtype_this_card_and_engine_can_go_back_to():
     kernels take 16-bit activations only, and the plan refuses float32 with vLLM)."""
     from types import SimpleNamespace
 
-    from trainer.grpo import _float16_hint
+    from trainer.fp16_range import stop_hint
 
     def hint(dtype, capability, engine):
-        return _float16_hint(SimpleNamespace(compute_dtype=dtype, device_capability=capability, rollout_engine=engine))
+        return stop_hint(SimpleNamespace(compute_dtype=dtype, device_capability=capability, rollout_engine=engine))
 
     assert hint("float16", (9, 0), "vllm").endswith("try model.dtype: bfloat16")
     assert "try model.dtype: float32 with rollout.engine: hf" in hint("float16", (7, 5), "vllm")

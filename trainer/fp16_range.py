@@ -32,6 +32,13 @@ def fallback(plan) -> str:
                                       if plan.rollout_engine == "vllm" else "") + "; this card has no bfloat16")
 
 
+def stop_hint(plan) -> str:
+    """What the non-finite-steps stop adds in a float16 run: the range as a cause, and the dtype to go back to."""
+    if plan.compute_dtype != "float16":
+        return ""
+    return f"; in float16 a forward whose activations pass 65,504 gives this too: try {fallback(plan)}"
+
+
 def check(plan, policy, prompt_ids: list[list[int]], note=None) -> dict | None:
     """In a float16 plan: raise UserError("model.dtype", ...) when a layer's output is non-finite; returns the largest
     |activation| and the layer it was in (None in other dtypes: nothing to check)."""

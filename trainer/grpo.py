@@ -309,13 +309,6 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     return m
 
 
-def _float16_hint(plan) -> str:
-    """Why a float16 run may stop on non-finite steps, and the dtype to go back to (bfloat16 where the card has it)."""
-    if plan.compute_dtype != "float16":
-        return ""
-    return f"; in float16 a forward whose activations pass 65,504 gives this too: try {fp16_range.fallback(plan)}"
-
-
 def _recompiled(m: dict, reasons: list[str], run_dir: Path) -> str:
     first = reasons[0].splitlines()[0] if reasons else "no guard failure recorded (a first compile)"
     return (f"step {m['step']}: torch.compile made {m['compile_graphs']} graph(s), {m['time_compile_s']:.1f} s of the "
@@ -491,7 +484,7 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
                                                                  or m.get("loss_scale_overflow"))) else 0
             if bad >= recipe.train.max_nonfinite_steps:
                 progress.note(f"stopping: {bad} consecutive steps with non-finite loss or gradient; "
-                              f"the last checkpoint is kept{_float16_hint(plan)}")
+                              f"the last checkpoint is kept{fp16_range.stop_hint(plan)}")
                 code = EXIT_NONFINITE
                 break
             done = step + 1
