@@ -105,7 +105,9 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
 # mirror_views on by default since 2026-12-05, trainer/plan.py MIRROR_VIEWS; sampler_rounding the plan's choice on the
 # mirror's rows since 2026-12-07, Plan.sampler_rounding)
 OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollout.sync=inplace",
-       "mirror_views": "0", "input_grad": "0", "sampler_rounding": "0"}
+       "mirror_views": "0", "input_grad": "0", "sampler_rounding": "0",
+       # model.dtype auto plans float16 where vLLM samples since 2026-12-07 (trainer/plan.py FLOAT16_WHERE_VLLM_SAMPLES)
+       "fp16": "model.dtype=bfloat16"}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:

@@ -69,6 +69,9 @@ SHAPES = ("qwen2.5-1.5b", "qwen2.5-1.5b-toy")
 # Training-Inference Mismatch via FP16", arXiv 2510.26788, found the same in VeRL and Oat): if the gap scales with
 # them, ~0.003 / ~0.007, under issue 27's 0.01 at no step cost; float16's range (65504) is the risk, on trained
 # checkpoints more than on these random-init shapes.
+# what `model.dtype: auto` plans where vLLM samples since 2026-12-07 (trainer/plan.py FLOAT16_WHERE_VLLM_SAMPLES):
+# a `train` run without overrides from before then (bfloat16) is reported as that dtype's arm, not as the default
+SHIPPED_DTYPE = "float16"
 ATTENTION_BACKENDS = ("TRITON_ATTN", "FLASHINFER")  # engines named by vLLM's attention backend (an unknown name is one)
 ENGINES = ("graphs", "eager", "nf4_bnb", "bf16_mirror", "bf16_mirror_merged", "bf16_mirror_merged_views",
            *ATTENTION_BACKENDS, "batch_invariant", "batch_invariant_mirror", "batch_invariant_mirror_merged_views",
@@ -188,8 +191,8 @@ def _recipe_sets(shape: str, engine: str, cpu: bool) -> tuple[str, list[str]]:
         sets.append("rollout.enforce_eager=true")
     if engine == "nf4_bnb":  # vLLM's own bitsandbytes 4-bit path in decode instead of trainer/kernels/nf4_gemm.py
         sets.append("rollout.nf4_gemm=bitsandbytes")
-    if engine.startswith("fp16"):
-        sets.append("model.dtype=float16")
+    # each engine names its compute dtype too: auto plans float16 where vLLM samples since 2026-12-07
+    sets.append(f"model.dtype={'float16' if engine.startswith('fp16') else 'bfloat16'}")
     return "bench/peers/ours.yaml", sets
 
 
@@ -476,8 +479,8 @@ def variants(out: Path, shapes: list[str], cpu: bool) -> None:
 
 def train(out: Path, shape: str, steps: int, dtype: str, sets: list[str] = ()) -> dict:
     """`train` as users run it (config A), rollout.logits_dtype=dtype; per-step gap mean/p99/max and step time.
-    `sets`: recipe overrides (`model.dtype=float16`) that make the run an arm beside the shipped default, which is
-    the run without any (the report tells them apart by that)."""
+    `sets`: recipe overrides (`model.dtype=bfloat16`) that make the run an arm beside the shipped default, which is
+    the run without any (the report tells them apart by that and by the plan's compute dtype, SHIPPED_DTYPE)."""
     from bench.smi import watched
     from trainer.metrics import read_metrics
 
@@ -605,7 +608,9 @@ def report(dest: Path, dirs: list[Path]) -> dict:
     for (s, e), p in sorted(var.items()):
         out["variants"][f"{s}/{e}"] = {k: {m: v[m] for m in ("mean", "p99", "max")} for k, v in p["variants"].items()}
     arms: dict = {}  # runs with recipe overrides (an A/B's other side, a candidate default), by shape
-    for r in runs:  # a run without overrides trained the shipped default
+    for r in runs:  # a run without overrides trained the shipped default, unless it ran before the default changed
+        if r.get("steps") and not r.get("sets") and (r.get("plan") or {}).get("compute_dtype") != SHIPPED_DTYPE:
+            r = {**r, "sets": [f"model.dtype={(r.get('plan') or {}).get('compute_dtype')} (the default then)"]}
         if r.get("steps"):
             row = {"gap_mean": r.get("gap_mean_run"), "gap_p99": r.get("gap_p99_run"), "gap_max": r.get("gap_max_run"),
                    **{k: r.get(k) for k in ("steps", "logits_dtype", "sets", "gap_mean_last_over_first",

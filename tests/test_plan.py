@@ -671,6 +671,23 @@ def test_a_t4_plans_float16_though_torch_can_emulate_bfloat16_there(monkeypatch)
     assert vllm.compute_dtype == "float16" and vllm.nf4_gemm_max_rows == 0  # bitsandbytes' GEMM on sm75
 
 
+def test_auto_plans_float16_where_vllm_samples_and_bfloat16_where_the_policy_samples():
+    """model.dtype: auto on a bfloat16 card: float16 with vLLM (its logprobs and the trainer's round 8x finer than in
+    bfloat16: the sampler/trainer gap, trainer/plan.py FLOAT16_WHERE_VLLM_SAMPLES), its loss scaled and the choice
+    said in a note; HF rollouts sample with the policy itself, so bfloat16; a dtype the recipe names is kept."""
+    h100 = Device.elsewhere("80:sm90")
+    assert h100.bf16
+    vllm = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=20"]), h100)
+    assert (vllm.rollout_engine, vllm.compute_dtype, vllm.loss_scaling) == ("vllm", "float16", True)
+    assert any(n.startswith("model.dtype auto: float16") and "model.dtype: bfloat16" in n for n in vllm.notes)
+    hf = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.engine=hf", "budget.vram_gb=20"]), h100)
+    assert (hf.compute_dtype, hf.loss_scaling) == ("bfloat16", False)
+    assert not any(n.startswith("model.dtype auto") for n in hf.notes)
+    named = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["model.dtype=bfloat16", "budget.vram_gb=20"]), h100)
+    assert (named.compute_dtype, named.loss_scaling) == ("bfloat16", False)
+    assert not any(n.startswith("model.dtype auto") for n in named.notes)
+
+
 def test_the_plan_records_how_fast_this_host_dispatches_small_ops():
     """env.host_us_per_op times the ops themselves (a dispatch slowed by 200 us an op reads at least that), and
     Device.detect puts it in the plan, where bench/planner.py's rows pick it up for the step model's fit."""

