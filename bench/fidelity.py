@@ -609,8 +609,9 @@ def report(dest: Path, dirs: list[Path]) -> dict:
         out["variants"][f"{s}/{e}"] = {k: {m: v[m] for m in ("mean", "p99", "max")} for k, v in p["variants"].items()}
     arms: dict = {}  # runs with recipe overrides (an A/B's other side, a candidate default), by shape
     for r in runs:  # a run without overrides trained the shipped default, unless it ran before the default changed
-        if r.get("steps") and not r.get("sets") and (r.get("plan") or {}).get("compute_dtype") != SHIPPED_DTYPE:
-            r = {**r, "sets": [f"model.dtype={(r.get('plan') or {}).get('compute_dtype')} (the default then)"]}
+        dtype = (r.get("plan") or {}).get("compute_dtype")
+        if r.get("steps") and not r.get("sets") and dtype and dtype != SHIPPED_DTYPE:
+            r = {**r, "sets": [f"model.dtype={dtype} (the default then)"]}
         if r.get("steps"):
             row = {"gap_mean": r.get("gap_mean_run"), "gap_p99": r.get("gap_p99_run"), "gap_max": r.get("gap_max_run"),
                    **{k: r.get(k) for k in ("steps", "logits_dtype", "sets", "gap_mean_last_over_first",
@@ -620,12 +621,25 @@ def report(dest: Path, dirs: list[Path]) -> dict:
             else:
                 out["shipped"][r["shape"]] = row
     out["runs_with_overrides"] = arms
-    # (shipped / arm median step) - 1, for each arm of the shape: the shipped default's cost against the other side
+    # (shipped / arm median step) - 1, for each arm of the shape that planned another compute dtype (an arm that
+    # names the shipped dtype is the default run again): the shipped default's cost against what it replaced
+    def other_dtype(arm, shipped):
+        a, b = ((x.get("plan") or {}).get("compute_dtype") for x in (arm, shipped))
+        return not (a and b) or a != b
+
     cost = {s: {a: v["step_s_median"] / b["step_s_median"] - 1 for a, b in arms.get(s, {}).items()
-                if b.get("step_s_median")} for s, v in out["shipped"].items() if v.get("step_s_median")}
+                if b.get("step_s_median") and other_dtype(b, v)}
+            for s, v in out["shipped"].items() if v.get("step_s_median")}
     cost = {s: c for s, c in cost.items() if c}
     out["step_time_cost"] = statistics.fmean(x for c in cost.values() for x in c.values()) if cost else None
     out["step_time_cost_by_shape"] = cost
+    # the same cost from bench/compile_ab.py's float16 A/Bs (fp16_ab.json, both sides in one sitting, alternated: the
+    # training runs above may come from different machines), (float16 / bfloat16 steady step) - 1 by sitting and config
+    ab = {p["_dir"]: {c: v["steady_step_ratio"] - 1 for c, v in p.get("by_config", {}).items()
+                      if v.get("steady_step_ratio")} for p in parts if p["_file"] == "fp16_ab.json"}
+    out["step_time_cost_ab"] = {d: c for d, c in ab.items() if c}
+    out["step_time_cost_ab_mean"] = (statistics.fmean(x for c in ab.values() for x in c.values())
+                                     if any(ab.values()) else None)
     if trl_part.get("logp_gap_mean"):
         out["trl_gap_mean"] = statistics.fmean(trl_part["logp_gap_mean"])
         out["trl_gap_mean_per_step"] = trl_part["logp_gap_mean"]

@@ -148,7 +148,7 @@ queue_wait() {  # queue_wait [SECONDS]
 
 run_files() {  # the small files of every run dir under $D/runs, relative to $D: a run still going when the machine
   # goes back keeps the steps it finished (its driver collects them only at the end; 2026-12-03's 8B row lost them)
-  (cd "$D" && ls runs/*/{plan.json,summary.json,metrics.jsonl,memory.jsonl,compiles.jsonl} runs/*/profile_step*.txt 2>/dev/null)
+  (cd "$D" && ls runs/*/{plan.json,engine.json,summary.json,metrics.jsonl,memory.jsonl,compiles.jsonl} runs/*/profile_step*.txt 2>/dev/null)
 }
 
 if [[ $NAME == queue ]]; then

@@ -277,11 +277,23 @@ def test_fidelity_report_folds_the_training_runs_into_shipped_drift_and_step_tim
 
     run([], [0.05] + [0.008] * 199, [30.0] + [1.05] * 199)  # the shipped default; step 1 (compile) is left out
     run(["model.dtype=bfloat16"], [0.05] + [0.024] * 199, [30.0] + [1.0] * 199)  # the A/B's other side
+    # a run without overrides from before the default became float16 is that dtype's arm, not the default
+    old = {"shape": "qwen2.5-7b", "sets": [], "steps": 8, "gap_mean": [0.05] * 8, "gap_p99": [0.1] * 8,
+           "gap_max": [0.2] * 8, "step_s": [9.0, 8.0] + [2.0] * 6, "plan": {"compute_dtype": "bfloat16"}}
+    (tmp_path / "train_qwen2.5-7b_model_8.json").write_text(json.dumps(old))
+    ab = tmp_path / "ab"
+    ab.mkdir()
+    (ab / "fp16_ab.json").write_text(json.dumps({"by_config": {"A-fast": {"steady_step_ratio": 1.04},
+                                                               "A-mb286": {"steady_step_ratio": 0.98}}}))
     (tmp_path / "trl.json").write_text(json.dumps({"logp_gap_mean": [0.024, 0.026]}))
     (tmp_path / "trl_qwen2.5-7b.json").write_text(json.dumps({"shape": "qwen2.5-7b", "logp_gap_mean": [0.05, 0.07]}))
     (tmp_path / "trl_qwen2.5-7b.result.json").write_text(json.dumps({"logp_gap_mean": [9.0]}))  # TRL's raw result
     (tmp_path / "trl.smi.partial.json").write_text(json.dumps({"partial": True}))  # a cut run's sampler file
-    rep = fidelity.report(tmp_path / "f.json", [tmp_path])
+    rep = fidelity.report(tmp_path / "f.json", [tmp_path, ab])
+    assert "qwen2.5-7b" not in rep["shipped"]
+    assert rep["runs_with_overrides"]["qwen2.5-7b"]["model.dtype=bfloat16 (the default then)"]["gap_mean"] == 0.05
+    assert rep["step_time_cost_ab"] == {str(ab): {"A-fast": pytest.approx(0.04), "A-mb286": pytest.approx(-0.02)}}
+    assert rep["step_time_cost_ab_mean"] == pytest.approx(0.01)
     shipped = rep["shipped"]["qwen2.5-1.5b"]
     assert shipped["gap_mean"] == pytest.approx(0.008) and shipped["gap_max"] == pytest.approx(0.072)
     assert shipped["gap_mean_last_over_first"] == pytest.approx(1.0) and shipped["steps"] == 200
