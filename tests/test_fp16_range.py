@@ -91,6 +91,30 @@ def test_train_stops_at_start_up_with_exit_2_when_float16_overflows(tmp_path, ti
     assert json.loads((run_dir / "plan.json").read_text())["compute_dtype"] == "float16"
 
 
+def test_where_auto_chose_float16_train_starts_again_in_bfloat16_and_finishes(tmp_path, tiny_model_dir):
+    """model.dtype auto (float16 here through the CPU's stand-in for a GPU's choice) on a checkpoint that overflows
+    float16: `train` says so, replaces itself with the same command in bfloat16 over the run dir it had begun, and
+    trains; the recipe it ran records the dtype. A recipe that names float16 stops instead (the test above)."""
+    model = _scaled_model(tmp_path, tiny_model_dir, 300.0)
+    run_dir = tmp_path / "run"
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", f"model.name={model}", "--set", "model.shape=null", "--set",
+                     "train.max_steps=2", "--set", "eval=null",
+                     "--output-dir", str(run_dir)], env={"TRAINER_TEST_CPU_AUTO_DTYPE": "float16"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "layer 0 of 2 overflows" in text and "model.dtype auto: starting again in bfloat16" in text, text[-3000:]
+    assert "Traceback" not in text
+    assert json.loads((run_dir / "plan.json").read_text())["compute_dtype"] == "bfloat16"
+    assert json.loads((run_dir / "recipe.json").read_text())["model"]["dtype"] == "bfloat16"
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # under torchrun (or any multi-rank launch) a rank's exec would leave its peers behind: exit 2 as for float16
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", f"model.name={model}", "--set", "model.shape=null", "--set",
+                     "train.max_steps=2", "--set", "eval=null", "--output-dir", str(tmp_path / "run2")],
+                    env={"TRAINER_TEST_CPU_AUTO_DTYPE": "float16", "TORCHELASTIC_RUN_ID": "t"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 2 and "set model.dtype: bfloat16" in text and "starting again" not in text, text[-3000:]
+
+
 def test_the_check_reads_at_most_TOKENS_of_each_prompt(monkeypatch):
     # a long-context recipe's 32k-token prompt, read whole and untiled, would not fit its plan
     plan, policy = _policy(None)

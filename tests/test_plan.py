@@ -679,7 +679,7 @@ def test_auto_plans_float16_where_vllm_samples_and_bfloat16_where_the_policy_sam
     assert h100.bf16
     vllm = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["budget.vram_gb=20"]), h100)
     assert (vllm.rollout_engine, vllm.compute_dtype, vllm.loss_scaling) == ("vllm", "float16", True)
-    assert any(n.startswith("model.dtype auto: float16") and "model.dtype: bfloat16" in n for n in vllm.notes)
+    assert any(n.startswith("model.dtype auto: float16") and "again in bfloat16" in n for n in vllm.notes)
     hf = make_plan(cfg("qwen2.5-1.5b-instruct"), recipe(["rollout.engine=hf", "budget.vram_gb=20"]), h100)
     assert (hf.compute_dtype, hf.loss_scaling) == ("bfloat16", False)
     assert not any(n.startswith("model.dtype auto") for n in hf.notes)

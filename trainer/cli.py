@@ -8,6 +8,7 @@ import os
 import sys
 
 from trainer.errors import EXIT_OOM, USER_ERROR_EXIT, UserError
+from trainer.fp16_range import Float16Overflow
 from trainer.oom import OutOfMemory
 
 
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     try:
         return _main(args, console)
+    except Float16Overflow as e:
+        if e.restart and restartable(args):
+            console.print(f"[yellow]{e.field}: {e.problem}[/]\nmodel.dtype auto: starting again in bfloat16 "
+                          f"(set model.dtype: bfloat16 to start there)", highlight=False, soft_wrap=True)
+            restart(argv, args, e.restart)
+        console.print(f"[bold red]error[/] {e.message}", highlight=False, soft_wrap=True)
+        return USER_ERROR_EXIT
     except UserError as e:
         console.print(f"[bold red]error[/] {e.message}", highlight=False, soft_wrap=True)
         return USER_ERROR_EXIT
@@ -54,6 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted")
         return 130
+
+
+def restartable(args) -> bool:
+    """Whether this `train` may start itself again: one process that torchrun did not launch (a rank's exec would
+    leave its peers in the old rendezvous) and not a subcommand."""
+    return (not getattr(args, "command", None) and not torch_launched()
+            and os.environ.get("WORLD_SIZE", "1") == "1")
+
+
+def torch_launched() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def restart(argv: list[str], args, overrides: list[str]) -> None:
+    """Replace this process with `train` on the same arguments plus `overrides` (fp16_range's bfloat16 restart): the
+    GPU, vLLM's engine and the run's files go with the old image. A fresh run's directory holds only what this
+    process wrote (resume_point refused or cleared anything else), so the new one starts over it; a resumed run
+    resumes again."""
+    extra = [a for o in overrides for a in ("--set", o)]
+    if args.resume is None and not args.overwrite:
+        extra.append("--overwrite")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "trainer.cli", *argv, *extra])
 
 
 def _main(args, console) -> int:

@@ -4,7 +4,8 @@ the recipe's own prompts in float16 and each decoder layer's largest activation 
 Why: real checkpoints trained in bfloat16 can carry activations float16 cannot hold (Qwen2-family reports: QwenLM/Qwen3
 issues 761, 826, 868 in HF's eager paths, vLLM issue 14126 in vLLM's). Random-init shapes never show it, and a run
 that overflows samples "!!!!" completions and skips non-finite steps until train.max_nonfinite_steps stops it. Here
-it stops at start-up, before any step, naming the layer and the dtype to use instead. The check costs a few
+it stops at start-up, before any step, naming the layer and the dtype to use instead; where `model.dtype: auto` chose
+float16 on a card with bfloat16, `train` starts itself again in bfloat16 (trainer/cli.py). The check costs a few
 forwards of one prompt each, cut to its first 256 tokens (no padding, no cache, the compiled layers bypassed as in
 generation): a 32k-token prompt's untiled MLP would not fit a long-context plan, 256 tokens of a 7B's take ~10 MB. It
 runs only where the plan's compute dtype is float16.
@@ -23,6 +24,16 @@ TOKENS = 256  # of each
 HEADROOM = 4.0  # a largest activation within 4x of the range: a note, since longer inputs or training may cross it
 
 
+class Float16Overflow(UserError):
+    """The check's stop. `restart`: the overrides a run whose dtype `auto` chose starts again with (bfloat16, the
+    same run otherwise), or None where the recipe named float16 or the card has no bfloat16 (float32 changes the
+    engine and the memory plan: the user decides)."""
+
+    def __init__(self, problem: str, fix: str, restart: list[str] | None):
+        super().__init__("model.dtype", problem, fix)
+        self.restart = restart
+
+
 def fallback(plan) -> str:
     """The dtype a float16 run goes back to: bfloat16 where the card has it, else float32 (with the HF engine where the
     run used vLLM: its LoRA kernels take 16-bit activations only, and the plan refuses float32 with vLLM)."""
@@ -39,8 +50,9 @@ def stop_hint(plan) -> str:
     return f"; in float16 a forward whose activations pass 65,504 gives this too: try {fallback(plan)}"
 
 
-def check(plan, policy, prompt_ids: list[list[int]], note=None) -> dict | None:
-    """In a float16 plan: raise UserError("model.dtype", ...) when a layer's output is non-finite; returns the largest
+def check(plan, policy, prompt_ids: list[list[int]], note=None, auto: bool = False) -> dict | None:
+    """In a float16 plan: raise Float16Overflow when a layer's output is non-finite (`auto`: the recipe left
+    model.dtype to the planner, so a restart in bfloat16 is offered where the card has it); returns the largest
     |activation| and the layer it was in (None in other dtypes: nothing to check)."""
     from trainer.policy import eval_mode
 
@@ -72,9 +84,11 @@ def check(plan, policy, prompt_ids: list[list[int]], note=None) -> dict | None:
         for h in handles:
             h.remove()
     if not worst["finite"]:
-        raise UserError("model.dtype", f"in float16 decoder layer {worst['layer']} of {len(layers)} overflows on the "
-                        f"recipe's own prompts (an activation past 65,504, float16's largest value): this checkpoint "
-                        f"does not fit float16's range", f"set {fallback(plan)}")
+        back = fallback(plan)
+        raise Float16Overflow(f"in float16 decoder layer {worst['layer']} of {len(layers)} overflows on the recipe's "
+                              f"own prompts (an activation past 65,504, float16's largest value): this checkpoint does "
+                              f"not fit float16's range", f"set {back}",
+                              ["model.dtype=bfloat16"] if auto and back == "model.dtype: bfloat16" else None)
     if note is not None and worst["max_abs"] > FP16_MAX / HEADROOM:
         note(f"float16: the largest activation on the first prompts is {worst['max_abs']:,.0f} (layer "
              f"{worst['layer']}), within {FP16_MAX / worst['max_abs']:.1f}x of float16's 65,504; if steps turn "

@@ -416,7 +416,8 @@ def run(recipe, plan, run_dir: Path, world: distributed.World, *, tokenizer, pro
         policy = load_policy(recipe, plan, engine, tokenizer)
         engine.attach(policy)
         fp16 = fp16_range.check(plan, policy, prompts.prompt_ids,
-                                note=console.print if console and world.main else None)
+                                note=console.print if console and world.main else None,
+                                auto=recipe.model.dtype == "auto")
         if fp16:  # the checkpoint's headroom in float16, in engine.json
             engine.info["float16_largest_activation"] = fp16
     except torch.cuda.OutOfMemoryError as e:  # the plan's start-up estimate was short: one message, no traceback

@@ -237,8 +237,9 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
             raise UserError("model.dtype", "vLLM's LoRA kernels take float16 or bfloat16 activations only: a float32 "
                             "model stops at the engine's start", "set model.dtype: auto (float16 with vLLM), or "
                             "rollout.engine: hf for float32")
-    else:
-        dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
+    else:  # TRAINER_TEST_CPU_AUTO_DTYPE: a test's stand-in for a GPU's auto choice (fp16_range's bfloat16 restart)
+        auto = os.environ.get("TRAINER_TEST_CPU_AUTO_DTYPE", "float32")
+        dtype = auto if recipe.model.dtype == "auto" else recipe.model.dtype
     quantized = recipe.model.load_in_4bit and _bnb_available()
     if recipe.model.load_in_4bit and not quantized:
         notes.append("bitsandbytes is not importable: the base is loaded unquantized")
@@ -314,10 +315,10 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                           "vLLM samples the merged adapter's rounding and the trainer does not (the gap was 26-31% "
                           "wider on an H100, bench/results/fidelity_h100.json); rollout.sync: auto keeps vLLM's LoRA "
                           "slots here")
-    if recipe.model.dtype == "auto" and dtype == "float16" and device.bf16:
+    if recipe.model.dtype == "auto" and dtype == "float16" and device.bf16 and r.engine == "vllm":
         plan.notes.append("model.dtype auto: float16, as vLLM samples here (the sampler/trainer logprob gap ~8x "
-                          "smaller than bfloat16's); a checkpoint outside float16's range stops before step 1: then "
-                          "set model.dtype: bfloat16")
+                          "smaller than bfloat16's); a checkpoint outside float16's range is caught before step 1 "
+                          "and `train` starts again in bfloat16")
     if plan.loss_scaling:
         plan.notes.append("float16: the loss is scaled (from 2^16, halved on an overflow, which skips that step's "
                           "update) so its gradients do not underflow; metrics log loss_scale")
