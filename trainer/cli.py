@@ -67,12 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 def restartable(args) -> bool:
     """Whether this `train` may start itself again: one process that torchrun did not launch (a rank's exec would
     leave its peers in the old rendezvous) and not a subcommand."""
-    return (not getattr(args, "command", None) and not torch_launched()
+    return (not getattr(args, "command", None) and "TORCHELASTIC_RUN_ID" not in os.environ
             and os.environ.get("WORLD_SIZE", "1") == "1")
-
-
-def torch_launched() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def restart(argv: list[str], args, overrides: list[str]) -> None:

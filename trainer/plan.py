@@ -770,10 +770,11 @@ SAMPLER_ROUNDING_LINEARS = ("views", "rows")
 # the sampler's and the trainer's kernels round differently in each; float16's roundings are 8x finer). Measured on
 # one H100 (bench/results/fidelity_h100.json, 2026-12-06/07): the mean |logp_vLLM - logp_trainer| 0.0028 / 0.0070
 # (1.5B / 7B shapes, shared nf4) and 0.0027 / 0.0069 (the merged mirror) against bfloat16's 0.0224 / 0.0552 and
-# 0.0220 / 0.0532; 12-step A/Bs of config A (bench/results/queue_2026-12-07/d): the steady step +3.8% (mirror,
-# 6.6 GB) and +3.1% (shared nf4, 286-token micro-batches), peaks equal, the loss scale 65,536 without an overflow.
-# The range it gives up is checked on the recipe's own prompts before step 1 (trainer/fp16_range.py). HF rollouts
-# sample with the policy itself (no gap to close): bfloat16 where the card has it.
+# 0.0220 / 0.0532; 200 steps of this default: 0.0024 / 0.0053, flat (fidelity_2026-12-07f). The step: five A/Bs of
+# config A in one sitting each, -2.0% to +6.0%, median +3.1% (bench/results/queue_2026-12-07/d and e), peaks equal,
+# the loss scale 65,536 without an overflow. The range it gives up is checked on the recipe's own prompts before
+# step 1 (trainer/fp16_range.py; `train` starts again in bfloat16 where it does not fit). HF rollouts sample with
+# the policy itself (no gap to close): bfloat16 where the card has it.
 FLOAT16_WHERE_VLLM_SAMPLES = True
 
 
