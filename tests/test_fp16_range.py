@@ -115,6 +115,27 @@ def test_where_auto_chose_float16_train_starts_again_in_bfloat16_and_finishes(tm
     assert out.returncode == 2 and "set model.dtype: bfloat16" in text and "starting again" not in text, text[-3000:]
 
 
+@pytest.mark.gpu
+def test_the_restart_leaves_the_old_images_gpu_memory_behind():
+    """cli.exec_clean, the bfloat16 restart's exec: a process holding 2 GB on the GPU replaces itself; the new image
+    sees the device as a fresh process does (its own context only), not the old context and its 2 GB beside it."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    probe = ("import torch; torch.empty(1, device='cuda'); free, total = torch.cuda.mem_get_info(); "
+             "print('USED', total - free)")
+    fresh = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    holder = ("import sys, torch; from trainer.cli import exec_clean; "
+              "held = torch.empty(2 * 10**9, dtype=torch.uint8, device='cuda'); torch.cuda.synchronize(); "
+              f"exec_clean([sys.executable, '-c', {probe!r}])")
+    after = subprocess.run([sys.executable, "-c", holder], cwd=ROOT, capture_output=True, text=True, check=True,
+                           timeout=120)
+    base, got = (int(out.stdout.split("USED")[1]) for out in (fresh, after))
+    assert got < base + 0.5e9, (got / 1e9, base / 1e9)
+
+
 def test_the_check_reads_at_most_TOKENS_of_each_prompt(monkeypatch):
     # a long-context recipe's 32k-token prompt, read whole and untiled, would not fit its plan
     plan, policy = _policy(None)

@@ -79,9 +79,18 @@ def restart(argv: list[str], args, overrides: list[str]) -> None:
     extra = [a for o in overrides for a in ("--set", o)]
     if args.resume is None and not args.overwrite:
         extra.append("--overwrite")
+    exec_clean([sys.executable, "-m", "trainer.cli", *argv, *extra])
+
+
+def exec_clean(cmd: list[str]) -> None:
+    """os.execv with every descriptor above stderr closed first: a device file left open across exec would keep the old
+    image's CUDA context, and the memory it holds, beside the new one's. On an H100 (driver 580.159.04) a plain execv
+    left nothing either (bench/results/exec_release_2026-12-07); the close keeps it so where a driver or library
+    opens without close-on-exec. tests/test_fp16_range.py measures it on the GPU."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "trainer.cli", *argv, *extra])
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    os.execv(cmd[0], cmd)
 
 
 def _main(args, console) -> int:
