@@ -34,7 +34,7 @@ class ModelSection(Section):
     load_in_4bit: bool = True  # nf4 via bitsandbytes (CPU or CUDA)
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: plan.auto_dtype on a GPU, float32 on the CPU
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: plan.auto_dtype; float32 on CPU
     gradient_checkpointing: bool | None = None  # None: the planner decides
     trust_remote_code: bool = False
     revision: str | None = None
