@@ -72,10 +72,9 @@ def restartable(args) -> bool:
 
 
 def restart(argv: list[str], args, overrides: list[str]) -> None:
-    """Replace this process with `train` on the same arguments plus `overrides` (fp16_range's bfloat16 restart): the
-    GPU, vLLM's engine and the run's files go with the old image. A fresh run's directory holds only what this
-    process wrote (resume_point refused or cleared anything else), so the new one starts over it; a resumed run
-    resumes again."""
+    """Replace this process with `train` on the same arguments plus `overrides` (fp16_range's bfloat16 restart): its
+    GPU memory and vLLM's engine go with the old image. A fresh run's directory holds only what this process wrote
+    (resume_point refused or cleared anything else), so the new one starts over it; a resumed run resumes again."""
     extra = [a for o in overrides for a in ("--set", o)]
     if not getattr(args, "command", None) and args.resume is None and not args.overwrite:
         extra.append("--overwrite")
