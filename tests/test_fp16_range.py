@@ -123,6 +123,29 @@ def test_where_auto_chose_float16_train_starts_again_in_bfloat16_and_finishes(tm
     assert out.returncode == 2 and "set model.dtype: bfloat16" in text and "starting again" not in text, text[-3000:]
 
 
+def test_where_auto_chose_float16_a_run_whose_steps_turn_non_finite_resumes_in_bfloat16(tmp_path):
+    """Steps 3 and 4 non-finite in float16 alone (the test hook's float16: prefix; an overflow bfloat16 holds): the
+    float16 run stops on them (train.max_nonfinite_steps 2) with its last checkpoint at step 3 (a skipped step leaves
+    the weights as they were), and `train` starts again in bfloat16 from it and finishes: metrics.jsonl keeps float16's
+    steps 1-3 (3 skipped) and bfloat16's step 4."""
+    run_dir = tmp_path / "run"
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "train.max_steps=4", "--set", "checkpoint.save_steps=1",
+                     "--set", "train.max_nonfinite_steps=2", "--set", "eval=null", "--output-dir", str(run_dir)],
+                    env={"TRAINER_TEST_CPU_AUTO_DTYPE": "float16", "TRAINER_TEST_NAN_AT_STEPS": "float16:3,4"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert "2 consecutive steps with non-finite" in text and "starting again in bfloat16 from the last checkpoint" in text
+    assert json.loads((run_dir / "plan.json").read_text())["compute_dtype"] == "bfloat16"
+    m = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and [x["skipped"] for x in m] == [0, 0, 1, 0], m
+    assert [("loss_scale" in x) for x in m] == [True, True, True, False]  # float16's steps, then bfloat16's
+    # a recipe that names float16 stops there (exit 5), as before
+    out = run_train(["recipes/tiny-cpu.yaml", "--set", "train.max_steps=4", "--set", "train.max_nonfinite_steps=2",
+                     "--set", "eval=null", "--set", "model.dtype=float16", "--output-dir", str(tmp_path / "named")],
+                    env={"TRAINER_TEST_NAN_AT_STEPS": "float16:3,4"})
+    assert out.returncode == 5 and "starting again" not in out.stdout, out.stdout[-3000:]
+
+
 def test_a_trained_checkpoint_is_sampled_in_the_dtype_its_run_trained_in(tmp_path):
     """api.trained_dtype: under model.dtype auto, eval and generate take the dtype in the run's plan.json (a run that
     train started again in bfloat16 is not evaluated in float16), where this GPU has it; else the recipe's."""

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 
-from trainer.errors import EXIT_OOM, USER_ERROR_EXIT, UserError
-from trainer.fp16_range import Float16Overflow
+from trainer.errors import EXIT_NONFINITE, EXIT_OOM, USER_ERROR_EXIT, UserError
+from trainer.fp16_range import Float16Overflow, overflowed_in_training
 from trainer.oom import OutOfMemory
 
 
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args, console)
     except Float16Overflow as e:
         if e.restart and restartable(args):
-            console.print(f"[yellow]{e.field}: {e.problem}[/]\nmodel.dtype auto: starting again in bfloat16 "
-                          f"(set model.dtype: bfloat16 to start there)", highlight=False, soft_wrap=True)
-            restart(argv, args, e.restart)
+            console.print(f"[yellow]{e.field}: {e.problem}[/]\nmodel.dtype auto: starting again in bfloat16"
+                          f"{' from the last checkpoint' if e.resume else ''} (set model.dtype: bfloat16 to start "
+                          f"there)", highlight=False, soft_wrap=True)
+            restart(argv, args, e.restart, e.resume)
         console.print(f"[bold red]error[/] {e.message}", highlight=False, soft_wrap=True)
         return USER_ERROR_EXIT
     except UserError as e:
@@ -71,12 +72,15 @@ def restartable(args) -> bool:
             and os.environ.get("WORLD_SIZE", "1") == "1")
 
 
-def restart(argv: list[str], args, overrides: list[str]) -> None:
+def restart(argv: list[str], args, overrides: list[str], resume: str | None = None) -> None:
     """Replace this process with `train` on the same arguments plus `overrides` (fp16_range's bfloat16 restart): its
-    GPU memory and vLLM's engine go with the old image. A fresh run's directory holds only what this process wrote
-    (resume_point refused or cleared anything else), so the new one starts over it; a resumed run resumes again."""
+    GPU memory and vLLM's engine go with the old image. `resume`: the new one's --resume (the last of two wins).
+    Else a fresh run's directory holds only what this process wrote (resume_point refused or cleared anything
+    else), so the new one starts over it; a resumed run resumes again."""
     extra = [a for o in overrides for a in ("--set", o)]
-    if not getattr(args, "command", None) and args.resume is None and not args.overwrite:
+    if resume is not None:
+        extra += ["--resume", resume]
+    elif not getattr(args, "command", None) and args.resume is None and not args.overwrite:
         extra.append("--overwrite")
     exec_clean([sys.executable, "-m", "trainer.cli", *argv, *extra])
 
@@ -116,7 +120,11 @@ def _main(args, console) -> int:
             show_plan(console, the_plan)
             console.print(alternatives_table(alternatives, the_plan.rollout_engine))
         return 0
-    code, _ = api.train(args.recipe, args.overrides, args.output_dir, args.resume, args.overwrite, console)
+    code, run_dir = api.train(args.recipe, args.overrides, args.output_dir, args.resume, args.overwrite, console)
+    if code == EXIT_NONFINITE and restartable(args):
+        stop = overflowed_in_training(run_dir)
+        if stop is not None:
+            raise stop  # main's handler starts the run again in bfloat16 from its last checkpoint
     return code
 
 if __name__ == "__main__":

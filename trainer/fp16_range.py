@@ -29,9 +29,29 @@ class Float16Overflow(UserError):
     same run otherwise), or None where the recipe named float16 or the card has no bfloat16 (float32 changes the
     engine and the memory plan: the user decides)."""
 
-    def __init__(self, problem: str, fix: str, restart: list[str] | None):
+    def __init__(self, problem: str, fix: str, restart: list[str] | None, resume: str | None = None):
         super().__init__("model.dtype", problem, fix)
-        self.restart = restart
+        self.restart, self.resume = restart, resume
+
+
+def overflowed_in_training(run_dir) -> Float16Overflow | None:
+    """After a run stopped on its non-finite steps: where auto chose float16 on a card with bfloat16 (the run's
+    plan.json and recipe.json say), the stop as a Float16Overflow whose restart resumes the run in bfloat16 from its
+    last checkpoint (`--resume auto`: from the start where none was written); else None. Float16's range is the
+    likely cause where bfloat16 ran the same recipe; where it is not, the bfloat16 run stops the same way."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    plan, recipe = (Path(run_dir) / "plan.json", Path(run_dir) / "recipe.json")
+    if not (plan.is_file() and recipe.is_file()):
+        return None
+    plan = SimpleNamespace(**json.loads(plan.read_text()))
+    if (plan.compute_dtype != "float16" or json.loads(recipe.read_text())["model"]["dtype"] != "auto"
+            or fallback(plan) != "model.dtype: bfloat16"):
+        return None
+    return Float16Overflow("the run's steps turned non-finite in float16 (a forward past 65,504 gives this)",
+                           f"set {fallback(plan)}", ["model.dtype=bfloat16"], resume="auto")
 
 
 def fallback(plan) -> str:
