@@ -146,6 +146,22 @@ def test_where_auto_chose_float16_a_run_whose_steps_turn_non_finite_resumes_in_b
     assert out.returncode == 5 and "starting again" not in out.stdout, out.stdout[-3000:]
 
 
+def test_only_a_float16_run_auto_chose_on_a_card_with_bfloat16_resumes_in_bfloat16(tmp_path):
+    """fp16_range.overflowed_in_training reads the run's plan.json and recipe.json as `train` wrote them (the
+    capability a JSON list)."""
+    def stop(dtype, capability, asked="auto"):
+        (tmp_path / "plan.json").write_text(json.dumps({"compute_dtype": dtype, "device_capability": capability,
+                                                        "rollout_engine": "vllm"}))
+        (tmp_path / "recipe.json").write_text(json.dumps({"model": {"dtype": asked}}))
+        return fp16_range.overflowed_in_training(tmp_path)
+
+    got = stop("float16", [9, 0])
+    assert (got.restart, got.resume, got.field) == (["model.dtype=bfloat16"], "auto", "model.dtype")
+    assert stop("float16", [7, 5]) is None  # a T4: float32 with the HF engine is the user's call
+    assert stop("float16", [9, 0], "float16") is None and stop("bfloat16", [9, 0]) is None
+    assert fp16_range.overflowed_in_training(tmp_path / "absent") is None
+
+
 def test_a_trained_checkpoint_is_sampled_in_the_dtype_its_run_trained_in(tmp_path):
     """api.trained_dtype: under model.dtype auto, eval and generate take the dtype in the run's plan.json (a run that
     train started again in bfloat16 is not evaluated in float16), where this GPU has it; else the recipe's."""

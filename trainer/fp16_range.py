@@ -47,6 +47,7 @@ def overflowed_in_training(run_dir) -> Float16Overflow | None:
     if not (plan.is_file() and recipe.is_file()):
         return None
     plan = SimpleNamespace(**json.loads(plan.read_text()))
+    plan.device_capability = tuple(plan.device_capability or ()) or None  # a JSON list: fallback compares tuples
     if (plan.compute_dtype != "float16" or json.loads(recipe.read_text())["model"]["dtype"] != "auto"
             or fallback(plan) != "model.dtype: bfloat16"):
         return None
