@@ -48,17 +48,28 @@ def overflowed_in_training(run_dir) -> Float16Overflow | None:
         return None
     plan = SimpleNamespace(**json.loads(plan.read_text()))
     plan.device_capability = tuple(plan.device_capability or ()) or None  # a JSON list: fallback compares tuples
-    if (plan.compute_dtype != "float16" or json.loads(recipe.read_text())["model"]["dtype"] != "auto"
-            or fallback(plan) != "model.dtype: bfloat16"):
+    restart = restart_in_bfloat16(plan, json.loads(recipe.read_text())["model"]["dtype"] == "auto")
+    if plan.compute_dtype != "float16" or restart is None:
         return None
     return Float16Overflow("the run's steps turned non-finite in float16 (a forward past 65,504 gives this)",
-                           f"set {fallback(plan)}", ["model.dtype=bfloat16"], resume="auto")
+                           f"set {fallback(plan)}", restart, resume="auto")
+
+
+def has_bfloat16(plan) -> bool:
+    """Whether the plan's card computes in bfloat16 (sm80 and later; no capability recorded: the CPU)."""
+    return (plan.device_capability or (8, 0)) >= (8, 0)
+
+
+def restart_in_bfloat16(plan, auto: bool) -> list[str] | None:
+    """Float16Overflow.restart: the override `train` starts again with where the recipe left model.dtype to auto and
+    the card has bfloat16, else None (the user's call)."""
+    return ["model.dtype=bfloat16"] if auto and has_bfloat16(plan) else None
 
 
 def fallback(plan) -> str:
     """The dtype a float16 run goes back to: bfloat16 where the card has it, else float32 (with the HF engine where the
     run used vLLM: its LoRA kernels take 16-bit activations only, and the plan refuses float32 with vLLM)."""
-    if (plan.device_capability or (8, 0)) >= (8, 0):
+    if has_bfloat16(plan):
         return "model.dtype: bfloat16"
     return ("model.dtype: float32" + (" with rollout.engine: hf (vLLM's LoRA kernels take 16-bit only)"
                                       if plan.rollout_engine == "vllm" else "") + "; this card has no bfloat16")
@@ -105,11 +116,9 @@ def check(plan, policy, prompt_ids: list[list[int]], note=None, auto: bool = Fal
         for h in handles:
             h.remove()
     if not worst["finite"]:
-        back = fallback(plan)
         raise Float16Overflow(f"in float16 decoder layer {worst['layer']} of {len(layers)} overflows on the recipe's "
                               f"own prompts (an activation past 65,504, float16's largest value): this checkpoint does "
-                              f"not fit float16's range", f"set {back}",
-                              ["model.dtype=bfloat16"] if auto and back == "model.dtype: bfloat16" else None)
+                              f"not fit float16's range", f"set {fallback(plan)}", restart_in_bfloat16(plan, auto))
     if note is not None and worst["max_abs"] > FP16_MAX / HEADROOM:
         note(f"float16: the largest activation on the first prompts is {worst['max_abs']:,.0f} (layer "
              f"{worst['layer']}), within {FP16_MAX / worst['max_abs']:.1f}x of float16's 65,504; if steps turn "
