@@ -4,8 +4,10 @@
 # parts under ./.stage_xz/<k>/ sized to what a call carries beside the working tree (64 MiB in all: 58 MiB parts were
 # refused on 2026-12-04 with a 6 MB tree, 52 MiB parts on 2026-12-06 with a 12.5 MB one; so the tree's bytes and 8
 # MiB of margin come off, at most 52 MiB, at least 16). Left out of the tarball, because this machine never loads
-# them: the bitsandbytes libraries for other CUDA/ROCm/XPU versions than 13.0, and vLLM's FlashAttention-2 library
-# (Hopper runs FlashAttention-3; vllm_flash_attn imports FA2 inside try/except). With `unsloth`, the Unsloth peer's
+# them: the bitsandbytes libraries for other CUDA/ROCm/XPU versions than 13.0, vLLM's FlashAttention-2 library
+# (Hopper runs FlashAttention-3; vllm_flash_attn imports FA2 inside try/except) and vLLM's MoE kernels (40 MB of the
+# 157 MB tarball, one call a sitting: dense models never call them, vLLM 0.26 imports them inside
+# contextlib.suppress(ImportError), and the CPU build CI runs the engine with has none). With `unsloth`, the Unsloth peer's
 # wheels (../shared/device/wheels-unsloth.txt via stage-unsloth.sh) go into a second tarball for /root/site_unsloth.
 #   bash scripts/device_stage.sh [unsloth]      # prints the device calls to make, back to back
 set -euo pipefail
@@ -18,7 +20,7 @@ pack() {  # pack WHEEL_DIR NAME
   for w in "$1"/*.whl; do unzip -q -o "$w" -d "$site"; done
   rm -f "$site"/bitsandbytes/libbitsandbytes_cuda1[12]*.so "$site"/bitsandbytes/libbitsandbytes_cuda132.so \
         "$site"/bitsandbytes/libbitsandbytes_rocm*.so "$site"/bitsandbytes/libbitsandbytes_xpu*.so \
-        "$site"/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so
+        "$site"/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so "$site"/vllm/_moe_C_stable_libtorch.abi3.so
   tar -C "$site" -cf - . | xz -T0 -6 > "/tmp/$2.tar.xz"
   rm -rf "$site"
 }
