@@ -44,7 +44,10 @@ dynamic_dims: TRAINER_COMPILE_DYNAMIC_DIMS (trainer/compile_shapes.py: the layer
 from the first compile; each run's compile_s says where the compiles went). SWITCH input_grad:
 TRAINER_COMPILE_INPUT_GRAD (compile_shapes.first_input_needs_grad: the first layer's train-pass input needs grad as
 the later layers' do, one guard variant fewer) on B at 14.5 GB (the H200 row that compiled ten graphs for that
-variant) and A at 3.3 GB (short micro-batches): first_two_s and compile_s say what it saves. Each config
+variant) and A at 3.3 GB (short micro-batches): first_two_s and compile_s say what it saves. SWITCH
+train_cudagraphs: TRAINER_COMPILE_CUDAGRAPHS (policy.COMPILE_CUDAGRAPHS: the compiled layers replayed from inductor's
+CUDA graph trees) on the eight 286-token micro-batches and A at 3.3 GB, the host-bound train phases: steady_train_ratio
+is the point, and the peaks say what the trees' pool holds (the plan does not count it). Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -96,6 +99,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
             "mirror_direct": ("TRAINER_MIRROR_DIRECT", "1", ["A-mirror", "B-mirror"]),
+            "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286", "A-small"]),
             # vLLM's LoRA kernels under the configs bench/lora_tune.py wrote earlier in the sitting (queue item
             # `lora_tune` before it), against vLLM's defaults: the fast budget (bf16 mirror) and the small one
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",

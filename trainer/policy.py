@@ -87,6 +87,17 @@ SAMPLER_ROUNDING = {"1": True, "0": False}.get(os.environ.get("TRAINER_SAMPLER_R
 # Its speed on the H200 is not measured yet: TRAINER_COMPILE_EAGER_ROUNDING=0 is inductor's default, the A/B's other
 # side (bench/compile_ab.py eager_rounding).
 COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" else {"emulate_precision_casts": True}
+# TRAINER_COMPILE_CUDAGRAPHS=1: the compiled layers' forwards and backwards replayed from CUDA graphs (inductor's
+# cudagraph trees, what torch.compile's mode="reduce-overhead" turns on), each pass one tree generation
+# (Policy.hidden_states marks its start, so the 28 layer calls of a pass chain in one path, no-grad passes too). The
+# train phase at small budgets is host-bound: on one H100 (2026-12-07) eight 286-token micro-batches of the 1.5B
+# train in ~1.5 s of which the GPU is busy ~0.3 s, ~2.2 ms of Python and Triton launches a compiled layer call;
+# a replay launches the layer's kernels in one call. Costs: a graph recorded per distinct input size (GRPO's lengths;
+# a random-init benchmark's are fixed), inputs copied into the graph's buffers, and the trees' memory pool held for
+# the whole run (the rollout phase too), which the plan does not count yet. Off until its A/B
+# (bench/compile_ab.py train_cudagraphs) measures the train phase and the peak; tests/test_gpu_cudagraphs.py holds
+# its log-probs and gradients to the compiled layers' without graphs.
+COMPILE_CUDAGRAPHS = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +141,8 @@ class Policy:
             from torch import _dynamo
 
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
+            if COMPILE_CUDAGRAPHS:  # the pass is one generation: the previous pass's graph outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             return self.backbone(**inputs).last_hidden_state
 
@@ -270,7 +283,7 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         install(model, plan.mlp_tile_tokens)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=COMPILE_DYNAMIC, options=dict(COMPILE_OPTIONS) or None)  # torch.compile pops keys
+            layer.compile(dynamic=COMPILE_DYNAMIC, options=compile_options())
         marks = compile_marks(plan)
         if marks:
             compile_shapes.install(model.get_base_model().model, marks)
@@ -278,6 +291,12 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
             compile_shapes.first_input_needs_grad(model.get_base_model().model)
     model.train()
     return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
+
+
+def compile_options() -> dict | None:
+    """The compiled layers' inductor options, a fresh dict each call (torch.compile pops its keys)."""
+    options = dict(COMPILE_OPTIONS) | ({"triton.cudagraphs": True} if COMPILE_CUDAGRAPHS else {})
+    return options or None
 
 
 def compile_marks(plan) -> str:
