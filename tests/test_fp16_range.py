@@ -91,7 +91,7 @@ def test_train_stops_at_start_up_with_exit_2_when_float16_overflows(tmp_path, ti
     assert json.loads((run_dir / "plan.json").read_text())["compute_dtype"] == "float16"
 
 
-def test_where_auto_chose_float16_train_starts_again_in_bfloat16_and_finishes(tmp_path, tiny_model_dir):
+def test_where_auto_chose_float16_train_starts_again_in_bfloat16_and_finishes(tmp_path, tiny_model_dir, monkeypatch):
     """model.dtype auto (float16 here through the CPU's stand-in for a GPU's choice) on a checkpoint that overflows
     float16: `train` says so, replaces itself with the same command in bfloat16 over the run dir it had begun, and
     trains; the recipe it ran records the dtype. A recipe that names float16 stops instead (the test above)."""
@@ -115,6 +115,18 @@ def test_where_auto_chose_float16_train_starts_again_in_bfloat16_and_finishes(tm
     text = out.stdout + out.stderr
     assert out.returncode == 0 and "model.dtype auto: starting again in bfloat16" in text, text[-3000:]
     assert "Traceback" not in text and (ckpt / "eval.json").is_file()
+    # on a GPU, eval of a run that trained in float16 under auto takes float16 from its plan.json (api.trained_dtype,
+    # here with an H100 standing in); the recipe still left the dtype to auto, so the overflow offers the restart
+    from trainer import api
+
+    (run_dir / "plan.json").write_text(json.dumps({"compute_dtype": "float16"}))
+    h100 = Device.elsewhere("80:sm90")
+    real = api.trained_dtype
+    monkeypatch.setattr(api, "trained_dtype", lambda recipe, adapter, device, console=None: real(recipe, adapter, h100))
+    with pytest.raises(fp16_range.Float16Overflow) as stop:
+        api.evaluate(ROOT / "recipes" / "tiny-cpu.yaml", ckpt,
+                     [f"model.name={model}", "model.shape=null", "eval.max_prompts=4"])
+    assert stop.value.restart == ["model.dtype=bfloat16"]
     # under torchrun (or any multi-rank launch) a rank's exec would leave its peers behind: exit 2 as for float16
     out = run_train(["recipes/tiny-cpu.yaml", "--set", f"model.name={model}", "--set", "model.shape=null", "--set",
                      "train.max_steps=2", "--set", "eval=null", "--output-dir", str(tmp_path / "run2")],

@@ -188,7 +188,7 @@ def load_trained(recipe, adapter: Path, console=None, tokenizer=None, prompt_ids
     from trainer.policy import load_policy, read_config, resolve_model_path
     from trainer.rollout import make_engine
 
-    device = Device.detect()
+    device, auto = Device.detect(), recipe.model.dtype == "auto"  # auto as the user left it, before trained_dtype
     recipe = trained_dtype(recipe, adapter, device, console)
     config, plan = read_config(recipe.model), None
     if recipe.rollout.engine == "vllm":
@@ -214,7 +214,7 @@ def load_trained(recipe, adapter: Path, console=None, tokenizer=None, prompt_ids
         checkpoint.load_adapter(adapter, policy.model)
         engine.sync(policy)
         if prompt_ids:
-            fp16_range.check(plan, policy, prompt_ids, auto=recipe.model.dtype == "auto")
+            fp16_range.check(plan, policy, prompt_ids, auto=auto)
     except BaseException:
         engine.close()
         raise
