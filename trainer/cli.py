@@ -46,15 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     try:
         return _main(args, console)
-    except Float16Overflow as e:
-        if e.restart and restartable(args):
+    except UserError as e:
+        if isinstance(e, Float16Overflow) and e.restart and restartable(args):
             console.print(f"[yellow]{e.field}: {e.problem}[/]\nmodel.dtype auto: starting again in bfloat16"
                           f"{' from the last checkpoint' if e.resume else ''} (set model.dtype: bfloat16 to start "
                           f"there)", highlight=False, soft_wrap=True)
-            restart(argv, args, e.restart, e.resume)
-        console.print(f"[bold red]error[/] {e.message}", highlight=False, soft_wrap=True)
-        return USER_ERROR_EXIT
-    except UserError as e:
+            restart(argv, args, e.restart, e.resume)  # does not return
         console.print(f"[bold red]error[/] {e.message}", highlight=False, soft_wrap=True)
         return USER_ERROR_EXIT
     except OutOfMemory as e:
