@@ -96,7 +96,9 @@ COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" 
 # a random-init benchmark's are fixed), inputs copied into the graph's buffers, and the trees' memory pool held for
 # the whole run (the rollout phase too), which the plan does not count yet. Off until its A/B
 # (bench/compile_ab.py train_cudagraphs) measures the train phase and the peak; tests/test_gpu_cudagraphs.py holds
-# its log-probs and gradients to the compiled layers' without graphs.
+# its log-probs and gradients to the compiled layers' without graphs. Broken in `train` as it stands: on one H100
+# (2026-12-07) both A/B configs stopped in step 1's backward on a saved forward output the trees had freed
+# (docs/benchmarks.md, "Built 2026-12-07"); the test's train-phase case is the check for a fix.
 COMPILE_CUDAGRAPHS = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
 
 log = logging.getLogger(__name__)
