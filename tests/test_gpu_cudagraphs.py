@@ -21,6 +21,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.gpu
 
 PASSES = 5  # warm-up, recording, then replays
+STEPS = 4  # of the train-phase test: as many
 
 
 def recorded_graphs() -> int:
@@ -136,8 +137,6 @@ def run_train_phases(graphs: bool, monkeypatch, overrides) -> tuple[object, list
     return plan, out
 
 
-STEPS = 4
-
 
 @pytest.mark.parametrize("overrides", [
     ("model.dtype=bfloat16", "train.checkpoint_in_graph=false"),
@@ -151,7 +150,12 @@ def test_cudagraph_replays_run_grpos_train_phase_of_several_micro_batches(monkey
 
     plan, plain = run_train_phases(False, monkeypatch, overrides)
     assert plan.gradient_checkpointing and checkpoint_in_graph(plan) == ("train.checkpoint_in_graph=true" in overrides)
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
     _, graphed = run_train_phases(True, monkeypatch, overrides)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs (TORCH_LOGS=perf_hints)"
+    assert recorded_graphs() > 0  # replays ran: equal results below are not the plain path's twice
     for s, ((lp_a, g_a), (lp_b, g_b)) in enumerate(zip(plain, graphed)):
         for a, b in zip(lp_a, lp_b):
             assert torch.allclose(a, b, atol=2e-3), (s, (a - b).abs().max())
