@@ -434,3 +434,46 @@ def test_first_layer_input_needing_grad_leaves_one_train_variant(monkeypatch):
     assert len(g_base) == len(g_one) > 0
     for a, b in zip(g_base, g_one):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_with_cuda_graphs_a_train_pass_accumulates_into_grads_of_our_own(monkeypatch):
+    """TRAINER_COMPILE_CUDAGRAPHS: before a train pass the LoRA parameters get .grad tensors allocated by the policy, and
+    the micro-batches' backwards add into those very tensors (a backward graph's output kept as .grad would live in the
+    trees' pool, which the next micro-batch's generation reuses: Policy.grads_of_our_own). Eager layers flagged as
+    compiled stand in here: what is tested is the pass's bookkeeping, which the GPU test holds to the graphs."""
+    from trainer import policy as pol
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=false"])
+    policy = load_policy(recipe, make_plan(read_config(recipe.model), recipe, Device.detect()))
+    lora = [p for p in policy.model.parameters() if p.requires_grad]
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A's gradients zero
+        for p in lora:
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    mbs = [torch.randint(3, 200, (rows, 24), generator=g) for rows in (2, 1)]
+
+    def forward(ids):
+        return completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, 16:], torch.ones_like(ids[:, 16:]), 1.0,
+                                   4096, 8192)[0]
+
+    expected = []
+    for ids in mbs:  # each micro-batch's gradients alone, as autograd gives them without the switch
+        assert all(p.grad is None for p in lora)
+        logps = forward(ids)
+        assert all(p.grad is None for p in lora)  # without the switch a pass allocates nothing
+        (-logps.mean()).backward()
+        expected.append([p.grad.clone() for p in lora])
+        policy.model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(pol, "COMPILE_CUDAGRAPHS", True)
+    policy.compiled = True
+    with torch.no_grad():
+        policy.hidden_states(input_ids=mbs[0], attention_mask=torch.ones_like(mbs[0]))
+    assert all(p.grad is None for p in lora)  # nor does a no-grad pass
+    logps = forward(mbs[0])
+    ours = [p.grad for p in lora]
+    assert all(t is not None and not t.any() for t in ours)  # allocated by the pass, before any backward
+    (-logps.mean()).backward()
+    (-forward(mbs[1]).mean()).backward()
+    assert all(p.grad is t for p, t in zip(lora, ours))  # added into, not replaced
+    for p, a, b in zip(lora, *expected):
+        assert torch.allclose(p.grad, a + b, atol=1e-6)

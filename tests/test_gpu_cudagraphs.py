@@ -3,14 +3,15 @@ policy's compiled layers replayed from CUDA graphs give the log-probs and LoRA g
 without graphs, pass after pass as a GRPO step runs them (a no-grad pass, then a train pass and its backward), the
 graphs are recorded once and replayed after, and a replay reads the adapter's weights as the optimizer left them.
 
-The second test runs the train phase as grpo_step does: several micro-batches a step, each a train pass and its
-backward before the next, lengths that differ, both checkpoint placements (HF's around each layer, and inside the
-compiled layer) and float16 with a loss scale. On one H100 (2026-12-07, bench/results/queue_2026-12-07/f) `train`
-with the switch failed in step 1's backward on both of compile_ab's configs ("accessing tensor output of CUDAGraphs
-that has been overwritten by a subsequent run", a q_proj LoRA output saved for the backward), the checkpoint inside
-the layers (A-mb286) and HF's with offload (A at 3.3 GB), while the first test passed in the same sitting; this one
-says whether the train loop's shape alone breaks it or only the run's other parts do (vLLM in the process, its nf4
-base)."""
+The second test runs the train phase as grpo_step does: several micro-batches a step whose gradients accumulate,
+each a train pass and its backward before the next, lengths that differ, both checkpoint placements (HF's around
+each layer, and inside the compiled layer) and float16 with a loss scale. On one H100 (2026-12-07,
+bench/results/queue_2026-12-07/f) `train` with the switch failed in step 1's backward on both of compile_ab's configs
+("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run") while the first test, one
+backward a step with its grads cloned, passed in the same sitting: autograd keeps a backward graph's output as a
+parameter's first .grad, that output lives in the trees' pool, and the next micro-batch's generation reuses it
+(pytorch issues 169545, 96693). Policy.grads_of_our_own allocates the grads before a train pass; this test is its
+check on the GPU (tests/test_compile.py holds the bookkeeping on the CPU)."""
 from __future__ import annotations
 
 import pytest

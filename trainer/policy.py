@@ -96,9 +96,11 @@ COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" 
 # a random-init benchmark's are fixed), inputs copied into the graph's buffers, and the trees' memory pool held for
 # the whole run (the rollout phase too), which the plan does not count yet. Off until its A/B
 # (bench/compile_ab.py train_cudagraphs) measures the train phase and the peak; tests/test_gpu_cudagraphs.py holds
-# its log-probs and gradients to the compiled layers' without graphs. Broken in `train` as it stands: on one H100
-# (2026-12-07) both A/B configs stopped in step 1's backward on a saved forward output the trees had freed
-# (docs/benchmarks.md, "Built 2026-12-07"); the test's train-phase case is the check for a fix.
+# its log-probs and gradients to the compiled layers' without graphs. Broke `train`: on one H100 (2026-12-07) both
+# A/B configs stopped in step 1's backward on a graph output the trees had freed
+# (docs/benchmarks.md, "Built 2026-12-07"): autograd had kept a backward graph's output as a LoRA parameter's .grad
+# and the next micro-batch's generation reused it. Policy.grads_of_our_own is the fix, not yet run on a GPU; the
+# test's train-phase case (three micro-batches accumulating) is its check.
 COMPILE_CUDAGRAPHS = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
 
 log = logging.getLogger(__name__)
@@ -145,8 +147,21 @@ class Policy:
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
             if COMPILE_CUDAGRAPHS:  # the pass is one generation: the previous pass's graph outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
+                if torch.is_grad_enabled():
+                    self.grads_of_our_own()
         with self.autocast():
             return self.backbone(**inputs).last_hidden_state
+
+    def grads_of_our_own(self) -> None:
+        """Each trainable parameter's .grad allocated here (zeros) where it has none, so that the backward adds into it.
+        Without one, autograd keeps the compiled backward's output itself as .grad, and with CUDA graphs that output
+        lives in the cudagraph trees' pool, which the next pass's generation reuses: the next micro-batch's backward
+        then adds into freed memory ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
+        run", `train` on one H100, 2026-12-07; pytorch issues 169545 and 96693, where the same grads were also silently
+        wrong). The LoRA gradients exist through the train phase either way (the plan counts them)."""
+        for p in self.trainable_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
