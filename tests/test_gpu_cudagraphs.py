@@ -56,10 +56,15 @@ def tiny_policy(graphs: bool, monkeypatch, overrides=("model.dtype=bfloat16",)):
     policy = pol.load_policy(recipe, plan)
     lora = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
     g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A's gradients zero
-        for n in sorted(lora):
-            lora[n].add_(0.05 * torch.randn(lora[n].shape, generator=g, device="cuda"))
+    move_adapter(lora, g)  # lora_B starts at zero, which would leave lora_A's gradients zero
     return plan, policy, lora, g
+
+
+@torch.no_grad()
+def move_adapter(lora: dict, g: torch.Generator) -> None:
+    """The adapter's weights moved in place, as an optimizer step moves them."""
+    for n in sorted(lora):
+        lora[n].add_(0.05 * torch.randn(lora[n].shape, generator=g, device="cuda"))
 
 
 def run_passes(graphs: bool, monkeypatch) -> tuple[list, list[int]]:
@@ -81,9 +86,7 @@ def run_passes(graphs: bool, monkeypatch) -> tuple[list, list[int]]:
         (-(logps * valid).sum() / valid.sum()).backward()
         out.append((old.clone(), logps.detach().clone(), {n: p.grad.clone() for n, p in lora.items()}))
         policy.model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for n in sorted(lora):
-                lora[n].add_(0.05 * torch.randn(lora[n].shape, generator=g, device="cuda"))
+        move_adapter(lora, g)
         torch.cuda.synchronize()
         counts.append(recorded_graphs())
     return out, counts
@@ -132,11 +135,8 @@ def run_train_phases(graphs: bool, monkeypatch, overrides) -> tuple[object, list
             logps_of_step.append(logps.detach().clone())
         out.append((logps_of_step, {n: p.grad.clone() / scale for n, p in lora.items()}))
         policy.model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for n in sorted(lora):
-                lora[n].add_(0.05 * torch.randn(lora[n].shape, generator=g, device="cuda"))
+        move_adapter(lora, g)
     return plan, out
-
 
 
 @pytest.mark.parametrize("overrides", [
@@ -147,12 +147,12 @@ def run_train_phases(graphs: bool, monkeypatch, overrides) -> tuple[object, list
 def test_cudagraph_replays_run_grpos_train_phase_of_several_micro_batches(monkeypatch, overrides):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    from torch._dynamo.utils import counters
+
     from trainer.plan import checkpoint_in_graph
 
     plan, plain = run_train_phases(False, monkeypatch, overrides)
     assert plan.gradient_checkpointing and checkpoint_in_graph(plan) == ("train.checkpoint_in_graph=true" in overrides)
-    from torch._dynamo.utils import counters
-
     skips = counters["inductor"]["cudagraph_skips"]
     _, graphed = run_train_phases(True, monkeypatch, overrides)
     assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs (TORCH_LOGS=perf_hints)"
