@@ -117,6 +117,7 @@ OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollou
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:
     from bench.smi import watched
     from trainer.metrics import read_metrics
+    from trainer.plan import run_plan
 
     budget, overrides = CONFIGS[config]
     # a switch's own default run, so that two switches' A/Bs in one sitting keep both
@@ -143,7 +144,7 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     smi = json.loads((out / f"{name}.smi.json").read_text()) if (out / f"{name}.smi.json").exists() else {}
     step = [r["time_step_s"] for r in rows]
     train = [r["time_step_s"] - r.get("time_rollout_s", 0.0) for r in rows]
-    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
+    plan = run_plan(run_dir) or {}
     return {"config": config, "budget_gb": budget, "variant": variant, "rc": rc, "command": " ".join(cmd[1:]),
             "peak_gb": smi.get("peak_gb"), "step_s": step, "train_s": train,
             "planned_phases_gb": {k: round(v / 1e9, 3) for k, v in (plan.get("phase_peaks") or {}).items()},

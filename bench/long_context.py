@@ -137,10 +137,11 @@ def write_prompts(path: Path, shape: str, tokens: int, n: int = 4, seed: int = 0
 def collect(name: str, found: dict, run_dir: Path, smi: Path, cmd: list[str]) -> dict:
     from bench.smi import partial_path
     from trainer.metrics import read_metrics
+    from trainer.plan import run_plan
 
     partial = partial_path(smi)  # a run cut off with the machine has only the peak so far
     s = json.loads(smi.read_text()) if smi.exists() else json.loads(partial.read_text()) if partial.exists() else {}
-    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
+    plan = run_plan(run_dir) or {}
     m = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     g = G
     phases = ("kv", "rollout", "reward", "recompute", "train", "optimizer", "sync")

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import smi  # noqa: E402
 from trainer.metrics import read_metrics  # noqa: E402
+from trainer.plan import run_plan  # noqa: E402
 
 RECIPE = os.environ.get("MG_RECIPE", "bench/recipes/multigpu-1.5b.yaml")
 SETS = [x for s in os.environ.get("MG_SETS", "").split() for x in ("--set", s)]
@@ -158,7 +159,7 @@ def window_peaks(smi: dict, since_unix: float | None) -> dict:
 
 def summary(rc: int, rundir: Path, smi: dict, nproc: int, completions: int) -> dict:
     m = read_metrics(rundir) if (rundir / "metrics.jsonl").exists() else []
-    plan = json.loads((rundir / "plan.json").read_text()) if (rundir / "plan.json").exists() else {}
+    plan = run_plan(rundir) or {}
     after = m[SKIP:] or m
     med = lambda k: statistics.median(x.get(k, 0.0) for x in after) if after else None  # noqa: E731
     # Wall time between step ends: the phases plus what lies outside them (metrics gather, logging, stop check).

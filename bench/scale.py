@@ -94,10 +94,11 @@ def build() -> None:
 
 def collect(name: str, out: Path) -> dict:
     from trainer.metrics import read_metrics
+    from trainer.plan import run_plan
 
     run_dir, smi = RUNS / name, out / f"{name}.smi.json"
     s = json.loads(smi.read_text()) if smi.exists() else {}
-    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
+    plan = run_plan(run_dir) or {}
     m = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     timed = m[1:5] or m  # steps 2..5: past the first step's compiling, before the profiled step
 

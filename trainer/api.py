@@ -91,7 +91,7 @@ def train(recipe_path, overrides=(), output_dir=None, resume: str | None = None,
     start = distributed.broadcast_object(resume_point(run_dir, resume, overwrite) if world.main else None, world)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "plan.json").write_text(the_plan.to_json())
+        the_plan.write(run_dir)
         (run_dir / "recipe.json").write_text(recipe.model_dump_json(indent=2))
         show_plan(console, the_plan)
     code = run(recipe, the_plan, run_dir, world, resume=start, console=console, tokenizer=ready.tokenizer,
@@ -226,16 +226,19 @@ def trained_dtype(recipe, adapter: Path, device, console=None):
     checkpoints/ directory), where the recipe says auto and this GPU runs that dtype: auto plans float16 where vLLM
     samples, and a run that `train` started again in bfloat16 (fp16_range) must not be evaluated in float16. Else the
     recipe as given (a peft adapter from elsewhere, the CPU, an explicit dtype)."""
-    ran = Path(adapter).parent.parent / "plan.json"
-    if recipe.model.dtype != "auto" or device.kind != "cuda" or not ran.is_file():
+    from trainer.plan import run_plan
+
+    run_dir = Path(adapter).parent.parent
+    ran = run_plan(run_dir) if recipe.model.dtype == "auto" and device.kind == "cuda" else None
+    if ran is None:
         return recipe
-    dtype = json.loads(ran.read_text()).get("compute_dtype")
+    dtype = ran.get("compute_dtype")
     if dtype not in ("float16", "bfloat16") or (dtype == "bfloat16" and not device.bf16):
         return recipe
     recipe = recipe.model_copy(deep=True)
     recipe.model.dtype = dtype
     if console is not None:
-        console.print(f"model.dtype auto: {dtype}, the dtype {ran.parent} trained in", highlight=False, soft_wrap=True)
+        console.print(f"model.dtype auto: {dtype}, the dtype {run_dir} trained in", highlight=False, soft_wrap=True)
     return recipe
 
 

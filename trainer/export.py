@@ -37,15 +37,14 @@ def trained_policy(run_dir: Path, ckpt: Path):
 
     No rollout engine: the base is loaded by the HF path at the compute dtype and quantization the run used.
     """
-    from trainer.plan import Device, make_plan
+    from trainer.plan import Device, make_plan, run_plan
     from trainer.policy import load_policy, read_config
 
     recipe = run_recipe(run_dir).model_copy(deep=True)
     recipe.rollout.engine, recipe.budget.vram_gb = "hf", None  # only the weights are needed
     plan = make_plan(read_config(recipe.model), recipe, Device.detect())
-    saved = Path(run_dir) / "plan.json"
-    if saved.is_file():  # the base must be quantized from the dtype the run used
-        ran = json.loads(saved.read_text())
+    ran = run_plan(run_dir)
+    if ran is not None:  # the base must be quantized from the dtype the run used
         plan = dataclasses.replace(plan, compute_dtype=ran["compute_dtype"], quantized=ran["quantized"],
                                    gradient_checkpointing=False)
     policy = load_policy(recipe, plan)

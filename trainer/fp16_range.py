@@ -43,10 +43,12 @@ def overflowed_in_training(run_dir) -> Float16Overflow | None:
     from pathlib import Path
     from types import SimpleNamespace
 
-    plan, recipe = (Path(run_dir) / "plan.json", Path(run_dir) / "recipe.json")
-    if not (plan.is_file() and recipe.is_file()):
+    from trainer.plan import run_plan
+
+    ran, recipe = run_plan(run_dir), Path(run_dir) / "recipe.json"
+    if ran is None or not recipe.is_file():
         return None
-    plan = SimpleNamespace(**json.loads(plan.read_text()))
+    plan = SimpleNamespace(**ran)
     plan.device_capability = tuple(plan.device_capability or ()) or None  # a JSON list: fallback compares tuples
     restart = restart_in_bfloat16(plan, json.loads(recipe.read_text())["model"]["dtype"] == "auto")
     if plan.compute_dtype != "float16" or restart is None:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from trainer import cost, memory
 from trainer.errors import UserError
@@ -184,6 +185,19 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def write(self, run_dir) -> None:
+        """The plan beside the run's outputs (run_dir/plan.json), where eval, export and a float16 stop read it."""
+        (Path(run_dir) / RUN_PLAN).write_text(self.to_json())
+
+
+RUN_PLAN = "plan.json"
+
+
+def run_plan(run_dir) -> dict | None:
+    """The plan a run wrote at its start (Plan.write), as JSON's dict; None where the directory holds none."""
+    saved = Path(run_dir) / RUN_PLAN
+    return json.loads(saved.read_text()) if saved.is_file() else None
 
 
 def budget_bytes(recipe, device: Device) -> int | None:

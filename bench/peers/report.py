@@ -22,11 +22,12 @@ PHASES = ("kv", "rollout", "reward", "recompute", "train", "optimizer", "sync")
 def collect_ours(rundir: Path, out: Path, system: str, knob: str) -> None:
     """Our run's metrics in the peers' result format: gaps between step ends, step 1's end, phase medians."""
     from trainer.metrics import read_metrics
+    from trainer.plan import run_plan
 
     m = read_metrics(rundir) if (rundir / "metrics.jsonl").exists() else []
     ends = [x["unix_time"] for x in m]
     d = [b - a for a, b in zip(ends, ends[1:])]
-    plan = json.loads((rundir / "plan.json").read_text()) if (rundir / "plan.json").exists() else {}
+    plan = run_plan(rundir) or {}
     engine = json.loads((rundir / "engine.json").read_text()) if (rundir / "engine.json").exists() else {}
     after = m[1:]
     res = dict(system=system, knob=knob, steps=len(m), step_s=[round(x, 3) for x in d],
