@@ -38,6 +38,11 @@ from trainer.types import RolloutBatch, Sampling
 # policy, the compiled layers and their caches come after it). Off until an A/B on the GPU (bench/compile_ab.py
 # gc_freeze) shows what the pauses (time_gc_s) cost a step.
 GC_FREEZE = os.environ.get("TRAINER_GC_FREEZE") == "1"
+# Test hook: TRAINER_TEST_NAN_AT_STEPS=3,5 makes those steps' losses non-finite (float16:3,5: in float16 runs alone,
+# an overflow bfloat16 holds), read once here.
+_NAN_SPEC = os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "")
+NAN_FLOAT16_ONLY = _NAN_SPEC.startswith("float16:")
+NAN_AT_STEPS = frozenset(int(x) - 1 for x in _NAN_SPEC.removeprefix("float16:").split(",") if x.strip())
 
 
 @dataclass
@@ -72,10 +77,6 @@ class State:
     compile_reasons: list = field(default_factory=list)  # this step's failed guards, in order
     phase: str = ""
     step: int = 0
-    # test hook: TRAINER_TEST_NAN_AT_STEPS=3,5 (or float16:3,5, in float16 runs alone: an overflow bfloat16 holds)
-    nan_steps: frozenset = frozenset(int(x) - 1 for x in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "")
-                                     .removeprefix("float16:").split(",") if x.strip())
-    nan_float16_only: bool = os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").startswith("float16:")
 
     @contextlib.contextmanager
     def timed(self, name: str):
@@ -183,7 +184,7 @@ def grpo_step(s: State, step: int) -> dict:
                 loss, st = policy_loss(logps, take(batch.advantages, mb, logps.device), mask,
                                        take(weights, mb, logps.device), s.loss_cfg, old,
                                        take(batch.ref_logps, mb, logps.device), isr)
-                if step in s.nan_steps and (s.loss_scale.enabled or not s.nan_float16_only):  # test hook: a
+                if step in NAN_AT_STEPS and (s.loss_scale.enabled or not NAN_FLOAT16_ONLY):  # test hook: a
                     # non-finite loss, as a diverging run (or float16 past its range) would produce
                     loss = loss * float("nan")
                 s.loss_scale.backward(loss)  # scaled by 2**k in float16 (trainer/loss_scale.py), else as it is
