@@ -45,9 +45,12 @@ from the first compile; each run's compile_s says where the compiles went). SWIT
 TRAINER_COMPILE_INPUT_GRAD (compile_shapes.first_input_needs_grad: the first layer's train-pass input needs grad as
 the later layers' do, one guard variant fewer) on B at 14.5 GB (the H200 row that compiled ten graphs for that
 variant) and A at 3.3 GB (short micro-batches): first_two_s and compile_s say what it saves. SWITCH
-train_cudagraphs: TRAINER_COMPILE_CUDAGRAPHS (policy.COMPILE_CUDAGRAPHS: the compiled layers replayed from inductor's
-CUDA graph trees) on the eight 286-token micro-batches and A at 3.3 GB, the host-bound train phases: steady_train_ratio
-is the point, and the peaks say what the trees' pool holds (the plan does not count it). Each config
+train_cudagraphs: TRAINER_COMPILE_CUDAGRAPHS (Plan.train_cudagraphs: the compiled layers replayed from inductor's
+CUDA graph trees, where plan.cudagraphs_apply) on the eight 286-token micro-batches of the 1.5B and the 0.5B, the
+host-bound train phases with the checkpoint inside the layers: steady_train_ratio is the point (cost.py's
+GRAPHED_LAYER_FLOOR_S, one H100 config so far), and the peaks say what the trees' pool holds (the plan does not count
+it). A at 3.3 GB ran with it on 2026-12-07 (HF's checkpoint with offload: re-recorded every step); the plan now keeps
+the graphs off there. Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -99,7 +102,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
             "mirror_direct": ("TRAINER_MIRROR_DIRECT", "1", ["A-mirror", "B-mirror"]),
-            "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286", "A-small"]),
+            "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286", "0.5b-mb286"]),
             # vLLM's LoRA kernels under the configs bench/lora_tune.py wrote earlier in the sitting (queue item
             # `lora_tune` before it), against vLLM's defaults: the fast budget (bf16 mirror) and the small one
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",

@@ -436,13 +436,11 @@ def test_first_layer_input_needing_grad_leaves_one_train_variant(monkeypatch):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_with_cuda_graphs_a_train_pass_accumulates_into_grads_of_our_own(monkeypatch):
-    """TRAINER_COMPILE_CUDAGRAPHS: before a train pass the LoRA parameters get .grad tensors allocated by the policy, and
+def test_with_cuda_graphs_a_train_pass_accumulates_into_grads_of_our_own():
+    """Plan.train_cudagraphs: before a train pass the LoRA parameters get .grad tensors allocated by the policy, and
     the micro-batches' backwards add into those very tensors (a backward graph's output kept as .grad would live in the
     trees' pool, which the next micro-batch's generation reuses: Policy.grads_of_our_own). Eager layers flagged as
     compiled stand in here: what is tested is the pass's bookkeeping, which the GPU test holds to the graphs."""
-    from trainer import policy as pol
-
     recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=false"])
     policy = load_policy(recipe, make_plan(read_config(recipe.model), recipe, Device.detect()))
     lora = [p for p in policy.model.parameters() if p.requires_grad]
@@ -464,8 +462,7 @@ def test_with_cuda_graphs_a_train_pass_accumulates_into_grads_of_our_own(monkeyp
         (-logps.mean()).backward()
         expected.append([p.grad.clone() for p in lora])
         policy.model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(pol, "COMPILE_CUDAGRAPHS", True)
-    policy.compiled = True
+    policy.compiled = policy.cudagraphs = True  # as load_policy sets them where plan.train_cudagraphs
     with torch.no_grad():
         policy.hidden_states(input_ids=mbs[0], attention_mask=torch.ones_like(mbs[0]))
     assert all(p.grad is None for p in lora)  # nor does a no-grad pass

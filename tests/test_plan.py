@@ -748,3 +748,35 @@ def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_t
         show_plan(console, _plan(CONFIGS["1.5b-vllm-8x256"][0] + extra, 6.6)[0])
         said.append("attention masks always: one micro-batch a step beside a no-grad pass" in console.export_text())
     assert said == [True, False]
+
+
+def test_cuda_graphs_are_a_candidate_where_asked_for_and_only_where_they_apply(monkeypatch):
+    # TRAINER_COMPILE_CUDAGRAPHS=1 (plan.CUDAGRAPHS_REQUESTED) adds candidates whose compiled layers replay from CUDA
+    # graphs, priced by cost.GRAPHED_LAYER_FLOOR_S; HF's checkpoint around graphed layers re-recorded every pass on an
+    # H100 (2026-12-07), so only the checkpoint inside the layers, or none, takes them (plan.cudagraphs_apply)
+    from trainer import plan as planner
+    from trainer.plan import cudagraphs_apply, free_runtime_knobs, runtime_candidates
+
+    base = ["train.micro_batch_tokens=512", "model.gradient_checkpointing=true", "train.activation_offload=false",
+            "budget.vram_gb=40"]
+    c15 = cfg("qwen2.5-1.5b-instruct")
+    plain = make_plan(c15, recipe(base), H100)
+    assert not plain.train_cudagraphs and not any("CUDAGRAPHS" in n for n in plain.notes)
+    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", True)
+    graphed = make_plan(c15, recipe(base), H100)
+    assert graphed.train_cudagraphs and graphed.checkpoint_in_graph
+    assert graphed.predicted_phases_s["train"] < plain.predicted_phases_s["train"]
+    assert graphed.predicted_phases_s["rollout"] == plain.predicted_phases_s["rollout"]
+    loop = runtime_candidates(c15, recipe(base), graphed, H100, free_runtime_knobs(recipe(base), graphed))
+    assert loop and all(c["train_cudagraphs"] and cudagraphs_apply(c) for c in loop)  # the loop keeps to them
+    hf = make_plan(c15, recipe(base + ["train.checkpoint_in_graph=false"]), H100)
+    assert not hf.train_cudagraphs and any("cudagraphs_apply" in n for n in hf.notes)
+    for o in (["rollout.engine=hf"], ["train.torch_compile=false"]):
+        p = make_plan(c15, recipe(base + o), H100)
+        assert not p.train_cudagraphs and any("not compiled on a GPU" in n for n in p.notes)
+    knobs = {"gradient_checkpointing": True, "checkpoint_in_graph": True, "activation_offload": False,
+             "mlp_tile_tokens": 0}
+    assert cudagraphs_apply(knobs) and cudagraphs_apply({**knobs, "gradient_checkpointing": False})
+    assert not cudagraphs_apply({**knobs, "checkpoint_in_graph": False})
+    assert not cudagraphs_apply({**knobs, "activation_offload": True})
+    assert not cudagraphs_apply({**knobs, "mlp_tile_tokens": 4096})

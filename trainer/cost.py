@@ -71,6 +71,12 @@ LAYER_FLOOR_S = {(True, True): 7.0e-3, (True, False): 5.4e-3, (False, True): 12e
 # on the H200 against HF's checkpoint (2026-12-05, eight 286-token micro-batches): train phase 0.60x and 0.78x on the
 # 1.5B in two sittings, 0.76x on the 0.5B (5.4 / 7.0 = 0.77x). Priced the same as no checkpointing, the planner takes
 # no checkpointing where both fit (an in-graph candidate comes after it, trainer/plan.py).
+# The compiled layers replayed from CUDA graphs (plan.train_cudagraphs, with the checkpoint inside them or none): one
+# replay a layer call instead of its Python and Triton launches. Measured on one H100 (2026-12-07, compile_ab
+# train_cudagraphs, bench/results/queue_2026-12-07/g; eight 286-token micro-batches of the 1.5B in float16, the
+# checkpoint in graph): the train phase 0.38-0.42 s against 1.23-1.75 s, ~40 ms a micro-batch beside the plain
+# layers' ~180: 1.4 ms a layer. One config on one card, not yet on the H200 grid.
+GRAPHED_LAYER_FLOOR_S = 1.4e-3
 # FLOPs of a micro-batch: 2 per parameter per token through the linear layers and lm_head plus causal attention's
 # 2 T^2 heads head_dim per layer, for the forward; x4 with checkpointing (forward, recompute, 2x backward), x3
 # without. Rates fitted on the H200: 300e12 across the grid's compute-bound micro-batches (1.5B 8,064 tokens 357,
@@ -217,8 +223,11 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     rate = (LONG_TRAIN_FLOPS if knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS) * compute
     # each micro-batch costs the larger of its host-bound floor and its compute (dispatch runs ahead of the GPU);
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
-    grad_pass = max(LAYER_FLOOR_S[(compiled, gc)] * dims.layers, (4 if gc else 3) * forward / rate)
-    free_pass = max(LAYER_FLOOR_S[(compiled, False)] * dims.layers / 2, forward / rate)
+    graphed = bool(knobs.get("train_cudagraphs"))
+    floor = GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, gc)]
+    grad_pass = max(floor * dims.layers, (4 if gc else 3) * forward / rate)
+    free_pass = max((GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, False)]) * dims.layers / 2,
+                    forward / rate)
     linears = knobs.get("trainer_linears", "nf4")
     if linears != "nf4":  # bf16 linears (the mirror's views or merged rows): BF16_LINEARS_TRAIN
         grad_pass *= BF16_LINEARS_TRAIN

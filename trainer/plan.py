@@ -28,6 +28,9 @@ RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", 
                  "activation_offload", "mlp_tile_tokens", "kv_release", "hf_batch_size")
 LONG_SEQUENCE = 4096  # from this many tokens a micro-batch of one sequence's tokens holds that sequence alone
 PREFILL_CHUNK = 8192  # vLLM prefill tokens per engine step (max_num_batched_tokens) at long lengths
+# TRAINER_COMPILE_CUDAGRAPHS=1 asks for the compiled layers replayed from CUDA graphs (Plan.train_cudagraphs; what was
+# measured, in trainer/policy.py): candidates with them beside the others where cudagraphs_apply, priced by cost.py.
+CUDAGRAPHS_REQUESTED = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,10 @@ class Plan:
     # The checkpoint inside each compiled layer's graph instead of HF's around it (trainer/policy.py
     # set_gradient_checkpointing): faster, and the layers keep more for the backward (memory.CKPT_IN_GRAPH_BYTES).
     checkpoint_in_graph: bool = False
+    # The compiled layers' forwards and backwards replayed from CUDA graphs (inductor's cudagraph trees,
+    # trainer/policy.py): a candidate where TRAINER_COMPILE_CUDAGRAPHS=1 asks for them and cudagraphs_apply; the
+    # closed loop keeps the plan's value (the layers are compiled with or without the graphs once, at load).
+    train_cudagraphs: bool = False
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     predicted_phases_s: dict[str, float] = field(default_factory=dict)  # the same by phase (rollout, train)
     # accounting
@@ -321,6 +328,13 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
                 if r.engine == "vllm" and device.here else None,
                 **{k: v for k, v in best.items() if k not in ("peak", "score", "host_bytes", "headroom")})
+    if CUDAGRAPHS_REQUESTED and not plan.train_cudagraphs:
+        plan.notes.append("TRAINER_COMPILE_CUDAGRAPHS: off in this plan: " + (
+            "the layers are not compiled on a GPU (the CPU, HF rollouts or train.torch_compile: false)"
+            if not (compiled and device.kind == "cuda") else
+            "the graphs need the checkpoint inside the compiled layers or none (HF's around graphed layers re-records "
+            "every pass: plan.cudagraphs_apply), and " + ("no such setting fits the budget" if not any(
+                c["train_cudagraphs"] for c in fitting) else "the settings without them are predicted faster")))
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
@@ -499,7 +513,7 @@ def plan_knobs(plan: Plan) -> dict:
             "activation_offload", "mlp_tile_tokens",
             "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
             "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype",
-            "hf_compiled_decode", "sync", "trainer_linears", "park_base")
+            "hf_compiled_decode", "sync", "trainer_linears", "park_base", "train_cudagraphs")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -551,7 +565,8 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
         r.hf_batch_size = bs
         out += _candidates(held, ctx, device, mlp_tile=None if "mlp_tile_tokens" in free else plan.mlp_tile_tokens)
     host = host_limit(device)  # the loop never turns offload on past the host's memory
-    return [c for c in out if c["host_bytes"] <= host or c["activation_offload"] == plan.activation_offload]
+    return [c for c in out if (c["host_bytes"] <= host or c["activation_offload"] == plan.activation_offload)
+            and c["train_cudagraphs"] == plan.train_cudagraphs]  # the layers were compiled with or without them
 
 
 def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
@@ -667,7 +682,8 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         if mlp_tile_tokens not in tiles(mbt) or ((off or mlp_tile_tokens) and not gc):
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
-                     gradient_checkpointing=gc, checkpoint_in_graph=False, activation_offload=off,
+                     gradient_checkpointing=gc, checkpoint_in_graph=False, train_cudagraphs=False,
+                     activation_offload=off,
                      mlp_tile_tokens=mlp_tile_tokens, weight_format=fmt, kv_release=rel, sync=sync,
                      trainer_linears=trainer_linears(fmt, sync, recipe) if vllm else "nf4",
                      park_base=PARK_BASE and vllm and fmt == "bf16_mirror" and not cpu,
@@ -681,7 +697,22 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
     in_graph = _in_graph_candidates(out, ctx, compiled, recipe, device)
     if recipe.train.checkpoint_in_graph:  # in place of HF's checkpoint wherever it applies
         out = [c for c in out if not in_graph_applies(c)]
-    return out + in_graph
+    out += in_graph
+    if CUDAGRAPHS_REQUESTED and compiled and device.kind == "cuda":  # beside the others, priced (cost.py), weighed
+        out += [_priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS},
+                                      "train_cudagraphs": True}, compiled, device)
+                for c in out if cudagraphs_apply(c)]
+    return out
+
+
+def cudagraphs_apply(c: dict) -> bool:
+    """CUDA graphs can replay the compiled layers with these knobs (a candidate, or plan_knobs): no checkpoint, or the
+    checkpoint inside the compiled layers. HF's checkpoint around them (with offload, or the tiled MLP's) recomputes a
+    layer inside another pass's backward: on one H100 (2026-12-07, bench/results/queue_2026-12-07/g) inductor
+    re-recorded the 1.5B's graphs every step (64 a step, the train phase 14-45 s against 1 s) and
+    tests/test_gpu_cudagraphs stopped on "graph recording observed an input tensor deallocate during graph recording
+    that did not occur during replay"; with the checkpoint inside the layers both ran."""
+    return not c["gradient_checkpointing"] or bool(c.get("checkpoint_in_graph") and in_graph_applies(c))
 
 
 def checkpoint_in_graph(plan: Plan) -> bool:

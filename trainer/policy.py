@@ -87,21 +87,21 @@ SAMPLER_ROUNDING = {"1": True, "0": False}.get(os.environ.get("TRAINER_SAMPLER_R
 # Its speed on the H200 is not measured yet: TRAINER_COMPILE_EAGER_ROUNDING=0 is inductor's default, the A/B's other
 # side (bench/compile_ab.py eager_rounding).
 COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" else {"emulate_precision_casts": True}
-# TRAINER_COMPILE_CUDAGRAPHS=1: the compiled layers' forwards and backwards replayed from CUDA graphs (inductor's
-# cudagraph trees, what torch.compile's mode="reduce-overhead" turns on), each pass one tree generation
-# (Policy.hidden_states marks its start, so the 28 layer calls of a pass chain in one path, no-grad passes too). The
-# train phase at small budgets is host-bound: on one H100 (2026-12-07) eight 286-token micro-batches of the 1.5B
-# train in ~1.5 s of which the GPU is busy ~0.3 s, ~2.2 ms of Python and Triton launches a compiled layer call;
-# a replay launches the layer's kernels in one call. Costs: a graph recorded per distinct input size (GRPO's lengths;
-# a random-init benchmark's are fixed), inputs copied into the graph's buffers, and the trees' memory pool held for
-# the whole run (the rollout phase too), which the plan does not count yet. Off until its A/B
-# (bench/compile_ab.py train_cudagraphs) measures the train phase and the peak; tests/test_gpu_cudagraphs.py holds
-# its log-probs and gradients to the compiled layers' without graphs. Broke `train`: on one H100 (2026-12-07) both
-# A/B configs stopped in step 1's backward on a graph output the trees had freed
-# (docs/benchmarks.md, "Built 2026-12-07"): autograd had kept a backward graph's output as a LoRA parameter's .grad
-# and the next micro-batch's generation reused it. Policy.grads_of_our_own is the fix, not yet run on a GPU; the
-# test's train-phase case (three micro-batches accumulating) is its check.
-COMPILE_CUDAGRAPHS = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
+# Plan.train_cudagraphs (TRAINER_COMPILE_CUDAGRAPHS=1 asks for it): the compiled layers' forwards and backwards
+# replayed from CUDA graphs (inductor's cudagraph trees, what torch.compile's mode="reduce-overhead" turns on), each
+# pass one tree generation (Policy.hidden_states marks its start, so the 28 layer calls of a pass chain in one path,
+# no-grad passes too). The train phase at small budgets is host-bound: on one H100 (2026-12-07) eight 286-token
+# micro-batches of the 1.5B train in ~1.5 s of which the GPU is busy ~0.3 s, ~2.2 ms of Python and Triton launches a
+# compiled layer call; a replay launches the layer's kernels in one call. Costs: a graph recorded per distinct input
+# size (GRPO's lengths; a random-init benchmark's are fixed), inputs copied into the graph's buffers, and the trees'
+# memory pool held for the whole run (the rollout phase too), which the plan does not count yet.
+# Measured on one H100 (2026-12-07 16:27, bench/results/queue_2026-12-07/g, compile_ab train_cudagraphs): with the
+# checkpoint inside the compiled layers (A-mb286, eight 286-token micro-batches, float16) the train phase 0.38-0.42 s
+# against 1.23-1.75 s (0.28x), the step 1.8 s against 2.6-3.2 s (0.60x), nvidia-smi's peak 3.31 GB against 4.40 (the
+# steady phases 3.31 against 3.23); with HF's checkpoint and offload (A at 3.3 GB) inductor re-recorded every step
+# (64 graphs a step, the train phase 14-45 s) and the rollout ran out of memory in step 6, which is why the plan
+# grants the graphs only where plan.cudagraphs_apply. The first failure, on 2026-12-07 14:47 (a LoRA gradient kept in
+# the trees' pool, reused by the next micro-batch's generation), is mended by Policy.grads_of_our_own: A-mb286 ran.
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class Policy:
     quantized: bool
     path: Path  # checkpoint directory of the base model
     compiled: bool = False  # decoder layers under torch.compile (plan.compile_layers)
+    cudagraphs: bool = False  # and replayed from CUDA graphs (plan.train_cudagraphs)
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -145,7 +146,7 @@ class Policy:
             from torch import _dynamo
 
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
-            if COMPILE_CUDAGRAPHS:  # the pass is one generation: the previous pass's graph outputs may be reused
+            if self.cudagraphs:  # the pass is one generation: the previous pass's graph outputs may be reused
                 torch.compiler.cudagraph_mark_step_begin()
                 if torch.is_grad_enabled():
                     self.grads_of_our_own()
@@ -300,19 +301,21 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
         install(model, plan.mlp_tile_tokens)
     if plan.compile_layers:  # each decoder layer compiled in place; all layers share one graph (same code, shapes)
         for layer in model.get_base_model().model.layers:
-            layer.compile(dynamic=COMPILE_DYNAMIC, options=compile_options())
+            layer.compile(dynamic=COMPILE_DYNAMIC, options=compile_options(plan.train_cudagraphs))
         marks = compile_marks(plan)
         if marks:
             compile_shapes.install(model.get_base_model().model, marks)
         if COMPILE_INPUT_GRAD:
             compile_shapes.first_input_needs_grad(model.get_base_model().model)
     model.train()
-    return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers)
+    return Policy(model, tokenizer, device, dtype, plan.quantized, path, compiled=plan.compile_layers,
+                  cudagraphs=plan.compile_layers and plan.train_cudagraphs)
 
 
-def compile_options() -> dict | None:
-    """The compiled layers' inductor options, a fresh dict each call (torch.compile pops its keys)."""
-    options = dict(COMPILE_OPTIONS) | ({"triton.cudagraphs": True} if COMPILE_CUDAGRAPHS else {})
+def compile_options(cudagraphs: bool = False) -> dict | None:
+    """The compiled layers' inductor options (with CUDA graphs: plan.train_cudagraphs), a fresh dict each call
+    (torch.compile pops its keys)."""
+    options = dict(COMPILE_OPTIONS) | ({"triton.cudagraphs": True} if cudagraphs else {})
     return options or None
 
 
