@@ -70,6 +70,7 @@ def plan_table(plan) -> Group:
              f"checkpointing {'in graph' if plan.checkpoint_in_graph else plan.gradient_checkpointing}, "
              f"micro-batch {plan.micro_batch_tokens} tokens, "
              f"logits tile {plan.token_chunk}x{plan.vocab_chunk}, decoder layers compiled {plan.compile_layers}"
+             + (", replayed from CUDA graphs" if plan.train_cudagraphs else "")
              + (" (attention masks always: one micro-batch a step beside a no-grad pass)" if plan.compile_masks else "")
              + f", predicted step {plan.predicted_step_s:.2f} s"
              + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted_phases_s.items()) + ")"

@@ -413,6 +413,8 @@ def _describe(c: dict) -> str:
                                  "on" if c["gradient_checkpointing"] else "off")]
     if c.get("mlp_tile_tokens"):
         parts.append(f"MLP in tiles of {c['mlp_tile_tokens']} tokens")
+    if c.get("train_cudagraphs"):
+        parts.append("the compiled layers replayed from CUDA graphs")
     if c["max_num_seqs"]:
         parts.append(f"{c['max_num_seqs']} sequence(s) in flight in vLLM")
         parts.append("KV released between phases" if c["kv_release"] else "KV kept between phases")
