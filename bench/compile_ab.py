@@ -114,7 +114,10 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
 OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollout.sync=inplace",
        "mirror_views": "0", "input_grad": "0", "sampler_rounding": "0",
        # model.dtype auto plans float16 where vLLM samples since 2026-12-07 (trainer/plan.py FLOAT16_WHERE_VLLM_SAMPLES)
-       "fp16": "model.dtype=bfloat16"}
+       "fp16": "model.dtype=bfloat16",
+       # the shipped configs (trainer/rollout/lora_kernels.py) cover config A on an H100 since 2026-12-07: a folder
+       # that does not exist gives vLLM's defaults (a folder the user set is left as it is)
+       "lora_tuned": "/nonexistent/vllm-default-lora-configs"}
 
 
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:

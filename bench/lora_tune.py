@@ -9,6 +9,8 @@ tile; expand: 64-row blocks for 8 rows). vLLM reads tuned configs from VLLM_TUNE
     python bench/lora_tune.py OUT_DIR [SHAPE[:RANK] ...]   # on the device; default qwen2.5-1.5b:16
         -> OUT_DIR/configs/{gpu}_SHRINK.json, {gpu}_EXPAND_TRUE.json (vLLM's format) and OUT_DIR/lora_tune.json
     LORA_TUNE_SMOKE=1 TRITON_INTERPRET=1 python bench/lora_tune.py OUT tiny   # CPU: two configs a kernel, one batch
+    python bench/lora_tune.py --ship OUT_DIR/configs   # here, after an A/B that wins: merged into what the trainer
+                                                       # ships (trainer/rollout/lora_configs/, rollout/lora_kernels.py)
 
 For each LoRA layer of the shape as vLLM packs it (qkv_proj: 3 slices, o_proj, gate_up_proj: 2, down_proj) and each
 batch of MS rows, vLLM's own _lora_shrink and _lora_expand run as the engine calls them (punica_gpu.add_lora_linear:
@@ -45,14 +47,10 @@ if SMOKE:
 
 def layers(shape: str) -> dict[str, tuple[int, list[int]]]:
     """vLLM's packed LoRA layers of a shape: name -> (input width K, output widths of its slices)."""
+    from trainer.rollout.lora_kernels import packed_layers
     from trainer.shapes import config_dict
 
-    c = config_dict(shape)
-    hidden, inter = c["hidden_size"], c["intermediate_size"]
-    head = c.get("head_dim") or hidden // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head, c["num_key_value_heads"] * head
-    return {"qkv_proj": (hidden, [q, kv, kv]), "o_proj": (q, [hidden]), "gate_up_proj": (hidden, [inter, inter]),
-            "down_proj": (inter, [hidden])}
+    return packed_layers(config_dict(shape))
 
 
 class Case:
@@ -237,7 +235,31 @@ def main(out: Path, specs: list[str]) -> dict:
     return res
 
 
+def ship(configs: Path, shipped: Path | None = None) -> list[Path]:
+    """A sitting's config files merged into the shipped ones, key by key (a shape tuned again replaces its entries;
+    other shapes' stay: one file per card and kernel holds every shape tuned on that card)."""
+    from trainer.rollout.lora_kernels import SHIPPED
+
+    shipped = shipped or SHIPPED
+
+    def merge(into: dict, new: dict) -> dict:
+        for k, v in new.items():
+            into[k] = merge(into.get(k, {}), v) if isinstance(v, dict) and "block_m" not in v else v
+        return into
+
+    out = []
+    for f in sorted(configs.glob("*.json")):
+        target = shipped / f.name
+        old = json.loads(target.read_text()) if target.is_file() else {}
+        target.write_text(json.dumps(merge(old, json.loads(f.read_text())), indent=1))
+        out.append(target)
+    return out
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
+    if sys.argv[1] == "--ship":
+        print("\n".join(str(p) for p in ship(Path(sys.argv[2]))))
+        raise SystemExit(0)
     main(Path(sys.argv[1]), sys.argv[2:] or ["qwen2.5-1.5b:16"])

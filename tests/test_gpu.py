@@ -116,6 +116,8 @@ def _randomize_lora(policy, scale, seed):
 
 def test_inplace_lora_sync_reaches_sampling(stack):
     _, _, engine, policy = stack
+    # the engine decided its LoRA kernels' configs (trainer/rollout/lora_kernels.py): none are shipped for the 0.5B
+    assert engine.info["lora_kernels"].startswith(("vLLM's default", "VLLM_TUNED_CONFIG_FOLDER=")), engine.info
     prompts, g0 = _sample(engine, policy)
     RESULTS["gap_zero_lora"] = _gap(policy, prompts, g0)
     _randomize_lora(policy, 0.02, seed=1)

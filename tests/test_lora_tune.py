@@ -41,3 +41,64 @@ def test_the_tuner_times_vllms_kernels_as_the_engine_calls_them_and_vllm_reads_i
     # tiny intermediate) at 4 rows, and down's shrink (K 256) at 5 rows, the nearest batch tuned being 4
     assert qkv_shrink == rows["qkv_proj", "shrink"]["best"]
     assert gate_up_expand == rows["gate_up_proj", "expand"]["best"] and down_shrink == rows["down_proj", "shrink"]["best"]
+
+
+SHIPPED_READ = """
+import json, os, sys, torch
+torch.cuda.get_device_name = lambda *a: "NVIDIA H100 80GB HBM3"
+os.environ["VLLM_TUNED_CONFIG_FOLDER"] = sys.argv[1]
+import vllm.lora.ops.triton_ops.utils as u
+print(json.dumps([u.get_lora_op_configs("shrink", 2, 8, 1536, 16, 3),
+                  u.get_lora_op_configs("expand", 2, 8, 8960, 16, 2, add_inputs=True)]))
+"""
+
+
+def test_shipped_configs_are_used_only_where_they_cover_the_card_and_the_models_shapes(monkeypatch):
+    """trainer/rollout/lora_kernels.py: the configs tuned on an H100 for the 1.5B shape at r16 apply there and nowhere
+    else (vLLM would take another shape's nearest K / N, or raise on a missing slice count), a folder the user set is
+    kept, and vLLM's own loader reads the shipped files for that card."""
+    from trainer.rollout import lora_kernels as lk
+    from trainer.shapes import config_dict
+
+    h100, c15 = "NVIDIA H100 80GB HBM3", config_dict("qwen2.5-1.5b")
+    assert lk.tuned_folder(c15, 16, h100) == lk.SHIPPED
+    assert lk.tuned_folder(c15, 64, h100) is None  # another rank: the stacks' N (shrink) and K (expand)
+    assert lk.tuned_folder(config_dict("qwen2.5-7b"), 16, h100) is None  # another model's widths
+    assert lk.tuned_folder(c15, 16, "NVIDIA H200") is None  # no files for the card
+    shrink = json.loads((lk.SHIPPED / "NVIDIA_H100_80GB_HBM3_SHRINK.json").read_text())
+    need = lk.lookups(c15, 16)["shrink"]
+    assert lk.covers(shrink, need)
+    del shrink["2"]["3"]["8"]["1536"]  # one batch without the qkv shape: vLLM would take another K there
+    assert not lk.covers(shrink, need)
+    monkeypatch.delenv(lk.ENV, raising=False)
+    assert "vLLM's default" in lk.use_tuned(config_dict("qwen2.5-7b"), 16, h100) and lk.ENV not in os.environ
+    assert "tuned for" in lk.use_tuned(c15, 16, h100) and os.environ[lk.ENV] == str(lk.SHIPPED)
+    monkeypatch.setenv(lk.ENV, "/the/users/own")
+    assert "set by the user" in lk.use_tuned(c15, 16, h100) and os.environ[lk.ENV] == "/the/users/own"
+    if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    out = subprocess.run([sys.executable, "-c", SHIPPED_READ, str(lk.SHIPPED)], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=300)
+    qkv_shrink, gate_up_expand = json.loads(out.stdout.strip().splitlines()[-1])
+    expand = json.loads((lk.SHIPPED / "NVIDIA_H100_80GB_HBM3_EXPAND_TRUE.json").read_text())
+    assert qkv_shrink == json.loads((lk.SHIPPED / "NVIDIA_H100_80GB_HBM3_SHRINK.json").read_text())["2"]["3"]["8"][
+        "1536"]["16"]
+    assert gate_up_expand == expand["2"]["2"]["8"]["16"]["8960"]
+
+
+def test_shipping_merges_a_sittings_configs_into_the_cards_files(tmp_path):
+    """bench/lora_tune.py --ship: a second shape tuned on the same card joins the file beside the first; the same
+    shape tuned again replaces its own entries only."""
+    from bench.lora_tune import ship
+
+    cfg = lambda m: {"block_m": m, "block_n": 16}  # noqa: E731
+    shipped, sitting = tmp_path / "shipped", tmp_path / "sitting"
+    shipped.mkdir(), sitting.mkdir()
+    (shipped / "X_SHRINK.json").write_text(json.dumps({"2": {"3": {"8": {"1536": {"16": cfg(16)}}}}}))
+    (sitting / "X_SHRINK.json").write_text(json.dumps({"2": {"3": {"8": {"3584": {"16": cfg(32)},
+                                                                         "1536": {"16": cfg(64)}}}}}))
+    (sitting / "Y_SHRINK.json").write_text(json.dumps({"2": {"1": {"1": {"8": {"8": cfg(16)}}}}}))
+    assert [p.name for p in ship(sitting, shipped)] == ["X_SHRINK.json", "Y_SHRINK.json"]
+    merged = json.loads((shipped / "X_SHRINK.json").read_text())["2"]["3"]["8"]
+    assert merged == {"1536": {"16": cfg(64)}, "3584": {"16": cfg(32)}}
+    assert json.loads((shipped / "Y_SHRINK.json").read_text()) == {"2": {"1": {"1": {"8": {"8": cfg(16)}}}}}

@@ -113,7 +113,7 @@ def test_the_run_summary_says_what_each_memory_number_is(tmp_path, device):
 
 
 def test_presets_ship_in_the_wheel_and_include_resolves_from_an_installed_package(tmp_path):
-    """`pip install .` (not editable): the wheel holds every module and every preset of the checkout (configs/ as
+    """`pip install .` (not editable): the wheel holds every module, data file and preset of the checkout (configs/ as
     trainer/configs/), and `include: [budgets/24gb]` finds the preset inside the installed package."""
     import importlib.util
     import shutil
@@ -137,7 +137,8 @@ def test_presets_ship_in_the_wheel_and_include_resolves_from_an_installed_packag
     assert {"trainer/configs/budgets/24gb.yaml", "trainer/configs/lora/r16-all-linear.yaml"} <= names, sorted(names)
     presets = {"trainer/" + str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "trainer").rglob("*.py")}  # a subpackage left out of pyproject
-    assert presets | modules <= names, sorted(presets | modules - names)
+    data = {str(p.relative_to(ROOT)) for p in (ROOT / "trainer").rglob("*.json")}  # the tuned LoRA kernel configs
+    assert data and presets | modules | data <= names, sorted(presets | modules | data - names)
     target = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=120,
                    capture_output=True)

@@ -9,6 +9,7 @@ vllm is imported lazily: a recipe that asks for it without vllm installed or wit
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -124,6 +125,12 @@ class VLLMEngine:
         self.vi.keep_allocator_split_limit()  # torch's allocator as the trainer left it (vllm_internals)
         self.vi.inspect_models_in_process()  # a model class vLLM has not met: here, not in a fresh Python
         self.vi.count_ranks_eagerly()  # the V1 sampler's logprob ranks, which we never read: no torch.compile
+        if kw.get("enable_lora") and torch.cuda.is_available() and (path / "config.json").is_file():
+            from trainer.rollout import lora_kernels  # configs tuned for this card and shape, where they are shipped
+
+            self.info["lora_kernels"] = lora_kernels.use_tuned(json.loads((path / "config.json").read_text()),
+                                                               kw["max_lora_rank"], torch.cuda.get_device_name())
+            log.info("vLLM: %s", self.info["lora_kernels"])
         self.llm = self.vllm.LLM(**kw)
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)
