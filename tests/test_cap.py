@@ -263,7 +263,8 @@ def test_the_7b_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan
     import trainer.policy
 
     monkeypatch.setattr(trainer.policy, "set_gradient_checkpointing",
-                        lambda model, on, offload=False, in_graph=False: switched.append((model, on, offload)))
+                        lambda model, on, offload=False, in_graph=False, recompute_all=False:
+                        switched.append((model, on, offload)))
     rollout, train = p.phase_peaks["rollout"], p.phase_peaks["train"]
     lines = loop.after_step(1, {"used_rollout": 1.06 * rollout, "used_train": 1.008 * train})
     assert p.gradient_checkpointing and switched == [("the policy's model", True, False)]

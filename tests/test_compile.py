@@ -474,3 +474,77 @@ def test_with_cuda_graphs_a_train_pass_accumulates_into_grads_of_our_own():
     assert all(p.grad is t for p, t in zip(lora, ours))  # added into, not replaced
     for p, a, b in zip(lora, *expected):
         assert torch.allclose(p.grad, a + b, atol=1e-6)
+
+
+def _in_graph_pass(monkeypatch, recompute_all: bool) -> tuple[torch.Tensor, dict, int]:
+    """One train pass of the tiny nf4 policy with the checkpoint inside its compiled layers (aot_eager: AOTAutograd's
+    partitioner, no codegen): its log-probs, LoRA gradients and the bytes its forward saved for the backward."""
+    import torch._dynamo
+
+    compile_ = torch.nn.Module.compile
+    with monkeypatch.context() as m, torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        m.setattr(torch.nn.Module, "compile", lambda self, **k: compile_(self, backend="aot_eager", **k))
+        torch._dynamo.reset()
+        recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
+                             ["train.torch_compile=true", "model.gradient_checkpointing=true"])
+        plan = make_plan(read_config(recipe.model), recipe, Device("cpu"))
+        plan.checkpoint_in_graph, plan.checkpoint_recompute_all = True, recompute_all  # the CPU plans HF's
+        torch.manual_seed(0)
+        policy = load_policy(recipe, plan)
+        assert checkpoint_in_graph(plan)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # lora_B starts at zero, which would leave lora_A's gradients zero
+            for p in policy.trainable_parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        ids = torch.randint(3, 300, (2, 40), generator=g)
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, 24:],
+                                           torch.ones(2, 16, dtype=torch.long), 1.0, 4096, 8192)
+        logps.sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+        torch._dynamo.reset()
+    return logps.detach(), grads, sum(saved.values())
+
+
+def test_the_checkpoint_in_graph_recomputing_every_op_gives_its_gradients_and_saves_no_more(monkeypatch):
+    """plan.checkpoint_recompute_all (TRAINER_CKPT_RECOMPUTE_ALL): the checkpoint inside the compiled layers under a
+    selective-checkpoint policy that recomputes every op. The layers trace their checkpoint with that policy, give the
+    default in-graph checkpoint's log-probs and gradients, and save no more for the backward. What it stops saving on
+    the GPU (the nf4 matmuls' outputs, memory.CKPT_IN_GRAPH_BYTES) the CPU's partitioner does not save anyway: the
+    GPU test (tests/test_gpu_cudagraphs.py) measures it."""
+    import trainer.policy as tp
+
+    made = []
+    real = tp._recompute_everything
+    monkeypatch.setattr(tp, "_recompute_everything", lambda: made.append(1) or real())
+    lp_d, g_d, saved_d = _in_graph_pass(monkeypatch, False)
+    assert not made
+    lp_r, g_r, saved_r = _in_graph_pass(monkeypatch, True)
+    assert made  # the layers' checkpoint took the policy's context
+    assert torch.allclose(lp_r, lp_d, atol=1e-5)
+    assert g_r.keys() == g_d.keys() and len(g_d) > 0
+    for n in g_d:
+        assert torch.allclose(g_r[n], g_d[n], atol=1e-5, rtol=1e-4), n
+    assert 0 < saved_r <= saved_d, (saved_r, saved_d)
+
+
+def test_compile_ab_sets_a_switchs_several_variables_together(tmp_path, monkeypatch):
+    """small_graphs sets TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL in its run and neither in the
+    default one (a variable left in the sitting's environment is dropped there too)."""
+    import bench.compile_ab as ab
+    import bench.smi
+
+    seen = []
+    monkeypatch.setattr(bench.smi, "watched", lambda smi, log, cmd, env: seen.append(env) or 0)
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("TRAINER_CKPT_RECOMPUTE_ALL", "1")
+    ab.main(tmp_path, 3, "small_graphs")
+    on = {"TRAINER_COMPILE_CUDAGRAPHS", "TRAINER_CKPT_RECOMPUTE_ALL"}
+    assert sorted(bool(on & env.keys()) for env in seen) == [False, True]
+    assert all(env.get(v) == "1" for env in seen if on & env.keys() for v in on)

@@ -46,9 +46,11 @@ def recorded_graphs() -> int:
 IN_GRAPH = ("model.dtype=bfloat16", "model.gradient_checkpointing=true", "train.checkpoint_in_graph=true")
 
 
-def tiny_policy(graphs: bool, monkeypatch, overrides=IN_GRAPH):
+def tiny_policy(graphs: bool, monkeypatch, overrides=IN_GRAPH, recompute_all: bool = False):
     """The tiny recipe's nf4 + LoRA policy with compiled layers, CUDA graphs asked for or not
-    (TRAINER_COMPILE_CUDAGRAPHS; the plan decides), its adapter moved off zero, and its LoRA parameters by name."""
+    (TRAINER_COMPILE_CUDAGRAPHS; the plan decides), its adapter moved off zero, and its LoRA parameters by name.
+    `recompute_all`: the checkpoint inside the layers recomputes every op (plan.checkpoint_recompute_all, set on the
+    plan as the planner would set it)."""
     from trainer import plan as planner
     from trainer import policy as pol
     from trainer.plan import Device, make_plan
@@ -61,6 +63,9 @@ def tiny_policy(graphs: bool, monkeypatch, overrides=IN_GRAPH):
     assert plan.compile_layers and plan.quantized
     if not graphs:
         assert not plan.train_cudagraphs
+    if recompute_all:
+        assert plan.checkpoint_in_graph
+        plan.checkpoint_recompute_all = True
     policy = pol.load_policy(recipe, plan)
     lora = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -122,13 +127,13 @@ def test_cudagraph_replays_give_the_compiled_layers_logprobs_and_gradients(monke
     assert (plain[-1][1] - plain[0][1]).abs().max() > 0.05
 
 
-def run_train_phases(graphs: bool, monkeypatch, overrides) -> tuple[object, list]:
+def run_train_phases(graphs: bool, monkeypatch, overrides, recompute_all: bool = False) -> tuple[object, list]:
     """grpo_step's train phase, STEPS times: three micro-batches (two lengths), each a train pass and its scaled
     backward before the next; the adapter moves after each step. Returns the plan and each step's (log-probs of each
     micro-batch, accumulated LoRA grads)."""
     from trainer import policy as pol
 
-    plan, policy, lora, g = tiny_policy(graphs, monkeypatch, overrides)
+    plan, policy, lora, g = tiny_policy(graphs, monkeypatch, overrides, recompute_all)
     scale = 2.0 ** 10 if plan.compute_dtype == "float16" else 1.0  # trainer/loss_scale.py's scaled backward
     mbs = []
     for rows, length in ((2, 48), (1, 40), (2, 48)):
@@ -174,6 +179,41 @@ def test_cudagraph_replays_run_grpos_train_phase_of_several_micro_batches(monkey
     else:
         assert recorded_graphs() == 0 and any("TRAINER_COMPILE_CUDAGRAPHS: off" in n for n in plan.notes)
     for s, ((lp_a, g_a), (lp_b, g_b)) in enumerate(zip(plain, graphed_run)):
+        for a, b in zip(lp_a, lp_b):
+            assert torch.allclose(a, b, atol=2e-3), (s, (a - b).abs().max())
+        for n in g_a:
+            assert torch.allclose(g_a[n], g_b[n], atol=1e-4, rtol=2e-2), (s, n, (g_a[n] - g_b[n]).abs().max())
+
+
+def test_the_checkpoint_recomputing_every_op_saves_less_than_the_partitioners_choice_and_replays(monkeypatch):
+    """plan.checkpoint_recompute_all (TRAINER_CKPT_RECOMPUTE_ALL): inside the compiled nf4 layers the partitioner
+    saves the 4-bit matmuls' outputs for the backward (memory.CKPT_IN_GRAPH_BYTES, measured on the H200); under the
+    policy that recomputes every op a train pass saves less, and the train phase replays from CUDA graphs with the
+    same log-probs and gradients (what lets graphs run at HF's checkpoint's memory: config A at 3.3 GB)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from trainer import policy as pol
+
+    saved = {}
+    for every in (False, True):
+        _, policy, _, g = tiny_policy(False, monkeypatch, IN_GRAPH, recompute_all=every)
+        ids = torch.randint(3, 300, (4, 48), generator=g, device="cuda")
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps, _ = pol.completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, 32:],
+                                               torch.ones(4, 16, dtype=torch.long, device="cuda"), 1.0, 4096, 8192)
+        logps.sum().backward()
+        saved[every] = sum(storages.values())
+    assert 0 < saved[True] < saved[False], saved
+    _, plain = run_train_phases(False, monkeypatch, IN_GRAPH, recompute_all=True)
+    plan, graphed = run_train_phases(True, monkeypatch, IN_GRAPH, recompute_all=True)
+    assert plan.train_cudagraphs and plan.checkpoint_recompute_all and recorded_graphs() > 0
+    for s, ((lp_a, g_a), (lp_b, g_b)) in enumerate(zip(plain, graphed)):
         for a, b in zip(lp_a, lp_b):
             assert torch.allclose(a, b, atol=2e-3), (s, (a - b).abs().max())
         for n in g_a:

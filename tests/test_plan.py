@@ -780,3 +780,36 @@ def test_cuda_graphs_are_a_candidate_where_asked_for_and_only_where_they_apply(m
     assert not cudagraphs_apply({**knobs, "checkpoint_in_graph": False})
     assert not cudagraphs_apply({**knobs, "activation_offload": True})
     assert not cudagraphs_apply({**knobs, "mlp_tile_tokens": 4096})
+
+
+def test_the_in_graph_checkpoint_recomputing_every_op_is_priced_at_hfs_memory_where_asked_for(monkeypatch):
+    # TRAINER_CKPT_RECOMPUTE_ALL=1 (plan.RECOMPUTE_ALL_REQUESTED): in-graph candidates whose checkpoint recomputes the
+    # 4-bit matmuls too, at HF's checkpoint's bytes (no memory.CKPT_IN_GRAPH_BYTES term). With CUDA graphs asked for
+    # too, config A at 3.3 GB (the one point priced above its peer, issue 26) takes both: graphs need the checkpoint
+    # inside the layers, which did not fit there before.
+    from trainer import plan as planner
+    from trainer.plan import _candidates, free_runtime_knobs, plan_context, runtime_candidates
+
+    c15 = cfg("qwen2.5-1.5b-instruct")
+    base = ["train.micro_batch_tokens=512", "model.gradient_checkpointing=true", "train.activation_offload=false",
+            "budget.vram_gb=40"]
+    r = recipe(base)
+    ctx = plan_context(c15, r, make_plan(c15, r, H100), H100)
+    assert not any(c["checkpoint_recompute_all"] for c in _candidates(r, ctx, H100))
+    monkeypatch.setattr(planner, "RECOMPUTE_ALL_REQUESTED", True)
+    cands = [c for c in _candidates(r, ctx, H100) if c["weight_format"] == "shared_nf4" and not c["kv_release"]
+             and c["logits_dtype"] == "model" and c["sync"] == "inplace"]
+    by = {(c["checkpoint_in_graph"], c["checkpoint_recompute_all"]): c for c in cands}
+    assert set(by) == {(False, False), (True, False), (True, True)}
+    hf, ig, every = by[False, False], by[True, False], by[True, True]
+    assert every["components"]["activations"] == hf["components"]["activations"] < ig["components"]["activations"]
+    assert every["predicted_phases_s"]["train"] <= hf["predicted_phases_s"]["train"]  # the in-graph launches
+    ours = ROOT / "bench" / "peers" / "ours.yaml"
+    a = load_recipe(ours, ["budget.vram_gb=3.3"])
+    assert not make_plan(c15, a, H100).checkpoint_recompute_all  # without graphs: HF's checkpoint and offload
+    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", True)
+    both = make_plan(c15, a, H100)
+    assert both.train_cudagraphs and both.checkpoint_in_graph and both.checkpoint_recompute_all
+    assert both.peak_bytes + memory.BUDGET_HEADROOM <= 3.3e9
+    loop = runtime_candidates(c15, a, both, H100, free_runtime_knobs(a, both))
+    assert loop and all(c["checkpoint_recompute_all"] and c["train_cudagraphs"] for c in loop)

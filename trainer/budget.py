@@ -257,7 +257,8 @@ class Loop:
             from trainer.policy import set_gradient_checkpointing
 
             set_gradient_checkpointing(self.policy.model, self.plan.gradient_checkpointing,
-                                       self.plan.activation_offload, checkpoint_in_graph(self.plan))
+                                       self.plan.activation_offload, checkpoint_in_graph(self.plan),
+                                       self.plan.checkpoint_recompute_all)
         if "mlp_tile_tokens" in knobs and self.policy is not None:
             from trainer.tiled_mlp import install
 

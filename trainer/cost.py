@@ -212,6 +212,9 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
         calls = math.ceil(gen / max(knobs.get("hf_batch_size") or gen, 1))
         rollout = calls * completion_len * HF_MS_PER_LAYER * dims.layers / 1e3
     gc = bool(knobs["gradient_checkpointing"]) and not knobs.get("checkpoint_in_graph")
+    # the checkpoint inside the layers recomputing every op (plan.checkpoint_recompute_all): HF's FLOPs, the in-graph
+    # launches (its floor), an estimate until measured
+    flops_gc = gc or bool(knobs["gradient_checkpointing"] and knobs.get("checkpoint_recompute_all"))
     mbt = max(min(knobs["micro_batch_tokens"], step_tokens), 1)
     micro_batches = math.ceil(step_tokens / mbt)
     # a micro-batch's forward FLOPs: linear layers and lm_head, and causal attention, quadratic in each sequence
@@ -225,7 +228,7 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
     graphed = bool(knobs.get("train_cudagraphs"))
     floor = GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, gc)]
-    grad_pass = max(floor * dims.layers, (4 if gc else 3) * forward / rate)
+    grad_pass = max(floor * dims.layers, (4 if flops_gc else 3) * forward / rate)
     free_pass = max((GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, False)]) * dims.layers / 2,
                     forward / rate)
     linears = knobs.get("trainer_linears", "nf4")

@@ -252,8 +252,8 @@ def in_graph_bytes(ctx: Context, k: dict) -> int:
     outputs of every layer for the micro-batch; none under the views (plain linears', recomputed) or where offload or
     the tiled MLP bring their own checkpoint (in_graph_applies)."""
     if not (ctx.cuda and k.get("checkpoint_in_graph") and in_graph_applies(k)
-            and k.get("trainer_linears", "nf4") != "views"):
-        return 0
+            and k.get("trainer_linears", "nf4") != "views" and not k.get("checkpoint_recompute_all")):
+        return 0  # (checkpoint_recompute_all: the matmuls recomputed too, HF's checkpoint's bytes; by design)
     d = ctx.dims
     return int(CKPT_IN_GRAPH_BYTES * d.layers * k["micro_batch_tokens"] * (d.hidden + d.intermediate))
 

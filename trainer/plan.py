@@ -31,6 +31,9 @@ PREFILL_CHUNK = 8192  # vLLM prefill tokens per engine step (max_num_batched_tok
 # TRAINER_COMPILE_CUDAGRAPHS=1 asks for the compiled layers replayed from CUDA graphs (Plan.train_cudagraphs; what was
 # measured, in trainer/policy.py): candidates with them beside the others where cudagraphs_apply, priced by cost.py.
 CUDAGRAPHS_REQUESTED = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
+# TRAINER_CKPT_RECOMPUTE_ALL=1 asks for the checkpoint inside the compiled layers to recompute every op
+# (Plan.checkpoint_recompute_all): in-graph candidates at HF's checkpoint's memory, beside the others, priced.
+RECOMPUTE_ALL_REQUESTED = os.environ.get("TRAINER_CKPT_RECOMPUTE_ALL") == "1"
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,10 @@ class Plan:
     # trainer/policy.py): a candidate where TRAINER_COMPILE_CUDAGRAPHS=1 asks for them and cudagraphs_apply; the
     # closed loop keeps the plan's value (the layers are compiled with or without the graphs once, at load).
     train_cudagraphs: bool = False
+    # With checkpoint_in_graph: every op of the checkpointed layer recomputed in the backward (a selective-checkpoint
+    # policy, trainer/policy.py), the 4-bit matmuls too, so a layer keeps HF's checkpoint's bytes, not
+    # memory.CKPT_IN_GRAPH_BYTES more; asked for by TRAINER_CKPT_RECOMPUTE_ALL=1 (not measured on a GPU yet).
+    checkpoint_recompute_all: bool = False
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     predicted_phases_s: dict[str, float] = field(default_factory=dict)  # the same by phase (rollout, train)
     # accounting
@@ -409,6 +416,8 @@ def _host_free(device: Device) -> int:
 def _describe(c: dict) -> str:
     parts = [f"micro-batch of {c['micro_batch_tokens']} tokens",
              "checkpointing " + ("on, offloaded to host memory" if c["activation_offload"] else
+                                 "on, inside the compiled layers, every op recomputed"
+                                 if c.get("checkpoint_in_graph") and c.get("checkpoint_recompute_all") else
                                  "on, inside the compiled layers" if c.get("checkpoint_in_graph") else
                                  "on" if c["gradient_checkpointing"] else "off")]
     if c.get("mlp_tile_tokens"):
@@ -515,7 +524,8 @@ def plan_knobs(plan: Plan) -> dict:
             "activation_offload", "mlp_tile_tokens",
             "weight_format", "kv_release", "token_chunk", "vocab_chunk", "hf_batch_size", "kv_cache_memory_bytes",
             "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "cudagraph_capture_sizes", "logits_dtype",
-            "hf_compiled_decode", "sync", "trainer_linears", "park_base", "train_cudagraphs")
+            "hf_compiled_decode", "sync", "trainer_linears", "park_base", "train_cudagraphs",
+            "checkpoint_recompute_all")
     return {k: getattr(plan, k) for k in keys}
 
 
@@ -568,7 +578,8 @@ def runtime_candidates(config: dict, recipe, plan: Plan, device: Device, free: s
         out += _candidates(held, ctx, device, mlp_tile=None if "mlp_tile_tokens" in free else plan.mlp_tile_tokens)
     host = host_limit(device)  # the loop never turns offload on past the host's memory
     return [c for c in out if (c["host_bytes"] <= host or c["activation_offload"] == plan.activation_offload)
-            and c["train_cudagraphs"] == plan.train_cudagraphs]  # the layers were compiled with or without them
+            and c["train_cudagraphs"] == plan.train_cudagraphs  # the layers were compiled with or without them
+            and c["checkpoint_recompute_all"] == plan.checkpoint_recompute_all]
 
 
 def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
@@ -685,7 +696,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
             continue
         knobs = dict(logits_dtype=ld, micro_batch_tokens=int(mbt), micro_batch_seqs=mb_seqs[mbt],
                      gradient_checkpointing=gc, checkpoint_in_graph=False, train_cudagraphs=False,
-                     activation_offload=off,
+                     checkpoint_recompute_all=False, activation_offload=off,
                      mlp_tile_tokens=mlp_tile_tokens, weight_format=fmt, kv_release=rel, sync=sync,
                      trainer_linears=trainer_linears(fmt, sync, recipe) if vllm else "nf4",
                      park_base=PARK_BASE and vllm and fmt == "bf16_mirror" and not cpu,
@@ -738,8 +749,9 @@ def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device:
     if want is False or not compiled or device.kind != "cuda":
         return []
     return [_priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS},
-                                  "checkpoint_in_graph": True}, compiled, device)
-            for c in filter(in_graph_applies, cands)]
+                                  "checkpoint_in_graph": True, "checkpoint_recompute_all": every}, compiled, device)
+            for c in filter(in_graph_applies, cands) for every in ((False, True) if RECOMPUTE_ALL_REQUESTED else
+                                                                   (False,))]
 
 
 # what _priced adds to a candidate's knobs

@@ -294,7 +294,8 @@ def load_policy(recipe, plan, engine=None, tokenizer=None) -> Policy:
     torch.manual_seed(recipe.train.seed)  # LoRA A's init must not depend on what ran before (e.g. building a shape)
     model = get_peft_model(model, lora)
     if plan.gradient_checkpointing:
-        set_gradient_checkpointing(model, True, plan.activation_offload, checkpoint_in_graph(plan))
+        set_gradient_checkpointing(model, True, plan.activation_offload, checkpoint_in_graph(plan),
+                                   plan.checkpoint_recompute_all)
     if plan.mlp_tile_tokens:
         from trainer.tiled_mlp import install
 
@@ -334,13 +335,15 @@ def sampler_rounding_on(recipe, plan) -> bool:
     return SAMPLER_ROUNDING and sampler_rounding_applies(recipe, plan.compute_dtype)
 
 
-def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False) -> None:
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool = False, in_graph: bool = False,
+                               recompute_all: bool = False) -> None:
     """Recompute each decoder layer's activations in backward (on) or keep them (off), with the checkpointed layer
     inputs in pinned host memory (offload, trainer/offload.py), or the checkpoint inside each layer's forward, for
-    torch.compile to trace (in_graph, plan.checkpoint_in_graph); may change between steps."""
+    torch.compile to trace (in_graph, plan.checkpoint_in_graph; recompute_all: every op recomputed in the backward,
+    plan.checkpoint_recompute_all); may change between steps."""
     for layer in model.get_base_model().model.layers:
         if (on and in_graph) or hasattr(layer, "_trainer_forward"):  # HF's path alone leaves the layers untouched
-            _checkpoint_in_forward(layer, on and in_graph)
+            _checkpoint_in_forward(layer, on and in_graph, recompute_all)
     if on and not in_graph:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if offload:
@@ -351,9 +354,12 @@ def set_gradient_checkpointing(model: torch.nn.Module, on: bool, offload: bool =
         model.gradient_checkpointing_disable()
 
 
-def _checkpoint_in_forward(layer: torch.nn.Module, on: bool) -> None:
-    """The layer's forward checkpointed when `on` and gradients are being recorded (the flag is read inside the
-    forward: torch.compile guards on it and recompiles once when it changes)."""
+def _checkpoint_in_forward(layer: torch.nn.Module, on: bool, recompute_all: bool = False) -> None:
+    """The layer's forward checkpointed when `on` and gradients are being recorded (the flags are read inside the
+    forward: torch.compile guards on them and recompiles once when one changes). `recompute_all`: a selective
+    checkpoint policy that recomputes every op, so that AOTAutograd's partitioner keeps the layer's inputs alone
+    instead of the 4-bit matmuls' outputs it chooses to save (memory.CKPT_IN_GRAPH_BYTES): HF's checkpoint's memory,
+    inside the compiled graph (where CUDA graphs can replay it: plan.cudagraphs_apply)."""
     if not hasattr(layer, "_trainer_forward"):
         from torch.utils.checkpoint import checkpoint
 
@@ -361,11 +367,19 @@ def _checkpoint_in_forward(layer: torch.nn.Module, on: bool) -> None:
 
         def forward(*args, **kwargs):
             if layer._trainer_checkpoint and torch.is_grad_enabled():
-                return checkpoint(layer._trainer_forward, *args, use_reentrant=False, **kwargs)
+                extra = {"context_fn": _recompute_everything} if layer._trainer_recompute_all else {}
+                return checkpoint(layer._trainer_forward, *args, use_reentrant=False, **extra, **kwargs)
             return layer._trainer_forward(*args, **kwargs)
 
         layer.forward = forward
-    layer._trainer_checkpoint = on
+    layer._trainer_checkpoint, layer._trainer_recompute_all = on, recompute_all
+
+
+def _recompute_everything():
+    """torch.utils.checkpoint's context_fn: every op of the checkpointed forward recomputed in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_RECOMPUTE)
 
 
 def _load_own_base(recipe, plan, path: Path, device: torch.device, dtype: torch.dtype):
