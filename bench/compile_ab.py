@@ -50,7 +50,10 @@ CUDA graph trees, where plan.cudagraphs_apply) on the eight 286-token micro-batc
 host-bound train phases with the checkpoint inside the layers: steady_train_ratio is the point (cost.py's
 GRAPHED_LAYER_FLOOR_S, one H100 config so far), and the peaks say what the trees' pool holds (the plan does not count
 it). A at 3.3 GB ran with it on 2026-12-07 (HF's checkpoint with offload: re-recorded every step); the plan now keeps
-the graphs off there. Each config
+the graphs off there. SWITCH small_graphs: both TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL (the
+checkpoint inside the layers recomputing every op, Plan.checkpoint_recompute_all, at HF's checkpoint's memory) on A at
+3.3 GB, which the planner then takes (384-token micro-batches, predicted 1.85 s against 2.35 on the H200's costs):
+steady_step_ratio and the peak against the plan are the point. Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -103,6 +106,9 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
             "mirror_direct": ("TRAINER_MIRROR_DIRECT", "1", ["A-mirror", "B-mirror"]),
             "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286", "0.5b-mb286"]),
+            # CUDA graphs at a small budget: with the in-graph checkpoint recomputing every op
+            # (TRAINER_CKPT_RECOMPUTE_ALL) they fit config A at 3.3 GB, where the graphs alone are not planned
+            "small_graphs": (("TRAINER_COMPILE_CUDAGRAPHS", "TRAINER_CKPT_RECOMPUTE_ALL"), "1", ["A-small"]),
             # vLLM's LoRA kernels under the configs bench/lora_tune.py wrote earlier in the sitting (queue item
             # `lora_tune` before it), against vLLM's defaults: the fast budget (bf16 mirror) and the small one
             "lora_tuned": ("VLLM_TUNED_CONFIG_FOLDER", os.environ.get("SITTING_ROOT", "/root") + "/results/lora_tune/configs",
@@ -120,6 +126,11 @@ OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollou
        "lora_tuned": "/nonexistent/vllm-default-lora-configs"}
 
 
+def _vars(var: str | tuple) -> tuple:
+    """A switch's environment variables: one, or several set together (small_graphs)."""
+    return var if isinstance(var, tuple) else (var,)
+
+
 def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> dict:
     from bench.smi import watched
     from trainer.metrics import read_metrics
@@ -129,7 +140,7 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
     # a switch's own default run, so that two switches' A/Bs in one sitting keep both
     name = f"{config}_{variant}" if variant != "default" or "+" in switch else f"{config}_default_for_{switch}"
     run_dir = Path(os.environ.get("RUNS", "/root/runs")) / f"compile_ab_{name}"
-    switch_vars = {name for name, _, _ in SWITCHES.values()}  # each run sets the ones it measures and no other
+    switch_vars = {v for var, _, _ in SWITCHES.values() for v in _vars(var)}  # each run sets the ones it measures
     env = {k: v for k, v in os.environ.items() if k not in switch_vars}
     on = [] if variant.startswith("default") else variant.split("+")  # a ladder's rung sets several
     for part in switch.split("+"):
@@ -140,7 +151,7 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
         if var == "--set":
             overrides = overrides + [value]
         else:
-            env[var] = value
+            env.update(dict.fromkeys(_vars(var), value))
     cmd = [sys.executable, "-m", "trainer.cli", "bench/peers/ours.yaml", "--output-dir", str(run_dir), "--overwrite",
            "--set", f"train.max_steps={steps}", "--set", f"budget.vram_gb={budget}"]
     for o in overrides:
