@@ -46,9 +46,12 @@ def test_the_tuner_times_vllms_kernels_as_the_engine_calls_them_and_vllm_reads_i
 SHIPPED_READ = """
 import json, os, sys, torch
 torch.cuda.get_device_name = lambda *a: "NVIDIA H100 80GB HBM3"
-os.environ["VLLM_TUNED_CONFIG_FOLDER"] = sys.argv[1]
 import vllm.lora.ops.triton_ops.utils as u
-print(json.dumps([u.get_lora_op_configs("shrink", 2, 8, 1536, 16, 3),
+from trainer.rollout import vllm_internals as vi
+default = u.get_lora_op_configs("shrink", 2, 8, 1536, 16, 3)  # no folder yet: vLLM's default, cached
+os.environ["VLLM_TUNED_CONFIG_FOLDER"] = sys.argv[1]
+assert vi.forget_lora_op_configs()  # what the engine calls before it starts
+print(json.dumps([default, u.get_lora_op_configs("shrink", 2, 8, 1536, 16, 3),
                   u.get_lora_op_configs("expand", 2, 8, 8960, 16, 2, add_inputs=True)]))
 """
 
@@ -56,7 +59,7 @@ print(json.dumps([u.get_lora_op_configs("shrink", 2, 8, 1536, 16, 3),
 def test_shipped_configs_are_used_only_where_they_cover_the_card_and_the_models_shapes(monkeypatch):
     """trainer/rollout/lora_kernels.py: the configs tuned on an H100 for the 1.5B shape at r16 apply there and nowhere
     else (vLLM would take another shape's nearest K / N, or raise on a missing slice count), a folder the user set is
-    kept, and vLLM's own loader reads the shipped files for that card."""
+    kept, and vLLM's own loader reads the shipped files for that card, again after its process cache is cleared."""
     from trainer.rollout import lora_kernels as lk
     from trainer.shapes import config_dict
 
@@ -73,13 +76,16 @@ def test_shipped_configs_are_used_only_where_they_cover_the_card_and_the_models_
     monkeypatch.delenv(lk.ENV, raising=False)
     assert "vLLM's default" in lk.use_tuned(config_dict("qwen2.5-7b"), 16, h100) and lk.ENV not in os.environ
     assert "tuned for" in lk.use_tuned(c15, 16, h100) and os.environ[lk.ENV] == str(lk.SHIPPED)
+    # a second engine in the same process, on a model without configs: its own decision, not the first one's
+    assert "vLLM's default" in lk.use_tuned(config_dict("qwen2.5-7b"), 16, h100) and lk.ENV not in os.environ
     monkeypatch.setenv(lk.ENV, "/the/users/own")
     assert "set by the user" in lk.use_tuned(c15, 16, h100) and os.environ[lk.ENV] == "/the/users/own"
     if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm")
     out = subprocess.run([sys.executable, "-c", SHIPPED_READ, str(lk.SHIPPED)], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=300)
-    qkv_shrink, gate_up_expand = json.loads(out.stdout.strip().splitlines()[-1])
+    default, qkv_shrink, gate_up_expand = json.loads(out.stdout.strip().splitlines()[-1])
+    assert default != qkv_shrink  # read again after the cache was cleared (vLLM caches per process)
     expand = json.loads((lk.SHIPPED / "NVIDIA_H100_80GB_HBM3_EXPAND_TRUE.json").read_text())
     assert qkv_shrink == json.loads((lk.SHIPPED / "NVIDIA_H100_80GB_HBM3_SHRINK.json").read_text())["2"]["3"]["8"][
         "1536"]["16"]

@@ -75,10 +75,11 @@ def use_tuned(config: dict, rank: int, card: str) -> str:
     """Points vLLM at the shipped configs where they cover this card and model (before the engine's first LoRA
     kernel: vLLM caches the file it read); a folder the user set is left as it is. Returns what was decided, for
     the log and engine.json."""
-    if os.environ.get(ENV):
+    if os.environ.get(ENV) and os.environ[ENV] != str(SHIPPED):  # not an earlier engine's choice in this process
         return f"{ENV}={os.environ[ENV]} (set by the user)"
     folder = tuned_folder(config, rank, card)
     if folder is None:
+        os.environ.pop(ENV, None)
         return f"vLLM's default LoRA kernel configs (none tuned for {card} at this model's shapes, rank {rank})"
     os.environ[ENV] = str(folder)
     return f"LoRA kernel configs tuned for {card} at this model's shapes (rank {rank}): {folder}"

@@ -128,6 +128,7 @@ class VLLMEngine:
         if kw.get("enable_lora") and torch.cuda.is_available() and (path / "config.json").is_file():
             from trainer.rollout import lora_kernels  # configs tuned for this card and shape, where they are shipped
 
+            self.vi.forget_lora_op_configs()  # read again for this engine: vLLM caches them for the process
             self.info["lora_kernels"] = lora_kernels.use_tuned(json.loads((path / "config.json").read_text()),
                                                                kw["max_lora_rank"], torch.cuda.get_device_name())
             log.info("vLLM: %s", self.info["lora_kernels"])

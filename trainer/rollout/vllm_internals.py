@@ -545,3 +545,19 @@ def _count_greater_or_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tens
     if x.shape[0] <= rows:
         return (x >= values).sum(-1)
     return torch.cat([(x[i:i + rows] >= values[i:i + rows]).sum(-1) for i in range(0, x.shape[0], rows)])
+
+
+def forget_lora_op_configs() -> bool:
+    """vLLM 0.26 caches the LoRA kernel configs it read for the process (lora/ops/triton_ops/utils.py:
+    `load_lora_op_config` and `get_lora_op_configs`, functools.lru_cache, keyed by op and shape, not by the folder):
+    an engine started after another, with another model or folder (trainer/rollout/lora_kernels.py), would keep the
+    first one's. Cleared before each engine starts. Returns whether this vLLM has them."""
+    try:
+        from vllm.lora.ops.triton_ops import utils
+    except ImportError:  # a vLLM without Triton LoRA ops
+        return False
+    cached = [getattr(utils, n, None) for n in ("load_lora_op_config", "get_lora_op_configs")]
+    for f in cached:
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
+    return all(hasattr(f, "cache_clear") for f in cached)
