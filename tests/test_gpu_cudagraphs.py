@@ -163,12 +163,13 @@ def assert_same_train_phases(plain: list, graphed: list) -> None:
             assert torch.allclose(g_a[n], g_b[n], atol=1e-4, rtol=2e-2), (s, n, (g_a[n] - g_b[n]).abs().max())
 
 
+# bf16 with the checkpoint in graph runs in the last test (with recompute_all) and, one backward a pass, in the first:
+# not again here (a case took 25-31 s of the H100 sitting of 2026-12-07 16:22: its pytest_gpu.txt durations)
 @pytest.mark.parametrize("overrides,graphed", [
-    (IN_GRAPH, True),
     (("model.dtype=float16", "model.gradient_checkpointing=true", "train.checkpoint_in_graph=true"), True),
     (("model.dtype=bfloat16", "model.gradient_checkpointing=false"), True),
     (("model.dtype=bfloat16", "model.gradient_checkpointing=true", "train.checkpoint_in_graph=false"), False),
-], ids=["bf16-checkpoint-in-graph", "fp16-checkpoint-in-graph", "bf16-no-checkpoint", "bf16-hf-checkpoint"])
+], ids=["fp16-checkpoint-in-graph", "bf16-no-checkpoint", "bf16-hf-checkpoint"])
 def test_cudagraph_replays_run_grpos_train_phase_of_several_micro_batches(monkeypatch, overrides, graphed):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
