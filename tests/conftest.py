@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-init Qwen2 models and tokenizers built in seconds, no hub."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -64,6 +65,22 @@ def tiny_qwen2(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
                       tie_word_embeddings=True, initializer_range=0.1)
     return Qwen2ForCausalLM(cfg).to(dtype)
+
+
+@contextlib.contextmanager
+def kept_for_backward(owned=()):
+    """What autograd saves for the backward inside the block, other than the storages of the `owned` tensors (a
+    model's own weights): {storage address: bytes}, each storage once; sum(.values()) is what the backward holds."""
+    skip = {t.untyped_storage().data_ptr() for t in owned}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
 
 
 def run_train(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_qwen2
+from tests.conftest import ROOT, kept_for_backward, tiny_qwen2
 from trainer import budget, memory
 from trainer.cap import MARGIN, Cap
 from trainer.memory import GB, MiB
@@ -330,15 +330,7 @@ def test_a_checkpoint_inside_the_compiled_layers_saves_their_inputs_only_and_tra
         for layer in model.get_base_model().model.layers:
             layer.compile()
         model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept: dict[int, int] = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with kept_for_backward(model.parameters()) as kept:
             hidden = model.get_base_model().model(input_ids=ids, use_cache=False).last_hidden_state
         hidden.float().pow(2).mean().backward()
         return sum(kept.values()), [p.grad.clone() for p in model.parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kept_for_backward
 from trainer.plan import Device, checkpoint_in_graph, make_plan
 from trainer.policy import completion_logprobs, load_policy, read_config
 from trainer.recipe import load_recipe
@@ -497,13 +497,7 @@ def _in_graph_pass(monkeypatch, recompute_all: bool) -> tuple[torch.Tensor, dict
             for p in policy.trainable_parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         ids = torch.randint(3, 300, (2, 40), generator=g)
-        saved: dict[int, int] = {}
-
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with kept_for_backward([*policy.model.parameters(), *policy.model.buffers()]) as saved:
             logps, _ = completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, 24:],
                                            torch.ones(2, 16, dtype=torch.long), 1.0, 4096, 8192)
         logps.sum().backward()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kept_for_backward
 
 pytestmark = pytest.mark.gpu
 
@@ -205,13 +205,7 @@ def test_the_checkpoint_recomputing_every_op_saves_less_than_the_partitioners_ch
     for every in (False, True):
         _, policy, _, g = tiny_policy(False, monkeypatch, IN_GRAPH, recompute_all=every)
         ids = torch.randint(3, 300, (4, 48), generator=g, device="cuda")
-        storages: dict[int, int] = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with kept_for_backward([*policy.model.parameters(), *policy.model.buffers()]) as storages:
             logps, _ = pol.completion_logprobs(policy, ids, torch.ones_like(ids), ids[:, 32:],
                                                torch.ones(4, 16, dtype=torch.long, device="cuda"), 1.0, 4096, 8192)
         logps.sum().backward()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import tiny_qwen2
+from tests.conftest import kept_for_backward, tiny_qwen2
 from trainer import nf4_linear
 
 LAYERS, HIDDEN, TOKENS = 2, 64, 48  # TOKENS is no weight dimension, so no activation has a weight's shape
@@ -79,16 +79,8 @@ def test_compiled_traced_layers_run_no_bitsandbytes_4bit_op_and_keep_no_dequanti
             layer.compile()
         _step(model, IDS)  # compile
         model.zero_grad()
-        owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-        kept: dict[int, int] = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in owned:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with kept_for_backward([*model.parameters(), *model.buffers()]) as kept:
                 logits = model(input_ids=IDS, use_cache=False).logits
             logits.float().pow(2).mean().backward()
         ops = {e.key for e in prof.key_averages()}
