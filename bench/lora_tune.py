@@ -189,12 +189,14 @@ def _interpreted_triton() -> None:
 def main(out: Path, specs: list[str]) -> dict:
     import torch
 
+    from trainer.rollout.lora_kernels import card_file_prefix
+
     if not torch.cuda.is_available():
         _interpreted_triton()
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    gpu = torch.cuda.get_device_name().replace(" ", "_").replace("-", "_") if cuda else "cpu"
+    gpu = card_file_prefix(torch.cuda.get_device_name()) if cuda else "cpu"  # as vLLM names the files
     files: dict[str, dict] = {"SHRINK": {}, "EXPAND_TRUE": {}}
     rows = []
     for spec in specs:

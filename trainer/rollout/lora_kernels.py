@@ -3,9 +3,9 @@
 vLLM 0.26's LoRA shrink/expand Triton kernels take one default config whatever the shape (the shrink splits K 64
 ways with 256-wide tiles at every decode batch), and read tuned ones from VLLM_TUNED_CONFIG_FOLDER: one file per card
 and kernel ({card}_SHRINK.json, {card}_EXPAND_TRUE.json), keyed max_loras -> slices -> batch -> K -> N.
-bench/lora_tune.py writes them; lora_configs/ beside this file ships those measured to win. Where a file lacks the run's K or N, vLLM
-takes the nearest (another model's config, never timed on this one) and where it lacks the slice count it raises, so a
-folder is used only where it holds every shape the run's layers look up, at every batch it lists.
+bench/lora_tune.py writes them; lora_configs/ beside this file ships those measured to win. Where a file lacks the
+run's K or N, vLLM takes the nearest (another model's config, never timed on this one) and where it lacks the slice
+count it raises, so a folder is used only where it holds every shape the run's layers look up, at every batch it lists.
 
 Measured on one H100 (2026-12-07, bench/results/queue_2026-12-07/g): for the 1.5B shape at r16 the tuned kernels of a
 decode step at 8 sequences took 0.759 ms against 1.037 (0.73x), and config A's rollout (256 token steps, 8 sequences)
@@ -14,11 +14,8 @@ decode step at 8 sequences took 0.759 ms against 1.037 (0.73x), and config A's r
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).with_name("lora_configs")
 FILES = {"shrink": "SHRINK", "expand": "EXPAND_TRUE"}  # the engine's expand adds into the base layer's output
