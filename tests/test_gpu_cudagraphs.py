@@ -215,3 +215,41 @@ def test_the_checkpoint_recomputing_every_op_saves_less_than_the_partitioners_ch
     plan, graphed = run_train_phases(True, monkeypatch, IN_GRAPH, recompute_all=True)
     assert plan.train_cudagraphs and plan.checkpoint_recompute_all and recorded_graphs() > 0
     assert_same_train_phases(plain, graphed)
+
+
+def test_sampled_lengths_replay_the_graphs_recorded_for_their_buckets(monkeypatch):
+    """GRPO samples new lengths every step. Grouped and padded as grpo_step does where the plan replays graphs
+    (trainer/batch.py groups_of_step, trainer/graph_lengths.py), the micro-batches of six steps whose trimmed widths all
+    differ come in two shapes: the graphs recorded in the first steps replay in the later ones, none recorded after."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from types import SimpleNamespace
+
+    from trainer import policy as pol
+    from trainer.batch import build_batch, groups_of_step, micro_batch
+    from trainer.types import Generations
+
+    plan, policy, lora, g = tiny_policy(True, monkeypatch)
+    assert plan.train_cudagraphs and policy.cudagraphs
+    shape = SimpleNamespace(micro_batch_tokens=96, max_model_len=48, micro_batch_seqs=None)  # 2 rows of <= 48
+    counts, trimmed, padded_shapes, cpu = [], set(), set(), torch.Generator().manual_seed(0)
+    for step in range(6):
+        # two rows padded to the 48-token bucket (widths 38-43) and two to the 32-token one (19-24), new widths a step
+        prompts = [torch.randint(3, 300, (n,), generator=cpu).tolist() for n in (10, 12, 9, 11)]
+        comps = [torch.randint(3, 300, (n,), generator=cpu).tolist() for n in (26 + step, 20, 8 + step, 5)]
+        batch = build_batch(prompts, ["p"] * 4, Generations(comps, None, [False] * 4), 1, 0,
+                            lambda ids: [""] * len(ids), False, False)
+        groups, padded = groups_of_step(batch.seq_lengths.tolist(), shape, graphs=True)
+        for rows in groups:
+            mb = micro_batch(batch, rows, "cuda", padded)
+            trimmed.add(micro_batch(batch, rows, "cpu").input_ids.shape)
+            padded_shapes.add(mb.input_ids.shape)
+            logps, _ = pol.completion_logprobs(policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
+                                               mb.completion_valid, 1.0, 4096, 8192)
+            (-(logps * mb.completion_valid).sum() / mb.completion_valid.sum()).backward()
+        policy.model.zero_grad(set_to_none=True)
+        move_adapter(lora, g)
+        torch.cuda.synchronize()
+        counts.append(recorded_graphs())
+    assert padded_shapes == {(2, 48), (2, 32)} and len(trimmed) == 12, (padded_shapes, trimmed)
+    assert counts[2] > 0 and counts[2] == counts[-1], counts  # recorded in the first steps, replayed after

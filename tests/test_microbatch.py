@@ -3,13 +3,15 @@ in any phase is one message naming the phase and the knob, with exit code 4 and 
 from __future__ import annotations
 
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.conftest import ROOT, run_train, tiny_qwen2
-from trainer import checkpoint
-from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
+from trainer import checkpoint, graph_lengths
+from trainer.batch import build_batch, fixed_chunks, groups_of_step, micro_batch, pack, take
 from trainer.is_correction import sampler_is_ratio
 from trainer.loss import LossConfig, policy_loss, token_weights
 from trainer.metrics import GCPauses
@@ -50,13 +52,13 @@ def setup():
     return policy, batch
 
 
-def _loss_and_grads(policy, batch, cfg, groups):
+def _loss_and_grads(policy, batch, cfg, groups, padded=None):
     params = [p for p in policy.model.parameters() if p.requires_grad]
     policy.model.zero_grad()
     weights = token_weights(batch.completion_mask, cfg)
     total = 0.0
     for rows in groups:
-        mb = micro_batch(batch, rows, "cpu")
+        mb = micro_batch(batch, rows, "cpu", padded)
         lp, _ = completion_logprobs(policy, mb.input_ids, mb.attention_mask, mb.completion_ids, mb.completion_valid,
                                     1.0, 16, 64)
         mask = take(batch.completion_mask, mb, "cpu")
@@ -79,6 +81,53 @@ def test_token_packed_micro_batches_equal_one_big_batch(setup, case):
     assert abs(loss - big_loss) < 1e-5
     for a, b in zip(grads, big_grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", LOSSES[:1] + LOSSES[-3:], ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_micro_batches_of_the_graphs_shapes_equal_one_big_batch(setup, case):
+    """Where the train phase replays CUDA graphs (trainer/graph_lengths.py): a fixed number of rows a micro-batch, each
+    padded past its longest row to a bucket, leave the loss and the gradients as they are."""
+    policy, batch = setup
+    cfg = LossConfig(max_completion_length=40, **case)
+    big_loss, big_grads = _loss_and_grads(policy, batch, cfg, [list(range(16))])
+    # as a recipe of max_prompt_length 128 and max_completion_length 40 plans it: 168 tokens, two a micro-batch
+    plan = SimpleNamespace(micro_batch_tokens=336, max_model_len=128 + 40, micro_batch_seqs=None)
+    groups, padded = groups_of_step(batch.seq_lengths.tolist(), plan, graphs=True)
+    assert [len(g) for g in groups] == [2] * 8
+    mbs = [micro_batch(batch, rows, "cpu", padded) for rows in groups]
+    trimmed = [micro_batch(batch, rows, "cpu").input_ids.size(1) for rows in groups]
+    assert all(mb.input_ids.size(1) >= t for mb, t in zip(mbs, trimmed))
+    assert {mb.input_ids.size(1) for mb in mbs} <= set(graph_lengths.buckets(168))
+    assert max(mb.c_len for mb in mbs) > batch.completion_ids.size(1)  # padded past the batch's own width
+    loss, grads = _loss_and_grads(policy, batch, cfg, groups, padded)
+    assert abs(loss - big_loss) < 1e-5
+    for a, b in zip(grads, big_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_graph_buckets_pad_little_and_keep_the_shapes_of_many_steps_few():
+    for longest in (54, 384, 640, 1054, 4224):
+        b = graph_lengths.buckets(longest)
+        assert list(b) == sorted(set(b)) and all(x % 16 == 0 for x in b[:-1]) and b[-1] == longest
+        assert len(b) <= 5 + max(0.0, math.log(longest / 64) / math.log(8 / 7)), (longest, b)  # 640: 21, 4k: 35
+        for length in range(1, longest + 1):
+            padded = graph_lengths.bucket(length, longest)
+            assert length <= padded < length * 8 / 7 + 16, (longest, length, padded)
+        assert graph_lengths.bucket(longest + 5, longest) == -(-(longest + 5) // 16) * 16  # a longer trajectory
+        for budget in (longest, 2 * longest + 40, 8 * longest):  # every micro-batch fits the token budget padded
+            rows = graph_lengths.rows_per_micro_batch(budget, longest)
+            assert rows * graph_lengths.bucket(longest, longest) <= budget and rows == budget // longest
+    # 200 steps of 64 sampled lengths (prompt 20-128, completion 1-512): the shapes the layers meet
+    g = torch.Generator().manual_seed(0)
+    plan = SimpleNamespace(micro_batch_tokens=2048, max_model_len=640, micro_batch_seqs=None)
+    shapes, packed = set(), set()
+    for _ in range(200):
+        lengths = (torch.randint(20, 129, (64,), generator=g) + torch.randint(1, 513, (64,), generator=g)).tolist()
+        groups, padded = groups_of_step(lengths, plan, graphs=True)
+        assert sorted(i for gr in groups for i in gr) == list(range(64))
+        shapes |= {(len(gr), padded(max(lengths[i] for i in gr))) for gr in groups}
+        packed |= {(len(gr), max(lengths[i] for i in gr)) for gr in pack(lengths, 2048)}
+    assert len(shapes) <= 2 * len(graph_lengths.buckets(640)) and len(packed) > 10 * len(shapes), (shapes, len(packed))
 
 
 def test_pack_covers_every_row_once_within_budget_and_pads_less_than_fixed():

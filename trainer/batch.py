@@ -6,11 +6,13 @@ loss weights are computed once for the whole batch (trainer/loss.py), so packing
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from trainer import graph_lengths
 from trainer.env import to_device
 from trainer.types import Generations, RolloutBatch
 
@@ -80,6 +82,18 @@ def pack(lengths: list[int], token_budget: int) -> list[list[int]]:
     return groups
 
 
+def groups_of_step(lengths: list[int], plan, graphs: bool) -> tuple[list[list[int]], functools.partial | None]:
+    """The step's micro-batches (row indices) and the length each is padded to (None: its rows' own): packed by the
+    plan's token budget, or its fixed count of rows; a fixed count and a few lengths where the train phase replays
+    CUDA graphs (trainer/graph_lengths.py)."""
+    if graphs:
+        rows = graph_lengths.rows_per_micro_batch(plan.micro_batch_tokens, plan.max_model_len, plan.micro_batch_seqs)
+        return graph_lengths.groups(lengths, rows), functools.partial(graph_lengths.bucket, longest=plan.max_model_len)
+    if plan.micro_batch_seqs is None:
+        return pack(lengths, plan.micro_batch_tokens), None
+    return fixed_chunks(len(lengths), plan.micro_batch_seqs), None
+
+
 def fixed_chunks(n: int, size: int) -> list[list[int]]:
     """Fixed micro-batches of `size` rows in batch order (for comparison with `pack`)."""
     return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
@@ -104,20 +118,32 @@ class MicroBatch:
         return int(self.attention_mask.sum())
 
 
-def micro_batch(batch: RolloutBatch, rows: list[int], device) -> MicroBatch:
+def micro_batch(batch: RolloutBatch, rows: list[int], device, length=None) -> MicroBatch:
+    """The rows trimmed to their longest prompt and completion; `length(tokens) -> padded tokens`
+    (trainer/graph_lengths.py, where the plan replays CUDA graphs) pads the completion side further, with columns out
+    of every mask."""
     idx = torch.tensor(rows, dtype=torch.long)
     p_mask = batch.prompt_mask[idx]
     p_keep = int(p_mask.sum(1).max())
     c_valid = batch.completion_valid[idx]
     c_keep = max(1, int(c_valid.sum(1).max()))
+    width = c_keep if length is None else length(p_keep + c_keep) - p_keep
     p_ids = batch.prompt_ids[idx][:, -p_keep:]
-    c_ids = batch.completion_ids[idx][:, :c_keep]
-    c_valid = c_valid[:, :c_keep]
+    c_ids = _width(batch.completion_ids[idx][:, :c_keep], width)
+    c_valid = _width(c_valid[:, :c_keep], width)
     input_ids = to_device(torch.cat([p_ids, c_ids], 1), device)
     mask = to_device(torch.cat([p_mask[:, -p_keep:], c_valid], 1), device)
-    own = c_valid if batch.sampled is None else batch.sampled[idx][:, :c_keep]
-    return MicroBatch(idx, input_ids, mask, to_device(c_ids, device), to_device(c_valid, device), c_keep,
+    own = c_valid if batch.sampled is None else _width(batch.sampled[idx][:, :c_keep], width)
+    return MicroBatch(idx, input_ids, mask, to_device(c_ids, device), to_device(c_valid, device), width,
                       to_device(own, device))
+
+
+def _width(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, c] trimmed, or right-padded with zeros (token ids, masks and log-probs alike: out of every mask) to `width`
+    columns."""
+    if t.size(1) >= width:
+        return t[:, :width]
+    return torch.cat([t, t.new_zeros((t.size(0), width - t.size(1)))], 1)
 
 
 def take(t: torch.Tensor | None, mb: MicroBatch, device) -> torch.Tensor | None:
@@ -126,5 +152,5 @@ def take(t: torch.Tensor | None, mb: MicroBatch, device) -> torch.Tensor | None:
         return None
     t = t[mb.rows]
     if t.dim() == 2 and t.size(1) > 1:
-        t = t[:, :mb.c_len]
+        t = _width(t, mb.c_len)
     return to_device(t, device)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from trainer import budget, checkpoint, distributed, fp16_range, is_correction, oom
-from trainer.batch import build_batch, fixed_chunks, micro_batch, pack, take
+from trainer.batch import build_batch, groups_of_step, micro_batch, take
 from trainer.cap import Cap, apply_segments
 from trainer.data import PromptSet
 from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
@@ -158,14 +158,13 @@ def grpo_step(s: State, step: int) -> dict:
     if s.world.size > 1:
         s.times["barrier"] += time.perf_counter() - t0
     weights = token_weights(batch.completion_mask, s.loss_cfg, total_tokens=counts[0], num_sequences=int(counts[1]))
-    groups = (pack(batch.seq_lengths.tolist(), plan.micro_batch_tokens) if plan.micro_batch_seqs is None
-              else fixed_chunks(len(batch), plan.micro_batch_seqs))
+    groups, padded = groups_of_step(batch.seq_lengths.tolist(), plan, s.policy.cudagraphs)
     with s.timed("recompute"):
         if g.beta != 0.0:
             with s.policy.reference():
-                batch.ref_logps = logprobs_pass(s, batch, groups)
+                batch.ref_logps = logprobs_pass(s, batch, groups, padded)
         if g.num_iterations > 1:
-            batch.old_logps = logprobs_pass(s, batch, groups)
+            batch.old_logps = logprobs_pass(s, batch, groups, padded)
     # 4. Policy-gradient update(s): backward over micro-batches, then one optimizer step per iteration, and
     # 5. weight sync after each: the engine samples the next step from the updated adapter (and where the trainer
     # computes on the engine's merged rows, trainer/merged_linear.py, its next iteration sees that adapter too).
@@ -173,7 +172,7 @@ def grpo_step(s: State, step: int) -> dict:
     for it in range(g.num_iterations):
         with s.timed("train"):
             for rows in groups:
-                mb = micro_batch(batch, rows, s.policy.device)
+                mb = micro_batch(batch, rows, s.policy.device, padded)
                 logps, ent = completion_logprobs(s.policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
                                                  mb.completion_valid, g.temperature, plan.token_chunk,
                                                  plan.vocab_chunk, entropy=it == 0, logits_dtype=plan.logits_dtype)
@@ -210,15 +209,16 @@ def length_mix(recipe, count: int, seed: int) -> list[int] | None:
 
 
 @torch.no_grad()
-def logprobs_pass(s: State, batch: RolloutBatch, groups: list[list[int]]) -> torch.Tensor:
+def logprobs_pass(s: State, batch: RolloutBatch, groups: list[list[int]], padded=None) -> torch.Tensor:
     """Per-token log-probs of the whole batch without gradient (old policy, or reference inside `reference()`)."""
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
     for rows in groups:
-        mb = micro_batch(batch, rows, s.policy.device)
+        mb = micro_batch(batch, rows, s.policy.device, padded)
         logps, _ = completion_logprobs(s.policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
                                        mb.completion_valid, s.recipe.grpo.temperature, s.plan.token_chunk,
                                        s.plan.vocab_chunk, logits_dtype=s.plan.logits_dtype)
-        out[mb.rows, :mb.c_len] = logps.float().cpu()
+        width = min(mb.c_len, out.size(1))  # past the batch's width: padding (trainer/graph_lengths.py)
+        out[mb.rows, :width] = logps[:, :width].float().cpu()
     return out
 
 
