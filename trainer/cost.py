@@ -26,6 +26,8 @@ import functools
 import math
 import re
 
+from trainer import graph_lengths
+
 # vLLM decode, ms per token step at 8 sequences: (fixed, per 1e9 linear parameters), and the step's growth per unit of
 # t = (log2(sequences) - 3) / 3 (0 at 8, 1 at 64; no speed-up below 8: the H200 grid's 1- and 4-sequence rollouts ran
 # at 8's step time). Fitted to the H200 grid's steady rollouts with ROLLOUT_CALL_S and WAVE_S taken out first
@@ -219,6 +221,11 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     micro_batches = math.ceil(step_tokens / mbt)
     # a micro-batch's forward FLOPs: linear layers and lm_head, and causal attention, quadratic in each sequence
     seq = step_tokens / max(gen, 1)
+    graphed = bool(knobs.get("train_cudagraphs"))
+    if graphed:  # a fixed number of rows a micro-batch (trainer/graph_lengths.py), the longest priced as the others
+        rows = graph_lengths.rows_per_micro_batch(knobs["micro_batch_tokens"], max(round(seq), 1),
+                                                  knobs.get("micro_batch_seqs"))
+        micro_batches, mbt = math.ceil(gen / rows), rows * seq
     head = dims.vocab * dims.hidden
     attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * mbt / seq
     forward = 2 * (linear_params + head) * mbt + attn
@@ -226,7 +233,6 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     rate = (LONG_TRAIN_FLOPS if knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS) * compute
     # each micro-batch costs the larger of its host-bound floor and its compute (dispatch runs ahead of the GPU);
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
-    graphed = bool(knobs.get("train_cudagraphs"))
     floor = GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, gc)]
     grad_pass = max(floor * dims.layers, (4 if flops_gc else 3) * forward / rate)
     free_pass = max((GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, False)]) * dims.layers / 2,
