@@ -46,10 +46,11 @@ TRAINER_COMPILE_INPUT_GRAD (compile_shapes.first_input_needs_grad: the first lay
 the later layers' do, one guard variant fewer) on B at 14.5 GB (the H200 row that compiled ten graphs for that
 variant) and A at 3.3 GB (short micro-batches): first_two_s and compile_s say what it saves. SWITCH
 train_cudagraphs: TRAINER_COMPILE_CUDAGRAPHS (Plan.train_cudagraphs: the compiled layers replayed from inductor's
-CUDA graph trees, where plan.cudagraphs_apply) on the eight 286-token micro-batches of the 1.5B and the 0.5B, the
-host-bound train phases with the checkpoint inside the layers: steady_train_ratio is the point (cost.py's
-GRAPHED_LAYER_FLOOR_S, one H100 config so far), and the peaks say what the trees' pool holds (the plan does not count
-it). A at 3.3 GB ran with it on 2026-12-07 (HF's checkpoint with offload: re-recorded every step); the plan now keeps
+CUDA graph trees, where plan.cudagraphs_apply) on the 1.5B's eight 286-token micro-batches, the host-bound train
+phase with the checkpoint inside the layers, with sampled completion lengths (A-mb286-mix: the shapes
+trainer/graph_lengths.py pads to a few; cuda_graphs, the graphs held after each step, flat once they replay) and
+without: steady_train_ratio is the point (cost.py's GRAPHED_LAYER_FLOOR_S, one H100 config so far), and the peaks say
+what the trees' pool holds (the plan does not count it). A at 3.3 GB ran with it on 2026-12-07 (HF's checkpoint with offload: re-recorded every step); the plan now keeps
 the graphs off there. SWITCH small_graphs: both TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL (the
 checkpoint inside the layers recomputing every op, Plan.checkpoint_recompute_all, at HF's checkpoint's memory) on A at
 3.3 GB, which the planner then takes (384-token micro-batches, predicted 1.85 s against 2.35 on the H200's costs):
@@ -81,6 +82,11 @@ NO_OFFLOAD = ["train.activation_offload=false", "model.gradient_checkpointing=tr
 CONFIGS = {"A-fast": (6.6, []), "A-small": (3.3, []),
            "A-mb286": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
                                           "rollout.weight_format=shared_nf4"]),
+           # the same with sampled completion lengths (log-normal, median 120 of 256 tokens: the random-init model
+           # never stops on its own), as real GRPO's: the micro-batches' shapes change every step
+           "A-mb286-mix": (6.6, NO_OFFLOAD + ["train.micro_batch_tokens=286", "rollout.kv_release=false",
+                                              "rollout.weight_format=shared_nf4",
+                                              "rollout.length_mix={median: 120, sigma: 0.6, min_tokens: 16}"]),
            "A-no-offload": (6.6, NO_OFFLOAD), "A-hf": (6.6, ["rollout.engine=hf"]),
            # config A and B (64 x 512) at their fast budgets on the bf16 mirror (the format the planner took there on
            # the H200, 2026-12-02), for rollout.sync merge against vLLM's LoRA slots
@@ -105,7 +111,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
             "mirror_direct": ("TRAINER_MIRROR_DIRECT", "1", ["A-mirror", "B-mirror"]),
-            "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286", "0.5b-mb286"]),
+            "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286-mix", "A-mb286"]),
             # CUDA graphs at a small budget: with the in-graph checkpoint recomputing every op
             # (TRAINER_CKPT_RECOMPUTE_ALL) they fit config A at 3.3 GB, where the graphs alone are not planned
             "small_graphs": (("TRAINER_COMPILE_CUDAGRAPHS", "TRAINER_CKPT_RECOMPUTE_ALL"), "1", ["A-small"]),
@@ -169,6 +175,9 @@ def run_one(out: Path, config: str, switch: str, variant: str, steps: int) -> di
             # what torch.compile spent in each step (trainer/metrics.py CompileWatch): a steady step that compiles
             # is the guard variants, not the switch's kernels
             "compile_s": [r.get("time_compile_s") for r in rows],
+            # the train phase's CUDA graphs held after each step (trainer/graph_lengths.py): flat after the first
+            # steps where they replay, growing where each step records anew
+            "cuda_graphs": [r.get("cuda_graphs") for r in rows],
             "first_two_s": sum(step[:2]) if len(step) >= 2 else None,
             "steady_step_s": statistics.median(step[2:]) if len(step) > 2 else None,
             "steady_train_s": statistics.median(train[2:]) if len(train) > 2 else None,

@@ -21,26 +21,12 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, kept_for_backward
+from trainer.graph_lengths import recorded_graphs
 
 pytestmark = pytest.mark.gpu
 
 PASSES = 5  # warm-up, recording, then replays
 STEPS = 4  # of the train-phase test: as many
-
-
-def recorded_graphs() -> int:
-    """CUDA graphs inductor's cudagraph trees hold on this device (every node of every tree)."""
-    from torch._inductor import cudagraph_trees
-
-    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
-    if manager is None:
-        return 0
-    nodes, n = [node for roots in manager.roots.values() for node in roots], 0
-    while nodes:
-        node = nodes.pop()
-        n += 1
-        nodes.extend(child for children in node.children.values() for child in children)
-    return n
 
 
 IN_GRAPH = ("model.dtype=bfloat16", "model.gradient_checkpointing=true", "train.checkpoint_in_graph=true")

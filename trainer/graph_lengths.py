@@ -59,6 +59,23 @@ def rows_per_micro_batch(token_budget: int, longest: int, fixed: int | None = No
     return fixed or max(1, token_budget // longest)
 
 
+def recorded_graphs() -> int:
+    """CUDA graphs inductor's cudagraph trees hold on this device (every node of every tree): a step's metric
+    (`cuda_graphs`, trainer/grpo.py), so a run that records after its first steps shows it."""
+    import torch
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    if manager is None:
+        return 0
+    nodes, n = [node for roots in manager.roots.values() for node in roots], 0
+    while nodes:
+        node = nodes.pop()
+        n += 1
+        nodes.extend(child for children in node.children.values() for child in children)
+    return n
+
+
 def groups(lengths: list[int], rows: int) -> list[list[int]]:
     """Row indices longest first, `rows` at a time (the last group holds the remainder)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import budget, checkpoint, distributed, fp16_range, is_correction, oom
+from trainer import budget, checkpoint, distributed, fp16_range, graph_lengths, is_correction, oom
 from trainer.batch import build_batch, groups_of_step, micro_batch, take
 from trainer.cap import Cap, apply_segments
 from trainer.data import PromptSet
@@ -300,6 +300,8 @@ def _metrics(s: State, step: int, batch: RolloutBatch, st: dict, grad_norm: floa
     m["time_gc_train_s"] = s.gc_times.get("train", 0.0)
     m["gc_full_collections"] = s.gc.full - s.gc_full0
     m["compile_graphs"] = s.compile_graphs
+    if s.policy.cudagraphs:  # the train phase's CUDA graphs held so far: growing after the first steps, re-recording
+        m["cuda_graphs"] = graph_lengths.recorded_graphs()
     m["time_compile_s"] = sum(s.compile_times.values())  # inside the phases, not added to the step again
     m["tokens_per_s"] = float(lengths.sum()) / max(s.times["rollout"], 1e-9)
     m.update({f"peak_{k}_gb": v / 1e9 for k, v in s.peaks.items()})
