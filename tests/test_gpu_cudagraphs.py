@@ -14,7 +14,9 @@ Policy.grads_of_our_own allocates the grads before a train pass. In the next sit
 case with the checkpoint inside the compiled layers passed and `train` ran with it (A-mb286), while both cases with
 HF's checkpoint around the graphed layers stopped on "graph recording observed an input tensor deallocate during
 graph recording that did not occur during replay" (and `train` re-recorded every step there): the plan now grants the
-graphs only where plan.cudagraphs_apply, and the HF-checkpoint case checks that it runs without them."""
+graphs only where plan.cudagraphs_apply, and the HF-checkpoint case checks that it runs without them. Its micro-batches
+are grpo_step's where graphs replay (trainer/graph_lengths.py): lengths sampled anew every step, padded to two buckets,
+so no graph is recorded after the first steps."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +28,7 @@ from trainer.graph_lengths import recorded_graphs
 pytestmark = pytest.mark.gpu
 
 PASSES = 5  # warm-up, recording, then replays
-STEPS = 4  # of the train-phase test: as many
+STEPS = 5  # of the train-phase test: as many
 
 
 IN_GRAPH = ("model.dtype=bfloat16", "model.gradient_checkpointing=true", "train.checkpoint_in_graph=true")
@@ -113,30 +115,51 @@ def test_cudagraph_replays_give_the_compiled_layers_logprobs_and_gradients(monke
     assert (plain[-1][1] - plain[0][1]).abs().max() > 0.05
 
 
-def run_train_phases(graphs: bool, monkeypatch, overrides, recompute_all: bool = False) -> tuple[object, list]:
-    """grpo_step's train phase, STEPS times: three micro-batches (two lengths), each a train pass and its scaled
-    backward before the next; the adapter moves after each step. Returns the plan and each step's (log-probs of each
-    micro-batch, accumulated LoRA grads)."""
+def step_micro_batches(step: int, cpu: torch.Generator) -> list:
+    """Step `step`'s micro-batches as grpo_step makes them where the plan replays graphs (trainer/batch.py
+    groups_of_step, trainer/graph_lengths.py): four rows of sampled lengths, two a micro-batch, trimmed widths new
+    every step (38-43 and 19-24 tokens) padded to two buckets (48, 32)."""
+    from types import SimpleNamespace
+
+    from trainer.batch import build_batch, groups_of_step, micro_batch
+    from trainer.types import Generations
+
+    prompts = [torch.randint(3, 300, (n,), generator=cpu).tolist() for n in (10, 12, 9, 11)]
+    comps = [torch.randint(3, 300, (n,), generator=cpu).tolist() for n in (26 + step, 20, 8 + step, 5)]
+    batch = build_batch(prompts, ["p"] * 4, Generations(comps, None, [False] * 4), 1, 0, lambda ids: [""] * len(ids),
+                        False, False)
+    shape = SimpleNamespace(micro_batch_tokens=96, max_model_len=48, micro_batch_seqs=None)  # 2 rows of <= 48
+    groups, padded = groups_of_step(batch.seq_lengths.tolist(), shape, graphs=True)
+    mbs = [micro_batch(batch, rows, "cuda", padded) for rows in groups]
+    trimmed = [micro_batch(batch, rows, "cpu").input_ids.size(1) for rows in groups]
+    assert [tuple(mb.input_ids.shape) for mb in mbs] == [(2, 48), (2, 32)]
+    assert trimmed == [38 + step, 19 + step], trimmed  # a shape of its own every step, were it not padded
+    return mbs
+
+
+def run_train_phases(graphs: bool, monkeypatch, overrides, recompute_all: bool = False) -> tuple[object, list, list]:
+    """grpo_step's train phase, STEPS times: two micro-batches of sampled lengths (step_micro_batches), each a train
+    pass and its scaled backward before the next; the adapter moves after each step. Returns the plan, each step's
+    (log-probs of each micro-batch, accumulated LoRA grads), and the graphs held after each step."""
     from trainer import policy as pol
 
     plan, policy, lora, g = tiny_policy(graphs, monkeypatch, overrides, recompute_all)
     scale = 2.0 ** 10 if plan.compute_dtype == "float16" else 1.0  # trainer/loss_scale.py's scaled backward
-    mbs = []
-    for rows, length in ((2, 48), (1, 40), (2, 48)):
-        ids = torch.randint(3, 300, (rows, length), generator=g, device="cuda")
-        mbs.append((ids, torch.ones_like(ids), ids[:, 32:], torch.ones(rows, length - 32, dtype=torch.long,
-                                                                         device="cuda")))
-    out = []
-    for _ in range(STEPS):
+    out, counts, cpu = [], [], torch.Generator().manual_seed(0)
+    for step in range(STEPS):
         logps_of_step = []
-        for ids, mask, comp, valid in mbs:
-            logps, _ = pol.completion_logprobs(policy, ids, mask, comp, valid, 1.0, 4096, 8192)
+        for mb in step_micro_batches(step, cpu):
+            logps, _ = pol.completion_logprobs(policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
+                                               mb.completion_valid, 1.0, 4096, 8192)
+            valid = mb.completion_valid
             (-(logps * valid).sum() / valid.sum() * scale).backward()
             logps_of_step.append(logps.detach().clone())
         out.append((logps_of_step, {n: p.grad.clone() / scale for n, p in lora.items()}))
         policy.model.zero_grad(set_to_none=True)
         move_adapter(lora, g)
-    return plan, out
+        torch.cuda.synchronize()
+        counts.append(recorded_graphs())
+    return plan, out, counts
 
 
 def assert_same_train_phases(plain: list, graphed: list) -> None:
@@ -163,18 +186,18 @@ def test_cudagraph_replays_run_grpos_train_phase_of_several_micro_batches(monkey
 
     from trainer.plan import checkpoint_in_graph
 
-    plan, plain = run_train_phases(False, monkeypatch, overrides)
+    plan, plain, _ = run_train_phases(False, monkeypatch, overrides)
     assert plan.gradient_checkpointing == ("model.gradient_checkpointing=true" in overrides)
     assert checkpoint_in_graph(plan) == ("train.checkpoint_in_graph=true" in overrides)
     skips = counters["inductor"]["cudagraph_skips"]
-    plan, graphed_run = run_train_phases(True, monkeypatch, overrides)
+    plan, graphed_run, counts = run_train_phases(True, monkeypatch, overrides)
     # asked for, the graphs are the plan's where they apply; HF's checkpoint runs without them (plan.cudagraphs_apply)
     assert plan.train_cudagraphs == graphed, plan.notes
     assert counters["inductor"]["cudagraph_skips"] == skips, "inductor skipped CUDA graphs (TORCH_LOGS=perf_hints)"
-    if graphed:
-        assert recorded_graphs() > 0  # replays ran: equal results below are not the plain path's twice
+    if graphed:  # recorded in the first steps and replayed after, lengths sampled anew each step: equal results below
+        assert counts[2] > 0 and counts[2] == counts[-1], counts  # are not the plain path's twice
     else:
-        assert recorded_graphs() == 0 and any("TRAINER_COMPILE_CUDAGRAPHS: off" in n for n in plan.notes)
+        assert counts == [0] * STEPS and any("TRAINER_COMPILE_CUDAGRAPHS: off" in n for n in plan.notes)
     assert_same_train_phases(plain, graphed_run)
 
 
@@ -197,45 +220,8 @@ def test_the_checkpoint_recomputing_every_op_saves_less_than_the_partitioners_ch
         logps.sum().backward()
         saved[every] = sum(storages.values())
     assert 0 < saved[True] < saved[False], saved
-    _, plain = run_train_phases(False, monkeypatch, IN_GRAPH, recompute_all=True)
-    plan, graphed = run_train_phases(True, monkeypatch, IN_GRAPH, recompute_all=True)
-    assert plan.train_cudagraphs and plan.checkpoint_recompute_all and recorded_graphs() > 0
+    _, plain, _ = run_train_phases(False, monkeypatch, IN_GRAPH, recompute_all=True)
+    plan, graphed, counts = run_train_phases(True, monkeypatch, IN_GRAPH, recompute_all=True)
+    assert plan.train_cudagraphs and plan.checkpoint_recompute_all and counts[2] > 0 and counts[2] == counts[-1]
     assert_same_train_phases(plain, graphed)
 
-
-def test_sampled_lengths_replay_the_graphs_recorded_for_their_buckets(monkeypatch):
-    """GRPO samples new lengths every step. Grouped and padded as grpo_step does where the plan replays graphs
-    (trainer/batch.py groups_of_step, trainer/graph_lengths.py), the micro-batches of six steps whose trimmed widths all
-    differ come in two shapes: the graphs recorded in the first steps replay in the later ones, none recorded after."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from types import SimpleNamespace
-
-    from trainer import policy as pol
-    from trainer.batch import build_batch, groups_of_step, micro_batch
-    from trainer.types import Generations
-
-    plan, policy, lora, g = tiny_policy(True, monkeypatch)
-    assert plan.train_cudagraphs and policy.cudagraphs
-    shape = SimpleNamespace(micro_batch_tokens=96, max_model_len=48, micro_batch_seqs=None)  # 2 rows of <= 48
-    counts, trimmed, padded_shapes, cpu = [], set(), set(), torch.Generator().manual_seed(0)
-    for step in range(6):
-        # two rows padded to the 48-token bucket (widths 38-43) and two to the 32-token one (19-24), new widths a step
-        prompts = [torch.randint(3, 300, (n,), generator=cpu).tolist() for n in (10, 12, 9, 11)]
-        comps = [torch.randint(3, 300, (n,), generator=cpu).tolist() for n in (26 + step, 20, 8 + step, 5)]
-        batch = build_batch(prompts, ["p"] * 4, Generations(comps, None, [False] * 4), 1, 0,
-                            lambda ids: [""] * len(ids), False, False)
-        groups, padded = groups_of_step(batch.seq_lengths.tolist(), shape, graphs=True)
-        for rows in groups:
-            mb = micro_batch(batch, rows, "cuda", padded)
-            trimmed.add(micro_batch(batch, rows, "cpu").input_ids.shape)
-            padded_shapes.add(mb.input_ids.shape)
-            logps, _ = pol.completion_logprobs(policy, mb.input_ids, mb.attention_mask, mb.completion_ids,
-                                               mb.completion_valid, 1.0, 4096, 8192)
-            (-(logps * mb.completion_valid).sum() / mb.completion_valid.sum()).backward()
-        policy.model.zero_grad(set_to_none=True)
-        move_adapter(lora, g)
-        torch.cuda.synchronize()
-        counts.append(recorded_graphs())
-    assert padded_shapes == {(2, 48), (2, 32)} and len(trimmed) == 12, (padded_shapes, trimmed)
-    assert counts[2] > 0 and counts[2] == counts[-1], counts  # recorded in the first steps, replayed after
