@@ -243,9 +243,9 @@ def test_reference_and_old_logprob_passes_run_on_the_training_loops_micro_batche
     calls: list[tuple[bool, list[int]]] = []
     real = grpo.micro_batch
 
-    def spy(batch, rows, device):
+    def spy(batch, rows, device, length=None):
         calls.append((torch.is_grad_enabled(), list(rows)))
-        return real(batch, rows, device)
+        return real(batch, rows, device, length)
 
     monkeypatch.setattr(grpo, "micro_batch", spy)
     r = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -780,6 +781,13 @@ def test_cuda_graphs_are_a_candidate_where_asked_for_and_only_where_they_apply(m
     assert not cudagraphs_apply({**knobs, "checkpoint_in_graph": False})
     assert not cudagraphs_apply({**knobs, "activation_offload": True})
     assert not cudagraphs_apply({**knobs, "mlp_tile_tokens": 4096})
+    # one long sequence a micro-batch: compute-bound, and padded (trainer/graph_lengths.py) it would need a mask
+    assert not cudagraphs_apply({**knobs, "micro_batch_seqs": 1, "micro_batch_tokens": 16384})
+    assert cudagraphs_apply({**knobs, "micro_batch_seqs": 1, "micro_batch_tokens": 512})  # the user's one a batch
+    ctx = SimpleNamespace(max_len=512)
+    assert memory.attention_mask_bytes(ctx, {"micro_batch_seqs": 1, "micro_batch_tokens": 512}) == 0
+    assert memory.attention_mask_bytes(ctx, {"micro_batch_seqs": 1, "micro_batch_tokens": 512,
+                                             "train_cudagraphs": True}) == 512 * 512
 
 
 def test_the_in_graph_checkpoint_recomputing_every_op_is_priced_at_hfs_memory_where_asked_for(monkeypatch):

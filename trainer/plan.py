@@ -724,8 +724,12 @@ def cudagraphs_apply(c: dict) -> bool:
     layer inside another pass's backward: on one H100 (2026-12-07, bench/results/queue_2026-12-07/g) inductor
     re-recorded the 1.5B's graphs every step (64 a step, the train phase 14-45 s against 1 s) and
     tests/test_gpu_cudagraphs stopped on "graph recording observed an input tensor deallocate during graph recording
-    that did not occur during replay"; with the checkpoint inside the layers both ran."""
-    return not c["gradient_checkpointing"] or bool(c.get("checkpoint_in_graph") and in_graph_applies(c))
+    that did not occur during replay"; with the checkpoint inside the layers both ran. Nor one long sequence a
+    micro-batch (LONG_SEQUENCE): compute-bound, nothing for graphs to save, and graph_lengths' padding would give it the
+    [T, T] mask that sdpa's causal kernels spare it."""
+    long_rows = c.get("micro_batch_seqs") == 1 and c.get("micro_batch_tokens", 0) >= LONG_SEQUENCE
+    return not long_rows and (not c["gradient_checkpointing"] or bool(c.get("checkpoint_in_graph")
+                                                                        and in_graph_applies(c)))
 
 
 def checkpoint_in_graph(plan: Plan) -> bool:
