@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 from rich.table import Table
 from rich.text import Text
 
+from trainer import graph_lengths
 from trainer.memory import GB
 
 
@@ -70,7 +71,7 @@ def plan_table(plan) -> Group:
              f"checkpointing {'in graph' if plan.checkpoint_in_graph else plan.gradient_checkpointing}, "
              f"micro-batch {plan.micro_batch_tokens} tokens, "
              f"logits tile {plan.token_chunk}x{plan.vocab_chunk}, decoder layers compiled {plan.compile_layers}"
-             + (", replayed from CUDA graphs" if plan.train_cudagraphs else "")
+             + (_graphs(plan) if plan.train_cudagraphs else "")
              + (" (attention masks always: one micro-batch a step beside a no-grad pass)" if plan.compile_masks else "")
              + f", predicted step {plan.predicted_step_s:.2f} s"
              + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted_phases_s.items()) + ")"
@@ -132,3 +133,10 @@ def alternatives_table(alts: dict, engine: str) -> Table:
                  "the card's bandwidth and FLOP/s where its CARDS has them; a ranking, not a promise); rank among the "
                  "plans that fit, 1 = fastest")
     return t
+
+
+def _graphs(plan) -> str:
+    """How the train phase's CUDA graphs meet GRPO's lengths (trainer/graph_lengths.py)."""
+    rows = graph_lengths.rows_per_micro_batch(plan.micro_batch_tokens, plan.max_model_len, plan.micro_batch_seqs)
+    return (f", replayed from CUDA graphs ({rows} row(s) a micro-batch, padded to one of "
+            f"{len(graph_lengths.buckets(plan.max_model_len))} lengths)")
