@@ -105,6 +105,52 @@ def test_micro_batches_of_the_graphs_shapes_equal_one_big_batch(setup, case):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_a_grpo_run_on_the_graphs_micro_batches_learns_as_the_packed_run(tmp_path, monkeypatch):
+    """grpo_step where the plan replays CUDA graphs: its micro-batches grouped and padded as trainer/graph_lengths.py
+    says (on the CPU the policy's flag is set by hand; no graphs), with a reference model and two iterations, so the
+    no-grad passes run on them too. Step for step the same loss, KL, entropy and gradient norm as packed micro-batches,
+    the adapter learning between steps."""
+    from trainer import distributed, grpo
+    from trainer.api import inputs
+    from trainer.metrics import read_metrics
+    from trainer.plan import Device, make_plan
+    from trainer.recipe import load_recipe
+    from trainer.shapes import config_dict
+
+    def run(graphs: bool) -> list[dict]:
+        def load(*a, **kw):
+            policy = real(*a, **kw)
+            policy.cudagraphs = graphs
+            return policy
+
+        monkeypatch.setattr(grpo, "load_policy", load)
+        r = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml",
+                        ["grpo.beta=0.04", "grpo.num_iterations=2", "train.max_steps=3", "train.generation_batch_size=16",
+                         "train.micro_batch_tokens=192", "rollout.length_mix={median: 8, sigma: 0.8, min_tokens: 2}",
+                         "train.lr_scheduler_type=constant",
+                         "eval=", "checkpoint.save_final=false", "logging.plots=false"])
+        plan = make_plan(config_dict("tiny"), r, Device("cpu"))
+        longest.append(plan.max_model_len)
+        tokenizer, prompts, rewards, evaluator, _ = inputs(r)
+        out = tmp_path / f"run_{graphs}"
+        out.mkdir()
+        assert grpo.run(r, plan, out, distributed.World(), tokenizer=tokenizer, prompts=prompts, rewards=rewards,
+                        evaluator=evaluator) == 0
+        return read_metrics(out)
+
+    real, longest = grpo.load_policy, []
+    packed, graphed = run(False), run(True)
+    assert len(packed) == len(graphed) == 3
+    rows = 192 // longest[0]  # graph_lengths: as many rows of the plan's longest sequence as fit the budget
+    assert [m["micro_batches"] for m in graphed] == [math.ceil(16 / rows)] * 3  # (counted in the first iteration)
+    assert all(b["padding_frac"] > a["padding_frac"] for a, b in zip(packed, graphed))  # padded to the buckets
+    assert len({m["completion_length_mean"] for m in packed}) == 3 and packed[-1]["lr"] > 0  # sampled lengths, learning
+    for a, b in zip(packed, graphed):
+        assert b["completion_length_mean"] == a["completion_length_mean"]  # the same rollouts
+        for k in ("loss", "kl", "grad_norm", "entropy"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
 def test_graph_buckets_pad_little_and_keep_the_shapes_of_many_steps_few():
     for longest in (54, 384, 640, 1054, 4224):
         b = graph_lengths.buckets(longest)

@@ -65,6 +65,8 @@ def recorded_graphs() -> int:
     import torch
     from torch._inductor import cudagraph_trees
 
+    if not torch.cuda.is_available():
+        return 0
     manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
     if manager is None:
         return 0
