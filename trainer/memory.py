@@ -46,6 +46,12 @@ NO_CKPT_FIT = 0.82
 # the 0.5B (4.15); the larger. Two bf16 tensors of each width a layer would be 4.0. The 1.5B's one 2,232-token
 # micro-batch, unpriced, ran out of memory at 6.6 GB with it (and again at 1,116 tokens).
 CKPT_IN_GRAPH_BYTES = 4.15
+# The train phase replayed from CUDA graphs (plan.train_cudagraphs): inductor's cudagraph trees allocate the graphs'
+# tensors in a private pool that stays reserved through the rollout phase. One H100 point (2026-12-07,
+# bench/results/queue_2026-12-07/g, compile/train_cudagraphs_ab.json, A-mb286): torch's allocated peaks equal with and
+# without graphs (2.14 / 2.17 GB), nvidia-smi's steady peak +0.077 GB in both phases (3.31 against 3.23): 6.3 bytes a
+# token x hidden x layer of the 286-token micro-batches. An estimate from one shape until the graph A/Bs refit it.
+TRAIN_GRAPH_POOL_BYTES = 6.5
 # The allocator's slack (SLACK_FRACTION) on those outputs: none. At config B's eight 4,336-token micro-batches (one
 # H100, 2026-12-05, bench/results/planner_h100.json, merge + rows at 14.5 GB) torch reserved 0.15 GB beyond the 11.54 GB
 # it allocated in the train phase where the plan put 1.53 GB of slack, 1.0 GB of it on the in-graph term's 5.3 GB; the
@@ -347,6 +353,8 @@ def components(ctx: Context, k: dict) -> tuple[dict[str, int], dict[str, int]]:
               "lora_and_optimizer": lora * states}
     if ctx.cuda and ctx.world_size > 1:
         static["distributed"] = distributed_bytes(ctx.world_size)
+    if ctx.cuda and k.get("train_cudagraphs"):  # the cudagraph trees' private pool, held through both phases
+        static["train_cuda_graphs"] = int(TRAIN_GRAPH_POOL_BYTES * d.layers * k["micro_batch_tokens"] * d.hidden)
     if ctx.cuda and not vllm:
         static["hf_non_torch"] = HF_NON_TORCH
     if not vllm and k.get("hf_compiled_decode"):  # rollout/hf.py: one cache, one captured decode graph, all run
