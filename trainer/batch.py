@@ -106,7 +106,7 @@ class MicroBatch:
     attention_mask: torch.Tensor
     completion_ids: torch.Tensor  # [b, c]
     completion_valid: torch.Tensor
-    c_len: int
+    c_len: int  # completion columns: the rows' longest, or the padded width (trainer/graph_lengths.py)
     own: torch.Tensor  # [b, c] the model's own tokens (= completion_valid but in a multi-turn row)
 
     @property
