@@ -233,10 +233,10 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     rate = (LONG_TRAIN_FLOPS if knobs.get("micro_batch_seqs") == 1 else TRAIN_FLOPS) * compute
     # each micro-batch costs the larger of its host-bound floor and its compute (dispatch runs ahead of the GPU);
     # a pass without gradients (the reference model's, the old policy's) a forward over half the launches
-    floor = GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, gc)]
+    floor, free_floor = ((GRAPHED_LAYER_FLOOR_S, GRAPHED_LAYER_FLOOR_S) if graphed else
+                         (LAYER_FLOOR_S[(compiled, gc)], LAYER_FLOOR_S[(compiled, False)]))
     grad_pass = max(floor * dims.layers, (4 if flops_gc else 3) * forward / rate)
-    free_pass = max((GRAPHED_LAYER_FLOOR_S if graphed else LAYER_FLOOR_S[(compiled, False)]) * dims.layers / 2,
-                    forward / rate)
+    free_pass = max(free_floor * dims.layers / 2, forward / rate)
     linears = knobs.get("trainer_linears", "nf4")
     if linears != "nf4":  # bf16 linears (the mirror's views or merged rows): BF16_LINEARS_TRAIN
         grad_pass *= BF16_LINEARS_TRAIN

@@ -712,8 +712,7 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         out = [c for c in out if not in_graph_applies(c)]
     out += in_graph
     if CUDAGRAPHS_REQUESTED and compiled and device.kind == "cuda":  # beside the others, priced (cost.py), weighed
-        out += [_priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS},
-                                      "train_cudagraphs": True}, compiled, device)
+        out += [_repriced(c, {"train_cudagraphs": True}, recipe, ctx, compiled, device)
                 for c in out if cudagraphs_apply(c)]
     return out
 
@@ -752,8 +751,8 @@ def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device:
                         "leave train.checkpoint_in_graph unset, or compile the layers (vLLM rollouts on a GPU)")
     if want is False or not compiled or device.kind != "cuda":
         return []
-    return [_priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS},
-                                  "checkpoint_in_graph": True, "checkpoint_recompute_all": every}, compiled, device)
+    return [_repriced(c, {"checkpoint_in_graph": True, "checkpoint_recompute_all": every}, recipe, ctx, compiled,
+                      device)
             for c in filter(in_graph_applies, cands) for every in ((False, True) if RECOMPUTE_ALL_REQUESTED else
                                                                    (False,))]
 
@@ -772,6 +771,12 @@ def _priced(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict:
     return dict(knobs, components=comps, phase_peaks=phases, peak_bytes=peak, peak=peak, score=-sum(phase_s.values()),
                 predicted_phases_s={k: round(v, 3) for k, v in phase_s.items()},
                 headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0, host_bytes=memory.offload_host_bytes(ctx, knobs))
+
+
+def _repriced(c: dict, changes: dict, recipe, ctx, compiled: bool, device: Device) -> dict:
+    """Candidate `c` with some knobs changed, priced anew (its results dropped first)."""
+    return _priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}, **changes}, compiled,
+                   device)
 
 
 def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict[str, float]:
