@@ -50,10 +50,12 @@ CUDA graph trees, where plan.cudagraphs_apply) on the 1.5B's eight 286-token mic
 phase with the checkpoint inside the layers, with sampled completion lengths (A-mb286-mix: the shapes
 trainer/graph_lengths.py pads to a few; cuda_graphs, the graphs held after each step, flat once they replay) and
 without: steady_train_ratio is the point (cost.py's GRAPHED_LAYER_FLOOR_S, one H100 config so far), and the peaks say
-what the trees' pool holds (memory.TRAIN_GRAPH_POOL_BYTES, fitted on A-mb286's H100 run). A at 3.3 GB ran with it on 2026-12-07 (HF's checkpoint with offload: re-recorded every step); the plan now keeps
-the graphs off there. SWITCH small_graphs: both TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL (the
-checkpoint inside the layers recomputing every op, Plan.checkpoint_recompute_all, at HF's checkpoint's memory) on A at
-3.3 GB, which the planner then takes (384-token micro-batches, predicted 1.85 s against 2.35 on the H200's costs):
+what the trees' pool holds (memory.TRAIN_GRAPH_POOL_BYTES, fitted on A-mb286's H100 run). A at 3.3 GB ran with it
+on 2026-12-07 (HF's checkpoint with offload: re-recorded every step); the plan now keeps the graphs off there. SWITCH
+small_graphs: both TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL (the checkpoint inside the layers
+recomputing every op, Plan.checkpoint_recompute_all, at HF's checkpoint's memory) on A at 3.3 GB, which the planner
+then takes (279-token micro-batches, one sequence each, as `train` plans them from the data; 2.99 GB planned with the
+trees' pool, predicted 1.84 s against 2.34 on the H200's costs):
 steady_step_ratio and the peak against the plan are the point. Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
