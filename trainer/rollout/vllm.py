@@ -132,6 +132,8 @@ class VLLMEngine:
             self.info["lora_kernels"] = lora_kernels.use_tuned(json.loads((path / "config.json").read_text()),
                                                                kw["max_lora_rank"], torch.cuda.get_device_name())
             log.info("vLLM: %s", self.info["lora_kernels"])
+        elif kw.get("enable_lora"):
+            self.info["lora_kernels"] = "vLLM's default LoRA ops (no CUDA device: no Triton kernel configs to choose)"
         self.llm = self.vllm.LLM(**kw)
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)
@@ -143,7 +145,8 @@ class VLLMEngine:
         or (rollout.sync merge) merge it into the mirror's weights."""
         from trainer import sync
 
-        self.info = {"vllm": self.vi.version(), "weight_format": self.plan.weight_format, "sync": self.plan.sync}
+        # update, not replace: _start (shared_nf4: in __init__) already wrote the LoRA kernels it chose
+        self.info.update(vllm=self.vi.version(), weight_format=self.plan.weight_format, sync=self.plan.sync)
         self.start_on_mirror(policy)
         if self.plan.sync == "merge":  # no adapter in vLLM: each sync writes it into the mirror's weights
             self.merge_sync = sync.MergedSync(policy.model, self.vmodel, getattr(torch, self.plan.compute_dtype))
