@@ -57,8 +57,8 @@ print(json.dumps([default, u.get_lora_op_configs("shrink", 2, 8, 1536, 16, 3),
 
 
 def test_shipped_configs_are_used_only_where_they_cover_the_card_and_the_models_shapes(monkeypatch):
-    """trainer/rollout/lora_kernels.py: the configs tuned on an H100 for the 1.5B shape at r16 apply there and nowhere
-    else (vLLM would take another shape's nearest K / N, or raise on a missing slice count), a folder the user set is
+    """trainer/rollout/lora_kernels.py: the configs tuned on an H100 for the 1.5B, 7B and 8B shapes at r16 apply there
+    and nowhere else (vLLM would take another shape's nearest K / N, or raise on a missing slice count), a folder the user set is
     kept, and vLLM's own loader reads the shipped files for that card, again after its process cache is cleared."""
     from trainer.rollout import lora_kernels as lk
     from trainer.shapes import config_dict
@@ -66,7 +66,9 @@ def test_shipped_configs_are_used_only_where_they_cover_the_card_and_the_models_
     h100, c15 = "NVIDIA H100 80GB HBM3", config_dict("qwen2.5-1.5b")
     assert lk.tuned_folder(c15, 16, h100) == lk.SHIPPED
     assert lk.tuned_folder(c15, 64, h100) is None  # another rank: the stacks' N (shrink) and K (expand)
-    assert lk.tuned_folder(config_dict("qwen2.5-7b"), 16, h100) is None  # another model's widths
+    for shipped in ("qwen2.5-7b", "llama-3.1-8b"):  # lora_tune on an H100, 2026-12-07 (queue_2026-12-07/h)
+        assert lk.tuned_folder(config_dict(shipped), 16, h100) == lk.SHIPPED
+    assert lk.tuned_folder(config_dict("qwen2.5-0.5b"), 16, h100) is None  # another model's widths
     assert lk.tuned_folder(c15, 16, "NVIDIA H200") is None  # no files for the card
     shrink = json.loads((lk.SHIPPED / "NVIDIA_H100_80GB_HBM3_SHRINK.json").read_text())
     need = lk.lookups(c15, 16)["shrink"]
@@ -74,10 +76,10 @@ def test_shipped_configs_are_used_only_where_they_cover_the_card_and_the_models_
     del shrink["2"]["3"]["8"]["1536"]  # one batch without the qkv shape: vLLM would take another K there
     assert not lk.covers(shrink, need)
     monkeypatch.delenv(lk.ENV, raising=False)
-    assert "vLLM's default" in lk.use_tuned(config_dict("qwen2.5-7b"), 16, h100) and lk.ENV not in os.environ
+    assert "vLLM's default" in lk.use_tuned(config_dict("qwen2.5-0.5b"), 16, h100) and lk.ENV not in os.environ
     assert "tuned for" in lk.use_tuned(c15, 16, h100) and os.environ[lk.ENV] == str(lk.SHIPPED)
     # a second engine in the same process, on a model without configs: its own decision, not the first one's
-    assert "vLLM's default" in lk.use_tuned(config_dict("qwen2.5-7b"), 16, h100) and lk.ENV not in os.environ
+    assert "vLLM's default" in lk.use_tuned(config_dict("qwen2.5-0.5b"), 16, h100) and lk.ENV not in os.environ
     monkeypatch.setenv(lk.ENV, "/the/users/own")
     assert "set by the user" in lk.use_tuned(c15, 16, h100) and os.environ[lk.ENV] == "/the/users/own"
     if os.environ.get("TRAINER_REQUIRE_VLLM") != "1":

@@ -9,7 +9,10 @@ count it raises, so a folder is used only where it holds every shape the run's l
 
 Measured on one H100 (2026-12-07, bench/results/queue_2026-12-07/g): for the 1.5B shape at r16 the tuned kernels of a
 decode step at 8 sequences took 0.759 ms against 1.037 (0.73x), and config A's rollout (256 token steps, 8 sequences)
-1.287-1.312 s against 1.354-1.363 s (shared nf4), 0.67-0.86 s against 0.77-1.58 s (bf16 mirror).
+1.287-1.312 s against 1.354-1.363 s (shared nf4), 0.67-0.86 s against 0.77-1.58 s (bf16 mirror). On one H100
+(2026-12-07 21:30, queue_2026-12-07/h, `lora_tune qwen2.5-7b:16 llama-3.1-8b:16`), the kernels of a decode step at 8
+sequences: 7B 0.830 ms against 1.180 (0.70x), 8B 0.918 against 1.287 (0.71x); 0.57-0.79x at every batch from 1 to
+2,048. The A/B of their rollouts is not yet measured.
 """
 from __future__ import annotations
 
