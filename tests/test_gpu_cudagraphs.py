@@ -15,8 +15,8 @@ case with the checkpoint inside the compiled layers passed and `train` ran with 
 HF's checkpoint around the graphed layers stopped on "graph recording observed an input tensor deallocate during
 graph recording that did not occur during replay" (and `train` re-recorded every step there): the plan now grants the
 graphs only where plan.cudagraphs_apply, and the HF-checkpoint case checks that it runs without them. Its micro-batches
-are grpo_step's where graphs replay (trainer/graph_lengths.py): lengths sampled anew every step, padded to two buckets,
-so no graph is recorded after the first steps."""
+are grpo_step's where graphs replay (trainer/graph_lengths.py): lengths sampled anew every step, padded to the plan's
+longest length, so no graph is recorded after the first steps."""
 from __future__ import annotations
 
 import pytest
@@ -118,7 +118,7 @@ def test_cudagraph_replays_give_the_compiled_layers_logprobs_and_gradients(monke
 def step_micro_batches(step: int, cpu: torch.Generator) -> list:
     """Step `step`'s micro-batches as grpo_step makes them where the plan replays graphs (trainer/batch.py
     groups_of_step, trainer/graph_lengths.py): four rows of sampled lengths, two a micro-batch, trimmed widths new
-    every step (38-43 and 19-24 tokens) padded to two buckets (48, 32)."""
+    every step (38-43 and 19-24 tokens) both padded to the plan's 48."""
     from types import SimpleNamespace
 
     from trainer.batch import build_batch, groups_of_step, micro_batch
@@ -132,7 +132,7 @@ def step_micro_batches(step: int, cpu: torch.Generator) -> list:
     groups, padded = groups_of_step(batch.seq_lengths.tolist(), shape, graphs=True)
     mbs = [micro_batch(batch, rows, "cuda", padded) for rows in groups]
     trimmed = [micro_batch(batch, rows, "cpu").input_ids.size(1) for rows in groups]
-    assert [tuple(mb.input_ids.shape) for mb in mbs] == [(2, 48), (2, 32)]
+    assert [tuple(mb.input_ids.shape) for mb in mbs] == [(2, 48), (2, 48)]
     assert trimmed == [38 + step, 19 + step], trimmed  # a shape of its own every step, were it not padded
     return mbs
 

@@ -84,7 +84,7 @@ def pack(lengths: list[int], token_budget: int) -> list[list[int]]:
 
 def groups_of_step(lengths: list[int], plan, graphs: bool) -> tuple[list[list[int]], functools.partial | None]:
     """The step's micro-batches (row indices) and the length each is padded to (None: its rows' own): packed by the
-    plan's token budget, or its fixed count of rows; a fixed count and a few lengths where the train phase replays
+    plan's token budget, or its fixed count of rows; a fixed count and one length where the train phase replays
     CUDA graphs (trainer/graph_lengths.py)."""
     if graphs:
         rows = graph_lengths.rows_per_micro_batch(plan.micro_batch_tokens, plan.max_model_len, plan.micro_batch_seqs)

@@ -138,5 +138,5 @@ def alternatives_table(alts: dict, engine: str) -> Table:
 def _graphs(plan) -> str:
     """How the train phase's CUDA graphs meet GRPO's lengths (trainer/graph_lengths.py)."""
     rows = graph_lengths.rows_per_micro_batch(plan.micro_batch_tokens, plan.max_model_len, plan.micro_batch_seqs)
-    return (f", replayed from CUDA graphs ({rows} row(s) a micro-batch, padded to one of "
-            f"{len(graph_lengths.buckets(plan.max_model_len))} lengths)")
+    return (f", replayed from CUDA graphs ({rows} row(s) a micro-batch, each padded to the plan's "
+            f"{plan.max_model_len} tokens)")

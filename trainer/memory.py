@@ -268,7 +268,7 @@ def attention_mask_bytes(ctx: Context, k: dict) -> int:
     """The [rows, 1, T, T] boolean mask HF builds for sdpa when a micro-batch holds padding: rows x T <= the
     micro-batch's tokens, so at most tokens x the longest row. None is built for a micro-batch of one sequence
     (trimmed, so unpadded): sdpa then runs its causal kernels, linear in memory (tests/test_long_context.py); where
-    CUDA graphs replay, padded to a bucket (trainer/graph_lengths.py), it has one."""
+    CUDA graphs replay, padded to the longest length (trainer/graph_lengths.py), it has one."""
     if k.get("micro_batch_seqs") == 1 and not k.get("train_cudagraphs"):
         return 0
     return k["micro_batch_tokens"] * ctx.max_len
