@@ -50,7 +50,10 @@ CKPT_IN_GRAPH_BYTES = 4.15
 # tensors in a private pool that stays reserved through the rollout phase. One H100 point (2026-12-07,
 # bench/results/queue_2026-12-07/g, compile/train_cudagraphs_ab.json, A-mb286): torch's allocated peaks equal with and
 # without graphs (2.14 / 2.17 GB), nvidia-smi's steady peak +0.077 GB in both phases (3.31 against 3.23): 6.3 bytes a
-# token x hidden x layer of the 286-token micro-batches. An estimate from one shape until the graph A/Bs refit it.
+# token x hidden x layer of the 286-token micro-batches. The same A/B again (h, 21:30): graphs 3.29 GB (within 0.02
+# of g's), the default run 3.16 (0.07 under g's: its allocator's cache, not the pool), so +0.134; every graphed run
+# so far peaked under its plan's peak with this term (tests/test_plan.py). An estimate from one shape until the graph
+# A/Bs refit it.
 TRAIN_GRAPH_POOL_BYTES = 6.5
 # The allocator's slack (SLACK_FRACTION) on those outputs: none. At config B's eight 4,336-token micro-batches (one
 # H100, 2026-12-05, bench/results/planner_h100.json, merge + rows at 14.5 GB) torch reserved 0.15 GB beyond the 11.54 GB
