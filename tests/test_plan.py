@@ -827,6 +827,30 @@ def test_the_in_graph_checkpoint_recomputing_every_op_is_priced_at_hfs_memory_wh
     assert loop and all(c["checkpoint_recompute_all"] and c["train_cudagraphs"] for c in loop)
 
 
+def test_graphs_are_granted_only_where_they_stay_ahead_with_completions_half_as_long(monkeypatch):
+    """Graphed micro-batches are padded to the cap in fixed row counts (trainer/graph_lengths.py), so shorter sampled
+    completions make them no cheaper, while packed ones get fewer and shorter. Config B (64 x 512) at 14.5 GB: graphs
+    are predicted faster at the cap but not with completions half as long, so the plan keeps none and says why; config
+    A's launch-bound micro-batches keep them at 6.6 and 3.3 GB. Priced at the cap alone, B would take them."""
+    from trainer import plan as planner
+
+    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", True)
+    monkeypatch.setattr(planner, "RECOMPUTE_ALL_REQUESTED", True)
+    c15, ours = cfg("qwen2.5-1.5b-instruct"), ROOT / "bench/peers/ours.yaml"
+    b = ["budget.vram_gb=14.5", "train.generation_batch_size=64", "grpo.max_completion_length=512"]
+
+    def plan(sets):
+        return make_plan(c15, load_recipe(ours, sets), H100, max_prompt_tokens=23)
+
+    for budget in (6.6, 3.3):
+        assert plan([f"budget.vram_gb={budget}"]).train_cudagraphs, budget
+    kept = plan(b)
+    assert not kept.train_cudagraphs
+    assert any("with completions half as long" in n for n in kept.notes), kept.notes
+    monkeypatch.setattr(planner, "GRAPHS_SHORT_COMPLETIONS", 1.0)  # the cap's lengths only: what the check adds
+    at_cap = plan(b)
+    assert at_cap.train_cudagraphs and at_cap.predicted_step_s < kept.predicted_step_s
+
 def test_the_train_graphs_pool_covers_what_the_h100_measured_it_to_hold(monkeypatch):
     """memory.TRAIN_GRAPH_POOL_BYTES against the A/Bs that measured it (one H100 each, 2026-12-07 16:27 and 21:30,
     train_cudagraphs_ab.json): A-mb286 with and without the train phase's CUDA graphs, nvidia-smi's steady peaks of

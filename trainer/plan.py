@@ -318,7 +318,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                         f"{memory.HOST_RESERVE / GB:.0f} GB kept for the rest)",
                         "free host memory or run on a host with more, raise budget.vram_gb, or shorten "
                         "grpo.max_completion_length / data.max_prompt_length")
-    best = _choose(fitting)
+    best = _graphs_hold_when_short(_choose(fitting), fitting, recipe, ctx, _compile_layers(recipe, device), device)
     if r.engine == "vllm" and device.here and not r.weight_format and device.kind == "cuda" and \
             scratch_dir(staging_bytes(ctx, "bf16_mirror", device)) is None:
         notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
@@ -340,8 +340,10 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
             "the layers are not compiled on a GPU (the CPU, HF rollouts or train.torch_compile: false)"
             if not (compiled and device.kind == "cuda") else
             "the graphs need the checkpoint inside the compiled layers or none (HF's around graphed layers re-records "
-            "every pass: plan.cudagraphs_apply), and " + ("no such setting fits the budget" if not any(
-                c["train_cudagraphs"] for c in fitting) else "the settings without them are predicted faster")))
+            "every pass: plan.cudagraphs_apply), and " + (
+                "no such setting fits the budget" if not any(c["train_cudagraphs"] for c in fitting) else
+                "the settings without them are predicted faster, at the cap or with completions half as long "
+                "(graphed micro-batches are padded to the cap: _graphs_hold_when_short)")))
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
@@ -715,6 +717,34 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
         out += [_repriced(c, {"train_cudagraphs": True}, recipe, ctx, compiled, device)
                 for c in out if cudagraphs_apply(c)]
     return out
+
+
+# Where the train phase replays CUDA graphs its micro-batches are a fixed number of rows padded to the plan's longest
+# length (trainer/graph_lengths.py), so their cost does not fall when GRPO samples completions shorter than the cap,
+# while packed micro-batches' does (fewer of them, shorter). cost.py prices both at the cap; a plan with graphs is kept
+# only where it is also predicted faster than the best plan without them when completions average this fraction of
+# the cap (the H100 A/B's sampled lengths, A-mb286-mix, had a median of 120 of 256). A judgement, not a measurement:
+# config A's graphed micro-batches are launch-bound and keep their win; B's (64 x 512) are near compute-bound and the
+# packed micro-batches of shorter completions overtake them.
+GRAPHS_SHORT_COMPLETIONS = 0.5
+
+
+def _graphs_hold_when_short(best: dict, fitting: list[dict], recipe, ctx, compiled: bool, device: Device) -> dict:
+    """`best`, or where it replays graphs and the best plan without them is predicted faster with completions at
+    GRAPHS_SHORT_COMPLETIONS of the cap, that plan. The graphed plan's train phase stays at its price at the cap (its
+    padded micro-batches cost that whatever the lengths); the rollouts of both are priced short."""
+    plain = [c for c in fitting if not c["train_cudagraphs"]]
+    if not best["train_cudagraphs"] or not plain:
+        return best
+    other, n = _choose(plain), max(1, int(ctx.completion_len * GRAPHS_SHORT_COMPLETIONS))
+    short = replace(ctx, completion_len=n, max_len=ctx.prompt_len + n)
+
+    def at_short(c: dict) -> dict[str, float]:
+        return _phase_seconds(recipe, short, {k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}, compiled,
+                              device)
+
+    graphed = at_short(best)["rollout"] + best["predicted_phases_s"]["train"]
+    return best if graphed < sum(at_short(other).values()) else other
 
 
 def cudagraphs_apply(c: dict) -> bool:
