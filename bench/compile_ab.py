@@ -47,10 +47,11 @@ the later layers' do, one guard variant fewer) on B at 14.5 GB (the H200 row tha
 variant) and A at 3.3 GB (short micro-batches): first_two_s and compile_s say what it saves. SWITCH
 train_cudagraphs: TRAINER_COMPILE_CUDAGRAPHS (Plan.train_cudagraphs: the compiled layers replayed from inductor's
 CUDA graph trees, where plan.cudagraphs_apply) on the 1.5B's eight 286-token micro-batches, the host-bound train
-phase with the checkpoint inside the layers, with sampled completion lengths (A-mb286-mix: the shapes
-trainer/graph_lengths.py pads to a few; cuda_graphs, the graphs held after each step, flat once they replay) and
-without: steady_train_ratio is the point (cost.py's GRAPHED_LAYER_FLOOR_S, one H100 config so far), and the peaks say
-what the trees' pool holds (memory.TRAIN_GRAPH_POOL_BYTES, fitted on A-mb286's H100 run). A at 3.3 GB ran with it
+phase with the checkpoint inside the layers, with sampled completion lengths (A-mb286-mix: every micro-batch padded
+to the plan's longest length, trainer/graph_lengths.py, since the ladder of 14 lost 2.98x on 2026-12-07;
+cuda_graphs, the graphs held after each step, flat from step 2 or 3), and on the 0.5B shape's (a second shape for
+cost.py's GRAPHED_LAYER_FLOOR_S and memory.TRAIN_GRAPH_POOL_BYTES, both from A-mb286's H100 runs, twice 0.60-0.66x
+the step): steady_train_ratio and the peaks against the plan are the point. A at 3.3 GB ran with it
 on 2026-12-07 (HF's checkpoint with offload: re-recorded every step); the plan now keeps the graphs off there. SWITCH
 small_graphs: both TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL (the checkpoint inside the layers
 recomputing every op, Plan.checkpoint_recompute_all, at HF's checkpoint's memory) on A at 3.3 GB, which the planner
@@ -113,7 +114,7 @@ SWITCHES = {"dynamic": ("TRAINER_COMPILE_DYNAMIC", "1", ["A-fast", "A-small"]),
             "lora_merge": ("--set", "rollout.sync=merge", ["A-mirror", "B-mirror"]),
             "mirror_views": ("TRAINER_MIRROR_VIEWS", "1", ["A-mirror", "B-mirror"]),
             "mirror_direct": ("TRAINER_MIRROR_DIRECT", "1", ["A-mirror", "B-mirror"]),
-            "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286-mix", "A-mb286"]),
+            "train_cudagraphs": ("TRAINER_COMPILE_CUDAGRAPHS", "1", ["A-mb286-mix", "0.5b-mb286"]),
             # CUDA graphs at a small budget: with the in-graph checkpoint recomputing every op
             # (TRAINER_CKPT_RECOMPUTE_ALL) they fit config A at 3.3 GB, where the graphs alone are not planned
             "small_graphs": (("TRAINER_COMPILE_CUDAGRAPHS", "TRAINER_CKPT_RECOMPUTE_ALL"), "1", ["A-small"]),
