@@ -1,5 +1,6 @@
 """With the train phase replayed from CUDA graphs (plan.train_cudagraphs), every micro-batch is one of a few shapes (its
-rows and one length), so that the graphs recorded in the first steps replay in every later one whatever lengths GRPO samples.
+rows and one length), so that the graphs recorded in the first steps replay in every later one whatever lengths GRPO
+samples.
 
 Inductor's cudagraph trees record a graph for each input shape they meet (a warm-up run, then the recording), dynamic
 length or not. `pack` (trainer/batch.py) fills each micro-batch with as many rows as fit the plan's token budget and
@@ -19,10 +20,11 @@ train_cudagraphs), config A's eight 279-token sequences, one a micro-batch, with
 grew 56, 112, 280, 336, 504, 616, each new length compiled (~1 s) and recorded, the steady step 2.98x the ungraphed
 run's, and nvidia-smi's peak rose step by step to 3.48 GB against the 3.41 GB planned (the pool the plan counts,
 memory.TRAIN_GRAPH_POOL_BYTES, was measured on one shape). At the fixed 279 tokens, the same graphs replayed from
-step 3 (112 held): train phase 0.48 s against 1.46 s ungraphed (medians of steps 3-6), the step 0.66x. The graphed micro-batch is
-launch-bound (GRAPHED_LAYER_FLOOR_S): padding a short row to 279 tokens costs next to nothing, so that train phase,
-which is what every step gets here whatever it samples, is below the ungraphed one on the sampled lengths (1.27 s). One long sequence a micro-batch, compute-bound, replays
-no graphs (plan.cudagraphs_apply); in between, trainer/cost.py prices the graphed phase at the full length.
+step 3 (112 held): train phase 0.48 s against 1.46 s ungraphed (medians of steps 3-6), the step 0.66x. The graphed
+micro-batch is launch-bound (GRAPHED_LAYER_FLOOR_S): padding a short row to 279 tokens costs next to nothing, so that
+train phase, which is what every step gets here whatever it samples, is below the ungraphed one on the sampled
+lengths (1.27 s). One long sequence a micro-batch, compute-bound, replays no graphs (plan.cudagraphs_apply); in
+between, trainer/cost.py prices the graphed phase at the full length.
 The cost: rows that would have shared a micro-batch under `pack` when a step's sequences are short run in more,
 full-length micro-batches (what the graphs make cheap: their launches are what they save).
 
