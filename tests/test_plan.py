@@ -158,10 +158,12 @@ def test_predicted_step_prices_every_pass_over_the_batch(linears, monkeypatch):
                      for o in ([], ["grpo.beta=0.04"], ["grpo.beta=0.04", "grpo.num_iterations=2"]))
     assert one.trainer_linears == ref.trainer_linears == two.trainer_linears == linears
     assert one.micro_batch_tokens == ref.micro_batch_tokens == two.micro_batch_tokens == 4096
-    n = math.ceil(32 * one.max_model_len / 4096)
     d = ModelDims.from_config(cfg("qwen2.5-1.5b-instruct"))
-    t = one.max_model_len  # a micro-batch's forward: linear layers, lm_head, causal attention of its 4096 / T sequences
-    forward_flops = 2 * (d.linear_params + d.vocab * d.hidden) * 4096 + 2 * t * t * d.heads * d.head_dim * d.layers * 4096 / t
+    t = one.max_model_len  # whole sequences a micro-batch: as many of T tokens as fit 4096 (batch.pack)
+    rows = 4096 // t
+    n, mb = math.ceil(32 / rows), rows * t
+    # a micro-batch's forward: linear layers, lm_head, causal attention of its sequences
+    forward_flops = 2 * (d.linear_params + d.vocab * d.hidden) * mb + 2 * t * t * d.heads * d.head_dim * d.layers * rows
     train = n * max(cost.LAYER_FLOOR_S[(one.compile_layers, True)] * d.layers, 4 * forward_flops / cost.TRAIN_FLOPS)
     forward = n * max(cost.LAYER_FLOOR_S[(one.compile_layers, False)] * d.layers / 2, forward_flops / cost.TRAIN_FLOPS)
     bf16 = 1.0 if linears == "nf4" else cost.BF16_LINEARS_TRAIN

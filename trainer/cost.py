@@ -217,15 +217,14 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
     # the checkpoint inside the layers recomputing every op (plan.checkpoint_recompute_all): HF's FLOPs, the in-graph
     # launches (its floor), an estimate until measured
     flops_gc = gc or bool(knobs["gradient_checkpointing"] and knobs.get("checkpoint_recompute_all"))
-    mbt = max(min(knobs["micro_batch_tokens"], step_tokens), 1)
-    micro_batches = math.ceil(step_tokens / mbt)
-    # a micro-batch's forward FLOPs: linear layers and lm_head, and causal attention, quadratic in each sequence
+    # whole rows a micro-batch: as many of the priced length as fit the token budget (batch.pack; at least one), or
+    # the fixed count (micro_batch_seqs; trainer/graph_lengths.py where graphs replay)
     seq = step_tokens / max(gen, 1)
+    rows = graph_lengths.rows_per_micro_batch(min(knobs["micro_batch_tokens"], step_tokens), max(round(seq), 1),
+                                              knobs.get("micro_batch_seqs"))
+    micro_batches, mbt = math.ceil(gen / rows), rows * seq
     graphed = bool(knobs.get("train_cudagraphs"))
-    if graphed:  # a fixed number of rows a micro-batch (trainer/graph_lengths.py), the longest priced as the others
-        rows = graph_lengths.rows_per_micro_batch(knobs["micro_batch_tokens"], max(round(seq), 1),
-                                                  knobs.get("micro_batch_seqs"))
-        micro_batches, mbt = math.ceil(gen / rows), rows * seq
+    # a micro-batch's forward FLOPs: linear layers and lm_head, and causal attention, quadratic in each sequence
     head = dims.vocab * dims.hidden
     attn = 2 * seq * seq * dims.heads * dims.head_dim * dims.layers * mbt / seq
     forward = 2 * (linear_params + head) * mbt + attn
