@@ -215,7 +215,8 @@ def step_breakdown(linear_params: int, gen: int, completion_len: int, step_token
         rollout = calls * completion_len * HF_MS_PER_LAYER * dims.layers / 1e3
     gc = bool(knobs["gradient_checkpointing"]) and not knobs.get("checkpoint_in_graph")
     # the checkpoint inside the layers recomputing every op (plan.checkpoint_recompute_all): HF's FLOPs, the in-graph
-    # launches (its floor), an estimate until measured
+    # launches (its floor). Measured once with graphs (H100, 2026-12-07 21:25, config A at 3.3 GB, 279-token
+    # micro-batches): train phase 0.45 s against 0.43 predicted, step 1.78 against 1.85
     flops_gc = gc or bool(knobs["gradient_checkpointing"] and knobs.get("checkpoint_recompute_all"))
     # whole rows a micro-batch: as many of the priced length as fit the token budget (batch.pack; at least one), or
     # the fixed count (micro_batch_seqs; trainer/graph_lengths.py where graphs replay)
