@@ -11,6 +11,17 @@ from trainer.policy import completion_logprobs, load_policy, read_config
 from trainer.recipe import load_recipe
 
 
+@pytest.fixture
+def shapes_built(monkeypatch) -> list[str]:
+    """bench/compile_ab.py builds each config's model shape in a process of its own before its runs
+    (trainer.shapes.model_dir_apart): recorded here instead of built (a 1.5B random init on the CPU)."""
+    from trainer import shapes
+
+    built: list[str] = []
+    monkeypatch.setattr(shapes, "model_dir_apart", lambda shape, seed=0, env=None: built.append(shape))
+    return built
+
+
 def _grads(policy, batch):
     ids, mask, comp, valid = batch
     logps, _ = completion_logprobs(policy, ids, mask, comp, valid, 1.0, 4096, 8192)
@@ -128,7 +139,7 @@ def test_compile_ab_reads_each_phase_peak_of_the_steady_steps():
     assert steady_phase_peaks(rows[:2]) == {}
 
 
-def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, monkeypatch):
+def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, monkeypatch, shapes_built):
     # the checkpoint-in-graph A/B (issue 26): only plans without activation offload keep the switch's checkpoint, so
     # its configs pin offload off; each run sets the switch it measures and no other
     import bench.compile_ab as ab
@@ -150,10 +161,11 @@ def test_compile_ab_runs_each_config_with_its_switch_unset_and_set(tmp_path, mon
         run_dir = cmd[cmd.index("--output-dir") + 1]
         assert run_dir.endswith("_default_for_ckpt_in_graph") == (r["variant"] == "default")
     assert "model.shape=qwen2.5-0.5b" in seen[-1][0]
+    assert shapes_built == ["qwen2.5-0.5b", "qwen2.5-1.5b"]  # each once, before the first measured run
     assert (tmp_path / "ckpt_in_graph_ab.json").exists() and res["by_config"] == {}  # no steps ran
 
 
-def test_compile_ab_switches_a_recipe_field_through_an_override(tmp_path, monkeypatch):
+def test_compile_ab_switches_a_recipe_field_through_an_override(tmp_path, monkeypatch, shapes_built):
     # hf_decode / hf_compile switch a recipe field, not an environment variable: only the switched run gets it
     import bench.compile_ab as ab
     import bench.smi
@@ -223,7 +235,7 @@ def test_compiled_layers_never_fall_back_to_eager_over_grpo_passes(monkeypatch, 
     assert graphs[-1] == graphs[1] and graphs[1] > 8, graphs  # more variants than torch's default limit, then none
 
 
-def test_compile_ab_ladder_adds_one_switch_a_rung_on_the_configs_they_share(tmp_path, monkeypatch):
+def test_compile_ab_ladder_adds_one_switch_a_rung_on_the_configs_they_share(tmp_path, monkeypatch, shapes_built):
     # one sitting's device time for several switches: default, a, a+b, a+b+c, default again (the drift between the
     # two defaults shows); each rung compared with the rung below and with the defaults' mean
     import bench.compile_ab as ab
@@ -528,7 +540,7 @@ def test_the_checkpoint_in_graph_recomputing_every_op_gives_its_gradients_and_sa
     assert 0 < saved_r <= saved_d, (saved_r, saved_d)
 
 
-def test_compile_ab_sets_a_switchs_several_variables_together(tmp_path, monkeypatch):
+def test_compile_ab_sets_a_switchs_several_variables_together(tmp_path, monkeypatch, shapes_built):
     """small_graphs sets TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL in its run and neither in the
     default one (a variable left in the sitting's environment is dropped there too)."""
     import bench.compile_ab as ab
