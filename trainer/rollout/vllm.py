@@ -132,8 +132,9 @@ class VLLMEngine:
             self.info["lora_kernels"] = lora_kernels.use_tuned(json.loads((path / "config.json").read_text()),
                                                                kw["max_lora_rank"], torch.cuda.get_device_name())
             log.info("vLLM: %s", self.info["lora_kernels"])
-        elif kw.get("enable_lora"):
-            self.info["lora_kernels"] = "vLLM's default LoRA ops (no CUDA device: no Triton kernel configs to choose)"
+        elif kw.get("enable_lora"):  # nothing to choose: the CPU's LoRA ops, or no config.json to read shapes from
+            why = "no CUDA device" if not torch.cuda.is_available() else "no config.json to read the model's shapes from"
+            self.info["lora_kernels"] = f"vLLM's default LoRA ops ({why})"
         self.llm = self.vllm.LLM(**kw)
         self.startup_s = time.perf_counter() - t0
         self.vmodel = self.vi.model(self.llm)
