@@ -318,11 +318,11 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                         f"{memory.HOST_RESERVE / GB:.0f} GB kept for the rest)",
                         "free host memory or run on a host with more, raise budget.vram_gb, or shorten "
                         "grpo.max_completion_length / data.max_prompt_length")
-    best = _graphs_hold_when_short(_choose(fitting), fitting, recipe, ctx, _compile_layers(recipe, device), device)
+    compiled = _compile_layers(recipe, device)
+    best = _graphs_hold_when_short(_choose(fitting), fitting, recipe, ctx, compiled, device)
     if r.engine == "vllm" and device.here and not r.weight_format and device.kind == "cuda" and \
             scratch_dir(staging_bytes(ctx, "bf16_mirror", device)) is None:
         notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
-    compiled = _compile_layers(recipe, device)
     plan = Plan(device=device.kind, device_name=device.name, device_capability=device.capability,
                 host_us_per_op=device.host_us_per_op,
                 compute_dtype=dtype, quantized=quantized,
@@ -740,8 +740,7 @@ def _graphs_hold_when_short(best: dict, fitting: list[dict], recipe, ctx, compil
     short = replace(ctx, completion_len=n, max_len=ctx.prompt_len + n)
 
     def at_short(c: dict) -> dict[str, float]:
-        return _phase_seconds(recipe, short, {k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}, compiled,
-                              device)
+        return _phase_seconds(recipe, short, _knobs(c), compiled, device)
 
     graphed = at_short(best)["rollout"] + best["predicted_phases_s"]["train"]
     return best if graphed < sum(at_short(other).values()) else other
@@ -803,10 +802,14 @@ def _priced(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict:
                 headroom=memory.BUDGET_HEADROOM if ctx.cuda else 0, host_bytes=memory.offload_host_bytes(ctx, knobs))
 
 
+def _knobs(c: dict) -> dict:
+    """A priced candidate's knobs alone (its results dropped)."""
+    return {k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}
+
+
 def _repriced(c: dict, changes: dict, recipe, ctx, compiled: bool, device: Device) -> dict:
-    """Candidate `c` with some knobs changed, priced anew (its results dropped first)."""
-    return _priced(recipe, ctx, {**{k: v for k, v in c.items() if k not in CANDIDATE_RESULTS}, **changes}, compiled,
-                   device)
+    """Candidate `c` with some knobs changed, priced anew."""
+    return _priced(recipe, ctx, {**_knobs(c), **changes}, compiled, device)
 
 
 def _phase_seconds(recipe, ctx, knobs: dict, compiled: bool, device: Device) -> dict[str, float]:

@@ -93,7 +93,7 @@ COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" 
 # no-grad passes too). The train phase at small budgets is host-bound: on one H100 (2026-12-07) eight 286-token
 # micro-batches of the 1.5B train in ~1.5 s of which the GPU is busy ~0.3 s, ~2.2 ms of Python and Triton launches a
 # compiled layer call; a replay launches the layer's kernels in one call. Costs: a graph recorded per distinct input
-# size (GRPO's lengths: trainer/graph_lengths.py pads them to a few), inputs copied into the graph's buffers, and the
+# size (GRPO's lengths: trainer/graph_lengths.py pads them to one), inputs copied into the graph's buffers, and the
 # trees' memory pool held for the whole run (the rollout phase too: memory.TRAIN_GRAPH_POOL_BYTES).
 # Measured on one H100 (2026-12-07 16:27, bench/results/queue_2026-12-07/g, compile_ab train_cudagraphs): with the
 # checkpoint inside the compiled layers (A-mb286, eight 286-token micro-batches, float16) the train phase 0.38-0.42 s
