@@ -57,7 +57,8 @@ small_graphs: both TRAINER_COMPILE_CUDAGRAPHS and TRAINER_CKPT_RECOMPUTE_ALL (th
 recomputing every op, Plan.checkpoint_recompute_all, at HF's checkpoint's memory) on A at 3.3 GB, which the planner
 then takes (279-token micro-batches, one sequence each, as `train` plans them from the data; 2.99 GB planned with the
 trees' pool, predicted 1.84 s against 2.34 on the H200's costs):
-steady_step_ratio and the peak against the plan are the point. Each config
+steady_step_ratio and the peak against the plan are the point. Both on by default since 2026-12-08 (the 1.5B's
+sampled lengths 0.625x, the 0.5B's 0.504x on one H100): their off runs set the variables to 0. Each config
 trained with the switch unset and set, the two variants alternated so neither always runs on a warmer machine. Each run under bench/smi.py; per step the step, rollout and
 train seconds from metrics.jsonl. OUT/compile_ab.json (SWITCH dynamic) or OUT/SWITCH_ab.json:
 {"device", "steps", "switch", "runs": [{"config", "budget_gb", "variant", "rc", "peak_gb", "step_s": [...],
@@ -132,7 +133,10 @@ OFF = {"ckpt_in_graph": "train.checkpoint_in_graph=false", "lora_merge": "rollou
        "fp16": "model.dtype=bfloat16",
        # the shipped configs (trainer/rollout/lora_kernels.py) cover config A on an H100 since 2026-12-07: a folder
        # that does not exist gives vLLM's defaults (a folder the user set is left as it is)
-       "lora_tuned": "/nonexistent/vllm-default-lora-configs"}
+       "lora_tuned": "/nonexistent/vllm-default-lora-configs",
+       # the plan weighs CUDA graphs and the checkpoint recomputing every op by default since 2026-12-08
+       # (trainer/plan.py CUDAGRAPHS, RECOMPUTE_ALL): the off runs set them to 0
+       "train_cudagraphs": "0", "small_graphs": "0"}
 
 
 def _vars(var: str | tuple) -> tuple:

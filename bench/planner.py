@@ -205,7 +205,8 @@ def run(out: Path, names: list[str]) -> None:
                             "cudagraph_capture_sizes", "enforce_eager", "token_chunk", "vocab_chunk", "rollout_engine",
                             "hf_batch_size", "allocator_cap_bytes", "activation_offload", "mlp_tile_tokens",
                             "micro_batch_seqs", "compile_layers", "logits_dtype", "checkpoint_in_graph", "sync",
-                            "trainer_linears", "expandable_segments", "compile_masks")}})
+                            "trainer_linears", "expandable_segments", "compile_masks", "train_cudagraphs",
+                            "checkpoint_recompute_all")}})
             m = read_metrics(run_dir)
             summ = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
             row.update({"steps": len(m),
@@ -353,17 +354,23 @@ def _pin_run(knobs: dict) -> list[str]:
 @contextlib.contextmanager
 def linears_as_ran(knobs: dict):
     """Re-plan with what the trainer's linears computed on in a run (plan.trainer_linears; a recipe cannot pin it): the
-    views and the merged rows off (plan.MIRROR_VIEWS) for a run whose trainer kept its nf4; and with torch's expandable
-    segments only where the run had them (plan.EXPANDABLE_SEGMENTS: rows from before the knob recorded none)."""
+    views and the merged rows off (plan.MIRROR_VIEWS) for a run whose trainer kept its nf4; with torch's expandable
+    segments only where the run had them (plan.EXPANDABLE_SEGMENTS: rows from before the knob recorded none); and the
+    train phase's CUDA graphs and the checkpoint recomputing every op only where the run had them (plan.CUDAGRAPHS,
+    plan.RECOMPUTE_ALL: candidates by default since 2026-12-08, rows before recorded neither)."""
     from trainer import plan as planmod
 
-    was = planmod.MIRROR_VIEWS, planmod.EXPANDABLE_SEGMENTS
+    names = ("MIRROR_VIEWS", "EXPANDABLE_SEGMENTS", "CUDAGRAPHS", "RECOMPUTE_ALL")
+    was = {n: getattr(planmod, n) for n in names}
     planmod.MIRROR_VIEWS = knobs.get("trainer_linears", "nf4") != "nf4"
     planmod.EXPANDABLE_SEGMENTS = bool(knobs.get("expandable_segments"))
+    planmod.CUDAGRAPHS = bool(knobs.get("train_cudagraphs"))
+    planmod.RECOMPUTE_ALL = bool(knobs.get("checkpoint_recompute_all"))
     try:
         yield
     finally:
-        planmod.MIRROR_VIEWS, planmod.EXPANDABLE_SEGMENTS = was
+        for n, v in was.items():
+            setattr(planmod, n, v)
 
 
 def ran_knobs(row: dict) -> dict:

@@ -272,17 +272,24 @@ def test_knob_changes_reach_the_live_policy_and_engine():
     assert loop.engine.batch_size == bs // 2
 
 
-def test_an_oom_notch_is_one_knob_smaller_in_the_phase_that_ran_out():
+def test_an_oom_notch_is_one_knob_smaller_in_the_phase_that_ran_out(monkeypatch):
+    from trainer import plan as planner
+
     _, p, loop = setup(["budget.vram_gb=6", "model.gradient_checkpointing=true"])
     mbt = p.micro_batch_tokens
     changes = loop.after_oom(2, "recompute")
     assert {a.knob for a in changes} == {"micro_batch_tokens", "token_chunk"} and p.micro_batch_tokens == mbt // 2
     assert {a.reason for a in changes} == {"out of memory"} and changes[0].measured_gb is None
     assert loop.after_oom(2, "optimizer") == [] and loop.after_oom(2, "kv") == []
-    _, p, small = setup(["budget.vram_gb=6", "model.gradient_checkpointing=true", "train.micro_batch_tokens=384",
-                         "rollout.weight_format=shared_nf4"])
     # the checkpoint in graph keeps more than HF's: putting HF's back is the notch, then nothing the recipe leaves
-    # free is smaller (KV already released)
+    # free is smaller (KV already released). Without the train phase's CUDA graphs (on by default since 2026-12-08),
+    # which need the checkpoint inside the layers and hold the plan's choice: with them the notch is not there
+    sets = ["budget.vram_gb=6", "model.gradient_checkpointing=true", "train.micro_batch_tokens=384",
+            "rollout.weight_format=shared_nf4"]
+    _, p, graphed = setup(sets)
+    assert p.train_cudagraphs and p.checkpoint_in_graph and graphed.after_oom(2, "train") == []
+    monkeypatch.setattr(planner, "CUDAGRAPHS", False)
+    _, p, small = setup(sets)
     assert p.checkpoint_in_graph
     assert [(a.knob, a.old, a.new) for a in small.after_oom(2, "train")] == [("checkpoint_in_graph", True, False)]
     assert not p.checkpoint_in_graph and small.after_oom(3, "train") == []
@@ -367,12 +374,16 @@ def test_adapt_speed_needs_the_worst_case_first_step():
 
 
 def test_plan_alternatives_are_the_fastest_and_the_smallest_that_fit_ranked_by_speed():
-    from trainer.plan import _candidates, alternatives
+    from trainer.plan import _candidates, _eligible, alternatives
 
     r, p, _ = setup(["budget.vram_gb=6"])
     alts = alternatives(CFG, r, p, H100)
-    cands = _candidates(r, plan_context(CFG, r, p, H100), H100)
-    fits = [c for c in cands if c["peak"] + c["headroom"] <= 6 * GB]
+    ctx = plan_context(CFG, r, p, H100)
+    cands = _candidates(r, ctx, H100)
+    # those that fit, the train phase's CUDA graphs where they also win with short completions (plan._eligible)
+    fit_all = [c for c in cands if c["peak"] + c["headroom"] <= 6 * GB]
+    fits = _eligible(fit_all, r, ctx, p.compile_layers, H100)
+    assert any(c["train_cudagraphs"] for c in fit_all) and len(fits) < len(fit_all)
     assert all(c["headroom"] == 300 * 10**6 for c in cands)  # memory.BUDGET_HEADROOM, on CUDA
     assert (alts["candidates"], alts["fitting"]) == (len(cands), len(fits)) and 0 < len(fits) < len(cands)
     fast, small, best = alts["fastest"], alts["smallest"], alts["fastest_any_budget"]

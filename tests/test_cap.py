@@ -244,8 +244,15 @@ def test_the_7b_gets_checkpointing_at_run_time_when_the_train_phase_is_over_plan
     model.gradient_checkpointing: true" after step 2). Now the train phase shrinks and the live policy is switched.
     Under the fp32-LoRA fit of memory.NO_CKPT_FIT (1.215) the planner turned checkpointing on itself at 15 GB; under
     the bf16 fit of 2026-12-04 (0.9, from one 1.5B row) it plans the 7B without it again, and this loop is what
-    catches a train phase above that plan. The run's plan had the fit at 1."""
+    catches a train phase above that plan. The run's plan had the fit at 1. Since 2026-12-08 the planner weighs the
+    train phase's CUDA graphs too, which need the checkpoint inside the layers: at 15 GB they tie (11.253 s predicted
+    against 11.26 without checkpointing) and take it; planned here without them, as that day's run was."""
+    from trainer import plan as planner
+
     over = ["train.generation_batch_size=8", "grpo.max_completion_length=1024"]
+    graphed = plan_at(15.0, overrides=over)[1]
+    assert graphed.train_cudagraphs and graphed.checkpoint_in_graph
+    monkeypatch.setattr(planner, "CUDAGRAPHS", False)
     assert not plan_at(15.0, overrides=over)[1].gradient_checkpointing
     with monkeypatch.context() as m:
         m.setattr(memory, "NO_CKPT_FIT", 1.215)

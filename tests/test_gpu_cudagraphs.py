@@ -1,4 +1,4 @@
-"""GPU test (pytest -m gpu) of Plan.train_cudagraphs (TRAINER_COMPILE_CUDAGRAPHS=1 asks for it; trainer/policy.py):
+"""GPU test (pytest -m gpu) of Plan.train_cudagraphs (a candidate by default, TRAINER_COMPILE_CUDAGRAPHS=0 turns it off; trainer/policy.py):
 the nf4 + LoRA policy's compiled layers replayed from CUDA graphs give the log-probs and LoRA gradients of the same
 compiled layers without graphs, pass after pass as a GRPO step runs them (a no-grad pass, then a train pass and its
 backward), the graphs are recorded once and replayed after, and a replay reads the adapter's weights as the optimizer
@@ -45,7 +45,8 @@ def tiny_policy(graphs: bool, monkeypatch, overrides=IN_GRAPH, recompute_all: bo
     from trainer.recipe import load_recipe
 
     torch._dynamo.reset()
-    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", graphs)
+    monkeypatch.setattr(planner, "CUDAGRAPHS", graphs)
+    monkeypatch.setattr(planner, "RECOMPUTE_ALL", False)  # set on the plan below where asked for
     recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", ["train.torch_compile=true", *overrides])
     plan = make_plan(pol.read_config(recipe.model), recipe, Device.detect())
     assert plan.compile_layers and plan.quantized
@@ -197,7 +198,7 @@ def test_cudagraph_replays_run_grpos_train_phase_of_several_micro_batches(monkey
     if graphed:  # recorded in the first steps and replayed after, lengths sampled anew each step: equal results below
         assert counts[2] > 0 and counts[2] == counts[-1], counts  # are not the plain path's twice
     else:
-        assert counts == [0] * STEPS and any("TRAINER_COMPILE_CUDAGRAPHS: off" in n for n in plan.notes)
+        assert counts == [0] * STEPS and any("(TRAINER_COMPILE_CUDAGRAPHS): off" in n for n in plan.notes)
     assert_same_train_phases(plain, graphed_run)
 
 

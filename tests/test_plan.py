@@ -109,6 +109,10 @@ def test_context_longer_than_the_model_is_refused():
 @given(budget=st.floats(5.0, 40.0), extra=st.floats(0.1, 20.0), gen=st.sampled_from([8, 16, 32, 64]),
        length=st.sampled_from([128, 256, 512]), model=st.sampled_from(["qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct"]))
 def test_more_budget_never_plans_worse_and_never_exceeds(budget, extra, gen, length, model):
+    """A larger budget's plan is no slower at the cap, or else faster with completions half as long (the bar graphed
+    plans meet: plan._eligible): never slower at both."""
+    from trainer.plan import plan_context, plan_knobs, short_step_seconds
+
     over = [f"train.generation_batch_size={gen}", f"grpo.max_completion_length={length}"]
     plans = []
     for b in (budget, budget + extra):
@@ -117,10 +121,16 @@ def test_more_budget_never_plans_worse_and_never_exceeds(budget, extra, gen, len
         except UserError:
             plans.append(None)
     small, big = plans
+
+    def short(plan) -> float:
+        r = recipe(over)
+        return short_step_seconds({**plan_knobs(plan), "predicted_phases_s": plan.predicted_phases_s}, r,
+                                  plan_context(cfg(model), r, plan, H100), plan.compile_layers, H100)
+
     if small is not None:
         assert small.peak_bytes <= budget * 1e9
         assert big is not None and big.peak_bytes <= (budget + extra) * 1e9
-        assert _speed(big, model, length) >= _speed(small, model, length)
+        assert _speed(big, model, length) >= _speed(small, model, length) or short(big) <= short(small) + 1e-9
 
 
 def _speed(plan, model: str, length: int) -> float:
@@ -129,7 +139,8 @@ def _speed(plan, model: str, length: int) -> float:
 
     knobs = {k: getattr(plan, k) for k in ("micro_batch_tokens", "gradient_checkpointing", "checkpoint_in_graph",
                                            "weight_format", "kv_release", "max_num_seqs", "activation_offload",
-                                           "micro_batch_seqs", "hf_batch_size", "sync", "trainer_linears")}
+                                           "micro_batch_seqs", "hf_batch_size", "sync", "trainer_linears",
+                                           "train_cudagraphs", "checkpoint_recompute_all")}
     dims = ModelDims.from_config(cfg(model))
     got = -cost.step_seconds(dims.linear_params, plan.generation_batch_size, length,
                              plan.generation_batch_size * plan.max_model_len, knobs, plan.rollout_engine,
@@ -240,7 +251,11 @@ def test_plan_is_sized_for_the_longest_prompt_of_the_data():
     by_data = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100, max_prompt_tokens=24)
     assert by_field.max_model_len == 128 + 256 and by_data.max_model_len == 24 + 256
     assert by_data.kv_cache_memory_bytes < by_field.kv_cache_memory_bytes
-    assert by_data.peak_bytes < by_field.peak_bytes
+    # and priced smaller at the same rows a micro-batch (left to the planner, the shorter rows may buy a bigger,
+    # faster micro-batch: 8 rows of 280 tokens against 4 of 384 with the train phase's CUDA graphs)
+    rows = recipe(["budget.vram_gb=30", "train.per_device_train_batch_size=4"])
+    assert (make_plan(cfg("qwen2.5-1.5b-instruct"), rows, H100, max_prompt_tokens=24).peak_bytes
+            < make_plan(cfg("qwen2.5-1.5b-instruct"), rows, H100).peak_bytes)
     longer = make_plan(cfg("qwen2.5-1.5b-instruct"), r, H100, max_prompt_tokens=500)  # truncated to the field
     assert longer.max_model_len == by_field.max_model_len
 
@@ -715,14 +730,19 @@ def test_the_plan_records_how_fast_this_host_dispatches_small_ops():
         device.host_us_per_op
 
 
-def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_the_step():
+def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_the_step(monkeypatch):
     """plan.compile_masks (trainer/compile_shapes.py "mask_always"), on the shapes of the A/Bs behind it (one H100,
     2026-12-06): on for the 0.5B's 16 x 2,048 at 9 GB and the 16 x 64 mirror row (one micro-batch a step beside the
     reference pass, beta 0.04: compiling 65.1 -> 41.2 s and 58.1 -> 20.8 s, the steady train phase the same); off for
     config A at 6.6 GB (one micro-batch, the train pass alone: one graph fewer, 18.6 -> 17.4 s, against ~+3% every
     step), on there with beta or num_iterations 2; off for config B at 14.5 GB (eight micro-batches a step: +2.4% a
-    step), off where a step is split however small, and where nothing compiles."""
+    step), off where a step is split however small, and where nothing compiles. Planned as those A/Bs ran, without
+    the train phase's CUDA graphs (on by default since 2026-12-08, where A at 6.6 GB takes four rows a micro-batch)."""
     from bench.planner import CONFIGS, _plan
+    from trainer import plan as planner
+
+    assert _plan(CONFIGS["1.5b-vllm-8x256"][0], 6.6)[0].train_cudagraphs
+    monkeypatch.setattr(planner, "CUDAGRAPHS", False)
 
     def planned(name, budget, extra=()):
         plan, _ = _plan(CONFIGS[name][0] + list(extra), budget)
@@ -753,8 +773,8 @@ def test_masks_for_the_compiled_layers_are_planned_where_one_micro_batch_holds_t
     assert said == [True, False]
 
 
-def test_cuda_graphs_are_a_candidate_where_asked_for_and_only_where_they_apply(monkeypatch):
-    # TRAINER_COMPILE_CUDAGRAPHS=1 (plan.CUDAGRAPHS_REQUESTED) adds candidates whose compiled layers replay from CUDA
+def test_cuda_graphs_are_a_candidate_unless_turned_off_and_only_where_they_apply(monkeypatch):
+    # plan.CUDAGRAPHS (on unless TRAINER_COMPILE_CUDAGRAPHS=0) adds candidates whose compiled layers replay from CUDA
     # graphs, priced by cost.GRAPHED_LAYER_FLOOR_S; HF's checkpoint around graphed layers re-recorded every pass on an
     # H100 (2026-12-07), so only the checkpoint inside the layers, or none, takes them (plan.cudagraphs_apply)
     from trainer import plan as planner
@@ -763,10 +783,11 @@ def test_cuda_graphs_are_a_candidate_where_asked_for_and_only_where_they_apply(m
     base = ["train.micro_batch_tokens=512", "model.gradient_checkpointing=true", "train.activation_offload=false",
             "budget.vram_gb=40"]
     c15 = cfg("qwen2.5-1.5b-instruct")
+    graphed = make_plan(c15, recipe(base), H100)  # the default
+    monkeypatch.setattr(planner, "CUDAGRAPHS", False)
     plain = make_plan(c15, recipe(base), H100)
     assert not plain.train_cudagraphs and not any("CUDAGRAPHS" in n for n in plain.notes)
-    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", True)
-    graphed = make_plan(c15, recipe(base), H100)
+    monkeypatch.setattr(planner, "CUDAGRAPHS", True)
     assert graphed.train_cudagraphs and graphed.checkpoint_in_graph
     assert graphed.predicted_phases_s["train"] < plain.predicted_phases_s["train"]
     assert graphed.predicted_phases_s["rollout"] == plain.predicted_phases_s["rollout"]
@@ -775,8 +796,12 @@ def test_cuda_graphs_are_a_candidate_where_asked_for_and_only_where_they_apply(m
     hf = make_plan(c15, recipe(base + ["train.checkpoint_in_graph=false"]), H100)
     assert not hf.train_cudagraphs and any("cudagraphs_apply" in n for n in hf.notes)
     for o in (["rollout.engine=hf"], ["train.torch_compile=false"]):
+        p = make_plan(c15, recipe(base + o), H100)  # nothing to say where graphs were never a candidate ...
+        assert not p.train_cudagraphs and not any("CUDAGRAPHS" in n for n in p.notes)
+        monkeypatch.setattr(planner, "CUDAGRAPHS_ASKED", True)  # ... unless TRAINER_COMPILE_CUDAGRAPHS=1 asked
         p = make_plan(c15, recipe(base + o), H100)
         assert not p.train_cudagraphs and any("not compiled on a GPU" in n for n in p.notes)
+        monkeypatch.setattr(planner, "CUDAGRAPHS_ASKED", False)
     knobs = {"gradient_checkpointing": True, "checkpoint_in_graph": True, "activation_offload": False,
              "mlp_tile_tokens": 0}
     assert cudagraphs_apply(knobs) and cudagraphs_apply({**knobs, "gradient_checkpointing": False})
@@ -792,11 +817,11 @@ def test_cuda_graphs_are_a_candidate_where_asked_for_and_only_where_they_apply(m
                                              "train_cudagraphs": True}) == 512 * 512
 
 
-def test_the_in_graph_checkpoint_recomputing_every_op_is_priced_at_hfs_memory_where_asked_for(monkeypatch):
-    # TRAINER_CKPT_RECOMPUTE_ALL=1 (plan.RECOMPUTE_ALL_REQUESTED): in-graph candidates whose checkpoint recomputes the
-    # 4-bit matmuls too, at HF's checkpoint's bytes (no memory.CKPT_IN_GRAPH_BYTES term). With CUDA graphs asked for
-    # too, config A at 3.3 GB (the one point priced above its peer, issue 26) takes both: graphs need the checkpoint
-    # inside the layers, which did not fit there before.
+def test_the_in_graph_checkpoint_recomputing_every_op_is_priced_at_hfs_memory_unless_turned_off(monkeypatch):
+    # plan.RECOMPUTE_ALL (on unless TRAINER_CKPT_RECOMPUTE_ALL=0): in-graph candidates whose checkpoint recomputes the
+    # 4-bit matmuls too, at HF's checkpoint's bytes (no memory.CKPT_IN_GRAPH_BYTES term). With CUDA graphs (on by
+    # default too), config A at 3.3 GB (the one point priced above its peer, issue 26) takes both: graphs need the
+    # checkpoint inside the layers, which did not fit there before.
     from trainer import plan as planner
     from trainer.plan import _candidates, free_runtime_knobs, plan_context, runtime_candidates
 
@@ -805,8 +830,9 @@ def test_the_in_graph_checkpoint_recomputing_every_op_is_priced_at_hfs_memory_wh
             "budget.vram_gb=40"]
     r = recipe(base)
     ctx = plan_context(c15, r, make_plan(c15, r, H100), H100)
+    monkeypatch.setattr(planner, "RECOMPUTE_ALL", False)
     assert not any(c["checkpoint_recompute_all"] for c in _candidates(r, ctx, H100))
-    monkeypatch.setattr(planner, "RECOMPUTE_ALL_REQUESTED", True)
+    monkeypatch.setattr(planner, "RECOMPUTE_ALL", True)
     cands = [c for c in _candidates(r, ctx, H100) if c["weight_format"] == "shared_nf4" and not c["kv_release"]
              and c["logits_dtype"] == "model" and c["sync"] == "inplace"]
     by = {(c["checkpoint_in_graph"], c["checkpoint_recompute_all"]): c for c in cands}
@@ -816,15 +842,16 @@ def test_the_in_graph_checkpoint_recomputing_every_op_is_priced_at_hfs_memory_wh
     assert every["predicted_phases_s"]["train"] <= hf["predicted_phases_s"]["train"]  # the in-graph launches
     ours = ROOT / "bench" / "peers" / "ours.yaml"
     a = load_recipe(ours, ["budget.vram_gb=3.3"])
+    monkeypatch.setattr(planner, "CUDAGRAPHS", False)
     assert not make_plan(c15, a, H100).checkpoint_recompute_all  # without graphs: HF's checkpoint and offload
-    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", True)
+    monkeypatch.setattr(planner, "CUDAGRAPHS", True)
     # as `train` plans it, from the benchmark data's longest prompt (23 tokens: 279-token sequences); at the field's
     # 128 (384-token sequences) the trees' pool (memory.TRAIN_GRAPH_POOL_BYTES) leaves 3.3 GB to HF's checkpoint
     both = make_plan(c15, a, H100, max_prompt_tokens=23)
     assert both.train_cudagraphs and both.checkpoint_in_graph and both.checkpoint_recompute_all
     assert both.peak_bytes + memory.BUDGET_HEADROOM <= 3.3e9
     assert both.components["train_cuda_graphs"] == int(memory.TRAIN_GRAPH_POOL_BYTES * 28 * 279 * 1536)
-    assert not make_plan(c15, a, H100).train_cudagraphs
+    assert not make_plan(c15, a, H100).train_cudagraphs  # at the field's 128-token prompts
     loop = runtime_candidates(c15, a, both, H100, free_runtime_knobs(a, both))
     assert loop and all(c["checkpoint_recompute_all"] and c["train_cudagraphs"] for c in loop)
 
@@ -836,8 +863,6 @@ def test_graphs_are_granted_only_where_they_stay_ahead_with_completions_half_as_
     A's launch-bound micro-batches keep them at 6.6 and 3.3 GB. Priced at the cap alone, B would take them."""
     from trainer import plan as planner
 
-    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", True)
-    monkeypatch.setattr(planner, "RECOMPUTE_ALL_REQUESTED", True)
     c15, ours = cfg("qwen2.5-1.5b-instruct"), ROOT / "bench/peers/ours.yaml"
     b = ["budget.vram_gb=14.5", "train.generation_batch_size=64", "grpo.max_completion_length=512"]
 
@@ -859,26 +884,30 @@ def test_the_train_graphs_pool_covers_what_the_h100_measured_it_to_hold(monkeypa
     each phase apart. Each graphed run's peaks are within the plan today's formulas make for it; the pool term is at
     least the first sitting's difference and not 25% above it (the second's default run drew 0.07 GB less than the
     first's, the graphed runs within 0.02 of each other: the difference 0.134 is the default's cache). And config A at
-    3.3 GB with graphs + the in-graph checkpoint recomputing every op (small_graphs_ab.json, 21:25) under its plan."""
+    3.3 GB with graphs + the in-graph checkpoint recomputing every op (small_graphs_ab.json, 21:25) under its plan;
+    and 2026-12-08's (queue_2026-12-08/a): the 1.5B's sampled lengths padded to one, and the 0.5B shape, whose
+    with/without difference (0.109 GB in both phases) is above its pool term (0.040) but inside its plan's peak."""
     from trainer import plan as planner
 
-    monkeypatch.setattr(planner, "CUDAGRAPHS_REQUESTED", True)
-    c15 = cfg("qwen2.5-1.5b-instruct")
-    for found, config, switch in (("g/compile", "A-mb286", "train_cudagraphs"),
-                                  ("h/compile.2", "A-mb286", "train_cudagraphs"),
-                                  ("h/compile", "A-small", "small_graphs")):
-        monkeypatch.setattr(planner, "RECOMPUTE_ALL_REQUESTED", switch == "small_graphs")  # as compile_ab's env asks
-        ab = json.loads((ROOT / f"bench/results/queue_2026-12-07/{found}/{switch}_ab.json").read_text())
+    for found, config, switch in (("2026-12-07/g/compile", "A-mb286", "train_cudagraphs"),
+                                  ("2026-12-07/h/compile.2", "A-mb286", "train_cudagraphs"),
+                                  ("2026-12-07/h/compile", "A-small", "small_graphs"),
+                                  ("2026-12-08/a/compile", "A-mb286-mix", "train_cudagraphs"),
+                                  ("2026-12-08/a/compile", "0.5b-mb286", "train_cudagraphs")):
+        c = cfg("qwen2.5-0.5b-instruct" if config.startswith("0.5b") else "qwen2.5-1.5b-instruct")
+        # as the runs' environment had it: graphs asked for, recompute-all only in small_graphs
+        monkeypatch.setattr(planner, "RECOMPUTE_ALL", switch == "small_graphs")
+        ab = json.loads((ROOT / f"bench/results/queue_{found}/{switch}_ab.json").read_text())
         by = {r["variant"]: r for r in ab["runs"] if r["config"] == config and r["rc"] == 0}
         sets = [s.strip() for s in by[switch]["command"].split("--set ")[1:]]
-        plan = make_plan(c15, load_recipe(ROOT / "bench/peers/ours.yaml", sets), H100, max_prompt_tokens=23)
+        plan = make_plan(c, load_recipe(ROOT / "bench/peers/ours.yaml", sets), H100, max_prompt_tokens=23)
         assert plan.train_cudagraphs and plan.checkpoint_recompute_all == (switch == "small_graphs")
         assert plan.micro_batch_tokens == (279 if switch == "small_graphs" else 286)  # the runs' plan.json
         # nvidia-smi's whole-run peak and each phase's: under the plan's peak (the rollout phase's device peak holds
         # what torch kept cached from the train phase before it)
         for held in [by[switch]["peak_gb"]] + [by[switch]["steady_phase_peaks_gb"][f"used_{p}"] for p in ("rollout", "train")]:
             assert held <= plan.peak_bytes / 1e9, (found, held, plan.peak_bytes)
-        if found == "g/compile":
+        if found == "2026-12-07/g/compile":
             pool = plan.components["train_cuda_graphs"] / 1e9
             for phase in ("rollout", "train"):
                 grew = (by[switch]["steady_phase_peaks_gb"][f"used_{phase}"]

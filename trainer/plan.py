@@ -28,12 +28,23 @@ RUNTIME_KNOBS = ("micro_batch_tokens", "token_chunk", "gradient_checkpointing", 
                  "activation_offload", "mlp_tile_tokens", "kv_release", "hf_batch_size")
 LONG_SEQUENCE = 4096  # from this many tokens a micro-batch of one sequence's tokens holds that sequence alone
 PREFILL_CHUNK = 8192  # vLLM prefill tokens per engine step (max_num_batched_tokens) at long lengths
-# TRAINER_COMPILE_CUDAGRAPHS=1 asks for the compiled layers replayed from CUDA graphs (Plan.train_cudagraphs; what was
-# measured, in trainer/policy.py): candidates with them beside the others where cudagraphs_apply, priced by cost.py.
-CUDAGRAPHS_REQUESTED = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
-# TRAINER_CKPT_RECOMPUTE_ALL=1 asks for the checkpoint inside the compiled layers to recompute every op
-# (Plan.checkpoint_recompute_all): in-graph candidates at HF's checkpoint's memory, beside the others, priced.
-RECOMPUTE_ALL_REQUESTED = os.environ.get("TRAINER_CKPT_RECOMPUTE_ALL") == "1"
+# Candidates with the compiled layers replayed from CUDA graphs (Plan.train_cudagraphs; what was measured, in
+# trainer/policy.py) beside the others where cudagraphs_apply, priced by cost.py; TRAINER_COMPILE_CUDAGRAPHS=0: none.
+# On by default since 2026-12-08: on one H100 (bench/results/queue_2026-12-08/a, `compile 6 train_cudagraphs`) the
+# 1.5B's eight 286-token micro-batches with sampled completion lengths took 0.625x the step (train phase 0.57 s against
+# 1.31), the 0.5B's 0.504x (0.44 against 1.86), the graphs held flat from step 2 and nvidia-smi's peaks under the
+# plans' (3.35 GB against 3.41, 2.05 against 2.15), the logprob gap unchanged (0.0027 and 0.0012 both ways).
+CUDAGRAPHS = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") != "0"
+# Graphs over layers without any checkpoint only where TRAINER_COMPILE_CUDAGRAPHS=1 asks for them: every graphed run
+# measured on a real shape had the checkpoint inside the layers, whose pool memory.TRAIN_GRAPH_POOL_BYTES is fitted to;
+# without a checkpoint they ran on the tiny test model alone (tests/test_gpu_cudagraphs.py), and config A at 6.6 GB
+# would take them (four 286-token rows a micro-batch, 6.07 GB planned) on a pool term nothing measured there.
+CUDAGRAPHS_ASKED = os.environ.get("TRAINER_COMPILE_CUDAGRAPHS") == "1"
+# In-graph candidates whose checkpoint recomputes every op (Plan.checkpoint_recompute_all), at HF's checkpoint's
+# memory, beside the others, priced; TRAINER_CKPT_RECOMPUTE_ALL=0: none. On by default since 2026-12-08: with the
+# graphs it took config A at 3.3 GB from 2.68 to 1.78 s a step on one H100, 2.95 GB against 2.99 planned
+# (bench/results/queue_2026-12-07/h/compile, small_graphs).
+RECOMPUTE_ALL = os.environ.get("TRAINER_CKPT_RECOMPUTE_ALL") != "0"
 
 
 @dataclass(frozen=True)
@@ -177,12 +188,12 @@ class Plan:
     # set_gradient_checkpointing): faster, and the layers keep more for the backward (memory.CKPT_IN_GRAPH_BYTES).
     checkpoint_in_graph: bool = False
     # The compiled layers' forwards and backwards replayed from CUDA graphs (inductor's cudagraph trees,
-    # trainer/policy.py): a candidate where TRAINER_COMPILE_CUDAGRAPHS=1 asks for them and cudagraphs_apply; the
+    # trainer/policy.py): a candidate where cudagraphs_apply (unless TRAINER_COMPILE_CUDAGRAPHS=0); the
     # closed loop keeps the plan's value (the layers are compiled with or without the graphs once, at load).
     train_cudagraphs: bool = False
     # With checkpoint_in_graph: every op of the checkpointed layer recomputed in the backward (a selective-checkpoint
     # policy, trainer/policy.py), the 4-bit matmuls too, so a layer keeps HF's checkpoint's bytes, not
-    # memory.CKPT_IN_GRAPH_BYTES more; asked for by TRAINER_CKPT_RECOMPUTE_ALL=1 (not measured on a GPU yet).
+    # memory.CKPT_IN_GRAPH_BYTES more; a candidate unless TRAINER_CKPT_RECOMPUTE_ALL=0.
     checkpoint_recompute_all: bool = False
     predicted_step_s: float = 0.0  # trainer/cost.py's estimate for these knobs (how the planner ranks plans)
     predicted_phases_s: dict[str, float] = field(default_factory=dict)  # the same by phase (rollout, train)
@@ -319,7 +330,7 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                         "free host memory or run on a host with more, raise budget.vram_gb, or shorten "
                         "grpo.max_completion_length / data.max_prompt_length")
     compiled = _compile_layers(recipe, device)
-    best = _graphs_hold_when_short(_choose(fitting), fitting, recipe, ctx, compiled, device)
+    best = _choose(_eligible(fitting, recipe, ctx, compiled, device))
     if r.engine == "vllm" and device.here and not r.weight_format and device.kind == "cuda" and \
             scratch_dir(staging_bytes(ctx, "bf16_mirror", device)) is None:
         notes.append("bf16 mirror not considered: " + _no_room(ctx, "bf16_mirror", device))
@@ -335,15 +346,16 @@ def make_plan(config: dict, recipe, device: Device, max_prompt_tokens: int | Non
                 scratch_dir=scratch_dir(staging_bytes(ctx, best["weight_format"], device))
                 if r.engine == "vllm" and device.here else None,
                 **{k: v for k, v in best.items() if k not in ("peak", "score", "host_bytes", "headroom")})
-    if CUDAGRAPHS_REQUESTED and not plan.train_cudagraphs:
-        plan.notes.append("TRAINER_COMPILE_CUDAGRAPHS: off in this plan: " + (
+    on_gpu = compiled and device.kind == "cuda"
+    if CUDAGRAPHS and not plan.train_cudagraphs and (on_gpu or CUDAGRAPHS_ASKED):
+        plan.notes.append("CUDA graphs of the train phase (TRAINER_COMPILE_CUDAGRAPHS): off in this plan: " + (
             "the layers are not compiled on a GPU (the CPU, HF rollouts or train.torch_compile: false)"
-            if not (compiled and device.kind == "cuda") else
-            "the graphs need the checkpoint inside the compiled layers or none (HF's around graphed layers re-records "
-            "every pass: plan.cudagraphs_apply), and " + (
+            if not on_gpu else
+            "the graphs need the checkpoint inside the compiled layers (HF's around graphed layers re-records "
+            "every pass: plan.cudagraphs_apply; none at all where TRAINER_COMPILE_CUDAGRAPHS=1 asks), and " + (
                 "no such setting fits the budget" if not any(c["train_cudagraphs"] for c in fitting) else
                 "the settings without them are predicted faster, at the cap or with completions half as long "
-                "(graphed micro-batches are padded to the cap: _graphs_hold_when_short)")))
+                "(graphed micro-batches are padded to the cap: _eligible)")))
     slow = _budget_cost_note(candidates, best, budget, host)
     if slow:
         plan.notes.append(slow)
@@ -591,7 +603,7 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
     ctx = plan_context(config, recipe, plan, device)
     cands = _candidates(recipe, ctx, device)
     host = host_limit(device)
-    fits = [c for c in cands if _fits(c, plan.budget_bytes, host)]
+    fits = _eligible([c for c in cands if _fits(c, plan.budget_bytes, host)], recipe, ctx, plan.compile_layers, device)
 
     def row(c: dict) -> dict:
         fitting = c in fits
@@ -605,7 +617,7 @@ def alternatives(config: dict, recipe, plan: Plan, device: Device) -> dict:
     out = {"candidates": len(cands), "fitting": len(fits), "budget_bytes": plan.budget_bytes,
            "fastest": row(_choose(fits)),
            "smallest": row(min(fits, key=lambda c: (c["peak"], -c["score"])))}
-    best = max(cands, key=lambda c: (c["score"], -c["peak"]))
+    best = max(_eligible(cands, recipe, ctx, plan.compile_layers, device), key=lambda c: (c["score"], -c["peak"]))
     if best not in fits:
         out["fastest_any_budget"] = row(best)
     return out
@@ -713,37 +725,43 @@ def _candidates(recipe, ctx: "memory.Context", device: Device, mlp_tile: int | N
     if recipe.train.checkpoint_in_graph:  # in place of HF's checkpoint wherever it applies
         out = [c for c in out if not in_graph_applies(c)]
     out += in_graph
-    if CUDAGRAPHS_REQUESTED and compiled and device.kind == "cuda":  # beside the others, priced (cost.py), weighed
+    if CUDAGRAPHS and compiled and device.kind == "cuda":  # beside the others, priced (cost.py), weighed
         out += [_repriced(c, {"train_cudagraphs": True}, recipe, ctx, compiled, device)
-                for c in out if cudagraphs_apply(c)]
+                for c in out if cudagraphs_apply(c) and (c["gradient_checkpointing"] or CUDAGRAPHS_ASKED)]
     return out
 
 
 # Where the train phase replays CUDA graphs its micro-batches are a fixed number of rows padded to the plan's longest
 # length (trainer/graph_lengths.py), so their cost does not fall when GRPO samples completions shorter than the cap,
-# while packed micro-batches' does (fewer of them, shorter). cost.py prices both at the cap; a plan with graphs is kept
-# only where it is also predicted faster than the best plan without them when completions average this fraction of
-# the cap (the H100 A/B's sampled lengths, A-mb286-mix, had a median of 120 of 256). A judgement, not a measurement:
-# config A's graphed micro-batches are launch-bound and keep their win; B's (64 x 512) are near compute-bound and the
-# packed micro-batches of shorter completions overtake them.
+# while packed micro-batches' does (fewer of them, shorter). cost.py prices both at the cap; a plan with graphs is a
+# choice only where it is also predicted faster than the best plan without them when completions average this
+# fraction of the cap (the H100 A/B's sampled lengths, A-mb286-mix, had a median of 120 of 256). A judgement, not a
+# measurement: config A's graphed micro-batches are launch-bound and keep their win; B's (64 x 512) are near
+# compute-bound and the packed micro-batches of shorter completions overtake them.
 GRAPHS_SHORT_COMPLETIONS = 0.5
 
 
-def _graphs_hold_when_short(best: dict, fitting: list[dict], recipe, ctx, compiled: bool, device: Device) -> dict:
-    """`best`, or where it replays graphs and the best plan without them is predicted faster with completions at
-    GRAPHS_SHORT_COMPLETIONS of the cap, that plan. The graphed plan's train phase stays at its price at the cap (its
-    padded micro-batches cost that whatever the lengths); the rollouts of both are priced short."""
+def short_step_seconds(c: dict, recipe, ctx, compiled: bool, device: Device) -> float:
+    """A candidate's predicted step with completions at GRAPHS_SHORT_COMPLETIONS of the cap: the rollout priced short,
+    the train phase too unless it replays graphs (its padded micro-batches cost the cap's price whatever the
+    lengths)."""
+    n = max(1, int(ctx.completion_len * GRAPHS_SHORT_COMPLETIONS))
+    at = _phase_seconds(recipe, replace(ctx, completion_len=n, max_len=ctx.prompt_len + n), _knobs(c), compiled,
+                        device)
+    return at["rollout"] + (c["predicted_phases_s"]["train"] if c["train_cudagraphs"] else at["train"])
+
+
+def _eligible(fitting: list[dict], recipe, ctx, compiled: bool, device: Device) -> list[dict]:
+    """The candidates that fit, the graphed ones among them only where they are also faster than the best without
+    graphs (_choose) with completions short (short_step_seconds). The plan is the best of these (_choose): so a larger
+    budget never plans a step slower both at the cap and with short completions, as what it adds either ranks at the
+    cap or beats that bar."""
     plain = [c for c in fitting if not c["train_cudagraphs"]]
-    if not best["train_cudagraphs"] or not plain:
-        return best
-    other, n = _choose(plain), max(1, int(ctx.completion_len * GRAPHS_SHORT_COMPLETIONS))
-    short = replace(ctx, completion_len=n, max_len=ctx.prompt_len + n)
-
-    def at_short(c: dict) -> dict[str, float]:
-        return _phase_seconds(recipe, short, _knobs(c), compiled, device)
-
-    graphed = at_short(best)["rollout"] + best["predicted_phases_s"]["train"]
-    return best if graphed < sum(at_short(other).values()) else other
+    if not plain or len(plain) == len(fitting):
+        return fitting
+    bar = short_step_seconds(_choose(plain), recipe, ctx, compiled, device)
+    return plain + [c for c in fitting if c["train_cudagraphs"]
+                    and short_step_seconds(c, recipe, ctx, compiled, device) < bar]
 
 
 def cudagraphs_apply(c: dict) -> bool:
@@ -782,7 +800,7 @@ def _in_graph_candidates(cands: list[dict], ctx, compiled: bool, recipe, device:
         return []
     return [_repriced(c, {"checkpoint_in_graph": True, "checkpoint_recompute_all": every}, recipe, ctx, compiled,
                       device)
-            for c in filter(in_graph_applies, cands) for every in ((False, True) if RECOMPUTE_ALL_REQUESTED else
+            for c in filter(in_graph_applies, cands) for every in ((False, True) if RECOMPUTE_ALL else
                                                                    (False,))]
 
 

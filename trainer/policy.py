@@ -87,7 +87,8 @@ SAMPLER_ROUNDING = {"1": True, "0": False}.get(os.environ.get("TRAINER_SAMPLER_R
 # Its speed on the H200 is not measured yet: TRAINER_COMPILE_EAGER_ROUNDING=0 is inductor's default, the A/B's other
 # side (bench/compile_ab.py eager_rounding).
 COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" else {"emulate_precision_casts": True}
-# Plan.train_cudagraphs (TRAINER_COMPILE_CUDAGRAPHS=1 asks for it): the compiled layers' forwards and backwards
+# Plan.train_cudagraphs (a candidate by default since 2026-12-08, TRAINER_COMPILE_CUDAGRAPHS=0: never): the compiled
+# layers' forwards and backwards
 # replayed from CUDA graphs (inductor's cudagraph trees, what torch.compile's mode="reduce-overhead" turns on), each
 # pass one tree generation (Policy.hidden_states marks its start, so the 28 layer calls of a pass chain in one path,
 # no-grad passes too). The train phase at small budgets is host-bound: on one H100 (2026-12-07) eight 286-token
