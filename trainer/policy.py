@@ -88,21 +88,21 @@ SAMPLER_ROUNDING = {"1": True, "0": False}.get(os.environ.get("TRAINER_SAMPLER_R
 # side (bench/compile_ab.py eager_rounding).
 COMPILE_OPTIONS = {} if os.environ.get("TRAINER_COMPILE_EAGER_ROUNDING") == "0" else {"emulate_precision_casts": True}
 # Plan.train_cudagraphs (a candidate by default since 2026-12-08, TRAINER_COMPILE_CUDAGRAPHS=0: never): the compiled
-# layers' forwards and backwards
-# replayed from CUDA graphs (inductor's cudagraph trees, what torch.compile's mode="reduce-overhead" turns on), each
-# pass one tree generation (Policy.hidden_states marks its start, so the 28 layer calls of a pass chain in one path,
-# no-grad passes too). The train phase at small budgets is host-bound: on one H100 (2026-12-07) eight 286-token
-# micro-batches of the 1.5B train in ~1.5 s of which the GPU is busy ~0.3 s, ~2.2 ms of Python and Triton launches a
-# compiled layer call; a replay launches the layer's kernels in one call. Costs: a graph recorded per distinct input
-# size (GRPO's lengths: trainer/graph_lengths.py pads them to one), inputs copied into the graph's buffers, and the
-# trees' memory pool held for the whole run (the rollout phase too: memory.TRAIN_GRAPH_POOL_BYTES).
-# Measured on one H100 (2026-12-07 16:27, bench/results/queue_2026-12-07/g, compile_ab train_cudagraphs): with the
-# checkpoint inside the compiled layers (A-mb286, eight 286-token micro-batches, float16) the train phase 0.38-0.42 s
-# against 1.23-1.75 s (0.28x), the step 1.8 s against 2.6-3.2 s (0.60x), nvidia-smi's peak 3.31 GB against 4.40 (the
-# steady phases 3.31 against 3.23); with HF's checkpoint and offload (A at 3.3 GB) inductor re-recorded every step
-# (64 graphs a step, the train phase 14-45 s) and the rollout ran out of memory in step 6, which is why the plan
-# grants the graphs only where plan.cudagraphs_apply. The first failure, on 2026-12-07 14:47 (a LoRA gradient kept in
-# the trees' pool, reused by the next micro-batch's generation), is mended by Policy.grads_of_our_own: A-mb286 ran.
+# layers' forwards and backwards replayed from CUDA graphs (inductor's cudagraph trees, what torch.compile's
+# mode="reduce-overhead" turns on), each pass one tree generation (Policy.hidden_states marks its start, so the 28 layer
+# calls of a pass chain in one path, no-grad passes too). The train phase at small budgets is host-bound: on one H100
+# (2026-12-07) eight 286-token micro-batches of the 1.5B train in ~1.5 s of which the GPU is busy ~0.3 s, ~2.2 ms of
+# Python and Triton launches a compiled layer call; a replay launches the layer's kernels in one call. Costs: a graph
+# recorded per distinct input size (GRPO's lengths: trainer/graph_lengths.py pads them to one), inputs copied into the
+# graph's buffers, and the trees' memory pool held for the whole run (the rollout phase too:
+# memory.TRAIN_GRAPH_POOL_BYTES). Measured on one H100 (2026-12-07 16:27, bench/results/queue_2026-12-07/g, compile_ab
+# train_cudagraphs): with the checkpoint inside the compiled layers (A-mb286, eight 286-token micro-batches, float16)
+# the train phase 0.38-0.42 s against 1.23-1.75 s (0.28x), the step 1.8 s against 2.6-3.2 s (0.60x), nvidia-smi's peak
+# 3.31 GB against 4.40 (the steady phases 3.31 against 3.23); with HF's checkpoint and offload (A at 3.3 GB) inductor
+# re-recorded every step (64 graphs a step, the train phase 14-45 s) and the rollout ran out of memory in step 6, which
+# is why the plan grants the graphs only where plan.cudagraphs_apply. The first failure, on 2026-12-07 14:47 (a LoRA
+# gradient kept in the trees' pool, reused by the next micro-batch's generation), is mended by Policy.grads_of_our_own:
+# A-mb286 ran.
 
 log = logging.getLogger(__name__)
 
